@@ -1,0 +1,154 @@
+"""The paper's noisy-data protocol, built once per run.
+
+All training images noisy, validation clean, a fraction ``test_noise_fraction`` of
+test images noisy. The noise is part of the data: sample ``i`` under seed ``s``
+always gets the same realisation (generator seeded with ``(s, i)``), so every method
+compared under one seed sees the same split and the same noisy pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .catalog import CLASS_NAMES, check_on_error, handle_bad_item, scan_dataset
+from .noise import NOISE_TYPES, PAPER_SIGMA, apply_noise, reference_rician_field
+from .preprocessing import preprocess
+from .readers import ImageReadError, read_image
+from .splits import SPLIT_NAMES, grouped_stratified_split
+from .synthetic import generate_slices
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming a data set folder when the config gives none.
+DATA_ENV = "BRAIN_TUMOR_DATA"
+
+
+@dataclass
+class ProtocolData:
+    """Train / validation / test items as MONAI-style dicts (image [1, H, W] in [0, 1])."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    class_names: tuple[str, ...]
+    source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def split(self, name: str) -> list[dict]:
+        return getattr(self, name)
+
+    def summary(self) -> dict:
+        """Counts only: safe to log (no file names, no patient ids)."""
+        counts = {}
+        for name in SPLIT_NAMES:
+            items = self.split(name)
+            counts[name] = {
+                "total": len(items),
+                "noisy": int(sum(item["noisy"] for item in items)),
+                **{cls: int(sum(item["label"] == k for item in items)) for k, cls in enumerate(self.class_names)},
+            }
+        return {"source": self.source, "skipped": len(self.skipped), "splits": counts}
+
+
+def resolve_dataset_dir(dataset_dir: str | None) -> str | None:
+    """The config's ``dataset_dir``, else $BRAIN_TUMOR_DATA, else None (embedded synthetic set)."""
+    value = dataset_dir or os.environ.get(DATA_ENV, "")
+    return os.path.abspath(value) if value else None
+
+
+def build_protocol(
+    dataset_dir: str | None = None,
+    spatial_size: int = 256,
+    noise: str = "gaussian",
+    sigma: float = PAPER_SIGMA,
+    test_noise_fraction: float = 1.0,
+    seed: int = 0,
+    split_fractions=(0.75, 0.05, 0.20),
+    synthetic_patients: int = 300,
+    class_names=CLASS_NAMES,
+    on_error: str = "raise",
+    num_workers: int = 4,
+) -> ProtocolData:
+    """Load (or generate), split by patient and add the protocol's fixed noise."""
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+    if not 0.0 <= test_noise_fraction <= 1.0:
+        raise ValueError(f"test_noise_fraction must lie in [0, 1], got {test_noise_fraction}")
+    check_on_error(on_error)
+    spatial_size = int(spatial_size)
+    dataset_dir = resolve_dataset_dir(dataset_dir)
+
+    if dataset_dir is None:
+        synthetic = generate_slices(n_patients=synthetic_patients, size=spatial_size, seed=seed)
+        images, labels, groups = synthetic["images"], synthetic["labels"], synthetic["groups"]
+        files = [f"synthetic/{i:05d}" for i in range(len(labels))]
+        class_names, skipped = tuple(CLASS_NAMES), []
+        source = f"embedded synthetic set ({synthetic_patients} pseudo-patients, seed {seed})"
+    else:
+        catalog = scan_dataset(dataset_dir, class_names, on_error)
+        images, kept, skipped = _load_images(catalog.records, spatial_size, on_error, num_workers)
+        skipped = catalog.skipped + skipped
+        labels = np.array([r.label for r in kept], dtype=np.int64)
+        groups = np.array([r.group for r in kept], dtype=np.int64)
+        files = [r.file for r in kept]
+        class_names, source = catalog.class_names, dataset_dir
+
+    indices = grouped_stratified_split(labels, groups, split_fractions, seed)
+    noisy_test = _choose_noisy(indices["test"], test_noise_fraction, seed)
+    field = reference_rician_field(images.shape[1:], seed) if noise == "rician_reference" else None
+
+    def item(i: int, noisy: bool) -> dict:
+        image = images[i]
+        if noisy and noise != "none":
+            image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), field)
+        return {"image": image[None].astype(np.float32), "label": int(labels[i]), "id": int(i),
+                "noisy": bool(noisy and noise != "none"), "file": files[i]}
+
+    data = ProtocolData(
+        train=[item(i, True) for i in indices["train"]],
+        val=[item(i, False) for i in indices["val"]],
+        test=[item(i, i in noisy_test) for i in indices["test"]],
+        class_names=tuple(class_names),
+        source=source,
+        skipped=skipped,
+    )
+    logger.info("data: %s", data.summary())
+    return data
+
+
+def _choose_noisy(test_indices: np.ndarray, fraction: float, seed: int) -> set[int]:
+    rng = np.random.default_rng([seed, 10_007])
+    count = int(round(fraction * len(test_indices)))
+    return set(rng.permutation(test_indices)[:count].tolist())
+
+
+def _load_images(records, size: int, on_error: str, num_workers: int):
+    """Read and preprocess every record; unreadable ones raise or are skipped (counted)."""
+
+    def load(record):
+        try:
+            return preprocess(read_image(record.file), size), None
+        except ImageReadError as err:
+            return None, err.reason
+        except ValueError as err:  # constant image
+            return None, str(err)
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = list(tqdm(pool.map(load, records), total=len(records), desc="loading images",
+                            unit="img", leave=False, disable=len(records) < 200))
+    images, kept, skipped = [], [], []
+    for record, (image, reason) in zip(records, results):
+        if image is None:
+            handle_bad_item(record.file, reason, on_error, skipped)
+            continue
+        images.append(image)
+        kept.append(record)
+    if not images:
+        raise ImageReadError(records[0].file if records else "?", "no image could be read")
+    return np.stack(images), kept, skipped

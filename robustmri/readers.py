@@ -1,0 +1,151 @@
+"""Readers for single 2-D images: PNG/JPEG/BMP/TIFF, NIfTI, single DICOM files and
+the figshare MATLAB v7.3 release.
+
+Every failure raises :class:`ImageReadError` naming the file and the problem, so a
+caller can either stop with a clear message or count and report a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+MAT_SUFFIXES = (".mat",)
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + MAT_SUFFIXES
+
+#: Labels of the figshare release (cjdata/label): 1 meningioma, 2 glioma, 3 pituitary.
+FIGSHARE_LABELS = {1: "meningioma", 2: "glioma", 3: "pituitary"}
+
+
+class ImageReadError(ValueError):
+    """An image file could not be used; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class FigshareSlice:
+    """One slice of the figshare release. ``patient_id`` is an identifier: never log it."""
+
+    image: np.ndarray
+    label_name: str
+    patient_id: str
+    tumour_mask: np.ndarray | None
+
+
+def has_image_suffix(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one 2-D image as float32 [H, W], raw intensities (no scaling)."""
+    path = os.fspath(path)
+    lower = path.lower()
+    if not os.path.isfile(path):
+        raise ImageReadError(path, "file not found")
+    if lower.endswith(PIL_SUFFIXES):
+        image = _read_pil(path)
+    elif lower.endswith(NIFTI_SUFFIXES):
+        image = _read_nifti(path)
+    elif lower.endswith(DICOM_SUFFIXES):
+        image = _read_dicom(path)
+    elif lower.endswith(MAT_SUFFIXES):
+        image = read_figshare_mat(path).image
+    else:
+        raise ImageReadError(path, f"unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)}")
+    return check_finite_2d(image, path)
+
+
+def check_finite_2d(image: np.ndarray, path: str) -> np.ndarray:
+    """Squeeze singleton axes and refuse anything that is not a finite 2-D image."""
+    image = np.squeeze(np.asarray(image))
+    if image.ndim != 2:
+        raise ImageReadError(path, f"expected a single 2-D slice, got an array of shape {image.shape}")
+    if min(image.shape) < 2:
+        raise ImageReadError(path, f"image too small: {image.shape}")
+    image = image.astype(np.float32, copy=False)
+    bad = ~np.isfinite(image)
+    if bad.any():
+        raise ImageReadError(path, f"{int(bad.sum())} NaN/Inf pixel(s)")
+    return image
+
+
+def _read_pil(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I", "F"):
+                return np.asarray(img, dtype=np.float32)
+            return np.asarray(img.convert("L"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageReadError(path, f"not a readable image ({err})") from err
+
+
+def _read_nifti(path: str) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        return np.asarray(nib.load(path).get_fdata(dtype=np.float32))
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise ImageReadError(path, f"not a readable NIfTI file ({err})") from err
+
+
+def _read_dicom(path: str) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
+        raise ImageReadError(path, f"not a readable DICOM file ({err})") from err
+    if "PixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as err:  # missing decoder, truncated pixel data, ...
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return pixels * slope + intercept
+
+
+def read_figshare_mat(path: str | os.PathLike) -> FigshareSlice:
+    """Read one slice of the figshare release (MATLAB v7.3 / HDF5, group ``cjdata``)."""
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise ImageReadError(path, f"not a MATLAB v7.3 (HDF5) file ({err})") from err
+    with handle:
+        if "cjdata" not in handle:
+            raise ImageReadError(path, "no 'cjdata' group: not a figshare brain-tumour .mat file")
+        group = handle["cjdata"]
+        missing = [key for key in ("image", "label") if key not in group]
+        if missing:
+            raise ImageReadError(path, f"'cjdata' lacks {', '.join(missing)}")
+        # MATLAB stores column-major: h5py sees the transpose.
+        image = np.asarray(group["image"], dtype=np.float32).T
+        label_code = int(np.asarray(group["label"]).ravel()[0])
+        if label_code not in FIGSHARE_LABELS:
+            raise ImageReadError(path, f"unknown figshare label {label_code}; expected 1, 2 or 3")
+        patient_id = _matlab_string(group["PID"]) if "PID" in group else ""
+        mask = np.asarray(group["tumorMask"], dtype=bool).T if "tumorMask" in group else None
+    return FigshareSlice(check_finite_2d(image, path), FIGSHARE_LABELS[label_code], patient_id, mask)
+
+
+def _matlab_string(dataset) -> str:
+    """MATLAB char arrays are stored as uint16 code points."""
+    codes = np.asarray(dataset).ravel()
+    return "".join(chr(int(c)) for c in codes if int(c) != 0)
