@@ -24,6 +24,18 @@ def _rows(output) -> list[dict]:
     return list(output)
 
 
+def probabilities_and_labels(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform for ignite metrics: ([N, C] class scores, [N] class indices).
+
+    MONAI engines decollate batches into per-sample dicts; ignite's Accuracy fed with
+    per-sample one-hot vectors would count one-hot entries, not samples.
+    """
+    rows = _rows(output)
+    scores = torch.stack([torch.as_tensor(r["pred"]).reshape(-1) for r in rows])
+    labels = torch.stack([torch.as_tensor(r["label"]).reshape(-1)[0] for r in rows]).long()
+    return scores, labels
+
+
 class ClassificationReportHandler:
     """Collects an evaluator's class probabilities and writes the test report when it completes.
 
@@ -48,9 +60,9 @@ class ClassificationReportHandler:
         self._labels, self._probabilities, self.report = [], [], None
 
     def _collect(self, engine: Engine) -> None:
-        for row in _rows(engine.state.output):
-            self._probabilities.append(torch.as_tensor(row["pred"]).detach().float().cpu().numpy().reshape(-1))
-            self._labels.append(int(torch.as_tensor(row["label"]).reshape(-1)[0]))
+        scores, labels = probabilities_and_labels(engine.state.output)
+        self._probabilities.extend(scores.detach().float().cpu().numpy())
+        self._labels.extend(labels.cpu().tolist())
 
     def _write(self, engine: Engine) -> None:
         self.report = classification_report(self._labels, np.stack(self._probabilities), self.class_names)
