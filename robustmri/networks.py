@@ -34,10 +34,9 @@ class PaperCNN(nn.Module):
         for _ in range(depth):
             side = (side + 2 * padding - kernel_size + 1) // 2
             if side < 1:
-                raise ValueError(
-                    f"spatial_size {size} is too small for {depth} stages of {kernel_size}x{kernel_size} "
-                    f"convolutions with padding {padding}; use padding={kernel_size // 2} or a larger size"
-                )
+                hint = "a larger size" if padding >= kernel_size // 2 else f"padding={kernel_size // 2} or a larger size"
+                raise ValueError(f"spatial_size {size} is too small for {depth} stages of {kernel_size}x{kernel_size} "
+                                 f"convolutions with padding {padding} and 2x2 pooling; use {hint}")
         return self.encoder[-4].out_channels * side * side
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

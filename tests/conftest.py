@@ -14,3 +14,11 @@ def figshare_dir() -> Path:
     if not (FIGSHARE / "labels.csv").is_file():
         pytest.skip(f"figshare brain-tumour data not found at {FIGSHARE}")
     return FIGSHARE
+
+
+def pytest_configure(config):
+    # The in-process tests use tiny tensors: thread start-up dominates and two threads
+    # fighting over two cores (or a background job) make them many times slower.
+    import torch
+
+    torch.set_num_threads(1)

@@ -103,3 +103,35 @@ def test_ckpt_export(trained, tmp_path):
 
     model = torch.jit.load(str(ts))
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("method", ["isr", "isp"])
+def test_method_configs_reuse_every_train_setting(method):
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    derived = json.loads((BUNDLE / "configs" / f"{method}.json").read_text())
+    missing = [key for key in train if key not in derived]
+    assert not missing, f"{method}.json lacks {missing}: add them as '%configs/train.json#<key>'"
+    copied = [k for k in train if derived[k] != f"%configs/train.json#{k}" and k not in ("loss", "method_handlers")]
+    assert not copied, f"{method}.json overrides {copied}; reuse train.json instead of copying"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, column", [("isr", "weight"), ("isp", "perturbation_linf")])
+def test_influence_workflows_run_end_to_end(tmp_path, method, column):
+    import csv
+
+    dirs = ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    bundle("run", "training", "--config_file", f"configs/{method}.json", "--epochs", "2", "--influence_epoch", "1",
+           *TINY, *dirs)
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "influence.csv")))
+    assert rows and {"id", "file", "label", "score", column} <= set(rows[0])
+    summary = json.loads((tmp_path / "eval" / "influence_summary.json").read_text())
+    assert summary["method"] == method.upper() and summary["n_train"] == len(rows)
+    values = [float(r[column]) for r in rows]
+    if method == "isr":
+        assert min(values) == pytest.approx(1.0) and max(values) == pytest.approx(2.0)
+    else:
+        assert max(values) > 0
+    for picture in ("influence_histogram.png", "influence_examples.png"):
+        assert (tmp_path / "eval" / picture).stat().st_size > 1000
+    assert (tmp_path / "models" / "model_final.pt").is_file()
