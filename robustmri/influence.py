@@ -229,8 +229,11 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     gradient of the sum is every sample's own gradient. ``s`` is held constant.
     """
     was_training = model.training
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in needs_grad:  # only the input gradient is wanted: skip every weight gradient
+            p.requires_grad_(False)
         x = images.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             augmented = augment(model.features(x))
@@ -239,6 +242,8 @@ def input_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
             objective = (residual * (augmented @ s.to(augmented.device, augmented.dtype).T)).sum()
             (gradient,) = torch.autograd.grad(objective, x)
     finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
         model.train(was_training)
     return gradient
 
