@@ -160,7 +160,7 @@ def _scan_figshare_mat(root: str, class_names, on_error: str) -> Catalog:
     for name in names:
         path = os.path.join(root, name)
         try:
-            item = read_figshare_mat(path)
+            item = read_figshare_mat(path, with_pixels=False)
         except ImageReadError as err:
             handle_bad_item(path, err.reason, on_error, skipped)
             continue

@@ -35,7 +35,7 @@ class ImageReadError(ValueError):
 class FigshareSlice:
     """One slice of the figshare release. ``patient_id`` is an identifier: never log it."""
 
-    image: np.ndarray
+    image: np.ndarray | None
     label_name: str
     patient_id: str
     tumour_mask: np.ndarray | None
@@ -119,8 +119,11 @@ def _read_dicom(path: str) -> np.ndarray:
     return pixels * slope + intercept
 
 
-def read_figshare_mat(path: str | os.PathLike) -> FigshareSlice:
-    """Read one slice of the figshare release (MATLAB v7.3 / HDF5, group ``cjdata``)."""
+def read_figshare_mat(path: str | os.PathLike, with_pixels: bool = True) -> FigshareSlice:
+    """Read one slice of the figshare release (MATLAB v7.3 / HDF5, group ``cjdata``).
+
+    ``with_pixels=False`` reads only the label and patient id (cataloguing a folder).
+    """
     import h5py
 
     path = os.fspath(path)
@@ -136,13 +139,13 @@ def read_figshare_mat(path: str | os.PathLike) -> FigshareSlice:
         if missing:
             raise ImageReadError(path, f"'cjdata' lacks {', '.join(missing)}")
         # MATLAB stores column-major: h5py sees the transpose.
-        image = np.asarray(group["image"], dtype=np.float32).T
+        image = check_finite_2d(np.asarray(group["image"], dtype=np.float32).T, path) if with_pixels else None
         label_code = int(np.asarray(group["label"]).ravel()[0])
         if label_code not in FIGSHARE_LABELS:
             raise ImageReadError(path, f"unknown figshare label {label_code}; expected 1, 2 or 3")
         patient_id = _matlab_string(group["PID"]) if "PID" in group else ""
-        mask = np.asarray(group["tumorMask"], dtype=bool).T if "tumorMask" in group else None
-    return FigshareSlice(check_finite_2d(image, path), FIGSHARE_LABELS[label_code], patient_id, mask)
+        mask = np.asarray(group["tumorMask"], dtype=bool).T if with_pixels and "tumorMask" in group else None
+    return FigshareSlice(image, FIGSHARE_LABELS[label_code], patient_id, mask)
 
 
 def _matlab_string(dataset) -> str:
