@@ -105,13 +105,14 @@ def test_ckpt_export(trained, tmp_path):
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("method", ["isr", "isp"])
+@pytest.mark.parametrize("method", ["isr", "isp", "at", "n2v"])
 def test_method_configs_reuse_every_train_setting(method):
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     derived = json.loads((BUNDLE / "configs" / f"{method}.json").read_text())
     missing = [key for key in train if key not in derived]
     assert not missing, f"{method}.json lacks {missing}: add them as '%configs/train.json#<key>'"
-    copied = [k for k in train if derived[k] != f"%configs/train.json#{k}" and k not in ("loss", "method_handlers")]
+    allowed = ("loss", "method_handlers") + (("data",) if method == "n2v" else ())  # n2v wraps data: denoised
+    copied = [k for k in train if derived[k] != f"%configs/train.json#{k}" and k not in allowed]
     assert not copied, f"{method}.json overrides {copied}; reuse train.json instead of copying"
 
 
