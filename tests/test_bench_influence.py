@@ -13,5 +13,6 @@ def test_bench_influence_runs_and_agrees_with_reference(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())["figures"]
     assert figures["inference_pass_s"] > 0 and figures["isp_step_s"] >= figures["isr_step_s"] > 0
-    # same maths, different route (exact solve vs LiSSA with network passes) at the same damping
-    assert figures["pearson_ours_vs_reference"] > 0.99
+    # the same LiSSA recursion (same mini-batches) on cached features vs with network passes
+    assert figures["pearson_ours_lissa_vs_reference"] > 0.999
+    assert figures["hessian_max_eig"] > 0
