@@ -192,8 +192,9 @@ class ISPHandler(InfluenceStep):
         chosen = select_for_perturbation(self.result.scores, self.ratio, self.selection).tolist()
         linf = np.zeros(len(positions))
         l2 = np.zeros(len(positions))
+        order = np.argsort(self.result.scores.numpy())
+        examples = set(order[:3].tolist() + order[-3:].tolist())  # most harmful and most helpful
         before, deltas = {}, {}
-        examples = set(np.argsort(self.result.scores.numpy())[:3].tolist() + np.argsort(self.result.scores.numpy())[-3:].tolist())
         start = time.perf_counter()
         for start_row in range(0, len(chosen), self.batch_size):
             rows = chosen[start_row:start_row + self.batch_size]
@@ -201,16 +202,14 @@ class ISPHandler(InfluenceStep):
             images = batch["image"].to(device)
             gradients = input_gradients(network, images, batch["label"].to(device), s)
             perturbed = perturb(images, gradients, **self.options)
-            change = (perturbed - images).flatten(1)
+            change = (perturbed - images).detach()
             for k, row in enumerate(rows):
-                item = self.train_data[positions[row]]
-                if row in examples:
-                    before[row] = np.asarray(item["image"])[0].copy()
-                item["image"] = perturbed[k].detach().cpu().numpy().astype(np.float32)
+                self.train_data[positions[row]]["image"] = perturbed[k].detach().cpu().numpy().astype(np.float32)
                 linf[row] = change[k].abs().max().item()
                 l2[row] = change[k].norm().item()
                 if row in examples:
-                    deltas[row] = (perturbed[k] - images[k]).detach().cpu().numpy()[0]
+                    before[row] = images[k, 0].cpu().numpy()
+                    deltas[row] = change[k, 0].cpu().numpy()
         self.timings["input_gradients_s"] = time.perf_counter() - start
         self.changed = len(chosen)
         rows = sorted(before, key=lambda r: self.result.scores[r].item())
