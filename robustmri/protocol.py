@@ -1,7 +1,9 @@
 """The paper's noisy-data protocol, built once per run.
 
 All training images noisy, validation clean, a fraction ``test_noise_fraction`` of
-test images noisy. The noise is part of the data: sample ``i`` under seed ``s``
+test images noisy. Optionally the training split also gets wrong labels (``label_noise``
+at ``label_noise_rate``) and fewer samples of some classes (``imbalance``), see
+:mod:`robustmri.label_noise`; validation and test labels stay true. The noise is part of the data: sample ``i`` under seed ``s``
 always gets the same realisation (generator seeded with ``(s, i)``), so every method
 compared under one seed sees the same split and the same noisy pixels.
 """
@@ -17,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .catalog import CLASS_NAMES, check_on_error, handle_bad_item, scan_dataset
+from .label_noise import flip_labels, noisy_label_record, parse_imbalance, subsample_classes
 from .noise import NOISE_TYPES, PAPER_SIGMA, apply_noise, reference_rician_field
 from .preprocessing import preprocess
 from .readers import ImageReadError, read_image
@@ -39,6 +42,7 @@ class ProtocolData:
     class_names: tuple[str, ...]
     source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    label_noise: dict | None = None  # counts of flipped training labels, when simulated
 
     def split(self, name: str) -> list[dict]:
         return getattr(self, name)
@@ -53,7 +57,10 @@ class ProtocolData:
                 "noisy": int(sum(item["noisy"] for item in items)),
                 **{cls: int(sum(item["label"] == k for item in items)) for k, cls in enumerate(self.class_names)},
             }
-        return {"source": self.source, "skipped": len(self.skipped), "splits": counts}
+        summary = {"source": self.source, "skipped": len(self.skipped), "splits": counts}
+        if self.label_noise is not None:
+            summary["label_noise"] = self.label_noise
+        return summary
 
 
 def resolve_dataset_dir(dataset_dir: str | None) -> str | None:
@@ -74,8 +81,17 @@ def build_protocol(
     class_names=CLASS_NAMES,
     on_error: str = "raise",
     num_workers: int = 4,
+    label_noise: str = "none",
+    label_noise_rate: float = 0.0,
+    imbalance: dict | None = None,
 ) -> ProtocolData:
-    """Load (or generate), split by patient and add the protocol's fixed noise."""
+    """Load (or generate), split by patient and add the protocol's fixed noise.
+
+    With ``label_noise`` other than "none", training items carry ``true_label`` next to the
+    (possibly wrong) ``label``: for evaluation and simulated experts only. ``imbalance``
+    (``{class name or index: fraction kept}``) subsamples those classes in the training split.
+    Both are seeded by ``seed`` and leave validation and test untouched.
+    """
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
     if not 0.0 <= test_noise_fraction <= 1.0:
@@ -100,24 +116,37 @@ def build_protocol(
         class_names, source = catalog.class_names, dataset_dir
 
     indices = grouped_stratified_split(labels, groups, split_fractions, seed)
+    keep = parse_imbalance(imbalance, class_names)
+    if keep:
+        indices["train"] = indices["train"][subsample_classes(labels[indices["train"]], keep, [seed, 20_021])]
+    simulate_labels = label_noise != "none"
+    noisy_labels, _ = flip_labels(labels[indices["train"]], float(label_noise_rate), len(class_names), label_noise,
+                                  np.random.default_rng([seed, 20_011]))
+    train_label = dict(zip(indices["train"].tolist(), noisy_labels.tolist()))
     noisy_test = _choose_noisy(indices["test"], test_noise_fraction, seed)
     field = reference_rician_field(images.shape[1:], seed) if noise == "rician_reference" else None
 
-    def item(i: int, noisy: bool) -> dict:
+    def item(i: int, noisy: bool, label: int | None = None) -> dict:
         image = images[i]
         if noisy and noise != "none":
             image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), field)
-        return {"image": image[None].astype(np.float32), "label": int(labels[i]), "id": int(i),
-                "noisy": bool(noisy and noise != "none"), "file": files[i]}
+        entry = {"image": image[None].astype(np.float32), "label": int(labels[i]) if label is None else int(label),
+                 "id": int(i), "noisy": bool(noisy and noise != "none"), "file": files[i]}
+        if label is not None:
+            entry["true_label"] = int(labels[i])
+        return entry
 
     data = ProtocolData(
-        train=[item(i, True) for i in indices["train"]],
+        train=[item(i, True, train_label[i] if simulate_labels else None) for i in indices["train"]],
         val=[item(i, False) for i in indices["val"]],
         test=[item(i, i in noisy_test) for i in indices["test"]],
         class_names=tuple(class_names),
         source=source,
         skipped=skipped,
     )
+    if simulate_labels:
+        data.label_noise = {"kind": label_noise, "requested_rate": float(label_noise_rate),
+                            **noisy_label_record(data.train)}
     logger.info("data: %s", data.summary())
     return data
 
