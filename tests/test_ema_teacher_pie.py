@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from torch import nn
+
+from robustmri.ema_teacher import (EMATeacherHandler, TeacherGuidedCrossEntropy, ema_update, make_teacher,
+                                   perturbed_uncertainty, teacher_guided_loss)
+from robustmri.pruning_hard_samples import find_hard_samples, finetune, pruned_copy, weight_sparsity
+
+
+def _network():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randn(6, 1, 4, 4, generator=g), "label": torch.randint(0, 3, (6,), generator=g)}
+            for _ in range(n)]
+
+
+# -- PINT --------------------------------------------------------------------------------------------------
+
+
+def test_teacher_is_the_ema_closed_form_and_gets_no_gradients(tmp_path):
+    """theta_t after n steps = d^n theta_0 + (1 - d) sum_k d^(n - k) theta_s(k), theta_s(k) after step k."""
+    torch.manual_seed(0)
+    student, decay = _network(), 0.8
+    loss = TeacherGuidedCrossEntropy(label_weight=0.0)
+    handler = EMATeacherHandler(loss, str(tmp_path), decay=decay, warmup_epochs=1)
+    snapshots = []
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=_batches(),
+                                network=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+                                loss_function=loss, train_handlers=[handler])
+    start = {k: v.clone() for k, v in student.named_parameters()}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snapshots.append(
+        {k: v.detach().clone() for k, v in student.named_parameters()}))
+    trainer.run()
+    n = len(snapshots)
+    assert n == 8
+    for name, teacher_param in handler.teacher.named_parameters():
+        expected = decay ** n * start[name] + (1 - decay) * sum(decay ** (n - k) * snapshots[k - 1][name]
+                                                               for k in range(1, n + 1))
+        torch.testing.assert_close(teacher_param, expected, rtol=1e-5, atol=1e-6)
+        assert teacher_param.grad is None and not teacher_param.requires_grad
+    # the second epoch used the teacher (after warm-up): its statistics were recorded
+    assert handler.history[1]["uncertain_share"] is not None and (tmp_path / "pint_summary.json").is_file()
+
+
+def test_uncertainty_lies_between_zero_and_log_c():
+    torch.manual_seed(1)
+    teacher = make_teacher(_network())
+    images = torch.randn(20, 1, 4, 4) * 5
+    mean, uncertainty = perturbed_uncertainty(teacher, images, repeats=3, noise_std=0.5)
+    assert ((uncertainty >= 0) & (uncertainty <= math.log(3) + 1e-6)).all()
+    torch.testing.assert_close(mean.sum(1), torch.ones(20))
+    # the bounds are reached: a uniform prediction has entropy log C, a one-hot one 0
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    nn.init.zeros_(constant[1].weight)
+    nn.init.zeros_(constant[1].bias)
+    assert perturbed_uncertainty(constant, images)[1] == pytest.approx(math.log(3))
+    nn.init.constant_(constant[1].bias, 0.0)
+    constant[1].bias.data[0] = 100.0
+    assert perturbed_uncertainty(constant, images)[1].max() < 1e-6
+
+
+def test_label_weight_one_is_plain_cross_entropy_and_zero_uses_weighted_pseudo_labels():
+    torch.manual_seed(2)
+    logits, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    pseudo, uncertainty = torch.randint(0, 3, (8,)), torch.rand(8) * math.log(3)
+    plain = nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(teacher_guided_loss(logits, labels, pseudo, uncertainty, 0.3, 1.0), plain)
+    # label weight 0: independent per-sample reference
+    expected = []
+    for i in range(8):
+        if uncertainty[i] > 0.3 * math.log(3):
+            expected.append((1 - uncertainty[i] / math.log(3)) * nn.functional.cross_entropy(logits[i:i + 1], pseudo[i:i + 1]))
+        else:
+            expected.append(nn.functional.cross_entropy(logits[i:i + 1], labels[i:i + 1]))
+    torch.testing.assert_close(teacher_guided_loss(logits, labels, pseudo, uncertainty, 0.3, 0.0),
+                               torch.stack(expected).mean())
+
+
+def test_ema_update_rejects_a_bad_decay():
+    with pytest.raises(ValueError, match="decay"):
+        ema_update(_network(), _network(), 1.5)
+
+
+# -- PIE ---------------------------------------------------------------------------------------------------
+
+
+def _items(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.random((1, 4, 4)).astype(np.float32), "label": int(i % 3), "id": 100 + i} for i in range(n)]
+
+
+def test_sparsity_zero_gives_an_empty_hard_set():
+    torch.manual_seed(0)
+    model, items = _network(), _items()
+    finetune(model, items, steps=150, lr=0.01, batch_size=8)
+    # a fine-tune this strong would change predictions: at sparsity 0 there is nothing to repair, so none runs
+    result = find_hard_samples(model, items, sparsity=0.0, finetune_steps=50, lr=0.1)
+    assert len(result["hard"]) == 0 and result["sparsity"] == 0.0
+    assert len(result["ids"]) == 40
+
+
+def test_pruning_reaches_the_requested_sparsity_and_makes_predictions_disagree():
+    torch.manual_seed(0)
+    model, items = _network(), _items()
+    finetune(model, items, steps=150, lr=0.01, batch_size=8)  # fit the (random) labels: a trained dense network
+    assert weight_sparsity(pruned_copy(model, 0.6)) == pytest.approx(0.6, abs=0.01)
+    assert weight_sparsity(model) == 0.0  # the trained network itself is not pruned
+    result = find_hard_samples(model, items, sparsity=0.9, finetune_steps=0)
+    assert len(result["hard"]) > 0
+    np.testing.assert_array_equal(result["hard"], np.flatnonzero(result["dense_prediction"] != result["pruned_prediction"]))
