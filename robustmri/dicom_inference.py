@@ -171,6 +171,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
             skipped_files += [SkippedFile(row["file"], row["reason"]) for row in err.slice_rows
                               if row.get("status") == "error"]
             continue
+        skipped_files += [SkippedFile(row["file"], row["reason"]) for row in record["slices"]
+                          if row["status"] == "error"]  # on_slice_error="skip": left out, still reported
         record["model"] = model
         record["not_for_clinical_use"] = True
         stem = os.path.join(output_dir, series.series_instance_uid)

@@ -313,7 +313,11 @@ def slice_pixels(image: DicomSlice) -> np.ndarray:
 
     ds, path = image.dataset, image.path
     syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_compressed:
+    try:
+        compressed = syntax.is_compressed
+    except ValueError:
+        raise ImageReadError(path, f"unknown transfer syntax {syntax}") from None
+    if compressed:
         try:
             decoder = get_decoder(syntax)
         except NotImplementedError as err:

@@ -21,15 +21,11 @@ import numpy as np
 import torch
 
 from . import __version__
+from .onnx_runtime import INPUT_NAME, METADATA_KEYS, OUTPUT_NAME, OnnxClassifier
 from .preprocessing import INTENSITY_NORMALISATION
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "pred"
-#: ONNX metadata keys written by :func:`export_onnx` and required by :mod:`robustmri.onnx_runtime`.
-METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
-                 "network", "exported_by", "intended_use")
 #: Parity limits against PyTorch (issue 6): max |p_onnx - p_torch| and identical argmax.
 PARITY_ATOL = 1e-4
 
@@ -131,8 +127,6 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
 
     ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`).
     """
-    from .onnx_runtime import OnnxClassifier
-
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
         raise ValueError(f"parity images must be a non-empty [N, 1, H, W] array, got shape {images.shape}")

@@ -1,5 +1,7 @@
 """Run an exported classifier with ONNX Runtime: CUDA when it can, CPU otherwise, and say which ran.
 
+Deployment needs neither PyTorch nor the training code: this module imports only onnxruntime and numpy.
+
 The model's own metadata (written by :mod:`robustmri.export`) gives the class names and the
 input size; a model exported under a different intensity normalisation than this library's
 is refused, since it would see images prepared differently from training.
@@ -13,10 +15,16 @@ import os
 
 import numpy as np
 
-from .export import INPUT_NAME, METADATA_KEYS, OUTPUT_NAME
 from .preprocessing import INTENSITY_NORMALISATION
 
 logger = logging.getLogger(__name__)
+
+#: The exported graph's input and output names (see :mod:`robustmri.export`).
+INPUT_NAME = "image"
+OUTPUT_NAME = "pred"
+#: ONNX metadata keys written by :func:`robustmri.export.export_onnx` and required here.
+METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
+                 "network", "exported_by", "intended_use")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
