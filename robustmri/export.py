@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .onnx_runtime import INPUT_NAME, METADATA_KEYS, OUTPUT_NAME, OnnxClassifier
+from .onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 from .preprocessing import INTENSITY_NORMALISATION
 
 logger = logging.getLogger(__name__)
