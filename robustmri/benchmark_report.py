@@ -1,0 +1,192 @@
+"""Tables and pictures of a benchmark: mean +- std over seeds, in the shape of the paper's Table 1.
+
+A run record (one line of ``runs.jsonl``) has ``method``, ``noise``, ``test_noise_fraction``,
+``val_fraction``, ``seed``, ``test`` (``{"best": report, "last": report}``), ``history``
+(per-epoch validation accuracy) and ``timings``. Rows are methods, columns noise type
+(x p when several are given); ``best`` is the checkpoint with the highest validation
+accuracy, ``last`` the last epoch's. Nothing here looks at test accuracy to choose anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+CHECKPOINTS = ("best", "last")
+
+
+def read_runs(path: str) -> list[dict]:
+    """Records of ``runs.jsonl``; a torn last line (interrupted write) is ignored."""
+    if not os.path.isfile(path):
+        return []
+    runs = []
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return runs
+
+
+def column_of(run: dict, several_p: bool) -> str:
+    return f"{run['noise']}, p={run['test_noise_fraction']:g}" if several_p else run["noise"]
+
+
+def _ordered(values, preferred):
+    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
+
+
+def validation_swing(history: list[dict]) -> dict:
+    """How much validation accuracy moves over the second half of training: the range and the
+    mean absolute change from one epoch to the next (model selection rides on this)."""
+    acc = np.array([h["val_accuracy"] for h in history if h.get("val_accuracy") is not None])
+    if len(acc) < 2:
+        return {"range": None, "mean_step": None}
+    tail = acc[len(acc) // 2:]
+    return {"range": float(tail.max() - tail.min()), "mean_step": float(np.abs(np.diff(acc[len(acc) // 2 - 1:])).mean())}
+
+
+def aggregate(runs: list[dict], method_order=()) -> dict:
+    """Per (method, column): n seeds, mean/std of accuracy and macro-F1 per checkpoint, timings, swing."""
+    several_p = len({r["test_noise_fraction"] for r in runs}) > 1
+    cells = defaultdict(list)
+    for run in runs:
+        cells[(run["method"], column_of(run, several_p))].append(run)
+    table = {}
+    for (method, column), group in cells.items():
+        entry = {"n": len(group), "seeds": sorted(r["seed"] for r in group)}
+        for tag in CHECKPOINTS:
+            for metric in ("accuracy", "macro_f1"):
+                values = np.array([r["test"][tag][metric] for r in group], dtype=float)
+                entry[f"{tag}_{metric}"] = {"mean": float(values.mean()), "std": float(values.std(ddof=1))
+                                            if len(values) > 1 else 0.0}
+        for key in sorted({k for r in group for k in r.get("timings", {})}):
+            values = [r["timings"][key] for r in group if r["timings"].get(key) is not None]
+            entry[f"time_{key}"] = float(np.mean(values)) if values else None
+        swings = [validation_swing(r["history"]) for r in group]
+        ranges = [s["range"] for s in swings if s["range"] is not None]
+        steps = [s["mean_step"] for s in swings if s["mean_step"] is not None]
+        entry["val_swing_range"] = float(np.mean(ranges)) if ranges else None
+        entry["val_swing_step"] = float(np.mean(steps)) if steps else None
+        table.setdefault(method, {})[column] = entry
+    methods = _ordered(table, method_order)
+    columns = _ordered({c for row in table.values() for c in row}, ("gaussian", "rician"))
+    return {"methods": methods, "columns": columns, "cells": table}
+
+
+def _cell(entry: dict | None, key: str, scale: float = 100.0) -> str:
+    if entry is None:
+        return "-"
+    value = entry[key]
+    return f"{scale * value['mean']:.2f} +- {scale * value['std']:.2f} (n={entry['n']})"
+
+
+def markdown_tables(summary: dict) -> str:
+    """Accuracy (best-validation and last checkpoints), macro-F1, times and validation swing."""
+    methods, columns, cells = summary["methods"], summary["columns"], summary["cells"]
+
+    def table(title, render):
+        lines = [f"#### {title}", "", "| method | " + " | ".join(columns) + " |",
+                 "| --- |" + " --- |" * len(columns)]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(render(cells[method].get(c)) for c in columns) + " |")
+        return "\n".join(lines) + "\n"
+
+    def seconds(key):
+        return lambda e: "-" if e is None or e.get(key) is None else f"{e[key]:.0f}"
+
+    def swing(e):
+        if e is None or e["val_swing_range"] is None:
+            return "-"
+        return f"{100 * e['val_swing_range']:.1f} / {100 * e['val_swing_step']:.1f}"
+
+    parts = [
+        table("Test accuracy %, best-validation checkpoint (mean +- std over seeds)", lambda e: _cell(e, "best_accuracy")),
+        table("Test accuracy %, last-epoch checkpoint", lambda e: _cell(e, "last_accuracy")),
+        table("Test macro-F1 %, best-validation checkpoint", lambda e: _cell(e, "best_macro_f1")),
+        table("Training wall time per run, s (mean)", seconds("time_train_s")),
+        table("Influence step wall time, s (mean; ISR / ISP only)", seconds("time_influence_s")),
+        table("Validation accuracy swing over the second half of training, points: range / mean epoch-to-epoch "
+              "change (mean over seeds)", swing),
+    ]
+    return "\n".join(parts)
+
+
+def plot_accuracy_bars(summary: dict, path: str, checkpoint: str = "best") -> None:
+    """Grouped bars: one group per method, one bar per column, error bars = std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, columns, cells = summary["methods"], summary["columns"], summary["cells"]
+    width = 0.8 / max(1, len(columns))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) + 2), 4))
+    x = np.arange(len(methods))
+    for k, column in enumerate(columns):
+        means = [100 * cells[m][column][f"{checkpoint}_accuracy"]["mean"] if column in cells[m] else np.nan
+                 for m in methods]
+        stds = [100 * cells[m][column][f"{checkpoint}_accuracy"]["std"] if column in cells[m] else 0 for m in methods]
+        ax.bar(x + (k - (len(columns) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=column)
+    finite = [100 * e[f"{checkpoint}_accuracy"]["mean"] for row in cells.values() for e in row.values()]
+    ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"Test accuracy ({'best-validation' if checkpoint == 'best' else 'last-epoch'} checkpoint), "
+                 "mean +- std over seeds")
+    ax.legend(title="training noise")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_validation_curves(runs: list[dict], summary: dict, path: str) -> None:
+    """Validation accuracy per epoch, mean over seeds (shaded: min to max), one panel per column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    several_p = len({r["test_noise_fraction"] for r in runs}) > 1
+    columns = summary["columns"]
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False, sharey=True)
+    for ax, column in zip(axes[0], columns):
+        for method in summary["methods"]:
+            curves = [[h["val_accuracy"] for h in r["history"]] for r in runs
+                      if r["method"] == method and column_of(r, several_p) == column and r["history"]]
+            if not curves:
+                continue
+            length = min(map(len, curves))
+            values = 100 * np.array([c[:length] for c in curves])
+            epochs = np.arange(1, length + 1)
+            line, = ax.plot(epochs, values.mean(axis=0), label=method)
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{column} training noise")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy % (clean)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs: list[dict], output_dir: str, method_order=(), header: str = "") -> dict:
+    """``results.json``, ``results.md``, ``accuracy_best.png``, ``accuracy_last.png``, ``validation_curves.png``."""
+    summary = aggregate(runs, method_order)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump({"summary": summary, "runs": runs}, handle, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w") as handle:
+        handle.write(header + markdown_tables(summary))
+    if runs:
+        for tag in CHECKPOINTS:
+            plot_accuracy_bars(summary, os.path.join(output_dir, f"accuracy_{tag}.png"), tag)
+        plot_validation_curves(runs, summary, os.path.join(output_dir, "validation_curves.png"))
+    return summary

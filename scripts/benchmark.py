@@ -1,0 +1,295 @@
+"""The paper's Table 1 on one protocol: methods x training noise x seeds, mean +- std test accuracy.
+
+    python scripts/benchmark.py run --profile cpu --dataset_dir ../shared/data/figshare-brain-tumor --out bench/cpu
+    python scripts/benchmark.py run --profile paper --dataset_dir /data/figshare --out bench/paper   # a GPU
+    python scripts/benchmark.py report --out bench/cpu                                            # tables again
+    python scripts/benchmark.py methods                                                             # what can run
+
+Every method is its bundle config (``bundle/configs/<method>.json``, plus overrides for the
+variants), trained in this process on protocol data that is built once per (seed, noise,
+p, split) and copied into each run, so for a given seed every method sees the same
+patient-grouped split and the same noise realisation. Each run's test accuracy is
+reported for the best-validation checkpoint and the last-epoch one; test accuracy never
+chooses anything. A finished run is appended to ``<out>/runs.jsonl`` at once, so an
+interrupted benchmark loses nothing: running the same command again skips finished runs.
+
+Writes ``results.json``, ``results.md`` (tables), ``accuracy_best.png``,
+``accuracy_last.png`` and ``validation_curves.png`` into ``--out``; per run, the bundle's
+own outputs (history, influence scores, pictures) under ``<out>/runs/<run>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+
+import fire
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from robustmri.benchmark_report import read_runs, write_report  # noqa: E402
+from robustmri.bundle_runner import (evaluate_checkpoints_on, inject_protocol, load_workflow,  # noqa: E402
+                                     protocol_arguments, run_training)
+from robustmri.protocol import build_protocol  # noqa: E402
+
+BUNDLE = os.path.join(ROOT, "bundle")
+logger = logging.getLogger("benchmark")
+
+#: name -> (bundle config, overrides). The variants are the paper's methods with one option changed.
+METHODS = {
+    "naive": ("configs/train.json", {}),
+    "at": ("configs/at.json", {}),
+    "n2v": ("configs/n2v.json", {}),
+    "isr": ("configs/isr.json", {"isr_emphasis": "helpful"}),
+    "isp": ("configs/isp.json", {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}),
+    # ISR weighting harmful samples up (the paper's text) instead of helpful ones (the released code)
+    "isr_harmful": ("configs/isr.json", {"isr_emphasis": "harmful"}),
+    # ISP with the sign of the input gradient, 2 grey levels per pixel, instead of 0.1 x the raw gradient
+    "isp_sign": ("configs/isp.json", {"isp_direction": "sign", "isp_step": 2.0 / 255.0, "isp_ratio": 1.0}),
+    # ISP on the most harmful quarter of the training set only
+    "isp_top25": ("configs/isp.json", {"isp_ratio": 0.25, "isp_selection": "harmful"}),
+    # validation set of 10 % of patients instead of the paper's 5 %
+    "naive_val10": ("configs/train.json", {"split_fractions": [0.70, 0.10, 0.20]}),
+    "isp_val10": ("configs/isp.json", {"split_fractions": [0.70, 0.10, 0.20]}),
+}
+PAPER_METHODS = ["naive", "at", "n2v", "isr", "isp"]
+VARIANTS = ["isr_harmful", "isp_sign", "isp_top25", "isp_val10", "naive_val10"]
+
+#: Profiles: `paper` follows the paper (for a GPU); `cpu` is sized for about an hour on 2 CPU cores.
+#: ``config`` holds bundle config overrides shared by every run (a ``--key value`` on the command line wins).
+PROFILES = {
+    "paper": {"seeds": 5, "methods": PAPER_METHODS + VARIANTS, "variant_noises": ["gaussian", "rician"],
+              "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
+    "cpu": {"seeds": 3, "methods": PAPER_METHODS + ["isr_harmful", "isp_sign", "isp_top25", "isp_val10"],
+            "variant_noises": ["gaussian"],
+            "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6,
+                       "n2v_steps": 200, "n2v_patch_size": 32}},
+    "smoke": {"seeds": 1, "methods": ["naive", "isp"], "variant_noises": [],
+              "config": {"spatial_size": 32, "network_padding": 2, "epochs": 1, "influence_epoch": 1, "n2v_steps": 5,
+                         "n2v_patch_size": 16, "synthetic_patients": 30, "batch_size": 8}},
+}
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def plan_runs(methods, noises, test_noise_fractions, seeds, variant_noises) -> list[dict]:
+    """Every (method, noise, p, seed); variants only on ``variant_noises``. Seed-major, so an
+    interrupted benchmark has whole seeds of every method rather than all seeds of a few."""
+    runs = []
+    for seed in seeds:
+        for noise in noises:
+            for p in test_noise_fractions:
+                for method in methods:
+                    if method in VARIANTS and noise not in variant_noises:
+                        continue
+                    runs.append({"method": method, "noise": noise, "test_noise_fraction": float(p), "seed": int(seed)})
+    return runs
+
+
+def run_key(run: dict) -> str:
+    return f"{run['method']}__{run['noise']}__p{run['test_noise_fraction']:g}__seed{run['seed']}"
+
+
+def data_fingerprint(data) -> str:
+    """sha256 of the split (ids, labels) and of the pixels as built: equal for runs that saw the same data."""
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        for item in data.split(name):
+            digest.update(f"{name}:{item['id']}:{item['label']}:{int(item['noisy'])};".encode())
+            digest.update(np.ascontiguousarray(item["image"], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+class Benchmark:
+    """Train and test every method on one protocol; tables, plots and a resumable record."""
+
+    def methods(self) -> dict:
+        """The methods and variants that can run, with their config and overrides."""
+        return {name: {"config": config, "overrides": overrides} for name, (config, overrides) in METHODS.items()}
+
+    def run(self, out: str = "benchmark", profile: str = "cpu", dataset_dir: str | None = None,
+            methods=None, noises=("gaussian", "rician"), seeds=None, test_noise_fractions=(1.0,),
+            variant_noises=None, device: str | None = None, keep_checkpoints: bool = False, **overrides) -> dict:
+        """Run what is not yet in ``<out>/runs.jsonl``, then write the tables and plots.
+
+        ``seeds``: a count (0..n-1) or a list; ``methods``: names from ``methods``; extra
+        ``--key value`` pairs override bundle config ids for every run (e.g. ``--epochs 20``).
+        """
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        settings = PROFILES[profile]
+        methods = _as_list(methods) or settings["methods"]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        seeds = list(range(int(seeds if seeds is not None else settings["seeds"]))) if not isinstance(
+            seeds, (list, tuple, str)) else [int(s) for s in _as_list(seeds)]
+        variant_noises = _as_list(variant_noises) if variant_noises is not None else settings["variant_noises"]
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
+
+        out = os.path.abspath(out)
+        os.makedirs(out, exist_ok=True)
+        _log_to(os.path.join(out, "benchmark.log"))
+        config = {**settings["config"], **overrides}
+        # what must match for runs in one output folder to be tabulated together
+        protocol = {"profile": profile, **config,
+                    "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
+        self._check_same_protocol(out, protocol)
+
+        runs_path = os.path.join(out, "runs.jsonl")
+        done = {run_key(r) for r in read_runs(runs_path)}
+        planned = plan_runs(methods, _as_list(noises), _as_list(test_noise_fractions), seeds, variant_noises)
+        todo = [r for r in planned if run_key(r) not in done]
+        logger.info("benchmark %s: %d runs planned, %d already done, machine %s", profile, len(planned),
+                    len(planned) - len(todo), machine())
+        common = {**config, "dataset_dir": dataset_dir or "", "device": f"$torch.device('{device}')", "num_workers": 0}
+        cache: dict[str, object] = {}
+        started = time.perf_counter()
+        progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
+        for run in progress:
+            progress.set_postfix_str(run_key(run))
+            record = self._one(run, common, cache, out, keep_checkpoints)
+            with open(runs_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            logger.info("%s: test accuracy best %.4f, last %.4f, %.0f s", run_key(run),
+                        record["test"]["best"]["accuracy"], record["test"]["last"]["accuracy"],
+                        record["timings"]["train_s"])
+        wall = time.perf_counter() - started
+        self._save_protocol(out, protocol, wall)
+        return self.report(out)
+
+    def report(self, out: str = "benchmark") -> dict:
+        """Tables and plots from ``<out>/runs.jsonl`` (also after an interrupted run)."""
+        out = os.path.abspath(out)
+        runs = read_runs(os.path.join(out, "runs.jsonl"))
+        if not runs:
+            raise FileNotFoundError(f"{out}/runs.jsonl holds no finished run; start one with `benchmark.py run`")
+        info = _read_json(os.path.join(out, "protocol.json"))
+        header = (f"### Benchmark `{info.get('protocol', {}).get('profile', '?')}`\n\n"
+                  f"- protocol: {json.dumps(info.get('protocol', {}))}\n- machine: {json.dumps(info.get('machine', {}))}\n"
+                  f"- runs: {len(runs)}; wall time of the last invocation: {info.get('wall_s', 0) / 60:.1f} min\n\n")
+        summary = write_report(runs, out, list(METHODS), header)
+        print(open(os.path.join(out, "results.md")).read())
+        return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
+
+    # -- one run ------------------------------------------------------------------------
+
+    def _one(self, run: dict, common: dict, cache: dict, out: str, keep_checkpoints: bool) -> dict:
+        config, method_overrides = METHODS[run["method"]]
+        run_dir = os.path.join(out, "runs", run_key(run))
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from an interruption
+        ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
+        parser = load_workflow(BUNDLE, [config], {
+            **common, **method_overrides, "noise": run["noise"], "test_noise_fraction": run["test_noise_fraction"],
+            "seed": run["seed"], "ckpt_dir": ckpt_dir, "output_dir": output_dir}, drop_handlers=("ProgressBar",))
+
+        arguments = protocol_arguments(parser)
+        data_key = json.dumps(arguments, sort_keys=True, default=str)
+        if data_key not in cache:
+            cache.clear()  # one data set in memory at a time (runs are seed-major)
+            start = time.perf_counter()
+            cache[data_key] = build_protocol(**arguments)
+            logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start,
+                        cache[data_key].summary())
+        inject_protocol(parser, cache[data_key])
+        fingerprint = data_fingerprint(cache[data_key])
+
+        start = time.perf_counter()
+        run_training(parser, BUNDLE)
+        train_s = time.perf_counter() - start
+        data = parser.get_parsed_content("data")
+        network = parser.get_parsed_content("network")
+        checkpoints = {"best": os.path.join(ckpt_dir, "model.pt"), "last": os.path.join(ckpt_dir, "model_final.pt")}
+        reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
+        influence = _read_json(os.path.join(output_dir, "influence_summary.json"))
+        n2v = _read_json(os.path.join(output_dir, "n2v_summary.json"))
+        history = _read_json(os.path.join(output_dir, "history.json")) or []
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return {**run, "config": config, "overrides": method_overrides,
+                "val_fraction": float(parser.get_parsed_content("split_fractions")[1]),
+                "n": {name: len(data.split(name)) for name in ("train", "val", "test")},
+                "data_fingerprint": fingerprint,
+                "test": {tag: {k: r[k] for k in ("n", "accuracy", "macro_f1", "roc_auc_macro", "per_class")}
+                         for tag, r in reports.items()},
+                "history": history,
+                "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
+                            "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    @staticmethod
+    def _check_same_protocol(out: str, protocol: dict) -> None:
+        previous = _read_json(os.path.join(out, "protocol.json")).get("protocol")
+        if previous and os.path.isfile(os.path.join(out, "runs.jsonl")) and previous != protocol:
+            changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
+                       if previous.get(k) != protocol.get(k)}
+            raise ValueError(f"{out} holds runs of another protocol (changed: {changed}); "
+                             "use another --out folder, or delete it to start again")
+        with open(os.path.join(out, "protocol.json"), "w") as handle:
+            json.dump({"protocol": protocol, "machine": machine()}, handle, indent=2)
+
+    @staticmethod
+    def _save_protocol(out: str, protocol: dict, wall_s: float) -> None:
+        with open(os.path.join(out, "protocol.json"), "w") as handle:
+            json.dump({"protocol": protocol, "machine": machine(), "wall_s": wall_s,
+                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, handle, indent=2)
+
+
+def _log_to(path: str) -> None:
+    """Everything at INFO into the log file; the console keeps the progress bar and warnings."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in root.handlers):
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        root.addHandler(console)
+
+
+if __name__ == "__main__":
+    fire.Fire(Benchmark)
