@@ -36,7 +36,23 @@ def read_runs(path: str) -> list[dict]:
 
 
 def column_of(run: dict, several_p: bool) -> str:
-    return f"{run['noise']}, p={run['test_noise_fraction']:g}" if several_p else run["noise"]
+    """``noise`` (training image noise), with p when several test-noise fractions were run and the
+    label-flip rate when labels were flipped."""
+    column = f"{run['noise']}, p={run['test_noise_fraction']:g}" if several_p else run["noise"]
+    rate = run.get("label_noise_rate") or 0.0
+    return f"{column}, labels r={rate:g}" if rate else column
+
+
+def balanced_accuracy(report: dict) -> float | None:
+    """Mean per-class recall over the classes present in the test split."""
+    recalls = [c["recall"] for c in report.get("per_class", {}).values() if c.get("support", 0) > 0]
+    return float(np.mean(recalls)) if recalls else None
+
+
+def audit_rows(run: dict) -> list[dict]:
+    """The label audit's precision-at-k rows of a run (empty when the audit did not run)."""
+    audit = run.get("method_outputs", {}).get("label_audit.json") or {}
+    return audit.get("precision_at_k") or []
 
 
 def _ordered(values, preferred):
@@ -53,6 +69,13 @@ def validation_swing(history: list[dict]) -> dict:
     return {"range": float(tail.max() - tail.min()), "mean_step": float(np.abs(np.diff(acc[len(acc) // 2 - 1:])).mean())}
 
 
+def _mean_std(values) -> dict | None:
+    values = np.array([v for v in values if v is not None], dtype=float)
+    if not len(values):
+        return None
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+
+
 def aggregate(runs: list[dict], method_order=()) -> dict:
     """Per (method, column): n seeds, mean/std of accuracy and macro-F1 per checkpoint, timings, swing."""
     several_p = len({r["test_noise_fraction"] for r in runs}) > 1
@@ -63,10 +86,14 @@ def aggregate(runs: list[dict], method_order=()) -> dict:
     for (method, column), group in cells.items():
         entry = {"n": len(group), "seeds": sorted(r["seed"] for r in group)}
         for tag in CHECKPOINTS:
-            for metric in ("accuracy", "macro_f1"):
-                values = np.array([r["test"][tag][metric] for r in group], dtype=float)
-                entry[f"{tag}_{metric}"] = {"mean": float(values.mean()), "std": float(values.std(ddof=1))
-                                            if len(values) > 1 else 0.0}
+            for metric in ("accuracy", "macro_f1", "balanced_accuracy"):
+                values = [r["test"][tag][metric] if metric in r["test"][tag] else balanced_accuracy(r["test"][tag])
+                          for r in group]
+                entry[f"{tag}_{metric}"] = _mean_std(values)
+        audits = [audit_rows(r) for r in group if audit_rows(r)]
+        if audits:  # precision at the last k (the number of flipped labels), influence vs loss vs random
+            entry["audit"] = {ranking: _mean_std([rows[-1][ranking] for rows in audits])
+                              for ranking in ("influence", "loss", "random")}
         for key in sorted({k for r in group for k in r.get("timings", {})}):
             values = [r["timings"][key] for r in group if r["timings"].get(key) is not None]
             entry[f"time_{key}"] = float(np.mean(values)) if values else None
@@ -77,12 +104,12 @@ def aggregate(runs: list[dict], method_order=()) -> dict:
         entry["val_swing_step"] = float(np.mean(steps)) if steps else None
         table.setdefault(method, {})[column] = entry
     methods = _ordered(table, method_order)
-    columns = _ordered({c for row in table.values() for c in row}, ("gaussian", "rician"))
+    columns = _ordered({c for row in table.values() for c in row}, ("none", "gaussian", "rician"))
     return {"methods": methods, "columns": columns, "cells": table}
 
 
 def _cell(entry: dict | None, key: str, scale: float = 100.0) -> str:
-    if entry is None:
+    if entry is None or entry.get(key) is None:
         return "-"
     value = entry[key]
     return f"{scale * value['mean']:.2f} +- {scale * value['std']:.2f} (n={entry['n']})"
@@ -111,11 +138,23 @@ def markdown_tables(summary: dict) -> str:
         table("Test accuracy %, best-validation checkpoint (mean +- std over seeds)", lambda e: _cell(e, "best_accuracy")),
         table("Test accuracy %, last-epoch checkpoint", lambda e: _cell(e, "last_accuracy")),
         table("Test macro-F1 %, best-validation checkpoint", lambda e: _cell(e, "best_macro_f1")),
+        table("Test balanced accuracy % (mean per-class recall), best-validation checkpoint",
+              lambda e: _cell(e, "best_balanced_accuracy")),
         table("Training wall time per run, s (mean)", seconds("time_train_s")),
         table("Influence step wall time, s (mean; ISR / ISP only)", seconds("time_influence_s")),
         table("Validation accuracy swing over the second half of training, points: range / mean epoch-to-epoch "
               "change (mean over seeds)", swing),
     ]
+    audited = [(m, c) for m in methods for c in columns if (cells[m].get(c) or {}).get("audit")]
+    if audited:
+        lines = ["#### Label audit: precision % at k = number of flipped labels (mean +- std over seeds)", "",
+                 "| method | column | influence ranking | loss ranking | random |", "| --- | --- | --- | --- | --- |"]
+        for method, column in audited:
+            audit = cells[method][column]["audit"]
+            lines.append(f"| {method} | {column} | " + " | ".join(
+                f"{100 * audit[r]['mean']:.1f} +- {100 * audit[r]['std']:.1f}" for r in ("influence", "loss", "random"))
+                + " |")
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 

@@ -62,7 +62,17 @@ METHODS = {
     # validation set of 10 % of patients instead of the paper's 5 %
     "naive_val10": ("configs/train.json", {"split_fractions": [0.70, 0.10, 0.20]}),
     "isp_val10": ("configs/isp.json", {"split_fractions": [0.70, 0.10, 0.20]}),
+    # remedies for wrong labels and hard samples (run with --label_noise_rates)
+    "coteach_vog": ("configs/coteach_vog.json", {}),
+    "mwnet": ("configs/mwnet.json", {}),
+    "pie": ("configs/pie.json", {}),
+    "pint": ("configs/pint.json", {}),
+    # naive training plus the influence label audit (precision at k of finding the flipped labels)
+    "audit": ("configs/audit.json", {}),
 }
+#: What a method writes besides the bundle's standard outputs; kept in its run record.
+METHOD_OUTPUTS = ("influence_summary.json", "n2v_summary.json", "coteach_vog_summary.json", "mwnet_summary.json",
+                  "pie_summary.json", "pint_summary.json", "label_audit.json")
 PAPER_METHODS = ["naive", "at", "n2v", "isr", "isp"]
 VARIANTS = ["isr_harmful", "isp_sign", "isp_top25", "isp_val10", "naive_val10"]
 
@@ -75,6 +85,9 @@ PROFILES = {
             "variant_noises": ["gaussian"],
             "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6,
                        "n2v_steps": 200, "n2v_patch_size": 32}},
+    "labels_cpu": {"seeds": 3, "methods": ["naive", "isr", "coteach_vog", "mwnet", "pie", "pint", "audit"],
+                   "variant_noises": [], "noises": ["none"], "label_noise_rates": [0.2, 0.4],
+                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
     "smoke": {"seeds": 1, "methods": ["naive", "isp"], "variant_noises": [],
               "config": {"spatial_size": 32, "network_padding": 2, "epochs": 1, "influence_epoch": 1, "n2v_steps": 5,
                          "n2v_patch_size": 16, "synthetic_patients": 30, "batch_size": 8}},
@@ -101,22 +114,26 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def plan_runs(methods, noises, test_noise_fractions, seeds, variant_noises) -> list[dict]:
-    """Every (method, noise, p, seed); variants only on ``variant_noises``. Seed-major, so an
-    interrupted benchmark has whole seeds of every method rather than all seeds of a few."""
+def plan_runs(methods, noises, test_noise_fractions, seeds, variant_noises, label_noise_rates=(0.0,)) -> list[dict]:
+    """Every (method, noise, p, label-noise rate, seed); variants only on ``variant_noises``.
+    Seed-major, so an interrupted benchmark has whole seeds of every method rather than all
+    seeds of a few."""
     runs = []
     for seed in seeds:
         for noise in noises:
             for p in test_noise_fractions:
-                for method in methods:
-                    if method in VARIANTS and noise not in variant_noises:
-                        continue
-                    runs.append({"method": method, "noise": noise, "test_noise_fraction": float(p), "seed": int(seed)})
+                for rate in label_noise_rates:
+                    for method in methods:
+                        if method in VARIANTS and noise not in variant_noises:
+                            continue
+                        runs.append({"method": method, "noise": noise, "test_noise_fraction": float(p),
+                                     "label_noise_rate": float(rate), "seed": int(seed)})
     return runs
 
 
 def run_key(run: dict) -> str:
-    return f"{run['method']}__{run['noise']}__p{run['test_noise_fraction']:g}__seed{run['seed']}"
+    labels = f"__labels{run['label_noise_rate']:g}" if run.get("label_noise_rate") else ""
+    return f"{run['method']}__{run['noise']}__p{run['test_noise_fraction']:g}{labels}__seed{run['seed']}"
 
 
 def data_fingerprint(data) -> str:
@@ -144,11 +161,13 @@ class Benchmark:
         return {name: {"config": config, "overrides": overrides} for name, (config, overrides) in METHODS.items()}
 
     def run(self, out: str = "benchmark", profile: str = "cpu", dataset_dir: str | None = None,
-            methods=None, noises=("gaussian", "rician"), seeds=None, test_noise_fractions=(1.0,),
+            methods=None, noises=None, seeds=None, test_noise_fractions=(1.0,), label_noise_rates=None,
             variant_noises=None, device: str | None = None, keep_checkpoints: bool = False, **overrides) -> dict:
         """Run what is not yet in ``<out>/runs.jsonl``, then write the tables and plots.
 
-        ``seeds``: a count (0..n-1) or a list; ``methods``: names from ``methods``; extra
+        ``seeds``: a count (0..n-1) or a list; ``methods``: names from ``methods``;
+        ``noises``: training image noise (``none`` for clean images); ``label_noise_rates``:
+        symmetric label-flip rates of the training split (0 = clean labels); extra
         ``--key value`` pairs override bundle config ids for every run (e.g. ``--epochs 20``).
         """
         if profile not in PROFILES:
@@ -175,7 +194,9 @@ class Benchmark:
 
         runs_path = os.path.join(out, "runs.jsonl")
         done = {run_key(r) for r in read_runs(runs_path)}
-        planned = plan_runs(methods, _as_list(noises), _as_list(test_noise_fractions), seeds, variant_noises)
+        noises = _as_list(noises) or settings.get("noises", ["gaussian", "rician"])
+        rates = [float(r) for r in (_as_list(label_noise_rates) or settings.get("label_noise_rates", [0.0]))]
+        planned = plan_runs(methods, noises, _as_list(test_noise_fractions), seeds, variant_noises, rates)
         todo = [r for r in planned if run_key(r) not in done]
         logger.info("benchmark %s: %d runs planned, %d already done, machine %s", profile, len(planned),
                     len(planned) - len(todo), machine())
@@ -218,7 +239,9 @@ class Benchmark:
         ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
         parser = load_workflow(BUNDLE, [config], {
             **common, **method_overrides, "noise": run["noise"], "test_noise_fraction": run["test_noise_fraction"],
-            "seed": run["seed"], "ckpt_dir": ckpt_dir, "output_dir": output_dir}, drop_handlers=("ProgressBar",))
+            "seed": run["seed"], "ckpt_dir": ckpt_dir, "output_dir": output_dir,
+            "label_noise": "symmetric" if run["label_noise_rate"] else "none", "label_noise_rate": run["label_noise_rate"]},
+            drop_handlers=("ProgressBar",))
 
         arguments = protocol_arguments(parser)
         data_key = json.dumps(arguments, sort_keys=True, default=str)
@@ -238,8 +261,10 @@ class Benchmark:
         network = parser.get_parsed_content("network")
         checkpoints = {"best": os.path.join(ckpt_dir, "model.pt"), "last": os.path.join(ckpt_dir, "model_final.pt")}
         reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
-        influence = _read_json(os.path.join(output_dir, "influence_summary.json"))
-        n2v = _read_json(os.path.join(output_dir, "n2v_summary.json"))
+        outputs = {name: _read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
+                   if os.path.isfile(os.path.join(output_dir, name))}
+        influence = outputs.get("influence_summary.json", {})
+        n2v = outputs.get("n2v_summary.json", {})
         history = _read_json(os.path.join(output_dir, "history.json")) or []
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -250,6 +275,8 @@ class Benchmark:
                 "test": {tag: {k: r[k] for k in ("n", "accuracy", "macro_f1", "roc_auc_macro", "per_class")}
                          for tag, r in reports.items()},
                 "history": history,
+                "method_outputs": outputs,
+                "wrong_training_labels": sum(int(i["label"] != i.get("true_label", i["label"])) for i in data.train),
                 "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
                             "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

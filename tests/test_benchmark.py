@@ -90,3 +90,36 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
 
     changed = _benchmark(*args, "--epochs", "2")  # another protocol must not be mixed into this table
     assert changed.returncode != 0 and "another protocol" in changed.stderr
+
+
+def test_label_noise_columns_balanced_accuracy_and_audit():
+    runs = []
+    for seed, (influence, loss) in enumerate([(0.6, 0.5), (0.8, 0.5)]):
+        run = _record("audit", "none", seed, 0.7, 0.7)
+        run["label_noise_rate"] = 0.2
+        run["test"]["best"]["per_class"] = {"a": {"recall": 1.0, "support": 3}, "b": {"recall": 0.5, "support": 2},
+                                            "c": {"recall": 0.0, "support": 0}}
+        run["method_outputs"] = {"label_audit.json": {"precision_at_k": [
+            {"k": 5, "influence": 1.0, "loss": 1.0, "random": 0.2},
+            {"k": 40, "influence": influence, "loss": loss, "random": 0.2}]}}
+        runs.append(run)
+    runs.append(_record("naive", "none", 0, 0.9, 0.9))
+    summary = aggregate(runs, ["naive", "audit"])
+    assert summary["columns"] == ["none", "none, labels r=0.2"]
+    cell = summary["cells"]["audit"]["none, labels r=0.2"]
+    assert cell["best_balanced_accuracy"]["mean"] == pytest.approx(0.75)  # class c is absent from the test split
+    assert cell["audit"]["influence"]["mean"] == pytest.approx(0.7)  # the last k, averaged over seeds
+    assert cell["audit"]["influence"]["std"] == pytest.approx(statistics.stdev([0.6, 0.8]))
+    assert "| audit | none, labels r=0.2 | 70.0 +- 14.1 | 50.0 +- 0.0 | 20.0 +- 0.0 |" in markdown_tables(summary)
+
+
+@pytest.mark.slow
+def test_benchmark_with_flipped_labels_runs_the_audit(tmp_path):
+    out = tmp_path / "labels"
+    result = _benchmark("run", "--profile", "smoke", "--out", str(out), "--methods", "audit", "--noises", "none",
+                        "--label_noise_rates", "0.2", "--seeds", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = read_runs(str(out / "runs.jsonl"))
+    assert run["label_noise_rate"] == 0.2 and run["wrong_training_labels"] == round(0.2 * run["n"]["train"])
+    assert run["method_outputs"]["label_audit.json"]["wrong_labels"] == run["wrong_training_labels"]
+    assert "Label audit" in (out / "results.md").read_text()
