@@ -4,14 +4,21 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(abspath $(VENV))/bin/python
+# MONAI Label (the [label] extra, apps/monailabel): these two are installed without their declared
+# dependencies, which ask for numpy<2 and jsonschema<4 (see pyproject.toml); the compat hook lets
+# pydicom-seg import under pydicom 3 (apps/monailabel/README.md)
+LABEL_NO_DEPS := monailabel==0.8.5 pydicom-seg==0.4.1
+LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
 BUNDLE_RUN := cd bundle && $(PY) -m monai.bundle run
 DEMO_CONFIGS := "['configs/isp.json','configs/quick.json']"
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -e '.[dev]'
+	$(VENV)/bin/python -m pip install -e '.[dev,label]'
+	$(VENV)/bin/python -m pip install --no-deps $(LABEL_NO_DEPS)
+	cp $(LABEL_COMPAT).py $(LABEL_COMPAT).pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,0 +1,85 @@
+"""MONAI Label app: the robustmri brain-tumour classifier with influence-guided label review.
+
+Start (from the repository root, virtual environment active):
+
+    monailabel start_server --app apps/monailabel --studies /path/to/studies --conf models brain_tumour
+
+``--conf`` keys: ``models`` (comma-separated; this app serves ``brain_tumour``), ``bundle_path``
+(default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
+``spatial_size`` and ``network_padding`` (must match the checkpoint, e.g. 64 and 2 for the
+quick profile), ``noise`` (added to training images; default "none"), ``influence_damping``.
+See README.md beside this file for the annotator's workflow.
+"""
+
+import logging
+import os
+from typing import Dict
+
+from monailabel.datastore.local import LocalDatastore
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning.most_suspicious import MostSuspicious
+from lib.infers.classification import ClassificationInfer
+from lib.scoring.influence_review import InfluenceReviewScoring
+from lib.trainers.isp import ISPTrain
+from robustmri.label_review import LABEL_SUFFIX
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "brain_tumour"
+DEFAULT_BUNDLE = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..", "bundle"))
+
+
+class RobustMRIApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        models = [m.strip() for m in conf.get("models", MODEL_NAME).split(",") if m.strip()]
+        unknown = sorted(set(models) - {MODEL_NAME})
+        if unknown:
+            raise ValueError(f"--conf models: unknown model(s) {unknown}; this app serves {MODEL_NAME!r}")
+        self.bundle_dir = os.path.realpath(conf.get("bundle_path", DEFAULT_BUNDLE))
+        if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "metadata.json")):
+            raise FileNotFoundError(f"{self.bundle_dir}: not a bundle folder (no configs/metadata.json); "
+                                    "set --conf bundle_path")
+        logger.info("bundle: %s", self.bundle_dir)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
+                         description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
+                                     "with influence-guided label review. Research only, not for clinical use.",
+                         version="0.2.0")
+        # scoring is a full feature pass and solve: run it after training, not after every request
+        self._auto_update_scoring = False
+
+    def train(self, request):
+        result = super().train(request)
+        self.async_scoring("influence_review")
+        return result
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        # labels are <image id>.label.json files: add their suffix to the datastore's file types
+        return LocalDatastore(self.studies, extensions=[*settings.MONAI_LABEL_DATASTORE_FILE_EXT, f"*{LABEL_SUFFIX}"],
+                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        task = ClassificationInfer(self.bundle_dir, self.conf)
+        if not task.is_valid():
+            logger.warning("no checkpoint at %s/models/model.pt: train first (POST /train/%s)", self.bundle_dir,
+                           MODEL_NAME)
+        return {MODEL_NAME: task}
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {MODEL_NAME: ISPTrain(self.bundle_dir, self.conf)}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {"influence_review": InfluenceReviewScoring(self.bundle_dir, self.conf)}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"most_suspicious": MostSuspicious(), "random": Random()}
