@@ -42,13 +42,23 @@ class ServerError(AssertionError):
     pass
 
 
-def _request(url, method="GET", timeout=60):
+def _request(url, method="GET", timeout=60, body=None):
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(url, method=method, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"" if method == "POST" else None),
-                                    timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read().decode())
     except urllib.error.HTTPError as err:
         raise ServerError(f"{method} {url}: HTTP {err.code} {err.read().decode(errors='replace')[:2000]}") from err
+
+
+def _score_unless_busy(base):
+    try:
+        return _request(f"{base}/scoring/influence_review?run_sync=true", "POST")
+    except ServerError as err:
+        if "HTTP 429" in str(err):  # "Scoring Task is Already Running"
+            return None
+        raise
 
 
 def _wait(condition, deadline, what, process, log_path):
@@ -105,7 +115,7 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                    start_new_session=True)
     try:
-        _exercise(base, deadline, process, log_path)
+        _exercise(base, deadline, process, log_path, bundle)
     except ServerError as err:
         pytest.fail(f"{err}\nserver log:\n{_tail(log_path)}")
     finally:
@@ -118,25 +128,33 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
                 process.wait(timeout=15)
 
 
-def _exercise(base, deadline, process, log_path):
-    """/info/, infer on a study image, influence scoring, then the active-learning strategy."""
-    if True:
-        info = _wait(lambda: _request(f"{base}/info/", timeout=5), deadline, "/info/", process, log_path)
-        assert info["models"]["brain_tumour"]["type"] == "classification"
-        assert set(info["strategies"]) >= {"most_suspicious"} and "influence_review" in info["scoring"]
+def _exercise(base, deadline, process, log_path, bundle):
+    """/info/, infer on a study image, ISP training, influence scoring, then the active-learning strategy."""
+    info = _wait(lambda: _request(f"{base}/info/", timeout=5), deadline, "/info/", process, log_path)
+    assert info["models"]["brain_tumour"]["type"] == "classification"
+    assert set(info["strategies"]) >= {"most_suspicious"} and "influence_review" in info["scoring"]
 
-        result = _request(f"{base}/infer/brain_tumour?image=case03&output=json", "POST")
-        probabilities = result["probabilities"]
-        assert list(probabilities) == list(CLASS_NAMES)
-        assert abs(sum(probabilities.values()) - 1.0) < 1e-5
-        assert result["class"] == max(probabilities, key=probabilities.get)
+    result = _request(f"{base}/infer/brain_tumour?image=case03&output=json", "POST")
+    probabilities = result["probabilities"]
+    assert list(probabilities) == list(CLASS_NAMES)
+    assert abs(sum(probabilities.values()) - 1.0) < 1e-5
+    assert result["class"] == max(probabilities, key=probabilities.get)
 
-        scoring = _request(f"{base}/scoring/influence_review?run_sync=true", "POST")
-        assert scoring["scored"] == 12 and scoring["skipped"] == []
-        sample = _request(f"{base}/activelearning/most_suspicious", "POST")
-        scores = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["score"]
-                  for k in range(12)}
-        assert sample["id"] == min(scores, key=scores.get)
-        assert sample["influence_score"] == pytest.approx(scores[sample["id"]])
-        assert sample["rank"] == 1 and sample["of"] == 12
-        assert all(score <= 0 for score in scores.values())
+    assert not (bundle / "models" / "model_final.pt").exists()
+    _request(f"{base}/train/brain_tumour?run_sync=true", "POST", timeout=120,
+             body={"max_epochs": 2, "influence_epoch": 1, "val_split": 0.34, "device": "cpu"})
+    assert (bundle / "models" / "model_final.pt").is_file()  # the bundle's ISP run wrote its checkpoints
+    with open(bundle / "eval" / "influence_summary.json") as handle:
+        summary = json.load(handle)
+    assert summary["method"] == "ISP" and summary["n_train"] + summary["n_val"] == 12
+
+    # training starts a background scoring run; score again, synchronously, once it is done
+    scoring = _wait(lambda: _score_unless_busy(base), deadline, "the post-training scoring", process, log_path)
+    assert scoring["scored"] == 12 and scoring["skipped"] == []
+    sample = _request(f"{base}/activelearning/most_suspicious", "POST")
+    scores = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["score"]
+              for k in range(12)}
+    assert sample["id"] == min(scores, key=scores.get)
+    assert sample["influence_score"] == pytest.approx(scores[sample["id"]])
+    assert sample["rank"] == 1 and sample["of"] == 12
+    assert all(score <= 0 for score in scores.values())

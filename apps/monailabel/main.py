@@ -57,7 +57,10 @@ class RobustMRIApp(MONAILabelApp):
 
     def train(self, request):
         result = super().train(request)
-        self.async_scoring("influence_review")
+        try:
+            self.async_scoring("influence_review")
+        except Exception as err:  # the model is trained either way; scoring can be asked for again
+            logger.warning("influence review not started after training (%s); POST /scoring/influence_review", err)
         return result
 
     def init_datastore(self) -> Datastore:

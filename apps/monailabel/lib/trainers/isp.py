@@ -69,6 +69,13 @@ class ISPTrain(BundleTrainTask):
         request = self._request
         datalist = overrides.pop(self.const.key_train_dataset_data())
         overrides.pop(self.const.key_validate_dataset_data(), None)
+        # isp.json takes "train" from train.json by macro, so ids inside it cannot be overridden:
+        # the epoch count goes through "epochs", and the stock task's CheckpointLoader (pretrained)
+        # joins the ISP handler in "method_handlers"
+        overrides.pop(self.const.key_train_trainer_max_epochs(), None)
+        loaders = [h for h in overrides.pop(self.const.key_train_handlers(), [])
+                   if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
+        overrides["method_handlers"] = [*loaders, "@isp"]
         catalog_dir = os.path.join(self.bundle_path, "eval", "monailabel_studies")
         write_training_catalog([LabelledImage(d["id"], d["image"], d["label"], d["group"]) for d in datalist],
                                catalog_dir, self.class_names)
