@@ -29,6 +29,7 @@ from lib.activelearning.most_suspicious import MostSuspicious
 from lib.infers.classification import ClassificationInfer
 from lib.scoring.influence_review import InfluenceReviewScoring
 from lib.trainers.isp import ISPTrain
+from robustmri import __version__
 from robustmri.label_review import LABEL_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class RobustMRIApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
                          description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
                                      "with influence-guided label review. Research only, not for clinical use.",
-                         version="0.2.0")
+                         version=__version__)
         # scoring is a full feature pass and solve: run it after training, not after every request
         self._auto_update_scoring = False
 
