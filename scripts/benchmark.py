@@ -204,9 +204,18 @@ class Benchmark:
         cache: dict[str, object] = {}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
+        failed = []
         for run in progress:
             progress.set_postfix_str(run_key(run))
-            record = self._one(run, common, cache, out, keep_checkpoints)
+            try:
+                record = self._one(run, common, cache, out, keep_checkpoints)
+            except Exception as err:  # one failing run must not lose the others; it is retried next time
+                logger.exception("%s failed", run_key(run))
+                cause = err
+                while cause.__cause__ is not None:  # MONAI wraps the method's own error
+                    cause = cause.__cause__
+                failed.append({**run, "error": f"{type(cause).__name__}: {cause}"})
+                continue
             with open(runs_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             logger.info("%s: test accuracy best %.4f, last %.4f, %.0f s", run_key(run),
@@ -214,7 +223,15 @@ class Benchmark:
                         record["timings"]["train_s"])
         wall = time.perf_counter() - started
         self._save_protocol(out, protocol, wall)
-        return self.report(out)
+        with open(os.path.join(out, "failed.json"), "w") as handle:
+            json.dump(failed, handle, indent=2)
+        result = self.report(out) if read_runs(runs_path) else {"output": out, "runs": 0}
+        if failed:
+            for run in failed:
+                print(f"FAILED {run_key(run)}: {run['error']}", file=sys.stderr)
+            raise SystemExit(f"{len(failed)} of {len(todo)} runs failed (details in {out}/benchmark.log and "
+                             f"{out}/failed.json); run the same command again to retry them")
+        return result
 
     def report(self, out: str = "benchmark") -> dict:
         """Tables and plots from ``<out>/runs.jsonl`` (also after an interrupted run)."""
