@@ -194,7 +194,8 @@ def plot_validation_curves(runs: list[dict], summary: dict, path: str) -> None:
 
     several_p = len({r["test_noise_fraction"] for r in runs}) > 1
     columns = summary["columns"]
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4.5), squeeze=False, sharey=True)
+    colours = plt.get_cmap("tab10" if len(summary["methods"]) <= 10 else "tab20")
     for ax, column in zip(axes[0], columns):
         for method in summary["methods"]:
             curves = [[h["val_accuracy"] for h in r["history"]] for r in runs
@@ -204,13 +205,14 @@ def plot_validation_curves(runs: list[dict], summary: dict, path: str) -> None:
             length = min(map(len, curves))
             values = 100 * np.array([c[:length] for c in curves])
             epochs = np.arange(1, length + 1)
-            line, = ax.plot(epochs, values.mean(axis=0), label=method)
-            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.15)
+            colour = colours(summary["methods"].index(method) % colours.N)
+            line, = ax.plot(epochs, values.mean(axis=0), label=method, color=colour)
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.08)
         ax.set_title(f"{column} training noise")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy % (clean)")
-    axes[0][-1].legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    axes[0][0].set_ylabel("validation accuracy % (clean; band: min to max over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
