@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from helpers import tiny_batches, tiny_network
 from monai.engines import SupervisedTrainer
 from torch import nn
 
@@ -12,27 +13,17 @@ from robustmri.ema_teacher import (EMATeacherHandler, TeacherGuidedCrossEntropy,
 from robustmri.pruning_hard_samples import find_hard_samples, finetune, pruned_copy, weight_sparsity
 
 
-def _network():
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def _batches(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randn(6, 1, 4, 4, generator=g), "label": torch.randint(0, 3, (6,), generator=g)}
-            for _ in range(n)]
-
-
 # -- PINT --------------------------------------------------------------------------------------------------
 
 
 def test_teacher_is_the_ema_closed_form_and_gets_no_gradients(tmp_path):
     """theta_t after n steps = d^n theta_0 + (1 - d) sum_k d^(n - k) theta_s(k), theta_s(k) after step k."""
     torch.manual_seed(0)
-    student, decay = _network(), 0.8
+    student, decay = tiny_network(), 0.8
     loss = TeacherGuidedCrossEntropy(label_weight=0.0)
     handler = EMATeacherHandler(loss, str(tmp_path), decay=decay, warmup_epochs=1)
     snapshots = []
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=_batches(),
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=tiny_batches(),
                                 network=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
                                 loss_function=loss, train_handlers=[handler])
     start = {k: v.clone() for k, v in student.named_parameters()}
@@ -52,7 +43,7 @@ def test_teacher_is_the_ema_closed_form_and_gets_no_gradients(tmp_path):
 
 def test_uncertainty_lies_between_zero_and_log_c():
     torch.manual_seed(1)
-    teacher = make_teacher(_network())
+    teacher = make_teacher(tiny_network())
     images = torch.randn(20, 1, 4, 4) * 5
     mean, uncertainty = perturbed_uncertainty(teacher, images, repeats=3, noise_std=0.5)
     assert ((uncertainty >= 0) & (uncertainty <= math.log(3) + 1e-6)).all()
@@ -86,7 +77,7 @@ def test_label_weight_one_is_plain_cross_entropy_and_zero_uses_weighted_pseudo_l
 
 def test_ema_update_rejects_a_bad_decay():
     with pytest.raises(ValueError, match="decay"):
-        ema_update(_network(), _network(), 1.5)
+        ema_update(tiny_network(), tiny_network(), 1.5)
 
 
 # -- PIE ---------------------------------------------------------------------------------------------------
@@ -99,7 +90,7 @@ def _items(n=40, seed=0):
 
 def test_sparsity_zero_gives_an_empty_hard_set():
     torch.manual_seed(0)
-    model, items = _network(), _items()
+    model, items = tiny_network(), _items()
     finetune(model, items, steps=150, lr=0.01, batch_size=8)
     # a fine-tune this strong would change predictions: at sparsity 0 there is nothing to repair, so none runs
     result = find_hard_samples(model, items, sparsity=0.0, finetune_steps=50, lr=0.1)
@@ -109,7 +100,7 @@ def test_sparsity_zero_gives_an_empty_hard_set():
 
 def test_pruning_reaches_the_requested_sparsity_and_makes_predictions_disagree():
     torch.manual_seed(0)
-    model, items = _network(), _items()
+    model, items = tiny_network(), _items()
     finetune(model, items, steps=150, lr=0.01, batch_size=8)  # fit the (random) labels: a trained dense network
     assert weight_sparsity(pruned_copy(model, 0.6)) == pytest.approx(0.6, abs=0.01)
     assert weight_sparsity(model) == 0.0  # the trained network itself is not pruned

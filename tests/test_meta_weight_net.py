@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_batches, tiny_network
 from monai.engines import SupervisedTrainer
 from torch import nn
 
@@ -37,16 +38,6 @@ def test_meta_gradient_matches_central_finite_differences():
             assert numeric == pytest.approx(g[index].item(), rel=1e-5, abs=1e-9), f"{name}{index}"
 
 
-def _network():
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def _batches(n_batches=4, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.randn(6, 1, 4, 4, generator=g), "label": torch.randint(0, 3, (6,), generator=g)}
-            for _ in range(n_batches)]
-
-
 def _train(network, loss, handlers, batches):
     optimiser = torch.optim.SGD(network.parameters(), lr=0.1)
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=batches, network=network,
@@ -57,8 +48,8 @@ def _train(network, loss, handlers, batches):
 
 def test_constant_weight_and_zero_meta_lr_reproduce_plain_training(tmp_path):
     torch.manual_seed(0)
-    start = _network()
-    batches = _batches()
+    start = tiny_network()
+    batches = tiny_batches(seed=3)
     plain = _train(copy.deepcopy(start), nn.CrossEntropyLoss(), [], batches)
 
     weight_net = WeightNet(hidden=7)
@@ -84,5 +75,5 @@ def test_the_meta_step_moves_the_weight_net(tmp_path):
     loss = MetaWeightedCrossEntropy(weight_net)
     val = [{"image": np.full((1, 4, 4), i / 10, np.float32), "label": i % 3, "id": i} for i in range(10)]
     handler = MetaWeightNetHandler(loss, val, str(tmp_path), meta_lr=0.01)
-    _train(_network(), loss, [handler], _batches(2))
+    _train(tiny_network(), loss, [handler], tiny_batches(2, seed=3))
     assert any(not torch.equal(weight_net.state_dict()[k], v) for k, v in before.items())
