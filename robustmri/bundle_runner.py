@@ -19,6 +19,7 @@ from monai.bundle import ConfigParser
 from .evaluation import load_weights
 from .metrics import classification_report
 from .protocol import ProtocolData
+from .sample_predictions import predict_items
 
 #: Targets of the config node that builds the protocol data (plain, or wrapped by N2V).
 PROTOCOL_TARGET = "robustmri.protocol.build_protocol"
@@ -90,24 +91,13 @@ def run_training(parser: ConfigParser, bundle_dir: str) -> None:
                 parser.get_parsed_content(section, lazy=True)
 
 
-@torch.no_grad()
-def predict(network: torch.nn.Module, items: list[dict], batch_size: int = 64) -> np.ndarray:
-    """Softmax probabilities [N, C] of ``items`` in eval mode."""
-    device = next(network.parameters()).device
-    network.eval()
-    out = []
-    for start in range(0, len(items), batch_size):
-        images = torch.as_tensor(np.stack([np.asarray(i["image"]) for i in items[start:start + batch_size]]))
-        out.append(torch.softmax(network(images.to(device)), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
-
-
 def evaluate_checkpoints_on(network: torch.nn.Module, checkpoints: dict[str, str], items: list[dict],
                             class_names) -> dict[str, dict]:
     """Classification report per checkpoint tag on ``items`` (the run's own test split)."""
-    labels = np.array([int(i["label"]) for i in items])
+    device = next(network.parameters()).device
     reports = {}
     for tag, path in checkpoints.items():
-        load_weights(network, path, next(network.parameters()).device)
-        reports[tag] = classification_report(labels, predict(network, items), class_names)
+        load_weights(network, path, device)
+        logits, labels, _ = predict_items(network, items, device=device)
+        reports[tag] = classification_report(labels.numpy(), torch.softmax(logits, dim=1).numpy(), class_names)
     return reports

@@ -222,7 +222,8 @@ class Benchmark:
                         record["test"]["best"]["accuracy"], record["test"]["last"]["accuracy"],
                         record["timings"]["train_s"])
         wall = time.perf_counter() - started
-        self._save_protocol(out, protocol, wall)
+        self._save_protocol(out, protocol, wall_s=wall,
+                            date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with open(os.path.join(out, "failed.json"), "w") as handle:
             json.dump(failed, handle, indent=2)
         result = self.report(out) if read_runs(runs_path) else {"output": out, "runs": 0}
@@ -265,11 +266,11 @@ class Benchmark:
         if data_key not in cache:
             cache.clear()  # one data set in memory at a time (runs are seed-major)
             start = time.perf_counter()
-            cache[data_key] = build_protocol(**arguments)
-            logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start,
-                        cache[data_key].summary())
-        inject_protocol(parser, cache[data_key])
-        fingerprint = data_fingerprint(cache[data_key])
+            data = build_protocol(**arguments)
+            cache[data_key] = (data, data_fingerprint(data))
+            logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start, data.summary())
+        built, fingerprint = cache[data_key]
+        inject_protocol(parser, built)
 
         start = time.perf_counter()
         run_training(parser, BUNDLE)
@@ -308,14 +309,13 @@ class Benchmark:
                        if previous.get(k) != protocol.get(k)}
             raise ValueError(f"{out} holds runs of another protocol (changed: {changed}); "
                              "use another --out folder, or delete it to start again")
-        with open(os.path.join(out, "protocol.json"), "w") as handle:
-            json.dump({"protocol": protocol, "machine": machine()}, handle, indent=2)
+        Benchmark._save_protocol(out, protocol)
 
     @staticmethod
-    def _save_protocol(out: str, protocol: dict, wall_s: float) -> None:
+    def _save_protocol(out: str, protocol: dict, **finished) -> None:
+        """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
         with open(os.path.join(out, "protocol.json"), "w") as handle:
-            json.dump({"protocol": protocol, "machine": machine(), "wall_s": wall_s,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, handle, indent=2)
+            json.dump({"protocol": protocol, "machine": machine(), **finished}, handle, indent=2)
 
 
 def _log_to(path: str) -> None:
