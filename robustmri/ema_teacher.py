@@ -1,21 +1,27 @@
 """PINT's EMA-teacher uncertainty scheme (Shi & Wu, MICCAI 2021), adapted to classification.
 
 A teacher network is the exponential moving average of the student (the trainer's
-network): after every optimiser step, theta_t <- d theta_t + (1 - d) theta_s (BatchNorm
-statistics copied). It receives no gradients. For each training batch the teacher predicts
-under T random input perturbations (Gaussian noise of standard deviation ``noise_std``);
-the entropy H of the mean prediction, in [0, log C], measures how unsure it is, and
-c = 1 - H / log C is its certainty.
+network): after the n-th optimiser step, theta_t <- d_n theta_t + (1 - d_n) theta_s with
+d_n = min(d, 1 - 1/(n + 1)) (Mean Teacher's ramp), BatchNorm statistics averaged alike. It
+receives no gradients. For each training batch the teacher predicts under T random input
+perturbations (Gaussian noise of standard deviation ``noise_std``); the entropy H of the
+mean prediction, in [0, log C], measures how unsure it is, and c = 1 - H / log C is its
+certainty.
 
-Samples with H <= ``threshold * log C`` are trained on their given labels; the others on
-the teacher's pseudo-label (argmax of the mean prediction) weighted by c, keeping a share
-``label_weight`` of their given-label loss:
+The ``uncertain_fraction`` most uncertain samples of each batch are trained on the teacher's
+pseudo-label (argmax of the mean prediction) weighted by c, keeping a share ``label_weight``
+of their given-label loss; the others on their given labels:
 
     loss_i = CE(p_i, y_i)                                               if confident
     loss_i = label_weight * CE(p_i, y_i) + (1 - label_weight) * c_i * CE(p_i, yhat_i)   otherwise
 
-so ``label_weight = 1`` is plain cross-entropy. For the first ``warmup_epochs`` the teacher
-is still poor and every sample counts as confident.
+so ``label_weight = 1`` or ``uncertain_fraction = 0`` is plain cross-entropy. The split is
+by rank, not by an absolute entropy threshold: under symmetric label noise at rate r even a
+perfectly calibrated teacher predicts (1 - r, r/(C-1), ...), whose entropy exceeds half of
+log C for r above 0.16 at C = 3, so a fixed threshold calls every sample uncertain and training
+becomes self-training without labels, which collapsed to one class on the figshare slices.
+For the first ``warmup_epochs`` the teacher is still poor and every sample counts as
+confident.
 """
 
 from __future__ import annotations
@@ -42,15 +48,32 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
+def ramped_decay(decay: float, step: int) -> float:
+    """min(decay, 1 - 1 / (step + 1)) for the step-th update (from 0), as in Mean Teacher (Tarvainen & Valpola 2017).
+
+    With a constant decay the random initial weights keep a share decay^n of the teacher
+    (a quarter after 140 steps at 0.99), which leaves it unsure of everything when warm-up
+    ends; with the ramp the teacher is the plain mean of the student's first steps, and the
+    initial weights drop out at the first update."""
+    return min(float(decay), 1.0 - 1.0 / (int(step) + 1))
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """theta_t <- decay * theta_t + (1 - decay) * theta_s; buffers (BatchNorm statistics) copied."""
+    """theta_t <- decay * theta_t + (1 - decay) * theta_s, for parameters and floating-point buffers.
+
+    BatchNorm running statistics are averaged like the weights so that the teacher, run in
+    eval mode, normalises with statistics that belong to its own (averaged) weights; integer
+    buffers (batch counters) are copied."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+        if t.is_floating_point():
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        else:
+            t.copy_(s)
 
 
 @torch.no_grad()
@@ -72,16 +95,26 @@ def perturbed_uncertainty(teacher: nn.Module, images: torch.Tensor, repeats: int
     return mean, entropy(mean)
 
 
+def most_uncertain(uncertainty: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Boolean mask of the round(fraction * n) samples of highest uncertainty (ties broken by position)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"uncertain_fraction must lie in [0, 1], got {fraction}")
+    mask = torch.zeros(uncertainty.shape[0], dtype=torch.bool, device=uncertainty.device)
+    k = int(round(fraction * uncertainty.shape[0]))
+    if k:
+        mask[torch.topk(uncertainty, k, sorted=False).indices] = True
+    return mask
+
+
 def teacher_guided_loss(logits: torch.Tensor, labels: torch.Tensor, pseudo_labels: torch.Tensor | None,
-                        uncertainty: torch.Tensor | None, threshold: float, label_weight: float) -> torch.Tensor:
+                        uncertainty: torch.Tensor | None, uncertain_fraction: float, label_weight: float) -> torch.Tensor:
     """Mean over the batch of the per-sample loss in the module docstring; plain CE without teacher outputs."""
     labels = labels.long().reshape(-1)
     label_loss = nn.functional.cross_entropy(logits, labels, reduction="none")
     if pseudo_labels is None or uncertainty is None:
         return label_loss.mean()
-    log_c = math.log(logits.shape[1])
-    uncertain = uncertainty > threshold * log_c
-    certainty = (1.0 - uncertainty / log_c).clamp(0.0, 1.0)
+    uncertain = most_uncertain(uncertainty, uncertain_fraction)
+    certainty = (1.0 - uncertainty / math.log(logits.shape[1])).clamp(0.0, 1.0)
     pseudo_loss = nn.functional.cross_entropy(logits, pseudo_labels.long(), reduction="none")
     mixed = label_weight * label_loss + (1.0 - label_weight) * certainty * pseudo_loss
     return torch.where(uncertain, mixed, label_loss).mean()
@@ -90,11 +123,12 @@ def teacher_guided_loss(logits: torch.Tensor, labels: torch.Tensor, pseudo_label
 class TeacherGuidedCrossEntropy(nn.Module):
     """The trainer's loss: uses the teacher outputs that :class:`EMATeacherHandler` set for the current batch."""
 
-    def __init__(self, threshold: float = 0.5, label_weight: float = 0.0):
+    def __init__(self, uncertain_fraction: float = 0.2, label_weight: float = 0.0):
         super().__init__()
-        if not 0.0 <= threshold <= 1.0 or not 0.0 <= label_weight <= 1.0:
-            raise ValueError(f"threshold and label_weight must lie in [0, 1], got {threshold} and {label_weight}")
-        self.threshold, self.label_weight = float(threshold), float(label_weight)
+        if not 0.0 <= uncertain_fraction <= 1.0 or not 0.0 <= label_weight <= 1.0:
+            raise ValueError("uncertain_fraction and label_weight must lie in [0, 1], "
+                             f"got {uncertain_fraction} and {label_weight}")
+        self.uncertain_fraction, self.label_weight = float(uncertain_fraction), float(label_weight)
         self.pseudo_labels: torch.Tensor | None = None
         self.uncertainty: torch.Tensor | None = None
 
@@ -102,7 +136,7 @@ class TeacherGuidedCrossEntropy(nn.Module):
         self.pseudo_labels, self.uncertainty = pseudo_labels, uncertainty
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return teacher_guided_loss(logits, labels, self.pseudo_labels, self.uncertainty, self.threshold,
+        return teacher_guided_loss(logits, labels, self.pseudo_labels, self.uncertainty, self.uncertain_fraction,
                                    self.label_weight)
 
 
@@ -123,6 +157,7 @@ class EMATeacherHandler:
         self.true_by_id = ({int(it["id"]): int(it["true_label"]) for it in train_data if "true_label" in it}
                            if train_data else {})
         self.teacher: nn.Module | None = None
+        self.updates, self._num_classes = 0, 0
         self.history: list[dict] = []
         self._stats: dict[str, list] = {}
 
@@ -136,9 +171,10 @@ class EMATeacherHandler:
 
     def _start(self, engine: Engine) -> None:
         self.teacher = make_teacher(engine.network)
+        self.updates = 0
 
     def _reset(self, engine: Engine) -> None:
-        self._stats = {"uncertain": [], "certainty": [], "agree": [], "wrong": [], "pseudo_correct": []}
+        self._stats = {"uncertain": [], "certainty": [], "agree": [], "wrong": [], "pseudo_correct": [], "pseudo": []}
 
     def _before_step(self, engine: Engine) -> None:
         if engine.state.epoch <= self.warmup_epochs:
@@ -151,17 +187,20 @@ class EMATeacherHandler:
         mean, uncertainty = perturbed_uncertainty(self.teacher, images, self.repeats, self.noise_std, self.generator)
         pseudo = mean.argmax(1)
         self.loss.set_teacher_outputs(pseudo, uncertainty)
-        uncertain = (uncertainty > self.loss.threshold * math.log(mean.shape[1])).cpu()
+        uncertain = most_uncertain(uncertainty, self.loss.uncertain_fraction).cpu()
         self._stats["uncertain"] += uncertain.tolist()
         self._stats["certainty"] += (1 - uncertainty / math.log(mean.shape[1])).cpu().tolist()
         self._stats["agree"] += (pseudo.cpu() == labels).tolist()
+        self._stats["pseudo"] += pseudo.cpu().tolist()
+        self._num_classes = mean.shape[1]
         if self.true_by_id and "id" in batch:
             truth = torch.tensor([self.true_by_id[int(i)] for i in torch.as_tensor(batch["id"]).reshape(-1)])
             self._stats["wrong"] += (truth != labels).tolist()
             self._stats["pseudo_correct"] += (pseudo.cpu() == truth).tolist()
 
     def _after_step(self, engine: Engine) -> None:
-        ema_update(self.teacher, engine.network, self.decay)
+        ema_update(self.teacher, engine.network, ramped_decay(self.decay, self.updates))
+        self.updates += 1
 
     def _record(self, engine: Engine) -> None:
         s = self._stats
@@ -169,7 +208,10 @@ class EMATeacherHandler:
         if s["uncertain"]:
             uncertain = np.array(s["uncertain"])
             entry.update({"uncertain_share": float(uncertain.mean()), "mean_certainty": float(np.mean(s["certainty"])),
-                          "pseudo_agrees_with_label": float(np.mean(s["agree"]))})
+                          "pseudo_agrees_with_label": float(np.mean(s["agree"])),
+                          # a teacher that has collapsed to one class shows here first
+                          "pseudo_label_class_shares": [round(float(v), 4) for v in np.bincount(
+                              s["pseudo"], minlength=self._num_classes) / len(s["pseudo"])]})
             if s["wrong"]:  # evaluation only: how the split relates to the recorded wrong labels
                 wrong, correct = np.array(s["wrong"]), np.array(s["pseudo_correct"])
                 entry["uncertain_share_of_wrong_labels"] = float(uncertain[wrong].mean()) if wrong.any() else None
@@ -180,5 +222,5 @@ class EMATeacherHandler:
     def _write(self, engine: Engine) -> None:
         write_json(self.output_dir, "pint_summary.json", {
             "method": "PINT-style EMA teacher", "decay": self.decay, "repeats": self.repeats,
-            "noise_std": self.noise_std, "threshold": self.loss.threshold, "label_weight": self.loss.label_weight,
+            "noise_std": self.noise_std, "uncertain_fraction": self.loss.uncertain_fraction, "label_weight": self.loss.label_weight,
             "warmup_epochs": self.warmup_epochs, "history": self.history})
