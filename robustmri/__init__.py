@@ -6,5 +6,5 @@ paper's CNN, influence-based training (ISR/ISP) and deployment helpers.
 
 from .catalog import CLASS_NAMES
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 __all__ = ["CLASS_NAMES", "__version__"]
