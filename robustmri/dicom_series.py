@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .readers import ImageReadError, check_finite_2d
+from .readers import ImageReadError, dicom_pixels, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Orientation cosines that differ by more than this make "position along one normal" meaningless.
 ORIENTATION_TOLERANCE = 1e-3
-CODECS_HINT = "install the dicom-codecs extra: pip install 'robustmri[dicom-codecs]'"
 
 
 @dataclass
@@ -157,9 +156,9 @@ def read_header(path: str):
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except InvalidDicomError as err:
         raise ImageReadError(path, "not a DICOM Part 10 file: no 'DICM' prefix or file meta information "
-                                   f"({_first_line(err)})") from err
+                                   f"({first_line(err)})") from err
     except Exception as err:  # pydicom raises many types for corrupt files
-        raise ImageReadError(path, f"unreadable DICOM file ({type(err).__name__}: {_first_line(err)})") from err
+        raise ImageReadError(path, f"unreadable DICOM file ({type(err).__name__}: {first_line(err)})") from err
     return ds
 
 
@@ -304,40 +303,10 @@ def order_slices(series: DicomSeries) -> DicomSeries:
 
 
 def slice_pixels(image: DicomSlice) -> np.ndarray:
-    """Decode one slice to float32 modality values (RescaleSlope/Intercept or Modality LUT applied).
-
-    MONOCHROME1 (low values displayed bright) is negated so that, as in the training images,
-    brighter means a larger value; min-max normalisation then treats both alike.
-    """
-    from pydicom.pixels import apply_modality_lut, get_decoder
-
-    ds, path = image.dataset, image.path
-    syntax = ds.file_meta.TransferSyntaxUID
-    try:
-        compressed = syntax.is_compressed
-    except ValueError:
-        raise ImageReadError(path, f"unknown transfer syntax {syntax}") from None
-    if compressed:
-        try:
-            decoder = get_decoder(syntax)
-        except NotImplementedError as err:
-            raise ImageReadError(path, f"no decoder exists for transfer syntax {syntax.name} ({syntax})") from err
-        if not decoder.is_available:
-            raise ImageReadError(path, f"cannot decode {syntax.name} ({syntax}): no decoder installed; {CODECS_HINT} "
-                                       f"(pydicom: {'; '.join(decoder.missing_dependencies)})")
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # truncated data, bad lengths, decoder failures
-        raise ImageReadError(path, f"cannot decode pixel data ({type(err).__name__}: {_first_line(err)})") from err
-    try:
-        values = apply_modality_lut(pixels, ds)
-    except Exception as err:
-        raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({_first_line(err)})") from err
-    values = check_finite_2d(np.asarray(values, dtype=np.float32), path)
+    """Decode one slice to float32 modality values (:func:`robustmri.readers.dicom_pixels`), checked against its header."""
+    values = dicom_pixels(image.dataset, image.path)
     if values.shape != (image.rows, image.columns):
-        raise ImageReadError(path, f"decoded {values.shape}, header says {image.rows} x {image.columns}")
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        values = -values
+        raise ImageReadError(image.path, f"decoded {values.shape}, header says {image.rows} x {image.columns}")
     return values
 
 
@@ -368,8 +337,3 @@ def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -15,6 +15,7 @@ import numpy as np
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+CODECS_HINT = "install the dicom-codecs extra: pip install 'robustmri[dicom-codecs]'"
 MAT_SUFFIXES = (".mat",)
 IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + MAT_SUFFIXES
 
@@ -107,16 +108,53 @@ def _read_dicom(path: str) -> np.ndarray:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as err:
-        raise ImageReadError(path, f"not a readable DICOM file ({err})") from err
+        raise ImageReadError(path, f"not a readable DICOM file ({first_line(err)})") from err
     if "PixelData" not in ds:
         raise ImageReadError(path, "DICOM file has no pixel data")
+    return dicom_pixels(ds, path)
+
+
+def dicom_pixels(ds, path: str) -> np.ndarray:
+    """Decode a DICOM data set's pixels to float32 modality values; the one decoder for single files and series.
+
+    RescaleSlope/Intercept or the Modality LUT is applied. MONOCHROME1 (low values displayed
+    bright) is negated so that, as in the training images, brighter means a larger value;
+    min-max normalisation then treats both alike. A compressed transfer syntax without an
+    installed decoder is named with the install hint.
+    """
+    from pydicom.pixels import apply_modality_lut, get_decoder
+
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as err:  # missing decoder, truncated pixel data, ...
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({err})") from err
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return pixels * slope + intercept
+        compressed = syntax.is_compressed
+    except ValueError:
+        raise ImageReadError(path, f"unknown transfer syntax {syntax}") from None
+    if compressed:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError as err:
+            raise ImageReadError(path, f"no decoder exists for transfer syntax {syntax.name} ({syntax})") from err
+        if not decoder.is_available:
+            raise ImageReadError(path, f"cannot decode {syntax.name} ({syntax}): no decoder installed; {CODECS_HINT} "
+                                       f"(pydicom: {'; '.join(decoder.missing_dependencies)})")
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # truncated data, bad lengths, decoder failures
+        raise ImageReadError(path, f"cannot decode pixel data ({type(err).__name__}: {first_line(err)})") from err
+    try:
+        values = apply_modality_lut(pixels, ds)
+    except Exception as err:
+        raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({first_line(err)})") from err
+    values = check_finite_2d(np.asarray(values, dtype=np.float32), path)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        values = -values
+    return values
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors that name a file."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def read_figshare_mat(path: str | os.PathLike, with_pixels: bool = True) -> FigshareSlice:

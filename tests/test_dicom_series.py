@@ -2,6 +2,7 @@
 
 import csv
 import random
+import shutil
 
 import numpy as np
 import pydicom
@@ -83,6 +84,9 @@ def test_monochrome1_is_negated(tmp_path):
     ds.save_as(path)
     (series,) = scan_folders(tmp_path, progress=False).series
     np.testing.assert_array_equal(slice_pixels(series.slices[0]), -gradient_series(1)[0])
+    # single-file inference decodes the same way as series inference
+    single = shutil.copy(path, tmp_path / "single.dcm")  # series files carry no suffix; single files do
+    np.testing.assert_array_equal(read_image(single), -gradient_series(1)[0])
 
 
 def test_selection_rules(tmp_path):
