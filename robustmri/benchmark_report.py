@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .metrics import balanced_accuracy
+
 CHECKPOINTS = ("best", "last")
 
 
@@ -43,10 +45,11 @@ def column_of(run: dict, several_p: bool) -> str:
     return f"{column}, labels r={rate:g}" if rate else column
 
 
-def balanced_accuracy(report: dict) -> float | None:
-    """Mean per-class recall over the classes present in the test split."""
-    recalls = [c["recall"] for c in report.get("per_class", {}).values() if c.get("support", 0) > 0]
-    return float(np.mean(recalls)) if recalls else None
+def _metric(report: dict, metric: str) -> float | None:
+    """A test report's metric; records written before 0.3.1 lack balanced accuracy: from their per-class recalls."""
+    if metric == "balanced_accuracy" and metric not in report:
+        return balanced_accuracy(report["per_class"])
+    return report[metric]
 
 
 def audit_rows(run: dict) -> list[dict]:
@@ -87,8 +90,7 @@ def aggregate(runs: list[dict], method_order=()) -> dict:
         entry = {"n": len(group), "seeds": sorted(r["seed"] for r in group)}
         for tag in CHECKPOINTS:
             for metric in ("accuracy", "macro_f1", "balanced_accuracy"):
-                values = [r["test"][tag][metric] if metric in r["test"][tag] else balanced_accuracy(r["test"][tag])
-                          for r in group]
+                values = [_metric(r["test"][tag], metric) for r in group]
                 entry[f"{tag}_{metric}"] = _mean_std(values)
         audits = [audit_rows(r) for r in group if audit_rows(r)]
         if audits:  # precision at the last k (the number of flipped labels), influence vs loss vs random

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import list_data_collate
-from sklearn.metrics import f1_score
 from torch import nn
 from torch.func import functional_call
 
-from .sample_predictions import balanced_accuracy, entropy, has_label_record, predict_items, true_labels, write_json
+from .metrics import classification_report
+from .sample_predictions import entropy, has_label_record, predict_items, true_labels, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -381,10 +381,9 @@ class CoTeachingVoGHandler:
             return {}
         device = next(network.parameters()).device
         logits, labels, _ = predict_items(network, self.val_data, self.batch_size, device)
-        predictions = logits.argmax(1).numpy()
-        return {"val_balanced_accuracy": balanced_accuracy(labels.numpy(), predictions, self.num_classes),
-                "val_macro_f1": float(f1_score(labels.numpy(), predictions, labels=list(range(self.num_classes)),
-                                               average="macro", zero_division=0))}
+        report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(),
+                                       [str(k) for k in range(self.num_classes)])
+        return {"val_balanced_accuracy": report["balanced_accuracy"], "val_macro_f1": report["macro_f1"]}
 
     def _write(self, engine: Engine) -> None:
         write_json(self.output_dir, "coteach_vog_summary.json", {

@@ -10,8 +10,14 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 
+def balanced_accuracy(per_class: dict) -> float | None:
+    """Mean recall over the classes present (support > 0) in a report's ``per_class``; ``None`` if none is."""
+    recalls = [c["recall"] for c in per_class.values() if c.get("support", 0) > 0]
+    return float(np.mean(recalls)) if recalls else None
+
+
 def classification_report(labels, probabilities, class_names) -> dict:
-    """Accuracy, per-class precision / recall / F1, macro-F1, confusion matrix and ROC-AUC.
+    """Accuracy, balanced accuracy, per-class precision / recall / F1, macro-F1, confusion matrix and ROC-AUC.
 
     ``probabilities`` is [N, C]; ROC-AUC is one-vs-rest per class and macro-averaged,
     ``None`` for a class absent from ``labels`` (it is undefined there).
@@ -32,16 +38,16 @@ def classification_report(labels, probabilities, class_names) -> dict:
         positives = labels == k
         auc.append(float(roc_auc_score(positives, probabilities[:, k])) if 0 < positives.sum() < len(labels) else None)
     defined_auc = [a for a in auc if a is not None]
+    per_class = {name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                        "support": int(support[k]), "roc_auc": auc[k]}
+                 for k, name in enumerate(class_names)}
     return {
         "n": int(len(labels)),
         "accuracy": float((predictions == labels).mean()),
+        "balanced_accuracy": balanced_accuracy(per_class),
         "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
         "roc_auc_macro": float(np.mean(defined_auc)) if defined_auc else None,
-        "per_class": {
-            name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
-                   "support": int(support[k]), "roc_auc": auc[k]}
-            for k, name in enumerate(class_names)
-        },
+        "per_class": per_class,
         "confusion_matrix": {"rows_true_columns_predicted": list(class_names),
                              "counts": confusion_matrix(labels, predictions, labels=classes).tolist()},
     }

@@ -50,13 +50,6 @@ def has_label_record(items: list[dict]) -> bool:
     return bool(items) and all("true_label" in it for it in items)
 
 
-def balanced_accuracy(labels, predictions, num_classes: int) -> float:
-    """Mean recall over the classes present in ``labels``."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    recalls = [float((predictions[labels == k] == k).mean()) for k in range(num_classes) if (labels == k).any()]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def write_json(output_dir: str, name: str, payload: dict) -> str:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, name)

@@ -19,6 +19,7 @@ def test_report_against_hand_counts(tmp_path):
     assert report["per_class"]["pituitary"]["roc_auc"] == pytest.approx(1.0)
     f1 = [0.5, 2 / 3, 1.0]
     assert report["macro_f1"] == pytest.approx(np.mean(f1))
+    assert report["balanced_accuracy"] == pytest.approx(np.mean([1 / 2, 2 / 3, 1]))  # recalls by hand
     paths = write_report(report, str(tmp_path))
     assert json.load(open(paths["json"]))["accuracy"] == pytest.approx(4 / 6)
     assert open(paths["confusion"]).read().splitlines()[1] == "meningioma,1,1,0"
@@ -27,5 +28,6 @@ def test_report_against_hand_counts(tmp_path):
 def test_absent_class_has_no_auc_and_bad_shapes_fail():
     report = classification_report([0, 1], [[.9, .1, 0], [.2, .8, 0]], NAMES)
     assert report["per_class"]["pituitary"]["roc_auc"] is None and report["roc_auc_macro"] == 1.0
+    assert report["balanced_accuracy"] == 1.0  # the absent class does not count as a recall of 0
     with pytest.raises(ValueError, match="probabilities must be"):
         classification_report([0, 1], [[1, 0, 0]], NAMES)
