@@ -64,7 +64,10 @@ def test_pint_runs_with_the_teacher_after_warmup(tmp_path):
     summary = json.loads((_run(tmp_path, "pint", "--epochs", "2", "--pint_warmup_epochs", "1") / "pint_summary.json")
                          .read_text())
     assert summary["history"][0]["warmup"] and not summary["history"][1]["warmup"]
-    assert 0 <= summary["history"][1]["uncertain_share"] <= 1
+    # the uncertain share follows the label-noise rate (rank-based: round(0.2 x 8) = 2 of each batch of 8)
+    assert summary["uncertain_fraction"] == 0.2
+    assert summary["history"][1]["uncertain_share"] == pytest.approx(0.2, abs=0.06)
+    assert sum(summary["history"][1]["pseudo_label_class_shares"]) == pytest.approx(1.0)
 
 
 @pytest.mark.slow
