@@ -175,13 +175,15 @@ def plot_accuracy_bars(summary: dict, path: str, checkpoint: str = "best") -> No
                  for m in methods]
         stds = [100 * cells[m][column][f"{checkpoint}_accuracy"]["std"] if column in cells[m] else 0 for m in methods]
         ax.bar(x + (k - (len(columns) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=column)
-    finite = [100 * e[f"{checkpoint}_accuracy"]["mean"] for row in cells.values() for e in row.values()]
-    ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
+    stats = [e[f"{checkpoint}_accuracy"] for row in cells.values() for e in row.values() if e[f"{checkpoint}_accuracy"]]
+    low = min(100 * (e["mean"] - (e["std"] or 0)) for e in stats)  # whole error bars stay in view
+    high = max(100 * (e["mean"] + (e["std"] or 0)) for e in stats)
+    ax.set_ylim(max(0, low - 5), min(100, high + 2))
     ax.set_xticks(x, methods, rotation=30, ha="right")
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"Test accuracy ({'best-validation' if checkpoint == 'best' else 'last-epoch'} checkpoint), "
                  "mean +- std over seeds")
-    ax.legend(title="training noise")
+    ax.legend(title="training noise", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not on them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
