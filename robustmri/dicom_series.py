@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .readers import ImageReadError, dicom_pixels, first_line
+from .readers import ImageReadError, check_finite_2d, dicom_pixels, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def order_slices(series: DicomSeries) -> DicomSeries:
 
 def slice_pixels(image: DicomSlice) -> np.ndarray:
     """Decode one slice to float32 modality values (:func:`robustmri.readers.dicom_pixels`), checked against its header."""
-    values = dicom_pixels(image.dataset, image.path)
+    values = check_finite_2d(dicom_pixels(image.dataset, image.path), image.path)
     if values.shape != (image.rows, image.columns):
         raise ImageReadError(image.path, f"decoded {values.shape}, header says {image.rows} x {image.columns}")
     return values

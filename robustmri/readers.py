@@ -117,6 +117,8 @@ def _read_dicom(path: str) -> np.ndarray:
 def dicom_pixels(ds, path: str) -> np.ndarray:
     """Decode a DICOM data set's pixels to float32 modality values; the one decoder for single files and series.
 
+    Callers check the result with :func:`check_finite_2d` (``read_image`` does for every format).
+
     RescaleSlope/Intercept or the Modality LUT is applied. MONOCHROME1 (low values displayed
     bright) is negated so that, as in the training images, brighter means a larger value;
     min-max normalisation then treats both alike. A compressed transfer syntax without an
@@ -145,7 +147,7 @@ def dicom_pixels(ds, path: str) -> np.ndarray:
         values = apply_modality_lut(pixels, ds)
     except Exception as err:
         raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({first_line(err)})") from err
-    values = check_finite_2d(np.asarray(values, dtype=np.float32), path)
+    values = np.asarray(values, dtype=np.float32)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         values = -values
     return values
