@@ -10,8 +10,8 @@ import os
 import numpy as np
 import torch
 
-from .preprocessing import preprocess
-from .readers import ImageReadError, has_image_suffix, read_image
+from .preprocessing import read_preprocessed
+from .readers import has_image_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,12 @@ def predict_files(network: torch.nn.Module, inputs, output_file: str, class_name
         batch_files.clear()
 
     for path in files:
-        try:
-            batch.append(preprocess(read_image(path), spatial_size))
+        image, reason = read_preprocessed(path, spatial_size)
+        if image is None:
+            errors.append({"file": path, "error": reason})
+        else:
+            batch.append(image)
             batch_files.append(path)
-        except ImageReadError as err:
-            errors.append({"file": path, "error": err.reason})
-        except ValueError as err:
-            errors.append({"file": path, "error": str(err)})
         if len(batch) == batch_size:
             flush()
     flush()

@@ -39,8 +39,7 @@ from tqdm.auto import tqdm
 from .catalog import CLASS_NAMES
 from .influence import SoftmaxLastLayer, collect_features
 from .label_audit import influence_ranking
-from .preprocessing import preprocess
-from .readers import ImageReadError, read_image
+from .preprocessing import read_preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +121,12 @@ def load_images(items: list[LabelledImage], spatial_size: int) -> tuple[np.ndarr
     """Read and preprocess as in training: [N, 1, S, S] images, the items kept, (id, reason) skipped."""
     images, kept, skipped = [], [], []
     for item in tqdm(items, desc="reading labelled images", unit="img", leave=False, disable=len(items) < 200):
-        try:
-            images.append(preprocess(read_image(item.file), int(spatial_size)))
+        image, reason = read_preprocessed(item.file, int(spatial_size))
+        if image is None:
+            skipped.append((item.image_id, reason))
+        else:
+            images.append(image)
             kept.append(item)
-        except ImageReadError as err:
-            skipped.append((item.image_id, err.reason))
-        except ValueError as err:  # constant image
-            skipped.append((item.image_id, str(err)))
     for image_id, reason in skipped:
         logger.warning("not scored: image %s (%s)", image_id, reason)
     stacked = np.stack(images)[:, None] if images else np.zeros((0, 1, int(spatial_size), int(spatial_size)), np.float32)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .readers import ImageReadError, read_image
+
 #: Written into exported models so that deployment can check it reproduces training.
 INTENSITY_NORMALISATION = "per-image min-max to [0, 1], then bilinear resize (antialiased)"
 
@@ -32,3 +34,13 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """Raw 2-D intensities to the network's [0, 1] ``size`` x ``size`` input."""
     return resize(scale_intensity(image), size)
+
+
+def read_preprocessed(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """``(image, None)``, or ``(None, reason)`` for an unreadable or constant image: callers count it and go on."""
+    try:
+        return preprocess(read_image(path), size), None
+    except ImageReadError as err:
+        return None, err.reason
+    except ValueError as err:  # constant image
+        return None, str(err)

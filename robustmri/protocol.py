@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from .catalog import CLASS_NAMES, check_on_error, handle_bad_item, scan_dataset
 from .label_noise import flip_labels, noisy_label_record, parse_imbalance, subsample_classes
 from .noise import NOISE_TYPES, PAPER_SIGMA, apply_noise, reference_rician_field
-from .preprocessing import preprocess
-from .readers import ImageReadError, read_image
+from .preprocessing import read_preprocessed
+from .readers import ImageReadError
 from .splits import SPLIT_NAMES, grouped_stratified_split
 from .synthetic import generate_slices
 
@@ -122,7 +122,6 @@ def build_protocol(
     simulate_labels = label_noise != "none"
     noisy_labels, _ = flip_labels(labels[indices["train"]], float(label_noise_rate), len(class_names), label_noise,
                                   np.random.default_rng([seed, 20_011]))
-    train_label = dict(zip(indices["train"].tolist(), noisy_labels.tolist()))
     noisy_test = _choose_noisy(indices["test"], test_noise_fraction, seed)
     field = reference_rician_field(images.shape[1:], seed) if noise == "rician_reference" else None
 
@@ -137,7 +136,7 @@ def build_protocol(
         return entry
 
     data = ProtocolData(
-        train=[item(i, True, train_label[i] if simulate_labels else None) for i in indices["train"]],
+        train=[item(i, True, label if simulate_labels else None) for i, label in zip(indices["train"], noisy_labels)],
         val=[item(i, False) for i in indices["val"]],
         test=[item(i, i in noisy_test) for i in indices["test"]],
         class_names=tuple(class_names),
@@ -160,16 +159,8 @@ def _choose_noisy(test_indices: np.ndarray, fraction: float, seed: int) -> set[i
 def _load_images(records, size: int, on_error: str, num_workers: int):
     """Read and preprocess every record; unreadable ones raise or are skipped (counted)."""
 
-    def load(record):
-        try:
-            return preprocess(read_image(record.file), size), None
-        except ImageReadError as err:
-            return None, err.reason
-        except ValueError as err:  # constant image
-            return None, str(err)
-
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        results = list(tqdm(pool.map(load, records), total=len(records), desc="loading images",
+        results = list(tqdm(pool.map(lambda record: read_preprocessed(record.file, size), records), total=len(records), desc="loading images",
                             unit="img", leave=False, disable=len(records) < 200))
     images, kept, skipped = [], [], []
     for record, (image, reason) in zip(records, results):
