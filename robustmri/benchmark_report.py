@@ -79,12 +79,18 @@ def _mean_std(values) -> dict | None:
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
 
 
-def aggregate(runs: list[dict], method_order=()) -> dict:
-    """Per (method, column): n seeds, mean/std of accuracy and macro-F1 per checkpoint, timings, swing."""
+def group_runs(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs by (method, table column): the seeds of one cell."""
     several_p = len({r["test_noise_fraction"] for r in runs}) > 1
     cells = defaultdict(list)
     for run in runs:
         cells[(run["method"], column_of(run, several_p))].append(run)
+    return dict(cells)
+
+
+def aggregate(runs: list[dict], method_order=()) -> dict:
+    """Per (method, column): n seeds, mean/std of accuracy and macro-F1 per checkpoint, timings, swing."""
+    cells = group_runs(runs)
     table = {}
     for (method, column), group in cells.items():
         entry = {"n": len(group), "seeds": sorted(r["seed"] for r in group)}
@@ -196,14 +202,14 @@ def plot_validation_curves(runs: list[dict], summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    several_p = len({r["test_noise_fraction"] for r in runs}) > 1
+    cells = group_runs(runs)
     columns = summary["columns"]
     fig, axes = plt.subplots(1, len(columns), figsize=(6 * len(columns), 4.5), squeeze=False, sharey=True)
     colours = plt.get_cmap("tab10" if len(summary["methods"]) <= 10 else "tab20")
     for ax, column in zip(axes[0], columns):
         for method in summary["methods"]:
-            curves = [[h["val_accuracy"] for h in r["history"]] for r in runs
-                      if r["method"] == method and column_of(r, several_p) == column and r["history"]]
+            curves = [[h["val_accuracy"] for h in r["history"]] for r in cells.get((method, column), [])
+                      if r["history"]]
             if not curves:
                 continue
             length = min(map(len, curves))
@@ -222,16 +228,19 @@ def plot_validation_curves(runs: list[dict], summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_report(runs: list[dict], output_dir: str, method_order=(), header: str = "") -> dict:
-    """``results.json``, ``results.md``, ``accuracy_best.png``, ``accuracy_last.png``, ``validation_curves.png``."""
+def write_report(runs: list[dict], output_dir: str, method_order=(), header: str = "") -> tuple[dict, str]:
+    """``results.json``, ``results.md``, ``accuracy_best.png``, ``accuracy_last.png``, ``validation_curves.png``.
+
+    Returns the summary and the markdown written to ``results.md``."""
     summary = aggregate(runs, method_order)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump({"summary": summary, "runs": runs}, handle, indent=2)
+    markdown = header + markdown_tables(summary)
     with open(os.path.join(output_dir, "results.md"), "w") as handle:
-        handle.write(header + markdown_tables(summary))
+        handle.write(markdown)
     if runs:
         for tag in CHECKPOINTS:
             plot_accuracy_bars(summary, os.path.join(output_dir, f"accuracy_{tag}.png"), tag)
         plot_validation_curves(runs, summary, os.path.join(output_dir, "validation_curves.png"))
-    return summary
+    return summary, markdown

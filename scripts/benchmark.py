@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 from robustmri.benchmark_report import read_runs, write_report  # noqa: E402
 from robustmri.bundle_runner import (evaluate_checkpoints_on, inject_protocol, load_workflow,  # noqa: E402
                                      protocol_arguments, run_training)
+from robustmri.label_noise import noisy_label_record  # noqa: E402
 from robustmri.protocol import build_protocol  # noqa: E402
 
 BUNDLE = os.path.join(ROOT, "bundle")
@@ -191,6 +192,8 @@ class Benchmark:
         protocol = {"profile": profile, **config,
                     "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
         self._check_same_protocol(out, protocol)
+        host = machine()
+        self._save_protocol(out, protocol, host)
 
         runs_path = os.path.join(out, "runs.jsonl")
         done = {run_key(r) for r in read_runs(runs_path)}
@@ -199,7 +202,7 @@ class Benchmark:
         planned = plan_runs(methods, noises, _as_list(test_noise_fractions), seeds, variant_noises, rates)
         todo = [r for r in planned if run_key(r) not in done]
         logger.info("benchmark %s: %d runs planned, %d already done, machine %s", profile, len(planned),
-                    len(planned) - len(todo), machine())
+                    len(planned) - len(todo), host)
         common = {**config, "dataset_dir": dataset_dir or "", "device": f"$torch.device('{device}')", "num_workers": 0}
         cache: dict[str, object] = {}
         started = time.perf_counter()
@@ -222,7 +225,7 @@ class Benchmark:
                         record["test"]["best"]["accuracy"], record["test"]["last"]["accuracy"],
                         record["timings"]["train_s"])
         wall = time.perf_counter() - started
-        self._save_protocol(out, protocol, wall_s=wall,
+        self._save_protocol(out, protocol, host, wall_s=wall,
                             date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         with open(os.path.join(out, "failed.json"), "w") as handle:
             json.dump(failed, handle, indent=2)
@@ -244,8 +247,8 @@ class Benchmark:
         header = (f"### Benchmark `{info.get('protocol', {}).get('profile', '?')}`\n\n"
                   f"- protocol: {json.dumps(info.get('protocol', {}))}\n- machine: {json.dumps(info.get('machine', {}))}\n"
                   f"- runs: {len(runs)}; wall time of the last invocation: {info.get('wall_s', 0) / 60:.1f} min\n\n")
-        summary = write_report(runs, out, list(METHODS), header)
-        print(open(os.path.join(out, "results.md")).read())
+        summary, markdown = write_report(runs, out, list(METHODS), header)
+        print(markdown)
         return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
 
     # -- one run ------------------------------------------------------------------------
@@ -290,11 +293,12 @@ class Benchmark:
                 "val_fraction": float(parser.get_parsed_content("split_fractions")[1]),
                 "n": {name: len(data.split(name)) for name in ("train", "val", "test")},
                 "data_fingerprint": fingerprint,
-                "test": {tag: {k: r[k] for k in ("n", "accuracy", "macro_f1", "roc_auc_macro", "per_class")}
+                "test": {tag: {k: r[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro",
+                                                 "per_class")}
                          for tag, r in reports.items()},
                 "history": history,
                 "method_outputs": outputs,
-                "wrong_training_labels": sum(int(i["label"] != i.get("true_label", i["label"])) for i in data.train),
+                "wrong_training_labels": noisy_label_record(data.train)["flipped"],  # after any relabelling
                 "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
                             "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -309,13 +313,12 @@ class Benchmark:
                        if previous.get(k) != protocol.get(k)}
             raise ValueError(f"{out} holds runs of another protocol (changed: {changed}); "
                              "use another --out folder, or delete it to start again")
-        Benchmark._save_protocol(out, protocol)
 
     @staticmethod
-    def _save_protocol(out: str, protocol: dict, **finished) -> None:
+    def _save_protocol(out: str, protocol: dict, host: dict, **finished) -> None:
         """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
         with open(os.path.join(out, "protocol.json"), "w") as handle:
-            json.dump({"protocol": protocol, "machine": machine(), **finished}, handle, indent=2)
+            json.dump({"protocol": protocol, "machine": host, **finished}, handle, indent=2)
 
 
 def _log_to(path: str) -> None:
