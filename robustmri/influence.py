@@ -116,11 +116,14 @@ class ExactSolver:
             raise ValueError("damping must be positive: the last-layer Hessian is singular")
         self.damping = float(damping)
 
-    def __call__(self, problem: SoftmaxLastLayer, v: torch.Tensor) -> torch.Tensor:
+    def factor(self, problem: SoftmaxLastLayer) -> torch.Tensor:
+        """Cholesky factor of H + lambda I, for solving many right-hand sides with ``torch.cholesky_solve``."""
         hessian = problem.hessian().double()
         hessian.diagonal().add_(self.damping)
-        factor = torch.linalg.cholesky(hessian)
-        solution = torch.cholesky_solve(v.double().reshape(-1, 1), factor)
+        return torch.linalg.cholesky(hessian)
+
+    def __call__(self, problem: SoftmaxLastLayer, v: torch.Tensor) -> torch.Tensor:
+        solution = torch.cholesky_solve(v.double().reshape(-1, 1), self.factor(problem))
         return solution.reshape(v.shape).to(v.dtype)
 
 

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .catalog import CLASS_NAMES
-from .influence import SoftmaxLastLayer, collect_features
+from .influence import ExactSolver, SoftmaxLastLayer, collect_features
 from .label_audit import influence_ranking
 from .preprocessing import read_preprocessed
 
@@ -149,13 +149,10 @@ def self_influence_scores(model: torch.nn.Module, images: np.ndarray, labels, da
     labels = np.asarray(labels, dtype=np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if damping <= 0:
-        raise ValueError("damping must be positive: the last-layer Hessian is singular")
+    solver = ExactSolver(damping)  # refuses a non-positive damping before any work
     features, feature_labels, _ = collect_features(model, _batches(images, labels, batch_size), device)
     problem = SoftmaxLastLayer.from_linear(model.classifier, features.double(), feature_labels)
-    hessian = problem.hessian()
-    hessian.diagonal().add_(float(damping))
-    factor = torch.linalg.cholesky(hessian)
+    factor = solver.factor(problem)
     scores = np.empty(problem.n, dtype=np.float64)
     for start in range(0, problem.n, 256):  # bounded memory: 256 gradients of C (d + 1) at a time
         rows = torch.arange(start, min(start + 256, problem.n))
