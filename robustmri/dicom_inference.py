@@ -197,7 +197,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         "n_series_found": len(scan.series),
         "n_series_classified": len(classified),
         "provider": model["provider"],
-        "model": model,
+        "model": _redacted(model, redact),
         "aggregation": AGGREGATION_RULE,
         "series": [{"series_instance_uid": r["series_instance_uid"], "class": r["result"]["class"],
                     "probability": r["result"]["probabilities"][r["result"]["class"]],
@@ -208,7 +208,6 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         "seconds": round(time.perf_counter() - total_start, 4),
         "not_for_clinical_use": True,
     }
-    summary["model"] = _redacted(model, redact)
     _write_json(os.path.join(output_dir, "summary.json"), summary)
     for item in summary["skipped_files"]:
         logger.warning("skipped file %s: %s", item["file"], item["reason"])
