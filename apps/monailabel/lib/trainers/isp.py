@@ -9,7 +9,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
 from lib.bundle import bundle_overrides
-from robustmri.label_review import LabelFileError, LabelledImage, read_label_file, write_training_catalog
+from robustmri.bundle_runner import working_directory
+from robustmri.label_review import LABEL_SUFFIX, LabelFileError, LabelledImage, read_label_file, write_training_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class ISPTrain(BundleTrainTask):
                 logger.warning("not trained on: %s", err)
                 skipped += 1
                 continue
-            image_id = os.path.basename(item["label"])[: -len(".label.json")] if item["label"].endswith(
-                ".label.json") else os.path.splitext(os.path.basename(item["label"]))[0]
+            name = os.path.basename(item["label"])
+            image_id = name[: -len(LABEL_SUFFIX)] if name.endswith(LABEL_SUFFIX) else os.path.splitext(name)[0]
             datalist.append({"image": item["image"], "label": label, "group": group, "id": image_id})
         logger.info("training on %d labelled image(s); %d label file(s) skipped", len(datalist), skipped)
         if len(datalist) < 2:
@@ -91,10 +92,6 @@ class ISPTrain(BundleTrainTask):
 
     def run_single_gpu(self, request, overrides):
         # isp.json refers to "%configs/train.json#...", which resolves against the working folder
-        previous = os.getcwd()
-        os.chdir(self.bundle_path)
-        try:
+        with working_directory(self.bundle_path):
             monai.bundle.run(run_id="training", meta_file=self.bundle_metadata_path,
                              config_file=[os.path.join("configs", name) for name in TRAIN_CONFIGS], **overrides)
-        finally:
-            os.chdir(previous)
