@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from robustmri.influence import (ExactSolver, LissaSolver, SoftmaxLastLayer, collect_features, compute_influence,
                                  influence_scores, input_gradients)
+from robustmri.machine import cpu_name
 from robustmri.networks import PaperCNN
 from robustmri.synthetic import generate_slices
 
@@ -151,7 +152,7 @@ def main(n: int = 2300, n_val: int = 140, size: int = 256, padding: int = 0, bat
     report = {
         "settings": {"n": n, "n_val": n_val, "size": size, "padding": padding, "batch_size": batch_size,
                      "feature_dim": model.feature_dim, "device": str(device), "threads": torch.get_num_threads()},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
         "figures": {k: round(v, 4) for k, v in figures.items()},
@@ -174,17 +175,6 @@ def _largest_eigenvalue(problem: SoftmaxLastLayer, iterations: int = 100) -> flo
         value = float((product * vector).sum() / (vector * vector).sum())
         vector = product / product.norm()
     return value
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

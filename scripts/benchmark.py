@@ -42,6 +42,7 @@ from robustmri.benchmark_report import read_runs, write_report  # noqa: E402
 from robustmri.bundle_runner import (evaluate_checkpoints_on, inject_protocol, load_workflow,  # noqa: E402
                                      protocol_arguments, run_training)
 from robustmri.label_noise import noisy_label_record  # noqa: E402
+from robustmri.machine import cpu_name  # noqa: E402
 from robustmri.protocol import build_protocol  # noqa: E402
 
 BUNDLE = os.path.join(ROOT, "bundle")
@@ -104,13 +105,7 @@ def _as_list(value) -> list:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version()}
 
