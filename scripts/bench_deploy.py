@@ -14,11 +14,11 @@ A benchmark, not a test: numbers depend on the machine and its load.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +32,7 @@ from robustmri.dicom_fixtures import write_mr_series
 from robustmri.dicom_inference import infer_dicom
 from robustmri.evaluation import load_weights
 from robustmri.export import export_onnx
+from robustmri.machine import cpu_name
 from robustmri.networks import PaperCNN
 from robustmri.onnx_runtime import CUDA, OnnxClassifier
 
@@ -71,17 +72,6 @@ def _series_images(n: int, size: int, dataset_dir: str) -> tuple[list[np.ndarray
     return [np.rint(i * 1000) for i in data["images"][:n]], "embedded synthetic phantom"
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPU(s)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0, threads: int = 2,
          min_seconds: float = 3.0, n_slices: int = 24, image_size: int = 512, repeats: int = 5,
          dataset_dir: str = FIGSHARE, out: str = ""):
@@ -93,7 +83,7 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
     if checkpoint:
         load_weights(network, checkpoint)
     network.eval()
-    report = {"machine": _cpu_name(), "threads": threads,
+    report = {"machine": f"{cpu_name()}, {os.cpu_count()} logical CPU(s)", "threads": threads,
               "spatial_size": spatial_size, "weights": checkpoint or "untrained (speed does not depend on them)",
               "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,18 +96,20 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
         report["parity_random_images"] = export["parity"]
 
         throughput = {}
+        # one session per provider and one GPU copy of the network, as a service would hold them
+        cpu = OnnxClassifier(onnx_file, device="cpu", intra_op_num_threads=threads)
+        gpu = OnnxClassifier(onnx_file, device="auto")
+        net_gpu = copy.deepcopy(network).cuda() if torch.cuda.is_available() else None
         for batch in (1, 32):
             x = torch.rand(batch, 1, spatial_size, spatial_size)
             with torch.inference_mode():
                 throughput[f"pytorch_eager_cpu_b{batch}"] = _rate(lambda: network(x), batch, min_seconds)
-            cpu = OnnxClassifier(onnx_file, device="cpu", intra_op_num_threads=threads)
             xn = x.numpy()
             throughput[f"onnxruntime_cpu_b{batch}"] = _rate(lambda: cpu.predict(xn), batch, min_seconds)
-            gpu = OnnxClassifier(onnx_file, device="auto")
             if gpu.provider == CUDA:
                 throughput[f"onnxruntime_cuda_b{batch}"] = _rate(lambda: gpu.predict(xn), batch, min_seconds)
-            if torch.cuda.is_available():
-                net_gpu, x_gpu = network.cuda(), x.cuda()
+            if net_gpu is not None:
+                x_gpu = x.cuda()
 
                 def run_gpu():
                     with torch.inference_mode():
@@ -125,7 +117,6 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
                     torch.cuda.synchronize()
 
                 throughput[f"pytorch_eager_cuda_b{batch}"] = _rate(run_gpu, batch, min_seconds)
-                network.cpu()
         report["slices_per_second"] = {k: round(v, 1) for k, v in throughput.items()}
         report["onnxruntime_over_pytorch_cpu_b32"] = round(throughput["onnxruntime_cpu_b32"]
                                                            / throughput["pytorch_eager_cpu_b32"], 2)
@@ -133,7 +124,7 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
         images, source = _series_images(n_slices, image_size, dataset_dir)
         series_dir = os.path.join(tmp, "series")
         write_mr_series(series_dir, images)
-        classifier = OnnxClassifier(onnx_file, device="cpu", intra_op_num_threads=threads)
+        classifier = cpu
         times, stages = [], []
         for repeat in range(repeats + 1):  # the first run warms the file cache and onnxruntime
             start = time.perf_counter()
@@ -142,8 +133,8 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
             assert summary["n_series_classified"] == 1, summary
             if repeat:
                 times.append(elapsed)
-                record = json.load(open(summary["series"][0]["report_file"]))
-                stages.append(record["timing_s"])
+                with open(summary["series"][0]["report_file"]) as handle:
+                    stages.append(json.load(handle)["timing_s"])
         report["end_to_end"] = {
             "series": f"{len(images)} slices of {image_size} x {image_size}, MR Image Storage, {source}",
             "provider": classifier.provider, "repeats": repeats,
