@@ -90,7 +90,7 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     if errors and on_slice_error == "fail":
         raise SeriesNotClassified(f"{len(errors)} of {len(rows)} slice(s) could not be read (e.g. "
                                   f"{errors[0]['reason']}); no result from an incomplete series "
-                                  "(on_slice_error='skip' classifies the readable slices)", errors)
+                                  "(on_slice_error='skip' classifies the readable slices)", rows)
     if not used:
         raise SeriesNotClassified(f"none of the {len(rows)} slice(s) could be classified", rows)
     start = time.perf_counter()
@@ -157,8 +157,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     selected, rejected = select_series(scan.series, selection)
     model = classifier.describe()
     skipped_files = list(scan.skipped_files)
-    skipped_series = [{"series_instance_uid": s.series_instance_uid, "modality": s.modality,
-                       "n_files": len(s.slices), "reason": reason} for s, reason in rejected]
+    skipped_series = [_skipped_series(s, reason) for s, reason in rejected]
     classified = []
     os.makedirs(output_dir, exist_ok=True)
     for series in selected:
@@ -166,13 +165,14 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         try:
             record = classify_series(series, classifier, batch_size, on_slice_error)
         except SeriesNotClassified as err:
-            skipped_series.append({"series_instance_uid": series.series_instance_uid, "modality": series.modality,
-                                   "n_files": len(series.slices), "reason": err.reason})
-            skipped_files += [SkippedFile(row["file"], row["reason"]) for row in err.slice_rows
-                              if row.get("status") == "error"]
+            record, rows = None, err.slice_rows
+            skipped_series.append(_skipped_series(series, err.reason))
+        else:
+            rows = record["slices"]
+        # unreadable slices are reported whether they failed the series or were left out of it
+        skipped_files += [SkippedFile(row["file"], row["reason"]) for row in rows if row.get("status") == "error"]
+        if record is None:
             continue
-        skipped_files += [SkippedFile(row["file"], row["reason"]) for row in record["slices"]
-                          if row["status"] == "error"]  # on_slice_error="skip": left out, still reported
         record["model"] = model
         record["not_for_clinical_use"] = True
         stem = os.path.join(output_dir, series.series_instance_uid)
@@ -223,6 +223,11 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
 #: Fields that carry text from outside (paths, reasons, descriptions): the ones redaction looks at.
 #: UIDs, hashes and numbers are left alone (a short numeric PatientID could occur inside a hash).
 FREE_TEXT_FIELDS = ("file", "reason", "sr_file", "report_file", "series_description")
+
+
+def _skipped_series(series, reason: str) -> dict:
+    return {"series_instance_uid": series.series_instance_uid, "modality": series.modality,
+            "n_files": len(series.slices), "reason": reason}
 
 
 def _redacted(value, redact: Redactor):
