@@ -23,7 +23,7 @@ from .dicom_series import (DicomSeries, SeriesSelection, SkippedFile, order_slic
                            slice_pixels)
 from .dicom_sr import SERIES_DESCRIPTION, write_sr
 from .preprocessing import preprocess
-from .readers import ImageReadError
+from .readers import ImageReadError, as_path_list
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         logger.info("series %s: %s (%d slices) -> %s", series.series_instance_uid, record["result"]["class"],
                     record["result"]["n_classified"], record["report_file"])
     summary = {
-        "inputs": [redact(os.path.abspath(os.fspath(p))) for p in ([inputs] if isinstance(inputs, (str, os.PathLike))
-                                                                  else inputs)],
+        "inputs": [redact(os.path.abspath(p)) for p in as_path_list(inputs)],
         "n_files": scan.n_files,
         "n_series_found": len(scan.series),
         "n_series_classified": len(classified),

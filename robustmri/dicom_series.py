@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .readers import ImageReadError, check_finite_2d, dicom_pixels, first_line
+from .readers import ImageReadError, as_path_list, check_finite_2d, dicom_pixels, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +131,8 @@ def _as_strings(values) -> tuple[str, ...]:
 
 def list_files(folders) -> tuple[list[str], list[SkippedFile]]:
     """Every regular file under the folders (DICOM files often have no suffix); empty folders as skips."""
-    if isinstance(folders, (str, os.PathLike)):
-        folders = [folders]
     files, skipped = [], []
-    for folder in map(os.fspath, folders):
+    for folder in as_path_list(folders):
         if os.path.isfile(folder):
             files.append(folder)
             continue
@@ -214,7 +212,7 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
 
     files, skipped = list_files(folders)
     if not files:
-        raise FileNotFoundError(f"no files in {[os.fspath(f) for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]}")
+        raise FileNotFoundError(f"no files in {as_path_list(folders)}")
     series: dict[str, DicomSeries] = {}
     seen: dict[tuple[str, str], str] = {}
     identifiers: set[str] = set()

@@ -11,17 +11,15 @@ import numpy as np
 import torch
 
 from .preprocessing import read_preprocessed
-from .readers import has_image_suffix
+from .readers import as_path_list, has_image_suffix
 
 logger = logging.getLogger(__name__)
 
 
 def list_inputs(inputs) -> list[str]:
     """Expand folders (recursively, image suffixes only) and glob patterns into sorted files."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
     files: list[str] = []
-    for entry in map(os.fspath, inputs):
+    for entry in as_path_list(inputs):
         if os.path.isdir(entry):
             found = sorted(p for p in glob.glob(os.path.join(entry, "**", "*"), recursive=True)
                            if os.path.isfile(p) and has_image_suffix(p))

@@ -42,6 +42,11 @@ class FigshareSlice:
     tumour_mask: np.ndarray | None
 
 
+def as_path_list(paths) -> list[str]:
+    """One path or several (str or os.PathLike) as a list of str: what the input arguments accept."""
+    return [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+
+
 def has_image_suffix(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
 
