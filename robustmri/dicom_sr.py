@@ -54,15 +54,22 @@ def _text(concept, text: str, children=None):
     return item
 
 
+def _sop_reference(sop_class_uid: str, sop_instance_uid: str):
+    """A Referenced SOP Class / Instance UID pair, as the evidence sequence and image items hold them."""
+    from pydicom.dataset import Dataset
+
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = sop_class_uid, sop_instance_uid
+    return reference
+
+
 def _image_reference(sop_class_uid: str, sop_instance_uid: str):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     item = Dataset()
     item.RelationshipType, item.ValueType = "INFERRED FROM", "IMAGE"
-    reference = Dataset()
-    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = sop_class_uid, sop_instance_uid
-    item.ReferencedSOPSequence = Sequence([reference])
+    item.ReferencedSOPSequence = Sequence([_sop_reference(sop_class_uid, sop_instance_uid)])
     return item
 
 
@@ -107,11 +114,7 @@ def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]]
     ds.PerformedProcedureCodeSequence = Sequence()
     evidence_series = Dataset()
     evidence_series.SeriesInstanceUID = series_instance_uid
-    evidence_series.ReferencedSOPSequence = Sequence()
-    for sop_class, sop_instance in references:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_instance
-        evidence_series.ReferencedSOPSequence.append(ref)
+    evidence_series.ReferencedSOPSequence = Sequence([_sop_reference(*pair) for pair in references])
     evidence = Dataset()
     evidence.StudyInstanceUID = source.get("StudyInstanceUID", "")
     evidence.ReferencedSeriesSequence = Sequence([evidence_series])
