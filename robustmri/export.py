@@ -59,9 +59,14 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return str(json.load(handle)["version"])
 
 
+def parity_requested(split: str | None) -> bool:
+    """Whether a parity split is named (empty or "none" asks for no parity check)."""
+    return bool(split) and str(split).lower() != "none"
+
+
 def split_images(data, split: str | None) -> np.ndarray | None:
     """Stack the images [N, 1, H, W] of one split of :class:`robustmri.protocol.ProtocolData` (None: no parity)."""
-    if not split or str(split).lower() == "none":
+    if not parity_requested(split):
         return None
     return np.stack([item["image"] for item in data.split(split)]).astype(np.float32)
 

@@ -22,7 +22,7 @@ import fire
 
 from robustmri import CLASS_NAMES
 from robustmri.evaluation import load_weights
-from robustmri.export import bundle_version, export_onnx, split_images
+from robustmri.export import bundle_version, export_onnx, parity_requested, split_images
 from robustmri.networks import PaperCNN
 
 BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
@@ -38,7 +38,7 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
         logging.getLogger(noisy).setLevel(logging.WARNING)
     network = load_weights(PaperCNN(spatial_size=spatial_size, padding=network_padding), checkpoint).eval()
     images = None
-    if parity_split and str(parity_split).lower() != "none":
+    if parity_requested(parity_split):
         from robustmri.protocol import build_protocol
 
         data = build_protocol(dataset_dir or None, spatial_size=spatial_size, noise=noise, seed=seed,
