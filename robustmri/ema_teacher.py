@@ -107,7 +107,8 @@ def most_uncertain(uncertainty: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def teacher_guided_loss(logits: torch.Tensor, labels: torch.Tensor, pseudo_labels: torch.Tensor | None,
-                        uncertainty: torch.Tensor | None, uncertain_fraction: float, label_weight: float) -> torch.Tensor:
+                        uncertainty: torch.Tensor | None, uncertain_fraction: float,
+                        label_weight: float) -> torch.Tensor:
     """Mean over the batch of the per-sample loss in the module docstring; plain CE without teacher outputs."""
     labels = labels.long().reshape(-1)
     label_loss = nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -216,11 +217,12 @@ class EMATeacherHandler:
                 wrong, correct = np.array(s["wrong"]), np.array(s["pseudo_correct"])
                 entry["uncertain_share_of_wrong_labels"] = float(uncertain[wrong].mean()) if wrong.any() else None
                 entry["uncertain_share_of_correct_labels"] = float(uncertain[~wrong].mean()) if (~wrong).any() else None
-                entry["pseudo_label_accuracy_on_uncertain"] = float(correct[uncertain].mean()) if uncertain.any() else None
+                entry["pseudo_label_accuracy_on_uncertain"] = (float(correct[uncertain].mean()) if uncertain.any()
+                                                               else None)
         self.history.append(entry)
 
     def _write(self, engine: Engine) -> None:
         write_json(self.output_dir, "pint_summary.json", {
             "method": "PINT-style EMA teacher", "decay": self.decay, "repeats": self.repeats,
-            "noise_std": self.noise_std, "uncertain_fraction": self.loss.uncertain_fraction, "label_weight": self.loss.label_weight,
-            "warmup_epochs": self.warmup_epochs, "history": self.history})
+            "noise_std": self.noise_std, "uncertain_fraction": self.loss.uncertain_fraction,
+            "label_weight": self.loss.label_weight, "warmup_epochs": self.warmup_epochs, "history": self.history})
