@@ -14,7 +14,7 @@ DEMO_CONFIGS := "['configs/isp.json','configs/quick.json']"
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py
+$(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri_base_configs.pth
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[dev,label]'
 	$(VENV)/bin/python -m pip install --no-deps $(LABEL_NO_DEPS)

@@ -1,10 +1,25 @@
 """robustmri: brain-tumour MRI classifiers that stay accurate when the training images are noisy.
 
-The library behind the ``bundle/`` MONAI bundle: data and the noise protocol, the
-paper's CNN, influence-based training (ISR/ISP) and deployment helpers.
+The library behind the ``bundle/`` MONAI bundle, in packages by role (each imports only
+from those listed before it):
+
+- ``networks``: the paper's CNN and the eval-mode helper;
+- ``data``: readers, catalog, patient-grouped splits, image and label noise, the synthetic
+  set, preprocessing, the protocol, batching;
+- ``influence``: last-layer influence maths, inverse-Hessian solvers, the final-layer
+  adapter for any classifier, self-influence;
+- ``engine``: what the bundle's trainers share (the once-after-epoch handler, weighted
+  loss, predictions, training history, config files that extend others, workflows);
+- ``evaluation``: metrics, test reports, checkpoints;
+- ``methods``: one module per training method (file name = config name = option
+  prefix) and the registry that lists them;
+- ``deploy``: ONNX export and runtime, file and DICOM inference, DICOM SR;
+- ``review``: influence-guided label review;
+- ``bench``: the benchmark's report and machine description.
 """
 
-from .catalog import CLASS_NAMES
+#: The classes, in label order (label 0, 1, 2); kept here so that importing the package imports nothing else.
+CLASS_NAMES = ("meningioma", "glioma", "pituitary")
 
 __version__ = "0.3.1"
 __all__ = ["CLASS_NAMES", "__version__"]

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from robustmri import CLASS_NAMES
-from robustmri.dicom_fixtures import write_mr_series
-from robustmri.dicom_inference import infer_dicom
-from robustmri.evaluation import load_weights
-from robustmri.export import export_onnx
-from robustmri.machine import cpu_name
+from robustmri.bench.machine import cpu_name
+from robustmri.deploy.dicom_fixtures import write_mr_series
+from robustmri.deploy.dicom_inference import infer_dicom
+from robustmri.deploy.export import export_onnx
+from robustmri.deploy.onnx_runtime import CUDA, OnnxClassifier
+from robustmri.evaluation.checkpoints import load_weights
 from robustmri.networks import PaperCNN
-from robustmri.onnx_runtime import CUDA, OnnxClassifier
 
 FIGSHARE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared",
                                         "data", "figshare-brain-tumor"))
@@ -58,7 +58,7 @@ def _series_images(n: int, size: int, dataset_dir: str) -> tuple[list[np.ndarray
     if os.path.isfile(labels):
         from PIL import Image
 
-        from robustmri.readers import read_image
+        from robustmri.data.readers import read_image
 
         with open(labels) as handle:
             rows = [row for row in csv.DictReader(handle) if row["label_name"] == "glioma"][:n]
@@ -66,7 +66,7 @@ def _series_images(n: int, size: int, dataset_dir: str) -> tuple[list[np.ndarray
         images = [np.asarray(Image.fromarray(i).resize((size, size))) if i.shape != (size, size) else i
                   for i in images]
         return [np.rint(i) for i in images], f"figshare glioma slices ({dataset_dir})"
-    from robustmri.synthetic import generate_slices
+    from robustmri.data.synthetic import generate_slices
 
     data = generate_slices(n_patients=n, size=size, seed=0)
     return [np.rint(i * 1000) for i in data["images"][:n]], "embedded synthetic phantom"

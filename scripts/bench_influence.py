@@ -34,11 +34,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustmri.influence import (ExactSolver, LissaSolver, SoftmaxLastLayer, collect_features, compute_influence,
-                                 influence_scores, input_gradients)
-from robustmri.machine import cpu_name
+from robustmri.bench.machine import cpu_name
+from robustmri.data.batching import item_batches
+from robustmri.data.synthetic import generate_slices
+from robustmri.influence import (
+    ExactSolver,
+    LissaSolver,
+    SoftmaxLastLayer,
+    collect_features,
+    compute_influence,
+    influence_scores,
+    input_gradients,
+)
 from robustmri.networks import PaperCNN
-from robustmri.synthetic import generate_slices
+from robustmri.outputs import write_json
 
 
 def _sync(device):
@@ -52,12 +61,6 @@ def _timed(device, fn):
     result = fn()
     _sync(device)
     return time.perf_counter() - start, result
-
-
-def _batches(images, labels, batch_size, device):
-    for start in range(0, len(labels), batch_size):
-        yield {"image": images[start:start + batch_size].to(device), "label": labels[start:start + batch_size],
-               "id": torch.arange(start, min(start + batch_size, len(labels)))}
 
 
 def _reference_scores(model, images, labels, val_images, val_labels, device, damp=0.05, scale=50.0,
@@ -101,20 +104,22 @@ def main(n: int = 2300, n_val: int = 140, size: int = 256, padding: int = 0, bat
     images = torch.from_numpy(data["images"][:n + n_val, None]).float()
     labels = torch.from_numpy(data["labels"][:n + n_val]).long()
     train_x, train_y, val_x, val_y = images[:n], labels[:n], images[n:], labels[n:]
+    train_items = [{"image": x, "label": y, "id": k} for k, (x, y) in enumerate(zip(train_x.numpy(), train_y.tolist()))]
+    val_items = [{"image": x, "label": y, "id": k} for k, (x, y) in enumerate(zip(val_x.numpy(), val_y.tolist()))]
     model = PaperCNN(spatial_size=size, padding=padding).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def inference_pass():
         model.eval()
         with torch.no_grad():
-            for batch in _batches(train_x, train_y, batch_size, device):
-                model(batch["image"])
+            for batch in item_batches(train_items, batch_size):
+                model(batch["image"].to(device))
 
     def training_pass():
         model.train()
-        for batch in _batches(train_x, train_y, batch_size, device):
+        for batch in item_batches(train_items, batch_size):
             optimiser.zero_grad()
-            nn.functional.cross_entropy(model(batch["image"]), batch["label"].to(device)).backward()
+            nn.functional.cross_entropy(model(batch["image"].to(device)), batch["label"].to(device)).backward()
             optimiser.step()
 
     inference_pass()  # warm-up (allocator, kernels)
@@ -124,13 +129,12 @@ def main(n: int = 2300, n_val: int = 140, size: int = 256, padding: int = 0, bat
     model.eval()
     solver = ExactSolver(damping=2.5)
     figures["isr_step_s"], result = _timed(device, lambda: compute_influence(
-        model, _batches(train_x, train_y, batch_size, device), _batches(val_x, val_y, batch_size, device), solver,
-        device))
+        model, item_batches(train_items, batch_size), item_batches(val_items, batch_size), solver, device))
 
     def all_input_gradients():
         s = result.s.to(device)
-        for batch in _batches(train_x, train_y, batch_size, device):
-            input_gradients(model, batch["image"], batch["label"].to(device), s)
+        for batch in item_batches(train_items, batch_size):
+            input_gradients(model, batch["image"].to(device), batch["label"].to(device), s)
 
     gradients_s, _ = _timed(device, all_input_gradients)
     figures["isp_step_s"] = figures["isr_step_s"] + gradients_s
@@ -141,8 +145,8 @@ def main(n: int = 2300, n_val: int = 140, size: int = 256, padding: int = 0, bat
             model, train_x, train_y, val_x, val_y, device))
         figures["reference_over_ours_isr"] = figures["reference_isr_s"] / figures["isr_step_s"]
         figures["reference_over_inference_pass"] = figures["reference_isr_s"] / figures["inference_pass_s"]
-        features, feature_labels, _ = collect_features(model, _batches(train_x, train_y, batch_size, device), device)
-        val_features, val_labels, _ = collect_features(model, _batches(val_x, val_y, batch_size, device), device)
+        features, feature_labels, _ = collect_features(model, item_batches(train_items, batch_size), device)
+        val_features, val_labels, _ = collect_features(model, item_batches(val_items, batch_size), device)
         problem = SoftmaxLastLayer.from_linear(model.classifier, features.double(), feature_labels)
         v = problem.mean_gradient(val_features.double(), val_labels)
         ours_lissa = influence_scores(problem, LissaSolver(damp=0.05, scale=50.0, batch_size=10, seed=0)(problem, v))
@@ -157,8 +161,7 @@ def main(n: int = 2300, n_val: int = 140, size: int = 256, padding: int = 0, bat
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
         "figures": {k: round(v, 4) for k, v in figures.items()},
     }
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_json(out, report)
     print(json.dumps(report, indent=2))
 
 

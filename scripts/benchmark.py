@@ -38,56 +38,50 @@ from tqdm.auto import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from robustmri.benchmark_report import read_runs, write_report  # noqa: E402
-from robustmri.bundle_runner import (evaluate_checkpoints_on, inject_protocol, load_workflow,  # noqa: E402
-                                     protocol_arguments, run_training)
-from robustmri.label_noise import noisy_label_record  # noqa: E402
-from robustmri.machine import cpu_name  # noqa: E402
-from robustmri.protocol import build_protocol  # noqa: E402
+from robustmri.bench.machine import cpu_name  # noqa: E402
+from robustmri.bench.report import read_runs, write_report  # noqa: E402
+from robustmri.data.label_noise import noisy_label_record  # noqa: E402
+from robustmri.data.protocol import build_protocol  # noqa: E402
+from robustmri.engine.workflow import execute, inject_protocol, load_workflow, protocol_arguments  # noqa: E402
+from robustmri.evaluation.checkpoints import evaluate_checkpoints_on  # noqa: E402
+from robustmri.methods import in_family, registry  # noqa: E402
+from robustmri.outputs import read_json, write_json  # noqa: E402
 
 BUNDLE = os.path.join(ROOT, "bundle")
 logger = logging.getLogger("benchmark")
 
-#: name -> (bundle config, overrides). The variants are the paper's methods with one option changed.
-METHODS = {
-    "naive": ("configs/train.json", {}),
-    "at": ("configs/at.json", {}),
-    "n2v": ("configs/n2v.json", {}),
-    "isr": ("configs/isr.json", {"isr_emphasis": "helpful"}),
-    "isp": ("configs/isp.json", {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}),
+#: The benchmark's isr and isp are the authors' released code, whatever the bundle's defaults become.
+PINNED = {"isr": {"isr_emphasis": "helpful"},
+          "isp": {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}}
+#: Variants: a registered method with one option changed.
+VARIANTS = {
     # ISR weighting harmful samples up (the paper's text) instead of helpful ones (the released code)
-    "isr_harmful": ("configs/isr.json", {"isr_emphasis": "harmful"}),
+    "isr_harmful": ("isr", {"isr_emphasis": "harmful"}),
     # ISP with the sign of the input gradient, 2 grey levels per pixel, instead of 0.1 x the raw gradient
-    "isp_sign": ("configs/isp.json", {"isp_direction": "sign", "isp_step": 2.0 / 255.0, "isp_ratio": 1.0}),
+    "isp_sign": ("isp", {"isp_direction": "sign", "isp_step": 2.0 / 255.0, "isp_ratio": 1.0}),
     # ISP on the most harmful quarter of the training set only
-    "isp_top25": ("configs/isp.json", {"isp_ratio": 0.25, "isp_selection": "harmful"}),
+    "isp_top25": ("isp", {"isp_ratio": 0.25, "isp_selection": "harmful"}),
     # validation set of 10 % of patients instead of the paper's 5 %
-    "naive_val10": ("configs/train.json", {"split_fractions": [0.70, 0.10, 0.20]}),
-    "isp_val10": ("configs/isp.json", {"split_fractions": [0.70, 0.10, 0.20]}),
-    # remedies for wrong labels and hard samples (run with --label_noise_rates)
-    "coteach_vog": ("configs/coteach_vog.json", {}),
-    "mwnet": ("configs/mwnet.json", {}),
-    "pie": ("configs/pie.json", {}),
-    "pint": ("configs/pint.json", {}),
-    # naive training plus the influence label audit (precision at k of finding the flipped labels)
-    "audit": ("configs/audit.json", {}),
+    "naive_val10": ("naive", {"split_fractions": [0.70, 0.10, 0.20]}),
+    "isp_val10": ("isp", {"split_fractions": [0.70, 0.10, 0.20]}),
 }
+#: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
+METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},
+           **{name: (registry()[base].config_path, overrides) for name, (base, overrides) in VARIANTS.items()}}
 #: What a method writes besides the bundle's standard outputs; kept in its run record.
-METHOD_OUTPUTS = ("influence_summary.json", "n2v_summary.json", "coteach_vog_summary.json", "mwnet_summary.json",
-                  "pie_summary.json", "pint_summary.json", "label_audit.json")
-PAPER_METHODS = ["naive", "at", "n2v", "isr", "isp"]
-VARIANTS = ["isr_harmful", "isp_sign", "isp_top25", "isp_val10", "naive_val10"]
+METHOD_OUTPUTS = tuple(dict.fromkeys(method.summary for method in registry().values() if method.summary))
+PAPER_METHODS = in_family("noisy images")
 
 #: Profiles: `paper` follows the paper (for a GPU); `cpu` is sized for about an hour on 2 CPU cores.
 #: ``config`` holds bundle config overrides shared by every run (a ``--key value`` on the command line wins).
 PROFILES = {
-    "paper": {"seeds": 5, "methods": PAPER_METHODS + VARIANTS, "variant_noises": ["gaussian", "rician"],
+    "paper": {"seeds": 5, "methods": PAPER_METHODS + list(VARIANTS), "variant_noises": ["gaussian", "rician"],
               "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
     "cpu": {"seeds": 3, "methods": PAPER_METHODS + ["isr_harmful", "isp_sign", "isp_top25", "isp_val10"],
             "variant_noises": ["gaussian"],
             "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6,
                        "n2v_steps": 200, "n2v_patch_size": 32}},
-    "labels_cpu": {"seeds": 3, "methods": ["naive", "isr", "coteach_vog", "mwnet", "pie", "pint", "audit"],
+    "labels_cpu": {"seeds": 3, "methods": in_family("noisy labels"),
                    "variant_noises": [], "noises": ["none"], "label_noise_rates": [0.2, 0.4],
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
     "smoke": {"seeds": 1, "methods": ["naive", "isp"], "variant_noises": [],
@@ -140,13 +134,6 @@ def data_fingerprint(data) -> str:
             digest.update(f"{name}:{item['id']}:{item['label']}:{int(item['noisy'])};".encode())
             digest.update(np.ascontiguousarray(item["image"], dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as handle:
-        return json.load(handle)
 
 
 class Benchmark:
@@ -222,8 +209,7 @@ class Benchmark:
         wall = time.perf_counter() - started
         self._save_protocol(out, protocol, host, wall_s=wall,
                             date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        with open(os.path.join(out, "failed.json"), "w") as handle:
-            json.dump(failed, handle, indent=2)
+        write_json(os.path.join(out, "failed.json"), failed)
         result = self.report(out) if read_runs(runs_path) else {"output": out, "runs": 0}
         if failed:
             for run in failed:
@@ -238,7 +224,7 @@ class Benchmark:
         runs = read_runs(os.path.join(out, "runs.jsonl"))
         if not runs:
             raise FileNotFoundError(f"{out}/runs.jsonl holds no finished run; start one with `benchmark.py run`")
-        info = _read_json(os.path.join(out, "protocol.json"))
+        info = read_json(os.path.join(out, "protocol.json"), missing={})
         header = (f"### Benchmark `{info.get('protocol', {}).get('profile', '?')}`\n\n"
                   f"- protocol: {json.dumps(info.get('protocol', {}))}\n- machine: {json.dumps(info.get('machine', {}))}\n"
                   f"- runs: {len(runs)}; wall time of the last invocation: {info.get('wall_s', 0) / 60:.1f} min\n\n")
@@ -253,13 +239,13 @@ class Benchmark:
         run_dir = os.path.join(out, "runs", run_key(run))
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from an interruption
         ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
-        parser = load_workflow(BUNDLE, [config], {
+        workflow = load_workflow(BUNDLE, [os.path.join(BUNDLE, config)], {
             **common, **method_overrides, "noise": run["noise"], "test_noise_fraction": run["test_noise_fraction"],
             "seed": run["seed"], "ckpt_dir": ckpt_dir, "output_dir": output_dir,
             "label_noise": "symmetric" if run["label_noise_rate"] else "none", "label_noise_rate": run["label_noise_rate"]},
             drop_handlers=("ProgressBar",))
 
-        arguments = protocol_arguments(parser)
+        arguments = protocol_arguments(workflow)
         data_key = json.dumps(arguments, sort_keys=True, default=str)
         if data_key not in cache:
             cache.clear()  # one data set in memory at a time (runs are seed-major)
@@ -268,24 +254,24 @@ class Benchmark:
             cache[data_key] = (data, data_fingerprint(data))
             logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start, data.summary())
         built, fingerprint = cache[data_key]
-        inject_protocol(parser, built)
+        inject_protocol(workflow, built)
 
         start = time.perf_counter()
-        run_training(parser, BUNDLE)
+        execute(workflow)
         train_s = time.perf_counter() - start
-        data = parser.get_parsed_content("data")
-        network = parser.get_parsed_content("network")
+        data = workflow.parser.get_parsed_content("data")
+        network = workflow.parser.get_parsed_content("network")
         checkpoints = {"best": os.path.join(ckpt_dir, "model.pt"), "last": os.path.join(ckpt_dir, "model_final.pt")}
         reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
-        outputs = {name: _read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
+        outputs = {name: read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
                    if os.path.isfile(os.path.join(output_dir, name))}
         influence = outputs.get("influence_summary.json", {})
         n2v = outputs.get("n2v_summary.json", {})
-        history = _read_json(os.path.join(output_dir, "history.json")) or []
+        history = read_json(os.path.join(output_dir, "history.json"), missing=[])
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         return {**run, "config": config, "overrides": method_overrides,
-                "val_fraction": float(parser.get_parsed_content("split_fractions")[1]),
+                "val_fraction": float(workflow.parser.get_parsed_content("split_fractions")[1]),
                 "n": {name: len(data.split(name)) for name in ("train", "val", "test")},
                 "data_fingerprint": fingerprint,
                 "test": {tag: {k: r[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro",
@@ -302,7 +288,7 @@ class Benchmark:
 
     @staticmethod
     def _check_same_protocol(out: str, protocol: dict) -> None:
-        previous = _read_json(os.path.join(out, "protocol.json")).get("protocol")
+        previous = read_json(os.path.join(out, "protocol.json"), missing={}).get("protocol")
         if previous and os.path.isfile(os.path.join(out, "runs.jsonl")) and previous != protocol:
             changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
                        if previous.get(k) != protocol.get(k)}
@@ -312,8 +298,7 @@ class Benchmark:
     @staticmethod
     def _save_protocol(out: str, protocol: dict, host: dict, **finished) -> None:
         """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
-        with open(os.path.join(out, "protocol.json"), "w") as handle:
-            json.dump({"protocol": protocol, "machine": host, **finished}, handle, indent=2)
+        write_json(os.path.join(out, "protocol.json"), {"protocol": protocol, "machine": host, **finished})
 
 
 def _log_to(path: str) -> None:

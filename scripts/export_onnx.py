@@ -21,8 +21,8 @@ import os
 import fire
 
 from robustmri import CLASS_NAMES
-from robustmri.evaluation import load_weights
-from robustmri.export import bundle_version, export_onnx, parity_requested, split_images
+from robustmri.deploy.export import bundle_version, export_onnx, parity_requested, split_images
+from robustmri.evaluation.checkpoints import load_weights
 from robustmri.networks import PaperCNN
 
 BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
@@ -39,7 +39,7 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     network = load_weights(PaperCNN(spatial_size=spatial_size, padding=network_padding), checkpoint).eval()
     images = None
     if parity_requested(parity_split):
-        from robustmri.protocol import build_protocol
+        from robustmri.data.protocol import build_protocol
 
         data = build_protocol(dataset_dir or None, spatial_size=spatial_size, noise=noise, seed=seed,
                               synthetic_patients=synthetic_patients)

@@ -20,9 +20,9 @@ import sys
 
 import fire
 
-from robustmri.dicom_inference import infer_dicom
-from robustmri.dicom_series import SeriesSelection
-from robustmri.onnx_runtime import OnnxClassifier
+from robustmri.deploy.dicom_inference import infer_dicom
+from robustmri.deploy.dicom_series import SeriesSelection
+from robustmri.deploy.onnx_runtime import OnnxClassifier
 
 BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
 

@@ -18,10 +18,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from robustmri.catalog import CLASS_NAMES, scan_dataset
-from robustmri.readers import read_figshare_mat
-from robustmri.splits import grouped_stratified_split
-from robustmri.synthetic import generate_slices
+from robustmri import CLASS_NAMES
+from robustmri.data.catalog import scan_dataset
+from robustmri.data.readers import read_figshare_mat
+from robustmri.data.splits import grouped_stratified_split
+from robustmri.data.synthetic import generate_slices
 
 
 def _write_labels_csv(out: str, rows: list[tuple[str, str, int]]) -> str:

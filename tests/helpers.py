@@ -1,5 +1,9 @@
-"""Small writers of test files in the layouts users have, and tiny models and batches for engine tests."""
+"""Small writers of test files in the layouts users have, tiny models and batches for engine tests,
+and the bundle as users run it (``python -m monai.bundle`` from ``bundle/`` on a tiny embedded set)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -7,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from conftest import BUNDLE
 
 
 def write_figshare_mat(path: Path, image: np.ndarray, label: int, pid: str, with_cjdata: bool = True) -> Path:
@@ -41,3 +47,32 @@ def tiny_batches(n_batches: int = 4, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"image": torch.randn(6, 1, 4, 4, generator=g), "label": torch.randint(0, 3, (6,), generator=g)}
             for _ in range(n_batches)]
+
+
+#: Overrides that make every bundle workflow tiny: 32 x 32 images, 30 synthetic patients, batches of 8.
+TINY = ["--spatial_size", "32", "--network_padding", "2", "--synthetic_patients", "30", "--batch_size", "8"]
+
+
+def bundle(*args, check=True, cwd=BUNDLE):
+    """``python -m monai.bundle *args`` (from ``bundle/`` unless ``cwd``), on the embedded set."""
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=cwd, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "BRAIN_TUMOR_DATA": ""})
+    if check and result.returncode != 0:
+        raise AssertionError(f"monai.bundle {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def output_dirs(folder) -> list[str]:
+    """``--ckpt_dir`` and ``--output_dir`` inside ``folder``."""
+    return ["--ckpt_dir", str(Path(folder) / "models"), "--output_dir", str(Path(folder) / "eval")]
+
+
+NOISY = ["--label_noise", "symmetric", "--label_noise_rate", "0.2"]
+
+
+def run_noisy(tmp_path, method, *extra):
+    """``configs/<method>.json`` on the tiny embedded set with 20 % flipped training labels; the eval folder."""
+    bundle("run", "training", "--config_file", f"configs/{method}.json", *TINY, *NOISY, *output_dirs(tmp_path), *extra)
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+    return tmp_path / "eval"

@@ -15,8 +15,8 @@ import logging
 import os
 from typing import Dict
 
-from monailabel.datastore.local import LocalDatastore
 from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -25,12 +25,13 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.random import Random
 
+from robustmri import __version__
+from robustmri.review.label_review import LABEL_SUFFIX
+
 from lib.activelearning.most_suspicious import MostSuspicious
 from lib.infers.classification import ClassificationInfer
 from lib.scoring.influence_review import InfluenceReviewScoring
 from lib.trainers.isp import ISPTrain
-from robustmri import __version__
-from robustmri.label_review import LABEL_SUFFIX
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import os
 from monai.bundle import ConfigParser
 
 import robustmri
-from robustmri.evaluation import load_weights
+from robustmri.evaluation.checkpoints import load_weights
 
 #: train.json first: inference.json and isp.json refer to its ids.
 INFER_CONFIGS = ("train.json", "inference.json")

@@ -8,15 +8,16 @@ from monai.inferers import Inferer, SimpleInferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 
+from robustmri.data.preprocessing import preprocess
+from robustmri.data.readers import ImageReadError, read_image
+
 from lib.bundle import INFER_CONFIGS, bundle_overrides, class_names, read_bundle_config
-from robustmri.preprocessing import preprocess
-from robustmri.readers import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 
 
 class ReadAndPreprocessd:
-    """Replace ``data["image"]`` (a file path) by the network input [1, S, S] (robustmri.preprocessing)."""
+    """Replace ``data["image"]`` (a file path) by the network input [1, S, S] (robustmri.data.preprocessing)."""
 
     def __init__(self, spatial_size: int):
         self.spatial_size = int(spatial_size)
@@ -35,7 +36,7 @@ class ClassificationInfer(BundleInferTask):
     """The bundle's classifier as a MONAI Label classification model.
 
     MONAI Label infers "classification" only from a bundle folder name containing it, so the type
-    is set here. The bundle's own inference reads files itself (robustmri.inference), so the pre-
+    is set here. The bundle's own inference reads files itself (robustmri.deploy.inference), so the pre-
     and post-processing are given here with the same library functions.
     """
 

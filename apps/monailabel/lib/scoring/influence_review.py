@@ -8,8 +8,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from robustmri.review.label_review import LabelFileError, LabelledImage, read_label_file, score_labelled_images
+
 from lib.bundle import bundle_overrides, class_names, load_network
-from robustmri.label_review import LabelFileError, LabelledImage, read_label_file, score_labelled_images
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def labelled_images(datastore: Datastore, names) -> tuple[list[LabelledImage], l
 
 
 class InfluenceReviewScoring(ScoringMethod):
-    """Self-influence of each labelled image under the current model (robustmri.label_review)."""
+    """Self-influence of each labelled image under the current model (robustmri.review.label_review)."""
 
     def __init__(self, bundle_path: str, conf: dict, damping: float = 0.01):
         super().__init__("Influence review: self-influence of every labelled image with the current model; "

@@ -8,9 +8,15 @@ import monai.bundle
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
+from robustmri.review.label_review import (
+    LABEL_SUFFIX,
+    LabelFileError,
+    LabelledImage,
+    read_label_file,
+    write_training_catalog,
+)
+
 from lib.bundle import bundle_overrides
-from robustmri.bundle_runner import working_directory
-from robustmri.label_review import LABEL_SUFFIX, LabelFileError, LabelledImage, read_label_file, write_training_catalog
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +97,6 @@ class ISPTrain(BundleTrainTask):
         return overrides
 
     def run_single_gpu(self, request, overrides):
-        # isp.json refers to "%configs/train.json#...", which resolves against the working folder
-        with working_directory(self.bundle_path):
-            monai.bundle.run(run_id="training", meta_file=self.bundle_metadata_path,
-                             config_file=[os.path.join("configs", name) for name in TRAIN_CONFIGS], **overrides)
+        monai.bundle.run(run_id="training", meta_file=self.bundle_metadata_path,
+                         config_file=[os.path.join(self.bundle_path, "configs", name) for name in TRAIN_CONFIGS],
+                         **overrides)

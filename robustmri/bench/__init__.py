@@ -1,0 +1,1 @@
+"""The benchmark's tables and plots, and the machine description every benchmark records."""

@@ -1,0 +1,175 @@
+"""The paper's noisy-data protocol, built once per run.
+
+All training images noisy, validation clean, a fraction ``test_noise_fraction`` of
+test images noisy. Optionally the training split also gets wrong labels (``label_noise``
+at ``label_noise_rate``) and fewer samples of some classes (``imbalance``), see
+:mod:`robustmri.data.label_noise`; validation and test labels stay true. The noise is part of the data: sample ``i`` under seed ``s``
+always gets the same realisation (generator seeded with ``(s, i)``), so every method
+compared under one seed sees the same split and the same noisy pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from robustmri import CLASS_NAMES
+from robustmri.data.catalog import check_on_error, handle_bad_item, scan_dataset
+from robustmri.data.label_noise import flip_labels, noisy_label_record, parse_imbalance, subsample_classes
+from robustmri.data.noise import NOISE_TYPES, PAPER_SIGMA, apply_noise, reference_rician_field
+from robustmri.data.preprocessing import read_preprocessed
+from robustmri.data.readers import ImageReadError
+from robustmri.data.splits import SPLIT_NAMES, grouped_stratified_split
+from robustmri.data.synthetic import generate_slices
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming a data set folder when the config gives none.
+DATA_ENV = "BRAIN_TUMOR_DATA"
+
+
+@dataclass
+class ProtocolData:
+    """Train / validation / test items as MONAI-style dicts (image [1, H, W] in [0, 1])."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    class_names: tuple[str, ...]
+    source: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    label_noise: dict | None = None  # counts of flipped training labels, when simulated
+
+    def split(self, name: str) -> list[dict]:
+        return getattr(self, name)
+
+    def summary(self) -> dict:
+        """Counts only: safe to log (no file names, no patient ids)."""
+        counts = {}
+        for name in SPLIT_NAMES:
+            items = self.split(name)
+            counts[name] = {
+                "total": len(items),
+                "noisy": int(sum(item["noisy"] for item in items)),
+                **{cls: int(sum(item["label"] == k for item in items)) for k, cls in enumerate(self.class_names)},
+            }
+        summary = {"source": self.source, "skipped": len(self.skipped), "splits": counts}
+        if self.label_noise is not None:
+            summary["label_noise"] = self.label_noise
+        return summary
+
+
+def resolve_dataset_dir(dataset_dir: str | None) -> str | None:
+    """The config's ``dataset_dir``, else $BRAIN_TUMOR_DATA, else None (embedded synthetic set)."""
+    value = dataset_dir or os.environ.get(DATA_ENV, "")
+    return os.path.abspath(value) if value else None
+
+
+def build_protocol(
+    dataset_dir: str | None = None,
+    spatial_size: int = 256,
+    noise: str = "gaussian",
+    sigma: float = PAPER_SIGMA,
+    test_noise_fraction: float = 1.0,
+    seed: int = 0,
+    split_fractions=(0.75, 0.05, 0.20),
+    synthetic_patients: int = 300,
+    class_names=CLASS_NAMES,
+    on_error: str = "raise",
+    num_workers: int = 4,
+    label_noise: str = "none",
+    label_noise_rate: float = 0.0,
+    imbalance: dict | None = None,
+) -> ProtocolData:
+    """Load (or generate), split by patient and add the protocol's fixed noise.
+
+    With ``label_noise`` other than "none", training items carry ``true_label`` next to the
+    (possibly wrong) ``label``: for evaluation and simulated experts only. ``imbalance``
+    (``{class name or index: fraction kept}``) subsamples those classes in the training split.
+    Both are seeded by ``seed`` and leave validation and test untouched.
+    """
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+    if not 0.0 <= test_noise_fraction <= 1.0:
+        raise ValueError(f"test_noise_fraction must lie in [0, 1], got {test_noise_fraction}")
+    check_on_error(on_error)
+    spatial_size = int(spatial_size)
+    dataset_dir = resolve_dataset_dir(dataset_dir)
+
+    if dataset_dir is None:
+        synthetic = generate_slices(n_patients=synthetic_patients, size=spatial_size, seed=seed)
+        images, labels, groups = synthetic["images"], synthetic["labels"], synthetic["groups"]
+        files = [f"synthetic/{i:05d}" for i in range(len(labels))]
+        class_names, skipped = tuple(CLASS_NAMES), []
+        source = f"embedded synthetic set ({synthetic_patients} pseudo-patients, seed {seed})"
+    else:
+        catalog = scan_dataset(dataset_dir, class_names, on_error)
+        images, kept, skipped = _load_images(catalog.records, spatial_size, on_error, num_workers)
+        skipped = catalog.skipped + skipped
+        labels = np.array([r.label for r in kept], dtype=np.int64)
+        groups = np.array([r.group for r in kept], dtype=np.int64)
+        files = [r.file for r in kept]
+        class_names, source = catalog.class_names, dataset_dir
+
+    indices = grouped_stratified_split(labels, groups, split_fractions, seed)
+    keep = parse_imbalance(imbalance, class_names)
+    if keep:
+        indices["train"] = indices["train"][subsample_classes(labels[indices["train"]], keep, [seed, 20_021])]
+    simulate_labels = label_noise != "none"
+    noisy_labels, _ = flip_labels(labels[indices["train"]], float(label_noise_rate), len(class_names), label_noise,
+                                  np.random.default_rng([seed, 20_011]))
+    noisy_test = _choose_noisy(indices["test"], test_noise_fraction, seed)
+    field = reference_rician_field(images.shape[1:], seed) if noise == "rician_reference" else None
+
+    def item(i: int, noisy: bool, label: int | None = None) -> dict:
+        image = images[i]
+        if noisy and noise != "none":
+            image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), field)
+        entry = {"image": image[None].astype(np.float32), "label": int(labels[i]) if label is None else int(label),
+                 "id": int(i), "noisy": bool(noisy and noise != "none"), "file": files[i]}
+        if label is not None:
+            entry["true_label"] = int(labels[i])
+        return entry
+
+    data = ProtocolData(
+        train=[item(i, True, label if simulate_labels else None) for i, label in zip(indices["train"], noisy_labels)],
+        val=[item(i, False) for i in indices["val"]],
+        test=[item(i, i in noisy_test) for i in indices["test"]],
+        class_names=tuple(class_names),
+        source=source,
+        skipped=skipped,
+    )
+    if simulate_labels:
+        data.label_noise = {"kind": label_noise, "requested_rate": float(label_noise_rate),
+                            **noisy_label_record(data.train)}
+    logger.info("data: %s", data.summary())
+    return data
+
+
+def _choose_noisy(test_indices: np.ndarray, fraction: float, seed: int) -> set[int]:
+    rng = np.random.default_rng([seed, 10_007])
+    count = int(round(fraction * len(test_indices)))
+    return set(rng.permutation(test_indices)[:count].tolist())
+
+
+def _load_images(records, size: int, on_error: str, num_workers: int):
+    """Read and preprocess every record; unreadable ones raise or are skipped (counted)."""
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = list(tqdm(pool.map(lambda record: read_preprocessed(record.file, size), records), total=len(records), desc="loading images",
+                            unit="img", leave=False, disable=len(records) < 200))
+    images, kept, skipped = [], [], []
+    for record, (image, reason) in zip(records, results):
+        if image is None:
+            handle_bad_item(record.file, reason, on_error, skipped)
+            continue
+        images.append(image)
+        kept.append(record)
+    if not images:
+        raise ImageReadError(records[0].file if records else "?", "no image could be read")
+    return np.stack(images), kept, skipped

@@ -1,0 +1,142 @@
+"""A DICOM Basic Text SR holding a series-level classification, readable by any PACS viewer.
+
+The document belongs to the source study (Patient and General Study modules copied, as
+DICOM requires), is a new series and instance (new UIDs), references every source image
+(evidence sequence and IMAGE content items), and says plainly that it is an unverified
+research result: VerificationFlag UNVERIFIED, SeriesDescription "... NOT FOR CLINICAL USE".
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from robustmri import __version__
+
+BASIC_TEXT_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"
+SERIES_DESCRIPTION = "AI tumour type RESEARCH - NOT FOR CLINICAL USE"
+#: Type 2 attributes of the Patient and General Study modules are copied, or written empty.
+PATIENT_MODULE = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+                  "OtherPatientIDsSequence", "PatientAge", "PatientComments")
+STUDY_MODULE = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                "AccessionNumber", "StudyDescription", "IssuerOfAccessionNumberSequence")
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+DISCLAIMER = ("Research software, NOT FOR CLINICAL USE. Unverified output of an automatic classifier "
+              "trained on 2D T1 contrast-enhanced slices that contain a tumour; it does not detect "
+              "whether a tumour is present.")
+
+
+def code(value: str, scheme: str, meaning: str):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+REPORT_TITLE = ("18748-4", "LN", "Diagnostic imaging report")
+FINDING = ("121071", "DCM", "Finding")
+PROCEDURE = ("121065", "DCM", "Procedure Description")
+COMMENT = ("121106", "DCM", "Comment")
+
+
+def _text(concept, text: str, children=None):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+    item.ConceptNameCodeSequence = Sequence([code(*concept)])
+    item.TextValue = text[:10240]  # UT would allow more; viewers show a paragraph
+    if children:
+        item.ContentSequence = Sequence(children)
+    return item
+
+
+def _sop_reference(sop_class_uid: str, sop_instance_uid: str):
+    """A Referenced SOP Class / Instance UID pair, as the evidence sequence and image items hold them."""
+    from pydicom.dataset import Dataset
+
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = sop_class_uid, sop_instance_uid
+    return reference
+
+
+def _image_reference(sop_class_uid: str, sop_instance_uid: str):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.RelationshipType, item.ValueType = "INFERRED FROM", "IMAGE"
+    item.ReferencedSOPSequence = Sequence([_sop_reference(sop_class_uid, sop_instance_uid)])
+    return item
+
+
+def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]], finding: str,
+             details: list[str], now: datetime.datetime | None = None):
+    """The SR dataset. ``source``: a dataset of the classified series (patient and study modules);
+    ``references``: (SOPClassUID, SOPInstanceUID) of every source image used; ``finding``: the result
+    sentence; ``details``: method and model lines."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    now = now or datetime.datetime.now()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BASIC_TEXT_SR_STORAGE, sop_uid
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
+    # SOP Common
+    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR_STORAGE, sop_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    # Patient and General Study: copied (DICOM requires them; nothing else here repeats them)
+    for keyword in PATIENT_MODULE + STUDY_MODULE:
+        if keyword in source:
+            ds[keyword] = source[keyword]
+        elif keyword in TYPE2:
+            setattr(ds, keyword, "")
+    # SR Document Series (new series) and General Equipment
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 9000 + int(source.get("SeriesNumber", 0) or 0) % 1000
+    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.SeriesDate, ds.SeriesTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "robustmri", "robustmri classifier", __version__
+    # SR Document General
+    ds.InstanceNumber = 1
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.PerformedProcedureCodeSequence = Sequence()
+    evidence_series = Dataset()
+    evidence_series.SeriesInstanceUID = series_instance_uid
+    evidence_series.ReferencedSOPSequence = Sequence([_sop_reference(*pair) for pair in references])
+    evidence = Dataset()
+    evidence.StudyInstanceUID = source.get("StudyInstanceUID", "")
+    evidence.ReferencedSeriesSequence = Sequence([evidence_series])
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([evidence])
+    # SR Document Content: the root container and its text items
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = Sequence([code(*REPORT_TITLE)])
+    ds.ContinuityOfContent = "SEPARATE"
+    images = [_image_reference(*ref) for ref in references]
+    ds.ContentSequence = Sequence([
+        _text(FINDING, finding, images),
+        _text(PROCEDURE, "\n".join(details)),
+        _text(COMMENT, DISCLAIMER),
+    ])
+    return ds
+
+
+def write_sr(output_file: str | os.PathLike, source, series_instance_uid: str, references, finding: str,
+             details: list[str]) -> str:
+    """Build the SR (see :func:`build_sr`) and save it as a DICOM Part 10 file."""
+    ds = build_sr(source, series_instance_uid, references, finding, details)
+    output_file = os.fspath(output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    ds.save_as(output_file, enforce_file_format=True)
+    return output_file

@@ -1,0 +1,163 @@
+"""Export a trained classifier to ONNX with what deployment needs to reproduce training.
+
+The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``pred``,
+class probabilities [N, C] (softmax included, so no runtime has to know it). The model's
+metadata carries the class names, the spatial size, the intensity normalisation, the model
+version and the sha256 of the source checkpoint: a runtime reads them instead of trusting a
+second copy of the training config. Every export is checked with ``onnx.checker`` and, when
+images are given, against PyTorch (the parity check).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from robustmri import __version__
+from robustmri.data.preprocessing import INTENSITY_NORMALISATION
+from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+
+logger = logging.getLogger(__name__)
+
+#: Parity limits against PyTorch (issue 6): max |p_onnx - p_torch| and identical argmax.
+PARITY_ATOL = 1e-4
+
+
+class ProbabilityHead(torch.nn.Module):
+    """Network followed by softmax: the exported model's output is probabilities, not logits."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network(image), dim=1)
+
+
+class ParityError(AssertionError):
+    """The ONNX model does not reproduce PyTorch within the parity limits."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_version(bundle_root: str | os.PathLike) -> str:
+    """The bundle's version from ``configs/metadata.json`` (the model version written into exports)."""
+    with open(os.path.join(bundle_root, "configs", "metadata.json")) as handle:
+        return str(json.load(handle)["version"])
+
+
+def parity_requested(split: str | None) -> bool:
+    """Whether a parity split is named (empty or "none" asks for no parity check)."""
+    return bool(split) and str(split).lower() != "none"
+
+
+def split_images(data, split: str | None) -> np.ndarray | None:
+    """Stack the images [N, 1, H, W] of one split of :class:`robustmri.data.protocol.ProtocolData` (None: no parity)."""
+    if not parity_requested(split):
+        return None
+    return np.stack([item["image"] for item in data.split(split)]).astype(np.float32)
+
+
+def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
+                checkpoint: str | os.PathLike | None = None, model_version: str = "",
+                parity_images: np.ndarray | None = None, opset_version: int | None = None,
+                batch_size: int = 32) -> dict:
+    """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
+
+    ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
+    ``parity_images`` [N, 1, H, W] in [0, 1] are run through both PyTorch and ONNX Runtime, and
+    a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class.
+    """
+    import onnx
+
+    spatial_size = int(spatial_size)
+    class_names = [str(name) for name in class_names]
+    model = ProbabilityHead(copy.deepcopy(network).cpu()).eval()
+    with torch.no_grad():
+        probe = model(torch.zeros(2, 1, spatial_size, spatial_size))
+    if probe.shape != (2, len(class_names)):
+        raise ValueError(f"network gives output {tuple(probe.shape)} for 2 images, expected (2, {len(class_names)}): "
+                         f"class_names {class_names} do not match it")
+    metadata = {
+        "class_names": json.dumps(class_names),
+        "spatial_size": str(spatial_size),
+        "intensity_normalisation": INTENSITY_NORMALISATION,
+        "model_version": str(model_version),
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
+        "network": _describe(network),
+        "exported_by": f"robustmri {__version__}, torch {torch.__version__}",
+        "intended_use": "Research only. Not for clinical use.",
+    }
+    output_file = os.fspath(output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_file = os.path.join(tmp, "raw.onnx")
+        batch = torch.export.Dim("batch", min=1)
+        # A batch of 2 for tracing so that the batch axis is not specialised to 1.
+        torch.onnx.export(model, (torch.rand(2, 1, spatial_size, spatial_size),), raw_file, dynamo=True,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset_version,
+                          dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, verbose=False)
+        proto = onnx.load(raw_file)
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"robustmri classifier ({', '.join(class_names)}); research only, not for clinical use"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, output_file)
+    opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata}
+    logger.info("exported %s (opset %d, %d classes, %d x %d)", output_file, opset, len(class_names),
+                spatial_size, spatial_size)
+    if parity_images is not None:
+        result["parity"] = check_parity(output_file, model, parity_images, batch_size)
+    return result
+
+
+def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: np.ndarray,
+                 batch_size: int = 32, atol: float = PARITY_ATOL) -> dict:
+    """Compare ONNX Runtime (CPU) with PyTorch on ``images``; raise :class:`ParityError` beyond ``atol``.
+
+    ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
+        raise ValueError(f"parity images must be a non-empty [N, 1, H, W] array, got shape {images.shape}")
+    classifier = OnnxClassifier(onnx_file, device="cpu")
+    model = model.cpu().eval()
+    max_diff, mismatches = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            expected = model(torch.from_numpy(chunk)).numpy()
+            got = classifier.predict(chunk)
+            max_diff = max(max_diff, float(np.abs(got - expected).max()))
+            mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
+    report = {"n": int(len(images)), "max_abs_diff": max_diff, "class_mismatches": mismatches, "atol": atol,
+              "passed": bool(max_diff <= atol and mismatches == 0)}
+    logger.info("ONNX parity on %d image(s): max |dp| = %.3g, %d class mismatch(es)", report["n"], max_diff, mismatches)
+    if not report["passed"]:
+        raise ParityError(f"{onnx_file}: ONNX Runtime differs from PyTorch on {report['n']} image(s): "
+                          f"max |dp| = {max_diff:.3g} (limit {atol:g}), {mismatches} different class(es)")
+    return report
+
+
+def _describe(network: torch.nn.Module) -> str:
+    """Class name and the constructor settings a reader needs to rebuild the network."""
+    name = f"{type(network).__module__}.{type(network).__name__}"
+    if hasattr(network, "encoder") and hasattr(network, "feature_dim"):
+        conv = network.encoder[0]
+        return f"{name}(kernel_size={conv.kernel_size[0]}, padding={conv.padding[0]}, feature_dim={network.feature_dim})"
+    return name

@@ -1,0 +1,125 @@
+"""Run an exported classifier with ONNX Runtime: CUDA when it can, CPU otherwise, and say which ran.
+
+Deployment needs neither PyTorch nor the training code: this module imports only onnxruntime and numpy.
+
+The model's own metadata (written by :mod:`robustmri.deploy.export`) gives the class names and the
+input size; a model exported under a different intensity normalisation than this library's
+is refused, since it would see images prepared differently from training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from robustmri.data.preprocessing import INTENSITY_NORMALISATION
+
+logger = logging.getLogger(__name__)
+
+#: The exported graph's input and output names (see :mod:`robustmri.deploy.export`).
+INPUT_NAME = "image"
+OUTPUT_NAME = "pred"
+#: ONNX metadata keys written by :func:`robustmri.deploy.export.export_onnx` and required here.
+METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
+                 "network", "exported_by", "intended_use")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ModelMetadataError(ValueError):
+    """The ONNX file lacks, or contradicts, what inference needs to reproduce training."""
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """Execution providers in order of preference.
+
+    ``auto``: CUDA when the installed onnxruntime offers it (the ``gpu`` extra), else CPU;
+    ``cuda``: CUDA or an error saying what to install; ``cpu``: CPU only.
+    """
+    import onnxruntime
+
+    device = str(device).lower()
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    available = onnxruntime.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise RuntimeError(f"device 'cuda' asked for, but this onnxruntime offers only {available}; install the "
+                           "gpu extra (onnxruntime-gpu) on a machine with an NVIDIA GPU and CUDA")
+    return [CPU]
+
+
+def read_metadata(model) -> dict:
+    """Parse and check the metadata of an ``onnxruntime.InferenceSession`` (or anything with ``get_modelmeta``)."""
+    props = dict(model.get_modelmeta().custom_metadata_map)
+    missing = [key for key in METADATA_KEYS if key not in props]
+    if missing:
+        raise ModelMetadataError(f"ONNX model metadata lacks {missing}: export it with robustmri.deploy.export "
+                                 "(scripts/export_onnx.py or the bundle's export.json)")
+    if props["intensity_normalisation"] != INTENSITY_NORMALISATION:
+        raise ModelMetadataError(f"the model was exported for intensity normalisation "
+                                 f"{props['intensity_normalisation']!r}, this library applies "
+                                 f"{INTENSITY_NORMALISATION!r}: results would not reproduce training")
+    try:
+        class_names = [str(name) for name in json.loads(props["class_names"])]
+        spatial_size = int(props["spatial_size"])
+    except (ValueError, TypeError) as err:
+        raise ModelMetadataError(f"unreadable class_names / spatial_size in ONNX metadata ({err})") from err
+    return {**props, "class_names": class_names, "spatial_size": spatial_size}
+
+
+class OnnxClassifier:
+    """A loaded ONNX classifier: ``predict(images [N, 1, S, S] float32) -> probabilities [N, C]``."""
+
+    def __init__(self, model_file: str | os.PathLike, device: str = "auto", intra_op_num_threads: int = 0):
+        import onnxruntime
+
+        self.model_file = os.path.abspath(os.fspath(model_file))
+        if not os.path.isfile(self.model_file):
+            raise FileNotFoundError(f"{self.model_file}: ONNX model not found; export one first "
+                                    "(python scripts/export_onnx.py or the bundle's export.json)")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(intra_op_num_threads)
+        options.log_severity_level = 3  # errors only: onnxruntime warns about CPU fallbacks on stderr
+        requested = choose_providers(device)
+        try:
+            self.session = onnxruntime.InferenceSession(self.model_file, sess_options=options, providers=requested)
+        except Exception as err:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelMetadataError(f"{self.model_file}: not a loadable ONNX model ({err})") from err
+        self.metadata = read_metadata(self.session)
+        self.class_names: list[str] = self.metadata["class_names"]
+        self.spatial_size: int = self.metadata["spatial_size"]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
+            raise ModelMetadataError(f"{self.model_file}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                                     f"got {[i.name for i in inputs]} -> {[o.name for o in outputs]}")
+        # The session may fall back silently (CUDA provider present but no usable GPU): report what it holds.
+        self.providers: list[str] = list(self.session.get_providers())
+        self.provider: str = self.providers[0]
+        if requested[0] == CUDA and self.provider != CUDA:
+            logger.warning("CUDA execution provider requested but not usable here; running on %s", self.provider)
+        logger.info("ONNX model %s: version %s, %s, providers %s", os.path.basename(self.model_file),
+                    self.metadata["model_version"] or "?", self.class_names, self.providers)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        expected = (1, self.spatial_size, self.spatial_size)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"expected images [N, {', '.join(map(str, expected))}], got {images.shape}")
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+    def describe(self) -> dict:
+        """What a report should say about the model that produced it."""
+        return {"file": self.model_file, "version": self.metadata["model_version"],
+                "checkpoint_sha256": self.metadata["checkpoint_sha256"], "network": self.metadata["network"],
+                "class_names": self.class_names, "spatial_size": self.spatial_size,
+                "intensity_normalisation": self.metadata["intensity_normalisation"],
+                "provider": self.provider, "providers": self.providers}

@@ -1,0 +1,99 @@
+"""What a checkpoint was trained with, written beside it: ``<ckpt_dir>/model_metadata.json``.
+
+``configs/metadata.json`` describes the bundle as shipped (a 256 x 256 input). A trained
+model can differ: ``make demo`` trains at 64 x 64 with ``network_padding`` 2, and export,
+inference and ``ckpt_export`` must rebuild the network as it was trained. So training
+writes, into ``ckpt_dir`` when it starts, the bundle metadata of the trained model (the
+bundle's metadata with the input shape as trained, so ``ckpt_export`` and
+``verify_net_in_out`` take it as ``--meta_file``) plus ``trained_with``: the spatial size,
+the network padding, the network's class, the class names, the bundle version and where the
+training data came from.
+
+Deployment configs read the settings back with :func:`trained_setting`: the value written
+beside the checkpoint, else ``train.json``'s own default (a checkpoint from before this file
+existed), and an explicit command-line value always wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+from ignite.engine import Engine, Events
+
+from robustmri.outputs import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "model_metadata.json"
+#: The settings that shape the network and its input, recorded under ``trained_with``.
+SETTINGS = ("spatial_size", "network_padding")
+
+
+def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
+    """``model_metadata.json`` in ``checkpoint_or_dir`` (a folder) or beside it (a checkpoint file)."""
+    path = os.fspath(checkpoint_or_dir)
+    folder = path if os.path.isdir(path) or not os.path.splitext(path)[1] else os.path.dirname(path)
+    return os.path.join(folder, METADATA_FILE)
+
+
+def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
+                   class_names, data=None, bundle_version: str = "") -> dict:
+    """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
+    metadata = copy.deepcopy(dict(bundle_metadata or {}))
+    spatial_size = int(spatial_size)
+    for tensor in metadata.get("network_data_format", {}).get("inputs", {}).values():
+        if isinstance(tensor, dict) and "spatial_shape" in tensor:
+            tensor["spatial_shape"] = [spatial_size, spatial_size]
+    network_type = type(network)
+    metadata["trained_with"] = {
+        "spatial_size": spatial_size,
+        "network_padding": int(network_padding),
+        "network": f"{network_type.__module__}.{network_type.__qualname__}",
+        "class_names": [str(name) for name in class_names],
+        "bundle_version": str(bundle_version or metadata.get("version", "")),
+        "data": {"source": getattr(data, "source", None),
+                 "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
+    }
+    return metadata
+
+
+class ModelMetadataWriter:
+    """Trainer handler: writes ``model_metadata.json`` into ``ckpt_dir`` when training starts."""
+
+    def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
+                 bundle_metadata: dict | None = None, data=None):
+        self.path = os.path.join(ckpt_dir, METADATA_FILE)
+        self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        write_json(self.path, self.content)
+
+
+def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:
+    """The ``trained_with`` record beside a checkpoint, or None when there is none."""
+    path = metadata_path(checkpoint_or_dir)
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path).get("trained_with")
+    if not isinstance(record, dict) or any(key not in record for key in SETTINGS):
+        raise ValueError(f"{path}: no trained_with record with {', '.join(SETTINGS)}; delete it or retrain")
+    return record
+
+
+def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | os.PathLike):
+    """``key`` as the checkpoint was trained with; ``train.json``'s default when nothing is recorded."""
+    if key not in SETTINGS:
+        raise KeyError(f"{key!r} is not a recorded training setting; expected one of {SETTINGS}")
+    record = read_trained(checkpoint)
+    if record is not None:
+        return record[key]
+    from monai.bundle import ConfigParser
+
+    default = ConfigParser.load_config_file(os.path.join(bundle_root, "configs", "train.json"))[key]
+    logger.info("no %s beside %s: %s = %s (train.json's default)", METADATA_FILE, checkpoint, key, default)
+    return default

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, test reports and the best-validation / last-epoch checkpoints."""

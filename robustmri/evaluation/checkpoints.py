@@ -1,0 +1,70 @@
+"""Evaluate the best-validation and the last-epoch checkpoints on the test set.
+
+Model selection happens on validation only (the ``best`` checkpoint is chosen by the
+CheckpointSaver on validation accuracy); the test set is only ever reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from robustmri.engine.predictions import predict_items
+from robustmri.evaluation.metrics import classification_report
+from robustmri.evaluation.report import ClassificationReportHandler
+from robustmri.outputs import write_json
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(network: torch.nn.Module, path: str, device="cpu") -> torch.nn.Module:
+    """Load a state dict saved by the bundle (plain, or wrapped as ``{"model": ...}``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found; train first "
+                                "(python -m monai.bundle run training --config_file configs/train.json)")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise RuntimeError(f"{path}: checkpoint does not fit the configured network ({err})") from err
+    return network
+
+
+def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[str, str],
+                         report: ClassificationReportHandler, output_dir: str) -> dict:
+    """Run ``evaluator`` once per checkpoint; write ``summary.json``; return the reports by tag.
+
+    A missing checkpoint is reported and skipped; if none exists the call fails.
+    """
+    device = next(network.parameters()).device
+    available = {tag: path for tag, path in checkpoints.items() if os.path.isfile(path)}
+    for tag in sorted(set(checkpoints) - set(available)):
+        logger.warning("checkpoint %r not found at %s: skipped", tag, checkpoints[tag])
+    if not available:
+        raise FileNotFoundError(f"none of the checkpoints exists: {checkpoints}; train first")
+    results = {}
+    for tag, path in available.items():
+        load_weights(network, path, device)
+        report.tag = tag
+        evaluator.run()
+        results[tag] = {"checkpoint": os.path.abspath(path), **report.report}
+    write_json(os.path.join(output_dir, "summary.json"),
+               {tag: {k: r[k] for k in ("checkpoint", "n", "accuracy", "macro_f1", "roc_auc_macro")}
+                for tag, r in results.items()})
+    return results
+
+
+def evaluate_checkpoints_on(network: torch.nn.Module, checkpoints: dict[str, str], items: list[dict],
+                            class_names) -> dict[str, dict]:
+    """Classification report per checkpoint tag on ``items`` (e.g. a run's own test split), in process."""
+    device = next(network.parameters()).device
+    reports = {}
+    for tag, path in checkpoints.items():
+        load_weights(network, path, device)
+        logits, labels, _ = predict_items(network, items, device=device)
+        reports[tag] = classification_report(labels.numpy(), torch.softmax(logits, dim=1).numpy(), class_names)
+    return reports

@@ -1,0 +1,97 @@
+"""Influence scores of training samples and the input gradients of ISP, for any classifier.
+
+Every function takes a network (wrapped in :class:`robustmri.influence.adapter.FinalLayer`
+when it is not one already) and follows the sign convention of :mod:`robustmri.influence`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from robustmri.influence.adapter import FinalLayer, LastLayerModel
+from robustmri.influence.last_layer import SoftmaxLastLayer, augment
+from robustmri.influence.solvers import ExactSolver, Solver
+from robustmri.networks import eval_mode
+
+
+def influence_scores(problem: SoftmaxLastLayer, s: torch.Tensor) -> torch.Tensor:
+    """score_i = g_i . s / N for every training sample in one batched product (see module doc)."""
+    residual = problem.residuals(problem.features, problem.labels)  # [N, C]
+    return (residual * (problem.features @ s.T)).sum(1) / problem.n
+
+
+@torch.no_grad()
+def collect_features(model: nn.Module | LastLayerModel, batches,
+                     device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Penultimate features, labels and sample ids of every batch, the network in eval mode.
+
+    ``batches`` yields dicts with ``image``, ``label`` and optionally ``id``.
+    """
+    final = FinalLayer.of(model)
+    features, labels, ids = [], [], []
+    with eval_mode(final.network):
+        for batch in batches:
+            features.append(final(torch.as_tensor(batch["image"]).to(device))[0].float().cpu())
+            labels.append(torch.as_tensor(batch["label"]).reshape(-1).long())
+            if "id" in batch:
+                ids.append(torch.as_tensor(batch["id"]).reshape(-1).long())
+    return torch.cat(features), torch.cat(labels), torch.cat(ids) if ids else torch.arange(sum(map(len, labels)))
+
+
+def input_gradients(model: nn.Module | LastLayerModel, images: torch.Tensor, labels: torch.Tensor,
+                    s: torch.Tensor) -> torch.Tensor:
+    """grad_x (g_i . s) for a whole batch in one backward pass.
+
+    In eval mode the samples do not interact (BatchNorm uses running statistics), so the
+    gradient of the sum is every sample's own gradient. ``s`` is held constant.
+    """
+    final = FinalLayer.of(model)
+    needs_grad = [p for p in final.network.parameters() if p.requires_grad]
+    with eval_mode(final.network):
+        try:
+            for p in needs_grad:  # only the input gradient is wanted: skip every weight gradient
+                p.requires_grad_(False)
+            x = images.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                augmented = augment(final(x)[0])
+                logits = final.layer(augmented[:, :-1])  # = the network's logits (FinalLayer checks it)
+                residual = torch.softmax(logits, 1) - nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.dtype)
+                objective = (residual * (augmented @ s.to(augmented.device, augmented.dtype).T)).sum()
+                (gradient,) = torch.autograd.grad(objective, x)
+        finally:
+            for p in needs_grad:
+                p.requires_grad_(True)
+    return gradient
+
+
+@dataclass
+class InfluenceResult:
+    scores: torch.Tensor  # [N], positive = helpful
+    ids: torch.Tensor  # [N] sample ids, aligned with scores
+    labels: torch.Tensor
+    s: torch.Tensor  # (H + lambda I)^-1 v, [C, d + 1]
+    validation_gradient: torch.Tensor  # v, [C, d + 1]
+    damping: float
+
+
+def compute_influence(model: nn.Module | LastLayerModel, train_batches, val_batches, solver: Solver | None = None,
+                      device="cpu") -> InfluenceResult:
+    """Scores of all training samples on the mean clean-validation loss (one feature pass each)."""
+    final = FinalLayer.of(model)
+    solver = solver or ExactSolver()
+    train_features, train_labels, ids = collect_features(final, train_batches, device)
+    val_features, val_labels, _ = collect_features(final, val_batches, device)
+    problem = SoftmaxLastLayer.from_linear(final.layer, train_features.double(), train_labels)
+    v = problem.mean_gradient(val_features.double(), val_labels)
+    s = solver(problem, v)
+    return InfluenceResult(influence_scores(problem, s).float(), ids, train_labels, s.float(), v.float(),
+                           solver.damping)
+
+
+def influence_ranking(scores) -> np.ndarray:
+    """Positions from the most harmful (lowest score) to the most helpful; ties keep input order."""
+    return np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")

@@ -1,0 +1,129 @@
+"""The Table 1 benchmark: aggregation checked by hand, and the script end to end on the tiny embedded set."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from robustmri.bench.report import aggregate, markdown_tables, read_runs, validation_swing
+
+from conftest import ROOT
+
+
+def _record(method, noise, seed, best, last, p=1.0, history=None):
+    report = lambda acc: {"n": 10, "accuracy": acc, "macro_f1": acc / 2, "roc_auc_macro": None, "per_class": {}}  # noqa: E731
+    return {"method": method, "noise": noise, "test_noise_fraction": p, "seed": seed,
+            "test": {"best": report(best), "last": report(last)},
+            "history": history or [], "timings": {"train_s": 10.0 * (seed + 1), "influence_s": None}}
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+    runs = [_record("naive", "gaussian", s, b, l) for s, (b, l) in enumerate([(0.8, 0.7), (0.9, 0.6), (0.7, 0.65)])]
+    runs.append(_record("isp", "rician", 0, 0.5, 0.4))
+    summary = aggregate(runs, method_order=["naive", "isp"])
+    cell = summary["cells"]["naive"]["gaussian"]
+    assert summary["methods"] == ["naive", "isp"] and summary["columns"] == ["gaussian", "rician"]
+    assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2]
+    assert cell["best_accuracy"]["mean"] == pytest.approx(statistics.mean([0.8, 0.9, 0.7]))
+    assert cell["best_accuracy"]["std"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.7]))
+    assert cell["last_accuracy"]["mean"] == pytest.approx(statistics.mean([0.7, 0.6, 0.65]))
+    assert cell["time_train_s"] == pytest.approx(20.0)
+    assert summary["cells"]["isp"]["rician"]["best_accuracy"]["std"] == 0.0
+    table = markdown_tables(summary)
+    assert "| naive | 80.00 +- 10.00 (n=3) | - |" in table
+    assert "| isp | - | 50.00 +- 0.00 (n=1) |" in table
+
+
+def test_columns_split_by_test_noise_fraction_when_several():
+    runs = [_record("naive", "gaussian", 0, 0.8, 0.8, p=1.0), _record("naive", "gaussian", 0, 0.6, 0.6, p=0.5)]
+    summary = aggregate(runs)
+    assert summary["columns"] == ["gaussian, p=0.5", "gaussian, p=1"]
+
+
+def test_validation_swing_uses_second_half():
+    history = [{"val_accuracy": a} for a in (0.1, 0.2, 0.9, 0.7, 0.8, 0.6)]
+    swing = validation_swing(history)
+    assert swing["range"] == pytest.approx(0.2)  # second half: 0.7, 0.8, 0.6
+    assert swing["mean_step"] == pytest.approx(np.mean([0.2, 0.1, 0.2]))  # 0.9->0.7->0.8->0.6
+
+
+def test_read_runs_ignores_a_torn_last_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": 2, "b"')
+    assert read_runs(str(path)) == [{"a": 1}]
+
+
+def _benchmark(*args):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "BRAIN_TUMOR_DATA": ""})
+    return result
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "bench"
+    args = ["run", "--profile", "smoke", "--out", str(out), "--noises", "gaussian", "--seeds", "1"]
+    first = _benchmark(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = read_runs(str(out / "runs.jsonl"))
+    assert sorted(r["method"] for r in runs) == ["isp", "naive"]
+    # same seed: same patient split and the same noisy pixels for every method
+    assert len({r["data_fingerprint"] for r in runs}) == 1
+    by_method = {r["method"]: r for r in runs}
+    assert by_method["isp"]["timings"]["influence_s"] > 0 and by_method["naive"]["timings"]["influence_s"] is None
+    for run in runs:
+        assert len(run["history"]) == 1
+        for tag in ("best", "last"):
+            assert run["test"][tag]["n"] == run["n"]["test"] > 0 and 0 <= run["test"][tag]["accuracy"] <= 1
+    for name in ("results.json", "results.md", "accuracy_best.png", "accuracy_last.png", "validation_curves.png"):
+        assert (out / name).stat().st_size > 100, name
+    assert (out / "runs" / "isp__gaussian__p1__seed0" / "eval" / "influence.csv").is_file()
+    assert "| naive |" in (out / "results.md").read_text()
+
+    second = _benchmark(*args)  # resume: nothing left to do
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert read_runs(str(out / "runs.jsonl")) == runs
+    assert "2 runs planned, 2 already done" in (out / "benchmark.log").read_text()
+
+    changed = _benchmark(*args, "--epochs", "2")  # another protocol must not be mixed into this table
+    assert changed.returncode != 0 and "another protocol" in changed.stderr
+
+
+def test_label_noise_columns_balanced_accuracy_and_audit():
+    runs = []
+    for seed, (influence, loss) in enumerate([(0.6, 0.5), (0.8, 0.5)]):
+        run = _record("audit", "none", seed, 0.7, 0.7)
+        run["label_noise_rate"] = 0.2
+        run["test"]["best"]["per_class"] = {"a": {"recall": 1.0, "support": 3}, "b": {"recall": 0.5, "support": 2},
+                                            "c": {"recall": 0.0, "support": 0}}
+        run["method_outputs"] = {"audit_summary.json": {"precision_at_k": [
+            {"k": 5, "influence": 1.0, "loss": 1.0, "random": 0.2},
+            {"k": 40, "influence": influence, "loss": loss, "random": 0.2}]}}
+        runs.append(run)
+    runs.append(_record("naive", "none", 0, 0.9, 0.9))
+    summary = aggregate(runs, ["naive", "audit"])
+    assert summary["columns"] == ["none", "none, labels r=0.2"]
+    cell = summary["cells"]["audit"]["none, labels r=0.2"]
+    assert cell["best_balanced_accuracy"]["mean"] == pytest.approx(0.75)  # class c is absent from the test split
+    assert cell["audit"]["influence"]["mean"] == pytest.approx(0.7)  # the last k, averaged over seeds
+    assert cell["audit"]["influence"]["std"] == pytest.approx(statistics.stdev([0.6, 0.8]))
+    assert "| audit | none, labels r=0.2 | 70.0 +- 14.1 | 50.0 +- 0.0 | 20.0 +- 0.0 |" in markdown_tables(summary)
+
+
+@pytest.mark.slow
+def test_benchmark_with_flipped_labels_runs_the_audit_and_survives_a_failing_run(tmp_path):
+    out = tmp_path / "labels"
+    # co-teaching cannot fit its relabelling rounds into one epoch: that run fails, the audit still runs
+    result = _benchmark("run", "--profile", "smoke", "--out", str(out), "--methods", "alr,audit",
+                        "--noises", "none", "--label_noise_rates", "0.2", "--seeds", "1")
+    assert result.returncode != 0 and "1 of 2 runs failed" in result.stderr
+    (failure,) = json.loads((out / "failed.json").read_text())
+    assert failure["method"] == "alr" and "relabelling rounds" in failure["error"]
+    (run,) = read_runs(str(out / "runs.jsonl"))
+    assert run["label_noise_rate"] == 0.2 and run["wrong_training_labels"] == round(0.2 * run["n"]["train"])
+    assert run["method_outputs"]["audit_summary.json"]["wrong_labels"] == run["wrong_training_labels"]
+    assert "Label audit" in (out / "results.md").read_text()

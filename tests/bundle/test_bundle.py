@@ -1,0 +1,112 @@
+"""The bundle as users run it: ``python -m monai.bundle ...`` from ``bundle/``, on a tiny embedded set."""
+
+import json
+
+import pytest
+
+from conftest import BUNDLE
+from helpers import TINY, bundle, gradient_image, output_dirs, write_png
+
+CONFIGS = {
+    "train": "configs/train.json",
+    "evaluate": "['configs/train.json','configs/evaluate.json']",
+    "inference": "configs/inference.json",
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    dirs = output_dirs(out)
+    bundle("run", "training", "--config_file", CONFIGS["train"], "--epochs", "1", *TINY, *dirs)
+    return out, dirs
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoints_and_history(trained):
+    out, _ = trained
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_final.pt").is_file()
+    history = json.loads((out / "eval" / "history.json").read_text())
+    assert len(history) == 1 and 0.0 <= history[0]["val_accuracy"] <= 1.0 and history[0]["train_loss"] > 0
+    assert (out / "eval" / "training_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_evaluation_reports_best_and_last(trained):
+    out, dirs = trained
+    bundle("run", "evaluating", "--config_file", CONFIGS["evaluate"], *TINY, *dirs)
+    summary = json.loads((out / "eval" / "test" / "summary.json").read_text())
+    assert set(summary) == {"best", "last"}
+    for tag in ("best", "last"):
+        metrics = json.loads((out / "eval" / "test" / tag / "metrics.json").read_text())
+        assert metrics["n"] == summary[tag]["n"] > 0
+        assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == metrics["n"]
+        assert (out / "eval" / "test" / tag / "metrics_per_class.csv").is_file()
+
+
+@pytest.mark.slow
+def test_inference_on_files_reads_the_size_the_model_was_trained_with(trained, tmp_path):
+    out, dirs = trained
+    good = write_png(tmp_path / "in" / "a.png", gradient_image(48))
+    (tmp_path / "in" / "b.png").write_bytes(b"nope")
+    result_file = tmp_path / "pred.json"
+    # no --spatial_size / --network_padding: inference.json reads them from models/model_metadata.json
+    bundle("run", "inference", "--config_file", CONFIGS["inference"], "--synthetic_patients", "30", *dirs,
+           "--input_files", str(tmp_path / "in"), "--output_file", str(result_file))
+    result = json.loads(result_file.read_text())
+    assert result["n_classified"] == 1 and result["n_failed"] == 1
+    prediction = result["predictions"][0]
+    assert prediction["file"] == str(good) and prediction["class"] in ("meningioma", "glioma", "pituitary")
+    assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
+    assert "not a readable image" in result["errors"][0]["error"]
+
+
+def test_verify_metadata_passes_offline_and_catches_missing_keys(tmp_path):
+    schema = "configs/metadata_schema.json"
+    bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", schema)
+    broken = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    del broken["changelog"]
+    (tmp_path / "meta.json").write_text(json.dumps(broken))
+    result = bundle("verify_metadata", "--meta_file", str(tmp_path / "meta.json"), "--filepath", schema, check=False)
+    assert result.returncode != 0 and "changelog" in result.stdout + result.stderr
+
+
+def test_metadata_version_is_in_changelog():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert {"pytorch-ignite", "pydicom", "h5py"} <= set(meta["required_packages_version"])
+
+
+@pytest.mark.parametrize("config", ["train", "inference"])
+def test_verify_net_in_out(config):
+    bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+           "--config_file", CONFIGS[config], "--device", "cpu")
+
+
+@pytest.mark.slow
+def test_training_writes_what_the_model_was_trained_with_beside_the_checkpoint(trained):
+    out, _ = trained
+    metadata = json.loads((out / "models" / "model_metadata.json").read_text())
+    assert metadata["trained_with"]["spatial_size"] == 32 and metadata["trained_with"]["network_padding"] == 2
+    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    shipped = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert metadata["version"] == shipped["version"] and metadata["changelog"] == shipped["changelog"]
+    assert metadata["trained_with"]["data"]["source"].startswith("embedded synthetic set")
+
+
+@pytest.mark.slow
+def test_ckpt_export_and_verify_net_in_out_read_the_trained_settings(trained, tmp_path):
+    """The documented commands after training at 32 x 32: no size given, the TorchScript metadata says 32."""
+    import torch
+
+    out, dirs = trained
+    ts = tmp_path / "model.ts"
+    meta = str(out / "models" / "model_metadata.json")
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(out / "models" / "model.pt"),
+           "--meta_file", meta, "--config_file", CONFIGS["inference"], "--ckpt_dir", str(out / "models"))
+    extra = {"metadata.json": ""}
+    model = torch.jit.load(str(ts), _extra_files=extra)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", CONFIGS["inference"],
+           "--ckpt_dir", str(out / "models"), "--device", "cpu")

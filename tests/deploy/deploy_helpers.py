@@ -1,0 +1,56 @@
+"""Tiny exported models and DICOM folders for the deployment tests."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustmri import CLASS_NAMES
+from robustmri.networks import PaperCNN
+
+TINY_SIZE = 32
+
+
+def tiny_network(seed: int = 0) -> PaperCNN:
+    """A PaperCNN at 32 x 32 with random weights and non-trivial BatchNorm statistics (eval mode)."""
+    torch.manual_seed(seed)
+    network = PaperCNN(spatial_size=TINY_SIZE, padding=2, channels=(4, 4, 8, 8, 8))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return network.eval()
+
+
+def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None):
+    """Save a tiny checkpoint, export it; return (network, checkpoint, onnx file, export result)."""
+    from robustmri.deploy.export import export_onnx
+
+    network = tiny_network(seed)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    onnx_file = tmp_path / "model.onnx"
+    result = export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, model_version="9.9.9",
+                         parity_images=parity_images)
+    return network, checkpoint, onnx_file, result
+
+
+def pydicom_file(name: str) -> str:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path, f"pydicom's test file {name} is not bundled with this pydicom"
+    return path
+
+
+def copy_pydicom_files(folder: Path, *names: str) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: shutil.copy(pydicom_file(name), folder / name) for name in names}
+
+
+def gradient_series(n: int = 4, size: int = 40, seed: int = 0) -> list[np.ndarray]:
+    """Distinct slices whose values are multiples of 0.25 (exact through slope 0.25, intercept -10)."""
+    rng = np.random.default_rng(seed)
+    base = np.add.outer(np.arange(size), np.arange(size)).astype(np.float64)
+    return [base * (k + 1) + rng.integers(0, 40, (size, size)) * 0.25 for k in range(n)]
