@@ -1,0 +1,67 @@
+"""The method registry: one declaration per method, and everything that reads it agrees with the files."""
+
+import json
+
+import pytest
+from conftest import BUNDLE, ROOT
+
+from robustmri.methods import FAMILIES, Method, in_family, markdown_table, registry
+from robustmri.methods.__main__ import main as methods_main
+
+METHODS = sorted(registry())
+
+
+def test_registry_holds_every_method_module_once_in_table_order():
+    methods = registry()
+    assert list(methods) == ["naive", "at", "n2v", "isr", "isp", "alr", "mwnet", "pie", "pint", "audit"]
+    assert len({m.order for m in methods.values()}) == len(methods)
+    assert in_family("noisy images") == ["naive", "at", "n2v", "isr", "isp"]
+    assert in_family("noisy labels") == ["naive", "isr", "alr", "mwnet", "pie", "pint", "audit"]
+    with pytest.raises(ValueError, match="unknown families"):
+        Method(name="x", title="x", order=99, families=("noisy pixels",), summary=None, reference="")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_method_has_its_config_and_its_test(name):
+    method = registry()[name]
+    assert (BUNDLE / "configs" / method.config).is_file()
+    assert (ROOT / "tests" / "methods" / f"test_{name}.py").is_file()
+    assert set(method.families) <= set(FAMILIES)
+    if method.summary:  # a method's own output is named after it (ISR and ISP share the influence step's)
+        assert method.summary.startswith((f"{name}_", "influence_"))
+
+
+def _load(config: str) -> dict:
+    return json.loads((BUNDLE / "configs" / config).read_text())
+
+
+def _base_ids(config: str) -> set:
+    """Every top-level id of the config's _base_ chain."""
+    content, ids = _load(config), set()
+    bases = content.get("_base_", [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        ids |= set(_load(base)) | _base_ids(base)
+    return {i.lstrip("+") for i in ids}
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "naive"])
+def test_ids_a_method_adds_carry_its_name(name):
+    """File name = config name = option prefix: new ids are `<name>` or `<name>_*`; others override its base."""
+    config = registry()[name].config
+    inherited = _base_ids(config)
+    added = [key for key in _load(config) if key != "_base_" and key.lstrip("+") not in inherited]
+    strays = [key for key in added if key != name and not key.startswith(f"{name}_")]
+    assert not strays, f"{config} adds ids without the {name}_ prefix: {strays}"
+    handlers = _load(config).get("+method_handlers", [])
+    assert not handlers or (f"@{name}" in handlers and name in added), f"{config}: its handler is not called {name!r}"
+
+
+def test_the_docs_table_is_generated_from_the_registry(tmp_path):
+    methods_main(check=str(BUNDLE / "docs" / "README.md"))  # exits with a message when out of date
+    stale = tmp_path / "README.md"
+    stale.write_text((BUNDLE / "docs" / "README.md").read_text().replace("`audit`", "`audit_old`"))
+    with pytest.raises(SystemExit, match="out of date"):
+        methods_main(check=str(stale))
+    methods_main(write=str(stale))
+    methods_main(check=str(stale))
+    assert markdown_table() in stale.read_text()
