@@ -14,10 +14,11 @@ import logging
 import os
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from robustmri.data.readers import as_path_list, has_image_suffix
 from robustmri.data.transforms import ERROR_KEY
+from robustmri.engine.collect import RunCollector
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def file_items(inputs) -> list[dict]:
     return [{"image": path, "file": path} for path in list_inputs(inputs)]
 
 
-class PredictionsWriter:
+class PredictionsWriter(RunCollector):
     """Evaluator handler: collects class probabilities per file and writes ``output_file`` when done.
 
     ``pred`` must hold probabilities (softmax in the evaluator's postprocessing); items whose
@@ -63,15 +64,10 @@ class PredictionsWriter:
         self._predictions: list[dict] = []
         self._errors: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
+    def reset(self, engine: Engine) -> None:
         self._predictions, self._errors, self.summary = [], [], None
 
-    def _collect(self, engine: Engine) -> None:
+    def collect(self, engine: Engine) -> None:
         for item, output in zip(engine.state.batch, engine.state.output):  # decollated: one dict per file
             if item.get(ERROR_KEY):
                 self._errors.append({"file": item["file"], "error": item[ERROR_KEY]})
@@ -81,7 +77,7 @@ class PredictionsWriter:
             self._predictions.append({"file": item["file"], "class": self.class_names[best],
                                       "probabilities": dict(zip(self.class_names, probabilities))})
 
-    def _write(self, engine: Engine) -> None:
+    def write(self, engine: Engine) -> None:
         self.summary = {"n_classified": len(self._predictions), "n_failed": len(self._errors),
                         "predictions": self._predictions, "errors": self._errors}
         write_json(self.output_file, self.summary)

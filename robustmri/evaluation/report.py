@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
+from robustmri.engine.collect import RunCollector
 from robustmri.evaluation.metrics import classification_report, write_report
 from robustmri.outputs import plt, save_figure
 
@@ -35,7 +36,7 @@ def probabilities_and_labels(output) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, labels
 
 
-class ClassificationReportHandler:
+class ClassificationReportHandler(RunCollector):
     """Collects an evaluator's class probabilities and writes the test report when it completes.
 
     Expects ``pred`` to hold probabilities (softmax in the evaluator's postprocessing)
@@ -50,20 +51,15 @@ class ClassificationReportHandler:
         self._labels: list[int] = []
         self._probabilities: list[np.ndarray] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
+    def reset(self, engine: Engine) -> None:
         self._labels, self._probabilities, self.report = [], [], None
 
-    def _collect(self, engine: Engine) -> None:
+    def collect(self, engine: Engine) -> None:
         scores, labels = probabilities_and_labels(engine.state.output)
         self._probabilities.extend(scores.detach().float().cpu().numpy())
         self._labels.extend(labels.cpu().tolist())
 
-    def _write(self, engine: Engine) -> None:
+    def write(self, engine: Engine) -> None:
         self.report = classification_report(self._labels, np.stack(self._probabilities), self.class_names)
         folder = os.path.join(self.output_dir, self.tag)
         write_report(self.report, folder)
