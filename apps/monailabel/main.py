@@ -6,9 +6,11 @@ Start (from the repository root, virtual environment active):
 
 ``--conf`` keys: ``models`` (comma-separated; this app serves ``brain_tumour``), ``bundle_path``
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
-``spatial_size`` and ``network_padding`` (must match the checkpoint, e.g. 64 and 2 for the
-quick profile), ``noise`` (added to training images; default "none"), ``influence_damping``.
-See README.md beside this file for the annotator's workflow.
+``noise`` (added to training images; default "none"), and overrides of the bundle ids
+``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
+``models/model_metadata.json``) and ``influence_damping`` (default: influence.json's).
+Every task reads the bundle through lib/bundle.py. See README.md beside this file for the
+annotator's workflow.
 """
 
 import logging

@@ -1,53 +1,86 @@
-"""The robustmri bundle as the app sees it: merged configs, the network and its weights.
+"""The robustmri bundle as the app reads it: one config file (with its ``_base_`` files) and one set of overrides.
 
-The bundle's inference.json and isp.json sit on top of train.json (they are merged, never
-copied), so every task reads the same list of config files and applies the same overrides
-(``spatial_size``, ``network_padding``) given with ``--conf``.
+The bundle's configs compose with ``_base_`` (robustmri.engine.configs): each task reads one
+file and MONAI merges the files it names underneath. The infer task and the review score read
+``inference.json`` (``preprocessing``, ``network_def``, ``inferer``, ``postprocessing``,
+``checkpoint``), the review score reads the shared influence settings from ``influence.json``
+(``influence_damping``), and the train task runs ``isp.json``. Every read gets the same
+overrides, made here and nowhere else (:func:`bundle_overrides`):
+
+- ``bundle_root``: the bundle folder (``--conf bundle_path``);
+- ``spatial_size`` and ``network_padding`` as the checkpoint ``models/model.pt`` was trained
+  (``models/model_metadata.json``, read with ``trained_setting``, the function inference.json
+  calls itself), ``train.json``'s defaults when nothing is recorded;
+- the ``--conf`` values of :data:`CONF_OVERRIDES`: an explicit value always wins.
 """
+
+from __future__ import annotations
 
 import os
 
 from monai.bundle import ConfigParser
 
-import robustmri
+from robustmri.engine import configs
+from robustmri.engine.model_metadata import SETTINGS, trained_setting
 from robustmri.evaluation.checkpoints import load_weights
 
-#: train.json first: inference.json and isp.json refer to its ids.
-INFER_CONFIGS = ("train.json", "inference.json")
-OVERRIDE_KEYS = ("spatial_size", "network_padding")
+configs.install()  # "_base_" also where no .pth file ran (it is installed at interpreter start otherwise)
+
+INFER_CONFIG = "inference.json"
+INFLUENCE_CONFIG = "influence.json"
+TRAIN_CONFIG = "isp.json"
+#: The checkpoint the tasks serve, train from and score with (``models/``, as MONAI Label expects).
+CHECKPOINT = "model.pt"
+#: ``--conf`` keys that override the bundle id of the same name, and their type.
+CONF_OVERRIDES = {"spatial_size": int, "network_padding": int, "influence_damping": float}
 
 
-def bundle_overrides(conf: dict) -> dict:
-    """Integer overrides from the app's ``--conf`` (e.g. ``--conf spatial_size 64``)."""
+def config_path(bundle_dir: str, name: str) -> str:
+    path = os.path.join(bundle_dir, "configs", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: bundle config not found (set --conf bundle_path)")
+    return path
+
+
+def conf_overrides(conf: dict) -> dict:
+    """Bundle ids given with ``--conf`` (e.g. ``--conf spatial_size 64``), typed."""
     overrides = {}
-    for key in OVERRIDE_KEYS:
+    for key, kind in CONF_OVERRIDES.items():
         if conf.get(key) not in (None, ""):
             try:
-                overrides[key] = int(conf[key])
+                overrides[key] = kind(conf[key])
             except ValueError as err:
-                raise ValueError(f"--conf {key} must be an integer, got {conf[key]!r}") from err
+                raise ValueError(f"--conf {key} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {conf[key]!r}") from err
     return overrides
 
 
-def read_bundle_config(bundle_path: str, config_names=INFER_CONFIGS, overrides: dict | None = None) -> ConfigParser:
-    paths = [os.path.join(bundle_path, "configs", name) for name in config_names]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"bundle config not found: {', '.join(missing)} (--conf bundle_path {bundle_path})")
+def trained_settings(bundle_dir: str) -> dict:
+    """``spatial_size`` and ``network_padding`` of ``models/model.pt`` (train.json's defaults if unrecorded)."""
+    checkpoint = os.path.join(bundle_dir, "models", CHECKPOINT)
+    return {key: trained_setting(checkpoint, key, bundle_dir) for key in SETTINGS}
+
+
+def bundle_overrides(bundle_dir: str, conf: dict) -> dict:
+    """The overrides of every config the app reads or runs: bundle root, trained settings, ``--conf``."""
+    return {"bundle_root": bundle_dir, **trained_settings(bundle_dir), **conf_overrides(conf)}
+
+
+def read_config(bundle_dir: str, name: str, conf: dict, extra: dict | None = None) -> ConfigParser:
+    """``configs/<name>`` with its bases, the bundle metadata and :func:`bundle_overrides` (then ``extra``)."""
     parser = ConfigParser()
-    parser.read_config(paths)
-    parser.config.update({"bundle_root": bundle_path, **(overrides or {})})
+    parser.read_config(config_path(bundle_dir, name))
+    parser.read_meta(config_path(bundle_dir, "metadata.json"))
+    parser.update({**bundle_overrides(bundle_dir, conf), **(extra or {})})
     return parser
 
 
-def load_network(bundle_path: str, overrides: dict, checkpoint: str = "model.pt", device="cpu"):
-    """The bundle's network with ``models/<checkpoint>`` loaded, in eval mode; and the parsed config."""
-    parser = read_bundle_config(bundle_path, overrides=overrides)
-    network = parser.get_parsed_content("network_def", instantiate=True)
-    load_weights(network, os.path.join(bundle_path, "models", checkpoint), device)
-    return network.to(device).eval(), parser
-
-
 def class_names(parser: ConfigParser) -> tuple:
-    names = parser.get_parsed_content("class_names")
-    return tuple(names) if names else tuple(robustmri.CLASS_NAMES)
+    return tuple(str(name) for name in parser.get_parsed_content("class_names"))
+
+
+def load_network(parser: ConfigParser, device="cpu"):
+    """``network_def`` of ``parser`` with the config's ``checkpoint`` loaded, in eval mode."""
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    load_weights(network, parser.get_parsed_content("checkpoint"), device)
+    return network.to(device).eval()

@@ -1,67 +1,65 @@
-"""Infer task: class and probabilities of one study image, preprocessed exactly as in training."""
+"""Infer task: class and probabilities of one study image, with the bundle's inference.json."""
 
 import logging
 from typing import Any, Callable, Dict, Sequence
 
 import torch
-from monai.inferers import Inferer, SimpleInferer
 from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
+from monailabel.tasks.infer.bundle import BundleInferTask
 
-from robustmri.data.preprocessing import preprocess
-from robustmri.data.readers import ImageReadError, read_image
-
-from lib.bundle import INFER_CONFIGS, bundle_overrides, class_names, read_bundle_config
+from lib.bundle import INFER_CONFIG, class_names, read_config
 
 logger = logging.getLogger(__name__)
 
 
-class ReadAndPreprocessd:
-    """Replace ``data["image"]`` (a file path) by the network input [1, S, S] (robustmri.data.preprocessing)."""
+def raise_on_unreadable(parser) -> list[str]:
+    """Make the bundle's file-reading transforms raise on an unreadable image; return the ids set.
 
-    def __init__(self, spatial_size: int):
-        self.spatial_size = int(spatial_size)
-
-    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        path = data["image"]
-        try:
-            image = preprocess(read_image(path), self.spatial_size)
-        except ImageReadError as err:
-            raise ValueError(f"{path}: cannot classify ({err.reason})") from err
-        data["image"] = torch.from_numpy(image)[None]
-        return data
+    inference.json's ``preprocessing`` marks unreadable files and goes on (a batch of many
+    files); one requested image must fail instead, with the error naming the file.
+    """
+    preprocessing = parser["preprocessing"]
+    transforms = preprocessing.get("transforms", []) if isinstance(preprocessing, dict) else []
+    ids = [f"preprocessing#transforms#{k}#on_error" for k, t in enumerate(transforms)
+           if isinstance(t, dict) and "on_error" in t]
+    for config_id in ids:
+        parser[config_id] = "raise"
+    return ids
 
 
 class ClassificationInfer(BundleInferTask):
     """The bundle's classifier as a MONAI Label classification model.
 
-    MONAI Label infers "classification" only from a bundle folder name containing it, so the type
-    is set here. The bundle's own inference reads files itself (robustmri.deploy.inference), so the pre-
-    and post-processing are given here with the same library functions.
+    Everything comes from ``inference.json`` (read by lib.bundle, so with the trained
+    ``spatial_size`` and ``network_padding``): the pre-transforms are its ``preprocessing``
+    (robustmri.data.transforms.LoadPreprocessd, the preprocessing of training, set to raise on
+    an unreadable image), the network is ``network_def``, the inferer ``inferer`` and the
+    post-transforms ``postprocessing`` (softmax). MONAI Label infers "classification" only from
+    a bundle folder name containing it, so the type is given here; the writer turns the
+    probabilities into class names.
     """
 
     def __init__(self, path: str, conf: Dict[str, str], **kwargs):
-        self.overrides = bundle_overrides(conf)
+        self.app_conf = dict(conf)  # read by _load_bundle_config, which the base class calls
         super().__init__(path, conf, type=InferType.CLASSIFICATION, add_post_restore=False, pre_filter=None,
                          post_filter=None, load_strict=True, **kwargs)
         if self.valid:
-            self.spatial_size = int(self.bundle_config.get_parsed_content("spatial_size"))
             self.class_names = class_names(self.bundle_config)
 
     def _load_bundle_config(self, path, config):
-        return read_bundle_config(path, INFER_CONFIGS, self.overrides)
-
-    def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return [ReadAndPreprocessd(self.spatial_size)]
-
-    def inferer(self, data=None) -> Inferer:
-        return SimpleInferer()
+        parser = read_config(path, INFER_CONFIG, self.app_conf)
+        raise_on_unreadable(parser)
+        return parser
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        return []
+        post = super().post_transforms(data)  # the base class unpacks a Compose, not a single transform
+        return list(post) if isinstance(post, (list, tuple)) else [post]
 
     def writer(self, data: Dict[str, Any], extension=None, dtype=None):
-        probabilities = torch.softmax(torch.as_tensor(data[self.output_label_key]).float().reshape(-1), 0).tolist()
+        probabilities = torch.as_tensor(data[self.output_label_key]).float().reshape(-1).tolist()
+        if len(probabilities) != len(self.class_names):
+            raise ValueError(f"{self.bundle_config_path}: the network gives {len(probabilities)} outputs for "
+                             f"{len(self.class_names)} class_names")
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
         return None, {
             "class": self.class_names[best],
@@ -69,6 +67,3 @@ class ClassificationInfer(BundleInferTask):
             "prediction": [{"idx": k, "label": name, "score": p}
                            for k, (name, p) in enumerate(zip(self.class_names, probabilities))],
         }
-
-
-__all__ = ["ClassificationInfer", "ReadAndPreprocessd", "BundleConstants"]

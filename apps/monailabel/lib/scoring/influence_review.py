@@ -10,7 +10,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from robustmri.review.label_review import LabelFileError, LabelledImage, read_label_file, score_labelled_images
 
-from lib.bundle import bundle_overrides, class_names, load_network
+from lib.bundle import INFER_CONFIG, INFLUENCE_CONFIG, class_names, load_network, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -33,34 +33,43 @@ def labelled_images(datastore: Datastore, names) -> tuple[list[LabelledImage], l
 
 
 class InfluenceReviewScoring(ScoringMethod):
-    """Self-influence of each labelled image under the current model (robustmri.review.label_review)."""
+    """Self-influence of each labelled image under the current model (robustmri.review.label_review).
 
-    def __init__(self, bundle_path: str, conf: dict, damping: float = 0.01):
+    The network, its checkpoint and the trained spatial size come from the bundle's
+    inference.json, the damping from influence.json (``influence_damping``, the setting ISR,
+    ISP and the audit share; ``--conf influence_damping`` overrides it). Both are read at each
+    run, so a retrained model or an edited bundle is used without a restart.
+    """
+
+    def __init__(self, bundle_path: str, conf: dict):
         super().__init__("Influence review: self-influence of every labelled image with the current model; "
                          "most negative = label most suspicious")
         self.bundle_path = bundle_path
-        self.overrides = bundle_overrides(conf)
-        self.damping = float(conf.get("influence_damping", damping))
+        self.conf = dict(conf)
+
+    def damping(self) -> float:
+        return float(read_config(self.bundle_path, INFLUENCE_CONFIG, self.conf).get_parsed_content("influence_damping"))
 
     def __call__(self, request, datastore: Datastore):
         device = "cuda" if torch.cuda.is_available() and request.get("device", "cuda") != "cpu" else "cpu"
-        checkpoint = os.path.join(self.bundle_path, "models", "model.pt")
-        network, parser = load_network(self.bundle_path, self.overrides, device=device)
+        parser = read_config(self.bundle_path, INFER_CONFIG, self.conf)
+        network = load_network(parser, device)
+        damping = self.damping()
         names = class_names(parser)
         items, skipped = labelled_images(datastore, names)
         if len(items) < 2:
             logger.warning("influence review: %d usable labelled image(s); nothing scored", len(items))
             return {"scored": 0, "skipped": skipped}
-        result = score_labelled_images(network, items, int(parser.get_parsed_content("spatial_size")),
-                                       self.damping, device)
+        result = score_labelled_images(network, items, int(parser.get_parsed_content("spatial_size")), damping,
+                                       device)
         now = int(time.time())
-        model_ts = int(os.path.getmtime(checkpoint))
+        model_ts = int(os.path.getmtime(parser.get_parsed_content("checkpoint")))
         total = len(result["scores"])
         for image_id, entry in result["scores"].items():
             datastore.update_image_info(image_id, {INFO_KEY: {
                 "score": entry["score"], "rank": entry["rank"], "of": total, "label": names[entry["label"]],
-                "model_ts": model_ts, "ts": now}})
+                "damping": damping, "model_ts": model_ts, "ts": now}})
         skipped += result["skipped"]
         order = sorted(result["scores"].items(), key=lambda kv: kv[1]["rank"])
-        return {"scored": total, "skipped": skipped,
+        return {"scored": total, "skipped": skipped, "damping": damping,
                 "most_suspicious": [{"id": i, "score": e["score"], "rank": e["rank"]} for i, e in order[:10]]}

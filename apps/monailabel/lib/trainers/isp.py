@@ -1,12 +1,11 @@
-"""Train task: the bundle's ISP workflow (train.json + isp.json) on the studies' labelled images."""
+"""Train task: the bundle's ISP workflow (configs/isp.json) on the studies' labelled images."""
 
 import logging
 import os
 from typing import Dict
 
-import monai.bundle
 from monailabel.interfaces.datastore import Datastore
-from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
 from robustmri.review.label_review import (
     LABEL_SUFFIX,
@@ -16,46 +15,75 @@ from robustmri.review.label_review import (
     write_training_catalog,
 )
 
-from lib.bundle import bundle_overrides
+from lib.bundle import TRAIN_CONFIG, bundle_overrides, read_config
 
 logger = logging.getLogger(__name__)
 
-TRAIN_CONFIGS = ("train.json", "isp.json")
+#: Folder under the bundle that receives the studies' labels.csv (``dataset_dir`` points there).
+CATALOG_DIR = os.path.join("eval", "monailabel_studies")
+
+
+class ISPConstants(BundleConstants):
+    def configs(self):
+        return [TRAIN_CONFIG]  # isp.json names influence.json and train.json as its bases
 
 
 class ISPTrain(BundleTrainTask):
     """Retrain with Influence-based Sample Perturbation on the annotated studies.
 
-    The stock task hands the bundle ``train#dataset#data`` and does not turn classification
-    labels into class indices. Here the labelled studies become a ``labels.csv`` (file,
-    label_name, anonymous group) that the bundle's own data layer reads (``dataset_dir``), so
-    the ISP handler, the patient-grouped split and the preprocessing are the bundle's.
-    Images are trained on as they are (``noise`` "none" unless ``--conf noise gaussian``).
+    MONAI Label's own BundleTrainTask runs ``configs/isp.json`` with its stock overrides:
+    ``train#trainer#max_epochs``, ``train#handlers`` (with the CheckpointLoader of the
+    pretrained ``model.pt``), ``device`` and experiment tracking. Two things are this app's:
+
+    - the data: the stock task hands the bundle ``train#dataset#data`` and does not turn
+      classification label files into class indices. Here the labelled studies become a
+      ``labels.csv`` (file, label_name, anonymous group) that the bundle's own data layer reads
+      (``dataset_dir``), so the patient-grouped split and the preprocessing are the bundle's;
+      ``val_split`` sets ``split_fractions`` (ISP needs a validation set);
+    - ``influence_epoch``: by default the bundle's ratio of ``influence_epoch`` to ``epochs``
+      (influence.json, train.json) applied to ``max_epochs``.
+
+    Images are trained on as they are (``noise`` "none" unless ``--conf noise gaussian``);
+    spatial size and padding are those of the checkpoint (lib.bundle).
     """
 
     def __init__(self, path: str, conf: Dict[str, str], **kwargs):
-        super().__init__(path, conf, **kwargs)
-        self.overrides = bundle_overrides(conf)
+        super().__init__(path, conf, const=ISPConstants(), load_strict=True, **kwargs)
         self.noise = conf.get("noise", "none")
-        self.class_names = None
         self._request: Dict = {}
+
+    def _load_bundle_config(self, path, config):
+        return read_config(path, TRAIN_CONFIG, self.conf)
 
     def config(self):
         options = super().config()
-        options.update({"max_epochs": 40, "influence_epoch": 0, "val_split": 0.2, "multi_gpu": False})
+        options.update({"max_epochs": self._bundle_int("epochs"), "influence_epoch": 0, "val_split": 0.2,
+                        "multi_gpu": False})
         return options
 
     def __call__(self, request, datastore: Datastore):
-        self._request = dict(request)
+        # a fresh config per run: trained settings may have changed, and the stock task adds its
+        # CheckpointLoader to the config's own train#handlers list
+        self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
+        # the bundle has no multi_gpu_train.json: the stock task would skip training on a multi-GPU machine
+        request = {"max_epochs": self._bundle_int("epochs"), **request, "multi_gpu": False, "force_multi_gpu": False}
+        self._request = request
         return super().__call__(request, datastore)
+
+    def _bundle_int(self, config_id: str) -> int:
+        return int(self.bundle_config.get_parsed_content(config_id))
+
+    def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
+        if pretrained:  # the stock method fails on os.path.exists(None) when asked not to load one
+            super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
 
     def _fetch_datalist(self, request, datastore: Datastore):
         """Labelled images with class indices; unusable label files are skipped and counted."""
-        class_names = self.bundle_config.get_parsed_content("class_names")
+        names = self.bundle_config.get_parsed_content("class_names")
         datalist, skipped = [], 0
         for item in datastore.datalist():
             try:
-                label, group = read_label_file(item["label"], class_names)
+                label, group = read_label_file(item["label"], names)
             except LabelFileError as err:
                 logger.warning("not trained on: %s", err)
                 skipped += 1
@@ -66,37 +94,29 @@ class ISPTrain(BundleTrainTask):
         logger.info("training on %d labelled image(s); %d label file(s) skipped", len(datalist), skipped)
         if len(datalist) < 2:
             raise ValueError(f"need at least 2 labelled images to train, found {len(datalist)} ({skipped} skipped)")
-        self.class_names = tuple(class_names)
         return datalist
 
     def _partition_datalist(self, datalist, request, shuffle=False):
-        return datalist, None  # the bundle splits by patient group itself (split_fractions below)
+        return datalist, None  # the bundle splits by patient group itself (split_fractions, below)
 
     def _update_overrides(self, overrides):
         request = self._request
+        # the bundle's data layer reads the studies from labels.csv, not from a list of paths
         datalist = overrides.pop(self.const.key_train_dataset_data())
-        overrides.pop(self.const.key_validate_dataset_data(), None)
-        # isp.json takes "train" from train.json by macro, so ids inside it cannot be overridden:
-        # the epoch count goes through "epochs", and the stock task's CheckpointLoader (pretrained)
-        # joins the ISP handler in "method_handlers"
-        overrides.pop(self.const.key_train_trainer_max_epochs(), None)
-        loaders = [h for h in overrides.pop(self.const.key_train_handlers(), [])
-                   if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader"]
-        overrides["method_handlers"] = [*loaders, "@isp"]
-        catalog_dir = os.path.join(self.bundle_path, "eval", "monailabel_studies")
+        catalog_dir = os.path.join(self.bundle_path, CATALOG_DIR)
         write_training_catalog([LabelledImage(d["id"], d["image"], d["label"], d["group"]) for d in datalist],
-                               catalog_dir, self.class_names)
-        epochs = int(request.get("max_epochs", 40))
-        influence_epoch = int(request.get("influence_epoch") or max(1, round(0.75 * epochs)))
+                               catalog_dir, self.bundle_config.get_parsed_content("class_names"))
+        epochs = int(request["max_epochs"])
+        influence_epoch = int(request.get("influence_epoch") or 0) or max(1, round(
+            epochs * self._bundle_int("influence_epoch") / self._bundle_int("epochs")))
+        if not 1 <= influence_epoch <= epochs:
+            raise ValueError(f"influence_epoch must lie in 1..max_epochs ({epochs}), got {influence_epoch}")
+        overrides.update({**bundle_overrides(self.bundle_path, self.conf), "dataset_dir": catalog_dir,
+                          "influence_epoch": influence_epoch, "noise": self.noise, "on_error": "skip"})
         val_split = float(request.get("val_split", 0.2))
-        if not 0.0 < val_split < 1.0:
-            raise ValueError(f"val_split must lie in (0, 1): ISP needs a validation split, got {val_split}")
-        overrides.update({"dataset_dir": catalog_dir, "epochs": epochs, "influence_epoch": influence_epoch,
-                          "split_fractions": [1.0 - val_split, val_split, 0.0], "noise": self.noise,
-                          "on_error": "skip", **self.overrides})
+        if val_split >= 0:  # -1: the bundle's own split_fractions, as in MONAI Label's stock task
+            if not 0.0 < val_split < 1.0:
+                raise ValueError(f"val_split must lie in (0, 1), or be -1 for the bundle's split: ISP needs a "
+                                 f"validation split, got {val_split}")
+            overrides["split_fractions"] = [1.0 - val_split, val_split, 0.0]
         return overrides
-
-    def run_single_gpu(self, request, overrides):
-        monai.bundle.run(run_id="training", meta_file=self.bundle_metadata_path,
-                         config_file=[os.path.join(self.bundle_path, "configs", name) for name in TRAIN_CONFIGS],
-                         **overrides)
