@@ -1,9 +1,10 @@
-"""The MONAI Label app, served for real: ``monailabel start_server`` on 127.0.0.1.
+"""The MONAI Label app: served for real (``monailabel start_server`` on 127.0.0.1), and its tasks in process.
 
 Needs the ``[label]`` extra (``make test`` installs it); skipped, and counted, without it.
 The rest of the suite never imports monailabel.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -22,7 +23,10 @@ import torch
 from PIL import Image
 
 from robustmri.data.synthetic import generate_slices
+from robustmri.engine.model_metadata import METADATA_FILE, model_metadata
+from robustmri.engine.workflow import execute, load_workflow
 from robustmri.networks import PaperCNN
+from robustmri.outputs import write_json
 from robustmri.review.label_review import write_label_file
 
 from conftest import ROOT
@@ -30,8 +34,53 @@ from conftest import ROOT
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
 
 REPO = str(ROOT)
+APP = os.path.join(REPO, "apps", "monailabel")
 CLASS_NAMES = ("meningioma", "glioma", "pituitary")
 DEADLINE_S = 150
+#: Written to the study folder: not an image, never labelled.
+BROKEN = "broken.png"
+
+
+def _make_studies(studies):
+    """12 tiny PNG slices with JSON labels (patient groups), and one unreadable file without a label."""
+    synthetic = generate_slices(n_patients=6, size=64, seed=0)
+    (studies / "labels" / "final").mkdir(parents=True)
+    for k, (image, label) in enumerate(zip(synthetic["images"][:12], synthetic["labels"][:12])):
+        Image.fromarray((image * 255).astype(np.uint8)).save(studies / f"case{k:02d}.png")
+        write_label_file(str(studies / "labels" / "final" / f"case{k:02d}.label.json"), CLASS_NAMES[int(label)],
+                         group=str(int(synthetic["groups"][k])))
+    (studies / BROKEN).write_bytes(b"not a PNG")
+    return studies
+
+
+def _make_bundle(bundle, network=None, network_def=None, padding=2):
+    """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json, as training
+    writes it (so the app must take spatial size and padding from there); ``network_def`` replaces train.json's."""
+    shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
+    if network_def is not None:
+        _edit_config(bundle, "train.json", network_def=network_def)
+    (bundle / "models").mkdir()
+    torch.manual_seed(0)
+    network = network if network is not None else PaperCNN(spatial_size=64, padding=padding)
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    write_json(str(bundle / "models" / METADATA_FILE), model_metadata({}, 64, padding, network, CLASS_NAMES))
+    return bundle
+
+
+def _edit_config(bundle, name, **values):
+    path = bundle / "configs" / name
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config, indent=4))
+
+
+def _bundle_inference(bundle, image, output_file):
+    """Probabilities of ``image`` from the bundle's own inference workflow (inference.json, no overrides)."""
+    execute(load_workflow(bundle, ["inference.json"], {"input_files": str(image), "output_file": str(output_file),
+                                                       "device": "cpu"}, workflow_type="infer"))
+    predictions = json.loads(output_file.read_text())["predictions"]
+    assert len(predictions) == 1, predictions
+    return predictions[0]["probabilities"]
 
 
 def _free_port() -> int:
@@ -85,23 +134,11 @@ def _tail(path, n=4000):
 @pytest.mark.slow
 @pytest.mark.monailabel
 def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
-    # studies: 12 tiny PNG slices with JSON labels, one of them deliberately wrong
-    synthetic = generate_slices(n_patients=6, size=64, seed=0)
-    studies = tmp_path / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for k, (image, label) in enumerate(zip(synthetic["images"][:12], synthetic["labels"][:12])):
-        Image.fromarray((image * 255).astype(np.uint8)).save(studies / f"case{k:02d}.png")
-        write_label_file(str(studies / "labels" / "final" / f"case{k:02d}.label.json"), CLASS_NAMES[int(label)],
-                         group=str(int(synthetic["groups"][k])))
-    # a local bundle: the repository's configs and an untrained quick-profile checkpoint (64 px, padding 2)
-    bundle = tmp_path / "bundle"
-    shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
-    (bundle / "models").mkdir()
-    torch.manual_seed(0)
-    torch.save(PaperCNN(spatial_size=64, padding=2).state_dict(), bundle / "models" / "model.pt")
+    studies = _make_studies(tmp_path / "studies")
+    # a local bundle: no --conf spatial_size/network_padding below, they come from models/model_metadata.json
+    bundle = _make_bundle(tmp_path / "bundle")
     app = tmp_path / "app"  # start_server creates model/, logs/, bin/ in the app folder: keep them out of the repo
-    shutil.copytree(os.path.join(REPO, "apps", "monailabel"), app,
-                    ignore=shutil.ignore_patterns("__pycache__", "model", "logs", "bin"))
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs", "bin"))
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -109,15 +146,14 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     command = [os.path.join(os.path.dirname(sys.executable), "monailabel"), "start_server", "--app", str(app),
                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "models",
-               "brain_tumour", "--conf", "bundle_path", str(bundle), "--conf", "spatial_size", "64",
-               "--conf", "network_padding", "2"]
+               "brain_tumour", "--conf", "bundle_path", str(bundle)]
     log_path = tmp_path / "server.log"
     deadline = time.monotonic() + DEADLINE_S
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                    start_new_session=True)
     try:
-        _exercise(base, deadline, process, log_path, bundle)
+        _exercise(base, deadline, process, log_path, bundle, studies, tmp_path)
     except ServerError as err:
         pytest.fail(f"{err}\nserver log:\n{_tail(log_path)}")
     finally:
@@ -130,29 +166,60 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
                 process.wait(timeout=15)
 
 
-def _exercise(base, deadline, process, log_path, bundle):
+def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
     """/info/, infer on a study image, ISP training, influence scoring, then the active-learning strategy."""
     info = _wait(lambda: _request(f"{base}/info/", timeout=5), deadline, "/info/", process, log_path)
     assert info["models"]["brain_tumour"]["type"] == "classification"
     assert set(info["strategies"]) >= {"most_suspicious"} and "influence_review" in info["scoring"]
+    assert info["trainers"]["brain_tumour"]["config"]["max_epochs"] == 40  # the bundle's epochs
 
+    # infer: inference.json's preprocessing, network and softmax, so the bundle's own workflow agrees
     result = _request(f"{base}/infer/brain_tumour?image=case03&output=json", "POST")
     probabilities = result["probabilities"]
     assert list(probabilities) == list(CLASS_NAMES)
     assert abs(sum(probabilities.values()) - 1.0) < 1e-5
     assert result["class"] == max(probabilities, key=probabilities.get)
+    expected = _bundle_inference(bundle, studies / "case03.png", tmp_path / "bundle_predictions.json")
+    assert probabilities == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ServerError, match="HTTP 500"):  # raised, not classified as a black image
+        _request(f"{base}/infer/brain_tumour?image={BROKEN[:-4]}&output=json", "POST")
+    error = f"{studies / BROKEN}: cannot classify (not a readable image"
+    _wait(lambda: error in _tail(log_path, 10**6), deadline, "the infer error in the server log", process, log_path)
 
+    # train: the stock overrides (train#trainer#max_epochs, train#handlers with the pretrained
+    # checkpoint's loader) and experiment tracking, here with a settings file that needs no mlflow
+    tracking_dir = tmp_path / "tracking"
+    tracking = tmp_path / "tracking.json"
+    tracking.write_text(json.dumps({
+        "handlers_id": {"trainer": {"id": "train#trainer", "handlers": "train#handlers"}},
+        "configs": {"trainer": {"_target_": "TensorBoardStatsHandler", "log_dir": str(tracking_dir),
+                                "tag_name": "tracked_loss",
+                                "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}}}))
     assert not (bundle / "models" / "model_final.pt").exists()
     _request(f"{base}/train/brain_tumour?run_sync=true", "POST", timeout=120,
-             body={"max_epochs": 2, "influence_epoch": 1, "val_split": 0.34, "device": "cpu"})
+             body={"max_epochs": 2, "influence_epoch": 1, "val_split": 0.34, "device": "cpu",
+                   "tracking": str(tracking)})
     assert (bundle / "models" / "model_final.pt").is_file()  # the bundle's ISP run wrote its checkpoints
     with open(bundle / "eval" / "influence_summary.json") as handle:
         summary = json.load(handle)
-    assert summary["method"] == "ISP" and summary["n_train"] + summary["n_val"] == 12
+    assert summary["method"] == "ISP" and summary["epoch"] == 1 and summary["n_train"] + summary["n_val"] == 12
+    with open(bundle / "eval" / "history.json") as handle:
+        assert len(json.load(handle)) == 2  # train#trainer#max_epochs, not the bundle's 40 epochs
+    assert glob.glob(str(tracking_dir / "events.out.tfevents.*")), "the tracking handler did not run"
+    executed = sorted(glob.glob(str(bundle / "eval" / "config_*.json")))  # saved by MONAI's tracking
+    assert len(executed) == 1
+    with open(executed[0]) as handle:
+        config = json.load(handle)
+    assert config["train"]["trainer"]["max_epochs"] == 2 and config["epochs"] == 40
+    loader = config["train"]["handlers"][0]
+    assert loader["_target_"] == "CheckpointLoader" and loader["load_path"] == str(bundle / "models" / "model.pt")
+    assert config["train"]["handlers"][-1]["log_dir"] == str(tracking_dir)
+    assert (config["spatial_size"], config["network_padding"]) == (64, 2)  # as model.pt was trained
 
     # training starts a background scoring run; score again, synchronously, once it is done
     scoring = _wait(lambda: _score_unless_busy(base), deadline, "the post-training scoring", process, log_path)
     assert scoring["scored"] == 12 and scoring["skipped"] == []
+    assert scoring["damping"] == 0.01  # influence.json's influence_damping
     sample = _request(f"{base}/activelearning/most_suspicious", "POST")
     scores = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["score"]
               for k in range(12)}
@@ -160,3 +227,112 @@ def _exercise(base, deadline, process, log_path, bundle):
     assert sample["influence_score"] == pytest.approx(scores[sample["id"]])
     assert sample["rank"] == 1 and sample["of"] == 12
     assert all(score <= 0 for score in scores.values())
+
+
+# ---- the app's tasks in process: no server, the same classes start_server builds ----
+
+@pytest.fixture
+def app_lib(monkeypatch):
+    """The app's ``lib`` package importable (as start_server makes it), and forgotten afterwards."""
+    monkeypatch.syspath_prepend(APP)
+    yield
+    for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
+        del sys.modules[name]
+
+
+def _datastore(studies):
+    from monailabel.config import settings
+    from monailabel.datastore.local import LocalDatastore
+
+    return LocalDatastore(str(studies), extensions=[*settings.MONAI_LABEL_DATASTORE_FILE_EXT, "*.label.json"],
+                          auto_reload=False)
+
+
+@pytest.mark.monailabel
+def test_infer_task_raises_on_an_unreadable_image_and_matches_the_bundle_with_a_monai_densenet(tmp_path, app_lib):
+    from monai.networks.nets import DenseNet
+
+    from lib.infers.classification import ClassificationInfer
+
+    studies = _make_studies(tmp_path / "studies")
+    network_def = {"_target_": "monai.networks.nets.DenseNet", "spatial_dims": 2, "in_channels": 1,
+                   "out_channels": "@num_classes", "init_features": 8, "growth_rate": 8, "block_config": [2, 2],
+                   "bn_size": 2}
+    torch.manual_seed(0)
+    network = DenseNet(spatial_dims=2, in_channels=1, out_channels=3, init_features=8, growth_rate=8,
+                       block_config=(2, 2), bn_size=2)
+    bundle = _make_bundle(tmp_path / "bundle", network=network, network_def=network_def, padding=0)
+    task = ClassificationInfer(str(bundle), {})
+    assert task.is_valid() and isinstance(task.network, DenseNet)
+
+    _, result = task({"image": str(studies / "case05.png"), "device": "cpu"})
+    assert abs(sum(result["probabilities"].values()) - 1.0) < 1e-5
+    expected = _bundle_inference(bundle, studies / "case05.png", tmp_path / "predictions.json")
+    assert result["probabilities"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match=rf"^{studies / BROKEN}: cannot classify \(not a readable image"):
+        task({"image": str(studies / BROKEN), "device": "cpu"})
+
+
+@pytest.mark.monailabel
+def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
+    from robustmri.influence import DEFAULT_DAMPING, self_influence_scores
+    from robustmri.review.label_review import load_images
+
+    from lib.scoring.influence_review import INFO_KEY, InfluenceReviewScoring, labelled_images
+
+    studies = _make_studies(tmp_path / "studies")
+    bundle = _make_bundle(tmp_path / "bundle")
+    _edit_config(bundle, "influence.json", influence_damping=0.5)
+    datastore = _datastore(studies)
+    result = InfluenceReviewScoring(str(bundle), {})({"device": "cpu"}, datastore)
+    assert result["scored"] == 12 and result["damping"] == 0.5
+
+    network = PaperCNN(spatial_size=64, padding=2)
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    items, skipped = labelled_images(datastore, CLASS_NAMES)
+    images, kept, _ = load_images(items, 64)
+    labels = [item.label for item in kept]
+    stored = [datastore.get_image_info(item.image_id)[INFO_KEY]["score"] for item in kept]
+    assert len(stored) == 12 and not skipped
+    assert stored == pytest.approx(self_influence_scores(network.eval(), images, labels, 0.5).tolist(), rel=1e-4)
+    default = self_influence_scores(network, images, labels, DEFAULT_DAMPING)
+    assert not np.allclose(stored, default, rtol=1e-2)
+    assert InfluenceReviewScoring(str(bundle), {"influence_damping": "0.2"}).damping() == 0.2  # --conf wins
+
+
+@pytest.mark.monailabel
+def test_train_task_runs_isp_json_with_monai_labels_nested_overrides_and_tracking(tmp_path, app_lib):
+    """The overrides the task hands monai.bundle.run, applied as MONAI does (with mlflow tracking), not run."""
+    from monai.bundle import ConfigWorkflow
+
+    from lib.trainers.isp import ISPTrain
+
+    studies = _make_studies(tmp_path / "studies")
+    bundle = _make_bundle(tmp_path / "bundle")
+    task = ISPTrain(str(bundle), {})
+    assert task.bundle_config_path == str(bundle / "configs" / "isp.json")
+    captured = {}
+    task.run_single_gpu = lambda request, overrides: captured.update(overrides)
+    task({"model": "brain_tumour", "max_epochs": 4, "val_split": 0.25, "device": "cpu", "tracking": "mlflow"},
+         _datastore(studies))
+
+    tracking = captured.pop("tracking")
+    workflow = ConfigWorkflow(config_file=task.bundle_config_path, meta_file=task.bundle_metadata_path,
+                              logging_file=False, tracking=tracking, **captured)
+    parser = workflow.parser
+    assert parser.get_parsed_content("train#trainer#max_epochs") == 4 and parser.get_parsed_content("epochs") == 40
+    assert parser.get_parsed_content("isp#epoch") == 3  # influence.json's 30 of 40 epochs, scaled to 4
+    handlers = [h["_target_"] for h in parser["train#handlers"]]
+    assert handlers[0] == "CheckpointLoader" and handlers[-1] == "MLFlowHandler"
+    assert parser["train#handlers"][0]["load_path"] == str(bundle / "models" / "model.pt")
+    assert parser.get_parsed_content("split_fractions") == [0.75, 0.25, 0.0]
+    assert (parser.get_parsed_content("spatial_size"), parser.get_parsed_content("network_padding")) == (64, 2)
+    data = parser.get_parsed_content("data")  # the bundle's data layer, from the labels.csv the task wrote
+    assert len(data.train) + len(data.val) == 12 and not data.test
+    assert {item["label"] for item in data.train + data.val} <= {0, 1, 2}
+
+    captured.clear()
+    task({"model": "brain_tumour", "max_epochs": 4, "device": "cpu", "pretrained": False}, _datastore(studies))
+    targets = [h["_target_"] for h in captured["train#handlers"]]
+    assert "CheckpointLoader" not in targets and "CheckpointSaver" in targets
+    assert captured["influence_epoch"] == 3 and captured["split_fractions"] == [0.8, 0.2, 0.0]
