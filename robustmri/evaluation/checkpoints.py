@@ -10,7 +10,9 @@ import logging
 import os
 
 import torch
+from ignite.engine import Engine, Events
 
+from robustmri.engine.model_metadata import metadata_path, read_trained
 from robustmri.engine.predictions import predict_items
 from robustmri.evaluation.metrics import classification_report
 from robustmri.evaluation.report import ClassificationReportHandler
@@ -30,8 +32,28 @@ def load_weights(network: torch.nn.Module, path: str, device="cpu") -> torch.nn.
     try:
         network.load_state_dict(state)
     except RuntimeError as err:
-        raise RuntimeError(f"{path}: checkpoint does not fit the configured network ({err})") from err
+        trained = read_trained(path)
+        hint = (f"; it was trained with spatial_size {trained['spatial_size']} and network_padding "
+                f"{trained['network_padding']} ({metadata_path(path)})" if trained else "")
+        raise RuntimeError(f"{path}: checkpoint does not fit the configured network{hint} ({err})") from err
     return network
+
+
+class LoadWeights:
+    """Evaluator handler: load ``checkpoint`` into ``network`` when a run starts.
+
+    What MONAI's ``CheckpointLoader`` does in model-zoo inference configs, with :func:`load_weights`'s
+    messages (a missing checkpoint, or one trained with other settings, is named as such).
+    """
+
+    def __init__(self, network: torch.nn.Module, checkpoint: str):
+        self.network, self.checkpoint = network, checkpoint
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        load_weights(self.network, self.checkpoint, next(self.network.parameters()).device)
 
 
 def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[str, str],
