@@ -17,6 +17,7 @@ another layer) is refused with a message, since the closed forms assume logits.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -41,10 +42,18 @@ class LastLayerModel(Protocol):
 
 
 def unwrap(network: nn.Module) -> nn.Module:
-    """The network inside ``DataParallel`` / ``DistributedDataParallel`` wrappers."""
-    while isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        network = network.module
-    return network
+    """The network inside ``DataParallel`` / ``DistributedDataParallel`` wrappers and ``torch.compile``.
+
+    Influence runs the plain module: its hook must see the final layer run, and the wrappers
+    add nothing to one forward pass on one device.
+    """
+    while True:
+        if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            network = network._orig_mod
+        else:
+            return network
 
 
 def find_final_linear(network: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
@@ -66,12 +75,16 @@ def find_final_linear(network: nn.Module, name: str | None = None) -> tuple[str,
 class FinalLayer:
     """Any classifier ending in one ``nn.Linear`` as a :class:`LastLayerModel`.
 
-    ``FinalLayer.of(x)`` returns ``x`` when it already is one, so functions accept either a
+    ``FinalLayer.of(x)`` returns ``x`` when it already is an adapter, so functions accept either a
     network or an adapter. The adapter holds no state of its own besides the layer found.
     """
 
     def __init__(self, network: nn.Module, layer: str | None = None):
+        wrapped = network
         self.network = unwrap(network)
+        if layer is not None and self.network is not wrapped:  # a name as the wrapper's state_dict spells it
+            while layer.startswith("module.") and layer not in dict(self.network.named_modules()):
+                layer = layer[len("module."):]
         self.layer_name, self.layer = find_final_linear(self.network, layer)
         if self.layer.bias is None:
             raise FinalLayerError(f"the final layer {self.layer_name!r} of {type(self.network).__name__} has no bias: "
@@ -80,7 +93,14 @@ class FinalLayer:
 
     @classmethod
     def of(cls, model: nn.Module | LastLayerModel) -> LastLayerModel:
-        return model if isinstance(model, LastLayerModel) else cls(model)
+        """``model`` itself when it is an adapter, else ``FinalLayer(model)``.
+
+        Every ``nn.Module`` is treated as a network and wrapped, even one whose submodules happen
+        to be called ``network`` and ``layer`` (it would pass the protocol's attribute check).
+        """
+        if isinstance(model, FinalLayer) or (not isinstance(model, nn.Module) and isinstance(model, LastLayerModel)):
+            return model
+        return cls(model)
 
     def __call__(self, images: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features, logits)`` of one forward pass of the network on ``images``.
@@ -88,27 +108,63 @@ class FinalLayer:
         ``state`` (parameters and buffers by name) runs the network functionally with them
         (``torch.func.functional_call``), leaving the network's own tensors untouched.
         """
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = self.layer.register_forward_hook(lambda module, inputs, output: captured.append((inputs[0], output)))
+        captured: list[tuple] = []
+
+        def capture(module, args, kwargs, output):
+            features = args[0] if args else kwargs.get("input")
+            captured.append((features, output, module.weight, module.bias))  # the weights this pass used
+
+        handle = self.layer.register_forward_hook(capture, with_kwargs=True)
         try:
             logits = self.network(images) if state is None else functional_call(self.network, state, (images,))
         finally:
             handle.remove()
         if len(captured) != 1:
             raise FinalLayerError(f"the final layer {self.layer_name!r} of {type(self.network).__name__} ran "
-                                  f"{len(captured)} times in one forward pass; expected once")
-        features, output = captured[0]
+                                  f"{len(captured)} times in one forward pass; expected once (name the output layer "
+                                  "with FinalLayer(network, layer=...))")
+        features, output, weight, bias = captured[0]
         if not self._checked:
-            self._check(features, output, logits)
+            self._check(features, output, logits, weight, bias)
         return features, logits
 
-    def _check(self, features: torch.Tensor, output: torch.Tensor, logits: torch.Tensor) -> None:
-        name = f"{type(self.network).__name__}.{self.layer_name}"
-        if features.ndim != 2:
-            raise FinalLayerError(f"the input of {name} has shape {tuple(features.shape)}; influence needs one feature "
-                                  "vector per image ([N, d])")
-        if not (logits is output or (logits.shape == output.shape and torch.equal(logits, output))):
-            raise FinalLayerError(f"the output of {type(self.network).__name__} is not the output of its last linear "
-                                  f"layer {self.layer_name!r} (something follows it, e.g. a softmax): influence needs "
-                                  "the logits of one final nn.Linear; name that layer with FinalLayer(network, layer=...)")
+    def _check(self, features, output, logits, weight, bias) -> None:
+        """The layer's input is one vector per image and the network's output is that layer's output.
+
+        The layer is recomputed from its captured input, so a softmax or another layer after it,
+        and an in-place change of its output or input after it ran, are all refused.
+        """
+        network = type(self.network).__name__
+        name = f"{network}.{self.layer_name}"
+        if not torch.is_tensor(logits):
+            raise FinalLayerError(f"{network} returns a {type(logits).__name__}, not a logits tensor: influence needs "
+                                  "a classifier whose output is the logits [N, C] of its final nn.Linear")
+        if not torch.is_tensor(features) or features.ndim != 2:
+            shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise FinalLayerError(f"the input of {name} has shape {shape}; influence needs one feature vector per "
+                                  "image ([N, d])")
+        with torch.no_grad():
+            recomputed = nn.functional.linear(features, weight, bias)
+            same = (logits.shape == output.shape == recomputed.shape
+                    and _close(logits, recomputed, features, weight, bias))
+        if not same:
+            raise FinalLayerError(f"the output of {network} is not the output of its last linear layer "
+                                  f"{self.layer_name!r} (something follows it, e.g. a softmax): influence needs the "
+                                  "logits of one final nn.Linear; name that layer with FinalLayer(network, layer=...)")
         self._checked = True
+
+
+def _close(logits: torch.Tensor, recomputed: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None) -> bool:
+    """Equal up to the rounding of one matrix product run twice (its terms' magnitudes set the scale)."""
+    if not logits.is_floating_point():
+        return False
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(recomputed.dtype).eps)
+    terms = features.abs().to(weight.dtype) @ weight.abs().T  # sum_k |h_k w_ck|: what rounding is relative to
+    if bias is not None:
+        terms = terms + bias.abs()
+    finite = terms[torch.isfinite(terms)]
+    tolerance = 16 * eps * math.sqrt(features.shape[1]) * (float(finite.max()) if finite.numel() else 0.0)
+    recomputed = recomputed.to(logits.dtype)
+    same = ((logits - recomputed).abs() <= tolerance) | (logits == recomputed) | (logits.isnan() & recomputed.isnan())
+    return bool(same.all())  # a diverged network's NaN logits are still its final layer's output

@@ -59,7 +59,8 @@ def input_gradients(model: nn.Module | LastLayerModel, images: torch.Tensor, lab
             with torch.enable_grad():
                 augmented = augment(final(x)[0])
                 logits = final.layer(augmented[:, :-1])  # = the network's logits (FinalLayer checks it)
-                residual = torch.softmax(logits, 1) - nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.dtype)
+                targets = nn.functional.one_hot(labels.to(logits.device).long().reshape(-1), logits.shape[1])
+                residual = torch.softmax(logits, 1) - targets.to(logits.dtype)
                 objective = (residual * (augmented @ s.to(augmented.device, augmented.dtype).T)).sum()
                 (gradient,) = torch.autograd.grad(objective, x)
         finally:
