@@ -1,54 +1,116 @@
 """Export a trained checkpoint to ONNX, with metadata, checked against PyTorch on the test split.
 
     python scripts/export_onnx.py --checkpoint bundle/models/model.pt --output bundle/models/model.onnx
-    python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --spatial_size 128 --network_padding 2 \
-        --dataset_dir /data/figshare-brain-tumor
+    python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --dataset_dir /data/figshare-brain-tumor
+    python scripts/export_onnx.py --checkpoint model.pt --output model.onnx \
+        --network_def "{'_target_': 'DenseNet121', 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 3}"
+    python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --spatial_size 128 --network_padding 2
     python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --parity_split none
 
-The network is the bundle's PaperCNN (pass the same --spatial_size / --network_padding as in
-training). The parity images are the protocol's split (``test`` by default: noisy test images,
-as evaluated) of --dataset_dir, or of the embedded synthetic set when none is given. The bundle
-does the same with ``python -m monai.bundle run exporting --config_file
-"['configs/train.json','configs/export.json']"`` from ``bundle/``.
+The network is the bundle's ``network_def`` (``configs/inference.json``, which reads ``train.json``),
+rebuilt as the checkpoint was trained: the spatial size and network padding come from
+``model_metadata.json`` beside the checkpoint (training writes it; ``train.json``'s defaults when
+there is none), so right after ``make demo`` no size argument is needed. ``--spatial_size`` and
+``--network_padding`` override them; ``--network_def`` replaces the network (as on the bundle's
+command line: a dict, or its JSON or Python text) and must be given for a checkpoint trained with
+another network. The parity images are the protocol's split (``test`` by default: noisy test
+images, as evaluated) of --dataset_dir, or of the embedded synthetic set when none is given. The
+bundle does the same with ``python -m monai.bundle run exporting --config_file configs/export.json``
+from ``bundle/``.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
+import sys
 
 import fire
 
-from robustmri import CLASS_NAMES
 from robustmri.deploy.export import bundle_version, export_onnx, parity_requested, split_images
+from robustmri.engine.model_metadata import read_trained
+from robustmri.engine.workflow import load_workflow
 from robustmri.evaluation.checkpoints import load_weights
-from robustmri.networks import PaperCNN
 
-BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
+BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
+
+
+def parse_network_def(value) -> dict:
+    """A ``network_def`` from the command line: a dict (fire parses Python literals), or JSON or Python text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as error:
+                raise ValueError(f"--network_def is neither JSON nor a Python dict literal: {value!r}") from error
+    if not isinstance(value, dict) or "_target_" not in value:
+        raise ValueError(f"--network_def must be a dict with a '_target_' (a network class), got {value!r}")
+    return value
+
+
+def export_config(checkpoint: str, spatial_size: int | None = None, network_padding: int | None = None,
+                  network_def=None, **overrides):
+    """The bundle's inference config for ``checkpoint`` (MONAI's ConfigParser), as the bundle's export reads it.
+
+    ``spatial_size`` and ``network_padding`` are read from ``model_metadata.json`` beside the
+    checkpoint unless given; ``network_def`` and ``overrides`` replace those ids of the config.
+    """
+    settings = {"checkpoint": os.path.abspath(checkpoint), **overrides}
+    if spatial_size is not None:
+        settings["spatial_size"] = int(spatial_size)
+    if network_padding is not None:
+        settings["network_padding"] = int(network_padding)
+    if network_def is not None:
+        settings["network_def"] = parse_network_def(network_def)
+    return load_workflow(BUNDLE, ["inference.json"], settings, workflow_type=None).parser
+
+
+def check_trained_network(network, checkpoint: str) -> None:
+    """Refuse a network of another class than ``model_metadata.json`` records for ``checkpoint``."""
+    record = read_trained(checkpoint)
+    built = f"{type(network).__module__}.{type(network).__qualname__}"
+    trained = (record or {}).get("network")
+    if trained and trained != built:
+        raise ValueError(f"{checkpoint} was trained with {trained} (model_metadata.json) but network_def builds "
+                         f"{built}: pass the training network with --network_def")
+
+
+def monai_logs_to_stderr() -> None:
+    """MONAI's loggers print to stdout; move them to stderr, so that stdout is the JSON report alone."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("monai") and isinstance(logger, logging.Logger):
+            for handler in logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                    handler.setStream(sys.stderr)
 
 
 def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
-         output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int = 256,
-         network_padding: int = 0, dataset_dir: str = "", parity_split: str = "test", noise: str = "gaussian",
-         seed: int = 0, synthetic_patients: int = 300, model_version: str = "", opset_version: int | None = None):
-    """Export ``checkpoint`` to ``output``; print what was written and the parity figures as JSON."""
+         output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
+         network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
+         noise: str = "gaussian", seed: int = 0, synthetic_patients: int = 300, model_version: str = "",
+         opset_version: int | None = None) -> dict:
+    """Export ``checkpoint`` to ``output``; print what was written and the parity figures as JSON, and return them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    network = load_weights(PaperCNN(spatial_size=spatial_size, padding=network_padding), checkpoint).eval()
-    images = None
-    if parity_requested(parity_split):
-        from robustmri.data.protocol import build_protocol
-
-        data = build_protocol(dataset_dir or None, spatial_size=spatial_size, noise=noise, seed=seed,
-                              synthetic_patients=synthetic_patients)
-        images = split_images(data, parity_split)
-    result = export_onnx(network, output, CLASS_NAMES, spatial_size, checkpoint=checkpoint,
+    monai_logs_to_stderr()
+    config = export_config(checkpoint, spatial_size, network_padding, network_def, dataset_dir=dataset_dir,
+                           noise=noise, seed=seed, synthetic_patients=synthetic_patients)
+    size = int(config.get_parsed_content("spatial_size"))
+    network = config.get_parsed_content("network_def")  # on the CPU: ``network`` would move it to @device
+    check_trained_network(network, checkpoint)
+    network = load_weights(network, checkpoint).eval()
+    images = split_images(config.get_parsed_content("data"), parity_split) if parity_requested(parity_split) else None
+    result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
                          opset_version=opset_version)
     print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(main, serialize=lambda result: None)  # main prints its JSON; fire would print the dict again

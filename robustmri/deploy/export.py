@@ -23,6 +23,8 @@ import torch
 from robustmri import __version__
 from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
+from robustmri.networks import PaperCNN
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +157,23 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
 
 
 def _describe(network: torch.nn.Module) -> str:
-    """Class name and the constructor settings a reader needs to rebuild the network."""
-    name = f"{type(network).__module__}.{type(network).__name__}"
-    if hasattr(network, "encoder") and hasattr(network, "feature_dim"):
+    """What the network is, for a reader of the model's metadata: true and cheap for any module.
+
+    Its class, the constructor settings of the paper's CNN (that a reader needs to rebuild it),
+    its number of parameters and the final linear layer influence works on (as
+    :class:`robustmri.influence.FinalLayer` finds it), e.g.
+    ``monai.networks.nets.densenet.DenseNet121; 6,950,659 parameters; final layer class_layers.out: Linear(1024, 3)``.
+    """
+    network = unwrap(network)
+    name = f"{type(network).__module__}.{type(network).__qualname__}"
+    if isinstance(network, PaperCNN):
         conv = network.encoder[0]
-        return f"{name}(kernel_size={conv.kernel_size[0]}, padding={conv.padding[0]}, feature_dim={network.feature_dim})"
-    return name
+        name += f"(kernel_size={conv.kernel_size[0]}, padding={conv.padding[0]}, feature_dim={network.feature_dim})"
+    parts = [name, f"{sum(p.numel() for p in network.parameters()):,} parameters"]
+    try:
+        layer_name, layer = find_final_linear(network)
+        parts.append(f"final layer {layer_name}: Linear({layer.in_features}, {layer.out_features}"
+                     f"{'' if layer.bias is not None else ', bias=False'})")
+    except FinalLayerError:
+        parts.append("no linear layer")
+    return "; ".join(parts)

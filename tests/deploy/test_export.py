@@ -1,8 +1,12 @@
 """ONNX export: graph, metadata, parity with PyTorch; the runtime's provider choice and metadata checks."""
 
 import hashlib
+import importlib.util
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -14,9 +18,10 @@ from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.data.protocol import build_protocol
 from robustmri.deploy.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
 from robustmri.deploy.onnx_runtime import CPU, CUDA, ModelMetadataError, OnnxClassifier, choose_providers
+from robustmri.networks import PaperCNN
 
-from conftest import BUNDLE
-from deploy_helpers import TINY_SIZE, export_tiny, tiny_network
+from conftest import BUNDLE, ROOT
+from deploy_helpers import TINY_SIZE, export_tiny, tiny_network, write_trained
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,9 @@ def test_metadata_says_what_inference_needs(exported):
     assert meta["intensity_normalisation"] == INTENSITY_NORMALISATION
     assert meta["model_version"] == "9.9.9"
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert "padding=2" in meta["network"] and "not for clinical use" in meta["intended_use"].lower()
+    assert "not for clinical use" in meta["intended_use"].lower()
+    assert meta["network"] == ("robustmri.networks.paper_cnn.PaperCNN(kernel_size=5, padding=2, feature_dim=8); "
+                               "4,623 parameters; final layer classifier: Linear(8, 3)")
 
 
 def test_parity_on_the_test_split(exported):
@@ -164,3 +171,129 @@ def test_deployment_modules_do_not_need_torch():
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+# -- scripts/export_onnx.py: the network from the bundle's network_def, its size from model_metadata.json --------
+
+
+@pytest.fixture(scope="module")
+def export_script():
+    spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metadata(onnx_file) -> dict:
+    return {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
+
+
+def _bundle_paper_cnn(seed: int = 0) -> PaperCNN:
+    """train.json's network_def at 32 x 32, padding 2, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    network = PaperCNN(in_channels=1, num_classes=3, spatial_size=TINY_SIZE, padding=2)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return network.eval()
+
+
+def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path, monkeypatch, export_script):
+    """As after ``make demo``: only --checkpoint and --output; 32 x 32 and padding 2 come from model_metadata.json."""
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    network = _bundle_paper_cnn()
+    checkpoint = write_trained(tmp_path / "models", network, TINY_SIZE, network_padding=2)
+    onnx_file = tmp_path / "models" / "model.onnx"
+    result = export_script.main(checkpoint=str(checkpoint), output=str(onnx_file), synthetic_patients=20)
+    meta = _metadata(onnx_file)
+    assert int(meta["spatial_size"]) == TINY_SIZE and "padding=2" in meta["network"]
+    assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert result["parity"]["passed"] and result["parity"]["n"] > 0
+    images = np.random.default_rng(0).random((3, 1, TINY_SIZE, TINY_SIZE), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(network(torch.from_numpy(images)), 1).numpy()
+    np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
+
+
+def test_script_sizes_given_on_the_command_line_win(tmp_path, monkeypatch, export_script):
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
+    config = export_script.export_config(str(checkpoint))
+    assert config.get_parsed_content("spatial_size") == TINY_SIZE and config.get_parsed_content("network_padding") == 2
+    config = export_script.export_config(str(checkpoint), spatial_size=48, network_padding=3)
+    assert config.get_parsed_content("spatial_size") == 48 and config.get_parsed_content("network_padding") == 3
+    network = config.get_parsed_content("network_def")
+    assert isinstance(network, PaperCNN) and network.encoder[0].padding == (3, 3)
+    # 48 x 48 with padding 2 gives the same 64 features as 32 x 32: the checkpoint loads and exports at 48
+    onnx_file = tmp_path / "model48.onnx"
+    export_script.main(checkpoint=str(checkpoint), output=str(onnx_file), spatial_size=48, parity_split="none")
+    assert int(_metadata(onnx_file)["spatial_size"]) == 48
+
+
+def test_script_refuses_a_network_other_than_the_trained_one(tmp_path, monkeypatch, export_script):
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    checkpoint = write_trained(tmp_path / "models", _small_densenet(), TINY_SIZE)
+    with pytest.raises(ValueError, match=r"trained with monai.networks.nets.densenet.DenseNet .* but network_def "
+                                         r"builds robustmri.networks.paper_cnn.PaperCNN: pass the training network"):
+        export_script.main(checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), parity_split="none")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("text", [
+    '{"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 3}',
+    "{'_target_': 'DenseNet121', 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 3}",
+    {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 3},
+])
+def test_network_def_from_the_command_line(export_script, text):
+    assert export_script.parse_network_def(text) == {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1,
+                                                     "out_channels": 3}
+
+
+def test_network_def_that_is_not_a_network_is_refused(export_script):
+    with pytest.raises(ValueError, match="neither JSON nor a Python dict literal"):
+        export_script.parse_network_def("DenseNet121(")
+    with pytest.raises(ValueError, match="must be a dict with a '_target_'"):
+        export_script.parse_network_def("{'spatial_dims': 2}")
+
+
+#: MONAI's DenseNet (the class DenseNet121 fixes the sizes of) kept small: DenseNet121 itself takes
+#: about 40 s to trace for ONNX on this two-core machine, and the export path is the same.
+SMALL_DENSENET = {"_target_": "DenseNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "init_features": 8,
+                  "growth_rate": 4, "block_config": [2, 2]}
+
+
+def _small_densenet(seed: int = 0) -> torch.nn.Module:
+    from monai.networks.nets import DenseNet
+
+    torch.manual_seed(seed)
+    arguments = {key: value for key, value in SMALL_DENSENET.items() if key != "_target_"}
+    network = DenseNet(**arguments)
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return network.eval()
+
+
+@pytest.mark.slow
+def test_script_exports_a_monai_densenet_through_network_def(tmp_path):
+    """The command line as a user types it: --network_def as Python text, no sizes; parity with PyTorch passes."""
+    network = _small_densenet()
+    checkpoint = write_trained(tmp_path / "models", network, TINY_SIZE)
+    onnx_file = tmp_path / "models" / "model.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_onnx.py"), "--checkpoint", str(checkpoint),
+                             "--output", str(onnx_file), "--network_def", str(SMALL_DENSENET),
+                             "--synthetic_patients", "20"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BRAIN_TUMOR_DATA": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["parity"]["passed"] and report["parity"]["n"] > 0 and report["parity"]["class_mismatches"] == 0
+    meta = _metadata(onnx_file)
+    assert int(meta["spatial_size"]) == TINY_SIZE
+    assert meta["network"].startswith("monai.networks.nets.densenet.DenseNet; ")
+    assert "final layer class_layers.out: Linear(16, 3)" in meta["network"]
+    images = split_images(build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20), "test")[:5]
+    with torch.no_grad():
+        expected = torch.softmax(network(torch.from_numpy(images)), 1).numpy()
+    np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
