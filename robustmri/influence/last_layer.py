@@ -36,7 +36,8 @@ class SoftmaxLastLayer:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor):
         dtype = features.dtype
-        self.theta = torch.cat([weight.detach(), bias.detach()[:, None]], dim=1).to(features.device, dtype)  # [C, d + 1]
+        # [C, d + 1]
+        self.theta = torch.cat([weight.detach(), bias.detach()[:, None]], dim=1).to(features.device, dtype)
         self.features = augment(features.detach())  # [N, d + 1]
         self.labels = labels.detach().long()
         self.num_classes, self.dim = self.theta.shape

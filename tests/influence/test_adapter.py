@@ -66,7 +66,8 @@ def _network(name: str, seed: int = 0) -> nn.Module:
         network.eval()
         features = _independent_features(name, network, calibration)
         layer = network.get_submodule(NETWORKS[name][1])
-        layer.weight.copy_(torch.randn_like(layer.weight) / (features.square().mean().sqrt() * features.shape[1] ** 0.5))
+        scale = features.square().mean().sqrt() * features.shape[1] ** 0.5  # logits of standard deviation ~1
+        layer.weight.copy_(torch.randn_like(layer.weight) / scale)
         layer.bias.copy_(0.5 * torch.randn_like(layer.bias))
     return network
 
@@ -133,7 +134,8 @@ def test_final_layer_finds_the_output_layer_its_input_and_the_logits(name):
 
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_input_gradients_equal_autograd_of_their_definition(name):
-    """grad_x sum_i (p_i - y_i) . (s [h_i; 1]), one image at a time, and grad_x (grad_theta L_i . s) by double backward."""
+    """grad_x sum_i (p_i - y_i) . (s [h_i; 1]), one image at a time; and grad_x (grad_theta L_i . s) by double
+    backward, the definition that does not use the closed form of the gradient."""
     network = _network(name).double()
     images, labels = (tensor[:3] for tensor in _pool(torch.float64))
     layer = network.get_submodule(NETWORKS[name][1])
@@ -318,7 +320,7 @@ def _batch(n=6):
     (_LateProjection(), "is not the output of its last linear layer 'projection'"),
     (_Tuple(), "_Tuple returns a tuple, not a logits tensor"),
     (_TwoHeads(), "'aux' of _TwoHeads ran 0 times in one forward pass"),
-    (nn.Sequential(nn.Linear(4, 3)), r"the input of Sequential.0 has shape \(6, 1, 4, 4\); influence needs one feature vector"),
+    (nn.Sequential(nn.Linear(4, 3)), r"input of Sequential.0 has shape \(6, 1, 4, 4\); influence needs one feature"),
 ])
 def test_refused_on_the_first_forward_pass_with_the_reason(network, message):
     with pytest.raises(FinalLayerError, match=message):
