@@ -1,6 +1,7 @@
 """Small writers of test files in the layouts users have, tiny models and batches for engine tests,
 and the bundle as users run it (``python -m monai.bundle`` from ``bundle/`` on a tiny embedded set)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,19 @@ def run_noisy(tmp_path, method, *extra):
     bundle("run", "training", "--config_file", f"configs/{method}.json", *TINY, *NOISY, *output_dirs(tmp_path), *extra)
     assert (tmp_path / "models" / "model_final.pt").is_file()
     return tmp_path / "eval"
+
+
+#: With TINY and NOISY, overrides that fit every method's own schedule into a two-epoch run
+#: (one set for all methods: ids that a config does not use are ignored).
+EVERY_METHOD = ["--influence_epoch", "1", "--pie_epoch", "1", "--audit_epoch", "2", "--alr_rounds", "1",
+                "--n2v_steps", "5", "--n2v_patch_size", "16"]
+
+
+def config_chain(config) -> list[Path]:
+    """A bundle config and the files it extends by ``"_base_"``, read as plain JSON: [first base, ..., config]."""
+    chain = [Path(config)]
+    while (base := json.loads(chain[0].read_text()).get("_base_")) is not None:
+        assert isinstance(base, str), f"{chain[0].name}: the bundle's configs name one base each"
+        assert len(chain) < 20, f"{chain}: _base_ files include each other"
+        chain.insert(0, chain[0].parent / base)
+    return chain

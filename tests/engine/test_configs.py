@@ -11,8 +11,10 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.bundle.utils import merge_kv
 
-from conftest import BUNDLE, ROOT
 from robustmri.engine import configs
+
+from conftest import BUNDLE, ROOT
+from helpers import config_chain
 
 CONFIGS = BUNDLE / "configs"
 
@@ -23,17 +25,6 @@ def write(path: Path, content: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content))
     return path
-
-
-def base_chain(name: str) -> list[Path]:
-    """The files a bundle config extends, read without MONAI: [root base, ..., the config]."""
-    chain = [CONFIGS / name]
-    while True:
-        base = json.loads(chain[0].read_text()).get(configs.BASE_KEY)
-        if base is None:
-            return chain
-        assert isinstance(base, str), f"{chain[0].name}: the bundle's configs name one base each"
-        chain.insert(0, chain[0].parent / base)
 
 
 EXTENDING = sorted(p.name for p in CONFIGS.glob("*.json") if configs.BASE_KEY in json.loads(p.read_text()))
@@ -51,12 +42,12 @@ def stock_merge(files) -> dict:
 
 def test_the_bundle_has_configs_that_extend_others():
     assert {"influence.json", "isp.json", "isr.json", "inference.json"} <= set(EXTENDING)
-    assert [p.name for p in base_chain("isp.json")] == ["train.json", "influence.json", "isp.json"]
+    assert [p.name for p in config_chain(CONFIGS / "isp.json")] == ["train.json", "influence.json", "isp.json"]
 
 
 @pytest.mark.parametrize("name", EXTENDING)
 def test_a_config_alone_is_its_chain_of_files_merged_by_stock_monai(name):
-    stock = stock_merge(base_chain(name))
+    stock = stock_merge(config_chain(CONFIGS / name))
     # stock MONAI keeps "_base_" as an ordinary (unused) id, the last file's; the hook consumes it
     assert stock.pop(configs.BASE_KEY) == json.loads((CONFIGS / name).read_text())[configs.BASE_KEY]
     alone = ConfigParser.load_config_file(CONFIGS / name)
@@ -189,7 +180,7 @@ def startup_state(probe: str, **env) -> dict:
             "state = {'configs': 'robustmri.engine.configs' in sys.modules, 'monai': 'monai' in sys.modules,\n"
             "         'torch': 'torch' in sys.modules,\n"
             "         'hooks': sum(type(f).__name__ == '_PatchWhenImported' for f in sys.meta_path)}\n")
-    result = subprocess.run([sys.executable, "-c", head + probe + "print(json.dumps(state))"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", head + probe + "print(json.dumps(state))"], check=False, cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -200,7 +191,8 @@ def test_a_fresh_interpreter_has_the_hook_without_importing_monai_at_start():
     state = startup_state(
         "from monai.bundle import ConfigParser\n"
         "isp = ConfigParser.load_config_file('bundle/configs/isp.json')\n"
-        "state.update(base_left='_base_' in isp, trainer='trainer' in isp['train'], method_handlers=isp['method_handlers'],\n"
+        "state.update(base_left='_base_' in isp, trainer='trainer' in isp['train'],\n"
+        "             method_handlers=isp['method_handlers'],\n"
         "             hooks_after=sum(type(f).__name__ == '_PatchWhenImported' for f in sys.meta_path))\n")
     assert state == {"configs": True, "monai": False, "torch": False, "hooks": 1,
                      "base_left": False, "trainer": True, "method_handlers": ["@isp"], "hooks_after": 0}
