@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(abspath $(VENV))/bin/python
+# extras installed by `make`: tests, the MONAI Label app, `--tracking mlflow`
+EXTRAS := dev,label,tracking
 # MONAI Label (the [label] extra, apps/monailabel): these two are installed without their declared
 # dependencies, which ask for numpy<2 and jsonschema<4 (see pyproject.toml); the compat hook lets
 # pydicom-seg import under pydicom 3 (apps/monailabel/README.md)
@@ -16,7 +18,7 @@ DEMO_CONFIGS := "['configs/isp.json','configs/quick.json']"
 
 $(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri_base_configs.pth
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -e '.[dev,label]'
+	$(VENV)/bin/python -m pip install -e '.[$(EXTRAS)]'
 	$(VENV)/bin/python -m pip install --no-deps $(LABEL_NO_DEPS)
 	cp $(LABEL_COMPAT).py $(LABEL_COMPAT).pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $@
