@@ -31,7 +31,8 @@ class SampleWeightedCrossEntropy(nn.Module):
 
     def _remember_ids(self, engine: Engine) -> None:
         batch = engine.state.batch
-        self._batch_ids = torch.as_tensor(batch["id"]).reshape(-1).long() if isinstance(batch, dict) and "id" in batch else None
+        has_ids = isinstance(batch, dict) and "id" in batch
+        self._batch_ids = torch.as_tensor(batch["id"]).reshape(-1).long() if has_ids else None
 
     def set_weights(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Weight ``weights[k]`` for the sample with id ``ids[k]`` from now on; unlisted ids keep weight 1."""
@@ -43,6 +44,7 @@ class SampleWeightedCrossEntropy(nn.Module):
         weights = None
         if self.weights_by_id is not None:
             if self._batch_ids is None:
-                raise RuntimeError("sample weights are set but the batch carries no 'id': attach the loss to the trainer")
+                raise RuntimeError("sample weights are set but the batch carries no 'id': "
+                                   "attach the loss to the trainer")
             weights = self.weights_by_id[self._batch_ids].to(logits.device)
         return weighted_cross_entropy(logits, labels, weights)

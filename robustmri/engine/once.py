@@ -34,8 +34,8 @@ class OnceAfterEpoch:
     def attach(self, engine: Engine) -> None:
         max_epochs = engine.state.max_epochs
         if self.changes_training and max_epochs is not None and self.epoch >= max_epochs:
-            logger.warning("%s: epoch %d is not before the last epoch (%d): the step changes nothing that is trained on",
-                           self.method, self.epoch, max_epochs)
+            logger.warning("%s: epoch %d is not before the last epoch (%d): the step changes nothing that is "
+                           "trained on", self.method, self.epoch, max_epochs)
         engine.add_event_handler(Events.EPOCH_COMPLETED(once=self.epoch), self)
 
     def __call__(self, engine: Engine) -> None:

@@ -2,7 +2,6 @@
 repository root with nested overrides, MONAI's property check, a model-zoo style multi-GPU overlay,
 and no config copying another by macro."""
 
-import ast
 import json
 import math
 import re
@@ -15,22 +14,12 @@ from robustmri.methods import registry
 from robustmri.networks import PaperCNN
 
 from conftest import BUNDLE, ROOT
-from helpers import EVERY_METHOD, NOISY, TINY, bundle, config_chain, output_dirs
+from helpers import EVERY_METHOD, NOISY, TINY, as_kwargs, config_chain, output_dirs, run_in_process
 
 CONFIGS = BUNDLE / "configs"
 METHODS = registry()
 #: A macro that copies from another file (``"%configs/train.json#train"``), the old way of extending one.
 FILE_MACRO = re.compile(r"^%[^#]*\.(json|ya?ml)(#|$)", re.IGNORECASE)
-
-
-def as_kwargs(args) -> dict:
-    """Command-line overrides (``["--id", "value", ...]``) as ``ConfigWorkflow`` keyword arguments."""
-    def value(text):
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-    return {key.removeprefix("--"): value(text) for key, text in zip(args[::2], args[1::2])}
 
 
 def strings(node):
@@ -49,8 +38,8 @@ def strings(node):
 def test_every_method_runs_from_the_repository_root_with_a_nested_override(method, tmp_path):
     config = (BUNDLE / method.config_path).relative_to(ROOT)  # bundle/configs/<config>
     # --epochs 3 sets every schedule derived from it; the nested id then stops the trainer after 2
-    bundle("run", "training", "--config_file", config, "--bundle_root", "bundle", *TINY, *NOISY, *EVERY_METHOD,
-           *output_dirs(tmp_path), "--epochs", "3", "--train#trainer#max_epochs", "2", cwd=ROOT)
+    run_in_process("training", config, "--bundle_root", "bundle", *TINY, *NOISY, *EVERY_METHOD, *output_dirs(tmp_path),
+                   "--epochs", "3", "--train#trainer#max_epochs", "2", cwd=ROOT)
     history = json.loads((tmp_path / "eval" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
     assert (tmp_path / "models" / "model_final.pt").is_file()

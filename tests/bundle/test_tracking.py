@@ -8,7 +8,7 @@ import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from conftest import BUNDLE
-from helpers import TINY, bundle, output_dirs
+from helpers import TINY, output_dirs, run_in_process
 
 EPOCHS = 2
 EXPERIMENT = "monai_experiment"  # MONAI's default experiment name
@@ -30,8 +30,8 @@ def test_tracking_records_metrics_and_the_executed_config(config, tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # it would take precedence over the bundle's store
     eval_dir = tmp_path / "eval"
     executed = eval_dir / "executed_config.json"  # see the xfail test below for why it is named
-    bundle("run", "training", "--config_file", config, *TINY, *output_dirs(tmp_path), "--epochs", EPOCHS,
-           "--influence_epoch", "1", "--tracking", "mlflow", "--save_execute_config", executed)
+    run_in_process("training", config, *TINY, *output_dirs(tmp_path), "--epochs", EPOCHS, "--influence_epoch", "1",
+                   "--tracking", "mlflow", "--save_execute_config", executed)
 
     client = client_class(tracking_uri=f"sqlite:///{eval_dir / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])

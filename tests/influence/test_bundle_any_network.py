@@ -21,7 +21,7 @@ from robustmri.data.protocol import build_protocol
 from robustmri.evaluation.checkpoints import load_weights
 from robustmri.influence import self_influence_scores
 
-from helpers import NOISY, TINY, bundle, output_dirs
+from helpers import NOISY, TINY, output_dirs, run_in_process
 
 #: The networks as a user writes them on the command line, and how the test rebuilds each to load its checkpoint.
 MONAI_NETWORKS = {
@@ -37,8 +37,8 @@ SHORT = ["--epochs", "2", "--influence_epoch", "1"]
 
 def _train(folder, config: str, network: str, *extra):
     """``configs/<config>`` on the tiny set with ``network`` given by --network_def only; the eval folder."""
-    bundle("run", "training", "--config_file", f"configs/{config}", *TINY, *output_dirs(folder), "--network_def",
-           str(MONAI_NETWORKS[network][0]), *extra)
+    run_in_process("training", f"configs/{config}", *TINY, *output_dirs(folder), "--network_def",
+                   str(MONAI_NETWORKS[network][0]), *extra)
     _assert_trained_with(folder / "models", network)
     return folder / "eval"
 

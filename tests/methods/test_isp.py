@@ -9,7 +9,7 @@ from robustmri.influence import ExactSolver, SoftmaxLastLayer, influence_scores,
 from robustmri.methods.isp import perturb, select_for_perturbation
 from robustmri.networks import PaperCNN
 
-from helpers import TINY, bundle, output_dirs
+from helpers import TINY, output_dirs, run_in_process
 from test_isr import influence_outputs
 
 
@@ -81,7 +81,7 @@ def test_isp_step_lowers_the_validation_loss():
 
 @pytest.mark.slow
 def test_isp_json_perturbs_every_training_image(tmp_path):
-    bundle("run", "training", "--config_file", "configs/isp.json", "--epochs", "2", "--influence_epoch", "1", *TINY,
+    run_in_process("training", "configs/isp.json", "--epochs", "2", "--influence_epoch", "1", *TINY,
            *output_dirs(tmp_path))
     rows, summary, linf = influence_outputs(tmp_path, "perturbation_linf")
     assert summary["method"] == "ISP" and summary["n_train"] == len(rows)

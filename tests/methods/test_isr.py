@@ -8,7 +8,7 @@ import torch
 
 from robustmri.methods.isr import isr_weights
 
-from helpers import TINY, bundle, output_dirs
+from helpers import TINY, output_dirs, run_in_process
 
 
 def test_isr_weights_range_and_orientation():
@@ -36,7 +36,7 @@ def influence_outputs(folder, column: str) -> tuple[list[dict], dict, list[float
 
 @pytest.mark.slow
 def test_isr_json_weights_every_sample_into_one_to_alpha(tmp_path):
-    bundle("run", "training", "--config_file", "configs/isr.json", "--epochs", "2", "--influence_epoch", "1", *TINY,
+    run_in_process("training", "configs/isr.json", "--epochs", "2", "--influence_epoch", "1", *TINY,
            *output_dirs(tmp_path))
     rows, summary, weights = influence_outputs(tmp_path, "weight")
     assert summary["method"] == "ISR" and summary["n_train"] == len(rows) and summary["damping"] == 0.01

@@ -160,10 +160,10 @@ def test_denoise_protocol_trains_saves_and_reuses(tmp_path):
 
 @pytest.mark.slow
 def test_n2v_config_runs_end_to_end_and_evaluates_on_denoised_images(tmp_path):
-    from helpers import TINY, bundle
+    from helpers import TINY, run_in_process
 
     dirs = ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
-    bundle("run", "training", "--config_file", "configs/n2v.json", "--epochs", "1", "--n2v_steps", "5", *TINY, *dirs)
+    run_in_process("training", "configs/n2v.json", "--epochs", "1", "--n2v_steps", "5", *TINY, *dirs)
     for artifact in ("models/model.pt", "models/model_final.pt", "models/n2v_denoiser.pt", "eval/n2v_examples.png",
                      "eval/history.json"):
         assert (tmp_path / artifact).is_file(), artifact
@@ -171,8 +171,8 @@ def test_n2v_config_runs_end_to_end_and_evaluates_on_denoised_images(tmp_path):
     assert summary["steps"] == 5 and summary["n_denoised"]["test"] > 0
 
     # the N2V workflow with the evaluate overlay, reusing the trained denoiser: test images are denoised too
-    bundle("run", "evaluating", "--config_file", "['configs/n2v.json','configs/evaluate.json']",
-           "--n2v_reuse_denoiser", "true", *TINY, *dirs)
+    run_in_process("evaluating", ["configs/n2v.json", "configs/evaluate.json"],
+                   "--n2v_reuse_denoiser", "true", *TINY, *dirs)
     assert json.loads((tmp_path / "eval" / "n2v_summary.json").read_text())["reused"] is True
     metrics = json.loads((tmp_path / "eval" / "test" / "best" / "metrics.json").read_text())
     assert metrics["n"] == summary["n_denoised"]["test"]

@@ -2,9 +2,9 @@
 
 import json
 
-from conftest import BUNDLE
-
 from robustmri.methods import registry
+
+from conftest import BUNDLE
 
 
 def test_naive_is_train_json_with_no_method_handler():

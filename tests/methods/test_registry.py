@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from conftest import BUNDLE, ROOT
 
 from robustmri.methods import FAMILIES, Method, in_family, markdown_table, registry
 from robustmri.methods.__main__ import main as methods_main
+
+from conftest import BUNDLE, ROOT
 
 METHODS = sorted(registry())
 
@@ -18,7 +19,8 @@ def _in_order(names: list[str], expected: list[str]) -> bool:
 
 def test_registry_holds_every_method_module_once_in_table_order():
     methods = registry()
-    modules = {p.stem for p in (ROOT / "robustmri" / "methods").glob("*.py")} - {"__init__", "__main__", "influence_step"}
+    not_methods = {"__init__", "__main__", "influence_step"}
+    modules = {p.stem for p in (ROOT / "robustmri" / "methods").glob("*.py")} - not_methods
     assert set(methods) == modules  # every method module declares itself; nothing else does
     assert _in_order(list(methods), ["naive", "at", "n2v", "isr", "isp", "alr", "mwnet", "pie", "pint", "audit"])
     assert len({m.order for m in methods.values()}) == len(methods)
