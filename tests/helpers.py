@@ -87,14 +87,16 @@ EVERY_METHOD = ["--influence_epoch", "1", "--pie_epoch", "1", "--audit_epoch", "
                 "--n2v_steps", "5", "--n2v_patch_size", "16"]
 
 
-def config_chain(config) -> list[Path]:
-    """A bundle config and the files it extends by ``"_base_"``, read as plain JSON: [first base, ..., config]."""
-    chain = [Path(config)]
-    while (base := json.loads(chain[0].read_text()).get("_base_")) is not None:
-        assert isinstance(base, str), f"{chain[0].name}: the bundle's configs name one base each"
-        assert len(chain) < 20, f"{chain}: _base_ files include each other"
-        chain.insert(0, chain[0].parent / base)
-    return chain
+def config_chain(config, _seen=()) -> list[Path]:
+    """A bundle config and the files it extends by ``"_base_"`` (a name or a list), read as plain JSON, in the
+    order MONAI would merge them as a list: [first base's chain, ..., config]."""
+    config = Path(config)
+    assert config not in _seen and len(_seen) < 20, f"{config}: _base_ files include each other"
+    bases = json.loads(config.read_text()).get("_base_", [])
+    chain = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        chain += config_chain(config.parent / base, (*_seen, config))
+    return chain + [config]
 
 
 def as_kwargs(args) -> dict:

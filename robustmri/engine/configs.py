@@ -48,11 +48,15 @@ class BaseConfigError(ValueError):
 def expand(load, filepath, stack: tuple[str, ...] = (), **kwargs) -> Any:
     """The content of ``filepath`` with its ``_base_`` files merged underneath.
 
-    ``load`` reads one file (MONAI's original ``load_config_file``). Bases are merged in
-    order, then the file itself, with :func:`monai.bundle.utils.merge_kv`.
+    ``load`` reads one file (MONAI's original ``load_config_file``). The result means what the
+    list ``[base files..., file]`` means: bases in order, then the file, merged with
+    :func:`monai.bundle.utils.merge_kv`. Where a file and its bases are a whole config
+    (``isp.json``: ``train.json``, ``influence.json``) that is one merged dictionary. An overlay
+    may also name a base overlay (``evaluate.json``: ``trained_model.json``); the ids that only
+    make sense on top of another config (``"+imports"``, ``"validate#dataset#data"`` when nothing
+    here defines ``imports`` or ``validate``) are then returned after the merged ones, in order,
+    so MONAI applies them to whatever the file is merged onto, as it would for the list.
     """
-    from monai.bundle.utils import merge_kv
-
     content = load(filepath, **kwargs)
     if not isinstance(content, dict) or BASE_KEY not in content:
         return content
@@ -62,16 +66,41 @@ def expand(load, filepath, stack: tuple[str, ...] = (), **kwargs) -> Any:
                               f"{' -> '.join(map(os.path.basename, (*stack, path)))}")
     bases = content.pop(BASE_KEY)
     bases = [bases] if isinstance(bases, str) else list(bases or [])
-    merged = _empty_parser()
+    pairs = []
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
             raise BaseConfigError(f"{filepath}: {BASE_KEY} names {base!r}, but {base_path} is not a file")
-        for key, value in expand(load, base_path, (*stack, path), **kwargs).items():
+        pairs += expand(load, base_path, (*stack, path), **kwargs).items()
+    return _fold(pairs + list(content.items()))
+
+
+def _fold(pairs: list[tuple[str, Any]]) -> dict:
+    """Apply ``pairs`` in order to an empty config; keep, in order, those that need a config underneath."""
+    from monai.bundle.reference_resolver import ReferenceResolver
+    from monai.bundle.utils import MERGE_KEY, merge_kv
+
+    def root(key: str) -> str:
+        return ReferenceResolver.split_id(ReferenceResolver.normalize_id(key.removeprefix(MERGE_KEY)))[0]
+
+    merged, deferred = _empty_parser(), []
+    for key, value in pairs:
+        target = key.removeprefix(MERGE_KEY)
+        if root(key) in merged.get():
             merge_kv(merged, key, value)
-    for key, value in content.items():
-        merge_kv(merged, key, value)
-    return merged.get()
+        elif key.startswith(MERGE_KEY) or root(key) != ReferenceResolver.normalize_id(target):
+            deferred.append((key, value))  # "+id" or "a#b" onto an id this file and its bases do not define
+        else:
+            merge_kv(merged, key, value)
+            deferred = [(k, v) for k, v in deferred if root(k) != key]  # a plain id replaces earlier edits of it
+    folded = dict(merged.get())
+    for key, value in deferred:  # several "+id" of one id append in turn; a repeated "a#b" keeps the last
+        if key.startswith(MERGE_KEY) and key in folded:
+            folded[key] = ({**folded[key], **value} if isinstance(value, dict) else [*folded[key], *value])
+        else:
+            folded.pop(key, None)
+            folded[key] = value
+    return folded
 
 
 def _empty_parser():

@@ -28,6 +28,9 @@ def write(path: Path, content: dict) -> Path:
 
 
 EXTENDING = sorted(p.name for p in CONFIGS.glob("*.json") if configs.BASE_KEY in json.loads(p.read_text()))
+#: Whole configs (their chain starts at train.json); the others are overlays built on an overlay (evaluate.json).
+WHOLE = [name for name in EXTENDING if config_chain(CONFIGS / name)[0].name == "train.json"]
+OVERLAYS = sorted(set(EXTENDING) - set(WHOLE))
 
 
 def stock_merge(files) -> dict:
@@ -45,7 +48,7 @@ def test_the_bundle_has_configs_that_extend_others():
     assert [p.name for p in config_chain(CONFIGS / "isp.json")] == ["train.json", "influence.json", "isp.json"]
 
 
-@pytest.mark.parametrize("name", EXTENDING)
+@pytest.mark.parametrize("name", WHOLE)
 def test_a_config_alone_is_its_chain_of_files_merged_by_stock_monai(name):
     stock = stock_merge(config_chain(CONFIGS / name))
     # stock MONAI keeps "_base_" as an ordinary (unused) id, the last file's; the hook consumes it
@@ -53,6 +56,30 @@ def test_a_config_alone_is_its_chain_of_files_merged_by_stock_monai(name):
     alone = ConfigParser.load_config_file(CONFIGS / name)
     assert configs.BASE_KEY not in alone
     assert alone == stock
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+@pytest.mark.parametrize("under", ["train.json", "isp.json"])
+def test_an_overlay_on_an_overlay_means_its_chain_listed_on_top_of_the_config(name, under):
+    merged = ConfigParser.load_config_files([CONFIGS / under, CONFIGS / name])
+    stock = stock_merge([*config_chain(CONFIGS / under), *config_chain(CONFIGS / name)])
+    stock.pop(configs.BASE_KEY)
+    assert merged == stock
+    with pytest.raises((KeyError, ValueError)):  # alone, its nested ids have nothing to go into, as in stock MONAI
+        ConfigParser.load_config_files([CONFIGS / name])
+
+
+def test_an_overlay_base_keeps_the_order_of_edits_that_need_a_config_underneath(tmp_path):
+    write(tmp_path / "base.json", {"+items": ["b"], "node#x": 1, "kept": 1})
+    write(tmp_path / "top.json", {"_base_": "base.json", "+items": ["c"], "node#y": 2, "replaced": {"z": 0},
+                                  "+replaced": {"w": 1}})
+    write(tmp_path / "under.json", {"items": ["a"], "node": {"x": 0}, "replaced": {"old": 1}})
+    merged = ConfigParser.load_config_files([tmp_path / "under.json", tmp_path / "top.json"])
+    assert merged["items"] == ["a", "b", "c"] and merged["node"] == {"x": 1, "y": 2} and merged["kept"] == 1
+    assert merged["replaced"] == {"z": 0, "w": 1}  # the plain id replaced, then its own "+" edit applied
+    write(tmp_path / "top2.json", {"_base_": "base.json", "node": {"fresh": True}})
+    merged = ConfigParser.load_config_files([tmp_path / "under.json", tmp_path / "top2.json"])
+    assert merged["node"] == {"fresh": True}  # a later plain id supersedes the base's edit of it, as in a list
 
 
 def test_isp_alone_has_what_each_file_of_its_chain_adds():
