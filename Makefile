@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri
 
 demo: $(VENV)/.installed
 	$(BUNDLE_RUN) training --config_file $(DEMO_CONFIGS)
-	$(BUNDLE_RUN) evaluating --config_file "['configs/train.json','configs/quick.json','configs/evaluate.json']"
+	$(BUNDLE_RUN) evaluating --config_file "['configs/isp.json','configs/quick.json','configs/evaluate.json']"
 	@echo "checkpoints in bundle/models; curves, influence scores and pictures, test metrics in bundle/eval"
 
 test: $(VENV)/.installed
