@@ -65,7 +65,12 @@ class InfluenceStep(OnceAfterEpoch):
         return {}
 
     def describe(self) -> str:
+        """A short note on what :meth:`apply` did, for the log line."""
         return ""
+
+    def extra_summary(self) -> dict:
+        """Method-specific entries (options used, achieved effect) merged into influence_summary.json."""
+        return {}
 
     def _write(self, positions: list[int], columns: dict[str, np.ndarray]) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
@@ -81,7 +86,8 @@ class InfluenceStep(OnceAfterEpoch):
                                  *(f"{values[row]:.6g}" for values in columns.values())])
         summary = {"method": self.method, "epoch": self.epoch, "n_train": len(scores), "n_val": len(self.val_data),
                    "solver": type(self.solver).__name__, "damping": self.result.damping,
-                   "harmful": int((scores < 0).sum()), "helpful": int((scores > 0).sum()), **self.timings}
+                   "harmful": int((scores < 0).sum()), "helpful": int((scores > 0).sum()), **self.timings,
+                   **self.extra_summary()}
         write_json(os.path.join(self.output_dir, "influence_summary.json"), summary)
         plot_score_histogram(scores, labels, names, os.path.join(self.output_dir, "influence_histogram.png"))
 

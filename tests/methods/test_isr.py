@@ -3,10 +3,13 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from robustmri.methods.isr import isr_weights
+from robustmri.engine.losses import SampleWeightedCrossEntropy
+from robustmri.methods.isr import ISRHandler, isr_weights, permuted_weights
+from robustmri.networks import PaperCNN
 
 from helpers import TINY, output_dirs, run_in_process
 
@@ -21,6 +24,49 @@ def test_isr_weights_range_and_orientation():
     assert torch.equal(isr_weights(torch.zeros(3)), torch.ones(3))
     with pytest.raises(ValueError, match="emphasis"):
         isr_weights(scores, emphasis="both")
+
+
+def test_isr_control_permutes_the_real_weights():
+    weights = isr_weights(torch.linspace(-1.0, 3.0, 50) ** 3)
+    control = permuted_weights(weights, seed=0)
+    assert torch.equal(control.sort().values, weights.sort().values)  # the same distribution
+    assert (control != weights).float().mean() > 0.5  # another assignment
+    assert torch.equal(permuted_weights(weights, seed=0), control)
+    assert not torch.equal(permuted_weights(weights, seed=1), control)
+
+
+def items(count: int, seed: int) -> list[dict]:
+    """Protocol items (id, label, file, image [1, 32, 32] in [0.4, 0.6]) for a handler run without the bundle."""
+    generator = np.random.default_rng(seed)
+    return [{"id": 1000 + k, "label": k % 3, "file": f"f{k}",
+             "image": (0.4 + 0.2 * generator.random((1, 32, 32))).astype(np.float32)} for k in range(count)]
+
+
+def tiny_model() -> PaperCNN:
+    """A small random PaperCNN with BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = PaperCNN(spatial_size=32, padding=2)
+    model.train()
+    model(torch.rand(16, 1, 32, 32))
+    return model.eval()
+
+
+def test_isr_handler_control_gives_the_samples_the_same_weights_permuted(tmp_path):
+    train, val = items(40, 0), items(6, 1)
+    weights, summaries = {}, {}
+    for name, control in (("real", False), ("control", True)):
+        loss = SampleWeightedCrossEntropy()
+        ISRHandler(loss, 1, train, val, str(tmp_path / name), control=control, seed=4).run(
+            None, tiny_model(), torch.device("cpu"))
+        weights[name] = loss.weights_by_id[1000:]
+        summaries[name] = json.loads((tmp_path / name / "influence_summary.json").read_text())
+    assert torch.equal(weights["control"].sort().values, weights["real"].sort().values)
+    assert not torch.equal(weights["control"], weights["real"])
+    assert summaries["real"]["isr_control"] is False and summaries["control"]["isr_control"] is True
+    assert summaries["control"]["isr_alpha"] == 2.0 and summaries["control"]["seed"] == 4
+    assert ISRHandler(SampleWeightedCrossEntropy(), 1, train, val, str(tmp_path), control="false").control is False
+    with pytest.raises(ValueError, match="control"):
+        ISRHandler(SampleWeightedCrossEntropy(), 1, train, val, str(tmp_path), control="maybe")
 
 
 def influence_outputs(folder, column: str) -> tuple[list[dict], dict, list[float]]:
