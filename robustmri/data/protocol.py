@@ -44,6 +44,8 @@ class ProtocolData:
     source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     label_noise: dict | None = None  # counts of flipped training labels, when simulated
+    #: the test split again with other shares of noisy images (``test_noise_fractions``), keyed by the share
+    test_at: dict[float, list[dict]] = field(default_factory=dict)
 
     def split(self, name: str) -> list[dict]:
         return getattr(self, name)
@@ -85,13 +87,17 @@ def build_protocol(
     label_noise: str = "none",
     label_noise_rate: float = 0.0,
     imbalance: dict | None = None,
+    test_noise_fractions=(),
 ) -> ProtocolData:
     """Load (or generate), split by patient and add the protocol's fixed noise.
 
     With ``label_noise`` other than "none", training items carry ``true_label`` next to the
     (possibly wrong) ``label``: for evaluation and simulated experts only. ``imbalance``
     (``{class name or index: fraction kept}``) subsamples those classes in the training split.
-    Both are seeded by ``seed`` and leave validation and test untouched.
+    Both are seeded by ``seed`` and leave validation and test untouched. ``test_noise_fractions``:
+    the same test split with these shares of noisy images too (``data.test_at[p]``; each image's
+    noise is the same realisation in every variant), for evaluating one model at several shares.
+    Items carry ``group``, the index of their patient group (no identifier), for grouped statistics.
     """
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
@@ -131,7 +137,7 @@ def build_protocol(
         if noisy and noise != "none":
             image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), field)
         entry = {"image": image[None].astype(np.float32), "label": int(labels[i]) if label is None else int(label),
-                 "id": int(i), "noisy": bool(noisy and noise != "none"), "file": files[i]}
+                 "id": int(i), "noisy": bool(noisy and noise != "none"), "file": files[i], "group": int(groups[i])}
         if label is not None:
             entry["true_label"] = int(labels[i])
         return entry
@@ -144,6 +150,11 @@ def build_protocol(
         source=source,
         skipped=skipped,
     )
+    for share in test_noise_fractions:
+        if not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"test_noise_fractions must lie in [0, 1], got {share}")
+        noisy_at = _choose_noisy(indices["test"], float(share), seed)
+        data.test_at[float(share)] = [item(i, i in noisy_at) for i in indices["test"]]
     if simulate_labels:
         data.label_noise = {"kind": label_noise, "requested_rate": float(label_noise_rate),
                             **noisy_label_record(data.train)}

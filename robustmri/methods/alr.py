@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -35,6 +36,7 @@ from monai.data import list_data_collate
 from torch import nn
 
 from robustmri.data.label_noise import has_label_record, true_labels
+from robustmri.engine.precision import full_precision
 from robustmri.engine.predictions import entropy, predict_items
 from robustmri.evaluation.metrics import classification_report
 from robustmri.influence import FinalLayer
@@ -208,7 +210,7 @@ class ALRHandler:
     def __init__(self, peer_network: nn.Module, train_data: list[dict], val_data: list[dict], output_dir: str,
                  noise_rate: float = 0.2, ramp_epochs: int = 10, exponent: float = 1.0, mix_ratio: float = 0.2,
                  vog_window: int = 5, phase1_epochs: int = 10, rounds: int = 2, budget=0.05, oracle: str = "true",
-                 transform: Callable | None = None, batch_size: int = 32, num_classes: int = 3, seed: int = 0):
+                 batches: Callable[[list[int]], dict] | None = None, batch_size: int = 32, num_classes: int = 3, seed: int = 0):
         forget_rate(0, noise_rate, ramp_epochs)  # validate now
         select_clean(np.zeros(2), np.zeros(2), 0.0, mix_ratio)
         if not train_data:
@@ -219,7 +221,7 @@ class ALRHandler:
         self.phase1_epochs, self.rounds = int(phase1_epochs), int(rounds)
         self.budget = resolve_budget(budget, len(train_data))
         self.oracle, self.oracle_kind = make_oracle(oracle), oracle
-        self.transform, self.batch_size, self.num_classes = transform, int(batch_size), int(num_classes)
+        self.batches, self.batch_size, self.num_classes = batches, int(batch_size), int(num_classes)
         self.rng = np.random.default_rng(seed)
         self.position = {int(it["id"]): p for p, it in enumerate(train_data)}
         self.kept = np.zeros(len(train_data), dtype=bool)
@@ -256,7 +258,9 @@ class ALRHandler:
         device = next(engine.network.parameters()).device
         self.peer.to(device)
         optimiser = engine.optimizer
-        self.peer_optimizer = type(optimiser)(self.peer.parameters(), **optimiser.defaults)
+        accepted = inspect.signature(type(optimiser)).parameters  # AdamW's defaults hold an option it does not take
+        self.peer_optimizer = type(optimiser)(self.peer.parameters(),
+                                              **{k: v for k, v in optimiser.defaults.items() if k in accepted})
         self.final = {"main": FinalLayer(engine.network), "peer": FinalLayer(self.peer)}
         dim = self.final["main"].layer.in_features
         ids = [int(it["id"]) for it in self.train_data]
@@ -292,7 +296,8 @@ class ALRHandler:
         rate = forget_rate(engine.state.epoch - 1, self.noise_rate, self.ramp_epochs, self.exponent)
         chosen = {}
         for name in ("main", "peer"):
-            losses, features, probabilities = _forward_stats(self.final[name], images, labels)
+            with full_precision(network):  # selection statistics in float32 whatever the training precision
+                losses, features, probabilities = _forward_stats(self.final[name], images, labels)
             self.vog[name].record(ids, label_row_gradients(features, probabilities, labels))
             chosen[name] = select_clean(losses.cpu().numpy(), self.vog[name].scores(ids), rate, self.mix_ratio)
         # the peer learns from what the main network trusts ...
@@ -314,10 +319,10 @@ class ALRHandler:
         if len(self._pool_queue) < size:
             self._pool_queue += self.rng.permutation(pool).tolist()
         positions, self._pool_queue = self._pool_queue[:size], self._pool_queue[size:]
+        if self.batches is not None:  # the trainer's own data path, augmentation included
+            return self.batches(positions)
         items = [{"image": self.train_data[p]["image"], "label": int(self.train_data[p]["label"]),
                   "id": int(self.train_data[p]["id"])} for p in positions]
-        if self.transform is not None:
-            items = [self.transform(item) for item in items]
         return list_data_collate(items)
 
     # -- epoch ends and rounds --

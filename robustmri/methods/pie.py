@@ -52,7 +52,8 @@ def pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     pruned = copy.deepcopy(model)
-    if sparsity > 0:
+    if sparsity > 0:  # torch's pruning flattens weights with .view: a channels_last network is made contiguous
+        pruned.to(memory_format=torch.contiguous_format)
         prune.global_unstructured(prunable_weights(pruned), pruning_method=prune.L1Unstructured, amount=float(sparsity))
     return pruned
 

@@ -101,7 +101,7 @@ MULTI_GPU_TRAIN = {
                       "shuffle": True},
     "train#dataloader#sampler": "@train#sampler",
     "train#dataloader#shuffle": False,
-    "train#trainer#train_handlers": "$(@train#handlers if dist.get_rank() == 0 else @train#handlers[:1])"
+    "train#trainer#train_handlers": "$(@train#handlers if dist.get_rank() == 0 else @train#handlers[:2])"
                                     " + @method_handlers",
     "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False,
                          "shuffle": False},
@@ -129,8 +129,9 @@ def test_a_model_zoo_multi_gpu_overlay_merges_onto_isp(tmp_path, monkeypatch):
     assert parser["network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert parser["train#sampler#_target_"] == "DistributedSampler"
     assert parser["train#dataloader"] == {"_target_": "DataLoader", "dataset": "@train#dataset",
-                                          "batch_size": "@batch_size", "shuffle": False,
-                                          "num_workers": "@num_workers", "sampler": "@train#sampler"}
+                                          "batch_size": "@batch_size", "sampler": "@train#sampler", "shuffle": False,
+                                          "num_workers": "@num_workers",
+                                          "collate_fn": "$robustmri.data.in_memory.collate_batch"}
     assert parser["validate#dataloader#sampler"] == "@validate#sampler"
     assert parser["train#trainer#train_handlers"] == MULTI_GPU_TRAIN["train#trainer#train_handlers"]
     assert parser["train#trainer#max_epochs"] == "@epochs"
