@@ -37,6 +37,12 @@ class OnceAfterEpoch:
             logger.warning("%s: epoch %d is not before the last epoch (%d): the step changes nothing that is "
                            "trained on", self.method, self.epoch, max_epochs)
         engine.add_event_handler(Events.EPOCH_COMPLETED(once=self.epoch), self)
+        engine.add_event_handler(Events.STARTED, self._on_resume)
+
+    def _on_resume(self, engine: Engine) -> None:
+        """A run resumed right after epoch ``epoch`` (:mod:`robustmri.engine.training_state`) takes the step now."""
+        if engine.state.epoch == self.epoch:
+            self(engine)
 
     def __call__(self, engine: Engine) -> None:
         network = engine.network
