@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 
 from robustmri.bench.machine import cpu_name  # noqa: E402
 from robustmri.bench.report import read_runs, write_report  # noqa: E402
+from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability  # noqa: E402
 from robustmri.data.label_noise import noisy_label_record  # noqa: E402
 from robustmri.data.protocol import build_protocol  # noqa: E402
 from robustmri.engine.workflow import execute, inject_protocol, load_workflow, protocol_arguments  # noqa: E402
@@ -50,11 +51,28 @@ from robustmri.outputs import read_json, write_json  # noqa: E402
 BUNDLE = os.path.join(ROOT, "bundle")
 logger = logging.getLogger("benchmark")
 
-#: The benchmark's isr and isp are the authors' released code, whatever the bundle's defaults become.
+#: The benchmark's isr and isp are the authors' released forms, whatever the bundle's defaults become.
 PINNED = {"isr": {"isr_emphasis": "helpful"},
           "isp": {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}}
-#: Variants: a registered method with one option changed.
+#: The authors' LiSSA settings (robustmri.influence.solvers.LissaSolver defaults: effective damping 2.5).
+LISSA = {"influence_solver": "lissa", "influence_solver_args": {}}
+#: ISP's budgeted form, 2 grey levels per pixel (L-inf), chosen before any run of this benchmark (not tuned).
+ISP_LINF = {"isp_budget": 2.0 / 255.0, "isp_norm": "linf"}
+#: Variants: a registered method with options changed. Every ISP / ISR variant runs beside a
+#: control with the same budget and no influence signal (``*_control``).
 VARIANTS = {
+    # the authors' ISP as released (0.1 x the raw input gradient, every image) with their solver, so its scale is theirs
+    "isp_released": ("isp", {**PINNED["isp"], **LISSA}),
+    # the same step with a random direction of the same per-image norm
+    "isp_released_control": ("isp", {**PINNED["isp"], **LISSA, "isp_control": True}),
+    # ISP with units: every image moved by 2/255 per pixel along the sign of its influence gradient ...
+    "isp_linf": ("isp", ISP_LINF),
+    # ... against the influence gradient (what does the direction do?) ...
+    "isp_linf_harmful": ("isp", {**ISP_LINF, "isp_orientation": "harmful"}),
+    # ... and along a random sign (no influence signal)
+    "isp_linf_control": ("isp", {**ISP_LINF, "isp_control": True}),
+    # ISR's weights, randomly reassigned among the training samples (no influence signal)
+    "isr_control": ("isr", {**PINNED["isr"], "isr_control": True}),
     # ISR weighting harmful samples up (the paper's text) instead of helpful ones (the released code)
     "isr_harmful": ("isr", {"isr_emphasis": "harmful"}),
     # ISP with the sign of the input gradient, 2 grey levels per pixel, instead of 0.1 x the raw gradient
@@ -71,23 +89,41 @@ METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method 
 #: What a method writes besides the bundle's standard outputs; kept in its run record.
 METHOD_OUTPUTS = tuple(dict.fromkeys(method.summary for method in registry().values() if method.summary))
 PAPER_METHODS = in_family("noisy images")
+#: Methods that train plainly up to the influence epoch: runs of one seed and noise share that prefix.
+PREFIX_BASES = ("naive", "isr", "isp")
+#: Option prefixes that act only from the influence epoch on (a variant changing only these can branch).
+AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_")
+#: Recipes: bundle overlays merged after the method's config (``recipe`` in a profile).
+RECIPES = {"product": [], "paper": ["paper_recipe.json"]}
 
-#: Profiles: `paper` follows the paper (for a GPU); `cpu` is sized for about an hour on 2 CPU cores.
-#: ``config`` holds bundle config overrides shared by every run (a ``--key value`` on the command line wins).
+#: Profiles. ``config`` holds bundle config overrides shared by every run (a ``--key value`` on
+#: the command line wins); ``eval_p``: the shares of noisy test images each trained model is
+#: evaluated at (evaluation only, no retraining); ``branch``: runs of PREFIX_BASES share their
+#: first ``influence_epoch`` epochs (trained once per seed and noise).
 PROFILES = {
-    "paper": {"seeds": 5, "methods": PAPER_METHODS + list(VARIANTS), "variant_noises": ["gaussian", "rician"],
+    "paper": {"seeds": 3, "recipe": "paper", "branch": True, "eval_p": [0.0, 0.5, 1.0],
+              "methods": ["naive", "at", "n2v", "isr", "isp_released", "isp_linf", "isp_linf_control"],
               "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
-    "cpu": {"seeds": 3, "methods": PAPER_METHODS + ["isr_harmful", "isp_sign", "isp_top25", "isp_val10"],
-            "variant_noises": ["gaussian"],
-            "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6,
+    "cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 0.5, 1.0],
+            "methods": ["naive", "isr", "isr_control", "isp_released", "isp_released_control", "isp_linf",
+                        "isp_linf_control", "isp_linf_harmful", "at", "n2v"],
+            "config": {"spatial_size": 64, "network_padding": 2, "epochs": 20, "influence_epoch": 15,
                        "n2v_steps": 200, "n2v_patch_size": 32}},
-    "labels_cpu": {"seeds": 3, "methods": in_family("noisy labels"),
-                   "variant_noises": [], "noises": ["none"], "label_noise_rates": [0.2, 0.4],
+    "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
+                   "noises": ["none"], "label_noise_rates": [0.2, 0.4],
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
-    "smoke": {"seeds": 1, "methods": ["naive", "isp"], "variant_noises": [],
-              "config": {"spatial_size": 32, "network_padding": 2, "epochs": 1, "influence_epoch": 1, "n2v_steps": 5,
+    "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
+              "methods": ["naive", "isp", "isp_linf_control"],
+              "config": {"spatial_size": 32, "network_padding": 2, "epochs": 2, "influence_epoch": 1, "n2v_steps": 5,
                          "n2v_patch_size": 16, "synthetic_patients": 30, "batch_size": 8}},
 }
+
+
+def branchable(method: str) -> bool:
+    """Whether ``method`` trains exactly as naive training up to the influence epoch."""
+    base = VARIANTS[method][0] if method in VARIANTS else method
+    overrides = VARIANTS[method][1] if method in VARIANTS else {}
+    return base in PREFIX_BASES and all(key.startswith(AFTER_PREFIX_OPTIONS) for key in overrides)
 
 
 def _as_list(value) -> list:
@@ -104,18 +140,16 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def plan_runs(methods, noises, test_noise_fractions, seeds, variant_noises, label_noise_rates=(0.0,)) -> list[dict]:
-    """Every (method, noise, p, label-noise rate, seed); variants only on ``variant_noises``.
-    Seed-major, so an interrupted benchmark has whole seeds of every method rather than all
-    seeds of a few."""
+def plan_runs(methods, noises, test_noise_fractions, seeds, label_noise_rates=(0.0,)) -> list[dict]:
+    """Every (method, noise, p, label-noise rate, seed). Seed-major, so an interrupted benchmark
+    has whole seeds of every method rather than all seeds of a few; within a seed and noise,
+    methods in the order given (runs that branch from a shared prefix follow each other)."""
     runs = []
     for seed in seeds:
         for noise in noises:
             for p in test_noise_fractions:
                 for rate in label_noise_rates:
                     for method in methods:
-                        if method in VARIANTS and noise not in variant_noises:
-                            continue
                         runs.append({"method": method, "noise": noise, "test_noise_fraction": float(p),
                                      "label_noise_rate": float(rate), "seed": int(seed)})
     return runs
@@ -145,7 +179,7 @@ class Benchmark:
 
     def run(self, out: str = "benchmark", profile: str = "cpu", dataset_dir: str | None = None,
             methods=None, noises=None, seeds=None, test_noise_fractions=(1.0,), label_noise_rates=None,
-            variant_noises=None, device: str | None = None, keep_checkpoints: bool = False, **overrides) -> dict:
+            device: str | None = None, keep_checkpoints: bool = False, **overrides) -> dict:
         """Run what is not yet in ``<out>/runs.jsonl``, then write the tables and plots.
 
         ``seeds``: a count (0..n-1) or a list; ``methods``: names from ``methods``;
@@ -162,7 +196,6 @@ class Benchmark:
             raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
         seeds = list(range(int(seeds if seeds is not None else settings["seeds"]))) if not isinstance(
             seeds, (list, tuple, str)) else [int(s) for s in _as_list(seeds)]
-        variant_noises = _as_list(variant_noises) if variant_noises is not None else settings["variant_noises"]
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
 
@@ -171,7 +204,9 @@ class Benchmark:
         _log_to(os.path.join(out, "benchmark.log"))
         config = {**settings["config"], **overrides}
         # what must match for runs in one output folder to be tabulated together
-        protocol = {"profile": profile, **config,
+        recipe = settings.get("recipe", "product")
+        eval_p = [float(p) for p in settings.get("eval_p", [])]
+        protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config,
                     "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
         self._check_same_protocol(out, protocol)
         host = machine()
@@ -181,19 +216,20 @@ class Benchmark:
         done = {run_key(r) for r in read_runs(runs_path)}
         noises = _as_list(noises) or settings.get("noises", ["gaussian", "rician"])
         rates = [float(r) for r in (_as_list(label_noise_rates) or settings.get("label_noise_rates", [0.0]))]
-        planned = plan_runs(methods, noises, _as_list(test_noise_fractions), seeds, variant_noises, rates)
+        planned = plan_runs(methods, noises, _as_list(test_noise_fractions), seeds, rates)
         todo = [r for r in planned if run_key(r) not in done]
         logger.info("benchmark %s: %d runs planned, %d already done, machine %s", profile, len(planned),
                     len(planned) - len(todo), host)
         common = {**config, "dataset_dir": dataset_dir or "", "device": f"$torch.device('{device}')", "num_workers": 0}
-        cache: dict[str, object] = {}
+        context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
+                   "data": {}, "prefix": {}}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
         failed = []
         for run in progress:
             progress.set_postfix_str(run_key(run))
             try:
-                record = self._one(run, common, cache, out, keep_checkpoints)
+                record = self._one(run, common, context, out, keep_checkpoints)
             except Exception as err:  # one failing run must not lose the others; it is retried next time
                 logger.exception("%s failed", run_key(run))
                 cause = err
@@ -229,31 +265,78 @@ class Benchmark:
                   f"- protocol: {json.dumps(info.get('protocol', {}))}\n- machine: {json.dumps(info.get('machine', {}))}\n"
                   f"- runs: {len(runs)}; wall time of the last invocation: {info.get('wall_s', 0) / 60:.1f} min\n\n")
         summary, markdown = write_report(runs, out, list(METHODS), header)
+        if any("test_by_p" in run for run in runs):  # paired comparisons against naive training
+            paired = "\n\n".join([f"#### Paired against naive training, {tag} checkpoint\n\n"
+                                    + paired_table(runs, baseline="naive", checkpoint=tag) for tag in ("last", "best")]
+                                   + ["#### Naive training's stability\n\n```\n"
+                                      + json.dumps(stability(runs), indent=1) + "\n```",
+                                      "#### Each run, last checkpoint, p = 1\n\n" + run_interval_table(runs)])
+            markdown = f"{markdown}\n\n{paired}\n"
+            with open(os.path.join(out, "results.md"), "w") as handle:
+                handle.write(markdown)
         print(markdown)
         return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
 
     # -- one run ------------------------------------------------------------------------
 
-    def _one(self, run: dict, common: dict, cache: dict, out: str, keep_checkpoints: bool) -> dict:
-        config, method_overrides = METHODS[run["method"]]
+    def _workflow(self, method: str, run: dict, common: dict, recipe: list[str], run_dir: str, **extra):
+        config, method_overrides = METHODS[method]
+        return load_workflow(BUNDLE, [os.path.join(BUNDLE, config)] + [os.path.join(BUNDLE, "configs", r) for r in recipe], {
+            **common, **method_overrides, "noise": run["noise"], "test_noise_fraction": run["test_noise_fraction"],
+            "seed": run["seed"], "ckpt_dir": os.path.join(run_dir, "models"), "output_dir": os.path.join(run_dir, "eval"),
+            "label_noise": "symmetric" if run["label_noise_rate"] else "none",
+            "label_noise_rate": run["label_noise_rate"], **extra}, drop_handlers=("ProgressBar",))
+
+    def _data(self, workflow, run: dict, context: dict):
+        """The protocol data for this run's arguments, built once (one data set in memory at a time)."""
+        arguments = {**protocol_arguments(workflow), "test_noise_fractions": context["eval_p"]}
+        key = json.dumps(arguments, sort_keys=True, default=str)
+        cache = context["data"]
+        if key not in cache:
+            cache.clear()
+            context["prefix"].clear()
+            start = time.perf_counter()
+            data = build_protocol(**arguments)
+            cache[key] = (data, data_fingerprint(data))
+            logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start, data.summary())
+        return cache[key]
+
+    def _prefix(self, run: dict, common: dict, context: dict, out: str) -> dict:
+        """Naive training up to the influence epoch, once per seed and noise: its state, history and best checkpoint."""
+        key = (run["seed"], run["noise"], run["label_noise_rate"])
+        if key in context["prefix"]:
+            return context["prefix"][key]
+        prefix_dir = os.path.join(out, "runs", run_key({**run, "method": "prefix"}))
+        shutil.rmtree(prefix_dir, ignore_errors=True)
+        workflow = self._workflow("naive", run, common, context["recipe"], prefix_dir)
+        epoch = int(workflow.parser.get_parsed_content("influence_epoch") if "influence_epoch" in workflow.parser
+                    else common["influence_epoch"])
+        state_path = os.path.join(prefix_dir, "models", "training_state.pt")
+        workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
+            {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state_path, "epoch": epoch,
+             "stop": True}]
+        built, _ = self._data(workflow, run, context)
+        inject_protocol(workflow, built)
+        start = time.perf_counter()
+        execute(workflow)
+        history = read_json(os.path.join(prefix_dir, "eval", "history.json"), missing=[])
+        prefix = {"state": state_path, "epoch": epoch, "history": history,
+                  "best": os.path.join(prefix_dir, "models", "model.pt"), "train_s": time.perf_counter() - start,
+                  "best_val": max((h.get("val_accuracy", -1.0) for h in history), default=-1.0)}
+        logger.info("prefix for seed %s, %s: %d epochs in %.0f s", run["seed"], run["noise"], epoch, prefix["train_s"])
+        context["prefix"][key] = prefix
+        return prefix
+
+    def _one(self, run: dict, common: dict, context: dict, out: str, keep_checkpoints: bool) -> dict:
         run_dir = os.path.join(out, "runs", run_key(run))
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from an interruption
         ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
-        workflow = load_workflow(BUNDLE, [os.path.join(BUNDLE, config)], {
-            **common, **method_overrides, "noise": run["noise"], "test_noise_fraction": run["test_noise_fraction"],
-            "seed": run["seed"], "ckpt_dir": ckpt_dir, "output_dir": output_dir,
-            "label_noise": "symmetric" if run["label_noise_rate"] else "none", "label_noise_rate": run["label_noise_rate"]},
-            drop_handlers=("ProgressBar",))
-
-        arguments = protocol_arguments(workflow)
-        data_key = json.dumps(arguments, sort_keys=True, default=str)
-        if data_key not in cache:
-            cache.clear()  # one data set in memory at a time (runs are seed-major)
-            start = time.perf_counter()
-            data = build_protocol(**arguments)
-            cache[data_key] = (data, data_fingerprint(data))
-            logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start, data.summary())
-        built, fingerprint = cache[data_key]
+        prefix = self._prefix(run, common, context, out) if context["branch"] and branchable(run["method"]) else None
+        workflow = self._workflow(run["method"], run, common, context["recipe"], run_dir)
+        if prefix is not None:  # restored when the trainer starts, before any other handler
+            workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
+                                                  "path": prefix["state"]}] + workflow.parser["train#handlers"]
+        built, fingerprint = self._data(workflow, run, context)
         inject_protocol(workflow, built)
 
         start = time.perf_counter()
@@ -261,22 +344,44 @@ class Benchmark:
         train_s = time.perf_counter() - start
         data = workflow.parser.get_parsed_content("data")
         network = workflow.parser.get_parsed_content("network")
-        checkpoints = {"best": os.path.join(ckpt_dir, "model.pt"), "last": os.path.join(ckpt_dir, "model_final.pt")}
+        history = read_json(os.path.join(output_dir, "history.json"), missing=[])
+        best = os.path.join(ckpt_dir, "model.pt")
+        if prefix is not None:
+            # as one uninterrupted run: the prefix's epochs lead the history, and its best checkpoint
+            # stays the best unless a later epoch is strictly better (MONAI's CheckpointSaver rule)
+            branch_best = max((h.get("val_accuracy", -1.0) for h in history), default=-1.0)
+            history = prefix["history"] + history
+            if branch_best <= prefix["best_val"]:
+                best = prefix["best"]
+            train_s += prefix["train_s"]
+        checkpoints = {"best": best, "last": os.path.join(ckpt_dir, "model_final.pt")}
         reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
+        by_p = {tag: {} for tag in checkpoints}
+        groups = {share: np.array([item["group"] for item in items]) for share, items in data.test_at.items()}
+        for share, items in data.test_at.items():
+            for tag, report in evaluate_checkpoints_on(network, checkpoints, items, data.class_names,
+                                                       with_correct=True).items():
+                low, high = grouped_bootstrap_ci(report.pop("correct"), groups[share], seed=run["seed"])
+                by_p[tag][f"{share:g}"] = {"accuracy": report["accuracy"],
+                                           "balanced_accuracy": report["balanced_accuracy"],
+                                           "accuracy_ci95": [low, high], "n": report["n"]}
         outputs = {name: read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
                    if os.path.isfile(os.path.join(output_dir, name))}
         influence = outputs.get("influence_summary.json", {})
         n2v = outputs.get("n2v_summary.json", {})
-        history = read_json(os.path.join(output_dir, "history.json"), missing=[])
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return {**run, "config": config, "overrides": method_overrides,
+        config, method_overrides = METHODS[run["method"]]
+        return {**run, "config": config, "overrides": method_overrides, "recipe": context["recipe"],
+                "branched_after_epoch": prefix["epoch"] if prefix is not None else None,
+                "precision": getattr(network, "robustmri_precision", None),
                 "val_fraction": float(workflow.parser.get_parsed_content("split_fractions")[1]),
                 "n": {name: len(data.split(name)) for name in ("train", "val", "test")},
                 "data_fingerprint": fingerprint,
                 "test": {tag: {k: r[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc_macro",
                                                  "per_class")}
                          for tag, r in reports.items()},
+                "test_by_p": by_p,
                 "history": history,
                 "method_outputs": outputs,
                 "wrong_training_labels": noisy_label_record(data.train)["flipped"],  # after any relabelling

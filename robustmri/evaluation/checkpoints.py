@@ -81,12 +81,15 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
 
 
 def evaluate_checkpoints_on(network: torch.nn.Module, checkpoints: dict[str, str], items: list[dict],
-                            class_names) -> dict[str, dict]:
-    """Classification report per checkpoint tag on ``items`` (e.g. a run's own test split), in process."""
+                            class_names, with_correct: bool = False) -> dict[str, dict]:
+    """Classification report per checkpoint tag on ``items`` (e.g. a run's own test split), in process;
+    ``with_correct`` adds ``correct``, whether each item was classified right (in the order of ``items``)."""
     device = next(network.parameters()).device
     reports = {}
     for tag, path in checkpoints.items():
         load_weights(network, path, device)
         logits, labels, _ = predict_items(network, items, device=device)
         reports[tag] = classification_report(labels.numpy(), torch.softmax(logits, dim=1).numpy(), class_names)
+        if with_correct:
+            reports[tag]["correct"] = (logits.argmax(1) == labels).numpy()
     return reports

@@ -70,26 +70,38 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     first = _benchmark(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = read_runs(str(out / "runs.jsonl"))
-    assert sorted(r["method"] for r in runs) == ["isp", "naive"]
+    assert sorted(r["method"] for r in runs) == ["isp", "isp_linf_control", "naive"]
     # same seed: same patient split and the same noisy pixels for every method
     assert len({r["data_fingerprint"] for r in runs}) == 1
     by_method = {r["method"]: r for r in runs}
     assert by_method["isp"]["timings"]["influence_s"] > 0 and by_method["naive"]["timings"]["influence_s"] is None
     for run in runs:
-        assert len(run["history"]) == 1
+        # all three branched from one naive prefix of influence_epoch = 1 epoch; the history is whole
+        assert run["branched_after_epoch"] == 1 and [h["epoch"] for h in run["history"]] == [1, 2]
         for tag in ("best", "last"):
             assert run["test"][tag]["n"] == run["n"]["test"] > 0 and 0 <= run["test"][tag]["accuracy"] <= 1
+            # every model evaluated at the profile's shares of noisy test images, with a patient-grouped interval
+            assert sorted(run["test_by_p"][tag]) == ["0", "1"]
+            low, high = run["test_by_p"][tag]["1"]["accuracy_ci95"]
+            assert low <= run["test_by_p"][tag]["1"]["accuracy"] <= high
+        assert run["test_by_p"]["last"]["1"]["accuracy"] == run["test"]["last"]["accuracy"]  # trained at p = 1
+    # the two ISP runs differ after the branch point only
+    assert by_method["isp"]["history"][0] == by_method["naive"]["history"][0] == by_method["isp_linf_control"]["history"][0]
+    summary = json.loads((out / "runs" / "isp_linf_control__gaussian__p1__seed0" / "eval" /
+                          "influence_summary.json").read_text())
+    assert summary["isp_control"] is True
     for name in ("results.json", "results.md", "accuracy_best.png", "accuracy_last.png", "validation_curves.png"):
         assert (out / name).stat().st_size > 100, name
     assert (out / "runs" / "isp__gaussian__p1__seed0" / "eval" / "influence.csv").is_file()
     assert "| naive |" in (out / "results.md").read_text()
+    assert "Paired against naive training" in (out / "results.md").read_text()
 
     second = _benchmark(*args)  # resume: nothing left to do
     assert second.returncode == 0, second.stderr[-3000:]
     assert read_runs(str(out / "runs.jsonl")) == runs
-    assert "2 runs planned, 2 already done" in (out / "benchmark.log").read_text()
+    assert "3 runs planned, 3 already done" in (out / "benchmark.log").read_text()
 
-    changed = _benchmark(*args, "--epochs", "2")  # another protocol must not be mixed into this table
+    changed = _benchmark(*args, "--epochs", "3")  # another protocol must not be mixed into this table
     assert changed.returncode != 0 and "another protocol" in changed.stderr
 
 
