@@ -2,6 +2,6 @@
 
 from robustmri.methods import Method
 
-METHOD = Method(name="naive", title="naive training (cross-entropy, the paper's recipe)", order=0,
+METHOD = Method(name="naive", title="naive training (cross-entropy)", order=0,
                 families=("noisy images", "noisy labels"), summary=None, reference="Van, Carey, Wu, arXiv 2403.10698",
                 config="train.json")
