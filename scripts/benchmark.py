@@ -140,6 +140,11 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _best_val(history: list[dict]) -> float:
+    """The highest validation accuracy of a history (-1 when it has none)."""
+    return max((h.get("val_accuracy", -1.0) for h in history), default=-1.0)
+
+
 def plan_runs(methods, noises, test_noise_fractions, seeds, label_noise_rates=(0.0,)) -> list[dict]:
     """Every (method, noise, p, label-noise rate, seed). Seed-major, so an interrupted benchmark
     has whole seeds of every method rather than all seeds of a few; within a seed and noise,
@@ -322,7 +327,7 @@ class Benchmark:
         history = read_json(os.path.join(prefix_dir, "eval", "history.json"), missing=[])
         prefix = {"state": state_path, "epoch": epoch, "history": history,
                   "best": os.path.join(prefix_dir, "models", "model.pt"), "train_s": time.perf_counter() - start,
-                  "best_val": max((h.get("val_accuracy", -1.0) for h in history), default=-1.0)}
+                  "best_val": _best_val(history)}
         logger.info("prefix for seed %s, %s: %d epochs in %.0f s", run["seed"], run["noise"], epoch, prefix["train_s"])
         context["prefix"][key] = prefix
         return prefix
@@ -349,7 +354,7 @@ class Benchmark:
         if prefix is not None:
             # as one uninterrupted run: the prefix's epochs lead the history, and its best checkpoint
             # stays the best unless a later epoch is strictly better (MONAI's CheckpointSaver rule)
-            branch_best = max((h.get("val_accuracy", -1.0) for h in history), default=-1.0)
+            branch_best = _best_val(history)
             history = prefix["history"] + history
             if branch_best <= prefix["best_val"]:
                 best = prefix["best"]

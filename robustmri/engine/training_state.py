@@ -40,8 +40,15 @@ def training_state(engine: Engine) -> dict:
     return {"model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "random": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+
+def _numpy_state() -> dict:
+    """numpy's RNG state as tensors and plain numbers, so the file loads with ``weights_only=True``."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
 def save_training_state(engine: Engine, path: str) -> None:
@@ -65,7 +72,9 @@ def restore_training_state(engine: Engine, state: dict) -> None:
     engine.state.epoch, engine.state.iteration = state["epoch"], state["iteration"]
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    numpy_state = rng["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
     random.setstate(rng["random"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -98,7 +107,7 @@ class LoadTrainingState:
     def __call__(self, engine: Engine) -> None:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no saved training state to start from")
-        state = torch.load(self.path, map_location=next(engine.network.parameters()).device, weights_only=False)
+        state = torch.load(self.path, map_location=next(engine.network.parameters()).device, weights_only=True)
         if state["epoch"] >= engine.state.max_epochs:
             raise ValueError(f"{self.path}: saved after epoch {state['epoch']}, not before the last epoch "
                              f"({engine.state.max_epochs})")

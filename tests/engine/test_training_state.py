@@ -32,7 +32,7 @@ def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
     _run(tmp_path, "prefix", "train.json", data, handlers_after=[
         {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state, "epoch": 2, "stop": True}])
     assert os.path.isfile(state) and not os.path.exists(state + ".partial")
-    saved = torch.load(state, weights_only=False)
+    saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 2 and saved["lr_scheduler"] is not None  # the per-iteration schedule goes on too
     branched = _run(tmp_path, "branch", "isp.json", data, handlers_before=[
         {"_target_": "robustmri.engine.training_state.LoadTrainingState", "path": state}])
@@ -44,5 +44,5 @@ def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
     for key, value in whole.state_dict().items():
         assert torch.allclose(value.float(), branched.state_dict()[key].float(), atol=1e-6), key
     # the branch trained on after the prefix (its weights are not just the saved ones)
-    saved = torch.load(state, weights_only=False)["model"]
+    saved = torch.load(state, weights_only=True)["model"]
     assert not torch.allclose(saved["classifier.weight"], branched.state_dict()["classifier.weight"])
