@@ -4,6 +4,7 @@
     python scripts/benchmark.py run --profile paper --dataset_dir /data/figshare --out bench/paper   # a GPU
     python scripts/benchmark.py report --out bench/cpu                                            # tables again
     python scripts/benchmark.py methods                                                             # what can run
+    python scripts/benchmark.py select --dataset_dir ../shared/data/figshare-brain-tumor --out bench/selection  # tuning seeds
 
 Every method is its bundle config (``bundle/configs/<method>.json``, plus overrides for the
 variants), trained in this process on protocol data that is built once per (seed, noise,
@@ -40,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 from robustmri.bench.machine import cpu_name  # noqa: E402
 from robustmri.bench.report import read_runs, write_report  # noqa: E402
+from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table  # noqa: E402
 from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability  # noqa: E402
 from robustmri.data.label_noise import noisy_label_record  # noqa: E402
 from robustmri.data.protocol import build_protocol  # noqa: E402
@@ -104,9 +106,12 @@ PROFILES = {
     "paper": {"seeds": 3, "recipe": "paper", "branch": True, "eval_p": [0.0, 0.5, 1.0],
               "methods": ["naive", "at", "n2v", "isr", "isp_released", "isp_linf", "isp_linf_control"],
               "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
+    # 100 minutes on 2 cores without fast bf16 (about 12 s per epoch at 64 px, 5 seeds x 2 noises) hold one
+    # 15-epoch prefix and five 5-epoch branches per seed and noise: naive, ISR and ISP with units, each beside
+    # its no-signal control. More methods join the same table later from the same prefixes, e.g.
+    # `--methods isp_released,isp_released_control` (the authors' ISP) or `--methods at,n2v` (full runs).
     "cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 0.5, 1.0],
-            "methods": ["naive", "isr", "isr_control", "isp_released", "isp_released_control", "isp_linf",
-                        "isp_linf_control", "isp_linf_harmful", "at", "n2v"],
+            "methods": ["naive", "isr", "isr_control", "isp_linf", "isp_linf_control"],
             "config": {"spatial_size": 64, "network_padding": 2, "epochs": 20, "influence_epoch": 15,
                        "n2v_steps": 200, "n2v_patch_size": 32}},
     "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
@@ -225,7 +230,7 @@ class Benchmark:
         todo = [r for r in planned if run_key(r) not in done]
         logger.info("benchmark %s: %d runs planned, %d already done, machine %s", profile, len(planned),
                     len(planned) - len(todo), host)
-        common = {**config, "dataset_dir": dataset_dir or "", "device": f"$torch.device('{device}')", "num_workers": 0}
+        common = _common_config(config, dataset_dir, device)
         context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
                    "data": {}, "prefix": {}}
         started = time.perf_counter()
@@ -282,6 +287,82 @@ class Benchmark:
         print(markdown)
         return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
 
+    def select(self, out: str = "bench/selection", profile: str = "cpu", dataset_dir: str | None = None,
+               methods="naive", noises="gaussian", seeds=(100, 101, 102), device: str | None = None,
+               **overrides) -> dict:
+        """Checkpoint selection rules compared on validation only, on tuning seeds (robustmri.bench.selection).
+
+        Each (method, noise, seed) trains once in full on the profile's protocol and recipe, keeping the
+        weights after every epoch; every rule picks an epoch on one half of the validation patients and is
+        scored on the other half. Appends to ``<out>/selection.jsonl`` (resumable) and writes ``selection.md``.
+        The seeds must not be those of the profile's final table (0 .. seeds-1); the test split is never read.
+        """
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        settings = PROFILES[profile]
+        seeds = [int(s) for s in _as_list(seeds)]
+        final = set(range(int(settings["seeds"])))
+        if final & set(seeds):
+            raise ValueError(f"tuning seeds {sorted(final & set(seeds))} are seeds of the {profile} profile's final "
+                             f"table (0..{len(final) - 1}); choose others, e.g. 100,101,102")
+        methods, noises = _as_list(methods), _as_list(noises)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
+        out = os.path.abspath(out)
+        os.makedirs(out, exist_ok=True)
+        _log_to(os.path.join(out, "benchmark.log"))
+        config = {**settings["config"], **overrides}
+        recipe = settings.get("recipe", "product")
+        protocol = {"profile": profile, "recipe": recipe, **config,
+                    "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
+        self._check_same_protocol(out, protocol, records="selection.jsonl")
+        host = machine()
+        self._save_protocol(out, protocol, host)
+        records_path = os.path.join(out, "selection.jsonl")
+        done = {run_key(r) for r in read_runs(records_path)}
+        todo = [r for r in plan_runs(methods, noises, [1.0], seeds) if run_key(r) not in done]
+        common = _common_config(config, dataset_dir, device)
+        context = {"recipe": RECIPES[recipe], "eval_p": [], "branch": False, "data": {}, "prefix": {}}
+        started = time.perf_counter()
+        for run in tqdm(todo, desc=f"selection ({profile})", unit="run", dynamic_ncols=True):
+            run_dir = os.path.join(out, "runs", run_key(run))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            workflow = self._workflow(run["method"], run, common, context["recipe"], run_dir)
+            snapshots_path = os.path.join(run_dir, "models", "epochs.pt")
+            workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
+                {"_target_": "robustmri.bench.selection.EpochSnapshots", "network": "@network",
+                 "path": snapshots_path}]
+            built, fingerprint = self._data(workflow, run, context)
+            inject_protocol(workflow, built)
+            start = time.perf_counter()
+            execute(workflow)
+            data = workflow.parser.get_parsed_content("data")
+            network = workflow.parser.get_parsed_content("network")
+            snapshots = torch.load(snapshots_path, map_location="cpu", weights_only=True)
+            correct, loss = per_epoch_outcomes(network, snapshots, data.val)
+            rules = cross_selection(correct, loss, [item["group"] for item in data.val], seed=run["seed"])
+            record = {**run, "recipe": context["recipe"], "config": METHODS[run["method"]][0],
+                      "data_fingerprint": fingerprint, "epochs": snapshots["epochs"], "n_val": len(data.val),
+                      "val_accuracy": correct.mean(axis=1).tolist(), "val_loss": loss.mean(axis=1).tolist(),
+                      "rules": rules, "train_s": time.perf_counter() - start,
+                      "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            shutil.rmtree(os.path.dirname(snapshots_path), ignore_errors=True)
+            with open(records_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            logger.info("%s: held-out validation accuracy by rule %s", run_key(run),
+                        {name: round(r["score"], 4) for name, r in rules.items()})
+        self._save_protocol(out, protocol, host, wall_s=time.perf_counter() - started,
+                            date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        records = read_runs(records_path)
+        markdown = selection_table(records)
+        with open(os.path.join(out, "selection.md"), "w") as handle:
+            handle.write(markdown)
+        print(markdown)
+        return {"output": out, "runs": len(records)}
+
     # -- one run ------------------------------------------------------------------------
 
     def _workflow(self, method: str, run: dict, common: dict, recipe: list[str], run_dir: str, **extra):
@@ -307,27 +388,38 @@ class Benchmark:
         return cache[key]
 
     def _prefix(self, run: dict, common: dict, context: dict, out: str) -> dict:
-        """Naive training up to the influence epoch, once per seed and noise: its state, history and best checkpoint."""
+        """Naive training up to the influence epoch, once per seed and noise: its state, history and best checkpoint.
+
+        Kept on disk (``<out>/runs/prefix__...``, with ``prefix.json``), so a later invocation on the same
+        protocol (e.g. with more methods) branches from the same prefix when its data are the same."""
         key = (run["seed"], run["noise"], run["label_noise_rate"])
         if key in context["prefix"]:
             return context["prefix"][key]
         prefix_dir = os.path.join(out, "runs", run_key({**run, "method": "prefix"}))
-        shutil.rmtree(prefix_dir, ignore_errors=True)
+        record_path = os.path.join(prefix_dir, "prefix.json")
         workflow = self._workflow("naive", run, common, context["recipe"], prefix_dir)
         epoch = int(workflow.parser.get_parsed_content("influence_epoch") if "influence_epoch" in workflow.parser
                     else common["influence_epoch"])
+        built, fingerprint = self._data(workflow, run, context)
+        saved = read_json(record_path, missing={})
+        if (saved.get("data_fingerprint") == fingerprint and saved.get("epoch") == epoch
+                and all(os.path.isfile(saved.get(name) or "") for name in ("state", "best"))):
+            logger.info("prefix for seed %s, %s: reused from %s", run["seed"], run["noise"], prefix_dir)
+            context["prefix"][key] = saved
+            return saved
+        shutil.rmtree(prefix_dir, ignore_errors=True)
         state_path = os.path.join(prefix_dir, "models", "training_state.pt")
         workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
             {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state_path, "epoch": epoch,
              "stop": True}]
-        built, _ = self._data(workflow, run, context)
         inject_protocol(workflow, built)
         start = time.perf_counter()
         execute(workflow)
         history = read_json(os.path.join(prefix_dir, "eval", "history.json"), missing=[])
         prefix = {"state": state_path, "epoch": epoch, "history": history,
                   "best": os.path.join(prefix_dir, "models", "model.pt"), "train_s": time.perf_counter() - start,
-                  "best_val": _best_val(history)}
+                  "best_val": _best_val(history), "data_fingerprint": fingerprint}
+        write_json(record_path, prefix)
         logger.info("prefix for seed %s, %s: %d epochs in %.0f s", run["seed"], run["noise"], epoch, prefix["train_s"])
         context["prefix"][key] = prefix
         return prefix
@@ -397,9 +489,9 @@ class Benchmark:
     # -- bookkeeping --------------------------------------------------------------------
 
     @staticmethod
-    def _check_same_protocol(out: str, protocol: dict) -> None:
+    def _check_same_protocol(out: str, protocol: dict, records: str = "runs.jsonl") -> None:
         previous = read_json(os.path.join(out, "protocol.json"), missing={}).get("protocol")
-        if previous and os.path.isfile(os.path.join(out, "runs.jsonl")) and previous != protocol:
+        if previous and os.path.isfile(os.path.join(out, records)) and previous != protocol:
             changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
                        if previous.get(k) != protocol.get(k)}
             raise ValueError(f"{out} holds runs of another protocol (changed: {changed}); "
@@ -409,6 +501,11 @@ class Benchmark:
     def _save_protocol(out: str, protocol: dict, host: dict, **finished) -> None:
         """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
         write_json(os.path.join(out, "protocol.json"), {"protocol": protocol, "machine": host, **finished})
+
+
+def _common_config(config: dict, dataset_dir: str | None, device: torch.device) -> dict:
+    """Bundle config overrides of every run of one invocation."""
+    return {**config, "dataset_dir": dataset_dir or "", "device": f"$torch.device('{device}')", "num_workers": 0}
 
 
 def _log_to(path: str) -> None:

@@ -101,6 +101,13 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     assert read_runs(str(out / "runs.jsonl")) == runs
     assert "3 runs planned, 3 already done" in (out / "benchmark.log").read_text()
 
+    more = _benchmark(*args, "--methods", "naive,isp,isp_linf_control,isp_linf")  # one more method, later
+    assert more.returncode == 0, more.stderr[-3000:]
+    log = (out / "benchmark.log").read_text()
+    assert "reused from" in log and log.count("prefix for seed 0, gaussian: 1 epochs") == 1  # trained once
+    added = read_runs(str(out / "runs.jsonl"))[-1]
+    assert added["method"] == "isp_linf" and added["history"][0] == by_method["naive"]["history"][0]
+
     changed = _benchmark(*args, "--epochs", "3")  # another protocol must not be mixed into this table
     assert changed.returncode != 0 and "another protocol" in changed.stderr
 

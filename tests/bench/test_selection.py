@@ -1,0 +1,88 @@
+"""Checkpoint-selection rules judged on held-out validation halves (robustmri.bench.selection)."""
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+
+from robustmri.bench.selection import (EpochSnapshots, cross_selection, decide, patient_halves, per_epoch_outcomes,
+                                       selection_table)
+
+
+def test_halves_keep_each_patient_whole_and_split_groups_evenly():
+    groups = np.array([5, 5, 7, 9, 9, 9, 11, 13, 13])
+    first, second = patient_halves(groups, seed=3)
+    assert (first ^ second).all()
+    for g in np.unique(groups):
+        in_first = first[groups == g]
+        assert in_first.all() or not in_first.any()
+    assert len(np.unique(groups[first])) == 3 and len(np.unique(groups[second])) == 2
+    with pytest.raises(ValueError, match="2 patient groups"):
+        patient_halves([4, 4, 4])
+
+
+def test_cross_selection_matches_a_hand_computation():
+    # 3 epochs, 4 slices of 4 patients; halves found from the same seed
+    correct = np.array([[1, 1, 0, 0],
+                        [1, 0, 1, 1],
+                        [0, 1, 1, 0]], dtype=float)
+    loss = np.array([[0.2, 0.4, 2.0, 2.0],
+                     [0.5, 0.9, 0.1, 0.3],
+                     [1.0, 0.2, 0.3, 1.5]])
+    groups = np.array([10, 20, 30, 40])
+    a, b = patient_halves(groups, seed=1)
+    result = cross_selection(correct, loss, groups, seed=1)
+    for select, score, k in ((a, b, 0), (b, a, 1)):
+        acc, mean_loss = correct[:, select].mean(1), loss[:, select].mean(1)
+        best = int(np.flatnonzero(acc == acc.max())[0])
+        assert result["best_accuracy"]["epochs"][k] == best
+        assert result["best_accuracy"]["held_out"][k] == correct[best, score].mean()
+        assert result["lowest_loss"]["epochs"][k] == int(np.argmin(mean_loss))
+        late = 1 + int(np.flatnonzero(acc[1:] == acc[1:].max())[0])
+        assert result["best_accuracy_late"]["epochs"][k] == late
+        assert result["last"]["epochs"][k] == 2
+    assert result["last"]["score"] == pytest.approx((correct[2, a].mean() + correct[2, b].mean()) / 2)
+
+
+def test_snapshots_keep_every_epochs_weights_and_give_per_epoch_outcomes(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    path = tmp_path / "models" / "epochs.pt"
+
+    def step(engine, batch):
+        with torch.no_grad():
+            net[1].weight.add_(1.0)
+
+    engine = Engine(step)
+    EpochSnapshots(net, str(path)).attach(engine)
+    engine.run([0, 1], max_epochs=3)
+    saved = torch.load(path, weights_only=True)
+    assert saved["epochs"] == [1, 2, 3]
+    first = saved["states"][0]["1.weight"]
+    assert torch.allclose(saved["states"][2]["1.weight"], first + 4.0)  # two steps per epoch
+    items = [{"image": np.random.default_rng(i).normal(size=(1, 2, 2)).astype(np.float32), "label": i % 3, "id": i}
+             for i in range(5)]
+    correct, loss = per_epoch_outcomes(net, saved, items)
+    assert correct.shape == loss.shape == (3, 5)
+    net.load_state_dict(saved["states"][1])
+    logits = net(torch.stack([torch.as_tensor(it["image"]) for it in items]))
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([it["label"] for it in items]), reduction="none")
+    assert np.allclose(loss[1], expected.detach().numpy(), atol=1e-6)
+
+
+def _records(gain):
+    rows = []
+    for seed, g in zip((100, 101, 102, 103), gain):
+        rows.append({"method": "naive", "noise": "gaussian", "seed": seed,
+                     "rules": {"last": {"score": 0.80, "epochs": [19, 19]},
+                               "best_accuracy": {"score": 0.80 + g, "epochs": [6, 9]}}})
+    return rows
+
+
+def test_a_rule_replaces_the_last_epoch_only_with_an_interval_above_zero():
+    chosen, comparison = decide(_records([0.03, 0.05, 0.04, 0.06]))
+    assert chosen == "best_accuracy" and comparison["best_accuracy"]["positive"] == 4
+    chosen, comparison = decide(_records([0.05, -0.04, 0.02, -0.01]))
+    assert chosen == "last" and comparison["best_accuracy"]["ci"][0] < 0
+    table = selection_table(_records([0.05, -0.04, 0.02, -0.01]))
+    assert "Decision: `last`" in table and "| `best_accuracy` | 80.5 ± 3.9 |" in table
