@@ -197,27 +197,14 @@ class Benchmark:
         symmetric label-flip rates of the training split (0 = clean labels); extra
         ``--key value`` pairs override bundle config ids for every run (e.g. ``--epochs 20``).
         """
-        if profile not in PROFILES:
-            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-        settings = PROFILES[profile]
-        methods = _as_list(methods) or settings["methods"]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        settings, methods, device, dataset_dir, out, config = _start(profile, methods, device, dataset_dir, out,
+                                                                     overrides)
         seeds = list(range(int(seeds if seeds is not None else settings["seeds"]))) if not isinstance(
             seeds, (list, tuple, str)) else [int(s) for s in _as_list(seeds)]
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
-
-        out = os.path.abspath(out)
-        os.makedirs(out, exist_ok=True)
-        _log_to(os.path.join(out, "benchmark.log"))
-        config = {**settings["config"], **overrides}
         # what must match for runs in one output folder to be tabulated together
         recipe = settings.get("recipe", "product")
         eval_p = [float(p) for p in settings.get("eval_p", [])]
-        protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config,
-                    "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
+        protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir)}
         self._check_same_protocol(out, protocol)
         host = machine()
         self._save_protocol(out, protocol, host)
@@ -297,27 +284,16 @@ class Benchmark:
         scored on the other half. Appends to ``<out>/selection.jsonl`` (resumable) and writes ``selection.md``.
         The seeds must not be those of the profile's final table (0 .. seeds-1); the test split is never read.
         """
-        if profile not in PROFILES:
-            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
-        settings = PROFILES[profile]
         seeds = [int(s) for s in _as_list(seeds)]
-        final = set(range(int(settings["seeds"])))
+        final = set(range(int(PROFILES[profile]["seeds"]))) if profile in PROFILES else set()
         if final & set(seeds):
             raise ValueError(f"tuning seeds {sorted(final & set(seeds))} are seeds of the {profile} profile's final "
                              f"table (0..{len(final) - 1}); choose others, e.g. 100,101,102")
-        methods, noises = _as_list(methods), _as_list(noises)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
-        out = os.path.abspath(out)
-        os.makedirs(out, exist_ok=True)
-        _log_to(os.path.join(out, "benchmark.log"))
-        config = {**settings["config"], **overrides}
+        settings, methods, device, dataset_dir, out, config = _start(profile, methods, device, dataset_dir, out,
+                                                                     overrides)
+        noises = _as_list(noises)
         recipe = settings.get("recipe", "product")
-        protocol = {"profile": profile, "recipe": recipe, **config,
-                    "dataset": dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"}
+        protocol = {"profile": profile, "recipe": recipe, **config, "dataset": _dataset_name(dataset_dir)}
         self._check_same_protocol(out, protocol, records="selection.jsonl")
         host = machine()
         self._save_protocol(out, protocol, host)
@@ -501,6 +477,28 @@ class Benchmark:
     def _save_protocol(out: str, protocol: dict, host: dict, **finished) -> None:
         """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
         write_json(os.path.join(out, "protocol.json"), {"protocol": protocol, "machine": host, **finished})
+
+
+def _start(profile: str, methods, device, dataset_dir, out: str, overrides: dict):
+    """Checked settings of an invocation: the profile, its methods, device, data folder, output folder
+    (created, logging into ``benchmark.log``) and the bundle config overrides of every run."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    settings = PROFILES[profile]
+    methods = _as_list(methods) or settings["methods"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    _log_to(os.path.join(out, "benchmark.log"))
+    return settings, methods, device, dataset_dir, out, {**settings["config"], **overrides}
+
+
+def _dataset_name(dataset_dir: str | None) -> str:
+    return dataset_dir or os.environ.get("BRAIN_TUMOR_DATA") or "embedded synthetic set"
 
 
 def _common_config(config: dict, dataset_dir: str | None, device: torch.device) -> dict:

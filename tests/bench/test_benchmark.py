@@ -146,3 +146,19 @@ def test_benchmark_with_flipped_labels_runs_the_audit_and_survives_a_failing_run
     assert run["label_noise_rate"] == 0.2 and run["wrong_training_labels"] == round(0.2 * run["n"]["train"])
     assert run["method_outputs"]["audit_summary.json"]["wrong_labels"] == run["wrong_training_labels"]
     assert "Label audit" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_checkpoint_selection_study_on_tuning_seeds(tmp_path):
+    out = tmp_path / "selection"
+    refused = _benchmark("select", "--profile", "smoke", "--out", str(out), "--seeds", "0")
+    assert refused.returncode != 0 and "seeds of the smoke profile's final table" in refused.stderr
+    done = _benchmark("select", "--profile", "smoke", "--out", str(out), "--seeds", "100", "--noises", "gaussian")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = read_runs(str(out / "selection.jsonl"))
+    assert record["seed"] == 100 and record["epochs"] == [1, 2] and len(record["val_accuracy"]) == 2
+    assert set(record["rules"]) == {"last", "best_accuracy", "lowest_loss", "best_accuracy_late"}
+    assert record["rules"]["last"]["epochs"] == [1, 1]  # 0-based: the second epoch, on both halves
+    assert not {"test", "test_by_p"} & set(record)  # nothing evaluated on the test split
+    assert "Decision:" in (out / "selection.md").read_text()
+    assert not (out / "runs" / "naive__gaussian__p1__seed100" / "models").exists()  # snapshots removed
