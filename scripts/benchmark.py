@@ -275,13 +275,14 @@ class Benchmark:
         return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
 
     def select(self, out: str = "bench/selection", profile: str = "cpu", dataset_dir: str | None = None,
-               methods="naive", noises="gaussian", seeds=(100, 101, 102), device: str | None = None,
-               **overrides) -> dict:
+               methods="naive", noises="gaussian", seeds=(100, 101, 102), ema_decay: float | None = 0.99,
+               device: str | None = None, **overrides) -> dict:
         """Checkpoint selection rules compared on validation only, on tuning seeds (robustmri.bench.selection).
 
         Each (method, noise, seed) trains once in full on the profile's protocol and recipe, keeping the
         weights after every epoch; every rule picks an epoch on one half of the validation patients and is
-        scored on the other half. Appends to ``<out>/selection.jsonl`` (resumable) and writes ``selection.md``.
+        scored on the other half; with ``ema_decay`` (per iteration; None for none) the exponential moving
+        average of the weights at the end is a candidate too. Appends to ``<out>/selection.jsonl`` (resumable) and writes ``selection.md``.
         The seeds must not be those of the profile's final table (0 .. seeds-1); the test split is never read.
         """
         seeds = [int(s) for s in _as_list(seeds)]
@@ -310,7 +311,7 @@ class Benchmark:
             snapshots_path = os.path.join(run_dir, "models", "epochs.pt")
             workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
                 {"_target_": "robustmri.bench.selection.EpochSnapshots", "network": "@network",
-                 "path": snapshots_path}]
+                 "path": snapshots_path, "ema_decay": ema_decay}]
             built, fingerprint = self._data(workflow, run, context)
             inject_protocol(workflow, built)
             start = time.perf_counter()
@@ -319,10 +320,15 @@ class Benchmark:
             network = workflow.parser.get_parsed_content("network")
             snapshots = torch.load(snapshots_path, map_location="cpu", weights_only=True)
             correct, loss = per_epoch_outcomes(network, snapshots, data.val)
-            rules = cross_selection(correct, loss, [item["group"] for item in data.val], seed=run["seed"])
+            fixed = {}
+            if snapshots.get("ema") is not None:  # the last row: the averaged weights
+                fixed["ema"], correct, loss = correct[-1], correct[:-1], loss[:-1]
+            rules = cross_selection(correct, loss, [item["group"] for item in data.val], seed=run["seed"],
+                                    fixed=fixed)
             record = {**run, "recipe": context["recipe"], "config": METHODS[run["method"]][0],
                       "data_fingerprint": fingerprint, "epochs": snapshots["epochs"], "n_val": len(data.val),
                       "val_accuracy": correct.mean(axis=1).tolist(), "val_loss": loss.mean(axis=1).tolist(),
+                      "ema_decay": ema_decay,
                       "rules": rules, "train_s": time.perf_counter() - start,
                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             shutil.rmtree(os.path.dirname(snapshots_path), ignore_errors=True)

@@ -13,7 +13,8 @@ Rules (:data:`RULES`), each a function of per-epoch validation accuracy and loss
 - ``best_accuracy``: the first epoch with the highest accuracy (MONAI's ``CheckpointSaver`` rule: a later
   epoch replaces the kept one only when strictly better);
 - ``lowest_loss``: the epoch with the lowest mean cross-entropy;
-- ``best_accuracy_late``: ``best_accuracy`` among the second half of the epochs.
+- ``best_accuracy_late``: ``best_accuracy`` among the second half of the epochs;
+- ``ema`` (when the run kept one): the exponential moving average of the weights at the end, no selection.
 """
 
 from __future__ import annotations
@@ -33,31 +34,57 @@ from robustmri.engine.predictions import predict_items
 class EpochSnapshots:
     """Trainer handler: a CPU copy of ``network``'s state after every epoch, saved to ``path`` when training ends.
 
-    ``path`` holds ``{"epochs": [1, 2, ...], "states": [state_dict, ...]}`` (load with ``weights_only=True``)."""
+    With ``ema_decay`` it also keeps an exponential moving average of the weights (and of the BatchNorm
+    statistics), updated after every iteration: ``ema = decay * ema + (1 - decay) * current``.
+    ``path`` holds ``{"epochs": [1, 2, ...], "states": [state_dict, ...], "ema": state_dict or None,
+    "ema_decay": ...}`` (load with ``weights_only=True``)."""
 
-    def __init__(self, network: nn.Module, path: str):
+    def __init__(self, network: nn.Module, path: str, ema_decay: float | None = None):
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         self.network, self.path = network, path
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.epochs: list[int] = []
         self.states: list[dict[str, torch.Tensor]] = []
+        self.ema: dict[str, torch.Tensor] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._take)
         engine.add_event_handler(Events.COMPLETED, self._save)
+        if self.ema_decay is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._average)
+
+    def _current(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()}
+
+    @torch.no_grad()
+    def _average(self, engine: Engine) -> None:
+        if self.ema is None:
+            self.ema = {k: v.float() if v.is_floating_point() else v for k, v in self._current().items()}
+            return
+        for key, value in self.network.state_dict().items():
+            if value.is_floating_point():
+                self.ema[key].mul_(self.ema_decay).add_(value.detach().float().cpu(), alpha=1.0 - self.ema_decay)
+            else:  # counters such as num_batches_tracked
+                self.ema[key] = value.detach().to("cpu", copy=True)
 
     def _take(self, engine: Engine) -> None:
         self.epochs.append(int(engine.state.epoch))
-        self.states.append({k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()})
+        self.states.append(self._current())
 
     def _save(self, engine: Engine) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        torch.save({"epochs": self.epochs, "states": self.states}, self.path)
+        torch.save({"epochs": self.epochs, "states": self.states, "ema": self.ema, "ema_decay": self.ema_decay},
+                   self.path)
 
 
 def per_epoch_outcomes(network: nn.Module, snapshots: dict, items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """``correct`` [E, N] (bool) and ``loss`` [E, N] (cross-entropy) of every snapshot on ``items``."""
+    """``correct`` [E, N] (bool) and ``loss`` [E, N] (cross-entropy) of every snapshot on ``items``
+    (with ``snapshots["ema"]``, its weights are one more row at the end)."""
     device = next(network.parameters()).device
     correct, loss = [], []
-    for state in snapshots["states"]:
+    states = list(snapshots["states"]) + ([snapshots["ema"]] if snapshots.get("ema") is not None else [])
+    for state in states:
         network.load_state_dict(state)
         logits, labels, _ = predict_items(network, items, device=device)
         correct.append((logits.argmax(1) == labels).numpy())
@@ -91,15 +118,20 @@ RULES: dict[str, Callable[[np.ndarray, np.ndarray], int]] = {
 
 
 def cross_selection(correct: np.ndarray, loss: np.ndarray, groups, seed: int = 0,
-                    rules: dict[str, Callable] | None = None) -> dict[str, dict]:
+                    rules: dict[str, Callable] | None = None, fixed: dict | None = None) -> dict[str, dict]:
     """Per rule: the epochs (0-based) it picks on each half and ``score``, the mean held-out accuracy
-    (pick on half A, score on half B; pick on B, score on A), plus ``held_out`` (the two scores)."""
+    (pick on half A, score on half B; pick on B, score on A), plus ``held_out`` (the two scores).
+    ``fixed``: candidates that pick nothing (e.g. ``{"ema": correct_per_slice}``), scored on the same halves."""
     correct = np.asarray(correct, dtype=float)
     loss = np.asarray(loss, dtype=float)
     if correct.ndim != 2 or correct.shape != loss.shape:
         raise ValueError(f"correct and loss must both be [epochs, slices], got {correct.shape} and {loss.shape}")
     halves = patient_halves(groups, seed)
     result = {}
+    for name, outcome in (fixed or {}).items():
+        outcome = np.asarray(outcome, dtype=float)
+        scores = [float(outcome[halves[1]].mean()), float(outcome[halves[0]].mean())]
+        result[name] = {"epochs": None, "held_out": scores, "score": float(np.mean(scores))}
     for name, rule in (rules or RULES).items():
         picks, scores = [], []
         for select, score in (halves, halves[::-1]):
@@ -119,7 +151,7 @@ def decide(records: list[dict], baseline: str = "last") -> tuple[str, dict[str, 
     def scores(rule):
         return {(r["method"], r["noise"], r["seed"]): r["rules"][rule]["score"] for r in records if rule in r["rules"]}
 
-    names = [name for name in RULES if any(name in r["rules"] for r in records)]
+    names = list(dict.fromkeys(name for r in records for name in r["rules"]))
     comparison = {name: paired_difference(scores(name), scores(baseline)) for name in names}
     better = [name for name, c in comparison.items() if name != baseline and c["ci"] is not None and c["ci"][0] > 0]
     chosen = max(better, key=lambda name: comparison[name]["mean"]) if better else baseline
@@ -137,7 +169,7 @@ def selection_table(records: list[dict], baseline: str = "last") -> str:
              "| --- | --- | --- | --- | --- |"]
     for name, c in comparison.items():
         values = np.array([r["rules"][name]["score"] for r in records if name in r["rules"]]) * 100
-        picked = sorted(e + 1 for r in records if name in r["rules"] for e in r["rules"][name]["epochs"])
+        picked = sorted(e + 1 for r in records if name in r["rules"] for e in (r["rules"][name]["epochs"] or []))
         if name == baseline:
             diff, count = "–", "–"
         elif c["ci"] is None:
@@ -146,8 +178,8 @@ def selection_table(records: list[dict], baseline: str = "last") -> str:
             diff = f"{100 * c['mean']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]"
             count = f"{c['positive']}/{c['n']}"
         std = f" ± {values.std(ddof=1):.1f}" if values.size > 1 else ""
-        lines.append(f"| `{name}` | {values.mean():.1f}{std} | {diff} | {count} | {picked[0]}–{picked[-1]} "
-                     f"(median {int(np.median(picked))}) |")
+        epochs = f"{picked[0]}–{picked[-1]} (median {int(np.median(picked))})" if picked else "– (no selection)"
+        lines.append(f"| `{name}` | {values.mean():.1f}{std} | {diff} | {count} | {epochs} |")
     units = sorted({(r["method"], r["noise"]) for r in records})
     seeds = sorted({r["seed"] for r in records})
     lines += ["", f"{len(records)} runs ({', '.join(f'{m}/{n}' for m, n in units)}; tuning seeds {seeds}); "

@@ -86,3 +86,39 @@ def test_a_rule_replaces_the_last_epoch_only_with_an_interval_above_zero():
     assert chosen == "last" and comparison["best_accuracy"]["ci"][0] < 0
     table = selection_table(_records([0.05, -0.04, 0.02, -0.01]))
     assert "Decision: `last`" in table and "| `best_accuracy` | 80.5 ± 3.9 |" in table
+
+
+def test_ema_follows_its_recurrence_over_iterations_weights_and_batchnorm_statistics(tmp_path):
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    seen = []
+
+    def step(engine, batch):
+        with torch.no_grad():
+            net[0].weight.add_(float(batch))
+            net[1].running_mean.add_(2.0 * float(batch))
+        seen.append({k: v.clone().float() for k, v in net.state_dict().items()})
+
+    engine = Engine(step)
+    snapshots = EpochSnapshots(net, str(tmp_path / "e.pt"), ema_decay=0.9)
+    snapshots.attach(engine)
+    engine.run([1, 3, 5], max_epochs=2)
+    expected = seen[0]
+    for state in seen[1:]:
+        expected = {k: 0.9 * expected[k] + 0.1 * state[k] if state[k].is_floating_point() else state[k]
+                    for k in state}
+    saved = torch.load(tmp_path / "e.pt", weights_only=True)
+    for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+        assert torch.allclose(saved["ema"][key], expected[key]), key
+    assert saved["ema"]["1.num_batches_tracked"] == net[1].num_batches_tracked
+    with pytest.raises(ValueError, match="ema_decay"):
+        EpochSnapshots(net, "x", ema_decay=1.0)
+
+
+def test_a_fixed_candidate_is_scored_on_the_same_halves():
+    correct = np.array([[1, 0, 1, 0], [0, 1, 1, 1]], dtype=float)
+    groups = np.array([1, 2, 3, 4])
+    ema = np.array([1, 1, 0, 1], dtype=float)
+    a, b = patient_halves(groups, seed=5)
+    result = cross_selection(correct, np.zeros_like(correct), groups, seed=5, fixed={"ema": ema})
+    assert result["ema"]["held_out"] == [ema[b].mean(), ema[a].mean()] and result["ema"]["epochs"] is None
