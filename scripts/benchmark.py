@@ -320,15 +320,16 @@ class Benchmark:
             network = workflow.parser.get_parsed_content("network")
             snapshots = torch.load(snapshots_path, map_location="cpu", weights_only=True)
             correct, loss = per_epoch_outcomes(network, snapshots, data.val)
-            fixed = {}
-            if snapshots.get("ema") is not None:  # the last row: the averaged weights
-                fixed["ema"], correct, loss = correct[-1], correct[:-1], loss[:-1]
+            fixed, ema_accuracy = {}, None
+            if snapshots.get("ema_states"):  # the average of the weights, after each epoch
+                ema_correct, _ = per_epoch_outcomes(network, snapshots, data.val, key="ema_states")
+                fixed["ema"], ema_accuracy = ema_correct[-1], ema_correct.mean(axis=1).tolist()
             rules = cross_selection(correct, loss, [item["group"] for item in data.val], seed=run["seed"],
                                     fixed=fixed)
             record = {**run, "recipe": context["recipe"], "config": METHODS[run["method"]][0],
                       "data_fingerprint": fingerprint, "epochs": snapshots["epochs"], "n_val": len(data.val),
                       "val_accuracy": correct.mean(axis=1).tolist(), "val_loss": loss.mean(axis=1).tolist(),
-                      "ema_decay": ema_decay,
+                      "ema_decay": ema_decay, "ema_val_accuracy": ema_accuracy,
                       "rules": rules, "train_s": time.perf_counter() - start,
                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             shutil.rmtree(os.path.dirname(snapshots_path), ignore_errors=True)

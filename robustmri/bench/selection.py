@@ -35,9 +35,9 @@ class EpochSnapshots:
     """Trainer handler: a CPU copy of ``network``'s state after every epoch, saved to ``path`` when training ends.
 
     With ``ema_decay`` it also keeps an exponential moving average of the weights (and of the BatchNorm
-    statistics), updated after every iteration: ``ema = decay * ema + (1 - decay) * current``.
-    ``path`` holds ``{"epochs": [1, 2, ...], "states": [state_dict, ...], "ema": state_dict or None,
-    "ema_decay": ...}`` (load with ``weights_only=True``)."""
+    statistics), updated after every iteration: ``ema = decay * ema + (1 - decay) * current``, and a copy of it
+    after every epoch. ``path`` holds ``{"epochs": [1, 2, ...], "states": [state_dict, ...], "ema": the last
+    average or None, "ema_states": [the average after each epoch], "ema_decay": ...}`` (``weights_only=True``)."""
 
     def __init__(self, network: nn.Module, path: str, ema_decay: float | None = None):
         if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
@@ -47,6 +47,7 @@ class EpochSnapshots:
         self.epochs: list[int] = []
         self.states: list[dict[str, torch.Tensor]] = []
         self.ema: dict[str, torch.Tensor] | None = None
+        self.ema_states: list[dict[str, torch.Tensor]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._take)
@@ -71,20 +72,22 @@ class EpochSnapshots:
     def _take(self, engine: Engine) -> None:
         self.epochs.append(int(engine.state.epoch))
         self.states.append(self._current())
+        if self.ema is not None:
+            self.ema_states.append({k: v.clone() for k, v in self.ema.items()})
 
     def _save(self, engine: Engine) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        torch.save({"epochs": self.epochs, "states": self.states, "ema": self.ema, "ema_decay": self.ema_decay},
-                   self.path)
+        torch.save({"epochs": self.epochs, "states": self.states, "ema": self.ema, "ema_states": self.ema_states,
+                    "ema_decay": self.ema_decay}, self.path)
 
 
-def per_epoch_outcomes(network: nn.Module, snapshots: dict, items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """``correct`` [E, N] (bool) and ``loss`` [E, N] (cross-entropy) of every snapshot on ``items``
-    (with ``snapshots["ema"]``, its weights are one more row at the end)."""
+def per_epoch_outcomes(network: nn.Module, snapshots: dict, items: list[dict],
+                       key: str = "states") -> tuple[np.ndarray, np.ndarray]:
+    """``correct`` [E, N] (bool) and ``loss`` [E, N] (cross-entropy) on ``items`` of every state in
+    ``snapshots[key]`` (``"states"``: the weights after each epoch; ``"ema_states"``: their average)."""
     device = next(network.parameters()).device
     correct, loss = [], []
-    states = list(snapshots["states"]) + ([snapshots["ema"]] if snapshots.get("ema") is not None else [])
-    for state in states:
+    for state in snapshots[key]:
         network.load_state_dict(state)
         logits, labels, _ = predict_items(network, items, device=device)
         correct.append((logits.argmax(1) == labels).numpy())
@@ -103,6 +106,13 @@ def patient_halves(groups, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     first = set(unique[order[: (unique.size + 1) // 2]].tolist())
     mask = np.array([g in first for g in groups.tolist()])
     return mask, ~mask
+
+
+def mean_step(accuracy) -> float | None:
+    """The mean absolute epoch-to-epoch change of a validation-accuracy curve over its second half
+    (``robustmri.bench.report.validation_swing``'s ``mean_step``)."""
+    from robustmri.bench.report import validation_swing
+    return validation_swing([{"val_accuracy": float(a)} for a in accuracy])["mean_step"]
 
 
 def _first_max(values: np.ndarray) -> int:
@@ -180,6 +190,13 @@ def selection_table(records: list[dict], baseline: str = "last") -> str:
         std = f" ± {values.std(ddof=1):.1f}" if values.size > 1 else ""
         epochs = f"{picked[0]}–{picked[-1]} (median {int(np.median(picked))})" if picked else "– (no selection)"
         lines.append(f"| `{name}` | {values.mean():.1f}{std} | {diff} | {count} | {epochs} |")
+    steps = {name: [mean_step(r[key]) for r in records if r.get(key)]
+             for name, key in (("raw weights", "val_accuracy"), ("EMA weights", "ema_val_accuracy"))}
+    stability = "; ".join(f"{name} {100 * np.mean(v):.1f} points (runs: {', '.join(f'{100 * x:.1f}' for x in v)})"
+                          for name, v in steps.items() if v)
+    if stability:
+        lines += ["", "Mean absolute epoch-to-epoch change of validation accuracy (all validation slices) over the "
+                  f"second half of training: {stability}."]
     units = sorted({(r["method"], r["noise"]) for r in records})
     seeds = sorted({r["seed"] for r in records})
     lines += ["", f"{len(records)} runs ({', '.join(f'{m}/{n}' for m, n in units)}; tuning seeds {seeds}); "

@@ -159,6 +159,7 @@ def test_checkpoint_selection_study_on_tuning_seeds(tmp_path):
     assert record["seed"] == 100 and record["epochs"] == [1, 2] and len(record["val_accuracy"]) == 2
     assert set(record["rules"]) == {"last", "best_accuracy", "lowest_loss", "best_accuracy_late", "ema"}
     assert record["rules"]["ema"]["epochs"] is None and record["ema_decay"] == 0.99
+    assert len(record["ema_val_accuracy"]) == 2
     assert record["rules"]["last"]["epochs"] == [1, 1]  # 0-based: the second epoch, on both halves
     assert not {"test", "test_by_p"} & set(record)  # nothing evaluated on the test split
     assert "Decision:" in (out / "selection.md").read_text()

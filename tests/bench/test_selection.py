@@ -5,8 +5,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from robustmri.bench.selection import (EpochSnapshots, cross_selection, decide, patient_halves, per_epoch_outcomes,
-                                       selection_table)
+from robustmri.bench.selection import (EpochSnapshots, cross_selection, decide, mean_step, patient_halves,
+                                       per_epoch_outcomes, selection_table)
 
 
 def test_halves_keep_each_patient_whole_and_split_groups_evenly():
@@ -111,6 +111,11 @@ def test_ema_follows_its_recurrence_over_iterations_weights_and_batchnorm_statis
     for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
         assert torch.allclose(saved["ema"][key], expected[key]), key
     assert saved["ema"]["1.num_batches_tracked"] == net[1].num_batches_tracked
+    assert len(saved["ema_states"]) == 2 and torch.equal(saved["ema_states"][-1]["0.weight"], saved["ema"]["0.weight"])
+    after_first_epoch = seen[0]
+    for state in seen[1:3]:
+        after_first_epoch = {k: 0.9 * after_first_epoch[k] + 0.1 * state[k] for k in ("0.weight",)}
+    assert torch.allclose(saved["ema_states"][0]["0.weight"], after_first_epoch["0.weight"])
     with pytest.raises(ValueError, match="ema_decay"):
         EpochSnapshots(net, "x", ema_decay=1.0)
 
@@ -122,3 +127,8 @@ def test_a_fixed_candidate_is_scored_on_the_same_halves():
     a, b = patient_halves(groups, seed=5)
     result = cross_selection(correct, np.zeros_like(correct), groups, seed=5, fixed={"ema": ema})
     assert result["ema"]["held_out"] == [ema[b].mean(), ema[a].mean()] and result["ema"]["epochs"] is None
+
+
+def test_mean_step_is_the_benchmarks_second_half_measure():
+    # 6 epochs: the second half is indices 3..5, its steps start from index 2: |0.8-0.6|, |0.7-0.8|, |0.7-0.7|
+    assert mean_step([0.1, 0.5, 0.6, 0.8, 0.7, 0.7]) == pytest.approx((0.2 + 0.1 + 0.0) / 3)
