@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   create .venv if missing, train with ISP on the embedded synthetic set, evaluate on its test split
+#   make demo   create .venv if missing, train (naive training, the product's default) on the embedded synthetic set, evaluate on its test split
 #   make test   create .venv if missing, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ EXTRAS := dev,label,tracking
 LABEL_NO_DEPS := monailabel==0.8.5 pydicom-seg==0.4.1
 LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
 BUNDLE_RUN := cd bundle && $(PY) -m monai.bundle run
-DEMO_CONFIGS := "['configs/isp.json','configs/quick.json']"
+DEMO_CONFIGS := "['configs/train.json','configs/quick.json']"
 
 .PHONY: demo test clean
 
@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri
 
 demo: $(VENV)/.installed
 	$(BUNDLE_RUN) training --config_file $(DEMO_CONFIGS)
-	$(BUNDLE_RUN) evaluating --config_file "['configs/isp.json','configs/quick.json','configs/evaluate.json']"
-	@echo "checkpoints in bundle/models; curves, influence scores and pictures, test metrics in bundle/eval"
+	$(BUNDLE_RUN) evaluating --config_file "['configs/train.json','configs/quick.json','configs/evaluate.json']"
+	@echo "checkpoints in bundle/models; training curves, test metrics and pictures in bundle/eval"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
