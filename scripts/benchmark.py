@@ -204,7 +204,8 @@ class Benchmark:
         # what must match for runs in one output folder to be tabulated together
         recipe = settings.get("recipe", "product")
         eval_p = [float(p) for p in settings.get("eval_p", [])]
-        protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir)}
+        protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
+                    "recipe_settings": recipe_settings(recipe, config)}
         self._check_same_protocol(out, protocol)
         host = machine()
         self._save_protocol(out, protocol, host)
@@ -265,6 +266,7 @@ class Benchmark:
         if any("test_by_p" in run for run in runs):  # paired comparisons against naive training
             paired = "\n\n".join([f"#### Paired against naive training, {tag} checkpoint\n\n"
                                     + paired_table(runs, baseline="naive", checkpoint=tag) for tag in ("last", "best")]
+                                   + weight_average_tables(runs)
                                    + ["#### Naive training's stability\n\n```\n"
                                       + json.dumps(stability(runs), indent=1) + "\n```",
                                       "#### Each run, last checkpoint, p = 1\n\n" + run_interval_table(runs)])
@@ -400,7 +402,7 @@ class Benchmark:
         execute(workflow)
         history = read_json(os.path.join(prefix_dir, "eval", "history.json"), missing=[])
         prefix = {"state": state_path, "epoch": epoch, "history": history,
-                  "best": os.path.join(prefix_dir, "models", "model.pt"), "train_s": time.perf_counter() - start,
+                  "best": os.path.join(prefix_dir, "models", "model_best_val.pt"), "train_s": time.perf_counter() - start,
                   "best_val": _best_val(history), "data_fingerprint": fingerprint}
         write_json(record_path, prefix)
         logger.info("prefix for seed %s, %s: %d epochs in %.0f s", run["seed"], run["noise"], epoch, prefix["train_s"])
@@ -416,6 +418,11 @@ class Benchmark:
         if prefix is not None:  # restored when the trainer starts, before any other handler
             workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
                                                   "path": prefix["state"]}] + workflow.parser["train#handlers"]
+        averaged = workflow.parser.get_parsed_content("ema_decay") is not None
+        raw_path = os.path.join(ckpt_dir, "model_raw.pt")
+        if averaged:  # the raw last-epoch weights too, to measure what the weight average does
+            workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
+                {"_target_": "robustmri.engine.checkpoint.SaveFinalModel", "model": "@network", "path": raw_path}]
         built, fingerprint = self._data(workflow, run, context)
         inject_protocol(workflow, built)
 
@@ -425,7 +432,7 @@ class Benchmark:
         data = workflow.parser.get_parsed_content("data")
         network = workflow.parser.get_parsed_content("network")
         history = read_json(os.path.join(output_dir, "history.json"), missing=[])
-        best = os.path.join(ckpt_dir, "model.pt")
+        best = os.path.join(ckpt_dir, "model_best_val.pt")
         if prefix is not None:
             # as one uninterrupted run: the prefix's epochs lead the history, and its best checkpoint
             # stays the best unless a later epoch is strictly better (MONAI's CheckpointSaver rule)
@@ -434,7 +441,8 @@ class Benchmark:
             if branch_best <= prefix["best_val"]:
                 best = prefix["best"]
             train_s += prefix["train_s"]
-        checkpoints = {"best": best, "last": os.path.join(ckpt_dir, "model_final.pt")}
+        # last: the product's model (the weight average after the last epoch, or the raw weights without one)
+        checkpoints = {"best": best, "last": os.path.join(ckpt_dir, "model.pt"), **({"last_raw": raw_path} if averaged else {})}
         reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
         by_p = {tag: {} for tag in checkpoints}
         groups = {share: np.array([item["group"] for item in items]) for share, items in data.test_at.items()}
@@ -502,6 +510,30 @@ def _start(profile: str, methods, device, dataset_dir, out: str, overrides: dict
     os.makedirs(out, exist_ok=True)
     _log_to(os.path.join(out, "benchmark.log"))
     return settings, methods, device, dataset_dir, out, {**settings["config"], **overrides}
+
+
+#: What a training recipe sets; recorded with the protocol so that runs of another recipe never share a table.
+RECIPE_SETTINGS = ("optimizer#_target_", "learning_rate", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
+                   "augment_flip_prob", "ema_decay")
+
+
+def recipe_settings(recipe: str, config: dict) -> dict:
+    """The bundle's values of :data:`RECIPE_SETTINGS` under ``recipe`` and the profile's overrides."""
+    workflow = load_workflow(BUNDLE, [os.path.join(BUNDLE, "configs", "train.json")]
+                             + [os.path.join(BUNDLE, "configs", r) for r in RECIPES[recipe]], dict(config))
+    return {key: workflow.parser[key] for key in RECIPE_SETTINGS}
+
+
+def weight_average_tables(runs: list[dict]) -> list[str]:
+    """Per method, the product's model (weight average, ``last``) paired against the raw last-epoch weights of the
+    same run (``last_raw``); empty when the runs kept no average."""
+    tables = []
+    for method in dict.fromkeys(r["method"] for r in runs if "last_raw" in r.get("test_by_p", {})):
+        mine = [r for r in runs if r["method"] == method and "last_raw" in r.get("test_by_p", {})]
+        raw = [{**r, "method": f"{method}_raw", "test_by_p": {"last": r["test_by_p"]["last_raw"]}} for r in mine]
+        tables.append(f"#### {method}: weight average (the model) against the raw last-epoch weights\n\n"
+                      + paired_table(raw + mine, baseline=f"{method}_raw", checkpoint="last"))
+    return tables
 
 
 def _dataset_name(dataset_dir: str | None) -> str:

@@ -77,7 +77,7 @@ NOISY = ["--label_noise", "symmetric", "--label_noise_rate", "0.2"]
 def run_noisy(tmp_path, method, *extra):
     """``configs/<method>.json`` on the tiny embedded set with 20 % flipped training labels; the eval folder."""
     run_in_process("training", f"configs/{method}.json", *TINY, *NOISY, *output_dirs(tmp_path), *extra)
-    assert (tmp_path / "models" / "model_final.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
     return tmp_path / "eval"
 
 

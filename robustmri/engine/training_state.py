@@ -4,7 +4,7 @@ Runs that share their first epochs (naive training, ISR and ISP all train plainl
 T_pre) can train that prefix once: :class:`SaveTrainingState` writes the state when epoch
 ``epoch`` completes (and can end the run there); :class:`LoadTrainingState` puts it back
 into a new trainer when it starts, so the new run goes on from epoch ``epoch + 1`` exactly
-as an uninterrupted run would: same weights, optimiser moments, learning-rate schedule,
+as an uninterrupted run would: same weights, optimiser moments, learning-rate schedule, weight average,
 iteration count and random-number streams (the data path's randomness is a function of
 seed, epoch and sample, see :mod:`robustmri.data.in_memory`). A step scheduled after that
 very epoch (:class:`robustmri.engine.once.OnceAfterEpoch`, e.g. the influence step) runs
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from robustmri.engine.ema import find_weight_average
+
 
 def _scheduler(engine: Engine):
     """The learning-rate scheduler stepped by a MONAI ``LrScheduleHandler`` on this engine, if any."""
@@ -35,10 +37,12 @@ def _scheduler(engine: Engine):
 
 
 def training_state(engine: Engine) -> dict:
-    """Model, optimiser, scheduler, epoch and iteration, and the RNG states of torch, numpy and random."""
+    """Model, optimiser, scheduler, weight average, epoch and iteration, and the RNG states of torch, numpy and random."""
     scheduler = _scheduler(engine)
+    average = find_weight_average(engine)
     return {"model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": average.state_dict() if average is not None else None,
             "epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration),
             "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "random": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -69,6 +73,11 @@ def restore_training_state(engine: Engine, state: dict) -> None:
         scheduler.load_state_dict(state["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
+    average = find_weight_average(engine)
+    if (average is None) != (state.get("ema") is None):
+        raise ValueError("the saved state and this trainer disagree on keeping a weight average (ema_decay)")
+    if average is not None:
+        average.load_state_dict(state["ema"])
     engine.state.epoch, engine.state.iteration = state["epoch"], state["iteration"]
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])

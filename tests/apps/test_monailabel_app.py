@@ -195,11 +195,11 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
         "configs": {"trainer": {"_target_": "TensorBoardStatsHandler", "log_dir": str(tracking_dir),
                                 "tag_name": "tracked_loss",
                                 "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}}}))
-    assert not (bundle / "models" / "model_final.pt").exists()
+    assert not (bundle / "models" / "model_best_val.pt").exists()
     _request(f"{base}/train/brain_tumour?run_sync=true", "POST", timeout=120,
              body={"max_epochs": 2, "influence_epoch": 1, "val_split": 0.34, "device": "cpu",
                    "tracking": str(tracking)})
-    assert (bundle / "models" / "model_final.pt").is_file()  # the bundle's ISP run wrote its checkpoints
+    assert (bundle / "models" / "model_best_val.pt").is_file()  # the bundle's ISP run wrote its checkpoints
     with open(bundle / "eval" / "influence_summary.json") as handle:
         summary = json.load(handle)
     assert summary["method"] == "ISP" and summary["epoch"] == 1 and summary["n_train"] + summary["n_val"] == 12

@@ -85,6 +85,8 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
             low, high = run["test_by_p"][tag]["1"]["accuracy_ci95"]
             assert low <= run["test_by_p"][tag]["1"]["accuracy"] <= high
         assert run["test_by_p"]["last"]["1"]["accuracy"] == run["test"]["last"]["accuracy"]  # trained at p = 1
+        # last: the product's model, the weight average; last_raw: the raw weights of the same run
+        assert sorted(run["test_by_p"]["last_raw"]) == ["0", "1"]
     # the two ISP runs differ after the branch point only
     assert by_method["isp"]["history"][0] == by_method["naive"]["history"][0] == by_method["isp_linf_control"]["history"][0]
     summary = json.loads((out / "runs" / "isp_linf_control__gaussian__p1__seed0" / "eval" /
@@ -95,6 +97,9 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     assert (out / "runs" / "isp__gaussian__p1__seed0" / "eval" / "influence.csv").is_file()
     assert "| naive |" in (out / "results.md").read_text()
     assert "Paired against naive training" in (out / "results.md").read_text()
+    assert "naive: weight average (the model) against the raw last-epoch weights" in (out / "results.md").read_text()
+    protocol = json.loads((out / "protocol.json").read_text())["protocol"]
+    assert protocol["recipe_settings"]["ema_decay"] == 0.99 and protocol["recipe_settings"]["learning_rate"] == 0.002
 
     second = _benchmark(*args)  # resume: nothing left to do
     assert second.returncode == 0, second.stderr[-3000:]

@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_training_writes_checkpoints_and_history(trained):
     out, _ = trained
-    assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_final.pt").is_file()
+    assert (out / "models" / "model.pt").is_file() and (out / "models" / "model_best_val.pt").is_file()
     history = json.loads((out / "eval" / "history.json").read_text())
     assert len(history) == 1 and 0.0 <= history[0]["val_accuracy"] <= 1.0 and history[0]["train_loss"] > 0
     assert (out / "eval" / "training_curves.png").stat().st_size > 1000

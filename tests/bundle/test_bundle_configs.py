@@ -42,7 +42,7 @@ def test_every_method_runs_from_the_repository_root_with_a_nested_override(metho
                    "--epochs", "3", "--train#trainer#max_epochs", "2", cwd=ROOT)
     history = json.loads((tmp_path / "eval" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]
-    assert (tmp_path / "models" / "model_final.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
     if method.summary is not None:
         summary = tmp_path / "eval" / method.summary
         assert summary.is_file(), f"{method.name} did not write {method.summary}"

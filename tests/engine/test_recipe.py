@@ -49,3 +49,4 @@ def test_the_paper_recipe_is_an_overlay_on_any_method():
     assert parser["method_handlers"] == ["@isp"]  # still ISP
     product = json.loads((CONFIGS / "train.json").read_text())
     assert product["optimizer"]["_target_"] == "torch.optim.AdamW" and product["lr_schedule"] == "cosine"
+    assert product["ema_decay"] == 0.99 and parser["ema_decay"] is None  # the paper kept no weight average

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from robustmri.data.protocol import build_protocol
@@ -19,7 +20,7 @@ def _run(tmp_path, name, config, data, handlers_before=(), handlers_after=()):
     workflow.parser["train#handlers"] = [*handlers_before, *workflow.parser["train#handlers"], *handlers_after]
     inject_protocol(workflow, data)
     execute(workflow)
-    return workflow.parser.get_parsed_content("network")
+    return workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("ema")
 
 
 def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
@@ -27,14 +28,15 @@ def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
     data = build_protocol(**protocol_arguments(probe))
     state = str(tmp_path / "prefix" / "state.pt")
 
-    whole = _run(tmp_path, "whole", "isp.json", data)
+    whole, whole_average = _run(tmp_path, "whole", "isp.json", data)
     # naive training up to the influence epoch, then ISP from the saved state
     _run(tmp_path, "prefix", "train.json", data, handlers_after=[
         {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state, "epoch": 2, "stop": True}])
     assert os.path.isfile(state) and not os.path.exists(state + ".partial")
     saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 2 and saved["lr_scheduler"] is not None  # the per-iteration schedule goes on too
-    branched = _run(tmp_path, "branch", "isp.json", data, handlers_before=[
+    assert saved["ema"]["decay"] == 0.99 and saved["ema"]["updates"] > 0  # and so does the weight average
+    branched, branched_average = _run(tmp_path, "branch", "isp.json", data, handlers_before=[
         {"_target_": "robustmri.engine.training_state.LoadTrainingState", "path": state}])
 
     # the influence step ran in the branch (when it started), and training went on to the same weights
@@ -43,6 +45,35 @@ def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
         (tmp_path / "whole" / "eval" / "influence.csv").read_text()
     for key, value in whole.state_dict().items():
         assert torch.allclose(value.float(), branched.state_dict()[key].float(), atol=1e-6), key
+    # the product's model, the weight average, is the same too, and it is what model.pt holds
+    assert whole_average.updates == branched_average.updates
+    model = torch.load(tmp_path / "branch" / "models" / "model.pt", weights_only=True)
+    for key, value in whole_average.model.state_dict().items():
+        assert torch.allclose(value.float(), branched_average.model.state_dict()[key].float(), atol=1e-6), key
+        assert torch.equal(model[key], branched_average.model.state_dict()[key].cpu()), key
+    assert not torch.allclose(model["classifier.weight"], branched.state_dict()["classifier.weight"])
     # the branch trained on after the prefix (its weights are not just the saved ones)
     saved = torch.load(state, weights_only=True)["model"]
     assert not torch.allclose(saved["classifier.weight"], branched.state_dict()["classifier.weight"])
+
+
+def test_a_state_saved_with_a_weight_average_does_not_resume_a_run_without_one(tmp_path):
+    probe = load_workflow(BUNDLE, ["train.json"], TINY)
+    data = build_protocol(**protocol_arguments(probe))
+    state = str(tmp_path / "prefix" / "state.pt")
+    _run(tmp_path, "prefix", "train.json", data, handlers_after=[
+        {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state, "epoch": 2, "stop": True}])
+    assert not (tmp_path / "prefix" / "models" / "model.pt").exists()  # stopped early: no trained model
+    workflow = load_workflow(BUNDLE, ["train.json"], {**TINY, "ema_decay": None,
+                                                      "ckpt_dir": str(tmp_path / "other" / "models"),
+                                                      "output_dir": str(tmp_path / "other" / "eval")},
+                             drop_handlers=("ProgressBar",))
+    workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
+                                          "path": state}, *workflow.parser["train#handlers"]]
+    inject_protocol(workflow, data)
+    with pytest.raises(Exception) as caught:
+        execute(workflow)
+    cause = caught.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert "disagree on keeping a weight average" in str(cause)

@@ -47,7 +47,7 @@ def _assert_trained_with(models, network: str) -> None:
     """The run trained the MONAI network: recorded as such, and its checkpoint loads into a fresh one."""
     record = json.loads((models / "model_metadata.json").read_text())["trained_with"]
     assert record["network"].endswith(f".{network}") and record["spatial_size"] == 32
-    load_weights(MONAI_NETWORKS[network][1](), str(models / "model_final.pt"))  # strict: every key and shape fits
+    load_weights(MONAI_NETWORKS[network][1](), str(models / "model.pt"))  # strict: every key and shape fits
 
 
 def _influence_outputs(out, method: str, column: str) -> tuple[list[dict], dict, np.ndarray, np.ndarray]:

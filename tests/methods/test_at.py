@@ -117,5 +117,5 @@ def test_at_config_runs_end_to_end(tmp_path):
     result = bundle("run", "training", "--config_file", "configs/at.json", "--epochs", "1", "--at_epsilon", "0.05",
                     *TINY, *dirs)
     assert "AT: FGSM with random start, epsilon 0.05, step 0.0625" in result.stdout + result.stderr
-    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_best_val.pt").is_file()
     assert (tmp_path / "eval" / "history.json").is_file()

@@ -76,7 +76,7 @@ def influence_outputs(folder, column: str) -> tuple[list[dict], dict, list[float
     summary = json.loads((folder / "eval" / "influence_summary.json").read_text())
     for picture in ("influence_histogram.png", "influence_examples.png"):
         assert (folder / "eval" / picture).stat().st_size > 1000
-    assert (folder / "models" / "model_final.pt").is_file()
+    assert (folder / "models" / "model.pt").is_file()
     return rows, summary, [float(r[column]) for r in rows]
 
 

@@ -164,7 +164,7 @@ def test_n2v_config_runs_end_to_end_and_evaluates_on_denoised_images(tmp_path):
 
     dirs = ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
     run_in_process("training", "configs/n2v.json", "--epochs", "1", "--n2v_steps", "5", *TINY, *dirs)
-    for artifact in ("models/model.pt", "models/model_final.pt", "models/n2v_denoiser.pt", "eval/n2v_examples.png",
+    for artifact in ("models/model.pt", "models/model_best_val.pt", "models/n2v_denoiser.pt", "eval/n2v_examples.png",
                      "eval/history.json"):
         assert (tmp_path / artifact).is_file(), artifact
     summary = json.loads((tmp_path / "eval" / "n2v_summary.json").read_text())
