@@ -20,7 +20,9 @@ In a bundle config (``train.json``)::
     "ema_decay": 0.99,                      # null: no average, ``model`` is the network itself
     "ema": {"_target_": "robustmri.engine.ema.WeightAverage", "network": "@network", "decay": "@ema_decay"},
 
-the trainer's handlers hold ``@ema``, the validator and the checkpoints use ``$@ema.model``.
+the trainer's handlers hold ``{"_target_": "robustmri.engine.ema.UpdateWeightAverage", "average": "@ema"}``
+(MONAI's ``check_properties`` wants every handler in ``train#handlers`` to be a ``_target_`` item), and the
+validator and the saved model use ``$@ema.model``.
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ class WeightAverage:
         if self.enabled:
             self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])
+
+
+class UpdateWeightAverage:
+    """Trainer handler: update ``average`` after every iteration (nothing when it keeps no average)."""
+
+    def __init__(self, average: WeightAverage):
+        self.average = average
+
+    def attach(self, engine: Engine) -> None:
+        self.average.attach(engine)
 
 
 def find_weight_average(engine: Engine) -> WeightAverage | None:

@@ -334,5 +334,5 @@ def test_train_task_runs_isp_json_with_monai_labels_nested_overrides_and_trackin
     captured.clear()
     task({"model": "brain_tumour", "max_epochs": 4, "device": "cpu", "pretrained": False}, _datastore(studies))
     targets = [h["_target_"] for h in captured["train#handlers"]]
-    assert "CheckpointLoader" not in targets and "CheckpointSaver" in targets
+    assert "CheckpointLoader" not in targets and "robustmri.engine.checkpoint.SaveFinalModel" in targets
     assert captured["influence_epoch"] == 3 and captured["split_fractions"] == [0.8, 0.2, 0.0]

@@ -8,7 +8,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from robustmri.engine.checkpoint import SaveFinalModel
-from robustmri.engine.ema import WeightAverage, find_weight_average
+from robustmri.engine.ema import UpdateWeightAverage, WeightAverage, find_weight_average
 
 
 def _network() -> nn.Module:
@@ -122,3 +122,10 @@ def test_the_final_model_is_written_on_completion_only(tmp_path):
     SaveFinalModel(network, str(stopped)).attach(engine)
     engine.run([0, 1, 2], max_epochs=3)  # terminated during epoch 1 of 3: not a trained model
     assert not stopped.exists()
+
+
+def test_the_config_handler_updates_the_average_it_is_given():
+    network = _network()
+    average = WeightAverage(network, decay=0.9)
+    engine = _train(network, 3, [UpdateWeightAverage(average)])
+    assert average.updates == 3 and find_weight_average(engine) is average
