@@ -28,56 +28,44 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
 
+from robustmri.engine.ema import WeightAverage
 from robustmri.engine.predictions import predict_items
 
 
 class EpochSnapshots:
     """Trainer handler: a CPU copy of ``network``'s state after every epoch, saved to ``path`` when training ends.
 
-    With ``ema_decay`` it also keeps an exponential moving average of the weights (and of the BatchNorm
-    statistics), updated after every iteration: ``ema = decay * ema + (1 - decay) * current``, and a copy of it
-    after every epoch. ``path`` holds ``{"epochs": [1, 2, ...], "states": [state_dict, ...], "ema": the last
-    average or None, "ema_states": [the average after each epoch], "ema_decay": ...}`` (``weights_only=True``)."""
+    With ``ema_decay`` it also keeps the product recipe's moving average of the weights
+    (:class:`robustmri.engine.ema.WeightAverage`, BatchNorm statistics included, updated after every
+    iteration) and a copy of it after every epoch. ``path`` holds ``{"epochs": [1, 2, ...], "states":
+    [state_dict, ...], "ema_states": [the average after each epoch], "ema_decay": ...}`` (``weights_only=True``)."""
 
     def __init__(self, network: nn.Module, path: str, ema_decay: float | None = None):
-        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         self.network, self.path = network, path
-        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.average = WeightAverage(network, ema_decay)
+        self.ema_decay = self.average.decay
         self.epochs: list[int] = []
         self.states: list[dict[str, torch.Tensor]] = []
-        self.ema: dict[str, torch.Tensor] | None = None
         self.ema_states: list[dict[str, torch.Tensor]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._take)
         engine.add_event_handler(Events.COMPLETED, self._save)
-        if self.ema_decay is not None:
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._average)
+        self.average.attach(engine)
 
-    def _current(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()}
-
-    @torch.no_grad()
-    def _average(self, engine: Engine) -> None:
-        if self.ema is None:
-            self.ema = {k: v.float() if v.is_floating_point() else v for k, v in self._current().items()}
-            return
-        for key, value in self.network.state_dict().items():
-            if value.is_floating_point():
-                self.ema[key].mul_(self.ema_decay).add_(value.detach().float().cpu(), alpha=1.0 - self.ema_decay)
-            else:  # counters such as num_batches_tracked
-                self.ema[key] = value.detach().to("cpu", copy=True)
+    @staticmethod
+    def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def _take(self, engine: Engine) -> None:
         self.epochs.append(int(engine.state.epoch))
-        self.states.append(self._current())
-        if self.ema is not None:
-            self.ema_states.append({k: v.clone() for k, v in self.ema.items()})
+        self.states.append(self._copy(self.network))
+        if self.average.enabled:
+            self.ema_states.append(self._copy(self.average.model))
 
     def _save(self, engine: Engine) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        torch.save({"epochs": self.epochs, "states": self.states, "ema": self.ema, "ema_states": self.ema_states,
+        torch.save({"epochs": self.epochs, "states": self.states, "ema_states": self.ema_states,
                     "ema_decay": self.ema_decay}, self.path)
 
 
