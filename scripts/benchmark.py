@@ -106,10 +106,11 @@ PROFILES = {
     "paper": {"seeds": 3, "recipe": "paper", "branch": True, "eval_p": [0.0, 0.5, 1.0],
               "methods": ["naive", "at", "n2v", "isr", "isp_released", "isp_linf", "isp_linf_control"],
               "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
-    # 100 minutes on 2 cores without fast bf16 (about 12 s per epoch at 64 px, 5 seeds x 2 noises) hold one
+    # 100 minutes on 2 cores without fast bf16 (10 to 12 s per epoch at 64 px, 5 seeds x 2 noises) hold one
     # 15-epoch prefix and five 5-epoch branches per seed and noise: naive, ISR and ISP with units, each beside
     # its no-signal control. More methods join the same table later from the same prefixes, e.g.
-    # `--methods isp_released,isp_released_control` (the authors' ISP) or `--methods at,n2v` (full runs).
+    # `--methods isp_released,isp_released_control` (the authors' ISP), or as full runs `--methods at,n2v`
+    # (they cannot branch: together about as long again as this profile, docs/results.md).
     "cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 0.5, 1.0],
             "methods": ["naive", "isr", "isr_control", "isp_linf", "isp_linf_control"],
             "config": {"spatial_size": 64, "network_padding": 2, "epochs": 20, "influence_epoch": 15,
