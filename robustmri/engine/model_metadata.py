@@ -39,7 +39,7 @@ def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
 
 
 def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
-                   class_names, data=None, bundle_version: str = "") -> dict:
+                   class_names, data=None, bundle_version: str = "", ema_decay: float | None = None) -> dict:
     """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
     metadata = copy.deepcopy(dict(bundle_metadata or {}))
     spatial_size = int(spatial_size)
@@ -53,6 +53,10 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
         "network": f"{network_type.__module__}.{network_type.__qualname__}",
         "class_names": [str(name) for name in class_names],
         "bundle_version": str(bundle_version or metadata.get("version", "")),
+        # which weights model.pt holds (the checkpoint-selection study, docs/results.md, chose the last epoch)
+        "model_weights": (f"moving average of the weights (decay {float(ema_decay):g} per iteration) after the last "
+                          "epoch" if ema_decay is not None else "the weights after the last epoch"),
+        "ema_decay": None if ema_decay is None else float(ema_decay),
         "data": {"source": getattr(data, "source", None),
                  "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
     }
@@ -63,9 +67,10 @@ class ModelMetadataWriter:
     """Trainer handler: writes ``model_metadata.json`` into ``ckpt_dir`` when training starts."""
 
     def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
-                 bundle_metadata: dict | None = None, data=None):
+                 bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
-        self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data)
+        self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
+                                      ema_decay=ema_decay)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)

@@ -108,6 +108,7 @@ def test_training_writes_what_the_model_was_trained_with_beside_the_checkpoint(t
     out, _ = trained
     metadata = json.loads((out / "models" / "model_metadata.json").read_text())
     assert metadata["trained_with"]["spatial_size"] == 32 and metadata["trained_with"]["network_padding"] == 2
+    assert metadata["trained_with"]["ema_decay"] == 0.99 and "moving average" in metadata["trained_with"]["model_weights"]
     assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
     shipped = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert metadata["version"] == shipped["version"] and metadata["changelog"] == shipped["changelog"]
