@@ -55,8 +55,11 @@ def read_preprocessed(path: str, size: int) -> tuple[np.ndarray | None, str | No
 # not used by training, export or inference yet; which preprocessing ships is decided by
 # measurement.
 
-#: Relative smoothing of :func:`head_mask` (Gaussian sigma per pixel of the shorter side), at least 1 px.
-HEAD_MASK_SMOOTHING = 1.0 / 256
+#: :func:`head_mask` works on a copy of at most this many pixels a side (speed; the mask's edge is
+#: then exact to about one pixel of that copy).
+HEAD_MASK_WORKING_SIZE = 256
+#: Radius of the closing in :func:`head_mask`, relative to the shorter side of its working copy.
+HEAD_MASK_CLOSING = 0.02
 #: :func:`head_mask` thresholds at this fraction of the way from the minimum to Otsu's threshold.
 #: Otsu's own cut lies between dark and bright tissue in T1 slices (it drops the scalp and, in
 #: sagittal slices, parts of the brain); half of it separates the head from the background.
@@ -70,10 +73,11 @@ HEAD_PERCENTILES = (1.0, 99.0)
 
 #: Describes :func:`preprocess_head` exactly, as :data:`INTENSITY_NORMALISATION` describes :func:`preprocess`.
 HEAD_NORMALISATION = (
-    "head mask (Otsu threshold, 256 bins, on the image smoothed by a Gaussian of sigma max(1, shorter side / 256) px; "
-    "largest 8-connected component; holes filled); crop to the mask's bounding box plus 5 % of its longer side "
-    "on every side, padded with the image minimum to a square centred on the box; "
-    "1st-99th percentile of the head's pixels to [0, 1], clipped; then bilinear resize (antialiased)"
+    "head mask (on a copy of at most 256 px a side, Gaussian sigma 1 px: pixels >= half-way from the minimum to "
+    "Otsu's threshold (256 bins); closing by a disk of radius 2 % of the shorter side; holes filled, the head "
+    "closed along the image edge where it leaves the image; largest 8-connected region); crop to the mask's "
+    "bounding box plus 5 % of its longer side on every side, padded with the image minimum to a square centred "
+    "on the box; 1st-99th percentile of the head's pixels to [0, 1], clipped; then bilinear resize (antialiased)"
 )
 
 
@@ -109,15 +113,44 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:-1][int(np.argmax(between))])
 
 
+def _disk(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+
+
+def _fill_holes_closing_cuts(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of ``mask``, a region that leaves the image counting as closed along the image edge.
+
+    On each edge the stretch between the first and the last mask pixel touching it is closed
+    (where the field of view cuts the head), so dark tissue inside a cut head is filled; the
+    background in the corners beyond those stretches stays open.
+    """
+    from scipy import ndimage
+
+    padded = np.pad(mask, 1)
+    for edge, line in ((0, mask[0, :]), (-1, mask[-1, :])):  # top, bottom
+        touching = np.flatnonzero(line)
+        if touching.size:
+            padded[edge, touching[0] + 1:touching[-1] + 2] = True
+    for edge, line in ((0, mask[:, 0]), (-1, mask[:, -1])):  # left, right
+        touching = np.flatnonzero(line)
+        if touching.size:
+            padded[touching[0] + 1:touching[-1] + 2, edge] = True
+    return ndimage.binary_fill_holes(padded)[1:-1, 1:-1]
+
+
 def head_mask(image: np.ndarray) -> np.ndarray:
     """The head (foreground) of a 2-D slice as a bool array of the image's shape.
 
-    Otsu's threshold on the image lightly smoothed (Gaussian, sigma ``max(1, shorter side / 256)``
-    px), then the largest 8-connected component with its holes filled (dark CSF, necrosis,
-    the skull's inner table are part of the head).
+    Works on a copy of at most :data:`HEAD_MASK_WORKING_SIZE` pixels a side (bilinear,
+    antialiased), smoothed by a Gaussian of sigma 1 px: pixels at or above half of the way
+    from the minimum to Otsu's threshold; a closing by a disk of radius 2 % of the shorter
+    side bridges the dark skull and CSF; holes are filled (a head cut by the field of view
+    counts as closed along the image edge); the largest 8-connected region is the head,
+    mapped back to the image's shape (nearest).
 
     Raises ``ValueError`` for a non-2-D, empty, non-finite or constant image, and when the
-    largest component covers less than 1 % of the image (no head found).
+    head covers less than 1 % of the image (no head found).
     """
     from scipy import ndimage
 
@@ -125,18 +158,29 @@ def head_mask(image: np.ndarray) -> np.ndarray:
     low, high = float(image.min()), float(image.max())
     if not high > low:
         raise ValueError(f"constant image (every pixel is {low:g}): no head to find")
-    sigma = max(1.0, min(image.shape) * HEAD_MASK_SMOOTHING)
-    smooth = ndimage.gaussian_filter(image.astype(np.float64), sigma=sigma, mode="nearest")
-    if not float(smooth.max()) > float(smooth.min()):
-        raise ValueError("image has no contrast after smoothing: no head to find")
+    height, width = image.shape
+    work = image.astype(np.float32)
+    factor = HEAD_MASK_WORKING_SIZE / max(height, width)
+    if factor < 1:
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        work = np.asarray(Image.fromarray(work).resize(size, Image.BILINEAR), dtype=np.float32)
+    smooth = ndimage.gaussian_filter(work.astype(np.float64), sigma=1.0, mode="nearest")
     low = float(smooth.min())
+    if not float(smooth.max()) > low:
+        raise ValueError("image has no contrast after smoothing: no head to find")
     foreground = smooth >= low + HEAD_THRESHOLD_FRACTION * (otsu_threshold(smooth) - low)
-    labels, n = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
+    radius = max(1, int(round(HEAD_MASK_CLOSING * min(smooth.shape))))
+    foreground = ndimage.binary_closing(np.pad(foreground, radius), _disk(radius))[radius:-radius, radius:-radius]
+    labels, n = ndimage.label(_fill_holes_closing_cuts(foreground), structure=np.ones((3, 3), dtype=bool))
     if n == 0:
-        raise ValueError("no foreground above the Otsu threshold: no head found")
+        raise ValueError("no foreground above the threshold: no head found")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    mask = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    mask = labels == int(np.argmax(sizes))
+    if mask.shape != image.shape:
+        rows = np.minimum(((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int), mask.shape[0] - 1)
+        cols = np.minimum(((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int), mask.shape[1] - 1)
+        mask = mask[np.ix_(rows, cols)]
     fraction = float(mask.mean())
     if fraction < HEAD_MASK_MIN_FRACTION:
         raise ValueError(f"no head found: the largest foreground region covers {100 * fraction:.2g} % of the image "

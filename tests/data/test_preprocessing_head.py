@@ -12,8 +12,11 @@ import pytest
 
 from robustmri.data.preprocessing import (
     HEAD_CROP_MARGIN,
+    HEAD_MASK_CLOSING,
+    HEAD_MASK_WORKING_SIZE,
     HEAD_NORMALISATION,
     HEAD_PERCENTILES,
+    HEAD_THRESHOLD_FRACTION,
     INTENSITY_NORMALISATION,
     PREPROCESSING,
     crop_to_head,
@@ -48,6 +51,33 @@ def test_head_mask_keeps_the_largest_component_only():
     mask = head_mask(image)
     assert not mask[100:110, 10:20].any()
     assert iou(mask, truth) > 0.9
+
+
+def ellipse_radius(shape, centre, axes):
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return np.hypot((rows - centre[0]) / axes[0], (cols - centre[1]) / axes[1])
+
+
+def test_head_mask_takes_the_scalp_beyond_a_dark_skull():
+    # A wide dark "skull" ring between a thin scalp and the brain: the head is the whole ellipse,
+    # not the brain inside the skull (the largest single bright region).
+    image, truth = ellipse_head()
+    radius = ellipse_radius(image.shape, (55.0, 125.0), (40.0, 28.0))
+    image[(radius > 0.6) & (radius <= 0.9)] = 5.0
+    assert iou(head_mask(image), truth) > 0.9
+
+
+def test_head_mask_fills_a_head_cut_by_the_field_of_view():
+    # The head leaves the slice at the top, and its inside is as dark as the background:
+    # only the bright rim is above the threshold, the inside is filled up to the image edge.
+    shape, centre, axes = (100, 160), (20.0, 80.0), (45.0, 40.0)
+    radius = ellipse_radius(shape, centre, axes)
+    truth = radius <= 1.0
+    image = np.where((radius > 0.85) & truth, 200.0, 5.0) + np.random.default_rng(0).normal(0.0, 2.0, shape)
+    mask = head_mask(image)
+    assert iou(mask, truth) > 0.9
+    assert mask[0, 80] and mask[20, 80]
+    assert not mask[0, 5] and not mask[0, -5]  # the corners beyond the head stay background
 
 
 def test_head_mask_follows_a_linear_intensity_change():
@@ -188,7 +218,10 @@ def test_registry_by_name():
 
 def test_head_normalisation_describes_the_constants():
     assert HEAD_NORMALISATION != INTENSITY_NORMALISATION
-    assert f"{100 * HEAD_CROP_MARGIN:g} %" in HEAD_NORMALISATION
+    assert f"{100 * HEAD_CROP_MARGIN:g} % of its longer side" in HEAD_NORMALISATION
+    assert f"at most {HEAD_MASK_WORKING_SIZE} px" in HEAD_NORMALISATION
+    assert f"radius {100 * HEAD_MASK_CLOSING:g} %" in HEAD_NORMALISATION
+    assert HEAD_THRESHOLD_FRACTION == 0.5 and "half-way from the minimum to Otsu's threshold" in HEAD_NORMALISATION
     assert HEAD_PERCENTILES == (1.0, 99.0) and "1st-99th percentile" in HEAD_NORMALISATION
 
 
