@@ -122,3 +122,30 @@ def run_in_process(run_id: str, config_file, *args, cwd=BUNDLE) -> None:
         files = [str(f) for f in config_file] if isinstance(config_file, (list, tuple)) else str(config_file)
         monai.bundle.run(run_id, config_file=files, logging_file=False,
                          **{"dataset_dir": "", **as_kwargs(args)})
+
+
+def ellipse_head(shape=(120, 200), centre=(55.0, 125.0), axes=(40.0, 28.0), seed: int = 0):
+    """A synthetic "head" off-centre in a non-square slice: ``(image, mask)``.
+
+    A filled ellipse (semi-axes ``axes`` = rows, cols) on a dark noisy background, with a
+    bright rim (scalp), a mid-grey inside (brain), a dark inner ellipse (ventricle: the mask
+    must fill it) and a bright spot (tumour). ``mask`` is the analytic ellipse.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    radius = np.hypot((rows - centre[0]) / axes[0], (cols - centre[1]) / axes[1])
+    mask = radius <= 1.0
+    image = 5.0 + rng.normal(0.0, 2.0, shape)
+    image[mask] = 100.0 + rng.normal(0.0, 6.0, int(mask.sum()))
+    image[(radius > 0.9) & mask] += 90.0
+    ventricle = np.hypot((rows - centre[0]) / (0.3 * axes[0]), (cols - centre[1]) / (0.2 * axes[1])) <= 1.0
+    image[ventricle] = 20.0 + rng.normal(0.0, 3.0, int(ventricle.sum()))
+    tumour = np.hypot(rows - centre[0] - 0.4 * axes[0], cols - centre[1] + 0.3 * axes[1]) <= 5.0
+    image[tumour] = 240.0 + rng.normal(0.0, 6.0, int(tumour.sum()))
+    return np.clip(image, 0.0, None).astype(np.float32), mask
+
+
+def axes_ratio(mask) -> float:
+    """Rows/cols extent of a filled blob from its second moments (an ellipse's semi-axis ratio)."""
+    rows, cols = np.nonzero(mask)
+    return float(np.sqrt(rows.var() / cols.var()))

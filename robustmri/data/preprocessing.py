@@ -44,3 +44,246 @@ def read_preprocessed(path: str, size: int) -> tuple[np.ndarray | None, str | No
         return None, err.reason
     except ValueError as err:  # constant image
         return None, str(err)
+
+
+# --- Head-based preprocessing (groundwork for models that travel between sites) ----------
+#
+# Min-max scaling and a plain square resize depend on how a site frames and exposes its
+# slices: a tight, non-square crop is stretched, and one bright pixel or a wide background
+# changes the scale of every tissue. The functions below find the head first, crop to it
+# keeping its aspect ratio, and scale intensities from the head's own percentiles. They are
+# not used by training, export or inference yet; which preprocessing ships is decided by
+# measurement.
+
+#: :func:`head_mask` works on a copy of at most this many pixels a side (speed; the mask's edge is
+#: then exact to about one pixel of that copy).
+HEAD_MASK_WORKING_SIZE = 256
+#: Radius of the closing in :func:`head_mask`, relative to the shorter side of its working copy.
+HEAD_MASK_CLOSING = 0.02
+#: :func:`head_mask` thresholds at this fraction of the way from the minimum to Otsu's threshold.
+#: Otsu's own cut lies between dark and bright tissue in T1 slices (it drops the scalp and, in
+#: sagittal slices, parts of the brain); half of it separates the head from the background.
+HEAD_THRESHOLD_FRACTION = 0.5
+#: A foreground smaller than this fraction of the image is "no head found".
+HEAD_MASK_MIN_FRACTION = 0.01
+#: Margin of :func:`crop_to_head` and :func:`preprocess_head`, relative to the head's longer side.
+HEAD_CROP_MARGIN = 0.05
+#: Percentiles of the head's intensities mapped to 0 and 1 by :func:`preprocess_head`.
+HEAD_PERCENTILES = (1.0, 99.0)
+
+#: Describes :func:`preprocess_head` exactly, as :data:`INTENSITY_NORMALISATION` describes :func:`preprocess`.
+HEAD_NORMALISATION = (
+    "head mask (on a copy of at most 256 px a side, Gaussian sigma 1 px: pixels >= half-way from the minimum to "
+    "Otsu's threshold (256 bins); closing by a disk of radius 2 % of the shorter side; holes filled, the head "
+    "closed along the image edge where it leaves the image; largest 8-connected region); crop to the mask's "
+    "bounding box plus 5 % of its longer side on every side, padded with the image minimum to a square centred "
+    "on the box; 1st-99th percentile of the head's pixels to [0, 1], clipped; then bilinear resize (antialiased)"
+)
+
+
+def _as_finite_2d(image: np.ndarray, name: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D slice, got an array of shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape}): no head to find")
+    if not np.isfinite(image).all():
+        raise ValueError(f"{name} has NaN/Inf pixels")
+    return image
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values``: the cut that maximises the between-class variance.
+
+    The histogram spans ``[min, max]``, so the threshold follows any increasing linear change
+    of intensity exactly. Pixels ``>= threshold`` are the bright class, as in the histogram's bins.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        raise ValueError(f"constant image (every pixel is {low:g}): no foreground to separate")
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)[:-1].astype(np.float64)  # class "<= edge k+1", k = 0..bins-2
+    weight_high = counts.sum() - weight_low
+    sum_low = np.cumsum(counts * centres)[:-1]
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (np.sum(counts * centres) - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[1:-1][int(np.argmax(between))])
+
+
+def _disk(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+
+
+def _fill_holes_closing_cuts(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of ``mask``, a region that leaves the image counting as closed along the image edge.
+
+    On each edge the stretch between the first and the last mask pixel touching it is closed
+    (where the field of view cuts the head), so dark tissue inside a cut head is filled; the
+    background in the corners beyond those stretches stays open.
+    """
+    from scipy import ndimage
+
+    padded = np.pad(mask, 1)
+    for edge, line in ((0, mask[0, :]), (-1, mask[-1, :])):  # top, bottom
+        touching = np.flatnonzero(line)
+        if touching.size:
+            padded[edge, touching[0] + 1:touching[-1] + 2] = True
+    for edge, line in ((0, mask[:, 0]), (-1, mask[:, -1])):  # left, right
+        touching = np.flatnonzero(line)
+        if touching.size:
+            padded[touching[0] + 1:touching[-1] + 2, edge] = True
+    return ndimage.binary_fill_holes(padded)[1:-1, 1:-1]
+
+
+def head_mask(image: np.ndarray) -> np.ndarray:
+    """The head (foreground) of a 2-D slice as a bool array of the image's shape.
+
+    Works on a copy of at most :data:`HEAD_MASK_WORKING_SIZE` pixels a side (bilinear,
+    antialiased), smoothed by a Gaussian of sigma 1 px: pixels at or above half of the way
+    from the minimum to Otsu's threshold; a closing by a disk of radius 2 % of the shorter
+    side bridges the dark skull and CSF; holes are filled (a head cut by the field of view
+    counts as closed along the image edge); the largest 8-connected region is the head,
+    mapped back to the image's shape (nearest).
+
+    Raises ``ValueError`` for a non-2-D, empty, non-finite or constant image, and when the
+    head covers less than 1 % of the image (no head found).
+    """
+    from scipy import ndimage
+
+    image = _as_finite_2d(image)
+    low, high = float(image.min()), float(image.max())
+    if not high > low:
+        raise ValueError(f"constant image (every pixel is {low:g}): no head to find")
+    height, width = image.shape
+    work = image.astype(np.float32)
+    factor = HEAD_MASK_WORKING_SIZE / max(height, width)
+    if factor < 1:
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        work = np.asarray(Image.fromarray(work).resize(size, Image.BILINEAR), dtype=np.float32)
+    smooth = ndimage.gaussian_filter(work.astype(np.float64), sigma=1.0, mode="nearest")
+    low = float(smooth.min())
+    if not float(smooth.max()) > low:
+        raise ValueError("image has no contrast after smoothing: no head to find")
+    foreground = smooth >= low + HEAD_THRESHOLD_FRACTION * (otsu_threshold(smooth) - low)
+    radius = max(1, int(round(HEAD_MASK_CLOSING * min(smooth.shape))))
+    foreground = ndimage.binary_closing(np.pad(foreground, radius), _disk(radius))[radius:-radius, radius:-radius]
+    labels, n = ndimage.label(_fill_holes_closing_cuts(foreground), structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        raise ValueError("no foreground above the threshold: no head found")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    mask = labels == int(np.argmax(sizes))
+    if mask.shape != image.shape:
+        rows = np.minimum(((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int), mask.shape[0] - 1)
+        cols = np.minimum(((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int), mask.shape[1] - 1)
+        mask = mask[np.ix_(rows, cols)]
+    fraction = float(mask.mean())
+    if fraction < HEAD_MASK_MIN_FRACTION:
+        raise ValueError(f"no head found: the largest foreground region covers {100 * fraction:.2g} % of the image "
+                         f"(< {100 * HEAD_MASK_MIN_FRACTION:g} %)")
+    return mask
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {shape}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise ValueError("mask is empty: no head")
+    return mask
+
+
+def head_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the bounding box of a non-empty bool mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("mask is empty: no head")
+    return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def square_head_window(mask: np.ndarray, margin: float = HEAD_CROP_MARGIN) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square around the mask's box plus ``margin`` x its longer side per side.
+
+    The square is centred on the box; it may reach outside the image (see :func:`extract_window`).
+    """
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    top, left, height, width = head_box(mask)
+    longer = max(height, width)
+    side = longer + 2 * int(round(margin * longer))
+    return top + (height - side) // 2, left + (width - side) // 2, side
+
+
+def extract_window(image: np.ndarray, top: int, left: int, height: int, width: int, fill: float) -> np.ndarray:
+    """The ``height`` x ``width`` window at ``(top, left)``; the part outside the image is ``fill``."""
+    out = np.full((height, width), fill, dtype=image.dtype)
+    rows = slice(max(top, 0), min(top + height, image.shape[0]))
+    cols = slice(max(left, 0), min(left + width, image.shape[1]))
+    if rows.stop > rows.start and cols.stop > cols.start:
+        out[rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = image[rows, cols]
+    return out
+
+
+def crop_to_head(image: np.ndarray, mask: np.ndarray | None = None, margin: float = HEAD_CROP_MARGIN) -> np.ndarray:
+    """Crop to the head's bounding box plus ``margin`` (relative to its longer side) on every side,
+    padded with the background value (the image minimum) to a square centred on the head.
+
+    Nothing is resampled, so the head keeps its aspect ratio. ``mask`` defaults to
+    :func:`head_mask` of the image. The result has the image's dtype.
+    """
+    image = _as_finite_2d(image)
+    mask = head_mask(image) if mask is None else _check_mask(mask, image.shape)
+    top, left, side = square_head_window(mask, margin)
+    return extract_window(image, top, left, side, side, fill=image.min())
+
+
+def standardise_in_head(image: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map the ``low`` and ``high`` percentiles of the pixels inside ``mask`` to 0 and 1; clip to [0, 1].
+
+    Only the head's pixels set the scale, so a wider background, a bright spot outside the
+    head or a different window/level change it little. Returns float32. Raises
+    ``ValueError`` for bad percentiles, a mask that does not fit or is empty, and a head
+    without contrast.
+    """
+    image = _as_finite_2d(image)
+    mask = _check_mask(mask, image.shape)
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
+    lo, hi = np.percentile(image[mask].astype(np.float64), [low, high])
+    if not hi > lo:
+        raise ValueError(f"no contrast inside the head (percentiles {low:g} and {high:g} are both {lo:g})")
+    scaled = (image.astype(np.float64) - lo) / (hi - lo)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
+    """Raw 2-D intensities to a [0, 1] ``size`` x ``size`` input framed and scaled by the head.
+
+    :func:`head_mask`, :func:`crop_to_head` (the mask cropped alike), :func:`standardise_in_head`
+    with :data:`HEAD_PERCENTILES`, then :func:`resize`; :data:`HEAD_NORMALISATION` says it in words.
+    Raises ``ValueError`` when no head is found (as :func:`preprocess` does for a constant image).
+    """
+    image = _as_finite_2d(image)
+    mask = head_mask(image)
+    top, left, side = square_head_window(mask, HEAD_CROP_MARGIN)
+    cropped = extract_window(image, top, left, side, side, fill=image.min())
+    cropped_mask = extract_window(mask, top, left, side, side, fill=False)
+    return resize(standardise_in_head(cropped, cropped_mask, *HEAD_PERCENTILES), size)
+
+
+#: Preprocessing by name: ``fn(raw_image, size) -> float32 [size, size] in [0, 1]``.
+PREPROCESSING = {"minmax": preprocess, "head": preprocess_head}
+
+
+def preprocessing_by_name(name: str):
+    """The preprocessing function called ``name`` in :data:`PREPROCESSING`."""
+    try:
+        return PREPROCESSING[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown preprocessing {name!r}; valid names: {', '.join(sorted(PREPROCESSING))}") from None
