@@ -49,6 +49,9 @@ class WeightAverage:
             self.model = copy.deepcopy(network).eval()
             for parameter in self.model.parameters():
                 parameter.requires_grad_(False)
+        state = self.model.state_dict()
+        self._averaged = [key for key, value in state.items() if value.is_floating_point()]
+        self._copied = [key for key, value in state.items() if not value.is_floating_point()]  # num_batches_tracked
 
     @property
     def enabled(self) -> bool:
@@ -67,16 +70,14 @@ class WeightAverage:
         if not self.enabled:
             return
         averaged, current = self.model.state_dict(), self.network.state_dict()
-        floats = [key for key, value in averaged.items() if value.is_floating_point()]
         if self.updates == 0:
             for key, value in averaged.items():
                 value.copy_(current[key])
         else:
-            torch._foreach_lerp_([averaged[k] for k in floats], [current[k].detach() for k in floats],
+            torch._foreach_lerp_([averaged[k] for k in self._averaged], [current[k] for k in self._averaged],
                                  1.0 - self.decay)
-            for key, value in averaged.items():
-                if not value.is_floating_point():  # counters such as num_batches_tracked
-                    value.copy_(current[key])
+            for key in self._copied:
+                averaged[key].copy_(current[key])
         self.updates += 1
 
     def state_dict(self) -> dict:
@@ -102,11 +103,3 @@ class UpdateWeightAverage:
     def attach(self, engine: Engine) -> None:
         self.average.attach(engine)
 
-
-def find_weight_average(engine: Engine) -> WeightAverage | None:
-    """The enabled :class:`WeightAverage` attached to ``engine``, if any."""
-    for handlers in engine._event_handlers.values():
-        for handler, *_ in handlers:
-            if isinstance(handler, WeightAverage) and handler.enabled:
-                return handler
-    return None

@@ -23,23 +23,34 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from robustmri.engine.ema import find_weight_average
+from robustmri.engine.ema import WeightAverage
+
+
+def _attached(engine: Engine, match):
+    """The first handler object on ``engine`` (or the owner of a bound-method handler) for which ``match`` holds."""
+    for handlers in engine._event_handlers.values():
+        for handler, *_ in handlers:
+            owner = getattr(handler, "__self__", handler)
+            if match(owner):
+                return owner
+    return None
 
 
 def _scheduler(engine: Engine):
     """The learning-rate scheduler stepped by a MONAI ``LrScheduleHandler`` on this engine, if any."""
-    for handlers in engine._event_handlers.values():
-        for handler, *_ in handlers:
-            owner = getattr(handler, "__self__", handler)  # the handler object, or the owner of a bound method
-            if type(owner).__name__ == "LrScheduleHandler":
-                return owner.lr_scheduler
-    return None
+    owner = _attached(engine, lambda h: type(h).__name__ == "LrScheduleHandler")
+    return None if owner is None else owner.lr_scheduler
+
+
+def attached_weight_average(engine: Engine) -> WeightAverage | None:
+    """The enabled :class:`~robustmri.engine.ema.WeightAverage` updated by ``engine``, if any."""
+    return _attached(engine, lambda h: isinstance(h, WeightAverage) and h.enabled)
 
 
 def training_state(engine: Engine) -> dict:
     """Model, optimiser, scheduler, weight average, epoch and iteration, and the RNG states of torch, numpy and random."""
     scheduler = _scheduler(engine)
-    average = find_weight_average(engine)
+    average = attached_weight_average(engine)
     return {"model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": average.state_dict() if average is not None else None,
@@ -73,7 +84,7 @@ def restore_training_state(engine: Engine, state: dict) -> None:
         scheduler.load_state_dict(state["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
-    average = find_weight_average(engine)
+    average = attached_weight_average(engine)
     if (average is None) != (state.get("ema") is None):
         raise ValueError("the saved state and this trainer disagree on keeping a weight average (ema_decay)")
     if average is not None:

@@ -8,7 +8,8 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from robustmri.engine.checkpoint import SaveFinalModel
-from robustmri.engine.ema import UpdateWeightAverage, WeightAverage, find_weight_average
+from robustmri.engine.ema import UpdateWeightAverage, WeightAverage
+from robustmri.engine.training_state import attached_weight_average
 
 
 def _network() -> nn.Module:
@@ -80,7 +81,7 @@ def test_without_a_decay_the_model_is_the_network_itself():
     network = _network()
     average = WeightAverage(network, decay=None)
     engine = _train(network, 2, [average])
-    assert average.model is network and not average.enabled and find_weight_average(engine) is None
+    assert average.model is network and not average.enabled and attached_weight_average(engine) is None
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 2])
@@ -93,7 +94,7 @@ def test_state_round_trip_and_a_different_decay_is_refused():
     network = _network()
     average = WeightAverage(network, decay=0.9)
     engine = _train(network, 3, [average])
-    assert find_weight_average(engine) is average
+    assert attached_weight_average(engine) is average
     other = WeightAverage(network, decay=0.9)
     other.load_state_dict(average.state_dict())
     assert other.updates == 3
@@ -128,4 +129,4 @@ def test_the_config_handler_updates_the_average_it_is_given():
     network = _network()
     average = WeightAverage(network, decay=0.9)
     engine = _train(network, 3, [UpdateWeightAverage(average)])
-    assert average.updates == 3 and find_weight_average(engine) is average
+    assert average.updates == 3 and attached_weight_average(engine) is average
