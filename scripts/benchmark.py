@@ -528,9 +528,10 @@ def recipe_settings(recipe: str, config: dict) -> dict:
 def weight_average_tables(runs: list[dict]) -> list[str]:
     """Per method, the product's model (weight average, ``last``) paired against the raw last-epoch weights of the
     same run (``last_raw``); empty when the runs kept no average."""
+    averaged = [r for r in runs if "last_raw" in r.get("test_by_p", {})]
     tables = []
-    for method in dict.fromkeys(r["method"] for r in runs if "last_raw" in r.get("test_by_p", {})):
-        mine = [r for r in runs if r["method"] == method and "last_raw" in r.get("test_by_p", {})]
+    for method in dict.fromkeys(r["method"] for r in averaged):
+        mine = [r for r in averaged if r["method"] == method]
         raw = [{**r, "method": f"{method}_raw", "test_by_p": {"last": r["test_by_p"]["last_raw"]}} for r in mine]
         tables.append(f"#### {method}: weight average (the model) against the raw last-epoch weights\n\n"
                       + paired_table(raw + mine, baseline=f"{method}_raw", checkpoint="last"))

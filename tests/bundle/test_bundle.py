@@ -7,6 +7,11 @@ import torch
 
 from conftest import BUNDLE
 from helpers import TINY, bundle, gradient_image, output_dirs, write_png
+from robustmri.data.protocol import build_protocol
+from robustmri.engine.predictions import predict_items
+from robustmri.evaluation.checkpoints import load_weights
+from robustmri.evaluation.metrics import classification_report
+from robustmri.networks import PaperCNN
 
 CONFIGS = {
     "train": "configs/train.json",
@@ -44,13 +49,7 @@ def test_evaluation_reports_best_and_last_at_the_size_the_model_was_trained_with
         assert metrics["n"] == summary[tag]["n"] > 0
         assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == metrics["n"]
         assert (out / "eval" / "test" / tag / "metrics_per_class.csv").is_file()
-    # what was evaluated is the checkpoint itself: model.pt loaded by hand gives the same test accuracy
-    from robustmri.data.protocol import build_protocol
-    from robustmri.engine.predictions import predict_items
-    from robustmri.evaluation.checkpoints import load_weights
-    from robustmri.evaluation.metrics import classification_report
-    from robustmri.networks import PaperCNN
-
+    # what was evaluated is the checkpoint itself: model.pt loaded by hand gives the same confusion matrix and ROC-AUC
     data = build_protocol(None, spatial_size=32, synthetic_patients=30)
     network = load_weights(PaperCNN(spatial_size=32, padding=2), str(out / "models" / "model.pt")).eval()
     logits, labels, _ = predict_items(network, data.test)
