@@ -107,7 +107,7 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     images = split_images(config.get_parsed_content("data"), parity_split) if parity_requested(parity_split) else None
     result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
-                         opset_version=opset_version)
+                         opset_version=opset_version, preprocess=config.get_parsed_content("preprocess"))
     print(json.dumps(result, indent=2))
     return result
 

@@ -1,7 +1,16 @@
-"""The one intensity normalisation and resize used by training, evaluation and inference.
+"""The preprocessing used by training, evaluation and inference: raw 2-D intensities to the network's input.
 
-Keeping it in a single place is what guarantees that a deployed model sees images
-prepared exactly as in training.
+Two preprocessings exist, by name (:data:`PREPROCESSING`; the bundle option ``preprocess``):
+
+- ``minmax``: per-image min-max scaling, then a square resize (:func:`preprocess`);
+- ``head``: the head found first, cropped keeping its aspect ratio, intensities scaled by the
+  head's own percentiles, then the resize (:func:`preprocess_head`).
+
+A trained model records the name it was trained with (``model_metadata.json``, the ONNX
+metadata, together with the exact description of :data:`DESCRIPTIONS`), and every deployed
+path (file inference, DICOM inference, MONAI Label) calls the same function by that name:
+keeping it in a single place is what guarantees that a deployed model sees images prepared
+exactly as in training.
 """
 
 from __future__ import annotations
@@ -36,24 +45,25 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     return resize(scale_intensity(image), size)
 
 
-def read_preprocessed(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    """``(image, None)``, or ``(None, reason)`` for an unreadable or constant image: callers count it and go on."""
+def read_preprocessed(path: str, size: int, name: str = "minmax") -> tuple[np.ndarray | None, str | None]:
+    """``(image, None)``, or ``(None, reason)`` for an unreadable, constant or headless image: callers count it
+    and go on. ``name``: the preprocessing (:data:`PREPROCESSING`)."""
+    function = preprocessing_by_name(name)
     try:
-        return preprocess(read_image(path), size), None
+        return function(read_image(path), size), None
     except ImageReadError as err:
         return None, err.reason
     except ValueError as err:  # constant image
         return None, str(err)
 
 
-# --- Head-based preprocessing (groundwork for models that travel between sites) ----------
+# --- Head-based preprocessing (for models that travel between sites) ----------------------
 #
 # Min-max scaling and a plain square resize depend on how a site frames and exposes its
 # slices: a tight, non-square crop is stretched, and one bright pixel or a wide background
 # changes the scale of every tissue. The functions below find the head first, crop to it
-# keeping its aspect ratio, and scale intensities from the head's own percentiles. They are
-# not used by training, export or inference yet; which preprocessing ships is decided by
-# measurement.
+# keeping its aspect ratio, and scale intensities from the head's own percentiles
+# (``preprocess: "head"``; docs/results.md measures it under site shifts).
 
 #: :func:`head_mask` works on a copy of at most this many pixels a side (speed; the mask's edge is
 #: then exact to about one pixel of that copy).
@@ -279,6 +289,11 @@ def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
 
 #: Preprocessing by name: ``fn(raw_image, size) -> float32 [size, size] in [0, 1]``.
 PREPROCESSING = {"minmax": preprocess, "head": preprocess_head}
+#: What each preprocessing does, in words: written beside a trained model and into its ONNX export, and
+#: compared on loading, so that a model is never fed images prepared by a changed function.
+DESCRIPTIONS = {"minmax": INTENSITY_NORMALISATION, "head": HEAD_NORMALISATION}
+#: The preprocessing of models whose records predate the choice (they were all trained with min-max scaling).
+LEGACY_PREPROCESS = "minmax"
 
 
 def preprocessing_by_name(name: str):
@@ -287,3 +302,25 @@ def preprocessing_by_name(name: str):
         return PREPROCESSING[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown preprocessing {name!r}; valid names: {', '.join(sorted(PREPROCESSING))}") from None
+
+
+def check_preprocess(name: str, description: str | None = None, source: str = "the model") -> str:
+    """``name`` if this library has a preprocessing of that name that matches ``description`` (when given).
+
+    ``ValueError`` otherwise, naming ``source``: a model trained with a preprocessing this
+    library does not have, or has changed since, would see images prepared differently from training.
+    """
+    preprocessing_by_name(name)
+    if description is not None and description != DESCRIPTIONS[name]:
+        raise ValueError(f"{source} was prepared with preprocessing {name!r} described as {description!r}; this "
+                         f"library's {name!r} is {DESCRIPTIONS[name]!r}: results would not reproduce training")
+    return name
+
+
+def preprocess_for_description(description: str, source: str = "the model") -> str:
+    """The name of the preprocessing described exactly by ``description`` (records that carry no name)."""
+    for name, text in DESCRIPTIONS.items():
+        if text == description:
+            return name
+    raise ValueError(f"{source} was prepared with a preprocessing this library does not have ({description!r}); "
+                     f"known: {', '.join(f'{n}: {t!r}' for n, t in DESCRIPTIONS.items())}")

@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 
-from robustmri.data.preprocessing import preprocess
 from robustmri.data.readers import ImageReadError, as_path_list
 from robustmri.deploy.dicom_series import (
     DicomSeries,
@@ -84,7 +83,7 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
                "sop_instance_uid": image.sop_instance_uid, "file": image.path}
         rows.append(row)
         try:
-            inputs.append(preprocess(slice_pixels(image), classifier.spatial_size))
+            inputs.append(classifier.prepare(slice_pixels(image))[0])
         except ImageReadError as err:
             row.update(status="error", reason=err.reason)
             continue

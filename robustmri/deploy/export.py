@@ -2,7 +2,9 @@
 
 The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``pred``,
 class probabilities [N, C] (softmax included, so no runtime has to know it). The model's
-metadata carries the class names, the spatial size, the intensity normalisation, the model
+metadata carries the class names, the spatial size, the preprocessing (its name, ``preprocess``, and
+its exact description, ``intensity_normalisation``: the head preprocessing cannot be written as
+ONNX operators, so the runtime applies it by name with the library's one implementation), the model
 version and the sha256 of the source checkpoint: a runtime reads them instead of trusting a
 second copy of the training config. Every export is checked with ``onnx.checker`` and, when
 images are given, against PyTorch (the parity check).
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from robustmri import __version__
-from robustmri.data.preprocessing import INTENSITY_NORMALISATION
+from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN
@@ -76,10 +78,11 @@ def split_images(data, split: str | None) -> np.ndarray | None:
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
                 checkpoint: str | os.PathLike | None = None, model_version: str = "",
                 parity_images: np.ndarray | None = None, opset_version: int | None = None,
-                batch_size: int = 32) -> dict:
+                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
+    ``preprocess`` the preprocessing the network was trained with (``model_metadata.json``);
     ``parity_images`` [N, 1, H, W] in [0, 1] are run through both PyTorch and ONNX Runtime, and
     a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class.
     """
@@ -87,6 +90,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
 
     spatial_size = int(spatial_size)
     class_names = [str(name) for name in class_names]
+    check_preprocess(preprocess)
     model = ProbabilityHead(copy.deepcopy(network).cpu()).eval()
     with torch.no_grad():
         probe = model(torch.zeros(2, 1, spatial_size, spatial_size))
@@ -96,7 +100,8 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     metadata = {
         "class_names": json.dumps(class_names),
         "spatial_size": str(spatial_size),
-        "intensity_normalisation": INTENSITY_NORMALISATION,
+        "preprocess": preprocess,
+        "intensity_normalisation": DESCRIPTIONS[preprocess],
         "model_version": str(model_version),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
         "network": _describe(network),

@@ -2,9 +2,11 @@
 
 Deployment needs neither PyTorch nor the training code: this module imports only onnxruntime and numpy.
 
-The model's own metadata (written by :mod:`robustmri.deploy.export`) gives the class names and the
-input size; a model exported under a different intensity normalisation than this library's
-is refused, since it would see images prepared differently from training.
+The model's own metadata (written by :mod:`robustmri.deploy.export`) gives the class names, the
+input size and the preprocessing by name; :meth:`OnnxClassifier.prepare` applies that
+preprocessing with the library's one implementation. A model whose preprocessing this library
+does not have, or describes differently, is refused, since it would see images prepared
+differently from training.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 
 import numpy as np
 
-from robustmri.data.preprocessing import INTENSITY_NORMALISATION
+from robustmri.data.preprocessing import check_preprocess, preprocess_for_description, preprocessing_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +66,17 @@ def read_metadata(model) -> dict:
     if missing:
         raise ModelMetadataError(f"ONNX model metadata lacks {missing}: export it with robustmri.deploy.export "
                                  "(scripts/export_onnx.py or the bundle's export.json)")
-    if props["intensity_normalisation"] != INTENSITY_NORMALISATION:
-        raise ModelMetadataError(f"the model was exported for intensity normalisation "
-                                 f"{props['intensity_normalisation']!r}, this library applies "
-                                 f"{INTENSITY_NORMALISATION!r}: results would not reproduce training")
+    try:  # models exported before the name was written carry only the description
+        name = props.get("preprocess") or preprocess_for_description(props["intensity_normalisation"], "the model")
+        check_preprocess(name, props["intensity_normalisation"], source="the model")
+    except ValueError as err:
+        raise ModelMetadataError(str(err)) from None
     try:
         class_names = [str(name) for name in json.loads(props["class_names"])]
         spatial_size = int(props["spatial_size"])
     except (ValueError, TypeError) as err:
         raise ModelMetadataError(f"unreadable class_names / spatial_size in ONNX metadata ({err})") from err
-    return {**props, "class_names": class_names, "spatial_size": spatial_size}
+    return {**props, "class_names": class_names, "spatial_size": spatial_size, "preprocess": name}
 
 
 class OnnxClassifier:
@@ -97,6 +100,8 @@ class OnnxClassifier:
         self.metadata = read_metadata(self.session)
         self.class_names: list[str] = self.metadata["class_names"]
         self.spatial_size: int = self.metadata["spatial_size"]
+        self.preprocess: str = self.metadata["preprocess"]
+        self._prepare = preprocessing_by_name(self.preprocess)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
             raise ModelMetadataError(f"{self.model_file}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
@@ -108,6 +113,13 @@ class OnnxClassifier:
             logger.warning("CUDA execution provider requested but not usable here; running on %s", self.provider)
         logger.info("ONNX model %s: version %s, %s, providers %s", os.path.basename(self.model_file),
                     self.metadata["model_version"] or "?", self.class_names, self.providers)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """One raw 2-D slice to the model's input [1, S, S], by the preprocessing the model was trained with.
+
+        ``ValueError`` for a slice it cannot prepare (constant, or no head found).
+        """
+        return self._prepare(image, self.spatial_size)[None]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
@@ -121,5 +133,5 @@ class OnnxClassifier:
         return {"file": self.model_file, "version": self.metadata["model_version"],
                 "checkpoint_sha256": self.metadata["checkpoint_sha256"], "network": self.metadata["network"],
                 "class_names": self.class_names, "spatial_size": self.spatial_size,
-                "intensity_normalisation": self.metadata["intensity_normalisation"],
+                "preprocess": self.preprocess, "intensity_normalisation": self.metadata["intensity_normalisation"],
                 "provider": self.provider, "providers": self.providers}

@@ -6,8 +6,8 @@ inference and ``ckpt_export`` must rebuild the network as it was trained. So tra
 writes, into ``ckpt_dir`` when it starts, the bundle metadata of the trained model (the
 bundle's metadata with the input shape as trained, so ``ckpt_export`` and
 ``verify_net_in_out`` take it as ``--meta_file``) plus ``trained_with``: the spatial size,
-the network padding, the network's class, the class names, the bundle version and where the
-training data came from.
+the network padding, the preprocessing (its name and exact description), the network's class,
+the class names, the bundle version and where the training data came from.
 
 Deployment configs read the settings back with :func:`trained_setting`: the value written
 beside the checkpoint, else ``train.json``'s own default (a checkpoint from before this file
@@ -22,13 +22,16 @@ import os
 
 from ignite.engine import Engine, Events
 
+from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.outputs import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "model_metadata.json"
 #: The settings that shape the network and its input, recorded under ``trained_with``.
-SETTINGS = ("spatial_size", "network_padding")
+SETTINGS = ("spatial_size", "network_padding", "preprocess")
+#: Settings that records written before they existed lack, with the value those models were trained with.
+LEGACY_SETTINGS = {"preprocess": LEGACY_PREPROCESS}
 
 
 def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
@@ -39,7 +42,8 @@ def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
 
 
 def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
-                   class_names, data=None, bundle_version: str = "", ema_decay: float | None = None) -> dict:
+                   class_names, data=None, bundle_version: str = "", ema_decay: float | None = None,
+                   preprocess: str = LEGACY_PREPROCESS) -> dict:
     """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
     metadata = copy.deepcopy(dict(bundle_metadata or {}))
     spatial_size = int(spatial_size)
@@ -50,6 +54,8 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
     metadata["trained_with"] = {
         "spatial_size": spatial_size,
         "network_padding": int(network_padding),
+        "preprocess": check_preprocess(preprocess),
+        "preprocess_description": DESCRIPTIONS[preprocess],
         "network": f"{network_type.__module__}.{network_type.__qualname__}",
         "class_names": [str(name) for name in class_names],
         "bundle_version": str(bundle_version or metadata.get("version", "")),
@@ -67,10 +73,11 @@ class ModelMetadataWriter:
     """Trainer handler: writes ``model_metadata.json`` into ``ckpt_dir`` when training starts."""
 
     def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
-                 bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None):
+                 bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None,
+                 preprocess: str = LEGACY_PREPROCESS):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
         self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
-                                      ema_decay=ema_decay)
+                                      ema_decay=ema_decay, preprocess=preprocess)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -85,8 +92,12 @@ def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:
     if not os.path.isfile(path):
         return None
     record = read_json(path).get("trained_with")
-    if not isinstance(record, dict) or any(key not in record for key in SETTINGS):
-        raise ValueError(f"{path}: no trained_with record with {', '.join(SETTINGS)}; delete it or retrain")
+    required = [key for key in SETTINGS if key not in LEGACY_SETTINGS]
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        raise ValueError(f"{path}: no trained_with record with {', '.join(required)}; delete it or retrain")
+    record = {**LEGACY_SETTINGS, **record}
+    # a model is never fed images prepared differently from its training
+    check_preprocess(record["preprocess"], record.get("preprocess_description"), source=path)
     return record
 
 
@@ -97,6 +108,8 @@ def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | 
     record = read_trained(checkpoint)
     if record is not None:
         return record[key]
+    if key in LEGACY_SETTINGS:  # a checkpoint from before the setting existed was trained with this value
+        return LEGACY_SETTINGS[key]
     from monai.bundle import ConfigParser
 
     default = ConfigParser.load_config_file(os.path.join(bundle_root, "configs", "train.json"))[key]

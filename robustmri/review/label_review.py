@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustmri import CLASS_NAMES
-from robustmri.data.preprocessing import read_preprocessed
+from robustmri.data.preprocessing import LEGACY_PREPROCESS, read_preprocessed
 from robustmri.influence import DEFAULT_DAMPING, influence_ranking, self_influence_scores
 
 logger = logging.getLogger(__name__)
@@ -116,11 +116,13 @@ def write_training_catalog(items: list[LabelledImage], folder: str, class_names=
     return path
 
 
-def load_images(items: list[LabelledImage], spatial_size: int) -> tuple[np.ndarray, list[LabelledImage], list]:
-    """Read and preprocess as in training: [N, 1, S, S] images, the items kept, (id, reason) skipped."""
+def load_images(items: list[LabelledImage], spatial_size: int,
+                preprocess: str = LEGACY_PREPROCESS) -> tuple[np.ndarray, list[LabelledImage], list]:
+    """Read and preprocess as in training (``preprocess``: the model's preprocessing by name): [N, 1, S, S]
+    images, the items kept, (id, reason) skipped."""
     images, kept, skipped = [], [], []
     for item in tqdm(items, desc="reading labelled images", unit="img", leave=False, disable=len(items) < 200):
-        image, reason = read_preprocessed(item.file, int(spatial_size))
+        image, reason = read_preprocessed(item.file, int(spatial_size), preprocess)
         if image is None:
             skipped.append((item.image_id, reason))
         else:
@@ -133,12 +135,12 @@ def load_images(items: list[LabelledImage], spatial_size: int) -> tuple[np.ndarr
 
 
 def score_labelled_images(model: torch.nn.Module, items: list[LabelledImage], spatial_size: int,
-                          damping: float = DEFAULT_DAMPING, device="cpu") -> dict:
+                          damping: float = DEFAULT_DAMPING, device="cpu", preprocess: str = LEGACY_PREPROCESS) -> dict:
     """Score the labelled images with the current model: ``{"scores": {id: {...}}, "skipped": [...]}``.
 
     Each entry holds ``score``, ``rank`` (1 = review first) and ``label``; counts go to the log.
     """
-    images, kept, skipped = load_images(items, spatial_size)
+    images, kept, skipped = load_images(items, spatial_size, preprocess)
     if len(kept) < 2:
         raise ValueError(f"need at least 2 readable labelled images to score, got {len(kept)} "
                          f"({len(skipped)} unreadable)")

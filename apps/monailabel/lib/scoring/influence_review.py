@@ -61,7 +61,7 @@ class InfluenceReviewScoring(ScoringMethod):
             logger.warning("influence review: %d usable labelled image(s); nothing scored", len(items))
             return {"scored": 0, "skipped": skipped}
         result = score_labelled_images(network, items, int(parser.get_parsed_content("spatial_size")), damping,
-                                       device)
+                                       device, preprocess=parser.get_parsed_content("preprocess"))
         now = int(time.time())
         model_ts = int(os.path.getmtime(parser.get_parsed_content("checkpoint")))
         total = len(result["scores"])
