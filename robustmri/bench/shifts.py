@@ -1,0 +1,196 @@
+"""The site-shift test bench: the test split re-rendered under controlled site shifts, and its tables.
+
+Each test slice is read again from its file (raw intensities, before any preprocessing),
+re-rendered under every shift of :data:`robustmri.data.site_shift.SHIFTS` and prepared by
+each preprocessing asked for, exactly as deployment would prepare a slice from another site.
+A shift's realisation depends only on the slice's id and the shift (seeded with
+``[id, shift index]``), so a slice looks the same in every seed's test split and for every
+preprocessing. The shifted slices are clean (no training noise): the bench measures the
+change of site, the noise protocol is measured elsewhere.
+
+A slice that a shift or a preprocessing cannot render (e.g. no head found) is left out of
+every shifted set, for every preprocessing, and counted: all accuracies of one seed are then
+on the same slices, so the differences between shifts and between preprocessings are paired.
+
+Embedded synthetic items (no file to read) take their stored image as the raw slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from robustmri.bench.stats import _signed, _table, paired_difference
+from robustmri.data.preprocessing import preprocessing_by_name
+from robustmri.data.readers import ImageReadError, read_image
+from robustmri.data.site_shift import SHIFTS, render_shift
+
+#: The unshifted reference, against which every shift's drop is measured.
+REFERENCE = "none"
+
+
+def _raw(item: dict) -> np.ndarray:
+    path = str(item.get("file", ""))
+    if os.path.isfile(path):
+        return read_image(path)
+    return np.asarray(item["image"], dtype=np.float32).reshape(np.shape(item["image"])[-2:])
+
+
+def _render_item(args) -> tuple[int, dict | None, str | None]:
+    """Every (preprocessing, shift) of one item: ``(index, {(preprocess, shift): [S, S]}, None)`` or a reason."""
+    index, item, size, preprocesses, shifts = args
+    try:
+        raw = _raw(item)
+        out = {}
+        for k, shift in enumerate(shifts):
+            shifted = render_shift(raw, shift, seed=[int(item["id"]), k])
+            for name in preprocesses:
+                out[(name, shift)] = preprocessing_by_name(name)(shifted, size)
+        return index, out, None
+    except (ImageReadError, ValueError) as err:
+        reason = err.reason if isinstance(err, ImageReadError) else str(err)
+        return index, None, f"{shift if 'shift' in locals() else 'read'}: {reason}"
+
+
+def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(SHIFTS), workers: int = 1,
+                      progress: bool = True) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
+    """``({preprocess: {shift: items}}, excluded)``: ``items`` (protocol test items) re-rendered.
+
+    Each returned item is the original with its ``image`` ([1, S, S], clean) replaced and
+    ``noisy`` False. ``excluded``: ``(id, reason)`` of the items left out of every set.
+    """
+    preprocesses, shifts = list(preprocesses), list(shifts)
+    if REFERENCE not in shifts:
+        shifts = [REFERENCE] + shifts
+    jobs = [(i, item, int(size), preprocesses, shifts) for i, item in enumerate(items)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_render_item, jobs, chunksize=8), total=len(jobs), desc="site shifts",
+                                unit="img", disable=not progress, leave=False))
+    else:
+        results = [_render_item(job) for job in tqdm(jobs, desc="site shifts", unit="img", disable=not progress,
+                                                      leave=False)]
+    sets = {name: {shift: [] for shift in shifts} for name in preprocesses}
+    excluded = []
+    for index, rendered, reason in results:
+        item = items[index]
+        if rendered is None:
+            excluded.append((int(item["id"]), reason))
+            continue
+        for (name, shift), image in rendered.items():
+            sets[name][shift].append({**item, "image": image[None].astype(np.float32), "noisy": False})
+    return sets, excluded
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _accuracy_by_seed(runs: list[dict], method: str, noise: str, shift: str) -> dict[int, float]:
+    return {int(r["seed"]): 100.0 * r["test_by_shift"][shift]["accuracy"] for r in runs
+            if r["method"] == method and r["noise"] == noise and shift in r.get("test_by_shift", {})}
+
+
+def _cell(diff: dict) -> str:
+    if diff["mean"] is None:
+        return "–"
+    ci = "" if diff["ci"] is None else f" [{_signed(diff['ci'][0])}, {_signed(diff['ci'][1])}]"
+    return f"{_signed(diff['mean'])}{ci} {diff['positive']}/{diff['n']}"
+
+
+def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = ()) -> str:
+    """Markdown tables of the runs' accuracy under each shift (records with ``test_by_shift``).
+
+    1. Per method and shift: mean ± std over seeds, and the paired drop against the unshifted
+       test split of the same runs (shift − none, 95 % t interval over seeds, k/n seeds where the
+       shift scored higher).
+    2. For each ``(method, baseline)`` in ``comparisons``: per shift, the paired difference
+       method − baseline over seeds.
+    """
+    runs = [r for r in runs if r.get("test_by_shift")]
+    if not runs:
+        return "No run has site-shift results."
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    noises = list(dict.fromkeys(r["noise"] for r in runs))
+    shifts = list(dict.fromkeys(s for r in runs for s in r["test_by_shift"]))
+    parts = []
+    for noise in noises:
+        header = ["shift"] + [f"{m}" for m in methods]
+        rows = []
+        for shift in shifts:
+            row = [shift]
+            for method in methods:
+                values = _accuracy_by_seed(runs, method, noise, shift)
+                if not values:
+                    row.append("–")
+                    continue
+                arr = np.array(list(values.values()))
+                text = f"{arr.mean():.1f} ± {arr.std(ddof=1):.1f}" if len(arr) > 1 else f"{arr.mean():.1f}"
+                if shift != REFERENCE:
+                    text += " (" + _cell(paired_difference(values, _accuracy_by_seed(runs, method, noise, REFERENCE))) + ")"
+                row.append(text)
+            rows.append(row)
+        parts.append(f"Training noise {noise}. Test accuracy % on the shifted test split (mean ± std over seeds), "
+                     f"and in brackets the paired change against the unshifted split ({REFERENCE}) of the same "
+                     "models: mean, 95 % CI, seeds where the shifted split scored higher.\n\n"
+                     + _table(header, rows))
+        for method, baseline in comparisons:
+            if method not in methods or baseline not in methods:
+                continue
+            rows = [[shift, _cell(paired_difference(_accuracy_by_seed(runs, method, noise, shift),
+                                                    _accuracy_by_seed(runs, baseline, noise, shift)))]
+                    for shift in shifts]
+            parts.append(f"`{method}` − `{baseline}` (training noise {noise}), points: mean [95 % CI] k/n seeds "
+                         f"where {method} scored higher.\n\n" + _table(["shift", f"{method} − {baseline}"], rows))
+    return "\n\n".join(parts)
+
+
+def worst_drop(runs: list[dict], method: str, noise: str) -> tuple[str, float] | None:
+    """The shift with the largest mean drop against the unshifted split for ``method``: ``(shift, drop in points)``."""
+    worst = None
+    for shift in dict.fromkeys(s for r in runs for s in r.get("test_by_shift", {})):
+        if shift == REFERENCE:
+            continue
+        diff = paired_difference(_accuracy_by_seed(runs, method, noise, shift),
+                                 _accuracy_by_seed(runs, method, noise, REFERENCE))
+        if diff["mean"] is not None and (worst is None or diff["mean"] < worst[1]):
+            worst = (shift, diff["mean"])
+    return worst
+
+
+def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str | None:
+    """A PNG: mean test accuracy per shift (x) for each method (one line each), error bars = std over seeds."""
+    runs = [r for r in runs if r.get("test_by_shift")]
+    if not runs:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    noise = noise or runs[0]["noise"]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    shifts = list(dict.fromkeys(s for r in runs for s in r["test_by_shift"]))
+    figure = Figure(figsize=(max(8.0, 0.7 * len(shifts) + 3), 4.8), dpi=100)
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    x = np.arange(len(shifts))
+    for k, method in enumerate(methods):
+        means, stds = [], []
+        for shift in shifts:
+            values = np.array(list(_accuracy_by_seed(runs, method, noise, shift).values()))
+            means.append(values.mean() if values.size else math.nan)
+            stds.append(values.std(ddof=1) if values.size > 1 else 0.0)
+        axis.errorbar(x + (k - (len(methods) - 1) / 2) * 0.08, means, yerr=stds, marker="o", capsize=2,
+                      label=method, linewidth=1)
+    axis.axhline(100 / 3, color="grey", linestyle=":", linewidth=1, label="chance")
+    axis.set_xticks(x)
+    axis.set_xticklabels(shifts, rotation=40, ha="right", fontsize=8)
+    axis.set_ylabel("test accuracy % (mean ± std over seeds)")
+    axis.set_title(f"accuracy under site shifts (training noise {noise})")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
