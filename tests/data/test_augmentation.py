@@ -11,6 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from robustmri.data.augmentation import SiteShiftAugmentation, augmentation_examples_figure, bias_field
+from robustmri.data.in_memory import InMemoryDataset
 
 from helpers import axes_ratio
 
@@ -40,6 +41,11 @@ def _params(n=1, **values):
         params[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), params[key].shape).copy()
     params["augmented"][:] = True
     return params
+
+
+def _items(n=8, size=16):
+    images = _smooth_batch(n, size, seed=1).numpy()
+    return [{"image": images[k], "label": k % 3, "id": 200 + k} for k in range(n)]
 
 
 # ---------------------------------------------------------------------- randomness
@@ -103,6 +109,30 @@ def test_prob_zero_and_unaugmented_samples_are_untouched():
     out = SiteShiftAugmentation().apply(images, params)
     assert torch.equal(out[[0, 2]], images[[0, 2]]) and not torch.equal(out[1], images[1])
     assert out.dtype == images.dtype and out.shape == images.shape
+
+
+def test_the_dataset_without_augmentation_serves_the_old_batches_bit_for_bit():
+    items = _items()
+    old, off = InMemoryDataset(items, 0.5, seed=3), InMemoryDataset(items, 0.5, seed=3,
+                                                                    site_shift=SiteShiftAugmentation(prob=0.0))
+    on = InMemoryDataset(items, 0.5, seed=3, site_shift=SiteShiftAugmentation(prob=0.5))
+    for dataset in (old, off, on):
+        dataset.set_epoch(2)
+    indices = [5, 0, 7, 2, 3, 6]
+    reference = old.__getitems__(indices)
+    assert torch.equal(off.__getitems__(indices)["image"], reference["image"])
+    batch = on.__getitems__(indices)
+    ids = reference["id"].tolist()
+    assert torch.equal(batch["id"], reference["id"]) and torch.equal(batch["label"], reference["label"])
+    # The augmentation acts on the flipped batch; samples it leaves alone are the old ones exactly.
+    assert torch.equal(batch["image"], on.site_shift(reference["image"], 3, 2, ids))
+    augmented = on.site_shift.draw(3, 2, ids)["augmented"]
+    assert 0 < augmented.sum() < len(ids)
+    for row, flag in enumerate(augmented):
+        assert torch.equal(batch["image"][row], reference["image"][row]) != flag
+    assert on[5] is items[5]  # a single index stays unaugmented
+    with pytest.raises(ValueError, match="site_shift"):
+        InMemoryDataset(items, site_shift={"prob": 0.5})
 
 
 # ---------------------------------------------------------------------- components
