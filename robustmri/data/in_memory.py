@@ -10,7 +10,9 @@ seen from the next batch on.
 Randomness is a function of ``(seed, epoch, sample id)``, never of the order in which samples
 are drawn: a run resumed or branched at an epoch boundary sees exactly the batches an
 uninterrupted run sees, and each rank of a distributed run draws the same flips for the same
-samples. :class:`EpochSampler` is a :class:`torch.utils.data.DistributedSampler` (one replica
+samples. An optional :class:`robustmri.data.augmentation.SiteShiftAugmentation` (another site's
+framing and exposure, drawn from its own ``(seed, epoch, id)`` stream) is applied to the batch
+after the flips. :class:`EpochSampler` is a :class:`torch.utils.data.DistributedSampler` (one replica
 unless a process group says otherwise) that tells the dataset its epoch; MONAI's trainer calls
 its ``set_epoch`` when each epoch starts.
 """
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, default_collate
 
+from robustmri.data.augmentation import SiteShiftAugmentation
+
 #: Item keys gathered into the batch as tensors when every item has them; others become lists.
 TENSOR_KEYS = ("label", "id", "noisy", "true_label")
 
@@ -31,16 +35,22 @@ class InMemoryDataset(Dataset):
     """Training items (``image`` [C, H, W] arrays in [0, 1], ``label``, ``id``) served a batch at a time.
 
     ``flip_prob``: probability that a sample is mirrored left-right (axis -1) in an epoch,
-    drawn from ``(seed, epoch, id)``. A single index (``dataset[i]``) returns the item as
-    stored, unaugmented, for tools that look at one sample.
+    drawn from ``(seed, epoch, id)``. ``site_shift``: a site-shift augmentation applied to each
+    batch after the flips (``None``, or one whose ``prob`` is 0, leaves batches exactly as
+    without it). A single index (``dataset[i]``) returns the item as stored, unaugmented, for
+    tools that look at one sample.
     """
 
-    def __init__(self, data: Sequence[dict], flip_prob: float = 0.5, seed: int = 0):
+    def __init__(self, data: Sequence[dict], flip_prob: float = 0.5, seed: int = 0,
+                 site_shift: SiteShiftAugmentation | None = None):
         if not 0.0 <= float(flip_prob) <= 1.0:
             raise ValueError(f"flip_prob must lie in [0, 1], got {flip_prob}")
+        if site_shift is not None and not isinstance(site_shift, SiteShiftAugmentation):
+            raise ValueError(f"site_shift must be a SiteShiftAugmentation or None, got {type(site_shift).__name__}")
         self.data = data
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
+        self.site_shift = site_shift
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -64,7 +74,10 @@ class InMemoryDataset(Dataset):
         images = torch.from_numpy(np.stack([np.asarray(item["image"], dtype=np.float32) for item in items]))
         ids = [int(item.get("id", i)) for item, i in zip(items, indices)]
         flip = torch.from_numpy(self.flips(ids)).view(-1, *([1] * (images.ndim - 1)))
-        batch = {"image": torch.where(flip, images.flip(-1), images)}
+        images = torch.where(flip, images.flip(-1), images)
+        if self.site_shift is not None and self.site_shift.prob > 0:
+            images = self.site_shift(images, self.seed, self.epoch, ids)
+        batch = {"image": images}
         for key in items[0]:
             if key == "image":
                 continue

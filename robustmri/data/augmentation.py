@@ -1,0 +1,392 @@
+"""Site-shift augmentation for training: another hospital's framing and exposure, drawn per sample.
+
+A model trained on one site's slices fails on another's that frame the head differently
+(field of view, non-square crops, rotation), resolve it differently (blur, lower
+resolution) or expose it differently (intensity curve, contrast, a coil's bias field).
+:class:`SiteShiftAugmentation` applies random versions of those changes to a batch of
+PREPROCESSED training images (``[N, C, H, W]`` in [0, 1], background about 0) as batch-level
+torch operations, so the training set covers them.
+
+Like the flips of :class:`robustmri.data.in_memory.InMemoryDataset`, the randomness of a sample
+is a function of ``(seed, epoch, sample id)`` only: its parameters are drawn from
+``numpy.random.default_rng([seed, epoch, id, 7919])`` (a stream distinct from the flips'), so a
+sample's augmented image does not depend on the batch it is drawn in nor on the draw order.
+
+Each sample is augmented in an epoch with probability ``prob``; an augmented sample then
+takes each component with probability ``component_prob``, so the shifts do not all pile up
+at once. The components, in the order they are applied:
+
+1. geometry, one ``affine_grid`` + ``grid_sample`` (bilinear, zeros outside): rotation,
+   isotropic zoom (``scale``) and anisotropic stretch (``aspect``, a non-square crop resized
+   to the square);
+2. ``downsample``: bilinear down (antialiased) by the factor, then bilinear back up;
+3. ``blur``: separable Gaussian blur (edges replicated);
+4. ``bias``: a smooth multiplicative field ``1 + a * poly``, ``poly`` a random quadratic of
+   position scaled to ``|poly| <= 1`` over the image;
+5. ``contrast``: ``m + c * (x - m)`` about the mean ``m`` of the foreground (pixels above
+   :data:`FOREGROUND`), then clipped to [0, 1];
+6. ``gamma``: ``x -> x ** g``.
+
+An augmented sample is clipped to [0, 1] at the end; a sample left alone comes back
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Salt of the augmentation's random stream, distinct from the flips' ``[seed, epoch, id]``.
+STREAM = 7919
+#: Pixels above this intensity are the foreground whose mean anchors the contrast change.
+FOREGROUND = 0.05
+#: The components, in the order they are applied (geometry counts three: rotation, scale, aspect).
+COMPONENTS = ("rotation", "scale", "aspect", "downsample", "blur", "bias", "contrast", "gamma")
+#: Number of coefficients of the bias field's quadratic (x, y, x^2, y^2, xy).
+BIAS_TERMS = 5
+
+
+def _pair(name: str, value, low_bound: float, *, inclusive: bool, upper: float | None = None) -> tuple[float, float]:
+    """``value`` as a (low, high) tuple of finite floats above ``low_bound`` (or equal when inclusive)."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low > high:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    if (low < low_bound) if inclusive else (low <= low_bound):
+        relation = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be {relation} {low_bound:g}, got {value!r}")
+    if upper is not None and high > upper:
+        raise ValueError(f"{name} must be <= {upper:g}, got {value!r}")
+    return low, high
+
+
+def _unit(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteShiftAugmentation:
+    """Random site shifts of preprocessed training images, drawn from ``(seed, epoch, sample id)``.
+
+    Ranges are ``(low, high)`` pairs (lists are accepted, as a JSON config writes them); a
+    degenerate range at the identity (``gamma=(1, 1)``, ``rotation_degrees=0``,
+    ``bias_amplitude=0``...) switches its component off.
+    """
+
+    #: Probability that a sample is augmented at all in an epoch (0: off, every batch as without it).
+    prob: float = 0.5
+    #: Probability that an augmented sample takes each component (drawn per component).
+    component_prob: float = 0.5
+    #: Gamma exponent ``g`` of ``x -> x ** g``, log-uniform (below 1: brighter).
+    gamma: tuple[float, float] = (0.67, 1.5)
+    #: Contrast factor ``c`` of ``m + c * (x - m)`` about the foreground mean ``m``, uniform.
+    contrast: tuple[float, float] = (0.7, 1.3)
+    #: Largest relative change of the bias field; the field's amplitude is uniform in [0, this].
+    bias_amplitude: float = 0.2
+    #: Isotropic zoom, uniform: below 1 the head looks smaller (looser field of view), above 1 larger.
+    scale: tuple[float, float] = (0.85, 1.15)
+    #: Width / height ratio of the (area-preserving) crop resized to the square, log-uniform.
+    aspect: tuple[float, float] = (0.8, 1.25)
+    #: Largest in-plane rotation, degrees; the angle is uniform in [-this, this] (positive: counter-clockwise).
+    rotation_degrees: float = 10.0
+    #: Gaussian blur sigma in pixels, uniform.
+    blur_sigma: tuple[float, float] = (0.0, 1.0)
+    #: Resolution loss: down by this factor, then back up (bilinear), uniform; 1 is the identity.
+    downsample: tuple[float, float] = (1.0, 2.0)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("prob", _unit("prob", self.prob))
+        set_("component_prob", _unit("component_prob", self.component_prob))
+        set_("gamma", _pair("gamma", self.gamma, 0.0, inclusive=False))
+        set_("contrast", _pair("contrast", self.contrast, 0.0, inclusive=False))
+        set_("scale", _pair("scale", self.scale, 0.0, inclusive=False))
+        set_("aspect", _pair("aspect", self.aspect, 0.0, inclusive=False))
+        set_("blur_sigma", _pair("blur_sigma", self.blur_sigma, 0.0, inclusive=True, upper=20.0))
+        set_("downsample", _pair("downsample", self.downsample, 1.0, inclusive=True, upper=16.0))
+        try:
+            amplitude = float(self.bias_amplitude)
+        except (TypeError, ValueError):
+            raise ValueError(f"bias_amplitude must be a number in [0, 1), got {self.bias_amplitude!r}") from None
+        if not 0.0 <= amplitude < 1.0:
+            raise ValueError(f"bias_amplitude must lie in [0, 1), got {self.bias_amplitude!r}")
+        set_("bias_amplitude", amplitude)
+        try:
+            degrees = float(self.rotation_degrees)
+        except (TypeError, ValueError):
+            raise ValueError(f"rotation_degrees must be a number in [0, 180], got {self.rotation_degrees!r}") from None
+        if not 0.0 <= degrees <= 180.0:
+            raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees!r}")
+        set_("rotation_degrees", degrees)
+
+    # ------------------------------------------------------------------ parameters
+
+    def draw(self, seed: int, epoch: int, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """Per-sample parameters for ``ids``, each drawn from ``default_rng([seed, epoch, id, 7919])``.
+
+        Returns arrays of length ``N = len(ids)``: ``augmented`` (bool), ``rotation`` (degrees),
+        ``scale``, ``aspect``, ``downsample``, ``blur_sigma``, ``bias_amplitude``,
+        ``bias_coefficients`` (``[N, 5]``), ``contrast``, ``gamma``. A component a sample does not
+        take holds its identity value (0 degrees, factors 1, sigma 0, amplitude 0), so
+        :meth:`apply` leaves it out. Every sample consumes the same draws whatever it takes.
+        """
+        n = len(ids)
+        params = {
+            "augmented": np.zeros(n, dtype=bool),
+            "rotation": np.zeros(n),
+            "scale": np.ones(n),
+            "aspect": np.ones(n),
+            "downsample": np.ones(n),
+            "blur_sigma": np.zeros(n),
+            "bias_amplitude": np.zeros(n),
+            "bias_coefficients": np.zeros((n, BIAS_TERMS)),
+            "contrast": np.ones(n),
+            "gamma": np.ones(n),
+        }
+        if self.prob == 0.0:
+            return params
+        log_uniform = lambda rng, pair: math.exp(rng.uniform(math.log(pair[0]), math.log(pair[1])))  # noqa: E731
+        for row, sample in enumerate(ids):
+            rng = np.random.default_rng([int(seed), int(epoch), int(sample), STREAM])
+            augmented = rng.random() < self.prob
+            takes = dict(zip(COMPONENTS, (rng.random(len(COMPONENTS)) < self.component_prob) & augmented))
+            values = {
+                "rotation": rng.uniform(-self.rotation_degrees, self.rotation_degrees),
+                "scale": rng.uniform(*self.scale),
+                "aspect": log_uniform(rng, self.aspect),
+                "downsample": rng.uniform(*self.downsample),
+                "blur_sigma": rng.uniform(*self.blur_sigma),
+                "bias_amplitude": rng.uniform(0.0, self.bias_amplitude),
+                "contrast": rng.uniform(*self.contrast),
+                "gamma": log_uniform(rng, self.gamma),
+            }
+            coefficients = rng.normal(size=BIAS_TERMS)
+            params["augmented"][row] = augmented
+            for component, key in zip(COMPONENTS, ("rotation", "scale", "aspect", "downsample", "blur_sigma",
+                                                   "bias_amplitude", "contrast", "gamma")):
+                if takes[component]:
+                    params[key][row] = values[key]
+            if takes["bias"]:
+                params["bias_coefficients"][row] = coefficients
+        return params
+
+    # ------------------------------------------------------------------ application
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        """``images`` ``[N, C, H, W]`` under the per-sample ``params`` of :meth:`draw`.
+
+        Returns a new tensor of the same shape and dtype; each component touches only the samples
+        whose parameter differs from its identity value, augmented samples are clipped to [0, 1]
+        and the others come back bit-identical.
+        """
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        n = images.shape[0]
+        for key, value in params.items():
+            if len(value) != n:
+                raise ValueError(f"params[{key!r}] has {len(value)} rows for {n} images")
+        out = images.clone()
+        as_tensor = lambda key: torch.as_tensor(np.asarray(params[key], dtype=np.float64))  # noqa: E731
+        rotation, scale, aspect = as_tensor("rotation"), as_tensor("scale"), as_tensor("aspect")
+        downsample, sigma = as_tensor("downsample"), as_tensor("blur_sigma")
+        amplitude, contrast, gamma = as_tensor("bias_amplitude"), as_tensor("contrast"), as_tensor("gamma")
+        coefficients = torch.as_tensor(np.asarray(params["bias_coefficients"], dtype=np.float64)).reshape(n, -1)
+        touched = torch.zeros(n, dtype=torch.bool)
+
+        geometry = (rotation != 0) | (scale != 1) | (aspect != 1)
+        if geometry.any():
+            rows = geometry.nonzero().flatten()
+            out[rows] = _affine(out[rows], rotation[rows], scale[rows], aspect[rows])
+            touched |= geometry
+        for row in (downsample > 1).nonzero().flatten().tolist():
+            out[row] = _downsample(out[row], float(downsample[row]))
+            touched[row] = True
+        for row in (sigma > 0).nonzero().flatten().tolist():
+            out[row] = _blur(out[row], float(sigma[row]))
+            touched[row] = True
+        bias = amplitude > 0
+        if bias.any():
+            rows = bias.nonzero().flatten()
+            out[rows] = out[rows] * bias_field(coefficients[rows], amplitude[rows], out.shape[-2:]).to(out.dtype)
+            touched |= bias
+        changed = contrast != 1
+        if changed.any():
+            rows = changed.nonzero().flatten()
+            out[rows] = _contrast(out[rows].clamp(0.0, 1.0), contrast[rows])
+            touched |= changed
+        changed = gamma != 1
+        if changed.any():
+            rows = changed.nonzero().flatten()
+            out[rows] = out[rows].clamp(0.0, 1.0) ** gamma[rows].to(out.dtype).view(-1, 1, 1, 1)
+            touched |= changed
+        if touched.any():
+            out[touched] = out[touched].clamp(0.0, 1.0)
+        return out
+
+    def __call__(self, images: torch.Tensor, seed: int, epoch: int, ids: Sequence[int]) -> torch.Tensor:
+        """``apply(images, draw(seed, epoch, ids))``; ``images`` itself when ``prob`` is 0."""
+        if self.prob == 0.0:
+            return images
+        return self.apply(images, self.draw(seed, epoch, ids))
+
+    def describe(self) -> dict:
+        """The settings as a JSON-ready dict (ranges as lists), for logs and run metadata."""
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {"name": "site_shift", "stream": STREAM, "components": list(COMPONENTS),
+                **{key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}}
+
+
+# ---------------------------------------------------------------------- components
+
+
+def _affine(images: torch.Tensor, degrees: torch.Tensor, scale: torch.Tensor, aspect: torch.Tensor) -> torch.Tensor:
+    """Rotation (counter-clockwise as displayed, about the centre) of a crop of relative width
+    ``sqrt(aspect) / scale`` and height ``1 / (sqrt(aspect) * scale)`` resized to the whole image:
+    one ``affine_grid`` + bilinear ``grid_sample``, zeros outside the image."""
+    height, width = images.shape[-2:]
+    angle = torch.deg2rad(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    crop_w, crop_h = aspect.sqrt() / scale, 1.0 / (aspect.sqrt() * scale)
+    # Output (x, y) in normalized coordinates -> input: crop, then undo the rotation in pixel units
+    # (normalized x spans width / 2 pixels per unit, y height / 2; rows point down the display).
+    theta = torch.zeros(len(images), 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = cos * crop_w
+    theta[:, 0, 1] = -sin * crop_h * height / width
+    theta[:, 1, 0] = sin * crop_w * width / height
+    theta[:, 1, 1] = cos * crop_h
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _downsample(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """One ``[C, H, W]`` image down by ``factor`` (bilinear, antialiased) and back up (bilinear)."""
+    height, width = image.shape[-2:]
+    size = (max(1, round(height / factor)), max(1, round(width / factor)))
+    if size == (height, width):
+        return image
+    small = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def gaussian_kernel(sigma: float, dtype=torch.float32) -> torch.Tensor:
+    """A normalised 1-D Gaussian of ``sigma`` pixels, radius ``ceil(3 sigma)`` (at least 1)."""
+    radius = max(1, math.ceil(3.0 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """One ``[C, H, W]`` image blurred by a separable Gaussian of ``sigma`` pixels, edges replicated."""
+    channels = image.shape[0]
+    kernel = gaussian_kernel(sigma, image.dtype)
+    radius = (len(kernel) - 1) // 2
+    padded = F.pad(image[None], (radius, radius, radius, radius), mode="replicate")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)[0]
+
+
+def bias_field(coefficients: torch.Tensor, amplitude: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Multiplicative fields ``1 + amplitude * poly`` of shape ``[N, 1, H, W]`` (float64).
+
+    ``poly`` is the quadratic ``coefficients . (x, y, x^2, y^2, xy)`` of the pixel centres'
+    normalized position (-1 to 1 across the image), centred on its mean over the image and
+    divided by its largest magnitude there, so each field lies in ``[1 - amplitude, 1 + amplitude]``.
+    """
+    height, width = shape
+    ys = (2.0 * torch.arange(height, dtype=torch.float64) + 1.0) / height - 1.0
+    xs = (2.0 * torch.arange(width, dtype=torch.float64) + 1.0) / width - 1.0
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    terms = torch.stack([x, y, x**2, y**2, x * y])
+    poly = torch.einsum("nk,khw->nhw", coefficients.to(torch.float64), terms)
+    poly = poly - poly.mean(dim=(-2, -1), keepdim=True)
+    peak = poly.abs().amax(dim=(-2, -1), keepdim=True)
+    poly = torch.where(peak > 0, poly / peak.clamp_min(1e-12), torch.zeros_like(poly))
+    return (1.0 + amplitude.to(torch.float64).view(-1, 1, 1) * poly)[:, None]
+
+
+def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``m + factor * (x - m)`` per sample, ``m`` the mean of its pixels above :data:`FOREGROUND`
+    (of all its pixels when none is), clipped to [0, 1]."""
+    foreground = images > FOREGROUND
+    count = foreground.sum(dim=(1, 2, 3))
+    masked_mean = (images * foreground).sum(dim=(1, 2, 3)) / count.clamp_min(1)
+    mean = torch.where(count > 0, masked_mean, images.mean(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    return (mean + factor.to(images.dtype).view(-1, 1, 1, 1) * (images - mean)).clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------- picture
+
+
+def augmentation_examples_figure(image, path: str | os.PathLike, seed: int = 0,
+                                 augmentation: SiteShiftAugmentation | None = None, count: int = 11) -> Path:
+    """Write one PNG of ``image`` (``[H, W]`` or ``[1, H, W]`` in [0, 1]) and ``count`` augmented draws.
+
+    The draws are those of samples ``0 .. count - 1`` at epoch 0 under ``augmentation`` forced to
+    augment every sample (default: :class:`SiteShiftAugmentation` with ``prob=1``); each panel's
+    title names the components it took. All panels share the window [0, 1]. Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"image must be [H, W] or [1, H, W], got shape {np.shape(image)}")
+    augmentation = dataclasses.replace(augmentation or SiteShiftAugmentation(), prob=1.0)
+    ids = list(range(count))
+    params = augmentation.draw(seed, 0, ids)
+    batch = torch.from_numpy(np.repeat(array[None, None], count, axis=0))
+    shifted = augmentation.apply(batch, params)[:, 0].numpy()
+    ncols = 4
+    nrows = math.ceil((count + 1) / ncols)
+    figure = Figure(figsize=(3.0 * ncols, 3.3 * nrows), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
+    axes[0].imshow(array, cmap="gray", vmin=0.0, vmax=1.0)
+    axes[0].set_title("original", fontsize=9)
+    for row, axis in enumerate(axes[1:count + 1]):
+        axis.imshow(shifted[row], cmap="gray", vmin=0.0, vmax=1.0)
+        axis.set_title(_summary(params, row), fontsize=7)
+    for axis in axes:
+        axis.set_axis_off()
+    figure.suptitle(f"site-shift augmentation (seed {seed}, samples 0-{count - 1}, epoch 0)")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _summary(params: dict, row: int) -> str:
+    """The components sample ``row`` takes, e.g. ``rot 4.1, gamma 0.81``."""
+    parts = []
+    for key, label, identity in (("rotation", "rot", 0.0), ("scale", "scale", 1.0), ("aspect", "aspect", 1.0),
+                                 ("downsample", "down", 1.0), ("blur_sigma", "blur", 0.0),
+                                 ("bias_amplitude", "bias", 0.0), ("contrast", "contrast", 1.0),
+                                 ("gamma", "gamma", 1.0)):
+        value = float(params[key][row])
+        if value != identity:
+            parts.append(f"{label} {value:.2f}")
+    if not parts:
+        return "no component"
+    lines = [", ".join(parts[i:i + 3]) for i in range(0, len(parts), 3)]
+    return "\n".join(lines)

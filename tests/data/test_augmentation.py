@@ -1,0 +1,267 @@
+"""Site-shift augmentation (robustmri.data.augmentation): parameters fixed by (seed, epoch, sample id),
+each component doing what it says against an independent computation, and the in-memory batches
+unchanged when it is off."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from robustmri.data.augmentation import SiteShiftAugmentation, augmentation_examples_figure, bias_field
+from robustmri.data.in_memory import InMemoryDataset
+
+from helpers import axes_ratio
+
+#: Every sample augmented, every component taken: the whole pipeline runs on every sample.
+EVERYTHING = SiteShiftAugmentation(prob=1.0, component_prob=1.0)
+
+
+def _disk(size=32, radius=8.0, centre=None, value=0.8) -> torch.Tensor:
+    """A [1, 1, size, size] disk of ``value`` on a zero background."""
+    c = (size - 1) / 2 if centre is None else centre
+    rows, cols = np.mgrid[:size, :size]
+    image = ((rows - c) ** 2 + (cols - c) ** 2 <= radius**2) * value
+    return torch.from_numpy(image.astype(np.float32))[None, None]
+
+
+def _smooth_batch(n=5, size=16, seed=0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    images = ndimage.gaussian_filter(rng.random((n, 1, size, size)), sigma=(0, 0, 1.5, 1.5))
+    images = (images - images.min()) / (images.max() - images.min())
+    return torch.from_numpy(images.astype(np.float32))
+
+
+def _params(n=1, **values):
+    """Identity parameters for ``n`` samples with ``values`` (scalars or per-sample) set."""
+    params = SiteShiftAugmentation(prob=0.0).draw(0, 0, list(range(n)))
+    for key, value in values.items():
+        params[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), params[key].shape).copy()
+    params["augmented"][:] = True
+    return params
+
+
+def _items(n=8, size=16):
+    images = _smooth_batch(n, size, seed=1).numpy()
+    return [{"image": images[k], "label": k % 3, "id": 200 + k} for k in range(n)]
+
+
+# ---------------------------------------------------------------------- randomness
+
+
+def test_parameters_depend_only_on_seed_epoch_and_id():
+    augmentation = SiteShiftAugmentation(prob=0.7)
+    batch = augmentation.draw(3, 2, [11, 5, 42])
+    alone = augmentation.draw(3, 2, [42])
+    again = augmentation.draw(3, 2, [11, 5, 42])
+    for key in batch:
+        assert np.array_equal(batch[key][2], alone[key][0]) and np.array_equal(batch[key], again[key])
+    many = np.arange(400)
+    epochs = augmentation.draw(3, 2, many), augmentation.draw(3, 3, many), augmentation.draw(4, 2, many)
+    assert not np.array_equal(epochs[0]["gamma"], epochs[1]["gamma"])
+    assert not np.array_equal(epochs[0]["gamma"], epochs[2]["gamma"])
+    assert epochs[0]["augmented"].mean() == pytest.approx(0.7, abs=0.07)
+    # Among augmented samples each component is taken about half the time; others hold the identity.
+    taken = epochs[0]["gamma"][epochs[0]["augmented"]] != 1
+    assert taken.mean() == pytest.approx(0.5, abs=0.1)
+    assert np.all(epochs[0]["gamma"][~epochs[0]["augmented"]] == 1)
+    assert np.all(epochs[0]["rotation"][~epochs[0]["augmented"]] == 0)
+
+
+def test_drawn_values_stay_in_their_ranges():
+    params = EVERYTHING.draw(0, 0, range(300))
+    assert params["augmented"].all()
+    assert np.all((params["gamma"] >= 0.67) & (params["gamma"] <= 1.5))
+    assert np.all((params["contrast"] >= 0.7) & (params["contrast"] <= 1.3))
+    assert np.all((params["scale"] >= 0.85) & (params["scale"] <= 1.15))
+    assert np.all((params["aspect"] >= 0.8) & (params["aspect"] <= 1.25))
+    assert np.all(np.abs(params["rotation"]) <= 10.0)
+    assert np.all((params["blur_sigma"] >= 0) & (params["blur_sigma"] <= 1.0))
+    assert np.all((params["downsample"] >= 1) & (params["downsample"] <= 2.0))
+    assert np.all((params["bias_amplitude"] >= 0) & (params["bias_amplitude"] <= 0.2))
+    # gamma and aspect are log-uniform: as many draws below 1 as above (about).
+    assert (params["aspect"] < 1).mean() == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_sample_comes_out_the_same_alone_or_in_any_batch():
+    images, ids = _smooth_batch(5), [7, 3, 99, 12, 40]
+    out = EVERYTHING(images, 1, 4, ids)
+    assert torch.equal(out, EVERYTHING(images, 1, 4, ids))
+    order = [3, 0, 4, 2, 1]
+    assert torch.equal(EVERYTHING(images[order], 1, 4, [ids[k] for k in order]), out[order])
+    for row in (0, 2):
+        assert torch.equal(EVERYTHING(images[row:row + 1], 1, 4, [ids[row]])[0], out[row])
+    other_epoch = EVERYTHING(images, 1, 5, ids)
+    assert all(not torch.equal(a, b) for a, b in zip(out, other_epoch))
+
+
+# ---------------------------------------------------------------------- off means off
+
+
+def test_prob_zero_and_unaugmented_samples_are_untouched():
+    images = _smooth_batch(4) * 1.5 - 0.2  # outside [0, 1]: not even clipped
+    off = SiteShiftAugmentation(prob=0.0)
+    assert off(images, 0, 0, [1, 2, 3, 4]) is images
+    assert torch.equal(off.apply(images, off.draw(0, 0, [1, 2, 3, 4])), images)
+    params = _params(4, gamma=[1.0, 0.8, 1.0, 1.3])
+    out = SiteShiftAugmentation().apply(images, params)
+    assert torch.equal(out[[0, 2]], images[[0, 2]]) and not torch.equal(out[1], images[1])
+    assert out.dtype == images.dtype and out.shape == images.shape
+
+
+def test_the_dataset_without_augmentation_serves_the_old_batches_bit_for_bit():
+    items = _items()
+    old, off = InMemoryDataset(items, 0.5, seed=3), InMemoryDataset(items, 0.5, seed=3,
+                                                                    site_shift=SiteShiftAugmentation(prob=0.0))
+    on = InMemoryDataset(items, 0.5, seed=3, site_shift=SiteShiftAugmentation(prob=0.5))
+    for dataset in (old, off, on):
+        dataset.set_epoch(2)
+    indices = [5, 0, 7, 2, 3, 6]
+    reference = old.__getitems__(indices)
+    assert torch.equal(off.__getitems__(indices)["image"], reference["image"])
+    batch = on.__getitems__(indices)
+    ids = reference["id"].tolist()
+    assert torch.equal(batch["id"], reference["id"]) and torch.equal(batch["label"], reference["label"])
+    # The augmentation acts on the flipped batch; samples it leaves alone are the old ones exactly.
+    assert torch.equal(batch["image"], on.site_shift(reference["image"], 3, 2, ids))
+    augmented = on.site_shift.draw(3, 2, ids)["augmented"]
+    assert 0 < augmented.sum() < len(ids)
+    for row, flag in enumerate(augmented):
+        assert torch.equal(batch["image"][row], reference["image"][row]) != flag
+    assert on[5] is items[5]  # a single index stays unaugmented
+    with pytest.raises(ValueError, match="site_shift"):
+        InMemoryDataset(items, site_shift={"prob": 0.5})
+
+
+# ---------------------------------------------------------------------- components
+
+
+def test_gamma_alone_is_the_power():
+    images = _smooth_batch(3)
+    gammas = np.array([0.67, 1.0, 1.5])
+    out = SiteShiftAugmentation().apply(images, _params(3, gamma=gammas))
+    expected = images ** torch.tensor(gammas, dtype=torch.float32).view(-1, 1, 1, 1)
+    assert torch.equal(out, expected)
+
+
+def test_rotation_by_90_degrees_is_rot90_and_a_tiny_one_is_nearly_nothing():
+    images = _smooth_batch(2)
+    out = SiteShiftAugmentation().apply(images, _params(2, rotation=90.0))
+    torch.testing.assert_close(out, torch.rot90(images, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    # Counter-clockwise as displayed: a dot right of the centre goes above it.
+    dot = torch.zeros(1, 1, 9, 9)
+    dot[0, 0, 4, 7] = 1.0
+    rotated = SiteShiftAugmentation().apply(dot, _params(1, rotation=90.0))
+    assert rotated[0, 0].argmax().item() == 1 * 9 + 4
+    tiny = SiteShiftAugmentation().apply(images, _params(2, rotation=1e-6))
+    torch.testing.assert_close(tiny, images, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.85, 1.15])
+def test_scale_changes_a_centred_disks_area_by_its_square(scale):
+    disk = _disk(64, radius=14.0)
+    out = SiteShiftAugmentation().apply(disk, _params(1, scale=scale))
+    area = lambda image: float((image > 0.4).sum())  # noqa: E731 (half the disk's value)
+    assert area(out) / area(disk) == pytest.approx(scale**2, rel=0.04)
+
+
+def test_aspect_squeezes_the_width_against_the_height():
+    disk = _disk(64, radius=14.0)
+    out = SiteShiftAugmentation().apply(disk, _params(1, aspect=1.25))
+    # A crop 1.25 times as wide as high, resized to the square: the disk comes out 1.25 times as high as wide.
+    assert axes_ratio(out[0, 0].numpy() > 0.4) == pytest.approx(1.25, rel=0.04)
+    assert float((out > 0.4).sum()) / float((disk > 0.4).sum()) == pytest.approx(1.0, rel=0.04)  # area kept
+
+
+def test_blur_is_scipys_gaussian_keeps_the_mean_and_lowers_the_peak():
+    disk = _disk(32, radius=6.0, value=1.0)
+    disk[0, 0, 16, 16] = 1.0
+    out = SiteShiftAugmentation().apply(disk, _params(1, blur_sigma=1.0))
+    expected = ndimage.gaussian_filter(disk[0, 0].double().numpy(), sigma=1.0, mode="nearest", truncate=3.0)
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, atol=1e-6)
+    assert float(out.mean()) == pytest.approx(float(disk.mean()), rel=1e-5)
+    spike = torch.zeros(1, 1, 16, 16)
+    spike[0, 0, 8, 8] = 1.0
+    blurred = SiteShiftAugmentation().apply(spike, _params(1, blur_sigma=0.8))
+    assert float(blurred.max()) < 0.5 and float(blurred.sum()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_downsampling_by_one_is_nothing_and_by_two_removes_the_finest_detail():
+    images = _smooth_batch(2)
+    assert torch.equal(SiteShiftAugmentation().apply(images, _params(2, downsample=1.0)), images)
+    checkerboard = torch.from_numpy((np.indices((16, 16)).sum(0) % 2).astype(np.float32))[None, None]
+    out = SiteShiftAugmentation().apply(checkerboard, _params(1, downsample=2.0))
+    # Antialiased down then up: the Nyquist pattern becomes its mean inside (plain sampling would keep 0s or 1s).
+    np.testing.assert_allclose(out[0, 0, 3:-3, 3:-3].numpy(), 0.5, atol=0.02)
+    odd = SiteShiftAugmentation().apply(images, _params(2, downsample=1.5))
+    assert odd.shape == images.shape and not torch.equal(odd, images)
+
+
+def test_bias_field_lies_within_one_plus_minus_its_amplitude():
+    rng = np.random.default_rng(0)
+    coefficients = torch.from_numpy(rng.normal(size=(6, 5)))
+    amplitude = torch.tensor([0.2, 0.1, 0.05, 0.2, 0.15, 0.0], dtype=torch.float64)
+    fields = bias_field(coefficients, amplitude, (24, 20))
+    assert fields.shape == (6, 1, 24, 20)
+    deviation = (fields - 1).abs().amax(dim=(1, 2, 3))
+    torch.testing.assert_close(deviation, amplitude)  # reaches its amplitude, never more
+    # Smooth: neighbouring pixels differ by a small part of the range.
+    assert float((fields[:, :, 1:] - fields[:, :, :-1]).abs().max()) < 0.05
+    flat = torch.full((1, 1, 24, 20), 0.5)
+    params = _params(1, bias_amplitude=0.2)
+    params["bias_coefficients"][0] = coefficients[0].numpy()
+    out = SiteShiftAugmentation().apply(flat, params)
+    torch.testing.assert_close(out, (0.5 * fields[:1]).float(), atol=1e-6, rtol=0)
+
+
+def test_contrast_scales_about_the_foreground_mean_and_clips():
+    image = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    image[..., 2:6, 2:4], image[..., 2:6, 4:6] = 0.6, 0.4  # foreground mean 0.5
+    out = SiteShiftAugmentation().apply(torch.from_numpy(image), _params(1, contrast=0.5)).numpy()
+    np.testing.assert_allclose(out, np.clip(0.5 + 0.5 * (image - 0.5), 0, 1), atol=1e-7)
+    assert out[0, 0, 3, 3] == pytest.approx(0.55) and out[0, 0, 0, 0] == pytest.approx(0.25)
+    stronger = SiteShiftAugmentation().apply(torch.from_numpy(image), _params(1, contrast=3.0)).numpy()
+    assert stronger[0, 0, 3, 3] == pytest.approx(0.8) and stronger[0, 0, 0, 0] == 0.0
+
+
+def test_augmented_images_stay_in_the_unit_interval():
+    strong = SiteShiftAugmentation(prob=1.0, component_prob=1.0, contrast=(1.3, 1.3), bias_amplitude=0.9,
+                                   gamma=(0.5, 0.5))
+    images = _smooth_batch(6)
+    for augmentation in (EVERYTHING, strong):
+        out = augmentation(images, 0, 0, range(6))
+        assert out.min() >= 0.0 and out.max() <= 1.0 and torch.isfinite(out).all()
+        assert out.dtype == torch.float32 and out.shape == images.shape
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("field, value", [
+    ("prob", 1.5), ("prob", -0.1), ("prob", "often"), ("component_prob", 2.0), ("gamma", (1.5, 0.67)),
+    ("gamma", (0.0, 1.0)), ("gamma", 1.0), ("contrast", (-1.0, 1.0)), ("scale", (0.0, 1.0)),
+    ("aspect", (float("nan"), 1.0)), ("blur_sigma", (-0.5, 1.0)), ("downsample", (0.5, 2.0)),
+    ("bias_amplitude", 1.0), ("bias_amplitude", -0.1), ("rotation_degrees", -5.0), ("rotation_degrees", 270.0),
+])
+def test_invalid_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SiteShiftAugmentation(**{field: value})
+
+
+def test_settings_from_a_json_config_and_their_description():
+    augmentation = SiteShiftAugmentation(prob="0.3", gamma=[0.8, 1.2])  # as a bundle config may write them
+    assert augmentation.prob == 0.3 and augmentation.gamma == (0.8, 1.2)
+    hash(augmentation)
+    description = augmentation.describe()
+    assert json.loads(json.dumps(description)) == description
+    assert description["gamma"] == [0.8, 1.2] and description["prob"] == 0.3 and description["name"] == "site_shift"
+
+
+def test_augmentation_examples_figure(tmp_path):
+    image = _disk(64, radius=20.0)[0].numpy()
+    path = augmentation_examples_figure(image, tmp_path / "figures" / "augmentation.png", seed=1)
+    assert path == tmp_path / "figures" / "augmentation.png" and path.stat().st_size > 10_000
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > 300
