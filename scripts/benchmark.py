@@ -5,6 +5,7 @@
     python scripts/benchmark.py report --out bench/cpu                                            # tables again
     python scripts/benchmark.py methods                                                             # what can run
     python scripts/benchmark.py select --dataset_dir ../shared/data/figshare-brain-tumor --out bench/selection  # tuning seeds
+    python scripts/benchmark.py run --profile shift_cpu --dataset_dir ../shared/data/figshare-brain-tumor --out bench/shift  # site shifts
 
 Every method is its bundle config (``bundle/configs/<method>.json``, plus overrides for the
 variants), trained in this process on protocol data that is built once per (seed, noise,
@@ -41,6 +42,7 @@ sys.path.insert(0, ROOT)
 
 from robustmri.bench.machine import cpu_name  # noqa: E402
 from robustmri.bench.report import read_runs, write_report  # noqa: E402
+from robustmri.bench.shifts import shift_figure, shift_tables, shifted_test_sets  # noqa: E402
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table  # noqa: E402
 from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability  # noqa: E402
 from robustmri.data.label_noise import noisy_label_record  # noqa: E402
@@ -60,6 +62,10 @@ PINNED = {"isr": {"isr_emphasis": "helpful"},
 LISSA = {"influence_solver": "lissa", "influence_solver_args": {}}
 #: ISP's budgeted form, 2 grey levels per pixel (L-inf), chosen before any run of this benchmark (not tuned).
 ISP_LINF = {"isp_budget": 2.0 / 255.0, "isp_norm": "linf"}
+#: The site-shift bench's settings (issue 15), fixed before any run: the head preprocessing, and the site-shift
+#: augmentation on half of the samples of each epoch (robustmri.data.augmentation's default ranges).
+SITE = {"head": {"preprocess": "head"}, "aug": {"augment_site_shift_prob": 0.5},
+        "head_aug": {"preprocess": "head", "augment_site_shift_prob": 0.5}}
 #: Variants: a registered method with options changed. Every ISP / ISR variant runs beside a
 #: control with the same budget and no influence signal (``*_control``).
 VARIANTS = {
@@ -84,6 +90,12 @@ VARIANTS = {
     # validation set of 10 % of patients instead of the paper's 5 %
     "naive_val10": ("naive", {"split_fractions": [0.70, 0.10, 0.20]}),
     "isp_val10": ("isp", {"split_fractions": [0.70, 0.10, 0.20]}),
+    # site shifts (issue 15): the head preprocessing and the site-shift augmentation, each alone and together
+    "naive_head": ("naive", SITE["head"]),
+    "naive_aug": ("naive", SITE["aug"]),
+    "naive_head_aug": ("naive", SITE["head_aug"]),
+    "isr_head_aug": ("isr", {**PINNED["isr"], **SITE["head_aug"]}),
+    "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
 }
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
 METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},
@@ -118,6 +130,14 @@ PROFILES = {
     "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
                    "noises": ["none"], "label_noise_rates": [0.2, 0.4],
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
+    # Site shifts (issue 15): every model also evaluated on the test split re-rendered under each shift of
+    # robustmri.data.site_shift (``eval_shifts``: the preprocessings to render it for). Smaller than ``cpu``
+    # (48 px, 12 epochs) so that 8 configurations x 5 seeds fit beside it; Gaussian training noise only.
+    "shift_cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0], "noises": ["gaussian"],
+                  "eval_shifts": ["minmax", "head"],
+                  "methods": ["naive", "naive_aug", "isr", "isp_linf", "naive_head", "naive_head_aug", "isr_head_aug",
+                              "isp_linf_head_aug"],
+                  "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
               "methods": ["naive", "isp", "isp_linf_control"],
               "config": {"spatial_size": 32, "network_padding": 2, "epochs": 2, "influence_epoch": 1, "n2v_steps": 5,
@@ -126,10 +146,27 @@ PROFILES = {
 
 
 def branchable(method: str) -> bool:
-    """Whether ``method`` trains exactly as naive training up to the influence epoch."""
+    """Whether ``method`` trains exactly as naive training (with :func:`prefix_overrides`) up to the influence epoch."""
     base = VARIANTS[method][0] if method in VARIANTS else method
+    return base in PREFIX_BASES
+
+
+def prefix_overrides(method: str) -> dict:
+    """The options of ``method`` that act before the influence epoch: its prefix is naive training with them."""
     overrides = VARIANTS[method][1] if method in VARIANTS else {}
-    return base in PREFIX_BASES and all(key.startswith(AFTER_PREFIX_OPTIONS) for key in overrides)
+    return {key: value for key, value in overrides.items() if not key.startswith(AFTER_PREFIX_OPTIONS)}
+
+
+def prefix_name(overrides: dict) -> str:
+    """``prefix``, or ``prefix+key=value+...`` for a prefix trained with ``overrides`` (its folder's name)."""
+    return "+".join(["prefix"] + [f"{key}={json.dumps(value, separators=(',', ':'))}".replace('"', "")
+                                  for key, value in sorted(overrides.items())])
+
+
+#: Paired comparisons of the site-shift tables: (configuration, against).
+SHIFT_COMPARISONS = [("naive_head", "naive"), ("naive_aug", "naive"), ("naive_head_aug", "naive"),
+                     ("naive_head_aug", "naive_head"), ("isr", "naive"), ("isp_linf", "naive"),
+                     ("isr_head_aug", "naive_head_aug"), ("isp_linf_head_aug", "naive_head_aug")]
 
 
 def _as_list(value) -> list:
@@ -206,6 +243,7 @@ class Benchmark:
         recipe = settings.get("recipe", "product")
         eval_p = [float(p) for p in settings.get("eval_p", [])]
         protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
+                    **({"eval_shifts": settings["eval_shifts"]} if settings.get("eval_shifts") else {}),
                     "recipe_settings": recipe_settings(recipe, config)}
         self._check_same_protocol(out, protocol)
         host = machine()
@@ -221,7 +259,7 @@ class Benchmark:
                     len(planned) - len(todo), host)
         common = _common_config(config, dataset_dir, device)
         context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
-                   "data": {}, "prefix": {}}
+                   "data": {}, "prefix": {}, "eval_shifts": list(settings.get("eval_shifts", [])), "shift_sets": {}}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
         failed = []
@@ -272,8 +310,11 @@ class Benchmark:
                                       + json.dumps(stability(runs), indent=1) + "\n```",
                                       "#### Each run, last checkpoint, p = 1\n\n" + run_interval_table(runs)])
             markdown = f"{markdown}\n\n{paired}\n"
-            with open(os.path.join(out, "results.md"), "w") as handle:
-                handle.write(markdown)
+        if any("test_by_shift" in run for run in runs):
+            markdown += "\n\n#### Site shifts\n\n" + shift_tables(runs, SHIFT_COMPARISONS) + "\n"
+            shift_figure(runs, os.path.join(out, "shift_accuracy.png"))
+        with open(os.path.join(out, "results.md"), "w") as handle:
+            handle.write(markdown)
         print(markdown)
         return {"output": out, "runs": len(runs), "methods": summary["methods"], "columns": summary["columns"]}
 
@@ -373,24 +414,26 @@ class Benchmark:
             logger.info("data for %s built in %.1f s: %s", run_key(run), time.perf_counter() - start, data.summary())
         return cache[key]
 
-    def _prefix(self, run: dict, common: dict, context: dict, out: str) -> dict:
+    def _prefix(self, run: dict, common: dict, context: dict, out: str, overrides: dict | None = None) -> dict:
         """Naive training up to the influence epoch, once per seed and noise: its state, history and best checkpoint.
 
         Kept on disk (``<out>/runs/prefix__...``, with ``prefix.json``), so a later invocation on the same
         protocol (e.g. with more methods) branches from the same prefix when its data are the same."""
-        key = (run["seed"], run["noise"], run["label_noise_rate"])
+        overrides = dict(overrides or {})
+        name = prefix_name(overrides)
+        key = (run["seed"], run["noise"], run["label_noise_rate"], name)
         if key in context["prefix"]:
             return context["prefix"][key]
-        prefix_dir = os.path.join(out, "runs", run_key({**run, "method": "prefix"}))
+        prefix_dir = os.path.join(out, "runs", run_key({**run, "method": name}))
         record_path = os.path.join(prefix_dir, "prefix.json")
-        workflow = self._workflow("naive", run, common, context["recipe"], prefix_dir)
+        workflow = self._workflow("naive", run, common, context["recipe"], prefix_dir, **overrides)
         epoch = int(workflow.parser.get_parsed_content("influence_epoch") if "influence_epoch" in workflow.parser
                     else common["influence_epoch"])
         built, fingerprint = self._data(workflow, run, context)
         saved = read_json(record_path, missing={})
         if (saved.get("data_fingerprint") == fingerprint and saved.get("epoch") == epoch
                 and all(os.path.isfile(saved.get(name) or "") for name in ("state", "best"))):
-            logger.info("prefix for seed %s, %s: reused from %s", run["seed"], run["noise"], prefix_dir)
+            logger.info("%s for seed %s, %s: reused from %s", name, run["seed"], run["noise"], prefix_dir)
             context["prefix"][key] = saved
             return saved
         shutil.rmtree(prefix_dir, ignore_errors=True)
@@ -406,7 +449,7 @@ class Benchmark:
                   "best": os.path.join(prefix_dir, "models", "model_best_val.pt"), "train_s": time.perf_counter() - start,
                   "best_val": _best_val(history), "data_fingerprint": fingerprint}
         write_json(record_path, prefix)
-        logger.info("prefix for seed %s, %s: %d epochs in %.0f s", run["seed"], run["noise"], epoch, prefix["train_s"])
+        logger.info("%s for seed %s, %s: %d epochs in %.0f s", name, run["seed"], run["noise"], epoch, prefix["train_s"])
         context["prefix"][key] = prefix
         return prefix
 
@@ -414,7 +457,8 @@ class Benchmark:
         run_dir = os.path.join(out, "runs", run_key(run))
         shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from an interruption
         ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
-        prefix = self._prefix(run, common, context, out) if context["branch"] and branchable(run["method"]) else None
+        prefix = (self._prefix(run, common, context, out, prefix_overrides(run["method"]))
+                  if context["branch"] and branchable(run["method"]) else None)
         workflow = self._workflow(run["method"], run, common, context["recipe"], run_dir)
         if prefix is not None:  # restored when the trainer starts, before any other handler
             workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
@@ -454,6 +498,7 @@ class Benchmark:
                 by_p[tag][f"{share:g}"] = {"accuracy": report["accuracy"],
                                            "balanced_accuracy": report["balanced_accuracy"],
                                            "accuracy_ci95": [low, high], "n": report["n"]}
+        by_shift = self._shifts(network, checkpoints["last"], data, workflow, run, context, out)
         outputs = {name: read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
                    if os.path.isfile(os.path.join(output_dir, name))}
         influence = outputs.get("influence_summary.json", {})
@@ -471,12 +516,41 @@ class Benchmark:
                                                  "per_class")}
                          for tag, r in reports.items()},
                 "test_by_p": by_p,
+                **({"test_by_shift": by_shift[0], "shift_excluded": by_shift[1],
+                    "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
                 "history": history,
                 "method_outputs": outputs,
                 "wrong_training_labels": noisy_label_record(data.train)["flipped"],  # after any relabelling
                 "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
                             "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def _shifts(self, network, checkpoint: str, data, workflow, run: dict, context: dict, out: str):
+        """The model ``checkpoint`` on the test split under every site shift, prepared with the run's own
+        preprocessing: ``({shift: {accuracy, n}}, excluded count)``, or None when the profile asks for none."""
+        if not context["eval_shifts"]:
+            return None
+        size = int(workflow.parser.get_parsed_content("spatial_size"))
+        preprocess = workflow.parser.get_parsed_content("preprocess")
+        key = (size, tuple(int(item["id"]) for item in data.test))
+        if key not in context["shift_sets"]:
+            context["shift_sets"].clear()  # one seed's test split in memory at a time
+            start = time.perf_counter()
+            sets, excluded = shifted_test_sets(data.test, size, context["eval_shifts"], workers=2,
+                                               cache_dir=os.path.join(out, "shifted", f"{size}px"))
+            context["shift_sets"][key] = (sets, excluded)
+            logger.info("site-shift test sets for seed %s: %d slices, %d left out, %.0f s", run["seed"],
+                        len(data.test), len(excluded), time.perf_counter() - start)
+        sets, excluded = context["shift_sets"][key]
+        if preprocess not in sets:
+            raise ValueError(f"the profile renders the shifted test split for {sorted(sets)}, not for the run's "
+                             f"preprocessing {preprocess!r}")
+        result = {}
+        for shift, items in sets[preprocess].items():
+            report = evaluate_checkpoints_on(network, {"last": checkpoint}, items, data.class_names)["last"]
+            result[shift] = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
+                             "n": report["n"]}
+        return result, len(excluded)
 
     # -- bookkeeping --------------------------------------------------------------------
 

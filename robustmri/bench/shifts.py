@@ -4,7 +4,7 @@ Each test slice is read again from its file (raw intensities, before any preproc
 re-rendered under every shift of :data:`robustmri.data.site_shift.SHIFTS` and prepared by
 each preprocessing asked for, exactly as deployment would prepare a slice from another site.
 A shift's realisation depends only on the slice's id and the shift (seeded with
-``[id, shift index]``), so a slice looks the same in every seed's test split and for every
+``[id, index of the shift in SHIFTS]``), so a slice looks the same in every seed's test split and for every
 preprocessing. The shifted slices are clean (no training noise): the bench measures the
 change of site, the noise protocol is measured elsewhere.
 
@@ -40,33 +40,60 @@ def _raw(item: dict) -> np.ndarray:
     return np.asarray(item["image"], dtype=np.float32).reshape(np.shape(item["image"])[-2:])
 
 
+def _shift_seed(item_id: int, shift: str) -> list[int]:
+    return [int(item_id), list(SHIFTS).index(shift)]
+
+
 def _render_item(args) -> tuple[int, dict | None, str | None]:
-    """Every (preprocessing, shift) of one item: ``(index, {(preprocess, shift): [S, S]}, None)`` or a reason."""
-    index, item, size, preprocesses, shifts = args
+    """Every (preprocessing, shift) of one item: ``(index, {(preprocess, shift): [S, S]}, None)`` or a reason.
+
+    With a cache folder, an item's renderings are kept there (one ``.npz`` per slice id and input
+    size) and read back by later seeds whose test split holds the same slice."""
+    index, item, size, preprocesses, shifts, cache_dir = args
+    cache = os.path.join(cache_dir, f"{int(item['id'])}.npz") if cache_dir else None
+    keys = [f"{name}|{shift}" for name in preprocesses for shift in shifts]
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as stored:
+            if "error" in stored:
+                return index, None, str(stored["error"])
+            if all(key in stored for key in keys):
+                return index, {tuple(key.split("|")): stored[key] for key in keys}, None
+    stage = "read"
     try:
         raw = _raw(item)
         out = {}
-        for k, shift in enumerate(shifts):
-            shifted = render_shift(raw, shift, seed=[int(item["id"]), k])
+        for shift in shifts:
+            stage = shift
+            shifted = render_shift(raw, shift, seed=_shift_seed(item["id"], shift))
             for name in preprocesses:
+                stage = f"{shift}, then {name}"
                 out[(name, shift)] = preprocessing_by_name(name)(shifted, size)
-        return index, out, None
+        result = (index, out, None)
     except (ImageReadError, ValueError) as err:
         reason = err.reason if isinstance(err, ImageReadError) else str(err)
-        return index, None, f"{shift if 'shift' in locals() else 'read'}: {reason}"
+        result = (index, None, f"{stage}: {reason}")
+    if cache:
+        payload = ({"error": np.array(result[2])} if result[1] is None
+                   else {f"{name}|{shift}": image for (name, shift), image in result[1].items()})
+        np.savez(cache, **payload)
+    return result
 
 
 def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(SHIFTS), workers: int = 1,
-                      progress: bool = True) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
+                      progress: bool = True, cache_dir: str | None = None
+                      ) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
     """``({preprocess: {shift: items}}, excluded)``: ``items`` (protocol test items) re-rendered.
 
     Each returned item is the original with its ``image`` ([1, S, S], clean) replaced and
     ``noisy`` False. ``excluded``: ``(id, reason)`` of the items left out of every set.
+    ``cache_dir``: keep each slice's renderings there (for one data set and input size only).
     """
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
     preprocesses, shifts = list(preprocesses), list(shifts)
     if REFERENCE not in shifts:
         shifts = [REFERENCE] + shifts
-    jobs = [(i, item, int(size), preprocesses, shifts) for i, item in enumerate(items)]
+    jobs = [(i, item, int(size), preprocesses, shifts, cache_dir) for i, item in enumerate(items)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(_render_item, jobs, chunksize=8), total=len(jobs), desc="site shifts",

@@ -175,9 +175,11 @@ def _choose_noisy(test_indices: np.ndarray, fraction: float, seed: int) -> set[i
     return set(rng.permutation(test_indices)[:count].tolist())
 
 
-#: The last data set read (key: files, their sizes and times, input size, preprocessing): benchmarks build
+#: The last data sets read (key: files, their sizes and times, input size, preprocessing): benchmarks build
 #: the protocol once per seed from the same files, and the head preprocessing takes ~20 ms a slice.
 _LOADED: dict = {}
+#: How many data sets :data:`_LOADED` keeps (one per preprocessing a benchmark compares).
+_LOADED_MAX = 2
 
 
 def _load_images(records, size: int, on_error: str, num_workers: int, preprocess: str = LEGACY_PREPROCESS):
@@ -198,7 +200,8 @@ def _load_images(records, size: int, on_error: str, num_workers: int, preprocess
         kept.append(record)
     if not images:
         raise ImageReadError(records[0].file if records else "?", "no image could be read")
-    _LOADED.clear()
+    while len(_LOADED) >= _LOADED_MAX:
+        _LOADED.pop(next(iter(_LOADED)))
     _LOADED[key] = (np.stack(images), kept, skipped)
     return _LOADED[key]
 
