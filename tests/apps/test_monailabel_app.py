@@ -22,6 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from robustmri.data.preprocessing import PREPROCESSING
+from robustmri.data.readers import read_image
 from robustmri.data.synthetic import generate_slices
 from robustmri.engine.model_metadata import METADATA_FILE, model_metadata
 from robustmri.engine.workflow import execute, load_workflow
@@ -53,7 +55,7 @@ def _make_studies(studies):
     return studies
 
 
-def _make_bundle(bundle, network=None, network_def=None, padding=2):
+def _make_bundle(bundle, network=None, network_def=None, padding=2, preprocess="minmax"):
     """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json, as training
     writes it (so the app must take spatial size and padding from there); ``network_def`` replaces train.json's."""
     shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
@@ -63,7 +65,8 @@ def _make_bundle(bundle, network=None, network_def=None, padding=2):
     torch.manual_seed(0)
     network = network if network is not None else PaperCNN(spatial_size=64, padding=padding)
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
-    write_json(str(bundle / "models" / METADATA_FILE), model_metadata({}, 64, padding, network, CLASS_NAMES))
+    write_json(str(bundle / "models" / METADATA_FILE), model_metadata({}, 64, padding, network, CLASS_NAMES,
+                                                                      preprocess=preprocess))
     return bundle
 
 
@@ -271,6 +274,30 @@ def test_infer_task_raises_on_an_unreadable_image_and_matches_the_bundle_with_a_
     assert result["probabilities"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match=rf"^{studies / BROKEN}: cannot classify \(not a readable image"):
         task({"image": str(studies / BROKEN), "device": "cpu"})
+
+
+@pytest.mark.monailabel
+@pytest.mark.parametrize("preprocess", sorted(PREPROCESSING))
+def test_infer_task_prepares_images_with_the_models_preprocessing(tmp_path, app_lib, preprocess):
+    """Parity (issue 15): the app's pre-transforms give the input training gives, and the bundle's probabilities."""
+    from lib.infers.classification import ClassificationInfer
+
+    studies = _make_studies(tmp_path / "studies")
+    framed = studies / "framed.png"  # off-centre and not square: the two preprocessings differ on it
+    pixels = np.asarray(Image.open(studies / "case03.png"))
+    Image.fromarray(np.pad(pixels, ((2, 9), (20, 3)))).save(framed)
+    bundle = _make_bundle(tmp_path / "bundle", preprocess=preprocess)
+    task = ClassificationInfer(str(bundle), {})
+    data = {"image": str(framed)}
+    for transform in task.pre_transforms(data):
+        data = transform(data)
+    expected = PREPROCESSING[preprocess](read_image(str(framed)), 64)
+    np.testing.assert_array_equal(np.asarray(data["image"])[0], expected)
+    other = PREPROCESSING["head" if preprocess == "minmax" else "minmax"](read_image(str(framed)), 64)
+    assert not np.allclose(expected, other, atol=0.05)
+    _, result = task({"image": str(framed), "device": "cpu"})
+    bundle_probabilities = _bundle_inference(bundle, framed, tmp_path / "predictions.json")
+    assert list(result["probabilities"].values()) == pytest.approx(list(bundle_probabilities.values()), abs=1e-6)
 
 
 @pytest.mark.monailabel

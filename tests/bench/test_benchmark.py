@@ -169,3 +169,27 @@ def test_checkpoint_selection_study_on_tuning_seeds(tmp_path):
     assert not {"test", "test_by_p"} & set(record)  # nothing evaluated on the test split
     assert "Decision:" in (out / "selection.md").read_text()
     assert not (out / "runs" / "naive__gaussian__p1__seed100" / "models").exists()  # snapshots removed
+
+
+@pytest.mark.slow
+def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift(tmp_path):
+    from robustmri.data.site_shift import SHIFTS
+
+    out = tmp_path / "shift"
+    result = _benchmark("run", "--profile", "shift_cpu", "--out", str(out), "--seeds", "1",
+                        "--methods", "naive_head_aug,isp_linf_head_aug", "--spatial_size", "32", "--epochs", "2",
+                        "--influence_epoch", "1", "--synthetic_patients", "24", "--batch_size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = read_runs(str(out / "runs.jsonl"))
+    assert [r["method"] for r in runs] == ["naive_head_aug", "isp_linf_head_aug"]
+    for run in runs:
+        assert run["preprocess"] == "head" and run["overrides"]["augment_site_shift_prob"] == 0.5
+        assert list(run["test_by_shift"]) == list(SHIFTS)
+        assert {s["n"] for s in run["test_by_shift"].values()} == {run["n"]["test"] - run["shift_excluded"]}
+        assert run["branched_after_epoch"] == 1
+    # both branched from one prefix trained with the head preprocessing and the augmentation
+    assert runs[0]["history"][0] == runs[1]["history"][0]
+    assert (out / "runs" / "prefix+augment_site_shift_prob=0.5+preprocess=head__gaussian__p1__seed0"
+            / "prefix.json").is_file()
+    assert "#### Site shifts" in (out / "results.md").read_text()
+    assert (out / "shift_accuracy.png").stat().st_size > 1000

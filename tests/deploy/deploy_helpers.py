@@ -36,7 +36,8 @@ def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None):
     return network, checkpoint, onnx_file, result
 
 
-def write_trained(folder: Path, network: torch.nn.Module, spatial_size: int, network_padding: int = 2) -> Path:
+def write_trained(folder: Path, network: torch.nn.Module, spatial_size: int, network_padding: int = 2,
+                  preprocess: str = "minmax") -> Path:
     """``folder/model.pt`` and the ``model_metadata.json`` training writes beside it; the checkpoint's path."""
     from robustmri.engine.model_metadata import METADATA_FILE, model_metadata
     from robustmri.outputs import write_json
@@ -44,7 +45,8 @@ def write_trained(folder: Path, network: torch.nn.Module, spatial_size: int, net
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / "model.pt"
     torch.save(network.state_dict(), checkpoint)
-    write_json(folder / METADATA_FILE, model_metadata(None, spatial_size, network_padding, network, CLASS_NAMES))
+    write_json(folder / METADATA_FILE, model_metadata(None, spatial_size, network_padding, network, CLASS_NAMES,
+                                                      preprocess=preprocess))
     return checkpoint
 
 

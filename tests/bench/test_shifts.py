@@ -1,0 +1,84 @@
+"""The site-shift bench: shifted test sets (against the protocol and the shift functions) and its tables."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from robustmri import CLASS_NAMES
+from robustmri.bench import shifts as shifts_module
+from robustmri.bench.shifts import REFERENCE, shift_tables, shifted_test_sets, worst_drop
+from robustmri.data.preprocessing import preprocess, preprocess_head
+from robustmri.data.protocol import build_protocol
+from robustmri.data.readers import read_image
+from robustmri.data.site_shift import SHIFTS, render_shift
+from robustmri.data.synthetic import generate_slices
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    """Clean test items of a small PNG data set (the protocol's own), with one constant slice among them."""
+    root = tmp_path_factory.mktemp("shifts")
+    synthetic = generate_slices(n_patients=8, size=40, seed=4)
+    for k, (image, label) in enumerate(zip(synthetic["images"][:16], synthetic["labels"][:16])):
+        folder = root / CLASS_NAMES[int(label)]
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.rint(np.pad(image, ((0, 0), (0, 8 + k))) * 255).astype(np.uint8)).save(folder / f"s{k}.png")
+    return build_protocol(str(root), spatial_size=24, noise="none", split_fractions=(0.5, 0.1, 0.4), num_workers=1,
+                          seed=1)
+
+
+def test_each_shifted_item_is_the_shift_then_the_preprocessing_and_unshifted_is_the_protocols(protocol, tmp_path):
+    items = protocol.test
+    sets, excluded = shifted_test_sets(items, 24, ["minmax", "head"], shifts=["fov_tight", "gamma_0.7"],
+                                       progress=False)
+    assert not excluded and sorted(sets) == ["head", "minmax"]
+    assert list(sets["minmax"]) == [REFERENCE, "fov_tight", "gamma_0.7"]  # the reference is always rendered
+    for k, item in enumerate(items):
+        raw = read_image(item["file"])
+        # unshifted and min-max: exactly what the protocol made of the file
+        np.testing.assert_array_equal(sets["minmax"][REFERENCE][k]["image"], item["image"])
+        for name, function in (("minmax", preprocess), ("head", preprocess_head)):
+            for shift in ("fov_tight", "gamma_0.7"):
+                expected = function(render_shift(raw, shift, seed=[item["id"], list(SHIFTS).index(shift)]), 24)
+                got = sets[name][shift][k]
+                np.testing.assert_array_equal(got["image"][0], expected)
+                assert got["label"] == item["label"] and got["id"] == item["id"] and got["noisy"] is False
+
+
+def test_an_unrenderable_slice_is_left_out_of_every_set_and_the_cache_is_reused(protocol, tmp_path, monkeypatch):
+    items = list(protocol.test)
+    constant = tmp_path / "constant.png"
+    Image.fromarray(np.full((30, 30), 7, np.uint8)).save(constant)
+    items.append({**items[0], "file": str(constant), "id": 10_000})
+    cache = tmp_path / "cache"
+    sets, excluded = shifted_test_sets(items, 24, ["minmax"], shifts=["blur"], progress=False, cache_dir=str(cache))
+    assert [i for i, _ in excluded] == [10_000] and "constant image" in excluded[0][1]
+    assert all(len(s) == len(items) - 1 for s in sets["minmax"].values())
+    # a second call (another seed's split holding the same slices) reads the cache: nothing is rendered again
+    monkeypatch.setattr(shifts_module, "render_shift", lambda *a, **k: pytest.fail("rendered again"))
+    again, excluded_again = shifted_test_sets(items, 24, ["minmax"], shifts=["blur"], progress=False,
+                                              cache_dir=str(cache))
+    assert excluded_again == excluded
+    for shift in sets["minmax"]:
+        for a, b in zip(sets["minmax"][shift], again["minmax"][shift]):
+            np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def _run(method, seed, accuracies):
+    return {"method": method, "noise": "gaussian", "seed": seed,
+            "test_by_shift": {shift: {"accuracy": a, "n": 100} for shift, a in accuracies.items()}}
+
+
+def test_tables_against_a_hand_computation():
+    runs = [_run("naive", 0, {"none": 0.80, "blur": 0.70}), _run("naive", 1, {"none": 0.84, "blur": 0.80}),
+            _run("naive", 2, {"none": 0.82, "blur": 0.78}),
+            _run("naive_head", 0, {"none": 0.81, "blur": 0.80}), _run("naive_head", 1, {"none": 0.83, "blur": 0.83}),
+            _run("naive_head", 2, {"none": 0.80, "blur": 0.79})]
+    text = shift_tables(runs, [("naive_head", "naive")])
+    # naive under blur: 70, 80, 78 -> mean 76.0, std 5.3; drops -10, -4, -4: mean -6.0, std 3.464,
+    # t(0.975, 2) = 4.303 -> half width 8.6: [-14.6, +2.6], 0 of 3 seeds higher
+    assert "| blur | 76.0 ± 5.3 (−6.0 [−14.6, +2.6] 0/3) |" in text
+    # naive_head - naive under blur: +10, +3, +1 -> mean +4.7, std 4.726, half width 11.7: [−7.1, +16.4]
+    assert "| blur | +4.7 [−7.1, +16.4] 3/3 |" in text
+    assert worst_drop(runs, "naive", "gaussian") == ("blur", pytest.approx(-6.0))
+    assert shift_tables([{"method": "naive", "noise": "gaussian", "seed": 0}]) == "No run has site-shift results."
