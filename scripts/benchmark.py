@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 
 from robustmri.bench.machine import cpu_name  # noqa: E402
 from robustmri.bench.report import read_runs, write_report  # noqa: E402
-from robustmri.bench.shifts import shift_figure, shift_tables, shifted_test_sets  # noqa: E402
+from robustmri.bench.shifts import mean_over_shifts, shift_figure, shift_tables, shifted_test_sets  # noqa: E402
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table  # noqa: E402
 from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability  # noqa: E402
 from robustmri.data.label_noise import noisy_label_record  # noqa: E402
@@ -130,9 +130,11 @@ PROFILES = {
     "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
                    "noises": ["none"], "label_noise_rates": [0.2, 0.4],
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
-    # Site shifts (issue 15): every model also evaluated on the test split re-rendered under each shift of
-    # robustmri.data.site_shift (``eval_shifts``: the preprocessings to render it for). Smaller than ``cpu``
-    # (48 px, 12 epochs) so that 8 configurations x 5 seeds fit beside it; Gaussian training noise only.
+    # Site shifts (issue 15): every model also evaluated on the validation and test splits re-rendered under each
+    # shift of robustmri.data.site_shift (``eval_shifts``: the preprocessings to render them for). Smaller than
+    # ``cpu`` (48 px, 12 epochs) so that 8 configurations x 5 seeds fit in about an hour; Gaussian training noise
+    # only. The rule fixed before any run: the product takes the naive configuration (preprocessing, augmentation)
+    # with the highest validation accuracy averaged over every shift (robustmri.bench.shifts.mean_over_shifts).
     "shift_cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                   "eval_shifts": ["minmax", "head"],
                   "methods": ["naive", "naive_aug", "isr", "isp_linf", "naive_head", "naive_head_aug", "isr_head_aug",
@@ -163,6 +165,8 @@ def prefix_name(overrides: dict) -> str:
                                   for key, value in sorted(overrides.items())])
 
 
+#: The splits evaluated under site shifts: validation (for choosing) and test (for reporting).
+SHIFT_SPLITS = ("val", "test")
 #: Paired comparisons of the site-shift tables: (configuration, against).
 SHIFT_COMPARISONS = [("naive_head", "naive"), ("naive_aug", "naive"), ("naive_head_aug", "naive"),
                      ("naive_head_aug", "naive_head"), ("isr", "naive"), ("isp_linf", "naive"),
@@ -311,7 +315,15 @@ class Benchmark:
                                       "#### Each run, last checkpoint, p = 1\n\n" + run_interval_table(runs)])
             markdown = f"{markdown}\n\n{paired}\n"
         if any("test_by_shift" in run for run in runs):
-            markdown += "\n\n#### Site shifts\n\n" + shift_tables(runs, SHIFT_COMPARISONS) + "\n"
+            noises = list(dict.fromkeys(r["noise"] for r in runs if "val_by_shift" in r))
+            choice = "\n".join(f"- {noise}: " + ", ".join(
+                f"{m} {v:.1f}" for m in dict.fromkeys(r["method"] for r in runs)
+                if (v := mean_over_shifts(runs, m, noise)) is not None) for noise in noises)
+            markdown += ("\n\n#### Site shifts\n\nValidation accuracy % averaged over every shift (the "
+                         "unshifted split included), mean over seeds: the configuration is chosen on this\n\n"
+                         + choice + "\n\n##### Test split\n\n" + shift_tables(runs, SHIFT_COMPARISONS) +
+                         "\n\n##### Validation split\n\n" + shift_tables(runs, SHIFT_COMPARISONS, key="val_by_shift")
+                         + "\n")
             shift_figure(runs, os.path.join(out, "shift_accuracy.png"))
         with open(os.path.join(out, "results.md"), "w") as handle:
             handle.write(markdown)
@@ -516,7 +528,8 @@ class Benchmark:
                                                  "per_class")}
                          for tag, r in reports.items()},
                 "test_by_p": by_p,
-                **({"test_by_shift": by_shift[0], "shift_excluded": by_shift[1],
+                **({"test_by_shift": by_shift[0]["test"], "val_by_shift": by_shift[0]["val"],
+                    "shift_excluded": by_shift[1],
                     "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
                 "history": history,
                 "method_outputs": outputs,
@@ -526,31 +539,37 @@ class Benchmark:
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def _shifts(self, network, checkpoint: str, data, workflow, run: dict, context: dict, out: str):
-        """The model ``checkpoint`` on the test split under every site shift, prepared with the run's own
-        preprocessing: ``({shift: {accuracy, n}}, excluded count)``, or None when the profile asks for none."""
+        """The model ``checkpoint`` on the validation and the test split under every site shift, prepared with
+        the run's own preprocessing: ``{split: {shift: {accuracy, balanced_accuracy, n}}}`` and the count of
+        slices left out per split, or None when the profile asks for none. The validation results are what
+        a choice between configurations may use; the test results are only reported."""
         if not context["eval_shifts"]:
             return None
         size = int(workflow.parser.get_parsed_content("spatial_size"))
         preprocess = workflow.parser.get_parsed_content("preprocess")
-        key = (size, tuple(int(item["id"]) for item in data.test))
-        if key not in context["shift_sets"]:
-            context["shift_sets"].clear()  # one seed's test split in memory at a time
-            start = time.perf_counter()
-            sets, excluded = shifted_test_sets(data.test, size, context["eval_shifts"], workers=2,
-                                               cache_dir=os.path.join(out, "shifted", f"{size}px"))
-            context["shift_sets"][key] = (sets, excluded)
-            logger.info("site-shift test sets for seed %s: %d slices, %d left out, %.0f s", run["seed"],
-                        len(data.test), len(excluded), time.perf_counter() - start)
-        sets, excluded = context["shift_sets"][key]
-        if preprocess not in sets:
-            raise ValueError(f"the profile renders the shifted test split for {sorted(sets)}, not for the run's "
-                             f"preprocessing {preprocess!r}")
-        result = {}
-        for shift, items in sets[preprocess].items():
-            report = evaluate_checkpoints_on(network, {"last": checkpoint}, items, data.class_names)["last"]
-            result[shift] = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
-                             "n": report["n"]}
-        return result, len(excluded)
+        results, excluded_counts = {}, {}
+        for split in SHIFT_SPLITS:
+            items = data.split(split)
+            key = (split, size, tuple(int(item["id"]) for item in items))
+            if key not in context["shift_sets"]:
+                if len(context["shift_sets"]) >= len(SHIFT_SPLITS):  # one seed's splits in memory at a time
+                    context["shift_sets"].clear()
+                start = time.perf_counter()
+                context["shift_sets"][key] = shifted_test_sets(items, size, context["eval_shifts"], workers=2,
+                                                               cache_dir=os.path.join(out, "shifted", f"{size}px"))
+                logger.info("site-shift %s sets for seed %s: %d slices, %d left out, %.0f s", split, run["seed"],
+                            len(items), len(context["shift_sets"][key][1]), time.perf_counter() - start)
+            sets, excluded = context["shift_sets"][key]
+            if preprocess not in sets:
+                raise ValueError(f"the profile renders the shifted splits for {sorted(sets)}, not for the run's "
+                                 f"preprocessing {preprocess!r}")
+            results[split] = {}
+            for shift, shifted in sets[preprocess].items():
+                report = evaluate_checkpoints_on(network, {"last": checkpoint}, shifted, data.class_names)["last"]
+                results[split][shift] = {"accuracy": report["accuracy"],
+                                         "balanced_accuracy": report["balanced_accuracy"], "n": report["n"]}
+            excluded_counts[split] = len(excluded)
+        return results, excluded_counts
 
     # -- bookkeeping --------------------------------------------------------------------
 

@@ -116,9 +116,10 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(S
 # --- tables -------------------------------------------------------------------------------
 
 
-def _accuracy_by_seed(runs: list[dict], method: str, noise: str, shift: str) -> dict[int, float]:
-    return {int(r["seed"]): 100.0 * r["test_by_shift"][shift]["accuracy"] for r in runs
-            if r["method"] == method and r["noise"] == noise and shift in r.get("test_by_shift", {})}
+def _accuracy_by_seed(runs: list[dict], method: str, noise: str, shift: str,
+                      key: str = "test_by_shift") -> dict[int, float]:
+    return {int(r["seed"]): 100.0 * r[key][shift]["accuracy"] for r in runs
+            if r["method"] == method and r["noise"] == noise and shift in r.get(key, {})}
 
 
 def _cell(diff: dict) -> str:
@@ -128,7 +129,7 @@ def _cell(diff: dict) -> str:
     return f"{_signed(diff['mean'])}{ci} {diff['positive']}/{diff['n']}"
 
 
-def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = ()) -> str:
+def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = (), key: str = "test_by_shift") -> str:
     """Markdown tables of the runs' accuracy under each shift (records with ``test_by_shift``).
 
     1. Per method and shift: mean ± std over seeds, and the paired drop against the unshifted
@@ -136,13 +137,16 @@ def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = ()) -> s
        shift scored higher).
     2. For each ``(method, baseline)`` in ``comparisons``: per shift, the paired difference
        method − baseline over seeds.
+
+    ``key``: the records' field to tabulate (``test_by_shift``, or ``val_by_shift`` for the validation split).
     """
-    runs = [r for r in runs if r.get("test_by_shift")]
+    runs = [r for r in runs if r.get(key)]
     if not runs:
         return "No run has site-shift results."
     methods = list(dict.fromkeys(r["method"] for r in runs))
     noises = list(dict.fromkeys(r["noise"] for r in runs))
-    shifts = list(dict.fromkeys(s for r in runs for s in r["test_by_shift"]))
+    shifts = list(dict.fromkeys(s for r in runs for s in r[key]))
+    split = "validation" if key.startswith("val") else "test"
     parts = []
     for noise in noises:
         header = ["shift"] + [f"{m}" for m in methods]
@@ -150,29 +154,40 @@ def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = ()) -> s
         for shift in shifts:
             row = [shift]
             for method in methods:
-                values = _accuracy_by_seed(runs, method, noise, shift)
+                values = _accuracy_by_seed(runs, method, noise, shift, key)
                 if not values:
                     row.append("–")
                     continue
                 arr = np.array(list(values.values()))
                 text = f"{arr.mean():.1f} ± {arr.std(ddof=1):.1f}" if len(arr) > 1 else f"{arr.mean():.1f}"
                 if shift != REFERENCE:
-                    text += " (" + _cell(paired_difference(values, _accuracy_by_seed(runs, method, noise, REFERENCE))) + ")"
+                    text += " (" + _cell(paired_difference(values, _accuracy_by_seed(runs, method, noise, REFERENCE,
+                                                                                      key))) + ")"
                 row.append(text)
             rows.append(row)
-        parts.append(f"Training noise {noise}. Test accuracy % on the shifted test split (mean ± std over seeds), "
+        parts.append(f"Training noise {noise}. Accuracy % on the shifted {split} split (mean ± std over seeds), "
                      f"and in brackets the paired change against the unshifted split ({REFERENCE}) of the same "
                      "models: mean, 95 % CI, seeds where the shifted split scored higher.\n\n"
                      + _table(header, rows))
         for method, baseline in comparisons:
             if method not in methods or baseline not in methods:
                 continue
-            rows = [[shift, _cell(paired_difference(_accuracy_by_seed(runs, method, noise, shift),
-                                                    _accuracy_by_seed(runs, baseline, noise, shift)))]
+            rows = [[shift, _cell(paired_difference(_accuracy_by_seed(runs, method, noise, shift, key),
+                                                    _accuracy_by_seed(runs, baseline, noise, shift, key)))]
                     for shift in shifts]
-            parts.append(f"`{method}` − `{baseline}` (training noise {noise}), points: mean [95 % CI] k/n seeds "
+            parts.append(f"`{method}` − `{baseline}` on the {split} split (training noise {noise}), points: mean "
+                         f"[95 % CI] k/n seeds "
                          f"where {method} scored higher.\n\n" + _table(["shift", f"{method} − {baseline}"], rows))
     return "\n\n".join(parts)
+
+
+def mean_over_shifts(runs: list[dict], method: str, noise: str, key: str = "val_by_shift") -> float | None:
+    """Mean over seeds of the accuracy (%) averaged over every rendered shift, the reference included.
+
+    The site-shift bench chooses its configuration with this on the validation split (``val_by_shift``)."""
+    per_seed = [np.mean([100.0 * v["accuracy"] for v in r[key].values()]) for r in runs
+                if r["method"] == method and r["noise"] == noise and r.get(key)]
+    return float(np.mean(per_seed)) if per_seed else None
 
 
 def worst_drop(runs: list[dict], method: str, noise: str) -> tuple[str, float] | None:

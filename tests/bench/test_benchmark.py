@@ -184,8 +184,9 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
     assert [r["method"] for r in runs] == ["naive_head_aug", "isp_linf_head_aug"]
     for run in runs:
         assert run["preprocess"] == "head" and run["overrides"]["augment_site_shift_prob"] == 0.5
-        assert list(run["test_by_shift"]) == list(SHIFTS)
-        assert {s["n"] for s in run["test_by_shift"].values()} == {run["n"]["test"] - run["shift_excluded"]}
+        for split in ("val", "test"):
+            assert list(run[f"{split}_by_shift"]) == list(SHIFTS)
+            assert {s["n"] for s in run[f"{split}_by_shift"].values()} == {run["n"][split] - run["shift_excluded"][split]}
         assert run["branched_after_epoch"] == 1
     # both branched from one prefix trained with the head preprocessing and the augmentation
     assert runs[0]["history"][0] == runs[1]["history"][0]
