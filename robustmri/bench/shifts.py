@@ -17,8 +17,10 @@ Embedded synthetic items (no file to read) take their stored image as the raw sl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -28,6 +30,8 @@ from robustmri.bench.stats import _signed, _table, paired_difference
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.site_shift import SHIFTS, render_shift
+
+logger = logging.getLogger(__name__)
 
 #: The unshifted reference, against which every shift's drop is measured.
 REFERENCE = "none"
@@ -53,11 +57,14 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
     cache = os.path.join(cache_dir, f"{int(item['id'])}.npz") if cache_dir else None
     keys = [f"{name}|{shift}" for name in preprocesses for shift in shifts]
     if cache and os.path.isfile(cache):
-        with np.load(cache) as stored:
-            if "error" in stored:
-                return index, None, str(stored["error"])
-            if all(key in stored for key in keys):
-                return index, {tuple(key.split("|")): stored[key] for key in keys}, None
+        try:
+            with np.load(cache) as stored:
+                if "error" in stored:
+                    return index, None, str(stored["error"])
+                if all(key in stored for key in keys):
+                    return index, {tuple(key.split("|")): stored[key] for key in keys}, None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # an unreadable cache file: render again
+            logger.warning("%s: unreadable (%s); rendering again", cache, err)
     stage = "read"
     try:
         raw = _raw(item)
@@ -75,7 +82,9 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
     if cache:
         payload = ({"error": np.array(result[2])} if result[1] is None
                    else {f"{name}|{shift}": image for (name, shift), image in result[1].items()})
-        np.savez(cache, **payload)
+        partial = f"{cache}.{os.getpid()}.tmp.npz"
+        np.savez(partial, **payload)
+        os.replace(partial, cache)  # whole or absent: an interrupted bench leaves no torn file
     return result
 
 
