@@ -576,6 +576,8 @@ class Benchmark:
     @staticmethod
     def _check_same_protocol(out: str, protocol: dict, records: str = "runs.jsonl") -> None:
         previous = read_json(os.path.join(out, "protocol.json"), missing={}).get("protocol")
+        if previous and "recipe_settings" in previous:  # settings recorded since: earlier runs had the legacy value
+            previous = {**previous, "recipe_settings": {**LEGACY_RECIPE, **previous["recipe_settings"]}}
         if previous and os.path.isfile(os.path.join(out, records)) and previous != protocol:
             changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
                        if previous.get(k) != protocol.get(k)}
@@ -608,7 +610,9 @@ def _start(profile: str, methods, device, dataset_dir, out: str, overrides: dict
 
 #: What a training recipe sets; recorded with the protocol so that runs of another recipe never share a table.
 RECIPE_SETTINGS = ("optimizer#_target_", "learning_rate", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
-                   "augment_flip_prob", "ema_decay")
+                   "augment_flip_prob", "ema_decay", "preprocess", "augment_site_shift_prob")
+#: Recipe settings added after records were first kept, with the value every earlier record was trained with.
+LEGACY_RECIPE = {"preprocess": "minmax", "augment_site_shift_prob": 0.0}
 
 
 def recipe_settings(recipe: str, config: dict) -> dict:
