@@ -100,8 +100,7 @@ def build_protocol(
     noise is the same realisation in every variant), for evaluating one model at several shares.
     Items carry ``group``, the index of their patient group (no identifier), for grouped statistics.
     ``preprocess``: how raw slices become network inputs (:data:`robustmri.data.preprocessing.PREPROCESSING`),
-    before any noise is added. The embedded synthetic slices are rendered in [0, 1] at ``spatial_size``
-    already; with a preprocessing other than ``minmax`` they go through it as raw slices.
+    before any noise is added; the embedded synthetic slices go through it too, as raw slices.
     """
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
@@ -115,8 +114,8 @@ def build_protocol(
     if dataset_dir is None:
         synthetic = generate_slices(n_patients=synthetic_patients, size=spatial_size, seed=seed)
         images, labels, groups = synthetic["images"], synthetic["labels"], synthetic["groups"]
-        if preprocess != "minmax":
-            images = np.stack([preprocess_fn(image, spatial_size) for image in images])
+        # rendered in [0, 1] with min 0 and max 1, so min-max scaling leaves them exactly as they are
+        images = np.stack([preprocess_fn(image, spatial_size) for image in images])
         files = [f"synthetic/{i:05d}" for i in range(len(labels))]
         class_names, skipped = tuple(CLASS_NAMES), []
         source = f"embedded synthetic set ({synthetic_patients} pseudo-patients, seed {seed})"
