@@ -42,7 +42,8 @@ sys.path.insert(0, ROOT)
 
 from robustmri.bench.machine import cpu_name  # noqa: E402
 from robustmri.bench.report import read_runs, write_report  # noqa: E402
-from robustmri.bench.shifts import mean_over_shifts, shift_figure, shift_tables, shifted_test_sets  # noqa: E402
+from robustmri.bench.shifts import (mean_over_shifts, shift_figure, shift_tables, shifted_test_sets,  # noqa: E402
+                                    summary_table)
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table  # noqa: E402
 from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability  # noqa: E402
 from robustmri.data.label_noise import noisy_label_record  # noqa: E402
@@ -321,7 +322,8 @@ class Benchmark:
                 if (v := mean_over_shifts(runs, m, noise)) is not None) for noise in noises)
             markdown += ("\n\n#### Site shifts\n\nValidation accuracy % averaged over every shift (the "
                          "unshifted split included), mean over seeds: the configuration is chosen on this\n\n"
-                         + choice + "\n\n##### Test split\n\n" + shift_tables(runs, SHIFT_COMPARISONS) +
+                         + choice + "\n\n##### Test split, in short\n\n" + summary_table(runs)
+                         + "\n\n##### Test split\n\n" + shift_tables(runs, SHIFT_COMPARISONS) +
                          "\n\n##### Validation split\n\n" + shift_tables(runs, SHIFT_COMPARISONS, key="val_by_shift")
                          + "\n")
             shift_figure(runs, os.path.join(out, "shift_accuracy.png"))

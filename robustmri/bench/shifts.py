@@ -199,14 +199,34 @@ def mean_over_shifts(runs: list[dict], method: str, noise: str, key: str = "val_
     return float(np.mean(per_seed)) if per_seed else None
 
 
-def worst_drop(runs: list[dict], method: str, noise: str) -> tuple[str, float] | None:
+def summary_table(runs: list[dict], key: str = "test_by_shift") -> str:
+    """Markdown, one row per (training noise, method): accuracy % on the unshifted split, averaged over
+    every shift, and the shift that costs most (paired change against the unshifted split, 95 % CI,
+    k/n seeds where the shifted split scored higher); means and std over seeds."""
+    runs = [r for r in runs if r.get(key)]
+    rows = []
+    for noise in dict.fromkeys(r["noise"] for r in runs):
+        for method in dict.fromkeys(r["method"] for r in runs if r["noise"] == noise):
+            reference = np.array(list(_accuracy_by_seed(runs, method, noise, REFERENCE, key).values()))
+            worst = worst_drop(runs, method, noise, key)
+            drop = "–" if worst is None else f"{worst[0]}: " + _cell(paired_difference(
+                _accuracy_by_seed(runs, method, noise, worst[0], key),
+                _accuracy_by_seed(runs, method, noise, REFERENCE, key)))
+            mean = mean_over_shifts(runs, method, noise, key)
+            std = "" if len(reference) < 2 else f" ± {reference.std(ddof=1):.1f}"
+            rows.append([noise, method, f"{reference.mean():.1f}{std}", f"{mean:.1f}", drop, str(len(reference))])
+    return _table(["noise", "configuration", "unshifted", "mean over shifts", "worst shift: change [95 % CI] k/n",
+                   "seeds"], rows)
+
+
+def worst_drop(runs: list[dict], method: str, noise: str, key: str = "test_by_shift") -> tuple[str, float] | None:
     """The shift with the largest mean drop against the unshifted split for ``method``: ``(shift, drop in points)``."""
     worst = None
-    for shift in dict.fromkeys(s for r in runs for s in r.get("test_by_shift", {})):
+    for shift in dict.fromkeys(s for r in runs for s in r.get(key, {})):
         if shift == REFERENCE:
             continue
-        diff = paired_difference(_accuracy_by_seed(runs, method, noise, shift),
-                                 _accuracy_by_seed(runs, method, noise, REFERENCE))
+        diff = paired_difference(_accuracy_by_seed(runs, method, noise, shift, key),
+                                 _accuracy_by_seed(runs, method, noise, REFERENCE, key))
         if diff["mean"] is not None and (worst is None or diff["mean"] < worst[1]):
             worst = (shift, diff["mean"])
     return worst

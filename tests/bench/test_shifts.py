@@ -6,7 +6,7 @@ from PIL import Image
 
 from robustmri import CLASS_NAMES
 from robustmri.bench import shifts as shifts_module
-from robustmri.bench.shifts import REFERENCE, shift_tables, shifted_test_sets, worst_drop
+from robustmri.bench.shifts import REFERENCE, shift_tables, shifted_test_sets, summary_table, worst_drop
 from robustmri.data.preprocessing import preprocess, preprocess_head
 from robustmri.data.protocol import build_protocol
 from robustmri.data.readers import read_image
@@ -81,4 +81,7 @@ def test_tables_against_a_hand_computation():
     # naive_head - naive under blur: +10, +3, +1 -> mean +4.7, std 4.726, half width 11.7: [−7.1, +16.4]
     assert "| blur | +4.7 [−7.1, +16.4] 3/3 |" in text
     assert worst_drop(runs, "naive", "gaussian") == ("blur", pytest.approx(-6.0))
+    summary = summary_table(runs)
+    # naive: unshifted 80, 84, 82 -> 82.0 ± 2.0; mean over the two renderings per seed: 75, 82, 80 -> 79.0
+    assert "| gaussian | naive | 82.0 ± 2.0 | 79.0 | blur: −6.0 [−14.6, +2.6] 0/3 | 3 |" in summary
     assert shift_tables([{"method": "naive", "noise": "gaussian", "seed": 0}]) == "No run has site-shift results."
