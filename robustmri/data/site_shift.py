@@ -14,7 +14,8 @@ numpy ``Generator`` ``rng``. Shifts that need the head use
 found; every shift refuses a constant image. Regions added around the slice take the
 image minimum (the background).
 
-Nothing here is used by training or evaluation yet.
+The site-shift bench (:mod:`robustmri.bench.shifts`, ``scripts/benchmark.py --profile shift_cpu``) renders the
+validation and test splits under every shift; training uses :mod:`robustmri.data.augmentation` instead.
 """
 
 from __future__ import annotations
