@@ -243,7 +243,7 @@ def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str |
     noise = noise or runs[0]["noise"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     shifts = list(dict.fromkeys(s for r in runs for s in r["test_by_shift"]))
-    figure = Figure(figsize=(max(8.0, 0.7 * len(shifts) + 3), 4.8), dpi=100)
+    figure = Figure(figsize=(max(8.0, 0.7 * len(shifts) + 3) + 2.5, 4.8), dpi=100)
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     x = np.arange(len(shifts))
@@ -260,7 +260,7 @@ def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str |
     axis.set_xticklabels(shifts, rotation=40, ha="right", fontsize=8)
     axis.set_ylabel("test accuracy % (mean ± std over seeds)")
     axis.set_title(f"accuracy under site shifts (training noise {noise})")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, format="png")

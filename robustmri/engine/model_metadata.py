@@ -102,13 +102,18 @@ def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:
 
 
 def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | os.PathLike):
-    """``key`` as the checkpoint was trained with; ``train.json``'s default when nothing is recorded."""
+    """``key`` as the checkpoint was trained with; ``train.json``'s default when nothing is recorded.
+
+    A checkpoint without a record that predates a setting of :data:`LEGACY_SETTINGS` was trained
+    with its legacy value (min-max scaling); with no checkpoint at all (a model still to be
+    trained) the default of ``train.json`` applies.
+    """
     if key not in SETTINGS:
         raise KeyError(f"{key!r} is not a recorded training setting; expected one of {SETTINGS}")
     record = read_trained(checkpoint)
     if record is not None:
         return record[key]
-    if key in LEGACY_SETTINGS:  # a checkpoint from before the setting existed was trained with this value
+    if key in LEGACY_SETTINGS and os.path.isfile(checkpoint):  # a checkpoint from before the setting existed
         return LEGACY_SETTINGS[key]
     from monai.bundle import ConfigParser
 

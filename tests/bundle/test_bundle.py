@@ -50,7 +50,10 @@ def test_evaluation_reports_best_and_last_at_the_size_the_model_was_trained_with
         assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == metrics["n"]
         assert (out / "eval" / "test" / tag / "metrics_per_class.csv").is_file()
     # what was evaluated is the checkpoint itself: model.pt loaded by hand gives the same confusion matrix and ROC-AUC
-    data = build_protocol(None, spatial_size=32, synthetic_patients=30)
+    # with the preprocessing the model records (train.json's default, head)
+    preprocess = json.loads((out / "models" / "model_metadata.json").read_text())["trained_with"]["preprocess"]
+    assert preprocess == "head"
+    data = build_protocol(None, spatial_size=32, synthetic_patients=30, preprocess=preprocess)
     network = load_weights(PaperCNN(spatial_size=32, padding=2), str(out / "models" / "model.pt")).eval()
     logits, labels, _ = predict_items(network, data.test)
     mine = classification_report(labels.numpy(), torch.softmax(logits, dim=1).numpy(), ["a", "b", "c"])

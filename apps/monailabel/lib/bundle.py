@@ -56,7 +56,8 @@ def conf_overrides(conf: dict) -> dict:
 
 
 def trained_settings(bundle_dir: str) -> dict:
-    """``spatial_size`` and ``network_padding`` of ``models/model.pt`` (train.json's defaults if unrecorded)."""
+    """``spatial_size``, ``network_padding`` and ``preprocess`` of ``models/model.pt`` (train.json's defaults
+    without a checkpoint; the preprocessing is never a ``--conf`` option: a model is fed as it was trained)."""
     checkpoint = os.path.join(bundle_dir, "models", CHECKPOINT)
     return {key: trained_setting(checkpoint, key, bundle_dir) for key in SETTINGS}
 
