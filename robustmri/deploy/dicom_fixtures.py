@@ -28,11 +28,16 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
                     series_description: str = "AX T1 POST GD", study_uid: str | None = None,
                     series_number: int = 5, spacing_mm: float = 6.0, pixel_spacing_mm: float = 0.49,
                     orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), rescale=(0.25, -10.0),
-                    file_names: list[str] | None = None, transfer_syntax: str | None = None) -> list[str]:
+                    file_names: list[str] | None = None, transfer_syntax: str | None = None,
+                    series_uid: str | None = None, frame_of_reference_uid: str | None = None,
+                    overrides: dict[int, dict[str, object]] | None = None) -> list[str]:
     """Write ``images`` (2-D arrays, modality values) as one series in spatial order; return the paths.
 
     Stored values are ``(value - intercept) / slope`` (uint16), so reading them back and applying
     ``rescale = (slope, intercept)`` gives ``images`` exactly when the values are multiples of the slope.
+    ``series_uid`` and ``frame_of_reference_uid`` (new UIDs by default) let several calls write files
+    that share them. ``overrides`` maps a slice index to attributes set on that slice's dataset last,
+    by keyword (e.g. ``{2: {"Modality": "CT", "PixelSpacing": ["0.5", "0.5"]}}``); None deletes one.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
@@ -41,7 +46,11 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     study_uid = study_uid or generate_uid()
-    series_uid, frame_uid = generate_uid(), generate_uid()
+    series_uid, frame_uid = series_uid or generate_uid(), frame_of_reference_uid or generate_uid()
+    images, overrides = list(images), overrides or {}
+    if not set(overrides) <= set(range(len(images))):
+        raise ValueError(f"overrides for slices {sorted(set(overrides) - set(range(len(images))))}: "
+                         f"there are {len(images)} slice(s)")
     slope, intercept = map(float, rescale)
     row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
     normal = np.cross(row, col)
@@ -86,6 +95,11 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
         ds.PixelData = stored.astype("<u2").tobytes()
+        for keyword, value in overrides.get(index, {}).items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
         if transfer_syntax is not None:
             ds.compress(transfer_syntax)
         name = file_names[index] if file_names else f"IM{sop_uid.rsplit('.', 1)[-1]}"

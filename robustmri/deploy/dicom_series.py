@@ -7,6 +7,21 @@ deferred: scanning a folder reads headers only, pixels are decoded for selected 
 
 Nothing here logs or returns patient identifiers; :attr:`ScanResult.identifiers` collects
 them only so that a report writer can redact them from file paths.
+
+Series integrity (:data:`GROUPING_POLICY`): a series is the files that agree on PatientID,
+StudyInstanceUID, SeriesInstanceUID, Modality, FrameOfReferenceUID, ImageOrientationPatient
+(within :data:`ORIENTATION_TOLERANCE`) and PixelSpacing (within the relative
+:data:`PIXEL_SPACING_TOLERANCE`). Files that share a SeriesInstanceUID but disagree on patient,
+study or modality are never merged and never split: the whole SeriesInstanceUID is refused
+(``DicomSeries.refusal``), none of its files is used. Disagreement on geometry (frame of
+reference, orientation, pixel spacing) refuses the series too ("mixed geometry"). Reasons name
+the attributes and count the values, never the values themselves.
+
+Series completeness (:func:`completeness_problem`, after :func:`order_slices`): along the slice
+normal, two slices within :data:`DUPLICATE_POSITION_TOLERANCE_MM` of each other, or a step
+larger than :data:`GAP_FACTOR` times the median step (a missing slice), make a series
+incomplete; when positions are unusable, repeated or skipped InstanceNumbers do. A one-slice
+series is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +45,27 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Orientation cosines that differ by more than this make "position along one normal" meaningless.
 ORIENTATION_TOLERANCE = 1e-3
+#: PixelSpacing values whose relative difference exceeds this are different geometries.
+PIXEL_SPACING_TOLERANCE = 1e-3
+#: Slices whose positions along the normal differ by at most this (mm) are at one position.
+DUPLICATE_POSITION_TOLERANCE_MM = 1e-3
+#: A step between consecutive positions above this many times the median step means missing slice(s).
+GAP_FACTOR = 1.5
+#: Attributes on which files sharing a SeriesInstanceUID must agree, or the SeriesInstanceUID is refused.
+IDENTITY_ATTRIBUTES = ("PatientID", "StudyInstanceUID", "Modality")
+#: Attributes on which the files of one series must agree (within the tolerances), or it is refused.
+GEOMETRY_ATTRIBUTES = ("FrameOfReferenceUID", "ImageOrientationPatient", "PixelSpacing")
+#: The order this module gives when every slice has a position along one slice normal.
+ORDER_BY_POSITION = "ImagePositionPatient along the slice normal"
+GROUPING_POLICY = (
+    "A series is the files that agree on PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, "
+    "FrameOfReferenceUID, ImageOrientationPatient (cosines within "
+    f"{ORIENTATION_TOLERANCE:g}) and PixelSpacing (relative difference within {PIXEL_SPACING_TOLERANCE:g}). "
+    "Files sharing a SeriesInstanceUID but disagreeing on patient, study or modality are never merged "
+    "or split: the whole SeriesInstanceUID is refused and none of its files is used. Disagreement on "
+    "geometry (frame of reference, orientation, pixel spacing) refuses the series as mixed geometry. "
+    "Reasons name attributes and count values; they never contain the values."
+)
 
 
 @dataclass
@@ -51,7 +87,12 @@ class DicomSlice:
     instance_number: int | None
     position: tuple[float, float, float] | None
     orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, ...] | None = None
     position_mm: float | None = None  # along the slice normal, set by order_slices
+
+    def attribute(self, keyword: str) -> str:
+        """A header attribute as stripped text ("" when absent): for comparisons, never for output."""
+        return str(self.dataset.get(keyword, "") or "").strip()
 
 
 @dataclass
@@ -63,6 +104,8 @@ class DicomSeries:
     image_type: tuple[str, ...]
     slices: list[DicomSlice] = field(default_factory=list)
     ordering: str = ""
+    #: Why this SeriesInstanceUID must not be classified (:data:`GROUPING_POLICY`); None when it may be.
+    refusal: str | None = None
 
     @property
     def header(self):
@@ -100,7 +143,9 @@ class SeriesSelection:
             self._pattern = None
 
     def reason_to_skip(self, series: DicomSeries) -> str | None:
-        """None when ``series`` matches every rule, else which rule it fails."""
+        """None when ``series`` matches every rule, else which rule it fails (a refused series fails first)."""
+        if series.refusal:
+            return series.refusal
         if self.modalities and series.modality.upper() not in {m.upper() for m in self.modalities}:
             return f"Modality {series.modality or '(none)'!r} is not one of the selected {list(self.modalities)}"
         if self._pattern is not None and not self._pattern.search(series.series_description):
@@ -203,18 +248,25 @@ def make_slice(path: str, ds) -> DicomSlice:
         raise ImageReadError(path, f"image too small: {rows} x {columns}")
     return DicomSlice(path=path, dataset=ds, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=sop_class,
                       rows=rows, columns=columns, instance_number=_optional_integer(ds, "InstanceNumber"),
-                      position=_floats(ds, "ImagePositionPatient", 3), orientation=_floats(ds, "ImageOrientationPatient", 6))
+                      position=_floats(ds, "ImagePositionPatient", 3), orientation=_floats(ds, "ImageOrientationPatient", 6),
+                      pixel_spacing=_floats(ds, "PixelSpacing", 2))
 
 
 def scan_folders(folders, progress: bool = True) -> ScanResult:
-    """Read every file's header under ``folders``, keep usable image files grouped by SeriesInstanceUID."""
+    """Read every file's header under ``folders``; group usable image files by SeriesInstanceUID.
+
+    Every group is checked against :data:`GROUPING_POLICY` (:func:`integrity_problem`); a group
+    that fails is kept whole with its ``refusal`` set, so that it is reported and never classified.
+    A file repeating a SOPInstanceUID already seen in its series is skipped as a duplicate only
+    when it agrees on patient, study and modality; otherwise it stays and the series is refused.
+    """
     from tqdm.auto import tqdm
 
     files, skipped = list_files(folders)
     if not files:
         raise FileNotFoundError(f"no files in {as_path_list(folders)}")
     series: dict[str, DicomSeries] = {}
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
     identifiers: set[str] = set()
     for path in tqdm(files, desc="DICOM headers", unit="file", disable=not progress or len(files) < 50):
         try:
@@ -226,10 +278,11 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
             continue
         uid = str(ds.SeriesInstanceUID)
         key = (uid, image.sop_instance_uid)
-        if key in seen:
-            skipped.append(SkippedFile(path, f"duplicate SOPInstanceUID: the same instance as {seen[key]}"))
+        identity = tuple(image.attribute(keyword) for keyword in IDENTITY_ATTRIBUTES)
+        if key in seen and seen[key][1] == identity:
+            skipped.append(SkippedFile(path, f"duplicate SOPInstanceUID: the same instance as {seen[key][0]}"))
             continue
-        seen[key] = path
+        seen.setdefault(key, (path, identity))
         if uid not in series:
             series[uid] = DicomSeries(series_instance_uid=uid,
                                       study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
@@ -237,8 +290,80 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
                                       series_description=str(ds.get("SeriesDescription", "") or ""),
                                       image_type=_as_strings(ds.get("ImageType")))
         series[uid].slices.append(image)
-    logger.info("scanned %d file(s): %d series, %d file(s) skipped", len(files), len(series), len(skipped))
+    for item in series.values():
+        item.refusal = integrity_problem(item)
+        if item.refusal:
+            modalities = sorted({s.attribute("Modality") or "(none)" for s in item.slices})
+            item.modality = "/".join(modalities)  # modality values are not identifiers
+            if len({s.attribute("StudyInstanceUID") for s in item.slices}) > 1:
+                item.study_instance_uid = ""
+    refused = sum(item.refusal is not None for item in series.values())
+    logger.info("scanned %d file(s): %d series (%d refused), %d file(s) skipped", len(files), len(series), refused,
+                len(skipped))
     return ScanResult(list(series.values()), skipped, len(files), identifiers)
+
+
+def _value_counts(values: Sequence, same) -> list[int]:
+    """How many values fall in each group of values that are ``same`` as the group's first (largest first).
+
+    None (absent or unreadable) is a value of its own: it agrees only with None.
+    """
+    representatives: list = []
+    counts: list[int] = []
+    for value in values:
+        for index, representative in enumerate(representatives):
+            if (value is None and representative is None) or (
+                    value is not None and representative is not None and same(representative, value)):
+                counts[index] += 1
+                break
+        else:
+            representatives.append(value)
+            counts.append(1)
+    return sorted(counts, reverse=True)
+
+
+def _within(tolerance: float, relative: bool = False):
+    def same(a: Sequence[float], b: Sequence[float]) -> bool:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            return False
+        limit = tolerance * np.maximum(np.abs(a), np.abs(b)) if relative else tolerance
+        return bool(np.all(np.abs(a - b) <= limit))
+    return same
+
+
+def _disagreements(slices: list[DicomSlice], attributes: Sequence[str]) -> list[str]:
+    """For each attribute on which ``slices`` disagree: 'Name (K values: n1 + n2 files)' (counts only)."""
+    exact = lambda a, b: a == b  # noqa: E731
+    rules = {"ImageOrientationPatient": (lambda s: s.orientation, _within(ORIENTATION_TOLERANCE)),
+             "PixelSpacing": (lambda s: s.pixel_spacing, _within(PIXEL_SPACING_TOLERANCE, relative=True))}
+    parts = []
+    for keyword in attributes:
+        value_of, same = rules.get(keyword, (lambda s, k=keyword: s.attribute(k) or None, exact))
+        counts = _value_counts([value_of(s) for s in slices], same)
+        if len(counts) > 1:
+            tolerance = {"ImageOrientationPatient": f" beyond {ORIENTATION_TOLERANCE:g}",
+                         "PixelSpacing": f" beyond relative {PIXEL_SPACING_TOLERANCE:g}"}.get(keyword, "")
+            parts.append(f"{keyword} ({len(counts)} values{tolerance}: {' + '.join(map(str, counts))} files)")
+    return parts
+
+
+def integrity_problem(series: DicomSeries) -> str | None:
+    """Why the files of ``series`` (one SeriesInstanceUID) must not be classified together, or None.
+
+    Patient, study or modality disagreement comes first (never merged, never relaxed), then mixed
+    geometry. The reason names attributes and counts values (:data:`GROUPING_POLICY`).
+    """
+    n = len(series.slices)
+    identity = _disagreements(series.slices, IDENTITY_ATTRIBUTES)
+    if identity:
+        return (f"refused: files sharing one SeriesInstanceUID disagree on {', '.join(identity)}; files of "
+                f"different patients, studies or modalities are never merged, none of the {n} files is used")
+    geometry = _disagreements(series.slices, GEOMETRY_ATTRIBUTES)
+    if geometry:
+        return (f"refused, mixed geometry: files of one series disagree on {', '.join(geometry)}; "
+                f"none of the {n} files is used")
+    return None
 
 
 def select_series(series: list[DicomSeries], selection: SeriesSelection | None = None):
@@ -287,8 +412,9 @@ def order_slices(series: DicomSeries) -> DicomSeries:
             s.position_mm = float(np.dot(np.array(s.position, dtype=np.float64), normal))
         # InstanceNumber breaks ties (e.g. two echoes at one position) so the order is deterministic.
         slices.sort(key=lambda s: (s.position_mm, s.instance_number if s.instance_number is not None else 0, s.path))
-        distinct = len({round(s.position_mm, 3) for s in slices})
-        series.ordering = "ImagePositionPatient along the slice normal"
+        steps = np.diff([s.position_mm for s in slices])
+        distinct = 1 + int(np.sum(steps > DUPLICATE_POSITION_TOLERANCE_MM))
+        series.ordering = ORDER_BY_POSITION
         if distinct < len(slices):
             series.ordering += f" ({len(slices) - distinct} slice(s) share a position with another)"
     elif all(s.instance_number is not None for s in slices):
@@ -298,6 +424,57 @@ def order_slices(series: DicomSeries) -> DicomSeries:
         slices.sort(key=lambda s: s.path)
         series.ordering = f"file name ({problem}; InstanceNumber missing)"
     return series
+
+
+def completeness_problem(series: DicomSeries) -> str | None:
+    """Why the ordered ``series`` looks incomplete (duplicate or missing slices), or None; one line.
+
+    Along the slice normal (ordered by :data:`ORDER_BY_POSITION`): positions within
+    :data:`DUPLICATE_POSITION_TOLERANCE_MM` of the previous one are duplicates; a step between
+    distinct positions above :data:`GAP_FACTOR` times their median step is missing slice(s).
+    Ordered by InstanceNumber: a repeated number, or consecutive numbers more than 1 apart.
+    Ordered by file name: completeness cannot be checked, which counts as incomplete.
+    """
+    slices = series.slices
+    if not series.ordering:
+        raise ValueError("completeness_problem needs an ordered series: call order_slices first")
+    if len(slices) <= 1:
+        return None
+    problems = []
+    if series.ordering.startswith(ORDER_BY_POSITION):
+        positions = np.array([s.position_mm for s in slices], dtype=np.float64)
+        duplicate = np.diff(positions) <= DUPLICATE_POSITION_TOLERANCE_MM
+        if duplicate.any():
+            first = positions[1:][duplicate][0]
+            problems.append(f"duplicate positions: {int(duplicate.sum())} slice(s) within "
+                            f"{DUPLICATE_POSITION_TOLERANCE_MM:g} mm of the previous one (first at {first:.2f} mm)")
+        distinct = positions[np.concatenate([[True], ~duplicate])]
+        if len(distinct) >= 3:
+            steps = np.diff(distinct)
+            median = float(np.median(steps))
+            gaps = np.flatnonzero(steps > GAP_FACTOR * median)
+            if len(gaps):
+                k = int(gaps[0])
+                more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
+                problems.append(f"missing slice(s) between positions {distinct[k]:.2f} mm and {distinct[k + 1]:.2f} mm, "
+                                f"gap {steps[k]:.2f} mm against median {median:.2f} mm "
+                                f"(limit {GAP_FACTOR:g} x median){more}")
+    elif all(s.instance_number is not None for s in slices):
+        numbers = np.array([s.instance_number for s in slices])
+        steps = np.diff(numbers)
+        if (steps == 0).any():
+            problems.append(f"duplicate InstanceNumber: {int((steps == 0).sum())} slice(s) repeat the previous "
+                            f"number (first {int(numbers[1:][steps == 0][0])})")
+        gaps = np.flatnonzero(steps > 1)
+        if len(gaps):
+            k = int(gaps[0])
+            more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
+            problems.append(f"missing InstanceNumber(s) between {int(numbers[k])} and {int(numbers[k + 1])}{more}")
+        if problems:
+            problems.append(f"ordered by {series.ordering}")
+    else:
+        problems.append(f"completeness cannot be checked: ordered by {series.ordering}")
+    return "; ".join(problems) or None
 
 
 def slice_pixels(image: DicomSlice) -> np.ndarray:

@@ -106,10 +106,10 @@ def test_selection_rules(tmp_path):
 
 def test_slices_of_different_sizes_are_not_one_series(tmp_path):
     paths = write_mr_series(tmp_path, gradient_series(3, size=40))
-    small = write_mr_series(tmp_path / "other", gradient_series(1, size=24))
-    ds = pydicom.dcmread(small[0])
-    ds.SeriesInstanceUID = pydicom.dcmread(paths[0]).SeriesInstanceUID
-    ds.save_as(small[0])
+    first = pydicom.dcmread(paths[0])
+    # same patient, study, series and frame of reference: only the size differs
+    write_mr_series(tmp_path / "other", gradient_series(1, size=24), study_uid=first.StudyInstanceUID,
+                    series_uid=first.SeriesInstanceUID, frame_of_reference_uid=first.FrameOfReferenceUID)
     selected, rejected = select_series(scan_folders(tmp_path, progress=False).series)
     assert not selected
     assert "different sizes" in rejected[0][1] and "40 x 40 (3 slices)" in rejected[0][1]
