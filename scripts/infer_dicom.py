@@ -5,8 +5,11 @@
     python scripts/infer_dicom.py IN --model model.onnx --output_dir OUT --series_description 'T1.*(POST|GD|\\+C)' \
         --image_type ORIGINAL,PRIMARY --device cpu --on_slice_error skip
 
-Series are grouped by SeriesInstanceUID and selected by Modality (MR by default),
-optionally a SeriesDescription regular expression and required ImageType values. The
+Series are grouped by SeriesInstanceUID; files of one SeriesInstanceUID that disagree on patient,
+study, modality or geometry are refused, never merged (robustmri.deploy.dicom_series.GROUPING_POLICY).
+Series are selected by Modality (MR by default), optionally a SeriesDescription regular expression
+and required ImageType values. An incomplete series (duplicate positions, missing slices) gives no
+result unless --allow_incomplete, which classifies it and marks it "complete": false. The
 console and the reports carry no patient identifiers. Research software, not for clinical use.
 Exit status: 0 when at least one series was classified, 1 when none was (see summary.json).
 """
@@ -30,7 +33,7 @@ BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bu
 def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx"), output_dir: str = "dicom_results",
          modalities="MR", series_description: str = "", image_type="", device: str = "auto",
          batch_size: int = 32, on_slice_error: str = "fail", threads: int = 0, no_sr: bool = False,
-         quiet: bool = False):
+         quiet: bool = False, allow_incomplete: bool = False):
     """Classify the selected series under ``inputs``; print the run summary (JSON)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -40,7 +43,8 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
                                 image_type=image_type or None)
     classifier = OnnxClassifier(model, device=device, intra_op_num_threads=threads)
     summary = infer_dicom(list(inputs), classifier, output_dir, selection, batch_size=batch_size,
-                          on_slice_error=on_slice_error, write_sr_files=not no_sr, progress=not quiet)
+                          on_slice_error=on_slice_error, write_sr_files=not no_sr, progress=not quiet,
+                          allow_incomplete=allow_incomplete)
     print(json.dumps({k: summary[k] for k in ("n_files", "n_series_found", "n_series_classified", "provider",
                                               "series", "skipped_series", "skipped_files", "seconds")}, indent=2))
     if not summary["n_series_classified"]:

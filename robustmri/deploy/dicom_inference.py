@@ -4,6 +4,12 @@
 Aggregation rule (:data:`AGGREGATION_RULE`): the series' class probabilities are the mean of
 its slices' probabilities; the series class is their argmax. The per-slice table is kept.
 
+Series integrity and completeness (:mod:`robustmri.deploy.dicom_series`): a SeriesInstanceUID
+whose files disagree on patient, study, modality or geometry is refused (never classified; each
+of its files is listed as not used); an incomplete series (duplicate positions, missing slices)
+gives no result unless ``allow_incomplete`` is set, and then its record says ``"complete": false``
+with the reason. The refusal on patient, study or modality is never relaxed.
+
 Bad input never aborts other series: unusable files and series are listed with their reason
 in ``summary.json`` and in the log. Reports and logs carry no PatientName, PatientID or
 PatientBirthDate; file paths that contain one are redacted (:class:`Redactor`).
@@ -20,9 +26,11 @@ import numpy as np
 
 from robustmri.data.readers import ImageReadError, as_path_list
 from robustmri.deploy.dicom_series import (
+    GROUPING_POLICY,
     DicomSeries,
     SeriesSelection,
     SkippedFile,
+    completeness_problem,
     order_slices,
     scan_folders,
     select_series,
@@ -65,16 +73,26 @@ class Redactor:
         return self.pattern.sub(REDACTED, text)
 
 
-def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_slice_error: str = "fail") -> dict:
+def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_slice_error: str = "fail",
+                    allow_incomplete: bool = False) -> dict:
     """Per-slice and series-level result of one selected series (slices ordered in place).
 
+    A refused series (``series.refusal``) is never classified. An incomplete series
+    (:func:`~robustmri.deploy.dicom_series.completeness_problem`) is not classified unless
+    ``allow_incomplete``; then the record has ``"complete": False`` and ``incomplete_reason``.
     A slice that cannot be decoded fails the series (``on_slice_error="fail"``, default: no
     result from an incomplete series) or is left out and counted (``"skip"``). A constant slice
     (no contrast, e.g. blank padding) is always left out and listed as excluded.
     """
     if on_slice_error not in ON_SLICE_ERROR:
         raise ValueError(f"on_slice_error must be one of {ON_SLICE_ERROR}, got {on_slice_error!r}")
+    if series.refusal:
+        raise SeriesNotClassified(series.refusal)
     order_slices(series)
+    incomplete = completeness_problem(series)
+    if incomplete and not allow_incomplete:
+        raise SeriesNotClassified(f"incomplete series: {incomplete}; no result from an incomplete series "
+                                  "(allow_incomplete classifies it, marked incomplete)")
     start = time.perf_counter()
     rows, inputs, used = [], [], []
     for index, image in enumerate(series.slices):
@@ -116,6 +134,8 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
         "modality": series.modality,
         "series_description": series.series_description,
         "status": "classified",
+        "complete": incomplete is None,
+        "incomplete_reason": incomplete,
         "result": {"class": label, "probabilities": {name: float(v) for name, v in zip(names, mean)},
                    "aggregation": AGGREGATION_RULE,
                    "n_slices": len(rows), "n_classified": len(used),
@@ -133,7 +153,9 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
     label = result["class"]
     finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
                f"{result['n_classified']} slice(s); {result['n_agreeing']} of them predict {label} on their own).")
-    details = [
+    details = [] if record.get("complete", True) else [
+        f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {record['incomplete_reason']}."]
+    details += [
         "Probabilities: " + ", ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items()) + ".",
         f"Aggregation: {AGGREGATION_RULE}.",
         f"Slices: {result['n_slices']} in the series, {result['n_classified']} classified, "
@@ -149,12 +171,15 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
 
 def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: SeriesSelection | None = None,
                 batch_size: int = 32, on_slice_error: str = "fail", write_sr_files: bool = True,
-                progress: bool = True) -> dict:
+                progress: bool = True, allow_incomplete: bool = False) -> dict:
     """Classify every selected series under ``inputs`` (folders or files); write reports; return the summary.
 
     Per classified series ``<SeriesInstanceUID>.json`` (per-slice table, series result, model)
     and ``<SeriesInstanceUID>.sr.dcm``; for the run ``summary.json`` (every series and skipped file
-    with its reason).
+    with its reason). A refused SeriesInstanceUID (files disagreeing on patient, study, modality or
+    geometry) is among the skipped series and each of its files among the skipped files. An
+    incomplete series is skipped with its reason unless ``allow_incomplete`` (default False): then
+    it is classified and marked ``"complete": false`` in its report, the summary and the SR.
     """
     total_start = time.perf_counter()
     output_dir = os.fspath(output_dir)
@@ -164,12 +189,15 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     model = classifier.describe()
     skipped_files = list(scan.skipped_files)
     skipped_series = [_skipped_series(s, reason) for s, reason in rejected]
+    # every file of a refused SeriesInstanceUID is listed as not used, with the series' reason
+    skipped_files += [SkippedFile(image.path, f"not used: {s.refusal}") for s, _ in rejected if s.refusal
+                      for image in s.slices]
     classified = []
     os.makedirs(output_dir, exist_ok=True)
     for series in selected:
         start = time.perf_counter()
         try:
-            record = classify_series(series, classifier, batch_size, on_slice_error)
+            record = classify_series(series, classifier, batch_size, on_slice_error, allow_incomplete)
         except SeriesNotClassified as err:
             record, rows = None, err.slice_rows
             skipped_series.append(_skipped_series(series, err.reason))
@@ -204,9 +232,12 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         "provider": model["provider"],
         "model": _redacted(model, redact),
         "aggregation": AGGREGATION_RULE,
+        "grouping_policy": GROUPING_POLICY,
+        "allow_incomplete": allow_incomplete,
         "series": [{"series_instance_uid": r["series_instance_uid"], "class": r["result"]["class"],
                     "probability": r["result"]["probabilities"][r["result"]["class"]],
-                    "n_slices": r["result"]["n_classified"], "report_file": r["report_file"],
+                    "n_slices": r["result"]["n_classified"], "complete": r["complete"],
+                    "incomplete_reason": r["incomplete_reason"], "report_file": r["report_file"],
                     "sr_file": r.get("sr_file")} for r in classified],
         "skipped_series": _redacted(skipped_series, redact),
         "skipped_files": [{"file": redact(item.path), "reason": redact(item.reason)} for item in skipped_files],
@@ -227,7 +258,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
 
 #: Fields that carry text from outside (paths, reasons, descriptions): the ones redaction looks at.
 #: UIDs, hashes and numbers are left alone (a short numeric PatientID could occur inside a hash).
-FREE_TEXT_FIELDS = ("file", "reason", "sr_file", "report_file", "series_description")
+FREE_TEXT_FIELDS = ("file", "reason", "incomplete_reason", "sr_file", "report_file", "series_description")
 
 
 def _skipped_series(series, reason: str) -> dict:
