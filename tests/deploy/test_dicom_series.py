@@ -1,6 +1,7 @@
 """Scanning, grouping, selecting, ordering and decoding DICOM series, and every kind of bad input."""
 
 import csv
+import os
 import random
 import shutil
 
@@ -10,7 +11,14 @@ import pytest
 
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_series import SeriesSelection, order_slices, scan_folders, select_series, slice_pixels
+from robustmri.deploy.dicom_series import (
+    SeriesSelection,
+    completeness_problem,
+    order_slices,
+    scan_folders,
+    select_series,
+    slice_pixels,
+)
 
 from deploy_helpers import copy_pydicom_files, gradient_series, pydicom_file
 
@@ -205,3 +213,97 @@ def test_transfer_syntax_without_any_decoder(tmp_path):
     (series,) = scan_folders(tmp_path, progress=False).series
     with pytest.raises(ImageReadError, match="no decoder exists.*MPEG2"):
         slice_pixels(series.slices[0])
+
+
+# Series integrity and completeness: each case is written beside an ordinary series, which must stay usable.
+
+def scan_beside_ordinary(tmp_path, images, **kwargs):
+    """Scan the series under test (``write_mr_series(images, **kwargs)``) and an ordinary 4-slice series.
+
+    Returns (series under test, its file paths); asserts the ordinary series is selected and complete.
+    """
+    ordinary = write_mr_series(tmp_path / "ordinary", gradient_series(4))
+    paths = write_mr_series(tmp_path / "case", images, **kwargs)
+    scan = scan_folders(tmp_path, progress=False)
+    selected, _ = select_series(scan.series)
+    normal = [s for s in selected if s.files and s.files[0] in ordinary]
+    assert len(normal) == 1 and sorted(normal[0].files) == sorted(ordinary) and normal[0].refusal is None
+    assert completeness_problem(order_slices(normal[0])) is None
+    (case,) = [s for s in scan.series if set(s.files) & set(paths)]
+    return case, paths, scan
+
+
+def assert_refused(case, scan, expected: str):
+    """Refused whole: the reason says ``expected``, select_series rejects it with that reason."""
+    assert case.refusal is not None and expected in case.refusal, case.refusal
+    assert f"none of the {len(case.slices)} files is used" in case.refusal
+    rejected = dict((s.series_instance_uid, why) for s, why in select_series(scan.series)[1])
+    assert rejected[case.series_instance_uid] == case.refusal
+    assert "\n" not in case.refusal and not any(os.path.basename(f) in case.refusal for f in case.files)
+
+
+def test_ordinary_series_and_single_slice_are_complete(tmp_path):
+    case, paths, _ = scan_beside_ordinary(tmp_path, gradient_series(1), overrides={0: {"InstanceNumber": None}})
+    assert case.refusal is None and completeness_problem(order_slices(case)) is None
+    with pytest.raises(ValueError, match="order_slices first"):
+        completeness_problem(scan_folders(tmp_path / "ordinary", progress=False).series[0])
+
+
+def test_ct_file_carrying_an_mr_series_uid_is_refused(tmp_path):
+    case, paths, scan = scan_beside_ordinary(tmp_path, gradient_series(4), overrides={3: {"Modality": "CT"}})
+    assert len(case.slices) == 4  # the CT file stays in its SeriesInstanceUID: refused whole, not split
+    assert_refused(case, scan, "files sharing one SeriesInstanceUID disagree on Modality (2 values: 3 + 1 files); "
+                               "files of different patients, studies or modalities are never merged")
+    assert "PatientID" not in case.refusal and "StudyInstanceUID (" not in case.refusal
+    assert case.modality == "CT/MR"
+
+
+def test_mixed_orientation_is_refused(tmp_path):
+    c, s = np.cos(0.1), np.sin(0.1)
+    tilted = [f"{v:.6f}" for v in (1.0, 0.0, 0.0, 0.0, c, s)]
+    case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(4), overrides={2: {"ImageOrientationPatient": tilted}})
+    assert_refused(case, scan, "refused, mixed geometry: files of one series disagree on ImageOrientationPatient "
+                               "(2 values beyond 0.001: 3 + 1 files)")
+
+
+def test_mixed_pixel_spacing_is_refused(tmp_path):
+    case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(4), overrides={1: {"PixelSpacing": ["0.5", "0.5"]}})
+    assert_refused(case, scan, "refused, mixed geometry: files of one series disagree on PixelSpacing "
+                               "(2 values beyond relative 0.001: 3 + 1 files)")
+
+
+def test_mixed_frame_of_reference_is_refused(tmp_path):
+    case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(3),
+                                         overrides={0: {"FrameOfReferenceUID": pydicom.uid.generate_uid()}})
+    assert_refused(case, scan, "mixed geometry: files of one series disagree on FrameOfReferenceUID (2 values: 2 + 1 files)")
+
+
+def test_missing_middle_slice_makes_the_series_incomplete(tmp_path):
+    case, paths, _ = scan_beside_ordinary(tmp_path, gradient_series(5))
+    os.remove(paths[2])  # positions -40, -34, [-28 missing], -22, -16 mm
+    (case,) = [s for s in scan_folders(tmp_path / "case", progress=False).series]
+    assert case.refusal is None
+    assert completeness_problem(order_slices(case)) == (
+        "missing slice(s) between positions -34.00 mm and -22.00 mm, gap 12.00 mm against median 6.00 mm "
+        "(limit 1.5 x median)")
+
+
+def test_duplicate_positions_make_the_series_incomplete(tmp_path):
+    # the last slice repeats the fourth one's position (-22 mm): no gap, one duplicate
+    case, _, _ = scan_beside_ordinary(tmp_path, gradient_series(5),
+                                      overrides={4: {"ImagePositionPatient": ["-125.0", "-125.0", "-22.0"]}})
+    assert completeness_problem(order_slices(case)) == (
+        "duplicate positions: 1 slice(s) within 0.001 mm of the previous one (first at -22.00 mm)")
+
+
+@pytest.mark.parametrize("numbers, expected", [
+    ([1, 2, 4, 5], "missing InstanceNumber(s) between 2 and 4; ordered by InstanceNumber "
+                   "(ImagePositionPatient/ImageOrientationPatient missing or unreadable)"),
+    ([1, 2, 2, 3], "duplicate InstanceNumber: 1 slice(s) repeat the previous number (first 2); ordered by InstanceNumber"),
+    ([1, 2, None, 3], "completeness cannot be checked: ordered by file name"),
+])
+def test_instance_numbers_when_positions_are_absent(tmp_path, numbers, expected):
+    overrides = {i: {"ImagePositionPatient": None, "InstanceNumber": n} for i, n in enumerate(numbers)}
+    case, _, _ = scan_beside_ordinary(tmp_path, gradient_series(4), overrides=overrides)
+    assert case.refusal is None
+    assert completeness_problem(order_slices(case)).startswith(expected)
