@@ -136,6 +136,68 @@ def test_constant_slice_is_excluded_not_classified(tmp_path, model):
     np.testing.assert_allclose(list(report["result"]["probabilities"].values()), expected, atol=1e-4)
 
 
+OTHER = FictitiousPatient(name="Otherpatient^Bruno", patient_id="RMRI-000456", birth_date="19700101", sex="M")
+OTHER_IDENTIFIERS = ("Otherpatient", "Bruno", "RMRI-000456", "19700101")
+
+
+def test_two_patients_sharing_a_series_uid_are_refused(tmp_path, model):
+    _, classifier = model
+    shared = pydicom.uid.generate_uid()
+    alice = write_mr_series(tmp_path / "in" / "a", gradient_series(3), patient=PATIENT, series_uid=shared)
+    bruno = write_mr_series(tmp_path / "in" / "b", gradient_series(2, seed=1), patient=OTHER, series_uid=shared)
+    ordinary = write_mr_series(tmp_path / "in" / "c", gradient_series(3), patient=PATIENT)
+    out = tmp_path / "out"
+    summary = infer_dicom(tmp_path / "in", classifier, out, progress=False)
+
+    (entry,) = summary["series"]  # the ordinary series is still classified
+    assert entry["series_instance_uid"] != shared and entry["complete"] is True
+    report = json.loads((out / f"{entry['series_instance_uid']}.json").read_text())
+    assert sorted(row["file"] for row in report["slices"]) == sorted(ordinary)  # no image of the shared UID
+    assert not (out / f"{shared}.json").exists() and not (out / f"{shared}.sr.dcm").exists()
+    (refused,) = [s for s in summary["skipped_series"] if s["series_instance_uid"] == shared]
+    reason = refused["reason"]
+    assert refused["n_files"] == 5 and reason == (
+        "refused: files sharing one SeriesInstanceUID disagree on PatientID (2 values: 3 + 2 files), "
+        "StudyInstanceUID (2 values: 3 + 2 files); files of different patients, studies or modalities are never "
+        "merged, none of the 5 files is used")
+    not_used = {item["file"]: item["reason"] for item in summary["skipped_files"]}
+    assert sorted(not_used) == sorted(alice + bruno) and set(not_used.values()) == {f"not used: {reason}"}
+    for value in IDENTIFIERS + OTHER_IDENTIFIERS:
+        assert value.lower() not in json.dumps(summary).lower(), f"{value!r} leaked"
+    assert summary["grouping_policy"].startswith("A series is the files that agree on PatientID")
+
+
+@pytest.mark.parametrize("allow_incomplete", [False, True])
+def test_missing_slice_gives_no_result_unless_allowed(tmp_path, model, allow_incomplete):
+    _, classifier = model
+    paths = write_mr_series(tmp_path / "in" / "gap", gradient_series(5))
+    os.remove(paths[2])  # positions -40, -34, [-28 missing], -22, -16 mm
+    gap_uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
+    write_mr_series(tmp_path / "in" / "ordinary", gradient_series(3))
+    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", allow_incomplete=allow_incomplete,
+                          progress=False)
+    gap = ("missing slice(s) between positions -34.00 mm and -22.00 mm, gap 12.00 mm against median 6.00 mm "
+           "(limit 1.5 x median)")
+    entries = {e["series_instance_uid"]: e for e in summary["series"]}
+    (ordinary,) = [e for uid, e in entries.items() if uid != gap_uid]
+    assert ordinary["complete"] is True and ordinary["incomplete_reason"] is None and ordinary["n_slices"] == 3
+    if not allow_incomplete:
+        assert gap_uid not in entries and not (tmp_path / "out" / f"{gap_uid}.json").exists()
+        (skipped,) = summary["skipped_series"]
+        assert skipped["series_instance_uid"] == gap_uid and skipped["reason"] == (
+            f"incomplete series: {gap}; no result from an incomplete series "
+            "(allow_incomplete classifies it, marked incomplete)")
+    else:
+        entry = entries[gap_uid]
+        assert entry["complete"] is False and entry["incomplete_reason"] == gap and entry["n_slices"] == 4
+        report = json.loads((tmp_path / "out" / f"{gap_uid}.json").read_text())
+        assert report["complete"] is False and report["incomplete_reason"] == gap
+        sr = pydicom.dcmread(entry["sr_file"])
+        assert f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {gap}." in \
+            sr.ContentSequence[1].TextValue
+        assert not summary["skipped_series"]
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_dicom.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=120)
@@ -150,6 +212,10 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     summary = json.loads(result.stdout)
     assert summary["n_series_classified"] == 1 and summary["provider"] == "CPUExecutionProvider"
     assert_no_identifiers(result.stdout + result.stderr)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["allow_incomplete"] is False
+    result = run_script(tmp_path / "in", "--model", classifier.model_file, "--output_dir", tmp_path / "out3",
+                        "--allow_incomplete", "--device", "cpu", "--quiet")
+    assert result.returncode == 0 and json.loads((tmp_path / "out3" / "summary.json").read_text())["allow_incomplete"]
     copy_pydicom_files(tmp_path / "ct", "CT_small.dcm")
     result = run_script(tmp_path / "ct", "--model", classifier.model_file, "--output_dir", tmp_path / "out2")
     assert result.returncode == 1 and "no series classified" in result.stderr
