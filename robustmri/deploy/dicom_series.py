@@ -248,7 +248,8 @@ def make_slice(path: str, ds) -> DicomSlice:
         raise ImageReadError(path, f"image too small: {rows} x {columns}")
     return DicomSlice(path=path, dataset=ds, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=sop_class,
                       rows=rows, columns=columns, instance_number=_optional_integer(ds, "InstanceNumber"),
-                      position=_floats(ds, "ImagePositionPatient", 3), orientation=_floats(ds, "ImageOrientationPatient", 6),
+                      position=_floats(ds, "ImagePositionPatient", 3),
+                      orientation=_floats(ds, "ImageOrientationPatient", 6),
                       pixel_spacing=_floats(ds, "PixelSpacing", 2))
 
 
@@ -456,8 +457,8 @@ def completeness_problem(series: DicomSeries) -> str | None:
             if len(gaps):
                 k = int(gaps[0])
                 more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
-                problems.append(f"missing slice(s) between positions {distinct[k]:.2f} mm and {distinct[k + 1]:.2f} mm, "
-                                f"gap {steps[k]:.2f} mm against median {median:.2f} mm "
+                problems.append(f"missing slice(s) between positions {distinct[k]:.2f} mm and "
+                                f"{distinct[k + 1]:.2f} mm, gap {steps[k]:.2f} mm against median {median:.2f} mm "
                                 f"(limit {GAP_FACTOR:g} x median){more}")
     elif all(s.instance_number is not None for s in slices):
         numbers = np.array([s.instance_number for s in slices])

@@ -261,7 +261,8 @@ def test_ct_file_carrying_an_mr_series_uid_is_refused(tmp_path):
 def test_mixed_orientation_is_refused(tmp_path):
     c, s = np.cos(0.1), np.sin(0.1)
     tilted = [f"{v:.6f}" for v in (1.0, 0.0, 0.0, 0.0, c, s)]
-    case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(4), overrides={2: {"ImageOrientationPatient": tilted}})
+    case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(4),
+                                         overrides={2: {"ImageOrientationPatient": tilted}})
     assert_refused(case, scan, "refused, mixed geometry: files of one series disagree on ImageOrientationPatient "
                                "(2 values beyond 0.001: 3 + 1 files)")
 
@@ -275,7 +276,8 @@ def test_mixed_pixel_spacing_is_refused(tmp_path):
 def test_mixed_frame_of_reference_is_refused(tmp_path):
     case, _, scan = scan_beside_ordinary(tmp_path, gradient_series(3),
                                          overrides={0: {"FrameOfReferenceUID": pydicom.uid.generate_uid()}})
-    assert_refused(case, scan, "mixed geometry: files of one series disagree on FrameOfReferenceUID (2 values: 2 + 1 files)")
+    assert_refused(case, scan, "mixed geometry: files of one series disagree on FrameOfReferenceUID "
+                               "(2 values: 2 + 1 files)")
 
 
 def test_missing_middle_slice_makes_the_series_incomplete(tmp_path):
@@ -299,7 +301,8 @@ def test_duplicate_positions_make_the_series_incomplete(tmp_path):
 @pytest.mark.parametrize("numbers, expected", [
     ([1, 2, 4, 5], "missing InstanceNumber(s) between 2 and 4; ordered by InstanceNumber "
                    "(ImagePositionPatient/ImageOrientationPatient missing or unreadable)"),
-    ([1, 2, 2, 3], "duplicate InstanceNumber: 1 slice(s) repeat the previous number (first 2); ordered by InstanceNumber"),
+    ([1, 2, 2, 3], "duplicate InstanceNumber: 1 slice(s) repeat the previous number (first 2); "
+                   "ordered by InstanceNumber"),
     ([1, 2, None, 3], "completeness cannot be checked: ordered by file name"),
 ])
 def test_instance_numbers_when_positions_are_absent(tmp_path, numbers, expected):
