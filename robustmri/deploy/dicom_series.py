@@ -31,7 +31,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -304,7 +304,7 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
     return ScanResult(list(series.values()), skipped, len(files), identifiers)
 
 
-def _value_counts(values: Sequence, same) -> list[int]:
+def _value_counts(values: Sequence, same: Callable[[object, object], bool]) -> list[int]:
     """How many values fall in each group of values that are ``same`` as the group's first (largest first).
 
     None (absent or unreadable) is a value of its own: it agrees only with None.
@@ -323,7 +323,9 @@ def _value_counts(values: Sequence, same) -> list[int]:
     return sorted(counts, reverse=True)
 
 
-def _within(tolerance: float, relative: bool = False):
+def _within(tolerance: float, relative: bool = False) -> Callable[[Sequence[float], Sequence[float]], bool]:
+    """Equality of number sequences within an absolute (or, with ``relative``, a relative) tolerance."""
+
     def same(a: Sequence[float], b: Sequence[float]) -> bool:
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:
