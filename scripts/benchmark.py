@@ -558,7 +558,8 @@ class Benchmark:
                     context["shift_sets"].clear()
                 start = time.perf_counter()
                 context["shift_sets"][key] = shifted_test_sets(items, size, context["eval_shifts"], workers=2,
-                                                               cache_dir=os.path.join(out, "shifted", f"{size}px"))
+                                                               cache_dir=os.path.join(out, "shifted", f"{size}px"),
+                                                               raw_images=_synthetic_raw(workflow, data))
                 logger.info("site-shift %s sets for seed %s: %d slices, %d left out, %.0f s", split, run["seed"],
                             len(items), len(context["shift_sets"][key][1]), time.perf_counter() - start)
             sets, excluded = context["shift_sets"][key]
@@ -635,6 +636,17 @@ def weight_average_tables(runs: list[dict]) -> list[str]:
         tables.append(f"#### {method}: weight average (the model) against the raw last-epoch weights\n\n"
                       + paired_table(raw + mine, baseline=f"{method}_raw", checkpoint="last"))
     return tables
+
+
+def _synthetic_raw(workflow, data):
+    """The raw embedded synthetic slices by id (the protocol's generator, same arguments), or None for real data."""
+    if not str(data.source).startswith("embedded synthetic"):
+        return None
+    from robustmri.data.synthetic import generate_slices
+
+    value = workflow.parser.get_parsed_content  # the protocol node itself is the built data by now
+    return generate_slices(n_patients=int(value("synthetic_patients")), size=int(value("spatial_size")),
+                           seed=int(value("seed")))["images"]
 
 
 def _dataset_name(dataset_dir: str | None) -> str:

@@ -12,7 +12,9 @@ A slice that a shift or a preprocessing cannot render (e.g. no head found) is le
 every shifted set, for every preprocessing, and counted: all accuracies of one seed are then
 on the same slices, so the differences between shifts and between preprocessings are paired.
 
-Embedded synthetic items (no file to read) take their stored image as the raw slice.
+Items without a file to read (the embedded synthetic set) need their raw slices given
+(``raw_images``, by item id): their stored image is already prepared, and preparing it twice
+would not be what deployment does.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ logger = logging.getLogger(__name__)
 REFERENCE = "none"
 
 
-def _raw(item: dict) -> np.ndarray:
+def _raw(item: dict, raw_image: np.ndarray | None) -> np.ndarray:
+    if raw_image is not None:
+        return np.asarray(raw_image, dtype=np.float32)
     path = str(item.get("file", ""))
-    if os.path.isfile(path):
-        return read_image(path)
-    return np.asarray(item["image"], dtype=np.float32).reshape(np.shape(item["image"])[-2:])
+    if not os.path.isfile(path):
+        raise ImageReadError(path, "no file to read the raw slice from, and no raw image given")
+    return read_image(path)
 
 
 def _shift_seed(item_id: int, shift: str) -> list[int]:
@@ -53,7 +57,7 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
 
     With a cache folder, an item's renderings are kept there (one ``.npz`` per slice id and input
     size) and read back by later seeds whose test split holds the same slice."""
-    index, item, size, preprocesses, shifts, cache_dir = args
+    index, item, size, preprocesses, shifts, cache_dir, raw_image = args
     cache = os.path.join(cache_dir, f"{int(item['id'])}.npz") if cache_dir else None
     keys = [f"{name}|{shift}" for name in preprocesses for shift in shifts]
     if cache and os.path.isfile(cache):
@@ -67,7 +71,7 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
             logger.warning("%s: unreadable (%s); rendering again", cache, err)
     stage = "read"
     try:
-        raw = _raw(item)
+        raw = _raw(item, raw_image)
         out = {}
         for shift in shifts:
             stage = shift
@@ -89,20 +93,23 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
 
 
 def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(SHIFTS), workers: int = 1,
-                      progress: bool = True, cache_dir: str | None = None
+                      progress: bool = True, cache_dir: str | None = None, raw_images=None
                       ) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
     """``({preprocess: {shift: items}}, excluded)``: ``items`` (protocol test items) re-rendered.
 
     Each returned item is the original with its ``image`` ([1, S, S], clean) replaced and
     ``noisy`` False. ``excluded``: ``(id, reason)`` of the items left out of every set.
     ``cache_dir``: keep each slice's renderings there (for one data set and input size only).
+    ``raw_images``: the raw slice of each item id (a mapping or an array indexed by id), for items
+    without a file; by default each item's ``file`` is read.
     """
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
     preprocesses, shifts = list(preprocesses), list(shifts)
     if REFERENCE not in shifts:
         shifts = [REFERENCE] + shifts
-    jobs = [(i, item, int(size), preprocesses, shifts, cache_dir) for i, item in enumerate(items)]
+    jobs = [(i, item, int(size), preprocesses, shifts, cache_dir,
+             None if raw_images is None else raw_images[int(item["id"])]) for i, item in enumerate(items)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(_render_item, jobs, chunksize=8), total=len(jobs), desc="site shifts",

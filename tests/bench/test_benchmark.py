@@ -188,6 +188,8 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
             assert list(run[f"{split}_by_shift"]) == list(SHIFTS)
             assert {s["n"] for s in run[f"{split}_by_shift"].values()} == {run["n"][split] - run["shift_excluded"][split]}
         assert run["branched_after_epoch"] == 1
+        # the unshifted rendering is the protocol's clean test split itself (the raw synthetic slices, prepared once)
+        assert run["test_by_shift"]["none"]["accuracy"] == run["test_by_p"]["last"]["0"]["accuracy"]
     # both branched from one prefix trained with the head preprocessing and the augmentation
     assert runs[0]["history"][0] == runs[1]["history"][0]
     assert (out / "runs" / "prefix+augment_site_shift_prob=0.5+preprocess=head__gaussian__p1__seed0"
