@@ -63,9 +63,12 @@ PINNED = {"isr": {"isr_emphasis": "helpful"},
 LISSA = {"influence_solver": "lissa", "influence_solver_args": {}}
 #: ISP's budgeted form, 2 grey levels per pixel (L-inf), chosen before any run of this benchmark (not tuned).
 ISP_LINF = {"isp_budget": 2.0 / 255.0, "isp_norm": "linf"}
-#: The site-shift bench's settings (issue 15), fixed before any run: the head preprocessing, and the site-shift
+#: The site-shift bench's settings (issue 15), fixed before any run and explicit whatever the bundle's defaults
+#: (min-max and no augmentation until bundle 0.6.0, head and 0.5 since): the preprocessing, and the site-shift
 #: augmentation on half of the samples of each epoch (robustmri.data.augmentation's default ranges).
-SITE = {"head": {"preprocess": "head"}, "aug": {"augment_site_shift_prob": 0.5},
+SITE = {"minmax": {"preprocess": "minmax", "augment_site_shift_prob": 0.0},
+        "aug": {"preprocess": "minmax", "augment_site_shift_prob": 0.5},
+        "head": {"preprocess": "head", "augment_site_shift_prob": 0.0},
         "head_aug": {"preprocess": "head", "augment_site_shift_prob": 0.5}}
 #: Variants: a registered method with options changed. Every ISP / ISR variant runs beside a
 #: control with the same budget and no influence signal (``*_control``).
@@ -91,7 +94,12 @@ VARIANTS = {
     # validation set of 10 % of patients instead of the paper's 5 %
     "naive_val10": ("naive", {"split_fractions": [0.70, 0.10, 0.20]}),
     "isp_val10": ("isp", {"split_fractions": [0.70, 0.10, 0.20]}),
-    # site shifts (issue 15): the head preprocessing and the site-shift augmentation, each alone and together
+    # site shifts (issue 15): min-max and no site augmentation, the head preprocessing and the site-shift
+    # augmentation each alone, and together (docs/benchmarks/shift, run before bundle 0.6.0, calls naive_minmax,
+    # isr_minmax and isp_linf_minmax naive, isr and isp_linf: the defaults were min-max and no augmentation then)
+    "naive_minmax": ("naive", SITE["minmax"]),
+    "isr_minmax": ("isr", {**PINNED["isr"], **SITE["minmax"]}),
+    "isp_linf_minmax": ("isp", {**ISP_LINF, **SITE["minmax"]}),
     "naive_head": ("naive", SITE["head"]),
     "naive_aug": ("naive", SITE["aug"]),
     "naive_head_aug": ("naive", SITE["head_aug"]),
@@ -138,8 +146,8 @@ PROFILES = {
     # with the highest validation accuracy averaged over every shift (robustmri.bench.shifts.mean_over_shifts).
     "shift_cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                   "eval_shifts": ["minmax", "head"],
-                  "methods": ["naive", "naive_aug", "isr", "isp_linf", "naive_head", "naive_head_aug", "isr_head_aug",
-                              "isp_linf_head_aug"],
+                  "methods": ["naive_minmax", "naive_aug", "isr_minmax", "isp_linf_minmax", "naive_head",
+                              "naive_head_aug", "isr_head_aug", "isp_linf_head_aug"],
                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
               "methods": ["naive", "isp", "isp_linf_control"],
@@ -168,10 +176,14 @@ def prefix_name(overrides: dict) -> str:
 
 #: The splits evaluated under site shifts: validation (for choosing) and test (for reporting).
 SHIFT_SPLITS = ("val", "test")
-#: Paired comparisons of the site-shift tables: (configuration, against).
-SHIFT_COMPARISONS = [("naive_head", "naive"), ("naive_aug", "naive"), ("naive_head_aug", "naive"),
-                     ("naive_head_aug", "naive_head"), ("isr", "naive"), ("isp_linf", "naive"),
-                     ("isr_head_aug", "naive_head_aug"), ("isp_linf_head_aug", "naive_head_aug")]
+#: Paired comparisons of the site-shift tables: (configuration, against). The records of docs/benchmarks/shift
+#: (before bundle 0.6.0) name the min-max configurations naive, isr and isp_linf.
+SHIFT_COMPARISONS = [(new, base) for minmax in ("naive_minmax", "naive") for new, base in [
+    ("naive_head", minmax), ("naive_aug", minmax), ("naive_head_aug", minmax), ("naive_head_aug", "naive_head"),
+    ({"naive_minmax": "isr_minmax", "naive": "isr"}[minmax], minmax),
+    ({"naive_minmax": "isp_linf_minmax", "naive": "isp_linf"}[minmax], minmax),
+    ("isr_head_aug", "naive_head_aug"), ("isp_linf_head_aug", "naive_head_aug")]]
+SHIFT_COMPARISONS = list(dict.fromkeys(SHIFT_COMPARISONS))
 
 
 def _as_list(value) -> list:
