@@ -19,6 +19,7 @@ would not be what deployment does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -55,10 +56,17 @@ def _shift_seed(item_id: int, shift: str) -> list[int]:
 def _render_item(args) -> tuple[int, dict | None, str | None]:
     """Every (preprocessing, shift) of one item: ``(index, {(preprocess, shift): [S, S]}, None)`` or a reason.
 
-    With a cache folder, an item's renderings are kept there (one ``.npz`` per slice id and input
-    size) and read back by later seeds whose test split holds the same slice."""
+    With a cache folder, an item's renderings are kept there (one ``.npz`` per slice, named by its id
+    and a digest of its raw pixels) and read back by later seeds whose splits hold the same slice."""
     index, item, size, preprocesses, shifts, cache_dir, raw_image = args
-    cache = os.path.join(cache_dir, f"{int(item['id'])}.npz") if cache_dir else None
+    try:
+        raw = _raw(item, raw_image)
+    except ImageReadError as err:
+        return index, None, f"read: {err.reason}"
+    # the cache is keyed by the slice's id and its pixels: an id names another slice in another data set
+    # (the embedded synthetic set is generated anew for every seed)
+    digest = hashlib.sha256(np.ascontiguousarray(raw, dtype=np.float32).tobytes()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, f"{int(item['id'])}_{digest}.npz") if cache_dir else None
     keys = [f"{name}|{shift}" for name in preprocesses for shift in shifts]
     if cache and os.path.isfile(cache):
         try:
@@ -71,7 +79,6 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
             logger.warning("%s: unreadable (%s); rendering again", cache, err)
     stage = "read"
     try:
-        raw = _raw(item, raw_image)
         out = {}
         for shift in shifts:
             stage = shift

@@ -87,12 +87,15 @@ def test_tables_against_a_hand_computation():
     assert shift_tables([{"method": "naive", "noise": "gaussian", "seed": 0}]) == "No run has site-shift results."
 
 
-def test_synthetic_items_take_their_raw_slices_and_unshifted_is_the_protocols():
-    data = build_protocol(None, spatial_size=24, synthetic_patients=10, noise="none", preprocess="head", seed=2)
-    raw = generate_slices(n_patients=10, size=24, seed=2)["images"]
-    sets, excluded = shifted_test_sets(data.test, 24, ["head"], shifts=["blur"], progress=False, raw_images=raw)
-    assert not excluded
-    for k, item in enumerate(data.test):
-        np.testing.assert_array_equal(sets["head"][REFERENCE][k]["image"], item["image"])  # not prepared twice
+def test_synthetic_items_take_their_raw_slices_and_unshifted_is_the_protocols(tmp_path):
+    # two seeds, one cache: the synthetic set is generated anew per seed, so one id names two different slices
+    for seed in (2, 3):
+        data = build_protocol(None, spatial_size=24, synthetic_patients=10, noise="none", preprocess="head", seed=seed)
+        raw = generate_slices(n_patients=10, size=24, seed=seed)["images"]
+        sets, excluded = shifted_test_sets(data.test, 24, ["head"], shifts=["blur"], progress=False, raw_images=raw,
+                                           cache_dir=str(tmp_path / "cache"))
+        assert not excluded
+        for k, item in enumerate(data.test):
+            np.testing.assert_array_equal(sets["head"][REFERENCE][k]["image"], item["image"])  # not prepared twice
     with pytest.raises(Exception):
         shifts_module._raw(data.test[0], None)  # no file and no raw image: an error, not a guess
