@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plt", "read_json", "save_figure", "write_json"]
+__all__ = ["image_grid", "plt", "read_json", "save_figure", "write_json"]
 
 
 def write_json(path: str | os.PathLike, payload, indent: int | None = 2) -> str:
@@ -40,3 +40,20 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def image_grid(images, titles, path: str | os.PathLike, ncols: int, suptitle: str, vmin: float, vmax: float,
+               title_fontsize: float = 10, panel_size: tuple[float, float] = (3.0, 3.2)) -> str:
+    """Grey-scale images side by side, ``ncols`` a row, one display window (``vmin`` to ``vmax``) for all,
+    each with its title; written by :func:`save_figure`. Returns the path."""
+    images, titles = list(images), list(titles)
+    nrows = max(1, -(-len(images) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
+    for axis, image, title in zip(axes.ravel(), images, titles):
+        axis.imshow(image, cmap="gray", vmin=vmin, vmax=vmax)
+        axis.set_title(title, fontsize=title_fontsize)
+    for axis in axes.ravel():
+        axis.set_axis_off()
+    fig.suptitle(suptitle)
+    save_figure(fig, path)
+    return os.fspath(path)

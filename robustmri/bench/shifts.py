@@ -251,15 +251,12 @@ def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str |
     runs = [r for r in runs if r.get("test_by_shift")]
     if not runs:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from robustmri.outputs import plt, save_figure
 
     noise = noise or runs[0]["noise"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     shifts = list(dict.fromkeys(s for r in runs for s in r["test_by_shift"]))
-    figure = Figure(figsize=(max(8.0, 0.7 * len(shifts) + 3) + 2.5, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
-    axis = figure.subplots()
+    figure, axis = plt.subplots(figsize=(max(8.0, 0.7 * len(shifts) + 3) + 2.5, 4.8))
     x = np.arange(len(shifts))
     for k, method in enumerate(methods):
         means, stds = [], []
@@ -275,7 +272,5 @@ def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str |
     axis.set_ylabel("test accuracy % (mean ± std over seeds)")
     axis.set_title(f"accuracy under site shifts (training noise {noise})")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png")
+    save_figure(figure, path)
     return path

@@ -343,8 +343,7 @@ def augmentation_examples_figure(image, path: str | os.PathLike, seed: int = 0,
     augment every sample (default: :class:`SiteShiftAugmentation` with ``prob=1``); each panel's
     title names the components it took. All panels share the window [0, 1]. Returns the path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from robustmri.outputs import image_grid
 
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 3 and array.shape[0] == 1:
@@ -356,24 +355,10 @@ def augmentation_examples_figure(image, path: str | os.PathLike, seed: int = 0,
     params = augmentation.draw(seed, 0, ids)
     batch = torch.from_numpy(np.repeat(array[None, None], count, axis=0))
     shifted = augmentation.apply(batch, params)[:, 0].numpy()
-    ncols = 4
-    nrows = math.ceil((count + 1) / ncols)
-    figure = Figure(figsize=(3.0 * ncols, 3.3 * nrows), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    axes[0].imshow(array, cmap="gray", vmin=0.0, vmax=1.0)
-    axes[0].set_title("original", fontsize=9)
-    for row, axis in enumerate(axes[1:count + 1]):
-        axis.imshow(shifted[row], cmap="gray", vmin=0.0, vmax=1.0)
-        axis.set_title(_summary(params, row), fontsize=7)
-    for axis in axes:
-        axis.set_axis_off()
-    figure.suptitle(f"site-shift augmentation (seed {seed}, samples 0-{count - 1}, epoch 0)")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    image_grid([array, *shifted], ["original", *(_summary(params, row) for row in range(count))], path, ncols=4,
+               suptitle=f"site-shift augmentation (seed {seed}, samples 0-{count - 1}, epoch 0)", vmin=0.0, vmax=1.0,
+               title_fontsize=7, panel_size=(3.0, 3.3))
+    return Path(path)
 
 
 def _summary(params: dict, row: int) -> str:

@@ -248,24 +248,11 @@ def shift_examples_figure(image: np.ndarray, path: str | os.PathLike, seed: int 
     All panels share the display window of the original slice (its min to max), so the
     intensity shifts are visible; each panel keeps its slice's shape. Returns the path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from robustmri.outputs import image_grid
 
     image = _check(image)
     low, high = _range(image)
-    ncols = 5
-    nrows = math.ceil(len(SHIFTS) / ncols)
-    figure = Figure(figsize=(3.0 * ncols, 3.2 * nrows), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    for axis, name in zip(axes, SHIFTS):
-        axis.imshow(render_shift(image, name, seed), cmap="gray", vmin=low, vmax=high)
-        axis.set_title(name, fontsize=10)
-    for axis in axes:
-        axis.set_axis_off()
-    figure.suptitle(f"site shifts (seed {seed}; display window: the original slice's min to max)")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return path
+    image_grid([render_shift(image, name, seed) for name in SHIFTS], list(SHIFTS), path, ncols=5,
+               suptitle=f"site shifts (seed {seed}; display window: the original slice's min to max)",
+               vmin=low, vmax=high)
+    return Path(path)
