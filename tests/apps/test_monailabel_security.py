@@ -219,3 +219,25 @@ def test_restrict_cors_allows_the_listed_origins_only(monkeypatch):
     assert allowed("https://viewer.example.org") == "https://viewer.example.org"
     for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
         del sys.modules[name]
+
+
+@pytest.mark.monailabel
+def test_the_train_options_the_app_offers_pass_the_allow_list(tmp_path, monkeypatch):
+    """What a client sends back from the trainer's options (``/info/`` trainers config) is accepted as it is."""
+    monkeypatch.syspath_prepend(APP)
+    from lib.train_request import TrainRequestRejected, validate_train_request
+    from lib.trainers.isp import ISPTrain
+
+    options = ISPTrain(str(make_bundle(tmp_path / "bundle")), {}).config()
+    request_body = {"model": "brain_tumour", **options}
+    assert validate_train_request(request_body, ("brain_tumour",)) == request_body
+    settings_file = str(tmp_path / "tracking.json")
+    assert validate_train_request({"tracking": settings_file}, ("brain_tumour",), settings_file)
+    with pytest.raises(TrainRequestRejected, match="tracking"):
+        validate_train_request({"tracking": settings_file}, ("brain_tumour",))
+    with pytest.raises(TrainRequestRejected, match="tracking_uri: must be a plain value"):  # lists: every element
+        validate_train_request({"tracking_uri": ["file:///srv/runs", "$__import__('os')"]}, ("brain_tumour",))
+    with pytest.raises(TrainRequestRejected, match="tracking: must be one of"):
+        validate_train_request({"tracking": ["mlflow", "/elsewhere.json"]}, ("brain_tumour",))
+    for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
+        del sys.modules[name]

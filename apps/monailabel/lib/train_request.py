@@ -5,7 +5,8 @@ MONAI Label's stock bundle trainer copies request fields into bundle overrides
 MONAI evaluates a bundle value that starts with ``$`` (an expression), resolves ``@`` (a
 reference) and ``%`` (a macro naming a file and an id). A request is therefore checked before
 any task starts: every field must be one of :data:`TRAIN_FIELDS`, and its value must be of the
-field's type and match its plain-value pattern (no value starting with ``$``, ``%`` or ``@``, no
+field's type and match its plain-value pattern (a list, as clients send the trainer's option
+lists back, element by element; no value starting with ``$``, ``%`` or ``@``, no
 ``#`` of a nested id, nothing but the characters a name, a number or a URI needs). A rejected
 request raises :class:`TrainRequestRejected` (HTTP 422) naming the field and the reason, and
 nothing of it is evaluated or run.
@@ -64,8 +65,8 @@ def _boolean(value) -> str | None:
 
 def _text(pattern: re.Pattern, what: str, optional: bool = False) -> Callable[[Any], str | None]:
     def check(value):
-        if isinstance(value, list) and len(value) == 1:  # clients send the option lists of config() back
-            value = value[0]
+        if isinstance(value, list) and 0 < len(value) <= 16:  # the option lists of config(), sent back as they are
+            return next((reason for reason in map(check, value) if reason), None)
         if not isinstance(value, str):
             return f"must be {what} (a string), got {type(value).__name__}"
         if optional and value == "":
@@ -113,11 +114,12 @@ def validate_train_request(request: Any, models: tuple[str, ...], tracking_setti
     fields = train_fields(models)
     for field, value in request.items():
         if field == "tracking":
-            value = value[0] if isinstance(value, list) and len(value) == 1 else value
             allowed = (*TRACKING_WORDS, *((tracking_settings,) if tracking_settings else ()))
-            if not isinstance(value, str) or value not in allowed:
-                shown = ", ".join(repr(v) for v in allowed if v)
-                raise TrainRequestRejected(field, f"must be one of {shown}, got {str(value)[:80]!r}")
+            values = value if isinstance(value, list) and 0 < len(value) <= 16 else [value]
+            for item in values:
+                if not isinstance(item, str) or item not in allowed:
+                    shown = ", ".join(repr(v) for v in allowed if v)
+                    raise TrainRequestRejected(field, f"must be one of {shown}, got {str(item)[:80]!r}")
             continue
         check = fields.get(field)
         if check is None:

@@ -196,6 +196,7 @@ async function save(label) {
 
 document.addEventListener("keydown", (event) => {
   if (event.target instanceof HTMLInputElement || event.altKey || event.ctrlKey || event.metaKey) return;
+  if (event.key === "Enter" && event.target instanceof HTMLButtonElement) return;  // the focused button's own click
   const index = Number.parseInt(event.key, 10);
   if (index >= 1 && index <= state.classes.length) {
     event.preventDefault();
