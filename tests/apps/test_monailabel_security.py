@@ -241,3 +241,21 @@ def test_the_train_options_the_app_offers_pass_the_allow_list(tmp_path, monkeypa
         validate_train_request({"tracking": ["mlflow", "/elsewhere.json"]}, ("brain_tumour",))
     for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
         del sys.modules[name]
+
+
+@pytest.mark.monailabel
+def test_exposure_beyond_loopback_takes_authentication_or_an_explicit_choice(monkeypatch):
+    monkeypatch.syspath_prepend(APP)
+    from lib.server import bound_host, check_exposure
+
+    assert bound_host(["monailabel", "start_server", "--app", "a"]) == "0.0.0.0"  # MONAI Label's default
+    assert bound_host(["monailabel", "start_server", "--host", "10.1.2.3"]) == "10.1.2.3"
+    assert bound_host(["monailabel", "start_server", "--host=::1"]) == "::1"
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, auth_enabled=False, conf={})
+    with pytest.raises(RuntimeError, match="refusing to serve on 10.1.2.3 with authentication off"):
+        check_exposure("10.1.2.3", auth_enabled=False, conf={"serve_unauthenticated": "no"})
+    check_exposure("10.1.2.3", auth_enabled=True, conf={})
+    check_exposure("0.0.0.0", auth_enabled=False, conf={"serve_unauthenticated": "true"})
+    for name in [n for n in sys.modules if n == "lib" or n.startswith("lib.")]:
+        del sys.modules[name]
