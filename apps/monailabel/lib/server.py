@@ -94,7 +94,7 @@ def check_exposure(host: str, auth_enabled: bool, conf: dict) -> None:
         return
     raise RuntimeError(f"refusing to serve on {host} with authentication off: start with --host 127.0.0.1 "
                        f"(this machine only), or enable MONAI Label's authentication (MONAI_LABEL_AUTH_ENABLE=true) "
-                       f"and restrict MONAI_LABEL_CORS_ORIGINS, or accept the exposure with --conf "
+                       f"and list the web clients' origins with --conf {CORS_CONF}, or accept the exposure with --conf "
                        f"{OPEN_NETWORK_CONF} true (apps/monailabel/README.md, 'Serving beyond this machine')")
 
 
