@@ -110,7 +110,11 @@ class OnnxClassifier:
         self.providers: list[str] = list(self.session.get_providers())
         self.provider: str = self.providers[0]
         if requested[0] == CUDA and self.provider != CUDA:
-            logger.warning("CUDA execution provider requested but not usable here; running on %s", self.provider)
+            if str(device).lower() == "cuda":  # asked for explicitly: running elsewhere would be a silent change
+                raise RuntimeError(f"device 'cuda' asked for, but the CUDA execution provider is not usable here "
+                                   f"(no usable GPU or CUDA libraries); the session runs on {self.provider}. Use "
+                                   "--device cpu or auto to run on the CPU")
+            logger.warning("CUDA execution provider present but not usable here; running on %s", self.provider)
         logger.info("ONNX model %s: version %s, %s, providers %s", os.path.basename(self.model_file),
                     self.metadata["model_version"] or "?", self.class_names, self.providers)
 
