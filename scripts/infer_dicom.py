@@ -29,7 +29,7 @@ import sys
 
 import fire
 
-from robustmri.deploy.dicom_inference import DicomInputError, infer_dicom
+from robustmri.deploy.dicom_inference import DicomInputError, infer_dicom, input_problem, write_no_input_summary
 from robustmri.deploy.dicom_series import SeriesSelection
 from robustmri.deploy.onnx_runtime import ModelMetadataError, OnnxClassifier
 
@@ -51,6 +51,10 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
                         format="%(levelname)s %(name)s: %(message)s")
     if not inputs:
         _fail("give one or more DICOM folders (or files) to classify")
+    problem = input_problem(list(inputs))
+    if problem:  # before the model is loaded: one line, and the status in summary.json
+        where = write_no_input_summary(output_dir, problem, list(inputs), include_paths)
+        _fail(f"{problem}; status in {where}")
     rule = None
     if series_rule:
         try:
@@ -70,7 +74,7 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
                               allow_incomplete=allow_incomplete, output=output, series_rule=rule,
                               include_paths=include_paths)
     except DicomInputError as err:
-        _fail(f"{err}; status in {os.path.join(output_dir, 'summary.json')}")
+        _fail(str(err))
     except ValueError as err:  # an invalid option or series rule
         _fail(str(err).splitlines()[0])
     if json_summary:

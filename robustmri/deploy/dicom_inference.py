@@ -210,19 +210,15 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     model = classifier.describe()
     base = {"output": output, "model": model, "provider": model["provider"],
             "series_rule": {"source": rule_source, **rule.to_dict()}, "not_for_clinical_use": True}
-    try:
-        scan = scan_folders(inputs, progress=progress)
-    except FileNotFoundError as err:
-        missing = [p for p in as_path_list(inputs) if not os.path.exists(p)]
-        reason = (f"{len(missing)} input path(s) not found" if missing
-                  else "no files under the input folder(s)")
-        summary = {"status": STATUS_NO_INPUT, "reason": reason, **base,
-                   "seconds": round(time.perf_counter() - total_start, 4)}
-        if include_paths:
-            summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
-        write_json(os.path.join(output_dir, "summary.json"), summary)
-        raise DicomInputError(f"{err}" if include_paths or not missing else
-                              f"{missing[0]}: input not found") from None
+    problem = input_problem(inputs)
+    if problem is None:
+        try:
+            scan = scan_folders(inputs, progress=progress)
+        except FileNotFoundError:  # removed while scanning
+            problem = input_problem(inputs) or "no files under the input folder(s)"
+    if problem is not None:
+        write_no_input_summary(output_dir, problem, inputs, include_paths, base)
+        raise DicomInputError(f"{problem}; status in {os.path.join(output_dir, 'summary.json')}")
     redact = Redactor(scan.identifiers)
     selected, rejected = select_series(scan.series, selection)
     rejected_reason = {id(s): reason for s, reason in rejected}
@@ -356,6 +352,33 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                 scan.n_files, len(study_entries), len(scan.series), len(classified), model["provider"],
                 len(summary["skipped_series"]), len(skipped_files), output_dir)
     return summary
+
+
+def input_problem(inputs) -> str | None:
+    """Why ``inputs`` cannot be classified at all (a path not found, no file under them), or None; no paths in it."""
+    paths = as_path_list(inputs)
+    if not paths:
+        return "no input given"
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        return f"{len(missing)} input path(s) not found"
+    for path in paths:
+        if os.path.isfile(path) or any(names for _, _, names in os.walk(path)):
+            return None
+    return "no files under the input folder(s)"
+
+
+def write_no_input_summary(output_dir, reason: str, inputs=(), include_paths: bool = False,
+                           extra: dict | None = None) -> str:
+    """``summary.json`` of a run that could not start (status ``no_input``); its path."""
+    summary = {"status": STATUS_NO_INPUT, "reason": reason, **(extra or {}), "n_series_classified": 0,
+               "not_for_clinical_use": True}
+    if include_paths:
+        summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
+    os.makedirs(os.fspath(output_dir), exist_ok=True)
+    path = os.path.join(os.fspath(output_dir), "summary.json")
+    write_json(path, summary)
+    return path
 
 
 STUDY_POLICY = (
