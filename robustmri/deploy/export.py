@@ -24,6 +24,8 @@ import torch
 
 from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
+from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.deploy.series_rule import SeriesRule
 from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN
@@ -78,11 +80,14 @@ def split_images(data, split: str | None) -> np.ndarray | None:
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
                 checkpoint: str | os.PathLike | None = None, model_version: str = "",
                 parity_images: np.ndarray | None = None, opset_version: int | None = None,
-                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS) -> dict:
+                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS,
+                series_rule: SeriesRule | dict | None = None) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
     ``preprocess`` the preprocessing the network was trained with (``model_metadata.json``);
+    ``series_rule`` which DICOM series match the training domain (:mod:`robustmri.deploy.series_rule`;
+    None or an empty dict: the default T1-weighted post-contrast rule, a dict changes its values);
     ``parity_images`` [N, 1, H, W] in [0, 1] are run through both PyTorch and ONNX Runtime, and
     a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class.
     """
@@ -91,6 +96,8 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     spatial_size = int(spatial_size)
     class_names = [str(name) for name in class_names]
     check_preprocess(preprocess)
+    if not isinstance(series_rule, SeriesRule):
+        series_rule = SeriesRule.from_dict(dict(series_rule or {}))
     model = ProbabilityHead(copy.deepcopy(network).cpu()).eval()
     with torch.no_grad():
         probe = model(torch.zeros(2, 1, spatial_size, spatial_size))
@@ -102,6 +109,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         "spatial_size": str(spatial_size),
         "preprocess": preprocess,
         "intensity_normalisation": DESCRIPTIONS[preprocess],
+        SERIES_RULE_KEY: series_rule.to_json(),
         "model_version": str(model_version),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
         "network": _describe(network),
