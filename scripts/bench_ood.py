@@ -29,7 +29,7 @@ head found, gets no class and is counted as ``unpreparable``):
 
 Per set: AUROC of the OOD score against the in-distribution test split (1 = perfectly separated),
 the share of slices not assessable, and the share of 8-slice series that abstain under the model's
-series rule; the in-distribution rows give the acceptance. The AUROC of a softmax score
+abstention rule; the in-distribution rows give the acceptance. The AUROC of a softmax score
 (1 - max probability) is reported beside it for comparison. Writes ``ood_bench.json``,
 ``ood_bench.md`` and ``ood_examples.png`` into ``--out``.
 """
@@ -308,7 +308,7 @@ def markdown(report: dict) -> str:
     lines = [f"Detector: {detector['name']}, threshold {detector['threshold']:.4g} (accepts "
              f"{100 * report['validation_acceptance']:.1f} % of {report['n_validation']} validation slices, target "
              f"{100 * detector['target_acceptance']:.0f} %), fitted on {detector['n_train']} training slices; "
-             f"series rule: abstain above {100 * detector['series_max_not_assessable']:.0f} % not assessable "
+             f"abstention rule: abstain above {100 * detector['series_max_not_assessable']:.0f} % not assessable "
              f"(series: the test split's patients, {report['series_length']} consecutive slices for the other sets). "
              f"Data: {report['data']}; {report['spatial_size']} x {report['spatial_size']}, "
              f"`{report['preprocess']}` preprocessing.", "",

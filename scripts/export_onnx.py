@@ -21,7 +21,7 @@ from ``bundle/``.
 The out-of-distribution detector (``robustmri.deploy.ood``, the ``ood_score`` output) is fitted on the
 protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
 (``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
-(0.5) is the series rule written beside it. Give the data the model was trained on (``--dataset_dir``,
+(0.5) is the abstention rule written beside it. Give the data the model was trained on (``--dataset_dir``,
 ``--seed``, ``--noise`` as in training). ``--ood_train_split none`` exports without a detector: DICOM
 inference refuses such a model.
 """

@@ -156,7 +156,8 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     counts = {"n_slices": len(rows), "n_assessed": len(used), "n_not_assessable": n_not_assessable,
               "n_classified": len(voting), "n_failed": len(errors), "n_excluded": len(rows) - len(used) - len(errors)}
     ood = {"threshold": detector["threshold"], "target_acceptance": detector["target_acceptance"],
-           "series_max_not_assessable": detector["series_max_not_assessable"], "series_rule": detector["series_rule"],
+           "series_max_not_assessable": detector["series_max_not_assessable"],
+           "abstention_rule": detector["abstention_rule"],
            "not_assessable_share": n_not_assessable / len(used)}
     if n_not_assessable / len(used) > detector["series_max_not_assessable"]:
         status = "abstained"
@@ -214,7 +215,7 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
         details.append(f"Out-of-distribution check: {result['n_not_assessable']} of {result['n_assessed']} slice(s) "
                        f"not assessable (score above {ood['threshold']:.4g}, the threshold accepting "
                        f"{ood['target_acceptance']:.0%} of in-distribution validation slices); rule: "
-                       f"{ood['series_rule']}.")
+                       f"{ood['abstention_rule']}.")
     details += [
         f"Slices: {result['n_slices']} in the series, {result['n_classified']} classified, "
         f"{result.get('n_not_assessable', 0)} not assessable, "

@@ -4,7 +4,7 @@ The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``
 class probabilities [N, C] (softmax included, so no runtime has to know it), and, when training and
 validation images are given, ``ood_score`` [N]: the out-of-distribution score of
 :mod:`robustmri.deploy.ood` (higher = more out of distribution), fitted on the training split, with
-its threshold calibrated on the validation split and written with the series rule into the metadata
+its threshold calibrated on the validation split and written with the abstention rule into the metadata
 (:data:`OOD_METADATA_KEYS`). The model's
 metadata carries the class names, the spatial size, the preprocessing (its name, ``preprocess``, and
 its exact description, ``intensity_normalisation``: the head preprocessing cannot be written as
@@ -36,7 +36,7 @@ from robustmri.deploy.ood import (
     ScoredClassifier,
     calibrate_threshold,
     describe_detector,
-    describe_series_rule,
+    describe_abstention_rule,
     fit_detector,
 )
 from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
@@ -53,7 +53,7 @@ SCORE_PARITY_RTOL = 1e-3
 #: The detector's metadata keys (all change the output: which slices are assessable, which series abstain).
 OOD_METADATA_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
                      "ood_validation_acceptance", "ood_n_train", "ood_n_validation", "ood_series_max_not_assessable",
-                     "ood_series_rule")
+                     "ood_abstention_rule")
 
 
 class ProbabilityHead(torch.nn.Module):
@@ -128,7 +128,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     ``ood_validation`` (validation images, or ``(images, labels)``) add the OOD detector: fitted on
     the training features, its threshold the validation score quantile accepting
     ``target_acceptance`` of the validation slices (computed with ONNX Runtime on the exported graph,
-    so it is the score the runtime sees), and the series rule ``series_max_not_assessable``. Without
+    so it is the score the runtime sees), and the abstention rule ``series_max_not_assessable``. Without
     them the model has no ``ood_score`` output, and DICOM inference refuses it.
     """
     import onnx
@@ -224,7 +224,7 @@ def _calibrate(onnx_file: str, detector, validation, target_acceptance: float, m
             "ood_threshold": repr(threshold), "ood_target_acceptance": repr(float(target_acceptance)),
             "ood_validation_acceptance": repr(acceptance), "ood_n_train": str(detector.n_train),
             "ood_n_validation": str(len(images)), "ood_series_max_not_assessable": repr(float(max_share)),
-            "ood_series_rule": describe_series_rule(max_share)}
+            "ood_abstention_rule": describe_abstention_rule(max_share)}
 
 
 def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: np.ndarray,

@@ -10,7 +10,7 @@ differently from training.
 
 Out-of-distribution detection: a model exported with its detector has a second output,
 ``ood_score`` [N] (higher = more out of distribution, :mod:`robustmri.deploy.ood`), and the
-detector's metadata (threshold calibrated on validation, target acceptance, series rule).
+detector's metadata (threshold calibrated on validation, target acceptance, abstention rule).
 :meth:`OnnxClassifier.predict_with_scores` returns both outputs and :meth:`OnnxClassifier.is_assessable`
 applies the threshold (score <= threshold: assessable). A model without the detector still
 predicts (``has_detector`` is False; file inference may say so), but
@@ -35,7 +35,7 @@ OUTPUT_NAME = "pred"
 SCORE_NAME = "ood_score"
 #: Detector metadata read here (written with the ``ood_score`` output; see ``export.OOD_METADATA_KEYS``).
 DETECTOR_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
-                 "ood_n_train", "ood_series_max_not_assessable", "ood_series_rule")
+                 "ood_n_train", "ood_series_max_not_assessable", "ood_abstention_rule")
 #: How to get a model with the detector: the one-line advice of every refusal for want of it.
 REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py --checkpoint "
                  "model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
@@ -130,7 +130,7 @@ def read_detector(props: dict, output_names, model_file: str = "the model") -> d
                     "target_acceptance": float(props["ood_target_acceptance"]),
                     "n_train": int(props["ood_n_train"]),
                     "series_max_not_assessable": float(props["ood_series_max_not_assessable"]),
-                    "series_rule": props["ood_series_rule"]}
+                    "abstention_rule": props["ood_abstention_rule"]}
     except ValueError as err:
         raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); {REEXPORT_HINT}") from None
     if not (np.isfinite(detector["threshold"]) and 0.0 <= detector["series_max_not_assessable"] < 1.0):

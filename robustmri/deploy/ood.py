@@ -45,7 +45,7 @@ DETECTOR_NAME = "mahalanobis_tied_penultimate"
 RIDGE = 1e-3
 #: Default share of in-distribution validation slices the threshold accepts.
 TARGET_ACCEPTANCE = 0.95
-#: Series rule: a series with more than this share of not-assessable slices gets no tumour class.
+#: Abstention rule: a series with more than this share of not-assessable slices gets no tumour class.
 SERIES_MAX_NOT_ASSESSABLE = 0.5
 
 
@@ -57,8 +57,8 @@ def describe_detector(ridge: float = RIDGE) -> str:
             "higher = more out of distribution; a slice scoring above ood_threshold is not assessable")
 
 
-def describe_series_rule(max_share: float = SERIES_MAX_NOT_ASSESSABLE) -> str:
-    """The series rule in words, for the metadata, reports and the SR."""
+def describe_abstention_rule(max_share: float = SERIES_MAX_NOT_ASSESSABLE) -> str:
+    """The abstention rule in words, for the metadata, reports and the SR."""
     return (f"a series with more than {max_share:.0%} of its slices not assessable gets no tumour class "
             "(abstains); otherwise only the assessable slices vote")
 

@@ -48,6 +48,15 @@ def accepting_detector_data(images, copies: int = 4, seed: int = 0):
     return (train.astype(np.float32), labels), images
 
 
+def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
+    """:func:`accepting_detector_data` for the gradient series of ``seeds`` (``n`` slices each) and ``extra`` raw
+    slices, prepared as a tiny model prepares them (min-max): for tests whose subject is not the detector."""
+    from robustmri.data.preprocessing import preprocess
+
+    images = [g for k in seeds for g in gradient_series(n, seed=k)] + list(extra)
+    return accepting_detector_data(np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None])
+
+
 def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95):
     """Save a tiny checkpoint, export it; return (network, checkpoint, onnx file, export result).
 

@@ -20,21 +20,13 @@ from robustmri.deploy.dicom_inference import AGGREGATION_RULE, infer_dicom
 from robustmri.deploy.onnx_runtime import OnnxClassifier
 
 from conftest import BUNDLE, FIGSHARE, ROOT
-from deploy_helpers import TINY_SIZE, accepting_detector_data, copy_pydicom_files, export_tiny, gradient_series
+from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
 
 PATIENT = FictitiousPatient(name="Testpatient^Alice", patient_id="RMRI-000123", birth_date="19610704")
 IDENTIFIERS = ("Testpatient", "Alice", "RMRI-000123", "19610704")
 BAD_FILES = {"badVR.dcm": "invalid NumberOfFrames",
              "no_meta.dcm": "not a DICOM Part 10 file", "rtplan.dcm": "no pixel data",
              "reportsi.dcm": "no pixel data: Basic Text SR Storage", "notes.txt": "not a DICOM Part 10 file"}
-
-
-def classified_here(figshare: Path | None) -> np.ndarray:
-    """Every slice these tests classify, prepared: gradient series (seeds 0 and 1) and, when present, figshare's."""
-    images = gradient_series(5) + gradient_series(2, seed=1)
-    if figshare is not None:
-        images += [read_image(figshare / r["file"]) for r in first_rows(figshare)]
-    return np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None]
 
 
 def first_rows(figshare: Path) -> list[dict]:
@@ -47,8 +39,8 @@ def first_rows(figshare: Path) -> list[dict]:
 def model(tmp_path_factory):
     """A tiny model whose detector accepts every slice these tests classify (their subject is the series logic)."""
     figshare = FIGSHARE if (FIGSHARE / "labels.csv").is_file() else None
-    network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"),
-                                           ood=accepting_detector_data(classified_here(figshare)),
+    extra = [read_image(figshare / r["file"]) for r in first_rows(figshare)] if figshare else []
+    network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(extra=extra),
                                            target_acceptance=1.0)
     return network, OnnxClassifier(onnx_file, device="cpu")
 

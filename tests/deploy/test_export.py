@@ -59,7 +59,7 @@ def test_metadata_says_what_inference_needs(exported):
     assert "not for clinical use" in meta["intended_use"].lower()
     assert meta["ood_detector"] == "mahalanobis_tied_penultimate" and float(meta["ood_target_acceptance"]) == 0.95
     assert "higher = more out of distribution" in meta["ood_detector_description"]
-    assert float(meta["ood_series_max_not_assessable"]) == 0.5 and "more than 50%" in meta["ood_series_rule"]
+    assert float(meta["ood_series_max_not_assessable"]) == 0.5 and "more than 50%" in meta["ood_abstention_rule"]
     assert int(meta["ood_n_train"]) > 0 and np.isfinite(float(meta["ood_threshold"]))
     assert meta["network"] == ("robustmri.networks.paper_cnn.PaperCNN(kernel_size=5, padding=2, feature_dim=8); "
                                "4,623 parameters; final layer classifier: Linear(8, 3)")

@@ -197,7 +197,7 @@ def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path):
                           str(onnx_file), "--output_dir", str(tmp_path / "out"), "--device", "cpu"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
-    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error: ")]  # besides the INFO log
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("infer_dicom: ")]  # besides the log
     assert "no out-of-distribution detector" in line and "scripts/export_onnx.py" in line
     assert "Traceback" not in run.stderr
 
