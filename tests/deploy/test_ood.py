@@ -155,23 +155,29 @@ def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(data, tmp
     for name in ("noise", "checkerboard", "mask"):
         entry = status[name]
         assert entry["status"] == "abstained" and entry["class"] is None and entry["probability"] is None
-        report = json.loads((out / f"{entry['series_instance_uid']}.json").read_text())
+        report = json.loads((out / entry["report_file"]).read_text())
         assert report["status"] == "abstained" and report["result"]["class"] is None
         assert report["result"]["n_not_assessable"] > 2 and report["result"]["n_classified"] < 2
         assert all(row["ood_score"] > classifier.ood_threshold for row in report["slices"] if not row["assessable"])
         assert all("class" not in row for row in report["slices"] if not row["assessable"])
         reason = report["result"]["abstention_reason"]
         assert "not assessable" in reason and "the rule allows at most 50% per series" in reason
-        sr = pydicom.dcmread(entry["sr_file"])
+        sr = pydicom.dcmread(out / entry["sr_file"])
         finding = sr.ContentSequence[0].TextValue
         assert finding.startswith("No tumour type is issued for this series: ") and reason in finding
         assert not any(c in finding for c in CLASS_NAMES)
         refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
         assert len(refs) == 4  # the slices examined are cited, though none gave a class
         if shutil.which("dciodvfy"):  # the abstaining SR is as valid as any other
-            check = subprocess.run(["dciodvfy", entry["sr_file"]], capture_output=True, text=True, timeout=60)
+            check = subprocess.run(["dciodvfy", str(out / entry["sr_file"])], capture_output=True, text=True,
+                                   timeout=60)
             assert not re.search(r"^(Error|Warning)", check.stdout + check.stderr, re.MULTILINE), check.stderr
-    heads = json.loads((out / f"{status['heads']['series_instance_uid']}.json").read_text())
+    heads = json.loads((out / status["heads"]["report_file"]).read_text())
+    studies = {s["series_used"][0]: s for s in summary["studies"]}  # one study per series here
+    assert studies[status["heads"]["series_instance_uid"]]["status"] == "classified"
+    for name in ("noise", "checkerboard", "mask"):  # the study's answer is the abstention, with its reason
+        study = studies[status[name]["series_instance_uid"]]
+        assert study["status"] == "abstained" and "cannot vouch" in study["reason"]
     voting = [row for row in heads["slices"] if row["assessable"]]
     mean = np.mean([[row["probabilities"][c] for c in CLASS_NAMES] for row in voting], axis=0)
     np.testing.assert_allclose([heads["result"]["probabilities"][c] for c in CLASS_NAMES], mean, atol=1e-6)
