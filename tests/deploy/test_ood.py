@@ -129,11 +129,17 @@ def trained_tiny_network(data, epochs: int = 6) -> torch.nn.Module:
     return network.eval()
 
 
-def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(data, tmp_path):
-    network = trained_tiny_network(data)
-    export_onnx(network, tmp_path / "model.onnx", CLASS_NAMES, TINY_SIZE,
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> OnnxClassifier:
+    """The trained tiny network exported with its detector (training split) and threshold (validation split)."""
+    onnx_file = tmp_path_factory.mktemp("trained") / "model.onnx"
+    export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE,
                 ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0])
-    classifier = OnnxClassifier(tmp_path / "model.onnx", device="cpu")
+    return OnnxClassifier(onnx_file, device="cpu")
+
+
+def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(trained, tmp_path):
+    classifier = trained
     rng = np.random.default_rng(0)
     heads = generate_slices(n_patients=2, size=96, seed=21, slices_per_patient=(4, 4))["images"][:4]  # unseen patient
     yy, xx = np.mgrid[:96, :96]
@@ -182,6 +188,26 @@ def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(data, tmp
     mean = np.mean([[row["probabilities"][c] for c in CLASS_NAMES] for row in voting], axis=0)
     np.testing.assert_allclose([heads["result"]["probabilities"][c] for c in CLASS_NAMES], mean, atol=1e-6)
     assert heads["result"]["n_classified"] == len(voting) >= 2  # at most half not assessable: the rule lets it vote
+
+
+def test_an_abstaining_series_is_its_studys_answer(trained, tmp_path):
+    """Two series of one study match the series rule; the one ranked first (more slices) is noise: the study
+    abstains, and the head series ranked second is not used instead."""
+    study = pydicom.uid.generate_uid()
+    heads = generate_slices(n_patients=2, size=96, seed=21, slices_per_patient=(4, 4))["images"][:4]
+    noise = [np.random.default_rng(k).integers(0, 400, (96, 96)).astype(float) for k in range(5)]
+    write_mr_series(tmp_path / "in" / "heads", [np.rint(h * 400) for h in heads], study_uid=study, series_number=1,
+                    rescale=(1.0, 0.0))
+    write_mr_series(tmp_path / "in" / "noise", noise, study_uid=study, series_number=2, rescale=(1.0, 0.0))
+    summary = infer_dicom(tmp_path / "in", trained, tmp_path / "out", progress=False)
+    (entry,) = summary["studies"]
+    assert entry["status"] == "abstained" and "cannot vouch for series 2" in entry["reason"]
+    assert summary["n_series_classified"] == 0 and summary["n_series_abstained"] == 1
+    heads_entry, noise_entry = entry["series"]
+    assert noise_entry["used"] and noise_entry["abstained"]
+    assert not heads_entry["used"] and heads_entry["reason"].startswith("not used: series 2 of the study was chosen")
+    sr = pydicom.dcmread(tmp_path / "out" / summary["series"][0]["sr_file"])
+    assert re.match(r"No tumour type is issued for this series: [345] of 5 slice\(s\)", sr.ContentSequence[0].TextValue)
 
 
 def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path):
