@@ -172,6 +172,10 @@ class OnnxClassifier:
                                      f"got {[i.name for i in inputs]} -> {[o.name for o in outputs]}")
         self.detector: dict | None = read_detector(self.session.get_modelmeta().custom_metadata_map,
                                                    [o.name for o in outputs], self.model_file)
+        if self.detector is None:
+            logger.warning("%s has no out-of-distribution detector: its answers on inputs unlike its training data "
+                           "cannot be flagged (DICOM inference refuses it); %s", os.path.basename(self.model_file),
+                           REEXPORT_HINT)
         # The session may fall back silently (CUDA provider present but no usable GPU): report what it holds.
         self.providers: list[str] = list(self.session.get_providers())
         self.provider: str = self.providers[0]

@@ -210,10 +210,11 @@ def test_an_abstaining_series_is_its_studys_answer(trained, tmp_path):
     assert re.match(r"No tumour type is issued for this series: [345] of 5 slice\(s\)", sr.ContentSequence[0].TextValue)
 
 
-def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path):
+def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog):
     _, _, onnx_file, result = export_tiny(tmp_path, ood=False)
     assert not result["ood_detector"] and not set(OOD_METADATA_KEYS) & set(result["metadata"])
-    classifier = OnnxClassifier(onnx_file, device="cpu")  # file inference may still use it ...
+    classifier = OnnxClassifier(onnx_file, device="cpu")  # file inference may still use it, and is told ...
+    assert "has no out-of-distribution detector" in caplog.text
     images = np.random.default_rng(0).random((2, 1, TINY_SIZE, TINY_SIZE), dtype=np.float32)
     probabilities, scores = classifier.predict_with_scores(images)
     assert scores is None and not classifier.has_detector and probabilities.shape == (2, 3)
