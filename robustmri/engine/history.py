@@ -27,6 +27,13 @@ class TrainingHistoryHandler:
         # after ValidationHandler (attached earlier) has run the evaluator for this epoch
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._record)
 
+    def training_state(self) -> dict:
+        """The epochs recorded so far, for resuming a run (:mod:`robustmri.engine.training_state`)."""
+        return {"history": [dict(entry) for entry in self.history]}
+
+    def load_training_state(self, state: dict) -> None:
+        self.history = [dict(entry) for entry in state["history"]]
+
     def _collect_loss(self, engine: Engine) -> None:
         output = engine.state.output
         rows = output if isinstance(output, list) else [output]

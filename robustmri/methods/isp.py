@@ -196,6 +196,7 @@ class ISPHandler(InfluenceStep):
         select_for_perturbation(torch.zeros(2), self.ratio, selection)  # validate the options now
         self.changed = 0
         self.achieved: dict[str, dict[str, float]] = {}
+        self.perturbed_ids: list[int] = []  # ids of the images the step replaced
 
     def apply(self, network: nn.Module, device: torch.device, positions: list[int]) -> dict[str, np.ndarray]:
         s = self.result.s.to(device)
@@ -222,6 +223,7 @@ class ISPHandler(InfluenceStep):
                     before[row] = images[k, 0].cpu().numpy()
                     deltas[row] = change[k, 0].cpu().numpy()
         self.timings["input_gradients_s"] = time.perf_counter() - start
+        self.perturbed_ids = [int(ids[r]) for r in chosen]
         self.changed = len(chosen)
         self.achieved = {"linf": _stats(linf[chosen]), "l2": _stats(l2[chosen])}
         rows = sorted(before, key=lambda r: self.result.scores[r].item())
@@ -229,6 +231,27 @@ class ISPHandler(InfluenceStep):
                                 self.result.scores.numpy()[rows], self.class_names, self.result.labels.numpy()[rows],
                                 os.path.join(self.output_dir, "influence_examples.png"))
         return {"perturbation_linf": linf, "perturbation_l2": l2}
+
+    def training_state(self) -> dict:
+        """The done flag and the perturbed images by id (float32, as trained on), for resuming a run."""
+        state = super().training_state()
+        by_id = {int(item["id"]): item for item in self.train_data}
+        images = [torch.from_numpy(np.asarray(by_id[i]["image"], dtype=np.float32)) for i in self.perturbed_ids]
+        return {**state, "ids": torch.tensor(self.perturbed_ids, dtype=torch.long),
+                "images": torch.stack(images) if images else torch.zeros(0)}
+
+    def load_training_state(self, state: dict) -> None:
+        """Put the perturbed images back into the training items (the same list the data loader reads)."""
+        super().load_training_state(state)
+        by_id = {int(item["id"]): item for item in self.train_data}
+        ids = [int(i) for i in state["ids"].tolist()]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"ISP state: {len(missing)} perturbed image ids are not in the training data "
+                             f"(first {missing[0]}): resume with the data that wrote it")
+        for i, image in zip(ids, state["images"]):
+            by_id[i]["image"] = image.cpu().numpy().astype(np.float32)
+        self.perturbed_ids, self.changed = ids, len(ids)
 
     def extra_summary(self) -> dict:
         """The options (as isp.json ids) and the achieved per-image step norms of the perturbed images."""
