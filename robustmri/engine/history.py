@@ -7,6 +7,7 @@ import os
 import numpy as np
 from ignite.engine import Engine, Events
 
+from robustmri.engine.distributed import is_main_process
 from robustmri.outputs import plt, save_figure, write_json
 
 
@@ -48,6 +49,8 @@ class TrainingHistoryHandler:
             entry.update({f"val_{k}" if not k.startswith("val") else k: float(v)
                           for k, v in self.evaluator.state.metrics.items() if np.isscalar(v)})
         self.history.append(entry)
+        if not is_main_process():  # every rank records (a resumed run needs it), rank 0 writes
+            return
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
         plot_training_curves(self.history, os.path.join(self.output_dir, "training_curves.png"))
 

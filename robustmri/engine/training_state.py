@@ -34,6 +34,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointSaver
 
+from robustmri.engine.distributed import is_main_process
 from robustmri.engine.ema import WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def training_state(engine: Engine) -> dict:
     """Model, optimiser, scheduler, weight average, epoch and iteration, and the RNG states of torch, numpy and random."""
     scheduler = _scheduler(engine)
     average = attached_weight_average(engine)
-    return {"model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
+    return {"model": _module(engine).state_dict(), "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": average.state_dict() if average is not None else None,
             "epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration),
@@ -100,8 +101,15 @@ def save_training_state(engine: Engine, path: str) -> None:
     os.replace(partial, path)
 
 
+def _module(engine: Engine) -> torch.nn.Module:
+    """The trainer's network without a ``DistributedDataParallel`` wrapper: states load with any number of ranks."""
+    from robustmri.influence.adapter import unwrap
+
+    return unwrap(engine.network)
+
+
 def restore_training_state(engine: Engine, state: dict) -> None:
-    engine.network.load_state_dict(state["model"])
+    _module(engine).load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
     scheduler = _scheduler(engine)
     if (scheduler is None) != (state["lr_scheduler"] is None):
@@ -265,12 +273,6 @@ def restore_run_state(engine: Engine, state: dict, path: str = "training state")
     for key, record in state.get("validator_savers", {}).items():
         if isinstance(savers.get(key), CheckpointSaver):
             savers[key].load_state_dict(record)
-
-
-def is_main_process() -> bool:
-    """True unless this is a rank other than 0 of an initialised process group."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
 
 
 class TrainingCheckpoint:
