@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from robustmri.influence.adapter import FinalLayer
 from robustmri.influence.last_layer import SoftmaxLastLayer, augment
-from robustmri.influence.scores import InfluenceResult, collect_features, influence_scores
+from robustmri.influence.scores import InfluenceResult, collect_features, influence_scores, solve
 from robustmri.influence.solvers import ExactSolver, LissaSolver, Solver
 
 
@@ -74,8 +74,8 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     """
     final = FinalLayer.of(model)
     solver = solver or ExactSolver()
-    train_features, train_labels, ids = collect_features(final, train_batches, device)
-    val_features, val_labels, _ = collect_features(final, val_batches, device)
+    train_features, train_labels, ids = collect_features(final, train_batches, device, "influence: training features")
+    val_features, val_labels, _ = collect_features(final, val_batches, device, "influence: validation features")
     counts = _all_reduce(torch.tensor([len(train_labels), len(val_labels)], dtype=torch.float64))
     n_train, n_val = int(counts[0]), int(counts[1])
     layer = final.layer
@@ -89,7 +89,7 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     v_sum = theta_problem.residuals(augmented, val_labels).T @ augmented if len(val_labels) else \
         torch.zeros_like(theta_problem.theta)
     v = _all_reduce(v_sum) / n_val
-    s = solver(problem, v)
+    s = solve(solver, problem, v)
     scores = influence_scores(local, s) * (local.n / n_train)  # local.n is n_train, or the shard's for lissa
     return InfluenceResult(_gather_rows(scores.float()), _gather_rows(ids), _gather_rows(train_labels), s.float(),
                            v.float(), solver.damping)

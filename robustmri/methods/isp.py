@@ -31,6 +31,7 @@ from robustmri.engine.distributed import is_distributed, is_main_process, rank, 
 from robustmri.methods import Method
 from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
 from robustmri.methods.n2v import as_flag
+from robustmri.progress import progress
 
 METHOD = Method(name="isp", title="ISP: influence-based sample perturbation", order=4,
                 families=("noisy images",), summary="influence_summary.json",
@@ -216,7 +217,7 @@ class ISPHandler(InfluenceStep):
         mine = [row for row in chosen if low <= row < high]
         before, deltas, changed = {}, {}, {}
         start = time.perf_counter()
-        for start_row in range(0, len(mine), self.batch_size):
+        for start_row in progress(range(0, len(mine), self.batch_size), "ISP: input gradients"):
             rows = mine[start_row:start_row + self.batch_size]
             batch = next(item_batches(self.train_data, len(rows), [positions[r] for r in rows]))
             images = batch["image"].to(device)

@@ -84,3 +84,27 @@ def test_isr_and_isp_train_under_torchrun_with_two_processes(tmp_path, method):
     assert state["epoch"] == 3
     # every rank ended with rank 0's weights: the saved state's network averaged into model.pt
     assert output.count(f"{method.upper()} after epoch 1") == 2  # the step ran on both ranks
+
+
+@pytest.mark.slow
+def test_evaluation_under_torchrun_reports_what_one_process_reports(tmp_path):
+    """Train once (plain), then evaluate the test split with 2 ranks (sharded, gathered in order) and with 1."""
+    from helpers import bundle
+
+    bundle("run", "training", "--config_file", "configs/train.json", *TINY, "--epochs", "1", "--dataset_dir", "",
+           *output_dirs(tmp_path))
+    single = tmp_path / "single"
+    bundle("run", "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir", "",
+           "--synthetic_patients", "30", "--batch_size", "8", "--ckpt_dir", tmp_path / "models",
+           "--output_dir", single)
+    code, output = run_torchrun(["run", "evaluating", "--config_file",
+                                 "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
+                                 "--dataset_dir", "",
+                                 "--synthetic_patients", "30", "--batch_size", "8", "--ckpt_dir", tmp_path / "models",
+                                 "--output_dir", tmp_path / "two"])
+    assert code == 0, output[-4000:]
+    one = json.loads((single / "test" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "test" / "summary.json").read_text())
+    for tag in one:
+        for key in ("n", "accuracy", "macro_f1", "roc_auc_macro"):
+            assert two[tag][key] == pytest.approx(one[tag][key], rel=1e-6), (tag, key)
