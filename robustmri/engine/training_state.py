@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,12 +40,12 @@ from robustmri.engine.ema import WeightAverage
 logger = logging.getLogger(__name__)
 
 
-@runtime_checkable
 class Resumable(Protocol):
     """A trainer handler with state of its own that a resumed run needs.
 
     ``training_state()`` returns tensors, plain numbers, strings, lists and dicts (what
-    ``torch.load(weights_only=True)`` reads back); ``load_training_state`` puts it back.
+    ``torch.load(weights_only=True)`` reads back); ``load_training_state`` puts it back. Checked on
+    the class (:func:`is_resumable`), not with ``isinstance``: ignite's metrics answer every attribute.
     """
 
     def training_state(self) -> dict: ...
@@ -75,7 +75,8 @@ def attached_weight_average(engine: Engine) -> WeightAverage | None:
 
 
 def training_state(engine: Engine) -> dict:
-    """Model, optimiser, scheduler, weight average, epoch and iteration, and the RNG states of torch, numpy and random."""
+    """Model (without a DDP wrapper), optimiser, scheduler, weight average, epoch and iteration, and the RNG
+    states of torch, numpy and random."""
     scheduler = _scheduler(engine)
     average = attached_weight_average(engine)
     return {"model": _module(engine).state_dict(), "optimizer": engine.optimizer.state_dict(),

@@ -27,7 +27,8 @@ from robustmri.influence.solvers import ExactSolver, LissaSolver, Solver
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items (the first ``n % world_size`` get one more)."""
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items (the first ``n % world_size`` get one
+    more)."""
     base, extra = divmod(int(n), int(world_size))
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
