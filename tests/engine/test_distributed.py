@@ -108,3 +108,31 @@ def test_evaluation_under_torchrun_reports_what_one_process_reports(tmp_path):
     for tag in one:
         for key in ("n", "accuracy", "macro_f1", "roc_auc_macro"):
             assert two[tag][key] == pytest.approx(one[tag][key], rel=1e-6), (tag, key)
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(tmp_path):
+    """2 ranks: SIGKILL one rank mid-epoch 3 (the launcher then ends the other), resume with ``--resume true``."""
+    common = ["--config_file", "['configs/isp.json','configs/multi_gpu_train.json']", *TINY, "--epochs", "4",
+              "--influence_epoch", "2", "--dataset_dir", ""]
+    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "whole")])
+    assert code == 0, output[-4000:]
+    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 4
+    killer = tmp_path / "kill.json"
+    killer.write_text(json.dumps({"+initialize": [
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={2 * per_epoch + 1}), "
+        "lambda engine: os.kill(os.getpid(), 9) if robustmri.engine.distributed.rank() == 1 else None)"]}))
+    killed = ["--config_file", f"['configs/isp.json','configs/multi_gpu_train.json','{killer}']", *common[2:]]
+    code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
+    assert code != 0
+    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and not (tmp_path / "cut" / "models" / "model.pt").exists()
+    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "cut"), "--resume", "true"])
+    assert code == 0, output[-4000:]
+    assert "ISP after epoch 2" not in output
+    for name in ("model.pt", "model_best_val.pt"):
+        whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
+        resumed = torch.load(tmp_path / "cut" / "models" / name, weights_only=True)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    assert (json.loads((tmp_path / "whole" / "eval" / "history.json").read_text())
+            == json.loads((tmp_path / "cut" / "eval" / "history.json").read_text()))
