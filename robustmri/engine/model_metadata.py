@@ -50,7 +50,9 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
     for tensor in metadata.get("network_data_format", {}).get("inputs", {}).values():
         if isinstance(tensor, dict) and "spatial_shape" in tensor:
             tensor["spatial_shape"] = [spatial_size, spatial_size]
-    network_type = type(network)
+    from robustmri.influence.adapter import unwrap  # a DistributedDataParallel network: the module inside
+
+    network_type = type(unwrap(network))
     metadata["trained_with"] = {
         "spatial_size": spatial_size,
         "network_padding": int(network_padding),
@@ -83,7 +85,10 @@ class ModelMetadataWriter:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        write_json(self.path, self.content)
+        from robustmri.engine.distributed import is_main_process
+
+        if is_main_process():  # under torchrun rank 0 writes
+            write_json(self.path, self.content)
 
 
 def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:

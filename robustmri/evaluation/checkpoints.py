@@ -12,6 +12,7 @@ import os
 import torch
 from ignite.engine import Engine, Events
 
+from robustmri.engine.distributed import is_main_process
 from robustmri.engine.model_metadata import metadata_path, read_trained
 from robustmri.engine.predictions import predict_items
 from robustmri.evaluation.metrics import classification_report
@@ -74,6 +75,8 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
         report.tag = tag
         evaluator.run()
         results[tag] = {"checkpoint": os.path.abspath(path), **report.report}
+    if not is_main_process():  # under torchrun every rank holds the same reports; rank 0 writes
+        return results
     write_json(os.path.join(output_dir, "summary.json"),
                {tag: {k: r[k] for k in ("checkpoint", "n", "accuracy", "macro_f1", "roc_auc_macro")}
                 for tag, r in results.items()})
