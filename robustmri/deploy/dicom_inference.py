@@ -37,6 +37,7 @@ from robustmri.deploy.dicom_series import (
     slice_pixels,
 )
 from robustmri.deploy.dicom_sr import SERIES_DESCRIPTION, write_sr
+from robustmri.deploy.model_trust import DEMO_MODEL_NOTICE, check_demo_model, model_line
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
     label = result["class"]
     finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
                f"{result['n_classified']} slice(s); {result['n_agreeing']} of them predict {label} on their own).")
+    if model.get("demo_model"):
+        finding = f"{DEMO_MODEL_NOTICE}. {finding}"
     details = [] if record.get("complete", True) else [
         f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {record['incomplete_reason']}."]
     details += [
@@ -161,8 +164,7 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
         f"Slices: {result['n_slices']} in the series, {result['n_classified']} classified, "
         f"{result['n_failed']} unreadable, {result['n_excluded']} excluded (no contrast).",
         f"Slice order: {record['ordering']}.",
-        f"Model: robustmri classifier version {model.get('version') or 'unknown'}, checkpoint sha256 "
-        f"{model.get('checkpoint_sha256') or 'unknown'}, ONNX Runtime {model.get('provider')}.",
+        model_line(model),
         f"Preprocessing: RescaleSlope/Intercept, then {model.get('intensity_normalisation')} to "
         f"{model.get('spatial_size')} x {model.get('spatial_size')}.",
     ]
@@ -171,7 +173,7 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
 
 def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: SeriesSelection | None = None,
                 batch_size: int = 32, on_slice_error: str = "fail", write_sr_files: bool = True,
-                progress: bool = True, allow_incomplete: bool = False) -> dict:
+                progress: bool = True, allow_incomplete: bool = False, allow_demo_model: bool = False) -> dict:
     """Classify every selected series under ``inputs`` (folders or files); write reports; return the summary.
 
     Per classified series ``<SeriesInstanceUID>.json`` (per-slice table, series result, model)
@@ -180,7 +182,10 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     geometry) is among the skipped series and each of its files among the skipped files. An
     incomplete series is skipped with its reason unless ``allow_incomplete`` (default False): then
     it is classified and marked ``"complete": false`` in its report, the summary and the SR.
+    A demo model (trained on the embedded synthetic set) is refused unless ``allow_demo_model``;
+    then every report, the summary and the SR say DEMO MODEL.
     """
+    check_demo_model(classifier.describe(), allow_demo_model)
     total_start = time.perf_counter()
     output_dir = os.fspath(output_dir)
     scan = scan_folders(inputs, progress=progress)
