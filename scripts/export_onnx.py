@@ -111,10 +111,11 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     check_trained_network(network, checkpoint)
     network = load_weights(network, checkpoint).eval()
     images = split_images(config.get_parsed_content("data"), parity_split) if parity_requested(parity_split) else None
+    provenance = checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir"))
     result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
                          opset_version=opset_version, preprocess=config.get_parsed_content("preprocess"),
-                         provenance=checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir")),
+                         provenance=provenance,
                          signing_key=signing_key or None)
     print(json.dumps(result, indent=2))
     return result

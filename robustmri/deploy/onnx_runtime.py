@@ -165,7 +165,8 @@ class OnnxClassifier:
                        "signing_key_fingerprint": self.trust["signing_key_fingerprint"],
                        "checkpoint_sha256": self.metadata["checkpoint_sha256"], "network": self.metadata["network"],
                        "class_names": self.class_names, "spatial_size": self.spatial_size,
-                       "preprocess": self.preprocess, "intensity_normalisation": self.metadata["intensity_normalisation"],
+                       "preprocess": self.preprocess,
+                       "intensity_normalisation": self.metadata["intensity_normalisation"],
                        "demo_model": self.demo_model, "trained_on": provenance_summary(self.provenance),
                        "provenance": self.provenance, "provider": self.provider, "providers": self.providers}
         if self.demo_model:

@@ -70,11 +70,12 @@ def gradient_series(n: int = 4, size: int = 40, seed: int = 0) -> list[np.ndarra
     return [base * (k + 1) + rng.integers(0, 40, (size, size)) * 0.25 for k in range(n)]
 
 
-def rewrite_metadata(src, dst, reseal: bool = False, **changes):
+def rewrite_metadata(src, dst, reseal: bool = False, signing_key=None, **changes):
     """Copy an exported model with metadata entries changed (value None: removed).
 
-    ``reseal``: recompute the integrity digest afterwards, as an exporter would (a model that is
-    intact but says something else); without it the copy is a model tampered with after export.
+    ``reseal``: recompute the integrity digest afterwards (signed with ``signing_key`` if given), as
+    an exporter would: a model that is intact but says something else; without it the copy is a
+    model tampered with after export.
     """
     import onnx
 
@@ -87,7 +88,7 @@ def rewrite_metadata(src, dst, reseal: bool = False, **changes):
         props = {k: v for k, v in props.items() if k not in TRUST_KEYS + ("graph_sha256", "integrity_covers")}
     del model.metadata_props[:]
     if reseal:
-        props.update(integrity_fields(model, {k: v for k, v in props.items() if v is not None}))
+        props.update(integrity_fields(model, {k: v for k, v in props.items() if v is not None}, signing_key))
     for key, value in props.items():
         if value is not None:
             model.metadata_props.add(key=key, value=value)
