@@ -456,3 +456,31 @@ def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, ke
     assert described["signature"] == "verified" and described["demo_model"]
     assert described["version"].endswith("+demo") and described["provenance"]["metrics"]["test"]["accuracy"] == 0.5
     assert described["provenance"]["checkpoint"]["bound"] and described["provenance"]["recipe"]["method"] == "naive"
+
+
+@pytest.mark.slow
+def test_bundle_trains_evaluates_exports_signed_and_refuses_the_demo_model(tmp_path, keys):
+    """The bundle's commands as users run them: train on the embedded set, evaluate, export signed, DICOM inference."""
+    from helpers import TINY, bundle, output_dirs
+
+    dirs = output_dirs(tmp_path)
+    bundle("run", "training", "--config_file", "configs/train.json", "--epochs", "1", *TINY, *dirs)
+    bundle("run", "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']", *TINY, *dirs)
+    bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs,
+           "--signing_key", str(keys[0] / "a.pem"), "--parity_split", "none")
+    props = _props(tmp_path / "models" / "model.onnx")
+    provenance = json.loads(props["provenance"])
+    assert props["demo_model"] == "true" and provenance["checkpoint"]["bound"] and provenance["training"]["completed"]
+    assert provenance["metrics"]["test"]["checkpoint_tag"] == "last" and "validation" in provenance["metrics"]
+    assert provenance["protocol"]["synthetic_patients"] == 30 and provenance["recipe"]["batch_size"] == 8
+    write_mr_series(tmp_path / "dicom", gradient_series(3))
+    infer = ["run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
+             "--spatial_size", "32", "--network_padding", "2", *dirs, "--dicom_inputs", str(tmp_path / "dicom"),
+             "--model_public_key", str(keys[0] / "a.pub.pem")]
+    refused = bundle(*infer, check=False)
+    assert refused.returncode != 0 and "a demo model" in refused.stdout + refused.stderr
+    assert not (tmp_path / "eval" / "dicom" / "summary.json").exists()
+    bundle(*infer, "--allow_demo_model", "true")
+    summary = json.loads((tmp_path / "eval" / "dicom" / "summary.json").read_text())
+    assert summary["n_series_classified"] == 1 and summary["model"]["notice"] == DEMO_MODEL_NOTICE
+    assert summary["model"]["signature"] == "verified"
