@@ -143,6 +143,10 @@ def verify_model(model_file: str | os.PathLike, model_bytes: bytes | None = None
     except Exception as err:  # protobuf's DecodeError and friends
         raise ModelIntegrityError(f"{model_file}: not a readable ONNX model ({err})") from err
     props = {p.key: p.value for p in model.metadata_props}
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:  # the digest would cover only the file names, not the weights
+        raise ModelIntegrityError(f"{model_file}: weights stored outside the model file ({len(external)} tensor(s), "
+                                  f"e.g. {external[0]!r}) are not covered by the integrity digest; {REEXPORT_HINT}")
     recorded = props.get("integrity_sha256")
     if not recorded:
         raise ModelIntegrityError(f"{model_file}: no integrity digest (integrity_sha256): exported before models were "

@@ -154,6 +154,16 @@ def test_a_model_without_a_digest_is_refused_with_how_to_re_export(models, tmp_p
     assert "no integrity digest" in _one_line(error) and "scripts/export_onnx.py --checkpoint" in str(error.value)
 
 
+def test_weights_stored_outside_the_file_are_refused(models, tmp_path):
+    """External data would leave the weights out of the digest (export never writes it)."""
+    _, onnx_file, _ = models
+    model = onnx.load(onnx_file)
+    onnx.save(model, tmp_path / "external.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    with pytest.raises(ModelIntegrityError, match="weights stored outside the model file"):
+        OnnxClassifier(tmp_path / "external.onnx", device="cpu")
+
+
 def test_a_file_that_is_not_onnx_is_refused(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\x01not a model")
