@@ -11,6 +11,11 @@ EXTRAS := dev,label,tracking
 # pydicom-seg import under pydicom 3 (apps/monailabel/README.md)
 LABEL_NO_DEPS := monailabel==0.8.5 pydicom-seg==0.4.1
 LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
+# ONNX Runtime: the CPU wheel by default; `make demo ORT=gpu` puts onnxruntime-gpu in its place (both
+# wheels provide the one `onnxruntime` module, so it replaces the CPU one; README "Deployment" says why
+# the CPU wheel is the default). Its CUDA and cuDNN libraries are the ones torch's wheels install.
+ORT ?= cpu
+ORT_GPU := onnxruntime-gpu==1.31.1
 BUNDLE_RUN := cd bundle && $(PY) -m monai.bundle run
 DEMO_CONFIGS := "['configs/train.json','configs/quick.json']"
 
@@ -19,6 +24,10 @@ DEMO_CONFIGS := "['configs/train.json','configs/quick.json']"
 $(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri_base_configs.pth
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[$(EXTRAS)]'
+ifeq ($(ORT),gpu)
+	$(VENV)/bin/python -m pip uninstall -y onnxruntime
+	$(VENV)/bin/python -m pip install $(ORT_GPU)
+endif
 	$(VENV)/bin/python -m pip install --no-deps $(LABEL_NO_DEPS)
 	cp $(LABEL_COMPAT).py $(LABEL_COMPAT).pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $@

@@ -133,7 +133,7 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
             assert summary["n_series_classified"] == 1, summary
             if repeat:
                 times.append(elapsed)
-                with open(summary["series"][0]["report_file"]) as handle:
+                with open(os.path.join(tmp, f"out{repeat}", summary["series"][0]["report_file"])) as handle:
                     stages.append(json.load(handle)["timing_s"])
         report["end_to_end"] = {
             "series": f"{len(images)} slices of {image_size} x {image_size}, MR Image Storage, {source}",

@@ -94,11 +94,20 @@ def monai_logs_to_stderr() -> None:
                     handler.setStream(sys.stderr)
 
 
+def _series_rule(path: str) -> dict:
+    """The series rule of a JSON file (``--series_rule``): plain values, never evaluated."""
+    with open(path) as handle:
+        values = json.load(handle)
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: the series rule must be a JSON object")
+    return values
+
+
 def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
          output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
          network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
          noise: str = "gaussian", seed: int = 0, synthetic_patients: int = 300, model_version: str = "",
-         opset_version: int | None = None, signing_key: str = "", eval_dir: str = "") -> dict:
+         opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "") -> dict:
     """Export ``checkpoint`` to ``output``; print what was written and the parity figures as JSON, and return them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
@@ -115,8 +124,8 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
                          opset_version=opset_version, preprocess=config.get_parsed_content("preprocess"),
-                         provenance=provenance,
-                         signing_key=signing_key or None)
+                         series_rule=_series_rule(series_rule) if series_rule else config.get("series_rule"),
+                         provenance=provenance, signing_key=signing_key or None)
     print(json.dumps(result, indent=2))
     return result
 

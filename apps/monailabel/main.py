@@ -1,24 +1,32 @@
 """MONAI Label app: the robustmri brain-tumour classifier with influence-guided label review.
 
-Start (from the repository root, virtual environment active):
+Start (from the repository root, virtual environment active), on this machine only:
 
-    monailabel start_server --app apps/monailabel --studies /path/to/studies --conf models brain_tumour
+    monailabel start_server --app apps/monailabel --studies /path/to/studies --host 127.0.0.1 --port 8000 \
+        --conf models brain_tumour
+
+and open http://127.0.0.1:8000/review/ (the review page). Serving beyond loopback is an explicit
+choice with MONAI Label's authentication and restricted CORS origins (README.md beside this file).
 
 ``--conf`` keys: ``models`` (comma-separated; this app serves ``brain_tumour``), ``bundle_path``
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
 ``noise`` (added to training images; default "none"), and overrides of the bundle ids
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
-``models/model_metadata.json``) and ``influence_damping`` (default: influence.json's).
+``models/model_metadata.json``), ``influence_damping`` (default: influence.json's) and
+``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
+name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``).
+Train requests are checked against an allow-list (lib/train_request.py), label uploads against
+the bundle's classes (lib/datastore.py).
 Every task reads the bundle through lib/bundle.py. See README.md beside this file for the
 annotator's workflow.
 """
 
 import logging
 import os
+import sys
 from typing import Dict
 
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -30,7 +38,10 @@ from monailabel.tasks.activelearning.random import Random
 from robustmri import __version__
 from robustmri.review.label_review import LABEL_SUFFIX
 
+from lib import server
 from lib.activelearning.most_suspicious import MostSuspicious
+from lib.bundle import INFER_CONFIG, class_names, read_config
+from lib.datastore import ClassLabelDatastore
 from lib.infers.classification import ClassificationInfer
 from lib.scoring.influence_review import InfluenceReviewScoring
 from lib.trainers.isp import ISPTrain
@@ -52,12 +63,25 @@ class RobustMRIApp(MONAILabelApp):
             raise FileNotFoundError(f"{self.bundle_dir}: not a bundle folder (no configs/metadata.json); "
                                     "set --conf bundle_path")
         logger.info("bundle: %s", self.bundle_dir)
+        self.class_names = class_names(read_config(self.bundle_dir, INFER_CONFIG, conf))
+        self.tracking_settings = conf.get("tracking_settings", "")
+        if self.tracking_settings and not os.path.isfile(self.tracking_settings):
+            raise FileNotFoundError(f"--conf tracking_settings {self.tracking_settings}: no such file")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
                          description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
                                      "with influence-guided label review. Research only, not for clinical use.",
-                         version=__version__)
+                         version=__version__, labels=list(self.class_names))
         # scoring is a full feature pass and solve: run it after training, not after every request
         self._auto_update_scoring = False
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        fastapi_app = sys.modules.get("monailabel.app")  # the running server, where there is one
+        if mode and fastapi_app is not None:
+            server.install(fastapi_app.app, self, sys.argv)
+
+    def train_models(self) -> list:
+        return list(self._trainers)
 
     def train(self, request):
         result = super().train(request)
@@ -70,10 +94,11 @@ class RobustMRIApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        # labels are <image id>.label.json files: add their suffix to the datastore's file types
-        return LocalDatastore(self.studies, extensions=[*settings.MONAI_LABEL_DATASTORE_FILE_EXT, f"*{LABEL_SUFFIX}"],
-                              auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                              read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        # labels are <image id>.label.json files of the bundle's classes, checked at upload
+        return ClassLabelDatastore(self.studies, self.class_names,
+                                   extensions=[*settings.MONAI_LABEL_DATASTORE_FILE_EXT, f"*{LABEL_SUFFIX}"],
+                                   auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self) -> Dict[str, InferTask]:
         task = ClassificationInfer(self.bundle_dir, self.conf)

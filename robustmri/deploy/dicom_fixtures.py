@@ -30,7 +30,8 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
                     orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), rescale=(0.25, -10.0),
                     file_names: list[str] | None = None, transfer_syntax: str | None = None,
                     series_uid: str | None = None, frame_of_reference_uid: str | None = None,
-                    overrides: dict[int, dict[str, object]] | None = None) -> list[str]:
+                    overrides: dict[int, dict[str, object]] | None = None,
+                    attributes: dict[str, object] | None = None) -> list[str]:
     """Write ``images`` (2-D arrays, modality values) as one series in spatial order; return the paths.
 
     Stored values are ``(value - intercept) / slope`` (uint16), so reading them back and applying
@@ -38,6 +39,8 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
     ``series_uid`` and ``frame_of_reference_uid`` (new UIDs by default) let several calls write files
     that share them. ``overrides`` maps a slice index to attributes set on that slice's dataset last,
     by keyword (e.g. ``{2: {"Modality": "CT", "PixelSpacing": ["0.5", "0.5"]}}``); None deletes one.
+    ``attributes`` are set the same way on every slice, before ``overrides`` (e.g. a T2 series:
+    ``{"EchoTime": "95", "RepetitionTime": "4000"}`` with ``series_description="AX T2"``).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
@@ -95,7 +98,7 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
         ds.PixelData = stored.astype("<u2").tobytes()
-        for keyword, value in overrides.get(index, {}).items():
+        for keyword, value in {**(attributes or {}), **overrides.get(index, {})}.items():
             if value is None:
                 delattr(ds, keyword)
             else:

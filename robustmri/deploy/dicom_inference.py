@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from robustmri.deploy.dicom_series import (
 )
 from robustmri.deploy.dicom_sr import SERIES_DESCRIPTION, write_sr
 from robustmri.deploy.model_trust import DEMO_MODEL_NOTICE, check_demo_model, model_line
+from robustmri.deploy.series_rule import SeriesRule, rule_of_model
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -171,109 +173,318 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
     return finding, details
 
 
+OUTPUTS = ("study", "series")
+#: Exit statuses of a run (``summary["status"]``): at least one result / nothing to report / unusable input.
+STATUS_OK, STATUS_NO_RESULT, STATUS_NO_INPUT = "ok", "no_result", "no_input"
+
+
+class DicomInputError(FileNotFoundError):
+    """The input is missing or holds no files; ``summary.json`` says so (status ``no_input``)."""
+
+
 def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: SeriesSelection | None = None,
                 batch_size: int = 32, on_slice_error: str = "fail", write_sr_files: bool = True,
-                progress: bool = True, allow_incomplete: bool = False, allow_demo_model: bool = False) -> dict:
-    """Classify every selected series under ``inputs`` (folders or files); write reports; return the summary.
+                progress: bool = True, allow_incomplete: bool = False, output: str = "study",
+                series_rule: SeriesRule | dict | str | None = None, include_paths: bool = False,
+                allow_demo_model: bool = False) -> dict:
+    """Classify the studies (or series) under ``inputs`` (folders or files); write reports; return the summary.
 
-    Per classified series ``<SeriesInstanceUID>.json`` (per-slice table, series result, model)
-    and ``<SeriesInstanceUID>.sr.dcm``; for the run ``summary.json`` (every series and skipped file
-    with its reason). A refused SeriesInstanceUID (files disagreeing on patient, study, modality or
-    geometry) is among the skipped series and each of its files among the skipped files. An
-    incomplete series is skipped with its reason unless ``allow_incomplete`` (default False): then
-    it is classified and marked ``"complete": false`` in its report, the summary and the SR.
-    A demo model (trained on the embedded synthetic set) is refused unless ``allow_demo_model``;
-    then every report, the summary and the SR say DEMO MODEL.
+    ``output="study"`` (default): per study, the series that match the model's training domain
+    (``series_rule``; None: the rule in the model's metadata, see :mod:`robustmri.deploy.series_rule`)
+    are ranked and the best one that gives a result is the study's answer: one
+    ``<StudyInstanceUID>.json`` and one ``<StudyInstanceUID>.sr.dcm``, naming the series used and
+    every other series of the study as not used, with the reason. ``output="series"``: every
+    matching series gets its own ``<SeriesInstanceUID>.json`` and ``.sr.dcm``. For the run,
+    ``summary.json``: every study and series with its outcome; skipped files counted by reason.
+
+    A refused SeriesInstanceUID (files disagreeing on patient, study, modality or geometry) or a
+    study whose series disagree on PatientID is never classified. An incomplete series gives no
+    result unless ``allow_incomplete``. Outputs name series by UID and ordinal number only: no
+    file or folder names, no free text from the headers, unless ``include_paths`` (local debugging)
+    adds the file paths. A missing or empty input raises :class:`DicomInputError` after writing
+    ``summary.json`` with status ``no_input``. A demo model (trained on the embedded synthetic set)
+    is refused unless ``allow_demo_model``; then every report, the summary and the SR say DEMO MODEL.
     """
     check_demo_model(classifier.describe(), allow_demo_model)
     total_start = time.perf_counter()
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     output_dir = os.fspath(output_dir)
-    scan = scan_folders(inputs, progress=progress)
+    os.makedirs(output_dir, exist_ok=True)
+    rule, rule_source = _resolve_rule(series_rule, classifier)
+    model = classifier.describe()
+    base = {"output": output, "model": model, "provider": model["provider"],
+            "series_rule": {"source": rule_source, **rule.to_dict()}, "not_for_clinical_use": True}
+    problem = input_problem(inputs)
+    if problem is None:
+        try:
+            scan = scan_folders(inputs, progress=progress)
+        except FileNotFoundError:  # removed while scanning
+            problem = input_problem(inputs) or "no files under the input folder(s)"
+    if problem is not None:
+        write_no_input_summary(output_dir, problem, inputs, include_paths, base)
+        raise DicomInputError(f"{problem}; status in {os.path.join(output_dir, 'summary.json')}")
     redact = Redactor(scan.identifiers)
     selected, rejected = select_series(scan.series, selection)
-    model = classifier.describe()
+    rejected_reason = {id(s): reason for s, reason in rejected}
     skipped_files = list(scan.skipped_files)
-    skipped_series = [_skipped_series(s, reason) for s, reason in rejected]
     # every file of a refused SeriesInstanceUID is listed as not used, with the series' reason
     skipped_files += [SkippedFile(image.path, f"not used: {s.refusal}") for s, _ in rejected if s.refusal
                       for image in s.slices]
-    classified = []
-    os.makedirs(output_dir, exist_ok=True)
-    for series in selected:
-        start = time.perf_counter()
-        try:
-            record = classify_series(series, classifier, batch_size, on_slice_error, allow_incomplete)
-        except SeriesNotClassified as err:
-            record, rows = None, err.slice_rows
-            skipped_series.append(_skipped_series(series, err.reason))
+    studies = _group_studies(scan.series)
+    records, study_entries, series_entries = [], [], []
+    for ordinal, (study_uid, members) in enumerate(studies, start=1):
+        entry = {"study_instance_uid": study_uid, "ordinal": ordinal, "status": STATUS_NO_RESULT, "reason": None,
+                 "series": []}
+        patient_problem = _study_patient_problem(members)
+        candidates, outcome = [], {}
+        for number, series in enumerate(members, start=1):
+            reason = (series.refusal or patient_problem or rejected_reason.get(id(series)))
+            assessment = None
+            if reason is None:
+                assessment = rule.assess(series.header, len(series.slices))
+                reason = None if assessment.matches else f"not {rule.name}: {assessment.reason}"
+            outcome[id(series)] = {"series_instance_uid": series.series_instance_uid, "ordinal": number,
+                                   "series_number": _series_number(series), "modality": series.modality,
+                                   "n_files": len(series.slices), "used": False, "reason": reason,
+                                   "evidence": list(assessment.evidence) if assessment and assessment.matches else []}
+            if reason is None:
+                candidates.append((series, assessment, _series_number(series) or 0, series.series_instance_uid))
+        ranked = SeriesRule.rank(candidates)
+        chosen = None
+        for series in ranked:
+            if output == "study" and chosen is not None:
+                outcome[id(series)]["reason"] = (f"not used: series {outcome[id(chosen)]['ordinal']} of the study was "
+                                                 "chosen (ranked first by the series rule)")
+                continue
+            record, rows, reason = _classify(series, classifier, batch_size, on_slice_error, allow_incomplete)
+            skipped_files += [SkippedFile(row["file"], row["reason"]) for row in rows if row.get("status") == "error"]
+            release = getattr(series, "release", None)
+            if callable(release):
+                release()
+            if record is None:
+                outcome[id(series)]["reason"] = reason
+                continue
+            outcome[id(series)].update(used=True, reason=None)
+            chosen = series
+            records.append((series, record))
+        entry["series"] = [outcome[id(s)] for s in members]
+        used = [s for s in members if outcome[id(s)]["used"]]
+        if used:
+            entry.update(status="classified" if output == "study" else "series_classified", reason=None,
+                         series_used=[outcome[id(s)]["series_instance_uid"] for s in used])
         else:
-            rows = record["slices"]
-        # unreadable slices are reported whether they failed the series or were left out of it
-        skipped_files += [SkippedFile(row["file"], row["reason"]) for row in rows if row.get("status") == "error"]
-        if record is None:
-            continue
+            entry["reason"] = (patient_problem or
+                               (f"no series of the study matches the series rule ({rule.name})" if not ranked
+                                else "no matching series could be classified: " +
+                                "; ".join(f"series {outcome[id(s)]['ordinal']}: {outcome[id(s)]['reason']}"
+                                          for s in ranked)))
+        study_entries.append(entry)
+        series_entries += entry["series"]
+    classified = []
+    for series, record in records:
+        study = next(e for e in study_entries if e["study_instance_uid"] == series.study_instance_uid)
+        stem = os.path.join(output_dir, study["study_instance_uid"] if output == "study"
+                            else series.series_instance_uid)
+        record = _minimal(record, include_paths)
+        record["study"] = {"study_instance_uid": study["study_instance_uid"], "ordinal": study["ordinal"],
+                           "series": study["series"]}
+        record["series_rule"] = base["series_rule"]
         record["model"] = model
         record["not_for_clinical_use"] = True
-        stem = os.path.join(output_dir, series.series_instance_uid)
         if write_sr_files:
             finding, details = sr_text(record, model)
+            details = details + _study_lines(record, rule, rule_source, output)
             references = [(s.sop_class_uid, s.sop_instance_uid) for s, row in zip(series.slices, record["slices"])
-                          if row["status"] == "classified"]
-            record["sr_file"] = write_sr(stem + ".sr.dcm", series.header, series.series_instance_uid, references,
-                                         finding, details)
+                          if row.get("status") == "classified"]
+            write_sr(stem + ".sr.dcm", series.header, series.series_instance_uid, references, finding, details)
+            record["sr_file"] = os.path.basename(stem) + ".sr.dcm"
             record["sr_series_description"] = SERIES_DESCRIPTION
-        record["report_file"] = stem + ".json"
-        record["timing_s"]["series_total"] = round(time.perf_counter() - start, 4)
+            study.setdefault("sr_files", []).append(record["sr_file"])
+        record["report_file"] = os.path.basename(stem) + ".json"
+        study.setdefault("report_files", []).append(record["report_file"])
         record = _redacted(record, redact)
         write_json(stem + ".json", record)
         classified.append(record)
-        logger.info("series %s: %s (%d slices) -> %s", series.series_instance_uid, record["result"]["class"],
-                    record["result"]["n_classified"], record["report_file"])
+        result = record.get("result") or {}
+        logger.info("study %d, series %s: %s -> %s", study["ordinal"], series.series_instance_uid,
+                    result.get("class", record.get("status")), record["report_file"])
+    counts = Counter(redact(item.reason) for item in skipped_files)
+    skipped_summary = [{"reason": reason, "count": n} for reason, n in counts.most_common()]
+    if include_paths:
+        for item in skipped_summary:
+            item["files"] = [f.path for f in skipped_files if redact(f.reason) == item["reason"]]
     summary = {
-        "inputs": [redact(os.path.abspath(p)) for p in as_path_list(inputs)],
+        "status": STATUS_OK if classified else STATUS_NO_RESULT,
+        "reason": None if classified else "no study gave a result; each study's reason is in 'studies'",
+        "output": output,
+        "n_inputs": len(as_path_list(inputs)),
         "n_files": scan.n_files,
+        "n_studies": len(study_entries),
         "n_series_found": len(scan.series),
         "n_series_classified": len(classified),
+        "n_files_skipped": len(skipped_files),
         "provider": model["provider"],
-        "model": _redacted(model, redact),
+        "model": model,
+        "series_rule": base["series_rule"],
         "aggregation": AGGREGATION_RULE,
         "grouping_policy": GROUPING_POLICY,
+        "study_policy": STUDY_POLICY,
         "allow_incomplete": allow_incomplete,
-        "series": [{"series_instance_uid": r["series_instance_uid"], "class": r["result"]["class"],
-                    "probability": r["result"]["probabilities"][r["result"]["class"]],
-                    "n_slices": r["result"]["n_classified"], "complete": r["complete"],
-                    "incomplete_reason": r["incomplete_reason"], "report_file": r["report_file"],
+        "studies": _redacted(study_entries, redact),
+        "series": [{"series_instance_uid": r["series_instance_uid"], "study_instance_uid": r["study_instance_uid"],
+                    "status": r.get("status", "classified"),
+                    "class": (r.get("result") or {}).get("class"),
+                    "probability": ((r.get("result") or {}).get("probabilities") or {}).get(
+                        (r.get("result") or {}).get("class")),
+                    "n_slices": (r.get("result") or {}).get("n_classified"), "complete": r.get("complete"),
+                    "incomplete_reason": r.get("incomplete_reason"), "report_file": r["report_file"],
                     "sr_file": r.get("sr_file")} for r in classified],
-        "skipped_series": _redacted(skipped_series, redact),
-        "skipped_files": [{"file": redact(item.path), "reason": redact(item.reason)} for item in skipped_files],
+        "skipped_series": _redacted([s for s in series_entries if not s["used"]], redact),
+        "skipped_files": skipped_summary,
         "seconds": round(time.perf_counter() - total_start, 4),
         "not_for_clinical_use": True,
     }
+    if include_paths:
+        summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
     write_json(os.path.join(output_dir, "summary.json"), summary)
-    for item in summary["skipped_files"]:
-        logger.warning("skipped file %s: %s", item["file"], item["reason"])
+    for item in skipped_summary:  # one line per reason, with a count
+        logger.warning("skipped %d file(s): %s", item["count"], item["reason"])
     for item in summary["skipped_series"]:
-        logger.warning("skipped series %s (%s, %d file(s)): %s", item["series_instance_uid"], item["modality"] or "?",
-                       item["n_files"], item["reason"])
-    logger.info("%d file(s), %d series found, %d classified on %s, %d series and %d file(s) skipped -> %s",
-                scan.n_files, len(scan.series), len(classified), model["provider"], len(summary["skipped_series"]),
-                len(summary["skipped_files"]), output_dir)
+        logger.info("series %s (%s, %d file(s)) not used: %s", item["series_instance_uid"], item["modality"] or "?",
+                    item["n_files"], item["reason"])
+    logger.info("%d file(s), %d study(ies), %d series; %d result(s) on %s; %d series not used, %d file(s) skipped -> %s",
+                scan.n_files, len(study_entries), len(scan.series), len(classified), model["provider"],
+                len(summary["skipped_series"]), len(skipped_files), output_dir)
     return summary
+
+
+def input_problem(inputs) -> str | None:
+    """Why ``inputs`` cannot be classified at all (a path not found, no file under them), or None; no paths in it."""
+    paths = as_path_list(inputs)
+    if not paths:
+        return "no input given"
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        return f"{len(missing)} input path(s) not found"
+    for path in paths:
+        if os.path.isfile(path) or any(names for _, _, names in os.walk(path)):
+            return None
+    return "no files under the input folder(s)"
+
+
+def write_no_input_summary(output_dir, reason: str, inputs=(), include_paths: bool = False,
+                           extra: dict | None = None) -> str:
+    """``summary.json`` of a run that could not start (status ``no_input``); its path."""
+    summary = {"status": STATUS_NO_INPUT, "reason": reason, **(extra or {}), "n_series_classified": 0,
+               "not_for_clinical_use": True}
+    if include_paths:
+        summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
+    os.makedirs(os.fspath(output_dir), exist_ok=True)
+    path = os.path.join(os.fspath(output_dir), "summary.json")
+    write_json(path, summary)
+    return path
+
+
+STUDY_POLICY = (
+    "Series are grouped into studies by StudyInstanceUID; a study whose series disagree on PatientID is refused "
+    "whole. Per study, the series that pass the selection and match the series rule are ranked (most evidence, "
+    "then most slices, then highest SeriesNumber); with output 'study' the first that gives a result is the "
+    "study's answer and every other series is listed as not used with the reason; with output 'series' every "
+    "matching series gets its own result."
+)
+
+
+def _resolve_rule(series_rule, classifier) -> tuple[SeriesRule, str]:
+    """The rule to apply and where it came from; an operator's rule that differs from the model's is named so."""
+    model_rule, model_source = rule_of_model(getattr(classifier, "metadata", {}) or {})
+    if series_rule is None:
+        return model_rule, model_source
+    if isinstance(series_rule, str):
+        rule = SeriesRule.from_json(series_rule)
+    elif isinstance(series_rule, dict):
+        rule = SeriesRule.from_dict(series_rule)
+    elif isinstance(series_rule, SeriesRule):
+        rule = series_rule
+    else:
+        raise TypeError(f"series_rule must be a SeriesRule, a dict, JSON text or None, got {type(series_rule).__name__}")
+    if rule == model_rule:
+        return rule, "the operator's configuration (the same as " + model_source + ")"
+    logger.warning("the series rule given differs from %s: series are chosen by the operator's rule", model_source)
+    return rule, "the operator's configuration, which DIFFERS from " + model_source
+
+
+def _group_studies(series: list[DicomSeries]) -> list[tuple[str, list[DicomSeries]]]:
+    """Series by StudyInstanceUID (refused series with no single study under ''), each ordered by SeriesNumber, UID."""
+    studies: dict[str, list[DicomSeries]] = {}
+    for item in series:
+        studies.setdefault(item.study_instance_uid, []).append(item)
+    for members in studies.values():
+        members.sort(key=lambda s: (_series_number(s) is None, _series_number(s) or 0, s.series_instance_uid))
+    return sorted(studies.items(), key=lambda kv: (kv[0] == "", kv[0]))
+
+
+def _series_number(series: DicomSeries) -> int | None:
+    try:
+        value = series.header.get("SeriesNumber", None)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _study_patient_problem(members: list[DicomSeries]) -> str | None:
+    ids = Counter(s.slices[0].attribute("PatientID") for s in members if not s.refusal and s.slices)
+    if len(ids) > 1:
+        return (f"refused: the series of this StudyInstanceUID disagree on PatientID ({len(ids)} values: "
+                f"{' + '.join(str(n) for _, n in ids.most_common())} series); series of different patients are "
+                "never merged, none is used")
+    return None
+
+
+def _classify(series, classifier, batch_size, on_slice_error, allow_incomplete):
+    """(record, slice rows, reason): the series' record, or None and the reason it gave no result."""
+    try:
+        record = classify_series(series, classifier, batch_size, on_slice_error, allow_incomplete)
+    except SeriesNotClassified as err:
+        return None, err.slice_rows, err.reason
+    return record, record["slices"], None
+
+
+def _minimal(record: dict, include_paths: bool) -> dict:
+    """The record without free text from the headers, and without file names unless ``include_paths``."""
+    record = dict(record)
+    record.pop("series_description", None)
+    if not include_paths:
+        record["slices"] = [{k: v for k, v in row.items() if k != "file"} for row in record["slices"]]
+    return record
+
+
+def _study_lines(record: dict, rule: SeriesRule, rule_source: str, output: str) -> list[str]:
+    """SR lines naming the series used and every other series of the study with the reason it was not used."""
+    study = record["study"]
+    used = next(s for s in study["series"] if s["series_instance_uid"] == record["series_instance_uid"])
+    lines = [f"Series used: series {used['ordinal']} of the study, SeriesInstanceUID {used['series_instance_uid']}"
+             f"{'' if used['series_number'] is None else ', SeriesNumber ' + str(used['series_number'])}; chosen by "
+             f"the series rule '{rule.name}' ({rule_source}): {', '.join(used['evidence']) or 'matches'}."]
+    others = [s for s in study["series"] if s["series_instance_uid"] != record["series_instance_uid"]]
+    if output == "study":
+        for s in others:
+            lines.append(f"Not used: series {s['ordinal']}, SeriesInstanceUID {s['series_instance_uid']}: {s['reason']}.")
+    elif others:
+        lines.append(f"This report covers one series; the study has {len(others)} other series (see their reports "
+                     "and the run summary).")
+    return lines
 
 
 #: Fields that carry text from outside (paths, reasons, descriptions): the ones redaction looks at.
 #: UIDs, hashes and numbers are left alone (a short numeric PatientID could occur inside a hash).
-FREE_TEXT_FIELDS = ("file", "reason", "incomplete_reason", "sr_file", "report_file", "series_description")
-
-
-def _skipped_series(series, reason: str) -> dict:
-    return {"series_instance_uid": series.series_instance_uid, "modality": series.modality,
-            "n_files": len(series.slices), "reason": reason}
+FREE_TEXT_FIELDS = ("file", "files", "reason", "incomplete_reason", "sr_file", "report_file", "series_description")
 
 
 def _redacted(value, redact: Redactor):
     if isinstance(value, dict):
-        return {k: (redact(v) if k in FREE_TEXT_FIELDS else _redacted(v, redact)) for k, v in value.items()}
+        return {k: (([redact(x) for x in v] if isinstance(v, list) else redact(v)) if k in FREE_TEXT_FIELDS
+                    else _redacted(v, redact)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redacted(v, redact) for v in value]
     return value

@@ -281,7 +281,7 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
         key = (uid, image.sop_instance_uid)
         identity = tuple(image.attribute(keyword) for keyword in IDENTITY_ATTRIBUTES)
         if key in seen and seen[key][1] == identity:
-            skipped.append(SkippedFile(path, f"duplicate SOPInstanceUID: the same instance as {seen[key][0]}"))
+            skipped.append(SkippedFile(path, "duplicate SOPInstanceUID: the same instance as an earlier file of its series"))
             continue
         seen.setdefault(key, (path, identity))
         if uid not in series:

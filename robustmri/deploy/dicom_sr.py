@@ -1,7 +1,8 @@
 """A DICOM Basic Text SR holding a series-level classification, readable by any PACS viewer.
 
-The document belongs to the source study (Patient and General Study modules copied, as
-DICOM requires), is a new series and instance (new UIDs), references every source image
+The document belongs to the source study (of the Patient and General Study modules, only the
+attributes the IOD requires are copied, :data:`PATIENT_MODULE` and :data:`STUDY_MODULE`; the referring
+physician's name is written empty, nothing free-text is copied), is a new series and instance (new UIDs), references every source image
 (evidence sequence and IMAGE content items), and says plainly that it is an unverified
 research result: VerificationFlag UNVERIFIED, SeriesDescription "... NOT FOR CLINICAL USE".
 """
@@ -15,13 +16,14 @@ from robustmri import __version__
 
 BASIC_TEXT_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"
 SERIES_DESCRIPTION = "AI tumour type RESEARCH - NOT FOR CLINICAL USE"
-#: Type 2 attributes of the Patient and General Study modules are copied, or written empty.
-PATIENT_MODULE = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-                  "OtherPatientIDsSequence", "PatientAge", "PatientComments")
-STUDY_MODULE = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-                "AccessionNumber", "StudyDescription", "IssuerOfAccessionNumberSequence")
+#: The Patient and General Study attributes the Basic Text SR IOD requires (Type 1 and 2), and no
+#: others: no free text (PatientComments, StudyDescription) and nothing optional (PatientAge, other IDs).
+PATIENT_MODULE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+STUDY_MODULE = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+#: Type 2 attributes written empty even when the source has them: a name the report does not need.
+WRITTEN_EMPTY = ("ReferringPhysicianName",)
 DISCLAIMER = ("Research software, NOT FOR CLINICAL USE. Unverified output of an automatic classifier "
               "trained on 2D T1 contrast-enhanced slices that contain a tumour; it does not detect "
               "whether a tumour is present.")
@@ -95,7 +97,7 @@ def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]]
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     # Patient and General Study: copied (DICOM requires them; nothing else here repeats them)
     for keyword in PATIENT_MODULE + STUDY_MODULE:
-        if keyword in source:
+        if keyword in source and keyword not in WRITTEN_EMPTY:
             ds[keyword] = source[keyword]
         elif keyword in TYPE2:
             setattr(ds, keyword, "")

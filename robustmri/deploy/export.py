@@ -34,6 +34,8 @@ from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.deploy.model_trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.deploy.series_rule import SeriesRule
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN
@@ -85,12 +87,15 @@ def split_images(data, split: str | None) -> np.ndarray | None:
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
                 checkpoint: str | os.PathLike | None = None, model_version: str = "",
                 parity_images: np.ndarray | None = None, opset_version: int | None = None,
-                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS, provenance: dict | None = None,
+                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS,
+                series_rule: SeriesRule | dict | None = None, provenance: dict | None = None,
                 signing_key: str | os.PathLike | None = None) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
     ``preprocess`` the preprocessing the network was trained with (``model_metadata.json``);
+    ``series_rule`` which DICOM series match the training domain (:mod:`robustmri.deploy.series_rule`;
+    None or an empty dict: the default T1-weighted post-contrast rule, a dict changes its values);
     ``provenance`` what trained it (:func:`checkpoint_provenance`; None: not recorded, ``demo_model``
     "unknown"); a demo model's version gets the suffix ``+demo``. ``signing_key``: an Ed25519
     private key (PEM) that signs the integrity digest;
@@ -102,6 +107,8 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     spatial_size = int(spatial_size)
     class_names = [str(name) for name in class_names]
     check_preprocess(preprocess)
+    if not isinstance(series_rule, SeriesRule):
+        series_rule = SeriesRule.from_dict(dict(series_rule or {}))
     demo = "unknown" if not provenance else ("true" if provenance.get("demo_model") else "false")
     model = ProbabilityHead(copy.deepcopy(network).cpu()).eval()
     with torch.no_grad():
@@ -114,6 +121,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         "spatial_size": str(spatial_size),
         "preprocess": preprocess,
         "intensity_normalisation": DESCRIPTIONS[preprocess],
+        SERIES_RULE_KEY: series_rule.to_json(),
         "model_version": f"{model_version}+demo" if demo == "true" and model_version else str(model_version),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
         "network": _describe(network),

@@ -13,7 +13,7 @@ written into the model's metadata at export (:func:`integrity_fields`):
   ``{"scheme": INTEGRITY_SCHEME, "graph_sha256": <graph digest>, "metadata": {key: value}}`` where
   ``metadata`` holds **every** metadata entry except the trust fields themselves
   (:data:`TRUST_KEYS`): class names, spatial size, preprocessing name and description, selection
-  rule, detector and threshold keys, provenance and ``demo_model`` included. ``integrity_covers``
+  rule (``series_rule``), detector and threshold keys, provenance and ``demo_model`` included. ``integrity_covers``
   lists the covered keys (JSON list, sorted); it is itself covered.
 
 A runtime recomputes both on every load (:func:`verify_model`) and refuses a model whose digest
@@ -40,6 +40,8 @@ import hashlib
 import json
 import os
 
+from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
+
 #: Version tag of the digest's definition (module docstring); part of what is hashed.
 INTEGRITY_SCHEME = "robustmri-integrity-1"
 #: Prefix of the signed message (domain separation: the key signs nothing else by accident).
@@ -51,7 +53,7 @@ TRUST_KEYS = ("integrity_sha256", "signature", "signature_algorithm", "signing_k
 #: each of them (export refuses to write one without, the runtime to load one without), and the
 #: digest covers them. Extend with the keys of new output-affecting features (e.g. a detector's
 #: ``OOD_METADATA_KEYS``); keys not listed are still covered when present.
-MODEL_KEYS = ("class_names", "spatial_size", "preprocess", "intensity_normalisation")
+MODEL_KEYS = ("class_names", "spatial_size", "preprocess", "intensity_normalisation", SERIES_RULE_KEY)
 PROVENANCE_KEYS = ("demo_model", "provenance")
 OUTPUT_AFFECTING_KEYS = MODEL_KEYS + PROVENANCE_KEYS + ("graph_sha256", "integrity_covers")
 #: What every output of a demo model says.

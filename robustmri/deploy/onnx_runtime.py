@@ -62,11 +62,27 @@ def choose_providers(device: str = "auto") -> list[str]:
     if device == "cpu":
         return [CPU]
     if CUDA in available:
+        _preload_cuda_libraries(onnxruntime)
         return [CUDA, CPU]
     if device == "cuda":
         raise RuntimeError(f"device 'cuda' asked for, but this onnxruntime offers only {available}; install the "
                            "gpu extra (onnxruntime-gpu) on a machine with an NVIDIA GPU and CUDA")
     return [CPU]
+
+
+def _preload_cuda_libraries(onnxruntime) -> None:
+    """Load the CUDA and cuDNN libraries that torch's wheels installed (``nvidia-*`` packages) for the CUDA provider.
+
+    onnxruntime-gpu finds them on the loader path only; ``onnxruntime.preload_dlls`` (onnxruntime >= 1.21)
+    loads them from the Python environment. Failures are left to the session, which then reports the
+    provider it could use.
+    """
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception as err:  # noqa: BLE001 - any failure means: the session decides
+            logger.debug("onnxruntime.preload_dlls failed: %s", err)
 
 
 def read_metadata(model) -> dict:
@@ -130,7 +146,11 @@ class OnnxClassifier:
         self.providers: list[str] = list(self.session.get_providers())
         self.provider: str = self.providers[0]
         if requested[0] == CUDA and self.provider != CUDA:
-            logger.warning("CUDA execution provider requested but not usable here; running on %s", self.provider)
+            if str(device).lower() == "cuda":  # asked for explicitly: running elsewhere would be a silent change
+                raise RuntimeError(f"device 'cuda' asked for, but the CUDA execution provider is not usable here "
+                                   f"(no usable GPU or CUDA libraries); the session runs on {self.provider}. Use "
+                                   "--device cpu or auto to run on the CPU")
+            logger.warning("CUDA execution provider present but not usable here; running on %s", self.provider)
         logger.info("ONNX model %s: version %s, %s, providers %s, integrity sha256 %s verified, signature %s",
                     os.path.basename(self.model_file), self.metadata["model_version"] or "?", self.class_names,
                     self.providers, self.trust["integrity_sha256"], self.trust["signature"])

@@ -9,13 +9,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
@@ -24,57 +20,26 @@ from PIL import Image
 
 from robustmri.data.preprocessing import PREPROCESSING
 from robustmri.data.readers import read_image
-from robustmri.data.synthetic import generate_slices
-from robustmri.engine.model_metadata import METADATA_FILE, model_metadata
 from robustmri.engine.workflow import execute, load_workflow
 from robustmri.networks import PaperCNN
-from robustmri.outputs import write_json
-from robustmri.review.label_review import write_label_file
-
-from conftest import ROOT
 
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
 
-REPO = str(ROOT)
-APP = os.path.join(REPO, "apps", "monailabel")
-CLASS_NAMES = ("meningioma", "glioma", "pituitary")
+from label_server import (  # noqa: E402  (tests/apps/label_server.py, after the skip)
+    APP,
+    BROKEN,
+    CLASS_NAMES,
+    ServerError,
+)
+from label_server import edit_config as _edit_config  # noqa: E402
+from label_server import free_port as _free_port  # noqa: E402
+from label_server import make_bundle as _make_bundle  # noqa: E402
+from label_server import make_studies as _make_studies  # noqa: E402
+from label_server import request as _request  # noqa: E402
+from label_server import tail as _tail  # noqa: E402
+from label_server import wait as _wait  # noqa: E402
+
 DEADLINE_S = 150
-#: Written to the study folder: not an image, never labelled.
-BROKEN = "broken.png"
-
-
-def _make_studies(studies):
-    """12 tiny PNG slices with JSON labels (patient groups), and one unreadable file without a label."""
-    synthetic = generate_slices(n_patients=6, size=64, seed=0)
-    (studies / "labels" / "final").mkdir(parents=True)
-    for k, (image, label) in enumerate(zip(synthetic["images"][:12], synthetic["labels"][:12])):
-        Image.fromarray((image * 255).astype(np.uint8)).save(studies / f"case{k:02d}.png")
-        write_label_file(str(studies / "labels" / "final" / f"case{k:02d}.label.json"), CLASS_NAMES[int(label)],
-                         group=str(int(synthetic["groups"][k])))
-    (studies / BROKEN).write_bytes(b"not a PNG")
-    return studies
-
-
-def _make_bundle(bundle, network=None, network_def=None, padding=2, preprocess="minmax"):
-    """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json, as training
-    writes it (so the app must take spatial size and padding from there); ``network_def`` replaces train.json's."""
-    shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
-    if network_def is not None:
-        _edit_config(bundle, "train.json", network_def=network_def)
-    (bundle / "models").mkdir()
-    torch.manual_seed(0)
-    network = network if network is not None else PaperCNN(spatial_size=64, padding=padding)
-    torch.save(network.state_dict(), bundle / "models" / "model.pt")
-    write_json(str(bundle / "models" / METADATA_FILE), model_metadata({}, 64, padding, network, CLASS_NAMES,
-                                                                      preprocess=preprocess))
-    return bundle
-
-
-def _edit_config(bundle, name, **values):
-    path = bundle / "configs" / name
-    config = json.loads(path.read_text())
-    config.update(values)
-    path.write_text(json.dumps(config, indent=4))
 
 
 def _bundle_inference(bundle, image, output_file):
@@ -86,24 +51,15 @@ def _bundle_inference(bundle, image, output_file):
     return predictions[0]["probabilities"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerError(AssertionError):
-    pass
-
-
-def _request(url, method="GET", timeout=60, body=None):
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    request = urllib.request.Request(url, method=method, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as err:
-        raise ServerError(f"{method} {url}: HTTP {err.code} {err.read().decode(errors='replace')[:2000]}") from err
+def _write_tracking_settings(path, log_dir):
+    """A MONAI tracking settings file that needs no mlflow (a TensorBoard handler writing to ``log_dir``);
+    the server names it with ``--conf tracking_settings``, the only file a train request may name."""
+    path.write_text(json.dumps({
+        "handlers_id": {"trainer": {"id": "train#trainer", "handlers": "train#handlers"}},
+        "configs": {"trainer": {"_target_": "TensorBoardStatsHandler", "log_dir": str(log_dir),
+                                "tag_name": "tracked_loss",
+                                "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}}}))
+    return path
 
 
 def _score_unless_busy(base):
@@ -113,25 +69,6 @@ def _score_unless_busy(base):
         if "HTTP 429" in str(err):  # "Scoring Task is Already Running"
             return None
         raise
-
-
-def _wait(condition, deadline, what, process, log_path):
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited ({process.returncode}) while waiting for {what}:\n{_tail(log_path)}")
-        try:
-            value = condition()
-            if value:
-                return value
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}:\n{_tail(log_path)}")
-
-
-def _tail(path, n=4000):
-    with open(path, errors="replace") as handle:
-        return handle.read()[-n:]
 
 
 @pytest.mark.slow
@@ -149,7 +86,8 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     command = [os.path.join(os.path.dirname(sys.executable), "monailabel"), "start_server", "--app", str(app),
                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "models",
-               "brain_tumour", "--conf", "bundle_path", str(bundle)]
+               "brain_tumour", "--conf", "bundle_path", str(bundle), "--conf", "tracking_settings",
+               str(_write_tracking_settings(tmp_path / "tracking.json", tmp_path / "tracking"))]
     log_path = tmp_path / "server.log"
     deadline = time.monotonic() + DEADLINE_S
     with open(log_path, "w") as log:
@@ -175,6 +113,13 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
     assert info["models"]["brain_tumour"]["type"] == "classification"
     assert set(info["strategies"]) >= {"most_suspicious"} and "influence_review" in info["scoring"]
     assert info["trainers"]["brain_tumour"]["config"]["max_epochs"] == 40  # the bundle's epochs
+    assert info["labels"] == list(CLASS_NAMES) and info["train_stats"] == {"brain_tumour": {}}
+    with pytest.raises(ServerError) as err:  # nothing scored yet: 409 and what to do, not an empty 200
+        _request(f"{base}/activelearning/most_suspicious", "POST")
+    assert err.value.status == 409
+    detail = json.loads(err.value.body)["detail"]
+    assert "POST /scoring/influence_review" in detail["message"] and "POST /train/brain_tumour" in detail["message"]
+    assert detail["progress"] == {"labelled": 12, "scored": 0, "pending": 0, "reviewed": 0, "corrected": 0}
 
     # infer: inference.json's preprocessing, network and softmax, so the bundle's own workflow agrees
     result = _request(f"{base}/infer/brain_tumour?image=case03&output=json", "POST")
@@ -191,17 +136,11 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
 
     # train: the stock overrides (train#trainer#max_epochs, train#handlers with the pretrained
     # checkpoint's loader) and experiment tracking, here with a settings file that needs no mlflow
-    tracking_dir = tmp_path / "tracking"
-    tracking = tmp_path / "tracking.json"
-    tracking.write_text(json.dumps({
-        "handlers_id": {"trainer": {"id": "train#trainer", "handlers": "train#handlers"}},
-        "configs": {"trainer": {"_target_": "TensorBoardStatsHandler", "log_dir": str(tracking_dir),
-                                "tag_name": "tracked_loss",
-                                "output_transform": "$monai.handlers.from_engine(['loss'], first=True)"}}}))
+    tracking_dir, tracking = tmp_path / "tracking", tmp_path / "tracking.json"  # see _write_tracking_settings
     assert not (bundle / "models" / "model_best_val.pt").exists()
     _request(f"{base}/train/brain_tumour?run_sync=true", "POST", timeout=120,
              body={"max_epochs": 2, "influence_epoch": 1, "val_split": 0.34, "device": "cpu",
-                   "tracking": str(tracking)})
+                   "tracking": str(tracking)})  # the settings file named by --conf tracking_settings
     assert (bundle / "models" / "model_best_val.pt").is_file()  # the bundle's ISP run wrote its checkpoints
     with open(bundle / "eval" / "influence_summary.json") as handle:
         summary = json.load(handle)
@@ -218,6 +157,12 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
     assert loader["_target_"] == "CheckpointLoader" and loader["load_path"] == str(bundle / "models" / "model.pt")
     assert config["train"]["handlers"][-1]["log_dir"] == str(tracking_dir)
     assert (config["spatial_size"], config["network_padding"]) == (64, 2)  # as model.pt was trained
+    with open(bundle / "eval" / "history.json") as handle:
+        history = json.load(handle)
+    stats = _request(f"{base}/info/")["train_stats"]["brain_tumour"]  # the last training's metrics
+    assert stats["epochs"] == 2 and stats["last_epoch"] == history[-1] and stats["method"] == "ISP"
+    assert stats["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
+    assert stats["n_train"] + stats["n_val"] == 12
 
     # training starts a background scoring run; score again, synchronously, once it is done
     scoring = _wait(lambda: _score_unless_busy(base), deadline, "the post-training scoring", process, log_path)
@@ -228,7 +173,11 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
               for k in range(12)}
     assert sample["id"] == min(scores, key=scores.get)
     assert sample["influence_score"] == pytest.approx(scores[sample["id"]])
-    assert sample["rank"] == 1 and sample["of"] == 12
+    assert sample["rank"] == 1 and sample["of"] == 12 and sample["percentile"] == pytest.approx(100 / 12, abs=0.01)
+    assert sample["pending"] == 12 and sample["reviewed"] == 0 and "depends most on this image" in sample["explanation"]
+    ranks = sorted(_request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["rank"]
+                   for k in range(12))
+    assert ranks == list(range(1, 13))
     assert all(score <= 0 for score in scores.values())
 
 

@@ -23,7 +23,7 @@ from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_
 
 PATIENT = FictitiousPatient(name="Testpatient^Alice", patient_id="RMRI-000123", birth_date="19610704")
 IDENTIFIERS = ("Testpatient", "Alice", "RMRI-000123", "19610704")
-BAD_FILES = {"MR_truncated.dcm": "cannot decode pixel data", "badVR.dcm": "invalid NumberOfFrames",
+BAD_FILES = {"badVR.dcm": "invalid NumberOfFrames",
              "no_meta.dcm": "not a DICOM Part 10 file", "rtplan.dcm": "no pixel data",
              "reportsi.dcm": "no pixel data: Basic Text SR Storage", "notes.txt": "not a DICOM Part 10 file"}
 
@@ -58,22 +58,27 @@ def test_real_series_among_bad_files(tmp_path, figshare_dir, model, caplog):
     for k, (name, images) in enumerate(series_images.items()):
         names = [f"{(k * 7919 + i * 104729) % 1000003:07d}" for i in range(len(images))]  # shuffled, no order
         written[name] = write_mr_series(patient_folder, images, patient=PATIENT, series_number=k + 3, file_names=names)
-    copy_pydicom_files(tmp_path / "in" / "misc", *[n for n in BAD_FILES if n.endswith(".dcm")], "CT_small.dcm")
+    copy_pydicom_files(tmp_path / "in" / "misc", *[n for n in BAD_FILES if n.endswith(".dcm")], "CT_small.dcm",
+                       "MR_truncated.dcm")
     (tmp_path / "in" / "misc" / "notes.txt").write_text("scanner log")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        summary = infer_dicom([tmp_path / "in"], classifier, out, progress=False)
+        summary = infer_dicom([tmp_path / "in"], classifier, out, progress=False, include_paths=True)
 
     assert summary["n_series_classified"] == 2 and summary["provider"] == "CPUExecutionProvider"
-    skipped = {os.path.basename(s["file"]): s["reason"] for s in summary["skipped_files"]}
+    assert summary["status"] == "ok" and summary["n_studies"] == 4
+    skipped = {os.path.basename(f): s["reason"] for s in summary["skipped_files"] for f in s["files"]}
     for name, reason in BAD_FILES.items():
         assert reason in skipped[name], (name, skipped.get(name))
+    assert summary["n_files_skipped"] == sum(s["count"] for s in summary["skipped_files"]) == len(BAD_FILES)
     series_reasons = [s["reason"] for s in summary["skipped_series"]]
     assert any("Modality 'CT'" in r for r in series_reasons)
-    assert any("could not be read" in r for r in series_reasons)  # the truncated file's own series
+    # pydicom's MR_truncated.dcm is a derived image: ruled out by the series rule before its pixels are read
+    assert any("not T1-weighted post-contrast MR: ImageType is DERIVED" in r for r in series_reasons)
 
     for entry in summary["series"]:
-        report = json.loads((out / f"{entry['series_instance_uid']}.json").read_text())
+        report = json.loads((out / entry["report_file"]).read_text())
+        assert entry["report_file"] == f"{report['study_instance_uid']}.json"  # one report per study
         name = "glioma" if report["result"]["n_slices"] == 4 else "meningioma"
         expected = reference_probabilities(network, series_images[name])
         assert [s["file"].rsplit("/", 1)[-1] for s in report["slices"]] == [p.rsplit("/", 1)[-1] for p in written[name]]
@@ -85,7 +90,7 @@ def test_real_series_among_bad_files(tmp_path, figshare_dir, model, caplog):
         assert report["result"]["class"] == classifier.class_names[int(mean.argmax())] == entry["class"]
         assert report["result"]["aggregation"] == AGGREGATION_RULE and report["not_for_clinical_use"]
         assert report["model"]["version"] == "9.9.9" and report["model"]["provider"] == "CPUExecutionProvider"
-        sr = pydicom.dcmread(out / f"{entry['series_instance_uid']}.sr.dcm")
+        sr = pydicom.dcmread(out / entry["sr_file"])
         assert sr.PatientName == PATIENT.name and sr.PatientID == PATIENT.patient_id  # DICOM requires them
         assert sr.VerificationFlag == "UNVERIFIED" and "NOT FOR CLINICAL USE" in sr.SeriesDescription
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
@@ -109,17 +114,18 @@ def test_one_unreadable_slice(tmp_path, model, policy):
     _, classifier = model
     paths = write_mr_series(tmp_path / "in", gradient_series(4))
     truncate(paths[1])
-    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", on_slice_error=policy, progress=False)
-    assert [os.path.basename(s["file"]) for s in summary["skipped_files"]] == [os.path.basename(paths[1])]
+    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", on_slice_error=policy, progress=False,
+                          include_paths=True)
+    assert [os.path.basename(f) for s in summary["skipped_files"] for f in s["files"]] == [os.path.basename(paths[1])]
     if policy == "fail":
         assert summary["n_series_classified"] == 0
         assert "1 of 4 slice(s) could not be read" in summary["skipped_series"][0]["reason"]
     else:
         (entry,) = summary["series"]
-        report = json.loads((tmp_path / "out" / f"{entry['series_instance_uid']}.json").read_text())
+        report = json.loads((tmp_path / "out" / entry["report_file"]).read_text())
         assert report["result"]["n_classified"] == 3 and report["result"]["n_failed"] == 1
         assert [s["status"] for s in report["slices"]] == ["classified", "error", "classified", "classified"]
-        sr = pydicom.dcmread(entry["sr_file"])
+        sr = pydicom.dcmread(tmp_path / "out" / entry["sr_file"])
         refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
         assert len(refs) == 3 and "1 unreadable" in sr.ContentSequence[1].TextValue
 
@@ -130,7 +136,7 @@ def test_constant_slice_is_excluded_not_classified(tmp_path, model):
     images.insert(1, np.full_like(images[0], 100.0))
     write_mr_series(tmp_path / "in", images)
     (entry,) = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)["series"]
-    report = json.loads((tmp_path / "out" / f"{entry['series_instance_uid']}.json").read_text())
+    report = json.loads((tmp_path / "out" / entry["report_file"]).read_text())
     assert [s["status"] for s in report["slices"]] == ["classified", "excluded", "classified", "classified"]
     expected = reference_probabilities(network, [images[0]] + images[2:]).mean(0)
     np.testing.assert_allclose(list(report["result"]["probabilities"].values()), expected, atol=1e-4)
@@ -147,11 +153,11 @@ def test_two_patients_sharing_a_series_uid_are_refused(tmp_path, model):
     bruno = write_mr_series(tmp_path / "in" / "b", gradient_series(2, seed=1), patient=OTHER, series_uid=shared)
     ordinary = write_mr_series(tmp_path / "in" / "c", gradient_series(3), patient=PATIENT)
     out = tmp_path / "out"
-    summary = infer_dicom(tmp_path / "in", classifier, out, progress=False)
+    summary = infer_dicom(tmp_path / "in", classifier, out, progress=False, include_paths=True)
 
     (entry,) = summary["series"]  # the ordinary series is still classified
     assert entry["series_instance_uid"] != shared and entry["complete"] is True
-    report = json.loads((out / f"{entry['series_instance_uid']}.json").read_text())
+    report = json.loads((out / entry["report_file"]).read_text())
     assert sorted(row["file"] for row in report["slices"]) == sorted(ordinary)  # no image of the shared UID
     assert not (out / f"{shared}.json").exists() and not (out / f"{shared}.sr.dcm").exists()
     (refused,) = [s for s in summary["skipped_series"] if s["series_instance_uid"] == shared]
@@ -160,7 +166,7 @@ def test_two_patients_sharing_a_series_uid_are_refused(tmp_path, model):
         "refused: files sharing one SeriesInstanceUID disagree on PatientID (2 values: 3 + 2 files), "
         "StudyInstanceUID (2 values: 3 + 2 files); files of different patients, studies or modalities are never "
         "merged, none of the 5 files is used")
-    not_used = {item["file"]: item["reason"] for item in summary["skipped_files"]}
+    not_used = {f: item["reason"] for item in summary["skipped_files"] for f in item["files"]}
     assert sorted(not_used) == sorted(alice + bruno) and set(not_used.values()) == {f"not used: {reason}"}
     for value in IDENTIFIERS + OTHER_IDENTIFIERS:
         assert value.lower() not in json.dumps(summary).lower(), f"{value!r} leaked"
@@ -182,7 +188,9 @@ def test_missing_slice_gives_no_result_unless_allowed(tmp_path, model, allow_inc
     (ordinary,) = [e for uid, e in entries.items() if uid != gap_uid]
     assert ordinary["complete"] is True and ordinary["incomplete_reason"] is None and ordinary["n_slices"] == 3
     if not allow_incomplete:
-        assert gap_uid not in entries and not (tmp_path / "out" / f"{gap_uid}.json").exists()
+        assert gap_uid not in entries and [p.name for p in (tmp_path / "out").glob("*.json")] == [
+            ordinary["report_file"], "summary.json"] or sorted(p.name for p in (tmp_path / "out").glob("*.json")) == \
+            sorted([ordinary["report_file"], "summary.json"])
         (skipped,) = summary["skipped_series"]
         assert skipped["series_instance_uid"] == gap_uid and skipped["reason"] == (
             f"incomplete series: {gap}; no result from an incomplete series "
@@ -190,9 +198,9 @@ def test_missing_slice_gives_no_result_unless_allowed(tmp_path, model, allow_inc
     else:
         entry = entries[gap_uid]
         assert entry["complete"] is False and entry["incomplete_reason"] == gap and entry["n_slices"] == 4
-        report = json.loads((tmp_path / "out" / f"{gap_uid}.json").read_text())
+        report = json.loads((tmp_path / "out" / entry["report_file"]).read_text())
         assert report["complete"] is False and report["incomplete_reason"] == gap
-        sr = pydicom.dcmread(entry["sr_file"])
+        sr = pydicom.dcmread(tmp_path / "out" / entry["sr_file"])
         assert f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {gap}." in \
             sr.ContentSequence[1].TextValue
         assert not summary["skipped_series"]
@@ -207,7 +215,7 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     _, classifier = model
     write_mr_series(tmp_path / "in", gradient_series(3), patient=PATIENT)
     result = run_script(tmp_path / "in", "--model", classifier.model_file, "--output_dir", tmp_path / "out",
-                        "--series_description", "T1", "--device", "cpu")
+                        "--series_description", "T1", "--device", "cpu", "--json_summary")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["n_series_classified"] == 1 and summary["provider"] == "CPUExecutionProvider"
@@ -216,9 +224,12 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     result = run_script(tmp_path / "in", "--model", classifier.model_file, "--output_dir", tmp_path / "out3",
                         "--allow_incomplete", "--device", "cpu", "--quiet")
     assert result.returncode == 0 and json.loads((tmp_path / "out3" / "summary.json").read_text())["allow_incomplete"]
+    assert "{" not in result.stdout and "study 1: " in result.stdout  # a short text summary, no bulk JSON
+    assert_no_identifiers(result.stdout + result.stderr)
     copy_pydicom_files(tmp_path / "ct", "CT_small.dcm")
-    result = run_script(tmp_path / "ct", "--model", classifier.model_file, "--output_dir", tmp_path / "out2")
-    assert result.returncode == 1 and "no series classified" in result.stderr
+    result = run_script(tmp_path / "ct", "--model", classifier.model_file, "--output_dir", tmp_path / "out2",
+                        "--json_summary")
+    assert result.returncode == 1 and "no study gave a result" in result.stderr
     assert "Modality 'CT'" in json.loads(result.stdout)["skipped_series"][0]["reason"]
 
 

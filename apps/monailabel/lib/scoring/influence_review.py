@@ -18,6 +18,12 @@ logger = logging.getLogger(__name__)
 INFO_KEY = "influence_review"
 
 
+def percentile(rank: int, of: int) -> float:
+    """Share of the scored images at least as suspicious as rank ``rank`` of ``of``, in percent
+    (rank 1 of 200: 0.5, "in the most suspicious 0.5 %")."""
+    return round(100.0 * rank / of, 2)
+
+
 def labelled_images(datastore: Datastore, names) -> tuple[list[LabelledImage], list[dict]]:
     """Every image with a final label, label parsed; unusable label files listed with the reason."""
     items, skipped = [], []
@@ -65,11 +71,17 @@ class InfluenceReviewScoring(ScoringMethod):
         now = int(time.time())
         model_ts = int(os.path.getmtime(parser.get_parsed_content("checkpoint")))
         total = len(result["scores"])
-        for image_id, entry in result["scores"].items():
-            datastore.update_image_info(image_id, {INFO_KEY: {
-                "score": entry["score"], "rank": entry["rank"], "of": total, "label": names[entry["label"]],
-                "damping": damping, "model_ts": model_ts, "ts": now}})
+        infos = {image_id: {INFO_KEY: {
+            "score": entry["score"], "rank": entry["rank"], "of": total, "percentile": percentile(entry["rank"], total),
+            "label": names[entry["label"]], "damping": damping, "model_ts": model_ts, "ts": now}}
+            for image_id, entry in result["scores"].items()}
+        if hasattr(datastore, "update_image_infos"):  # lib.datastore: one write for all images
+            datastore.update_image_infos(infos)
+        else:
+            for image_id, info in infos.items():
+                datastore.update_image_info(image_id, info)
         skipped += result["skipped"]
         order = sorted(result["scores"].items(), key=lambda kv: kv[1]["rank"])
         return {"scored": total, "skipped": skipped, "damping": damping,
-                "most_suspicious": [{"id": i, "score": e["score"], "rank": e["rank"]} for i, e in order[:10]]}
+                "most_suspicious": [{"id": i, "score": e["score"], "rank": e["rank"], "percentile": percentile(e["rank"], total)}
+                                for i, e in order[:10]]}

@@ -1,7 +1,9 @@
 """Train task: the bundle's ISP workflow (configs/isp.json) on the studies' labelled images."""
 
+import json
 import logging
 import os
+import time
 from typing import Dict
 
 from monailabel.interfaces.datastore import Datastore
@@ -16,11 +18,14 @@ from robustmri.review.label_review import (
 )
 
 from lib.bundle import TRAIN_CONFIG, bundle_overrides, read_config
+from lib.train_request import validate_train_request
 
 logger = logging.getLogger(__name__)
 
 #: Folder under the bundle that receives the studies' labels.csv (``dataset_dir`` points there).
 CATALOG_DIR = os.path.join("eval", "monailabel_studies")
+#: The last training's metrics (written after each training run by this task, shown in ``/info/``).
+STATS_FILE = os.path.join("eval", "monailabel_train_stats.json")
 
 
 class ISPConstants(BundleConstants):
@@ -45,11 +50,18 @@ class ISPTrain(BundleTrainTask):
 
     Images are trained on as they are (``noise`` "none" unless ``--conf noise gaussian``);
     spatial size and padding are those of the checkpoint (lib.bundle).
+
+    Every request is checked against lib.train_request's allow-list before anything runs (the
+    server checks it too, and answers 422). After a run, the last epoch's metrics, the best
+    validation accuracy and the ISP summary go to ``<bundle>/eval/monailabel_train_stats.json``,
+    which :meth:`stats` (``/info/`` ``train_stats``) reports.
     """
 
     def __init__(self, path: str, conf: Dict[str, str], **kwargs):
         super().__init__(path, conf, const=ISPConstants(), load_strict=True, **kwargs)
         self.noise = conf.get("noise", "none")
+        self.models = tuple(m.strip() for m in conf.get("models", "brain_tumour").split(",") if m.strip())
+        self.tracking_settings = conf.get("tracking_settings", "")
         self._request: Dict = {}
 
     def _load_bundle_config(self, path, config):
@@ -62,13 +74,57 @@ class ISPTrain(BundleTrainTask):
         return options
 
     def __call__(self, request, datastore: Datastore):
+        # bundle_path is added by MONAI Label's task runner (the app's own bundle), nothing else may be
+        if request.get("bundle_path") not in (None, self.bundle_path):
+            raise ValueError(f"train request: bundle_path must be this app's bundle, got {request['bundle_path']!r}")
+        validate_train_request({k: v for k, v in request.items() if k != "bundle_path"}, self.models,
+                               self.tracking_settings)
+        started = time.time()
         # a fresh config per run: trained settings may have changed, and the stock task adds its
         # CheckpointLoader to the config's own train#handlers list
         self.bundle_config = self._load_bundle_config(self.bundle_path, self.bundle_config_path)
         # the bundle has no multi_gpu_train.json: the stock task would skip training on a multi-GPU machine
         request = {"max_epochs": self._bundle_int("epochs"), **request, "multi_gpu": False, "force_multi_gpu": False}
         self._request = request
-        return super().__call__(request, datastore)
+        result = super().__call__(request, datastore)
+        self._write_stats(started)
+        return result
+
+    def stats(self):
+        """The last training run's metrics (``/info/`` ``train_stats``); ``{}`` before any."""
+        path = os.path.join(self.bundle_path, STATS_FILE)
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as handle:
+                return json.load(handle)
+        except (OSError, json.JSONDecodeError) as err:
+            return {"error": f"{path}: cannot read ({err})"}
+
+    def _write_stats(self, started: float) -> None:
+        """Summarise the run's ``history.json`` and ``influence_summary.json`` (written by the bundle) to STATS_FILE."""
+        output_dir = os.path.join(self.bundle_path, "eval")
+        history, summary = [], {}
+        for name in ("history.json", "influence_summary.json"):
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(path) and os.path.getmtime(path) >= started:  # written by this run
+                with open(path) as handle:
+                    if name == "history.json":
+                        history = json.load(handle)
+                    else:
+                        summary = json.load(handle)
+        accuracies = [(h["val_accuracy"], h["epoch"]) for h in history if h.get("val_accuracy") is not None]
+        stats = {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "duration_s": round(time.time() - started, 1), "epochs": len(history),
+                 "last_epoch": history[-1] if history else None,
+                 "best_val_accuracy": max(accuracies)[0] if accuracies else None,
+                 "best_epoch": max(accuracies)[1] if accuracies else None,
+                 "n_train": summary.get("n_train"), "n_val": summary.get("n_val"),
+                 "method": summary.get("method"), "influence_epoch": summary.get("epoch")}
+        path = os.path.join(self.bundle_path, STATS_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(stats, handle, indent=2)
 
     def _bundle_int(self, config_id: str) -> int:
         return int(self.bundle_config.get_parsed_content(config_id))
