@@ -397,9 +397,9 @@ def test_an_allowed_demo_model_says_so_in_every_output(tmp_path, demo_model):
     summary = infer_dicom([tmp_path / "in"], demo_model, tmp_path / "out", progress=False, allow_demo_model="true")
     (entry,) = summary["series"]
     assert "DEMO MODEL" in (tmp_path / "out" / "summary.json").read_text()
-    report = json.loads((tmp_path / "out" / f"{entry['series_instance_uid']}.json").read_text())
+    report = json.loads((tmp_path / "out" / entry["report_file"]).read_text())
     assert report["model"]["notice"] == DEMO_MODEL_NOTICE and report["model"]["version"] == "0.4.0+demo"
-    sr = pydicom.dcmread(entry["sr_file"])
+    sr = pydicom.dcmread(tmp_path / "out" / entry["sr_file"])
     assert sr.ContentSequence[0].TextValue.startswith(DEMO_MODEL_NOTICE)
     method = sr.ContentSequence[1].TextValue
     assert f"integrity sha256 {demo_model.describe()['integrity_sha256']} (verified on load)" in method
@@ -411,7 +411,7 @@ def test_a_real_model_cites_its_verified_digest_in_the_sr(tmp_path, models):
     classifier = OnnxClassifier(onnx_file, device="cpu")
     write_mr_series(tmp_path / "in", gradient_series(3))
     summary = infer_dicom([tmp_path / "in"], classifier, tmp_path / "out", progress=False)
-    sr = pydicom.dcmread(summary["series"][0]["sr_file"])
+    sr = pydicom.dcmread(tmp_path / "out" / summary["series"][0]["sr_file"])
     assert "DEMO MODEL" not in sr.ContentSequence[0].TextValue + sr.ContentSequence[1].TextValue
     assert f"integrity sha256 {_props(onnx_file)['integrity_sha256']} (verified on load), signature unsigned" in \
         sr.ContentSequence[1].TextValue
@@ -431,7 +431,7 @@ def test_script_refuses_a_tampered_or_demo_model_in_one_line(tmp_path, models, d
                                    (demo_model.model_file, [], "a demo model")]:
         result = run("--model", str(model), *extra)
         assert result.returncode == 2, (model, result.stderr[-2000:])
-        assert result.stderr.strip().splitlines()[-1].startswith("model refused: ") and expected in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("infer_dicom: model refused: ") and expected in result.stderr
     result = run("--model", str(signed), "--public_key", str(keys[0] / "a.pub.pem"), "--allow_demo_model")
     assert result.returncode == 0, result.stderr[-2000:]
 
