@@ -431,7 +431,8 @@ def test_script_refuses_a_tampered_or_demo_model_in_one_line(tmp_path, models, d
                                    (demo_model.model_file, [], "a demo model")]:
         result = run("--model", str(model), *extra)
         assert result.returncode == 2, (model, result.stderr[-2000:])
-        assert result.stderr.strip().splitlines()[-1].startswith("infer_dicom: model refused: ") and expected in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("infer_dicom: model refused: ") and expected in last
     result = run("--model", str(signed), "--public_key", str(keys[0] / "a.pub.pem"), "--allow_demo_model")
     assert result.returncode == 0, result.stderr[-2000:]
 
