@@ -38,6 +38,7 @@ from robustmri.deploy.dicom_series import (
     slice_pixels,
 )
 from robustmri.deploy.dicom_sr import SERIES_DESCRIPTION, write_sr
+from robustmri.deploy.model_trust import DEMO_MODEL_NOTICE, check_demo_model, model_line
 from robustmri.deploy.series_rule import SeriesRule, rule_of_model
 from robustmri.outputs import write_json
 
@@ -155,6 +156,8 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
     label = result["class"]
     finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
                f"{result['n_classified']} slice(s); {result['n_agreeing']} of them predict {label} on their own).")
+    if model.get("demo_model"):
+        finding = f"{DEMO_MODEL_NOTICE}. {finding}"
     details = [] if record.get("complete", True) else [
         f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {record['incomplete_reason']}."]
     details += [
@@ -163,8 +166,7 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
         f"Slices: {result['n_slices']} in the series, {result['n_classified']} classified, "
         f"{result['n_failed']} unreadable, {result['n_excluded']} excluded (no contrast).",
         f"Slice order: {record['ordering']}.",
-        f"Model: robustmri classifier version {model.get('version') or 'unknown'}, checkpoint sha256 "
-        f"{model.get('checkpoint_sha256') or 'unknown'}, ONNX Runtime {model.get('provider')}.",
+        model_line(model),
         f"Preprocessing: RescaleSlope/Intercept, then {model.get('intensity_normalisation')} to "
         f"{model.get('spatial_size')} x {model.get('spatial_size')}.",
     ]
@@ -183,7 +185,8 @@ class DicomInputError(FileNotFoundError):
 def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: SeriesSelection | None = None,
                 batch_size: int = 32, on_slice_error: str = "fail", write_sr_files: bool = True,
                 progress: bool = True, allow_incomplete: bool = False, output: str = "study",
-                series_rule: SeriesRule | dict | str | None = None, include_paths: bool = False) -> dict:
+                series_rule: SeriesRule | dict | str | None = None, include_paths: bool = False,
+                allow_demo_model: bool = False) -> dict:
     """Classify the studies (or series) under ``inputs`` (folders or files); write reports; return the summary.
 
     ``output="study"`` (default): per study, the series that match the model's training domain
@@ -199,8 +202,10 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     result unless ``allow_incomplete``. Outputs name series by UID and ordinal number only: no
     file or folder names, no free text from the headers, unless ``include_paths`` (local debugging)
     adds the file paths. A missing or empty input raises :class:`DicomInputError` after writing
-    ``summary.json`` with status ``no_input``.
+    ``summary.json`` with status ``no_input``. A demo model (trained on the embedded synthetic set)
+    is refused unless ``allow_demo_model``; then every report, the summary and the SR say DEMO MODEL.
     """
+    check_demo_model(classifier.describe(), allow_demo_model)
     total_start = time.perf_counter()
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
