@@ -40,6 +40,7 @@ from robustmri.deploy.dicom_series import (
 from robustmri.deploy.dicom_sr import SERIES_DESCRIPTION, write_sr
 from robustmri.deploy.model_trust import DEMO_MODEL_NOTICE, check_demo_model, model_line
 from robustmri.deploy.series_rule import SeriesRule, rule_of_model
+from robustmri.options import as_flag
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     """
     check_demo_model(classifier.describe(), allow_demo_model)
     total_start = time.perf_counter()
+    allow_incomplete = as_flag(allow_incomplete, "allow_incomplete")  # '--allow_incomplete false' is text
+    include_paths = as_flag(include_paths, "include_paths")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     output_dir = os.fspath(output_dir)

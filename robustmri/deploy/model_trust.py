@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 
+from robustmri.options import as_flag
 from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
 
 #: Version tag of the digest's definition (module docstring); part of what is hashed.
@@ -286,18 +287,6 @@ def write_key_pair(private_file: str | os.PathLike, public_file: str | os.PathLi
 def is_demo_model(metadata: dict) -> bool:
     """Whether the model's (verified) metadata marks it as trained on the embedded synthetic set."""
     return str(metadata.get("demo_model", "")).lower() == "true"
-
-
-def as_flag(value, name: str) -> bool:
-    """A yes/no option; a bundle's command line passes ``--flag false`` as the text 'false', which is truthy."""
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0", "none", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def check_demo_model(model: dict, allow_demo_model: bool = False) -> None:

@@ -30,7 +30,7 @@ from robustmri.influence.distributed import shard_bounds
 from robustmri.engine.distributed import is_distributed, is_main_process, rank, world_size
 from robustmri.methods import Method
 from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
-from robustmri.methods.n2v import as_flag
+from robustmri.options import as_flag
 from robustmri.progress import progress
 
 METHOD = Method(name="isp", title="ISP: influence-based sample perturbation", order=4,

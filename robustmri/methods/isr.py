@@ -19,7 +19,7 @@ from robustmri.engine.losses import SampleWeightedCrossEntropy
 from robustmri.engine.distributed import is_main_process
 from robustmri.methods import Method
 from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
-from robustmri.methods.n2v import as_flag
+from robustmri.options import as_flag
 
 METHOD = Method(name="isr", title="ISR: influence-based sample reweighing", order=3,
                 families=("noisy images", "noisy labels"), summary="influence_summary.json",
