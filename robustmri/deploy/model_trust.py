@@ -40,8 +40,8 @@ import hashlib
 import json
 import os
 
-from robustmri.options import as_flag
 from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.options import as_flag
 
 #: Version tag of the digest's definition (module docstring); part of what is hashed.
 INTEGRITY_SCHEME = "robustmri-integrity-1"

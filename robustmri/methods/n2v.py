@@ -29,9 +29,9 @@ from monai.networks.nets import UNet
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustmri.options import as_flag
 from robustmri.data.protocol import ProtocolData
 from robustmri.methods import Method
+from robustmri.options import as_flag
 from robustmri.outputs import plt, save_figure, write_json
 
 logger = logging.getLogger(__name__)
