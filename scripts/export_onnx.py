@@ -6,6 +6,7 @@
         --network_def "{'_target_': 'DenseNet121', 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 3}"
     python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --spatial_size 128 --network_padding 2
     python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --parity_split none
+    python scripts/export_onnx.py --checkpoint model.pt --output model.onnx --signing_key keys/model_signing.pem
 
 The network is the bundle's ``network_def`` (``configs/inference.json``, which reads ``train.json``),
 rebuilt as the checkpoint was trained: the spatial size and network padding come from
@@ -17,6 +18,11 @@ another network. The parity images are the protocol's split (``test`` by default
 images, as evaluated) of --dataset_dir, or of the embedded synthetic set when none is given. The
 bundle does the same with ``python -m monai.bundle run exporting --config_file configs/export.json``
 from ``bundle/``.
+
+The model's metadata records what trained it (``provenance``, from ``model_metadata.json`` beside
+the checkpoint, with the bundle's test metrics of this checkpoint from ``--eval_dir``, default
+``bundle/eval``) and an integrity digest that every load verifies; ``--signing_key`` (an Ed25519
+private key, PEM: ``scripts/model_keys.py``) signs it.
 
 The out-of-distribution detector (``robustmri.deploy.ood``, the ``ood_score`` output) is fitted on the
 protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
@@ -36,7 +42,14 @@ import sys
 
 import fire
 
-from robustmri.deploy.export import bundle_version, export_onnx, parity_requested, split_arrays, split_images
+from robustmri.deploy.export import (
+    bundle_version,
+    checkpoint_provenance,
+    export_onnx,
+    parity_requested,
+    split_arrays,
+    split_images,
+)
 from robustmri.deploy.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
 from robustmri.engine.model_metadata import read_trained
 from robustmri.engine.workflow import load_workflow
@@ -109,9 +122,10 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
          output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
          network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
          noise: str = "gaussian", seed: int = 0, synthetic_patients: int = 300, model_version: str = "",
-         opset_version: int | None = None, ood_train_split: str = "train", ood_validation_split: str = "val",
+         opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "",
+         ood_train_split: str = "train", ood_validation_split: str = "val",
          target_acceptance: float = TARGET_ACCEPTANCE,
-         series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE, series_rule: str = "") -> dict:
+         series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE) -> dict:
     """Export ``checkpoint`` to ``output``; print what was written and the parity figures as JSON, and return them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
@@ -126,13 +140,15 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     data = config.get_parsed_content("data")
     images = split_images(data, parity_split) if parity_requested(parity_split) else None
     detector = parity_requested(ood_train_split)
+    provenance = checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir"))
     result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
                          opset_version=opset_version, preprocess=config.get_parsed_content("preprocess"),
+                         series_rule=_series_rule(series_rule) if series_rule else config.get("series_rule"),
+                         provenance=provenance, signing_key=signing_key or None,
                          ood_train=split_arrays(data, ood_train_split) if detector else None,
                          ood_validation=split_arrays(data, ood_validation_split)[0] if detector else None,
-                         target_acceptance=target_acceptance, series_max_not_assessable=series_max_not_assessable,
-                         series_rule=_series_rule(series_rule) if series_rule else config.get("series_rule"))
+                         target_acceptance=target_acceptance, series_max_not_assessable=series_max_not_assessable)
     print(json.dumps(result, indent=2))
     return result
 

@@ -18,8 +18,12 @@ gets no tumour class ("abstained") and its SR says why; a model exported without
 (exit 2). The console and the reports carry no patient identifiers, file or folder
 names (--include_paths adds file paths for local debugging). Research software, not for clinical use.
 
+The model is verified on load (integrity digest; with --public_key key.pem also its Ed25519
+signature: an unsigned or otherwise signed model is refused); a demo model (trained on the
+embedded synthetic set) is refused unless --allow_demo_model, and then every output says DEMO MODEL.
+
 Exit status: 0 when at least one study (or series) gave a result, 1 when none did, 2 when the input
-is missing or empty or the model cannot be used (one line on stderr; summary.json says why when the
+is missing or empty or the model cannot be used or is refused (one line on stderr; summary.json says why when the
 output folder could be written).
 """
 
@@ -34,6 +38,7 @@ import fire
 
 from robustmri.deploy.dicom_inference import DicomInputError, infer_dicom, input_problem, write_no_input_summary
 from robustmri.deploy.dicom_series import SeriesSelection
+from robustmri.deploy.model_trust import DemoModelError, ModelIntegrityError
 from robustmri.deploy.onnx_runtime import ModelMetadataError, OnnxClassifier
 
 BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
@@ -48,7 +53,7 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
          modalities="MR", series_description: str = "", image_type="", device: str = "auto",
          batch_size: int = 32, on_slice_error: str = "fail", threads: int = 0, no_sr: bool = False,
          quiet: bool = False, allow_incomplete: bool = False, output: str = "study", series_rule: str = "",
-         include_paths: bool = False, json_summary: bool = False):
+         include_paths: bool = False, json_summary: bool = False, public_key: str = "", allow_demo_model: bool = False):
     """Classify the selected studies under ``inputs``; print a short summary (``--json_summary``: the JSON)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -68,15 +73,19 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
     try:
         selection = SeriesSelection(modalities=modalities or None, series_description=series_description or None,
                                     image_type=image_type or None)
-        classifier = OnnxClassifier(model, device=device, intra_op_num_threads=threads)
+        classifier = OnnxClassifier(model, device=device, intra_op_num_threads=threads, public_key=public_key or None)
         classifier.require_detector()  # a model that cannot vouch for its inputs is refused
+    except ModelIntegrityError as err:
+        _fail(f"model refused: {err}")
     except (FileNotFoundError, ModelMetadataError, RuntimeError, ValueError) as err:
         _fail(str(err).splitlines()[0])
     try:
         summary = infer_dicom(list(inputs), classifier, output_dir, selection, batch_size=batch_size,
                               on_slice_error=on_slice_error, write_sr_files=not no_sr, progress=not quiet,
                               allow_incomplete=allow_incomplete, output=output, series_rule=rule,
-                              include_paths=include_paths)
+                              include_paths=include_paths, allow_demo_model=allow_demo_model)
+    except DemoModelError as err:
+        _fail(f"model refused: {err}")
     except DicomInputError as err:
         _fail(str(err))
     except ValueError as err:  # an invalid option or series rule

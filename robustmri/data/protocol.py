@@ -46,6 +46,9 @@ class ProtocolData:
     label_noise: dict | None = None  # counts of flipped training labels, when simulated
     #: the test split again with other shares of noisy images (``test_noise_fractions``), keyed by the share
     test_at: dict[float, list[dict]] = field(default_factory=dict)
+    #: the settings the protocol was built with (no paths), for the model's provenance record:
+    #: ``data_kind`` ("synthetic" or "folder"), seed, split fractions, noise, ... (:func:`build_protocol`)
+    settings: dict = field(default_factory=dict)
 
     def split(self, name: str) -> list[dict]:
         return getattr(self, name)
@@ -155,6 +158,12 @@ def build_protocol(
         class_names=tuple(class_names),
         source=source,
         skipped=skipped,
+        settings={"data_kind": "synthetic" if dataset_dir is None else "folder", "seed": int(seed),
+                  "split_fractions": [float(f) for f in split_fractions], "spatial_size": spatial_size,
+                  "preprocess": preprocess, "noise": noise, "noise_sigma": float(sigma),
+                  "test_noise_fraction": float(test_noise_fraction), "label_noise": label_noise,
+                  "label_noise_rate": float(label_noise_rate), "imbalance": imbalance,
+                  **({"synthetic_patients": int(synthetic_patients)} if dataset_dir is None else {})},
     )
     for share in test_noise_fractions:
         if not 0.0 <= float(share) <= 1.0:

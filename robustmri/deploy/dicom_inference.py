@@ -46,7 +46,9 @@ from robustmri.deploy.dicom_series import (
     slice_pixels,
 )
 from robustmri.deploy.dicom_sr import SERIES_DESCRIPTION, write_sr
+from robustmri.deploy.model_trust import DEMO_MODEL_NOTICE, check_demo_model, model_line
 from robustmri.deploy.series_rule import SeriesRule, rule_of_model
+from robustmri.options import as_flag
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -204,6 +206,8 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
         finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
                    f"{result['n_classified']} assessable slice(s); {result['n_agreeing']} of them predict {label} on "
                    "their own).")
+    if model.get("demo_model"):
+        finding = f"{DEMO_MODEL_NOTICE}. {finding}"
     details = [] if record.get("complete", True) else [
         f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {record['incomplete_reason']}."]
     if label is not None:
@@ -221,8 +225,7 @@ def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
         f"{result.get('n_not_assessable', 0)} not assessable, "
         f"{result['n_failed']} unreadable, {result['n_excluded']} excluded (no contrast).",
         f"Slice order: {record['ordering']}.",
-        f"Model: robustmri classifier version {model.get('version') or 'unknown'}, checkpoint sha256 "
-        f"{model.get('checkpoint_sha256') or 'unknown'}, ONNX Runtime {model.get('provider')}.",
+        model_line(model),
         f"Preprocessing: RescaleSlope/Intercept, then {model.get('intensity_normalisation')} to "
         f"{model.get('spatial_size')} x {model.get('spatial_size')}.",
     ]
@@ -241,7 +244,8 @@ class DicomInputError(FileNotFoundError):
 def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: SeriesSelection | None = None,
                 batch_size: int = 32, on_slice_error: str = "fail", write_sr_files: bool = True,
                 progress: bool = True, allow_incomplete: bool = False, output: str = "study",
-                series_rule: SeriesRule | dict | str | None = None, include_paths: bool = False) -> dict:
+                series_rule: SeriesRule | dict | str | None = None, include_paths: bool = False,
+                allow_demo_model: bool = False) -> dict:
     """Classify the studies (or series) under ``inputs`` (folders or files); write reports; return the summary.
 
     ``output="study"`` (default): per study, the series that match the model's training domain
@@ -257,9 +261,13 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     result unless ``allow_incomplete``. Outputs name series by UID and ordinal number only: no
     file or folder names, no free text from the headers, unless ``include_paths`` (local debugging)
     adds the file paths. A missing or empty input raises :class:`DicomInputError` after writing
-    ``summary.json`` with status ``no_input``.
+    ``summary.json`` with status ``no_input``. A demo model (trained on the embedded synthetic set)
+    is refused unless ``allow_demo_model``; then every report, the summary and the SR say DEMO MODEL.
     """
+    check_demo_model(classifier.describe(), allow_demo_model)
     total_start = time.perf_counter()
+    allow_incomplete = as_flag(allow_incomplete, "allow_incomplete")  # '--allow_incomplete false' is text
+    include_paths = as_flag(include_paths, "include_paths")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     classifier.require_detector()  # a model that cannot vouch for its inputs is refused before any work

@@ -12,12 +12,20 @@ ONNX operators, so the runtime applies it by name with the library's one impleme
 version and the sha256 of the source checkpoint: a runtime reads them instead of trusting a
 second copy of the training config. Every export is checked with ``onnx.checker`` and, when
 images are given, against PyTorch (the parity check).
+
+Integrity and provenance (:mod:`robustmri.deploy.model_trust`): the metadata also carries
+``provenance`` (what trained the model, copied from ``model_metadata.json`` beside the checkpoint
+by :func:`checkpoint_provenance`, with the bundle's test metrics of this very checkpoint),
+``demo_model`` ("true" for the embedded synthetic set, "false" for a data set folder, "unknown"
+when nothing is recorded), and the integrity digest over the graph, the weights and every metadata
+field (``graph_sha256``, ``integrity_covers``, ``integrity_sha256``), optionally signed with an
+Ed25519 key (``signature``, ``signature_algorithm``, ``signing_key_fingerprint``). Every runtime
+load verifies them.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +36,7 @@ import torch
 
 from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
+from robustmri.deploy.model_trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
 from robustmri.deploy.ood import (
     DETECTOR_NAME,
@@ -35,12 +44,13 @@ from robustmri.deploy.ood import (
     TARGET_ACCEPTANCE,
     ScoredClassifier,
     calibrate_threshold,
-    describe_detector,
     describe_abstention_rule,
+    describe_detector,
     fit_detector,
 )
 from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.series_rule import SeriesRule
+from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN
 
@@ -50,10 +60,17 @@ logger = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
 #: Parity limit of the OOD score: |s_onnx - s_torch| <= SCORE_PARITY_RTOL * max(1, |s_torch|).
 SCORE_PARITY_RTOL = 1e-3
-#: The detector's metadata keys (all change the output: which slices are assessable, which series abstain).
+#: The detector's metadata keys (all change the output: which slices are assessable, which series abstain). Written
+#: with the ``ood_score`` output only, so not among the always-required keys below; the integrity digest covers
+#: every metadata key, these included.
 OOD_METADATA_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
                      "ood_validation_acceptance", "ood_n_train", "ood_n_validation", "ood_series_max_not_assessable",
                      "ood_abstention_rule")
+#: Metadata keys every export must write because they change the output or how it is read (class names,
+#: size, preprocessing, provenance, ...); the integrity digest covers them and every other metadata key.
+#: One tuple, :data:`robustmri.deploy.model_trust.OUTPUT_AFFECTING_KEYS`, so that the torch-free runtime
+#: checks the same list: extend it there with a new feature's keys (e.g. a detector's).
+INTEGRITY_REQUIRED_KEYS = OUTPUT_AFFECTING_KEYS
 
 
 class ProbabilityHead(torch.nn.Module):
@@ -69,14 +86,6 @@ class ProbabilityHead(torch.nn.Module):
 
 class ParityError(AssertionError):
     """The ONNX model does not reproduce PyTorch within the parity limits."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_version(bundle_root: str | os.PathLike) -> str:
@@ -113,13 +122,17 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
                 ood_train: tuple[np.ndarray, np.ndarray] | None = None, ood_validation=None,
                 target_acceptance: float = TARGET_ACCEPTANCE,
                 series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE,
-                series_rule: SeriesRule | dict | None = None) -> dict:
+                series_rule: SeriesRule | dict | None = None, provenance: dict | None = None,
+                signing_key: str | os.PathLike | None = None) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
     ``preprocess`` the preprocessing the network was trained with (``model_metadata.json``);
     ``series_rule`` which DICOM series match the training domain (:mod:`robustmri.deploy.series_rule`;
     None or an empty dict: the default T1-weighted post-contrast rule, a dict changes its values);
+    ``provenance`` what trained it (:func:`checkpoint_provenance`; None: not recorded, ``demo_model``
+    "unknown"); a demo model's version gets the suffix ``+demo``. ``signing_key``: an Ed25519
+    private key (PEM) that signs the integrity digest;
     ``parity_images`` [N, 1, H, W] in [0, 1] are run through both PyTorch and ONNX Runtime, and
     a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class
     (or on the OOD score beyond :data:`SCORE_PARITY_RTOL`).
@@ -144,6 +157,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     if not 0.0 <= float(series_max_not_assessable) < 1.0:
         raise ValueError(f"series_max_not_assessable must be in [0, 1), got {series_max_not_assessable}")
     network = copy.deepcopy(network).cpu().eval()
+    demo = "unknown" if not provenance else ("true" if provenance.get("demo_model") else "false")
     with torch.no_grad():
         probe = network(torch.zeros(2, 1, spatial_size, spatial_size))
     if probe.shape != (2, len(class_names)):
@@ -166,11 +180,13 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         "preprocess": preprocess,
         "intensity_normalisation": DESCRIPTIONS[preprocess],
         SERIES_RULE_KEY: series_rule.to_json(),
-        "model_version": str(model_version),
+        "model_version": f"{model_version}+demo" if demo == "true" and model_version else str(model_version),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
         "network": _describe(network),
         "exported_by": f"robustmri {__version__}, torch {torch.__version__}",
         "intended_use": "Research only. Not for clinical use.",
+        "demo_model": demo,
+        "provenance": canonical_json(provenance) if provenance else "null",
     }
     output_file = os.fspath(output_file)
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
@@ -187,10 +203,11 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
             metadata.update(_calibrate(raw_file, detector, ood_validation, target_acceptance,
                                        series_max_not_assessable, batch_size))
     del proto.metadata_props[:]
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"robustmri classifier ({', '.join(class_names)}); research only, not for clinical use"
     onnx.checker.check_model(proto, full_check=True)
+    metadata.update(integrity_fields(proto, metadata, signing_key))  # over the graph as saved, metadata last
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, output_file)
     opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
     result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata,
@@ -225,6 +242,60 @@ def _calibrate(onnx_file: str, detector, validation, target_acceptance: float, m
             "ood_validation_acceptance": repr(acceptance), "ood_n_train": str(detector.n_train),
             "ood_n_validation": str(len(images)), "ood_series_max_not_assessable": repr(float(max_share)),
             "ood_abstention_rule": describe_abstention_rule(max_share)}
+
+
+#: The test metrics copied from the bundle's evaluation (``<eval_dir>/test/summary.json``).
+TEST_METRICS = ("n", "accuracy", "macro_f1", "roc_auc_macro")
+
+
+def checkpoint_provenance(checkpoint: str | os.PathLike, eval_dir: str | os.PathLike | None = None) -> dict | None:
+    """What trained ``checkpoint``: the ``provenance`` record of ``model_metadata.json`` beside it, for export.
+
+    None when there is no record (trained before provenance was recorded). Adds ``checkpoint``
+    (``file``: base name, ``sha256``, ``bound``: whether it is the final model the recorded
+    training wrote, ``selection``: which weights it holds) and, when the bundle's evaluation in
+    ``eval_dir`` evaluated this very file (same sha256), ``metrics.test``. A record whose final
+    checkpoint has the same name but other bytes describes another training run: ``ValueError``.
+    The validation metrics, which describe the final checkpoint, are dropped for any other.
+    """
+    checkpoint = os.fspath(checkpoint)
+    path = metadata_path(checkpoint)
+    if not os.path.isfile(path):
+        logger.warning("no %s beside %s: the model's provenance is not recorded", os.path.basename(path), checkpoint)
+        return None
+    with open(path) as handle:
+        content = json.load(handle)
+    record = content.get("provenance")
+    if not isinstance(record, dict):
+        logger.warning("%s has no provenance record (trained before it was written): not recorded", path)
+        return None
+    record = copy.deepcopy(record)
+    sha = file_sha256(checkpoint)
+    name = os.path.basename(checkpoint)
+    final = (record.get("training") or {}).get("final_checkpoint") or {}
+    if final.get("file") == name and final.get("sha256") != sha:
+        raise ValueError(f"{path} describes another training run: the {name} it wrote had sha256 {final['sha256']}, "
+                         f"{checkpoint} has {sha}; export the checkpoint that run wrote, or retrain")
+    bound = final.get("sha256") == sha
+    selection = ((content.get("trained_with") or {}).get("model_weights") if bound else
+                 f"{name}, not the final model of the recorded training run (chosen by its file name)")
+    record["checkpoint"] = {"file": name, "sha256": sha, "bound": bound, "selection": selection}
+    metrics = record.setdefault("metrics", {})
+    if not bound:
+        metrics.pop("validation", None)
+        logger.warning("%s is not the final model recorded in %s: its provenance is that run's, marked unbound",
+                       checkpoint, path)
+    if eval_dir:
+        summary_file = os.path.join(os.fspath(eval_dir), "test", "summary.json")
+        summary = {}
+        if os.path.isfile(summary_file):
+            with open(summary_file) as handle:
+                summary = json.load(handle)
+        for tag, entry in summary.items():
+            if isinstance(entry, dict) and entry.get("checkpoint_sha256") == sha:
+                metrics["test"] = {"checkpoint_tag": tag, **{key: entry.get(key) for key in TEST_METRICS}}
+                break
+    return record
 
 
 def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: np.ndarray,

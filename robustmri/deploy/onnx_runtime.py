@@ -8,6 +8,12 @@ preprocessing with the library's one implementation. A model whose preprocessing
 does not have, or describes differently, is refused, since it would see images prepared
 differently from training.
 
+Every load verifies the model first (:mod:`robustmri.deploy.model_trust`): the integrity digest
+written at export over the graph, the weights and every metadata field, and, given a public key,
+the exporter's Ed25519 signature. A model that fails, or that carries no digest, is refused with a
+:class:`~robustmri.deploy.model_trust.ModelIntegrityError` naming the file; the verified bytes are
+the ones the session runs.
+
 Out-of-distribution detection: a model exported with its detector has a second output,
 ``ood_score`` [N] (higher = more out of distribution, :mod:`robustmri.deploy.ood`), and the
 detector's metadata (threshold calibrated on validation, target acceptance, abstention rule).
@@ -26,6 +32,14 @@ import os
 import numpy as np
 
 from robustmri.data.preprocessing import check_preprocess, preprocess_for_description, preprocessing_by_name
+from robustmri.deploy.model_trust import (
+    DEMO_MODEL_NOTICE,
+    ModelIntegrityError,  # noqa: F401  (raised by OnnxClassifier; importable from here)
+    ModelMetadataError,
+    is_demo_model,
+    provenance_summary,
+    verify_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +51,7 @@ SCORE_NAME = "ood_score"
 DETECTOR_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
                  "ood_n_train", "ood_series_max_not_assessable", "ood_abstention_rule")
 #: How to get a model with the detector: the one-line advice of every refusal for want of it.
-REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py --checkpoint "
+DETECTOR_REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py --checkpoint "
                  "model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
 #: ONNX metadata keys written by :func:`robustmri.deploy.export.export_onnx` and required here.
 METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
@@ -46,10 +60,6 @@ METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "mode
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
-
-
-class ModelMetadataError(ValueError):
-    """The ONNX file lacks, or contradicts, what inference needs to reproduce training."""
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -123,7 +133,7 @@ def read_detector(props: dict, output_names, model_file: str = "the model") -> d
     missing = [key for key in DETECTOR_KEYS if key not in props]
     if not has_output or missing:
         raise ModelMetadataError(f"{model_file}: inconsistent OOD detector (output {SCORE_NAME!r} "
-                                 f"{'present' if has_output else 'absent'}, metadata lacks {missing}); {REEXPORT_HINT}")
+                                 f"{'present' if has_output else 'absent'}, metadata lacks {missing}); {DETECTOR_REEXPORT_HINT}")
     try:
         detector = {"name": props["ood_detector"], "description": props["ood_detector_description"],
                     "threshold": float(props["ood_threshold"]),
@@ -132,10 +142,10 @@ def read_detector(props: dict, output_names, model_file: str = "the model") -> d
                     "series_max_not_assessable": float(props["ood_series_max_not_assessable"]),
                     "abstention_rule": props["ood_abstention_rule"]}
     except ValueError as err:
-        raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); {REEXPORT_HINT}") from None
+        raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); {DETECTOR_REEXPORT_HINT}") from None
     if not (np.isfinite(detector["threshold"]) and 0.0 <= detector["series_max_not_assessable"] < 1.0):
         raise ModelMetadataError(f"{model_file}: invalid OOD threshold {detector['threshold']} or series share "
-                                 f"{detector['series_max_not_assessable']}; {REEXPORT_HINT}")
+                                 f"{detector['series_max_not_assessable']}; {DETECTOR_REEXPORT_HINT}")
     return detector
 
 
@@ -146,7 +156,9 @@ class OnnxClassifier:
     detector's metadata (:func:`read_detector`) or None.
     """
 
-    def __init__(self, model_file: str | os.PathLike, device: str = "auto", intra_op_num_threads: int = 0):
+    def __init__(self, model_file: str | os.PathLike, device: str = "auto", intra_op_num_threads: int = 0,
+                 public_key: str | os.PathLike | None = None):
+        """Load and verify ``model_file``; ``public_key``: an Ed25519 public key (PEM) whose signature it must carry."""
         import onnxruntime
 
         self.model_file = os.path.abspath(os.fspath(model_file))
@@ -157,11 +169,19 @@ class OnnxClassifier:
         options.intra_op_num_threads = int(intra_op_num_threads)
         options.log_severity_level = 3  # errors only: onnxruntime warns about CPU fallbacks on stderr
         requested = choose_providers(device)
+        with open(self.model_file, "rb") as handle:
+            model_bytes = handle.read()
+        self.trust: dict = verify_model(self.model_file, model_bytes, public_key)
         try:
-            self.session = onnxruntime.InferenceSession(self.model_file, sess_options=options, providers=requested)
+            self.session = onnxruntime.InferenceSession(model_bytes, sess_options=options, providers=requested)
         except Exception as err:  # onnxruntime raises its own exception types for corrupt files
             raise ModelMetadataError(f"{self.model_file}: not a loadable ONNX model ({err})") from err
         self.metadata = read_metadata(self.session)
+        try:
+            self.provenance: dict | None = json.loads(self.metadata.get("provenance") or "null")
+        except json.JSONDecodeError as err:
+            raise ModelMetadataError(f"{self.model_file}: unreadable provenance in ONNX metadata ({err})") from None
+        self.demo_model: bool = is_demo_model(self.metadata)
         self.class_names: list[str] = self.metadata["class_names"]
         self.spatial_size: int = self.metadata["spatial_size"]
         self.preprocess: str = self.metadata["preprocess"]
@@ -175,7 +195,7 @@ class OnnxClassifier:
         if self.detector is None:
             logger.warning("%s has no out-of-distribution detector: its answers on inputs unlike its training data "
                            "cannot be flagged (DICOM inference refuses it); %s", os.path.basename(self.model_file),
-                           REEXPORT_HINT)
+                           DETECTOR_REEXPORT_HINT)
         # The session may fall back silently (CUDA provider present but no usable GPU): report what it holds.
         self.providers: list[str] = list(self.session.get_providers())
         self.provider: str = self.providers[0]
@@ -185,8 +205,11 @@ class OnnxClassifier:
                                    f"(no usable GPU or CUDA libraries); the session runs on {self.provider}. Use "
                                    "--device cpu or auto to run on the CPU")
             logger.warning("CUDA execution provider present but not usable here; running on %s", self.provider)
-        logger.info("ONNX model %s: version %s, %s, providers %s", os.path.basename(self.model_file),
-                    self.metadata["model_version"] or "?", self.class_names, self.providers)
+        logger.info("ONNX model %s: version %s, %s, providers %s, integrity sha256 %s verified, signature %s",
+                    os.path.basename(self.model_file), self.metadata["model_version"] or "?", self.class_names,
+                    self.providers, self.trust["integrity_sha256"], self.trust["signature"])
+        if self.demo_model:
+            logger.warning("%s: %s", os.path.basename(self.model_file), DEMO_MODEL_NOTICE)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One raw 2-D slice to the model's input [1, S, S], by the preprocessing the model was trained with.
@@ -232,16 +255,30 @@ class OnnxClassifier:
         if self.detector is None:
             raise ModelMetadataError(f"{self.model_file}: the model has no out-of-distribution detector "
                                      f"({SCORE_NAME!r} output), so it cannot vouch for its inputs and DICOM inference "
-                                     f"refuses it; {REEXPORT_HINT}")
+                                     f"refuses it; {DETECTOR_REEXPORT_HINT}")
         return self.detector
 
     def describe(self) -> dict:
-        """What a report should say about the model that produced it."""
-        return {"file": self.model_file, "version": self.metadata["model_version"],
-                "checkpoint_sha256": self.metadata["checkpoint_sha256"], "network": self.metadata["network"],
-                "class_names": self.class_names, "spatial_size": self.spatial_size,
-                "preprocess": self.preprocess, "intensity_normalisation": self.metadata["intensity_normalisation"],
-                "provider": self.provider, "providers": self.providers,
-                "ood_detector": None if self.detector is None else {
-                    key: self.detector[key] for key in ("name", "threshold", "target_acceptance", "n_train",
-                                                        "series_max_not_assessable")}}
+        """What a report should say about the model that produced it.
+
+        ``integrity_sha256`` is the digest verified on load (the model's identity); ``signature``
+        says whether a signature was checked; ``checkpoint_sha256`` is what the exporter recorded of
+        its source checkpoint (covered by the digest, not checked against any file here);
+        ``demo_model`` and ``notice`` mark a demo model; ``provenance`` is the training record.
+        """
+        description = {"file": self.model_file, "version": self.metadata["model_version"],
+                       "integrity_sha256": self.trust["integrity_sha256"], "integrity": self.trust["integrity"],
+                       "signature": self.trust["signature"],
+                       "signing_key_fingerprint": self.trust["signing_key_fingerprint"],
+                       "checkpoint_sha256": self.metadata["checkpoint_sha256"], "network": self.metadata["network"],
+                       "class_names": self.class_names, "spatial_size": self.spatial_size,
+                       "preprocess": self.preprocess,
+                       "intensity_normalisation": self.metadata["intensity_normalisation"],
+                       "demo_model": self.demo_model, "trained_on": provenance_summary(self.provenance),
+                       "provenance": self.provenance, "provider": self.provider, "providers": self.providers,
+                       "ood_detector": None if self.detector is None else {
+                           key: self.detector[key] for key in ("name", "threshold", "target_acceptance", "n_train",
+                                                               "series_max_not_assessable")}}
+        if self.demo_model:
+            description["notice"] = DEMO_MODEL_NOTICE
+        return description

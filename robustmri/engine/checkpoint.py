@@ -18,6 +18,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from robustmri.engine.distributed import is_main_process
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,6 +36,8 @@ class SaveFinalModel:
         if engine.state.epoch < engine.state.max_epochs:  # stopped early (terminate): not a finished model
             logger.info("training stopped after epoch %d of %d: %s not written", engine.state.epoch,
                         engine.state.max_epochs, self.path)
+            return
+        if not is_main_process():  # under torchrun rank 0 writes
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         partial = f"{self.path}.partial"

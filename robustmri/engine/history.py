@@ -7,6 +7,7 @@ import os
 import numpy as np
 from ignite.engine import Engine, Events
 
+from robustmri.engine.distributed import is_main_process
 from robustmri.outputs import plt, save_figure, write_json
 
 
@@ -27,6 +28,13 @@ class TrainingHistoryHandler:
         # after ValidationHandler (attached earlier) has run the evaluator for this epoch
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._record)
 
+    def training_state(self) -> dict:
+        """The epochs recorded so far, for resuming a run (:mod:`robustmri.engine.training_state`)."""
+        return {"history": [dict(entry) for entry in self.history]}
+
+    def load_training_state(self, state: dict) -> None:
+        self.history = [dict(entry) for entry in state["history"]]
+
     def _collect_loss(self, engine: Engine) -> None:
         output = engine.state.output
         rows = output if isinstance(output, list) else [output]
@@ -41,6 +49,8 @@ class TrainingHistoryHandler:
             entry.update({f"val_{k}" if not k.startswith("val") else k: float(v)
                           for k, v in self.evaluator.state.metrics.items() if np.isscalar(v)})
         self.history.append(entry)
+        if not is_main_process():  # every rank records (a resumed run needs it), rank 0 writes
+            return
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
         plot_training_curves(self.history, os.path.join(self.output_dir, "training_curves.png"))
 

@@ -40,6 +40,14 @@ class SampleWeightedCrossEntropy(nn.Module):
         table[ids.long()] = weights.float()
         self.weights_by_id = table
 
+    def training_state(self) -> dict:
+        """The weight table (None until set), for resuming a run (:mod:`robustmri.engine.training_state`)."""
+        return {"weights_by_id": self.weights_by_id}
+
+    def load_training_state(self, state: dict) -> None:
+        table = state["weights_by_id"]
+        self.weights_by_id = None if table is None else table.detach().cpu().float()
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weights = None
         if self.weights_by_id is not None:

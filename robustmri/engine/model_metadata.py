@@ -12,16 +12,43 @@ the class names, the bundle version and where the training data came from.
 Deployment configs read the settings back with :func:`trained_setting`: the value written
 beside the checkpoint, else ``train.json``'s own default (a checkpoint from before this file
 existed), and an explicit command-line value always wins.
+
+The record also holds ``provenance`` (:data:`PROVENANCE_SCHEMA`; field names are stable and
+documented in ``bundle/docs/README.md``, "Model integrity and provenance"): what trained the
+model, which export copies into the ONNX metadata. Written when training starts, completed when
+it ends (``training.completed``, the sha256 of ``model.pt`` as written, the last validation
+metrics):
+
+- ``data``: ``kind`` ("synthetic": the embedded synthetic set; "folder": a data set folder),
+  ``name`` (the folder's base name, never a path), ``n`` per split, ``n_skipped``, ``class_names``,
+  ``fingerprint_sha256`` and ``fingerprint_rule`` (:data:`FINGERPRINT_RULE`);
+- ``protocol``: split seed and fractions, noise and its level, test noise share, label noise,
+  imbalance, input size, preprocessing (:attr:`robustmri.data.protocol.ProtocolData.settings`);
+- ``recipe``: ``method`` (the method handlers' and loss's classes; "naive" when there are none),
+  ``optimizer`` (class and hyper-parameters as the optimizer holds them), ``epochs``,
+  ``batch_size`` and the settings the config passes (schedule, warm-up, EMA, augmentation);
+- ``code``: ``robustmri_version``, ``git_commit`` and ``git_dirty`` (None outside a git checkout);
+- ``training``: ``started_utc``, ``completed``, ``epochs_completed``, ``final_checkpoint``
+  (``{"file": "model.pt", "sha256": ...}``, once written);
+- ``metrics``: ``validation`` (the last epoch's validation metrics of the weights ``model.pt``
+  holds, and the best validation metric with its epoch); export adds ``test`` from the bundle's
+  evaluation when it evaluated this very checkpoint (matched by sha256);
+- ``demo_model``: true for a model trained on the embedded synthetic set.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import hashlib
+import json
 import logging
 import os
+import subprocess
 
 from ignite.engine import Engine, Events
 
+from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.outputs import read_json, write_json
 
@@ -32,6 +59,101 @@ METADATA_FILE = "model_metadata.json"
 SETTINGS = ("spatial_size", "network_padding", "preprocess")
 #: Settings that records written before they existed lack, with the value those models were trained with.
 LEGACY_SETTINGS = {"preprocess": LEGACY_PREPROCESS}
+#: Version tag of the ``provenance`` record (module docstring).
+PROVENANCE_SCHEMA = "robustmri-provenance-1"
+#: How ``data.fingerprint_sha256`` is computed (written beside it).
+FINGERPRINT_RULE = ("sha256 of the canonical JSON (keys sorted, no spaces) of the sorted list of [split, file name "
+                    "relative to the data set folder (synthetic/<index> for the embedded set), size in bytes (null "
+                    "for the embedded set), true label name] over the train, val and test splits")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> dict:
+    """robustmri's version and, in a git checkout, its commit and whether files differ from it (else None)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit = dirty = None
+    try:
+        run = {"cwd": root, "capture_output": True, "text": True, "timeout": 10}
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **run)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"robustmri_version": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def data_provenance(data) -> dict:
+    """The ``data`` part of the provenance record for :class:`robustmri.data.protocol.ProtocolData` (no paths)."""
+    settings = dict(getattr(data, "settings", None) or {})
+    kind = settings.get("data_kind") or "unknown"
+    class_names = [str(name) for name in data.class_names]
+    root = data.source if kind == "folder" else None
+    rows = []
+    for split in ("train", "val", "test"):
+        for item in data.split(split):
+            file = str(item.get("file", item.get("id")))
+            size = None
+            if root is not None:
+                size = os.path.getsize(file) if os.path.isfile(file) else None
+                file = os.path.relpath(file, root).replace(os.sep, "/")
+            rows.append([split, file, size, class_names[int(item.get("true_label", item["label"]))]])
+    rows.sort(key=lambda row: json.dumps(row))
+    fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    name = {"synthetic": "embedded synthetic set", "folder": os.path.basename(os.path.normpath(root or ""))}
+    record = {"kind": kind, "name": name.get(kind, "unknown"),
+              "n": {split: len(data.split(split)) for split in ("train", "val", "test")},
+              "n_skipped": len(getattr(data, "skipped", []) or []), "class_names": class_names,
+              "fingerprint_sha256": fingerprint, "fingerprint_rule": FINGERPRINT_RULE}
+    if kind == "synthetic":
+        record["synthetic_patients"] = settings.get("synthetic_patients")
+    return record
+
+
+def method_name(method_handlers=(), loss=None) -> str:
+    """The training method as its parts name it: the method handlers' and the loss's classes; "naive" for none."""
+    parts = [type(handler).__name__ for handler in (method_handlers or [])]
+    if loss is not None and type(loss).__module__.startswith("robustmri"):
+        parts.append(type(loss).__name__)
+    return " + ".join(parts) or "naive"
+
+
+def optimizer_settings(optimizer) -> dict | None:
+    """The optimizer's class and the hyper-parameters of its first parameter group (numbers, text, flags)."""
+    if optimizer is None:
+        return None
+    group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+    settings = {key: (list(value) if isinstance(value, tuple) else value) for key, value in group.items()
+                if key not in ("params", "initial_lr") and (isinstance(value, (int, float, str, bool)) or value is None
+                                                            or isinstance(value, tuple))}
+    return {"name": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}", **settings}
+
+
+def training_provenance(data=None, optimizer=None, method_handlers=(), loss=None, recipe: dict | None = None) -> dict:
+    """The ``provenance`` record as training starts (module docstring); data None: nothing known about the data."""
+    data_record = data_provenance(data) if data is not None else {"kind": "unknown", "name": "unknown"}
+    protocol = {k: v for k, v in (getattr(data, "settings", None) or {}).items() if k != "data_kind"}
+    return {
+        "schema": PROVENANCE_SCHEMA,
+        "data": data_record,
+        "protocol": protocol,
+        "recipe": {"method": method_name(method_handlers, loss), "optimizer": optimizer_settings(optimizer),
+                   **dict(recipe or {})},
+        "code": code_version(),
+        "training": {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "completed": False},
+        "metrics": {},
+        "demo_model": data_record["kind"] == "synthetic",
+    }
 
 
 def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
@@ -50,7 +172,9 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
     for tensor in metadata.get("network_data_format", {}).get("inputs", {}).values():
         if isinstance(tensor, dict) and "spatial_shape" in tensor:
             tensor["spatial_shape"] = [spatial_size, spatial_size]
-    network_type = type(network)
+    from robustmri.influence.adapter import unwrap  # a DistributedDataParallel network: the module inside
+
+    network_type = type(unwrap(network))
     metadata["trained_with"] = {
         "spatial_size": spatial_size,
         "network_padding": int(network_padding),
@@ -63,27 +187,72 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
         "model_weights": (f"moving average of the weights (decay {float(ema_decay):g} per iteration) after the last "
                           "epoch" if ema_decay is not None else "the weights after the last epoch"),
         "ema_decay": None if ema_decay is None else float(ema_decay),
-        "data": {"source": getattr(data, "source", None),
+        # the data set by name only (never an absolute path); provenance["data"] says more
+        "data": {"source": (os.path.basename(os.path.normpath(data.source)) if (getattr(data, "settings", None) or {})
+                            .get("data_kind") == "folder" else getattr(data, "source", None)),
                  "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
     }
     return metadata
 
 
 class ModelMetadataWriter:
-    """Trainer handler: writes ``model_metadata.json`` into ``ckpt_dir`` when training starts."""
+    """Trainer handler: writes ``model_metadata.json`` into ``ckpt_dir`` when training starts, completes it at the end.
+
+    ``optimizer``, ``method_handlers``, ``loss`` and ``recipe`` (settings of the config, e.g. the
+    learning-rate schedule) describe the recipe in ``provenance``; ``evaluator`` (the validation
+    evaluator) gives the validation metrics; ``final_checkpoint`` is the file the trained model is
+    saved to on completion (its sha256 binds the record to it; attach this handler after the saver).
+    """
 
     def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
                  bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None,
-                 preprocess: str = LEGACY_PREPROCESS):
+                 preprocess: str = LEGACY_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
+                 recipe: dict | None = None, evaluator: Engine | None = None, final_checkpoint: str | None = None):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
         self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
                                       ema_decay=ema_decay, preprocess=preprocess)
+        self.content["provenance"] = training_provenance(data, optimizer, method_handlers, loss,
+                                                         {**dict(recipe or {}), "ema_decay": ema_decay})
+        self.evaluator = evaluator
+        self.final_checkpoint = final_checkpoint or os.path.join(ckpt_dir, "model.pt")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def __call__(self, engine: Engine) -> None:
-        write_json(self.path, self.content)
+        from robustmri.engine.distributed import is_main_process
+
+        recipe = self.content["provenance"]["recipe"]
+        recipe.setdefault("epochs", int(engine.state.max_epochs))
+        loader = getattr(engine, "data_loader", None) or getattr(engine.state, "dataloader", None)
+        if getattr(loader, "batch_size", None) is not None:
+            recipe.setdefault("batch_size", int(loader.batch_size))
+        if is_main_process():  # under torchrun rank 0 writes
+            write_json(self.path, self.content)
+
+    def completed(self, engine: Engine) -> None:
+        """Record how training ended, the final checkpoint's sha256 and the validation metrics."""
+        from robustmri.engine.distributed import is_main_process
+
+        provenance = self.content["provenance"]
+        finished = engine.state.epoch >= engine.state.max_epochs
+        provenance["training"].update(
+            completed=bool(finished), epochs_completed=int(engine.state.epoch),
+            completed_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        if finished and os.path.isfile(self.final_checkpoint):
+            provenance["training"]["final_checkpoint"] = {"file": os.path.basename(self.final_checkpoint),
+                                                          "sha256": file_sha256(self.final_checkpoint)}
+        state = getattr(self.evaluator, "state", None)
+        if state is not None and getattr(state, "metrics", None):
+            provenance["metrics"]["validation"] = {
+                "n": len(getattr(self.evaluator.data_loader, "dataset", []) or []) or None,
+                "last_epoch": {k: float(v) for k, v in state.metrics.items() if isinstance(v, (int, float))},
+                "best": {"metric": float(state.best_metric) if state.best_metric is not None and
+                         state.best_metric != -1 else None, "epoch": int(getattr(state, "best_metric_epoch", -1))},
+            }
+        if is_main_process():
+            write_json(self.path, self.content)
 
 
 def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:

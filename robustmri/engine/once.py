@@ -27,6 +27,7 @@ class OnceAfterEpoch:
     changes_training = True
 
     def __init__(self, epoch: int):
+        self.done = False
         self.epoch = int(epoch)
         if self.epoch < 1:
             raise ValueError(f"{self.method}: the epoch to run after must be >= 1, got {epoch}")
@@ -41,12 +42,20 @@ class OnceAfterEpoch:
 
     def _on_resume(self, engine: Engine) -> None:
         """A run resumed right after epoch ``epoch`` (:mod:`robustmri.engine.training_state`) takes the step now."""
-        if engine.state.epoch == self.epoch:
+        if engine.state.epoch == self.epoch and not self.done:
             self(engine)
 
     def __call__(self, engine: Engine) -> None:
         network = engine.network
         self.run(engine, network, next(network.parameters()).device)
+        self.done = True
+
+    def training_state(self) -> dict:
+        """Whether the step has run (:class:`robustmri.engine.training_state.Resumable`); subclasses add theirs."""
+        return {"done": self.done}
+
+    def load_training_state(self, state: dict) -> None:
+        self.done = bool(state["done"])
 
     def run(self, engine: Engine, network: torch.nn.Module, device: torch.device) -> None:
         raise NotImplementedError

@@ -254,7 +254,9 @@ def trainer_amp(network: nn.Module) -> bool:
     A prepared network in fp16 gets no autocast of its own (the trainer's is the one, so that
     its GradScaler scales the loss); bf16 needs no scaler and autocasts in its own forward.
     """
-    return getattr(network, "robustmri_precision", None) == "fp16"
+    from robustmri.influence.adapter import unwrap  # a DistributedDataParallel network: the module inside
+
+    return getattr(unwrap(network), "robustmri_precision", None) == "fp16"
 
 
 @contextlib.contextmanager

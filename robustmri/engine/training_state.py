@@ -12,18 +12,45 @@ when the resumed trainer starts.
 
 The file is written atomically (write, then rename): an interrupted write never leaves a
 half state behind.
+
+:class:`TrainingCheckpoint` is the same state written after every epoch, for resuming a run
+that was killed (the bundle's ``resume`` option, ``training_state_path``). Besides the above it
+holds the state of every attached handler that keeps some (the :class:`Resumable` protocol:
+the influence step's "done" flag, ISR's and PIE's sample weights, ISP's perturbed images, the
+training history, AT's random generator) and the validation's best metric so far, with the
+best-model saver's record, so a resumed run ends exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from typing import Protocol
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.handlers import CheckpointSaver
 
+from robustmri.engine.distributed import is_main_process
 from robustmri.engine.ema import WeightAverage
+
+logger = logging.getLogger(__name__)
+
+
+class Resumable(Protocol):
+    """A trainer handler with state of its own that a resumed run needs.
+
+    ``training_state()`` returns tensors, plain numbers, strings, lists and dicts (what
+    ``torch.load(weights_only=True)`` reads back); ``load_training_state`` puts it back. Checked on
+    the class (:func:`is_resumable`), not with ``isinstance``: ignite's metrics answer every attribute.
+    """
+
+    def training_state(self) -> dict: ...
+
+    def load_training_state(self, state: dict) -> None: ...
 
 
 def _attached(engine: Engine, match):
@@ -48,10 +75,11 @@ def attached_weight_average(engine: Engine) -> WeightAverage | None:
 
 
 def training_state(engine: Engine) -> dict:
-    """Model, optimiser, scheduler, weight average, epoch and iteration, and the RNG states of torch, numpy and random."""
+    """Model (without a DDP wrapper), optimiser, scheduler, weight average, epoch and iteration, and the RNG
+    states of torch, numpy and random."""
     scheduler = _scheduler(engine)
     average = attached_weight_average(engine)
-    return {"model": engine.network.state_dict(), "optimizer": engine.optimizer.state_dict(),
+    return {"model": _module(engine).state_dict(), "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": average.state_dict() if average is not None else None,
             "epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration),
@@ -74,8 +102,15 @@ def save_training_state(engine: Engine, path: str) -> None:
     os.replace(partial, path)
 
 
+def _module(engine: Engine) -> torch.nn.Module:
+    """The trainer's network without a ``DistributedDataParallel`` wrapper: states load with any number of ranks."""
+    from robustmri.influence.adapter import unwrap
+
+    return unwrap(engine.network)
+
+
 def restore_training_state(engine: Engine, state: dict) -> None:
-    engine.network.load_state_dict(state["model"])
+    _module(engine).load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
     scheduler = _scheduler(engine)
     if (scheduler is None) != (state["lr_scheduler"] is None):
@@ -132,3 +167,161 @@ class LoadTrainingState:
             raise ValueError(f"{self.path}: saved after epoch {state['epoch']}, not before the last epoch "
                              f"({engine.state.max_epochs})")
         restore_training_state(engine, state)
+
+
+#: Handlers of these modules change what is trained on; without the :class:`Resumable` protocol
+#: (or ``resume_stateless = True``) a resumed run would silently differ, so resuming refuses them.
+METHOD_MODULES = ("robustmri.methods",)
+
+
+def _owners(engine: Engine) -> list:
+    """Every distinct handler object attached to ``engine`` (owners of bound methods), in attachment order."""
+    seen, owners = set(), []
+    for handlers in engine._event_handlers.values():
+        for handler, *_ in handlers:
+            owner = getattr(handler, "__self__", handler)
+            if id(owner) not in seen:
+                seen.add(id(owner))
+                owners.append(owner)
+    return owners
+
+
+def _keyed(owners) -> dict[str, object]:
+    """``{"ClassName#k": owner}``: the k-th owner of that class, so one config gives the same keys every run."""
+    counts: dict[str, int] = {}
+    keyed = {}
+    for owner in owners:
+        name = type(owner).__qualname__
+        keyed[f"{name}#{counts.get(name, 0)}"] = owner
+        counts[name] = counts.get(name, 0) + 1
+    return keyed
+
+
+def is_resumable(handler) -> bool:
+    """Whether ``handler``'s class offers :class:`Resumable` (looked up on the class: some objects, such as
+    ignite's metrics, answer every attribute)."""
+    return not isinstance(handler, type) and all(callable(getattr(type(handler), name, None))
+                                                  for name in ("training_state", "load_training_state"))
+
+
+def resumable_handlers(engine: Engine) -> dict[str, Resumable]:
+    """The attached handlers with state of their own (:class:`Resumable`), by stable key."""
+    return {k: o for k, o in _keyed(_owners(engine)).items() if is_resumable(o)}
+
+
+def unresumable_handlers(engine: Engine) -> list[str]:
+    """Names of attached method handlers whose state a resumed run could not restore."""
+    names = []
+    for owner in _owners(engine):
+        module = type(owner).__module__
+        if (module.startswith(METHOD_MODULES) and not is_resumable(owner)
+                and not getattr(owner, "resume_stateless", False)):
+            names.append(type(owner).__qualname__)
+    return sorted(set(names))
+
+
+def _validator(engine: Engine):
+    """The evaluator run by a MONAI ``ValidationHandler`` on ``engine``, if any."""
+    owner = _attached(engine, lambda h: type(h).__name__ == "ValidationHandler")
+    return None if owner is None else owner.validator
+
+
+def _best(engine: Engine | None) -> dict | None:
+    if engine is None or not hasattr(engine.state, "best_metric"):
+        return None
+    return {"best_metric": float(engine.state.best_metric), "best_metric_epoch": int(engine.state.best_metric_epoch)}
+
+
+def _savers(engine: Engine | None) -> dict:
+    """The key-metric record of every MONAI ``CheckpointSaver`` on ``engine`` (which file holds the best score)."""
+    if engine is None:
+        return {}
+    return {k: o._key_metric_checkpoint.state_dict() for k, o in _keyed(_owners(engine)).items()
+            if isinstance(o, CheckpointSaver) and isinstance(o._key_metric_checkpoint, Checkpoint)}
+
+
+def run_state(engine: Engine) -> dict:
+    """:func:`training_state` plus what resuming a killed run needs: handler states and best metrics so far."""
+    validator = _validator(engine)
+    return {**training_state(engine),
+            "handlers": {k: h.training_state() for k, h in resumable_handlers(engine).items()},
+            "trainer_best": _best(engine), "validator_best": _best(validator), "validator_savers": _savers(validator)}
+
+
+def _restore_best(engine: Engine | None, best: dict | None) -> None:
+    if engine is not None and best is not None:
+        engine.state.best_metric, engine.state.best_metric_epoch = best["best_metric"], best["best_metric_epoch"]
+
+
+def restore_run_state(engine: Engine, state: dict, path: str = "training state") -> None:
+    """Put a :func:`run_state` back: the training state, then every handler's, then the best metrics."""
+    unsupported = unresumable_handlers(engine)
+    if unsupported:
+        raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved "
+                         "(resume supports naive training, ISR, ISP, AT, N2V, PIE and the label audit)")
+    handlers = resumable_handlers(engine)
+    saved = state.get("handlers", {})
+    if set(handlers) != set(saved):
+        raise ValueError(f"{path}: written by a run with other handlers ({sorted(saved)}) than this one "
+                         f"({sorted(handlers)}): resume with the config that wrote it")
+    restore_training_state(engine, state)
+    for key, handler in handlers.items():
+        handler.load_training_state(saved[key])
+    _restore_best(engine, state.get("trainer_best"))
+    validator = _validator(engine)
+    _restore_best(validator, state.get("validator_best"))
+    savers = _keyed(_owners(validator)) if validator is not None else {}
+    for key, record in state.get("validator_savers", {}).items():
+        if isinstance(savers.get(key), CheckpointSaver):
+            savers[key].load_state_dict(record)
+
+
+class TrainingCheckpoint:
+    """Trainer handler: write the whole run state (:func:`run_state`) to ``path`` after every epoch, atomically;
+    with ``resume``, continue from the state at ``path`` when the run starts.
+
+    List it first among the trainer's handlers: it restores the state before any other
+    handler's start-up (a step scheduled right after the saved epoch then sees the restored
+    state). It saves after every other handler of the epoch has run (its save is registered
+    when the run starts, after all handlers are attached), so the state holds this epoch's
+    validation, history and any step taken after it. ``resume`` without a file at ``path``
+    starts from epoch 1 (so a job can always be launched with ``resume: true``). Under
+    ``torchrun`` only rank 0 writes; every rank reads the same file (a path all nodes see).
+    """
+
+    def __init__(self, path: str, resume: bool = False, save: bool = True):
+        if isinstance(resume, str):  # ``--resume true`` on the command line arrives as a string
+            if resume.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"resume must be true or false, got {resume!r}")
+            resume = resume.strip().lower() in ("true", "1", "yes")
+        self.path, self.resume, self.save = path, bool(resume), bool(save)
+        self._registered: set[int] = set()
+        self.resumed_from: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+
+    def _start(self, engine: Engine) -> None:
+        if self.save and id(engine) not in self._registered:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+            self._registered.add(id(engine))
+        if not self.resume:
+            return
+        if not os.path.isfile(self.path):
+            logger.info("resume: no training state at %s; starting from epoch 1", self.path)
+            return
+        state = torch.load(self.path, map_location=next(engine.network.parameters()).device, weights_only=True)
+        if state["epoch"] >= engine.state.max_epochs:
+            raise ValueError(f"{self.path}: this run already completed its {engine.state.max_epochs} epochs "
+                             f"(state saved after epoch {state['epoch']}): nothing to resume")
+        restore_run_state(engine, state, self.path)
+        self.resumed_from = int(state["epoch"])
+        logger.info("resumed from %s: epoch %d of %d done", self.path, state["epoch"], engine.state.max_epochs)
+
+    def _save(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        partial = f"{self.path}.partial"
+        torch.save(run_state(engine), partial)
+        os.replace(partial, self.path)

@@ -12,7 +12,8 @@ import os
 import torch
 from ignite.engine import Engine, Events
 
-from robustmri.engine.model_metadata import metadata_path, read_trained
+from robustmri.engine.distributed import is_main_process
+from robustmri.engine.model_metadata import file_sha256, metadata_path, read_trained
 from robustmri.engine.predictions import predict_items
 from robustmri.evaluation.metrics import classification_report
 from robustmri.evaluation.report import ClassificationReportHandler
@@ -73,9 +74,13 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
         load_weights(network, path, device)
         report.tag = tag
         evaluator.run()
-        results[tag] = {"checkpoint": os.path.abspath(path), **report.report}
+        # the sha256 lets export credit these figures to this very checkpoint (robustmri.deploy.export)
+        results[tag] = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": file_sha256(path), **report.report}
+    if not is_main_process():  # under torchrun every rank holds the same reports; rank 0 writes
+        return results
     write_json(os.path.join(output_dir, "summary.json"),
-               {tag: {k: r[k] for k in ("checkpoint", "n", "accuracy", "macro_f1", "roc_auc_macro")}
+               {tag: {k: r[k] for k in ("checkpoint", "checkpoint_sha256", "n", "accuracy", "macro_f1",
+                                        "roc_auc_macro")}
                 for tag, r in results.items()})
     return results
 

@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine
 
 from robustmri.engine.collect import RunCollector
+from robustmri.engine.distributed import is_distributed, is_main_process, world_size
 from robustmri.evaluation.metrics import classification_report, write_report
 from robustmri.outputs import plt, save_figure
 
@@ -60,13 +61,33 @@ class ClassificationReportHandler(RunCollector):
         self._labels.extend(labels.cpu().tolist())
 
     def write(self, engine: Engine) -> None:
-        self.report = classification_report(self._labels, np.stack(self._probabilities), self.class_names)
+        labels, probabilities = gather_in_order(self._labels), gather_in_order(self._probabilities)
+        self.report = classification_report(labels, np.stack(probabilities), self.class_names)
+        if not is_main_process():  # every rank holds the whole report; rank 0 writes it
+            return
         folder = os.path.join(self.output_dir, self.tag)
         write_report(self.report, folder)
         plot_confusion_matrix(self.report, os.path.join(folder, "confusion_matrix.png"), title=f"test ({self.tag})")
         logger.info("test [%s]: accuracy %.4f, macro-F1 %.4f, ROC-AUC %s (n = %d) -> %s", self.tag,
                     self.report["accuracy"], self.report["macro_f1"], _fmt(self.report["roc_auc_macro"]),
                     self.report["n"], folder)
+
+
+def gather_in_order(rows: list) -> list:
+    """Under ``torchrun``, every rank's ``rows`` joined in the order of the data set.
+
+    Rank r of W evaluated items r, r + W, r + 2W, ... (MONAI's ``DistributedSampler`` with
+    ``shuffle=False, even_divisible=False``, as ``multi_gpu_evaluate.json`` sets it), so item
+    ``r + W * j`` is rank r's j-th row. Without a process group ``rows`` is returned as is.
+    """
+    if not is_distributed():
+        return list(rows)
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, list(rows))
+    joined = []
+    for j in range(max(len(part) for part in parts)):
+        joined += [part[j] for part in parts if j < len(part)]
+    return joined
 
 
 def _fmt(value) -> str:

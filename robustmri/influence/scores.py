@@ -25,16 +25,19 @@ def influence_scores(problem: SoftmaxLastLayer, s: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def collect_features(model: nn.Module | LastLayerModel, batches,
-                     device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collect_features(model: nn.Module | LastLayerModel, batches, device="cpu",
+                     desc: str = "influence: features") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Penultimate features, labels and sample ids of every batch, the network in eval mode.
 
-    ``batches`` yields dicts with ``image``, ``label`` and optionally ``id``.
+    ``batches`` yields dicts with ``image``, ``label`` and optionally ``id``; a progress bar
+    named ``desc`` counts them on an interactive terminal.
     """
+    from robustmri.progress import progress
+
     final = FinalLayer.of(model)
     features, labels, ids = [], [], []
     with eval_mode(final.network):
-        for batch in batches:
+        for batch in progress(batches, desc):
             features.append(final(torch.as_tensor(batch["image"]).to(device))[0].float().cpu())
             labels.append(torch.as_tensor(batch["label"]).reshape(-1).long())
             if "id" in batch:
@@ -69,6 +72,16 @@ def input_gradients(model: nn.Module | LastLayerModel, images: torch.Tensor, lab
     return gradient
 
 
+def solve(solver: Solver, problem: SoftmaxLastLayer, v: torch.Tensor) -> torch.Tensor:
+    """``solver(problem, v)`` under a one-step progress bar (its elapsed time is what a long solve shows)."""
+    from robustmri.progress import progress
+
+    with progress(desc=f"influence: solve ({type(solver).__name__})", total=1, unit="solve") as bar:
+        s = solver(problem, v)
+        bar.update(1)
+    return s
+
+
 @dataclass
 class InfluenceResult:
     scores: torch.Tensor  # [N], positive = helpful
@@ -84,11 +97,11 @@ def compute_influence(model: nn.Module | LastLayerModel, train_batches, val_batc
     """Scores of all training samples on the mean clean-validation loss (one feature pass each)."""
     final = FinalLayer.of(model)
     solver = solver or ExactSolver()
-    train_features, train_labels, ids = collect_features(final, train_batches, device)
-    val_features, val_labels, _ = collect_features(final, val_batches, device)
+    train_features, train_labels, ids = collect_features(final, train_batches, device, "influence: training features")
+    val_features, val_labels, _ = collect_features(final, val_batches, device, "influence: validation features")
     problem = SoftmaxLastLayer.from_linear(final.layer, train_features.double(), train_labels)
     v = problem.mean_gradient(val_features.double(), val_labels)
-    s = solver(problem, v)
+    s = solve(solver, problem, v)
     return InfluenceResult(influence_scores(problem, s).float(), ids, train_labels, s.float(), v.float(),
                            solver.damping)
 

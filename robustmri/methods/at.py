@@ -83,6 +83,13 @@ class FGSMTrainingHandler:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.image_key, self.label_key = image_key, label_key
 
+    def training_state(self) -> dict:
+        """The random start's generator, for resuming a run (:mod:`robustmri.engine.training_state`)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def attach(self, engine: Engine) -> None:
         # MONAI attaches handlers before the trainer sets its network: check them when called.
         engine.add_event_handler(Events.ITERATION_STARTED, self)

@@ -20,6 +20,7 @@ from ignite.engine import Engine
 
 from robustmri.data.batching import item_batches
 from robustmri.data.label_noise import has_label_record, true_labels
+from robustmri.engine.distributed import is_main_process
 from robustmri.engine.once import OnceAfterEpoch
 from robustmri.engine.predictions import predict_items
 from robustmri.influence import Solver, compute_influence, influence_ranking, make_solver
@@ -113,6 +114,8 @@ class AuditHandler(OnceAfterEpoch):
             report.update({"n": len(scores), "wrong_labels": None, "precision_at_k": None,
                            "note": "no recorded true labels (label_noise is 'none'): ranking only"})
         self.report = report
+        if not is_main_process():  # under torchrun every rank computed the same ranking; rank 0 writes it
+            return
         write_json(os.path.join(self.output_dir, METHOD.summary), report)
         by_influence, by_loss = influence_ranking(scores), loss_ranking(losses)
         influence_rank, loss_rank = np.empty(len(scores), int), np.empty(len(scores), int)

@@ -6,6 +6,12 @@ continue. It scores every training sample on the clean validation loss, lets the
 on the scores (:meth:`InfluenceStep.apply`), and writes ``influence.csv``,
 ``influence_summary.json``, a histogram of scores per class and a picture of examples into
 ``output_dir``.
+
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) every rank takes rank 0's network,
+scores its own contiguous shard and gets every score
+(:func:`robustmri.influence.distributed.compute_influence_sharded`), so the scores, and what
+the method makes of them, are the same on every rank and as in one process; rank 0 alone
+writes the files.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from ignite.engine import Engine
 from torch import nn
 
 from robustmri.data.batching import item_batches
+from robustmri.engine.distributed import broadcast_module, is_distributed, is_main_process, rank, world_size
 from robustmri.engine.once import OnceAfterEpoch
 from robustmri.influence import InfluenceResult, Solver, compute_influence, make_solver
+from robustmri.influence.adapter import unwrap
+from robustmri.influence.distributed import compute_influence_sharded, shard_bounds
 from robustmri.outputs import plt, save_figure, write_json
 
 logger = logging.getLogger(__name__)
@@ -47,8 +56,16 @@ class InfluenceStep(OnceAfterEpoch):
 
     def run(self, engine: Engine, network: nn.Module, device: torch.device) -> None:
         start = time.perf_counter()
-        self.result = compute_influence(network, item_batches(self.train_data, self.batch_size),
-                                        item_batches(self.val_data, self.batch_size), self.solver, device)
+        if is_distributed():  # every rank: rank 0's weights and BatchNorm statistics, its own shard of the samples
+            broadcast_module(unwrap(network))
+            train = range(*shard_bounds(len(self.train_data), rank(), world_size()))
+            val = range(*shard_bounds(len(self.val_data), rank(), world_size()))
+            self.result = compute_influence_sharded(network, item_batches(self.train_data, self.batch_size, train),
+                                                    item_batches(self.val_data, self.batch_size, val), self.solver,
+                                                    device)
+        else:
+            self.result = compute_influence(network, item_batches(self.train_data, self.batch_size),
+                                            item_batches(self.val_data, self.batch_size), self.solver, device)
         self.timings["influence_s"] = time.perf_counter() - start
         position = {int(item["id"]): k for k, item in enumerate(self.train_data)}
         positions = [position[int(i)] for i in self.result.ids]
@@ -73,6 +90,8 @@ class InfluenceStep(OnceAfterEpoch):
         return {}
 
     def _write(self, positions: list[int], columns: dict[str, np.ndarray]) -> None:
+        if not is_main_process():  # under torchrun every rank holds the same result; rank 0 writes it
+            return
         os.makedirs(self.output_dir, exist_ok=True)
         scores = self.result.scores.numpy()
         labels = self.result.labels.numpy()

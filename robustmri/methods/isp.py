@@ -16,6 +16,7 @@ direction by a seeded random one of the same per-image norm (no influence signal
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Sequence
 
@@ -25,9 +26,12 @@ from torch import nn
 
 from robustmri.data.batching import item_batches
 from robustmri.influence import input_gradients
+from robustmri.influence.distributed import shard_bounds
+from robustmri.engine.distributed import is_distributed, is_main_process, rank, world_size
 from robustmri.methods import Method
 from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
-from robustmri.methods.n2v import as_flag
+from robustmri.options import as_flag
+from robustmri.progress import progress
 
 METHOD = Method(name="isp", title="ISP: influence-based sample perturbation", order=4,
                 families=("noisy images",), summary="influence_summary.json",
@@ -196,8 +200,12 @@ class ISPHandler(InfluenceStep):
         select_for_perturbation(torch.zeros(2), self.ratio, selection)  # validate the options now
         self.changed = 0
         self.achieved: dict[str, dict[str, float]] = {}
+        self.perturbed_ids: list[int] = []  # ids of the images the step replaced
+        self.traffic: dict | None = None  # under torchrun: what sharing the perturbed images cost
 
     def apply(self, network: nn.Module, device: torch.device, positions: list[int]) -> dict[str, np.ndarray]:
+        """Perturb the selected images; under ``torchrun`` each rank its contiguous shard of rows, then every
+        rank receives the others' perturbed images (:meth:`_share`), so all hold the whole perturbed set."""
         s = self.result.s.to(device)
         chosen = select_for_perturbation(self.result.scores, self.ratio, self.selection).tolist()
         ids = self.result.ids.tolist()
@@ -205,37 +213,92 @@ class ISPHandler(InfluenceStep):
         l2 = np.zeros(len(positions))
         order = np.argsort(self.result.scores.numpy())
         examples = set(order[:3].tolist() + order[-3:].tolist())  # most harmful and most helpful
-        before, deltas = {}, {}
+        low, high = shard_bounds(len(positions), rank(), world_size())
+        mine = [row for row in chosen if low <= row < high]
+        before, deltas, changed = {}, {}, {}
         start = time.perf_counter()
-        for start_row in range(0, len(chosen), self.batch_size):
-            rows = chosen[start_row:start_row + self.batch_size]
+        for start_row in progress(range(0, len(mine), self.batch_size), "ISP: input gradients"):
+            rows = mine[start_row:start_row + self.batch_size]
             batch = next(item_batches(self.train_data, len(rows), [positions[r] for r in rows]))
             images = batch["image"].to(device)
             gradients = input_gradients(network, images, batch["label"].to(device), s)
             perturbed = perturb(images, gradients, **self.options, ids=[ids[r] for r in rows])
             change = (perturbed - images).detach()
             for k, row in enumerate(rows):
-                self.train_data[positions[row]]["image"] = perturbed[k].detach().cpu().numpy().astype(np.float32)
+                changed[row] = perturbed[k].detach().cpu().numpy().astype(np.float32)
                 linf[row] = change[k].abs().max().item()
                 l2[row] = change[k].norm().item()
                 if row in examples:
                     before[row] = images[k, 0].cpu().numpy()
                     deltas[row] = change[k, 0].cpu().numpy()
+        if is_distributed():
+            changed, before, deltas = self._share(changed, linf, l2, before, deltas)
+        for row, image in changed.items():
+            self.train_data[positions[row]]["image"] = image
         self.timings["input_gradients_s"] = time.perf_counter() - start
+        self.perturbed_ids = [int(ids[r]) for r in chosen]
         self.changed = len(chosen)
         self.achieved = {"linf": _stats(linf[chosen]), "l2": _stats(l2[chosen])}
         rows = sorted(before, key=lambda r: self.result.scores[r].item())
-        plot_influence_examples([before[r] for r in rows], [deltas[r] for r in rows],
-                                self.result.scores.numpy()[rows], self.class_names, self.result.labels.numpy()[rows],
-                                os.path.join(self.output_dir, "influence_examples.png"))
+        if is_main_process():
+            plot_influence_examples([before[r] for r in rows], [deltas[r] for r in rows],
+                                    self.result.scores.numpy()[rows], self.class_names,
+                                    self.result.labels.numpy()[rows],
+                                    os.path.join(self.output_dir, "influence_examples.png"))
         return {"perturbation_linf": linf, "perturbation_l2": l2}
+
+    def _share(self, changed: dict, linf: np.ndarray, l2: np.ndarray, before: dict, deltas: dict):
+        """All-gather every rank's perturbed images (float32, with their rows and step norms) and example
+        pictures; fills ``linf`` and ``l2`` in place; records what this rank sent: in all, and per image without the
+        (at most six) example pictures for ``influence_examples.png``."""
+        rows = sorted(changed)
+        payload = {"rows": rows, "images": np.stack([changed[r] for r in rows]) if rows else None,
+                   "linf": linf[rows], "l2": l2[rows], "before": before, "deltas": deltas}
+        sent = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))  # what all_gather_object sends
+        pictures = len(pickle.dumps({"before": before, "deltas": deltas}, protocol=pickle.HIGHEST_PROTOCOL))
+        parts = [None] * world_size()
+        torch.distributed.all_gather_object(parts, payload)
+        changed, before, deltas = {}, {}, {}
+        for part in parts:
+            for k, row in enumerate(part["rows"]):
+                changed[row] = part["images"][k]
+            linf[part["rows"]], l2[part["rows"]] = part["linf"], part["l2"]
+            before.update(part["before"])
+            deltas.update(part["deltas"])
+        self.traffic = {"ranks": world_size(), "bytes_sent": sent, "images_sent": len(rows),
+                        "bytes_per_image": (sent - pictures) / len(rows) if rows else None,
+                        "example_picture_bytes": pictures,
+                        "image_bytes": int(changed[rows[0]].nbytes) if rows else None}
+        return changed, before, deltas
+
+    def training_state(self) -> dict:
+        """The done flag and the perturbed images by id (float32, as trained on), for resuming a run."""
+        state = super().training_state()
+        by_id = {int(item["id"]): item for item in self.train_data}
+        images = [torch.from_numpy(np.asarray(by_id[i]["image"], dtype=np.float32)) for i in self.perturbed_ids]
+        return {**state, "ids": torch.tensor(self.perturbed_ids, dtype=torch.long),
+                "images": torch.stack(images) if images else torch.zeros(0)}
+
+    def load_training_state(self, state: dict) -> None:
+        """Put the perturbed images back into the training items (the same list the data loader reads)."""
+        super().load_training_state(state)
+        by_id = {int(item["id"]): item for item in self.train_data}
+        ids = [int(i) for i in state["ids"].tolist()]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"ISP state: {len(missing)} perturbed image ids are not in the training data "
+                             f"(first {missing[0]}): resume with the data that wrote it")
+        for i, image in zip(ids, state["images"]):
+            by_id[i]["image"] = image.cpu().numpy().astype(np.float32)
+        self.perturbed_ids, self.changed = ids, len(ids)
 
     def extra_summary(self) -> dict:
         """The options (as isp.json ids) and the achieved per-image step norms of the perturbed images."""
         options = {f"isp_{k}": v for k, v in self.options.items() if k != "seed"}
         return {**options, "isp_ratio": self.ratio, "isp_selection": self.selection, "seed": self.options["seed"],
                 "perturbed": self.changed, "perturbation_linf": self.achieved.get("linf"),
-                "perturbation_l2": self.achieved.get("l2")}
+                "perturbation_l2": self.achieved.get("l2"),
+                **({"distributed_exchange": self.traffic} if self.traffic else {})}
 
     def describe(self) -> str:
         o = self.options

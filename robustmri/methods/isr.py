@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from robustmri.engine.losses import SampleWeightedCrossEntropy
+from robustmri.engine.distributed import is_main_process
 from robustmri.methods import Method
 from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
-from robustmri.methods.n2v import as_flag
+from robustmri.options import as_flag
 
 METHOD = Method(name="isr", title="ISR: influence-based sample reweighing", order=3,
                 families=("noisy images", "noisy labels"), summary="influence_summary.json",
@@ -74,8 +75,9 @@ class ISRHandler(InfluenceStep):
             weights = permuted_weights(weights, self.seed)
         self.loss.set_weights(self.result.ids, weights)
         images = [np.asarray(self.train_data[p]["image"])[0] for p in positions]
-        plot_influence_examples(images, None, self.result.scores.numpy(), self.class_names, self.result.labels.numpy(),
-                                os.path.join(self.output_dir, "influence_examples.png"))
+        if is_main_process():
+            plot_influence_examples(images, None, self.result.scores.numpy(), self.class_names,
+                                    self.result.labels.numpy(), os.path.join(self.output_dir, "influence_examples.png"))
         return {"weight": weights.numpy()}
 
     def extra_summary(self) -> dict:

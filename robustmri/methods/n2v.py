@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from robustmri.data.protocol import ProtocolData
 from robustmri.methods import Method
+from robustmri.options import as_flag
 from robustmri.outputs import plt, save_figure, write_json
 
 logger = logging.getLogger(__name__)
@@ -265,18 +266,6 @@ def denoise_protocol(data: ProtocolData, denoiser_path: str, output_dir: str, st
     plot_denoising_examples(train_images[:shown, 0].numpy(), _stack(denoised["train"][:shown])[:, 0].numpy(),
                             os.path.join(output_dir, EXAMPLES_FILE))
     return replace(data, **denoised)
-
-
-def as_flag(value, name: str) -> bool:
-    """A yes/no option; the bundle's command line passes ``--flag false`` as the string 'false', which is truthy."""
-    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _stack(items: list[dict]) -> torch.Tensor:

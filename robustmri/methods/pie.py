@@ -28,6 +28,7 @@ from torch.nn.utils import prune
 from robustmri.data.batching import item_batches
 from robustmri.data.label_noise import has_label_record, true_labels
 from robustmri.engine.losses import SampleWeightedCrossEntropy
+from robustmri.engine.distributed import is_main_process
 from robustmri.engine.once import OnceAfterEpoch
 from robustmri.engine.predictions import predict_items
 from robustmri.methods import Method
@@ -129,6 +130,8 @@ class PIEHandler(OnceAfterEpoch):
                     len(result["hard"]), len(result["ids"]), result["sparsity"], self.weight)
 
     def _write(self, result: dict) -> None:
+        if not is_main_process():  # under torchrun every rank found the same samples; rank 0 writes them
+            return
         os.makedirs(self.output_dir, exist_ok=True)
         hard = result["hard"]
         with open(os.path.join(self.output_dir, "pie_hard_samples.csv"), "w", newline="") as handle:

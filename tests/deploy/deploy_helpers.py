@@ -108,3 +108,29 @@ def gradient_series(n: int = 4, size: int = 40, seed: int = 0) -> list[np.ndarra
     rng = np.random.default_rng(seed)
     base = np.add.outer(np.arange(size), np.arange(size)).astype(np.float64)
     return [base * (k + 1) + rng.integers(0, 40, (size, size)) * 0.25 for k in range(n)]
+
+
+def rewrite_metadata(src, dst, reseal: bool = False, signing_key=None, **changes):
+    """Copy an exported model with metadata entries changed (value None: removed).
+
+    ``reseal``: recompute the integrity digest afterwards (signed with ``signing_key`` if given), as
+    an exporter would: a model that is intact but says something else; without it the copy is a
+    model tampered with after export.
+    """
+    import onnx
+
+    from robustmri.deploy.model_trust import TRUST_KEYS, integrity_fields
+
+    model = onnx.load(src)
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(changes)
+    if reseal:
+        props = {k: v for k, v in props.items() if k not in TRUST_KEYS + ("graph_sha256", "integrity_covers")}
+    del model.metadata_props[:]
+    if reseal:
+        props.update(integrity_fields(model, {k: v for k, v in props.items() if v is not None}, signing_key))
+    for key, value in props.items():
+        if value is not None:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save(model, dst)
+    return dst

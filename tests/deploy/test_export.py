@@ -21,7 +21,7 @@ from robustmri.deploy.onnx_runtime import CPU, CUDA, ModelMetadataError, OnnxCla
 from robustmri.networks import PaperCNN
 
 from conftest import BUNDLE, ROOT
-from deploy_helpers import TINY_SIZE, export_tiny, tiny_network, write_trained
+from deploy_helpers import TINY_SIZE, export_tiny, rewrite_metadata, tiny_network, write_trained
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +94,16 @@ def test_export_refuses_class_names_that_do_not_fit(tmp_path):
         export_onnx(tiny_network(), tmp_path / "m.onnx", ["a", "b"], TINY_SIZE)
 
 
-def _rewrite_metadata(src, dst, **changes):
-    model = onnx.load(src)
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update(changes)
-    del model.metadata_props[:]
-    for key, value in props.items():
-        if value is not None:
-            model.metadata_props.add(key=key, value=value)
-    onnx.save(model, dst)
-    return dst
-
-
 def test_runtime_refuses_other_normalisation_or_missing_metadata(exported, tmp_path):
+    """Models intact (digest recomputed as an exporter would) but saying what this library cannot reproduce."""
     _, _, onnx_file, _, _ = exported
-    other = _rewrite_metadata(onnx_file, tmp_path / "z.onnx", intensity_normalisation="z-score")
+    other = rewrite_metadata(onnx_file, tmp_path / "z.onnx", reseal=True, intensity_normalisation="z-score")
     with pytest.raises(ModelMetadataError, match="z-score"):
         OnnxClassifier(other, device="cpu")
-    bare = _rewrite_metadata(onnx_file, tmp_path / "bare.onnx", spatial_size=None)
-    with pytest.raises(ModelMetadataError, match="spatial_size"):
+    with pytest.raises(ValueError, match=r"lacks \['spatial_size'\], which change the model's output"):
+        rewrite_metadata(onnx_file, tmp_path / "bare.onnx", reseal=True, spatial_size=None)
+    bare = rewrite_metadata(onnx_file, tmp_path / "bare.onnx", reseal=True, network=None)
+    with pytest.raises(ModelMetadataError, match="network"):
         OnnxClassifier(bare, device="cpu")
     with pytest.raises(FileNotFoundError):
         OnnxClassifier(tmp_path / "missing.onnx")

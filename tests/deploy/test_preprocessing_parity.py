@@ -22,11 +22,11 @@ from robustmri.deploy.dicom_fixtures import write_mr_series
 from robustmri.deploy.dicom_inference import classify_series
 from robustmri.deploy.dicom_series import scan_folders
 from robustmri.deploy.export import export_onnx
-from robustmri.deploy.onnx_runtime import ModelMetadataError, OnnxClassifier
+from robustmri.deploy.onnx_runtime import ModelIntegrityError, ModelMetadataError, OnnxClassifier
 from robustmri.engine.workflow import execute, load_workflow
 
 from conftest import BUNDLE
-from deploy_helpers import TINY_SIZE, accepting_detector_data, tiny_network, write_trained
+from deploy_helpers import TINY_SIZE, accepting_detector_data, rewrite_metadata, tiny_network, write_trained
 
 
 def raw_slices(n: int = 9) -> tuple[list[np.ndarray], list[int]]:
@@ -129,11 +129,13 @@ def test_a_model_whose_preprocessing_changed_is_refused(deployed, tmp_path):
     import onnx
 
     name, _, _, _, onnx_file = deployed
-    model = onnx.load(onnx_file)
-    for prop in model.metadata_props:
-        if prop.key == "intensity_normalisation":
-            prop.value = prop.value + " (changed)"
-    changed = tmp_path / "changed.onnx"
-    onnx.save(model, changed)
+    description = {p.key: p.value for p in onnx.load(onnx_file).metadata_props}["intensity_normalisation"]
+    # an intact model exported with another description (digest recomputed): refused by the preprocessing check
+    changed = rewrite_metadata(onnx_file, tmp_path / "changed.onnx", reseal=True,
+                               intensity_normalisation=description + " (changed)")
     with pytest.raises(ModelMetadataError, match=f"preprocessing '{name}' described as"):
         OnnxClassifier(changed, device="cpu")
+    # the same change made after export: refused by the integrity check
+    tampered = rewrite_metadata(onnx_file, tmp_path / "tampered.onnx", intensity_normalisation=description + " (x)")
+    with pytest.raises(ModelIntegrityError, match="metadata changed after export"):
+        OnnxClassifier(tampered, device="cpu")

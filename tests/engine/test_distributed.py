@@ -1,0 +1,138 @@
+"""Multi-process training through ``configs/multi_gpu_train.json``: ``torchrun --nproc_per_node=2`` on the CPU (gloo).
+
+Two processes on a small machine check the logic (the overlay merges, the ranks agree, rank 0
+alone writes), not speed. Every process started here is killed by its PID if it outlives its
+time.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY, output_dirs
+from conftest import BUNDLE, ROOT
+
+METHOD_CONFIGS = ["train", "isr", "isp", "at", "n2v", "alr", "mwnet", "pie", "pint", "audit"]
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def run_torchrun(args, nproc=2, timeout=420):
+    """``torchrun --nproc_per_node=<nproc> -m monai.bundle <args>`` from ``bundle/``; ``(returncode, output)``."""
+    env = {**os.environ, "BRAIN_TUMOR_DATA": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "monai.bundle", *map(str, args)]
+    process = subprocess.Popen(command, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:  # the launcher and its workers share its session: end them all by its id
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS)
+def test_the_overlay_merges_onto_every_method_config(method):
+    """Parsed (not run) without a process group: the DDP pieces are in place for every method."""
+    from robustmri.engine.workflow import load_workflow
+
+    workflow = load_workflow(BUNDLE, [f"{method}.json", "multi_gpu_train.json"], {"dataset_dir": ""})
+    parser = workflow.parser
+    assert parser["network#_target_"] == "robustmri.engine.distributed.prepare_distributed_network"
+    assert "for_this_rank" in parser["train#trainer#train_handlers"]
+    assert "@method_handlers" in parser["train#trainer#train_handlers"]
+    assert parser["train#sampler#_target_"] == "robustmri.data.in_memory.EpochSampler"  # the seeded order, sharded
+    assert parser["initialize"][0] == "$robustmri.engine.distributed.init_process_group()"
+    assert parser["ema#network"] == "$robustmri.influence.adapter.unwrap(@network)"
+    if method in ("isr", "isp", "audit", "pie"):
+        assert "@" + {"isr": "isr", "isp": "isp", "audit": "audit", "pie": "pie"}[method] in json.dumps(
+            parser["method_handlers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["isr", "isp"])
+def test_isr_and_isp_train_under_torchrun_with_two_processes(tmp_path, method):
+    code, output = run_torchrun(["run", "training", "--config_file",
+                                 f"['configs/{method}.json','configs/multi_gpu_train.json']", *TINY,
+                                 "--epochs", "3", "--influence_epoch", "1", "--dataset_dir", "",
+                                 *output_dirs(tmp_path)])
+    assert code == 0, output[-4000:]
+    assert "rank 0 of 2 (gloo)" in output and "rank 1 of 2 (gloo)" in output
+    models, evaluation = tmp_path / "models", tmp_path / "eval"
+    model = torch.load(models / "model.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in model)  # the network itself, not its DDP wrapper
+    assert json.loads((models / "model_metadata.json").read_text())["trained_with"]["network"].endswith("PaperCNN")
+    history = json.loads((evaluation / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    summary = json.loads((evaluation / "influence_summary.json").read_text())
+    assert summary["method"] == method.upper() and summary["n_train"] > 0
+    assert len(list(evaluation.glob("events.out.tfevents.*"))) == 2  # rank 0's trainer and evaluator files only
+    state = torch.load(models / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 3
+    # every rank ended with rank 0's weights: the saved state's network averaged into model.pt
+    assert output.count(f"{method.upper()} after epoch 1") == 2  # the step ran on both ranks
+
+
+@pytest.mark.slow
+def test_evaluation_under_torchrun_reports_what_one_process_reports(tmp_path):
+    """Train once (plain), then evaluate the test split with 2 ranks (sharded, gathered in order) and with 1."""
+    from helpers import bundle
+
+    bundle("run", "training", "--config_file", "configs/train.json", *TINY, "--epochs", "1", "--dataset_dir", "",
+           *output_dirs(tmp_path))
+    single = tmp_path / "single"
+    bundle("run", "evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir", "",
+           "--synthetic_patients", "30", "--batch_size", "8", "--ckpt_dir", tmp_path / "models",
+           "--output_dir", single)
+    code, output = run_torchrun(["run", "evaluating", "--config_file",
+                                 "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
+                                 "--dataset_dir", "",
+                                 "--synthetic_patients", "30", "--batch_size", "8", "--ckpt_dir", tmp_path / "models",
+                                 "--output_dir", tmp_path / "two"])
+    assert code == 0, output[-4000:]
+    one = json.loads((single / "test" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "test" / "summary.json").read_text())
+    for tag in one:
+        for key in ("n", "accuracy", "macro_f1", "roc_auc_macro"):
+            assert two[tag][key] == pytest.approx(one[tag][key], rel=1e-6), (tag, key)
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(tmp_path):
+    """2 ranks: SIGKILL one rank mid-epoch 3 (the launcher then ends the other), resume with ``--resume true``."""
+    common = ["--config_file", "['configs/isp.json','configs/multi_gpu_train.json']", *TINY, "--epochs", "4",
+              "--influence_epoch", "2", "--dataset_dir", ""]
+    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "whole")])
+    assert code == 0, output[-4000:]
+    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 4
+    killer = tmp_path / "kill.json"
+    killer.write_text(json.dumps({"+initialize": [
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={2 * per_epoch + 1}), "
+        "lambda engine: os.kill(os.getpid(), 9) if robustmri.engine.distributed.rank() == 1 else None)"]}))
+    killed = ["--config_file", f"['configs/isp.json','configs/multi_gpu_train.json','{killer}']", *common[2:]]
+    code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
+    assert code != 0
+    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and not (tmp_path / "cut" / "models" / "model.pt").exists()
+    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "cut"), "--resume", "true"])
+    assert code == 0, output[-4000:]
+    assert "ISP after epoch 2" not in output
+    for name in ("model.pt", "model_best_val.pt"):
+        whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
+        resumed = torch.load(tmp_path / "cut" / "models" / name, weights_only=True)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    assert (json.loads((tmp_path / "whole" / "eval" / "history.json").read_text())
+            == json.loads((tmp_path / "cut" / "eval" / "history.json").read_text()))

@@ -1,0 +1,145 @@
+"""Resuming a killed run (``--resume true``) ends exactly where an uninterrupted run ends.
+
+The runs are the user's command, ``python -m monai.bundle run training ... --resume true``, in
+subprocesses on the tiny embedded set with deterministic CPU settings. A run is killed with
+SIGKILL in the middle of an epoch (a test overlay sends the signal to its own process at a
+given iteration, so the point of death does not depend on timing) once before the influence
+step and once after it, then resumed with the documented command.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY, output_dirs
+from conftest import BUNDLE, ROOT
+
+#: 44 training samples in batches of 8: 6 iterations per epoch; the influence step after epoch 2 of 4.
+SCHEDULE = ["--epochs", "4", "--influence_epoch", "2", "--seed", "3"]
+ITERATIONS_PER_EPOCH = 6
+
+
+def _command(config, folder, *extra):
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config, *TINY, *SCHEDULE,
+            *output_dirs(folder), "--dataset_dir", "", *extra]
+
+
+def _run(args, timeout=240):
+    """Run ``args`` from ``bundle/``; kill it by its PID if it outlives ``timeout``; the finished process."""
+    env = {**os.environ, "BRAIN_TUMOR_DATA": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(args, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output
+
+
+def _killer(tmp_path, iteration: int) -> str:
+    """An overlay that SIGKILLs the training process when ``iteration`` (1-based, global) completes."""
+    path = tmp_path / f"kill_at_{iteration}.json"
+    path.write_text(json.dumps({"+initialize": [
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), "
+        "lambda engine: os.kill(os.getpid(), 9))"]}))
+    return str(path)
+
+
+def _final(folder):
+    models, evaluation = folder / "models", folder / "eval"
+    return {"model": torch.load(models / "model.pt", weights_only=True),
+            "best": torch.load(models / "model_best_val.pt", weights_only=True),
+            "history": json.loads((evaluation / "history.json").read_text()),
+            "influence": (evaluation / "influence.csv").read_text()}
+
+
+def _assert_same(resumed, whole):
+    assert resumed["history"] == whole["history"]  # every epoch's loss and validation metrics
+    assert resumed["influence"] == whole["influence"]
+    for name in ("model", "best"):
+        for key, value in whole[name].items():
+            assert torch.equal(resumed[name][key], value), (name, key)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
+    config = "configs/isp.json"
+    code, output = _run(_command(config, tmp_path / "whole"))
+    assert code == 0, output[-3000:]
+    whole = _final(tmp_path / "whole")
+    assert len(whole["history"]) == 4
+    n_train = json.loads((tmp_path / "whole" / "eval" / "influence_summary.json").read_text())["n_train"]
+    per_epoch = -(-n_train // 8)
+
+    # killed mid-epoch 2 (before the influence step: the state after epoch 1 is resumed and the step runs),
+    # resumed and killed again mid-epoch 3 (after it: the state after epoch 2 holds the perturbed images and
+    # the step's "done"), then resumed to the end
+    folder = tmp_path / "killed"
+    for killed_in_epoch in (2, 3):
+        iteration = (killed_in_epoch - 1) * per_epoch + per_epoch // 2
+        resume = ["--resume", "true"] if killed_in_epoch > 2 else []
+        code, output = _run(_command(f"['{config}','{_killer(tmp_path, iteration)}']", folder, *resume))
+        assert code == -signal.SIGKILL, output[-3000:]
+        state = torch.load(folder / "models" / "training_state.pt", weights_only=True)
+        assert state["epoch"] == killed_in_epoch - 1 and state["iteration"] == (killed_in_epoch - 1) * per_epoch
+        assert not (folder / "models" / "model.pt").exists()
+        isp = next(v for k, v in state["handlers"].items() if k.startswith("ISPHandler"))
+        assert isp["done"] == (killed_in_epoch > 2)
+        assert len(isp["ids"]) == (n_train if killed_in_epoch > 2 else 0)
+
+    code, output = _run(_command(config, folder, "--resume", "true"))  # the documented command
+    assert code == 0, output[-3000:]
+    assert "epoch 2 of 4 done" in output and "ISP after epoch 2" not in output  # not perturbed twice
+    _assert_same(_final(folder), whole)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(iteration: int) -> str:
+    return (f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), "
+            f"lambda engine: (_ for _ in ()).throw(RuntimeError('interrupted at iteration {iteration}')))")
+
+
+def test_an_isr_run_interrupted_after_the_influence_step_resumes_with_its_sample_weights(tmp_path):
+    """In process (fast): ISR's weights live in the loss; a run stopped in epoch 3 resumes with them."""
+    from robustmri.engine.workflow import execute, load_workflow
+
+    overrides = {"spatial_size": 32, "network_padding": 2, "synthetic_patients": 30, "batch_size": 8,
+                 "dataset_dir": "", "epochs": 3, "influence_epoch": 1, "seed": 2}
+
+    def run(name, resume=False, stop_in_epoch=None):
+        workflow = load_workflow(BUNDLE, ["isr.json"], {**overrides, "resume": resume,
+                                                        "ckpt_dir": str(tmp_path / name / "models"),
+                                                        "output_dir": str(tmp_path / name / "eval")},
+                                 drop_handlers=("ProgressBar",))
+        if stop_in_epoch is not None:
+            per_epoch = len(workflow.parser.get_parsed_content("train#dataloader"))
+            iteration = (stop_in_epoch - 1) * per_epoch + per_epoch // 2
+            workflow.parser["initialize"] = [*workflow.parser["initialize"], _interrupt_at(iteration)]
+        execute(workflow)
+        return workflow.parser.get_parsed_content("loss")
+
+    whole = run("whole")
+    with pytest.raises(Exception):
+        run("cut", stop_in_epoch=3)
+    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2
+    saved = next(v for k, v in state["handlers"].items() if k.startswith("SampleWeightedCrossEntropy"))
+    assert saved["weights_by_id"] is not None and saved["weights_by_id"].max() > 1.0  # ISR's weights, in [1, 2]
+    resumed = run("cut", resume=True)
+    assert torch.equal(resumed.weights_by_id, whole.weights_by_id)
+    for name in ("model.pt", "model_best_val.pt"):
+        a = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
+        b = torch.load(tmp_path / "cut" / "models" / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    history = [json.loads((tmp_path / n / "eval" / "history.json").read_text()) for n in ("whole", "cut")]
+    assert history[0] == history[1] and len(history[0]) == 3
