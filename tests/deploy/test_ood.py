@@ -25,7 +25,7 @@ from robustmri.deploy.onnx_runtime import DETECTOR_KEYS, ModelMetadataError, Onn
 from robustmri.deploy.ood import RIDGE, MahalanobisDetector, ScoredClassifier, calibrate_threshold, fit_detector
 
 from conftest import ROOT
-from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, tiny_network
+from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, rewrite_metadata, tiny_network
 
 
 def independent_score(features, labels, queries, ridge=RIDGE):
@@ -237,13 +237,13 @@ def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog
 
 def test_detector_output_and_metadata_come_together(exported, tmp_path):
     _, onnx_file, _ = exported
-    model = onnx.load(onnx_file)
-    kept = [p for p in model.metadata_props if p.key != "ood_threshold"]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    onnx.save(model, tmp_path / "no_threshold.onnx")
+    tampered = rewrite_metadata(onnx_file, tmp_path / "tampered.onnx", ood_threshold="1e30")  # after export
+    with pytest.raises(ModelMetadataError, match="integrity check failed"):
+        OnnxClassifier(tampered, device="cpu")
+    # resealed as an exporter would, but without its threshold: the detector is incomplete
+    resealed = rewrite_metadata(onnx_file, tmp_path / "no_threshold.onnx", reseal=True, ood_threshold=None)
     with pytest.raises(ModelMetadataError, match=r"inconsistent OOD detector .*lacks \['ood_threshold'\]"):
-        OnnxClassifier(tmp_path / "no_threshold.onnx", device="cpu")
+        OnnxClassifier(resealed, device="cpu")
 
 
 def test_export_needs_both_detector_splits(tmp_path, data):
