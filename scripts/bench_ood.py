@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import json
 import logging
 import os
 import platform
@@ -247,7 +246,8 @@ def main(checkpoint: str, dataset_dir: str = "", out: str = "docs/benchmarks/ood
         "checkerboard": (lambda: checkerboards(n, rng), "black and white squares, period 4 to 64 px"),
         "single_pixel": (lambda: single_pixels(n, rng), "one bright pixel on black"),
         "disc": (lambda: discs(n, rng), "one bright disc on black, random radius and place"),
-        "binary_masks": (lambda: binary_masks(n, rng, dataset_dir), "binary tumour and brain masks, tumour-box ellipses"),
+        "binary_masks": (lambda: binary_masks(n, rng, dataset_dir),
+                         "binary tumour and brain masks, tumour-box ellipses"),
         "tumour_free_heads": (lambda: [255 * x for x in generate_slices(
             n_patients=n, size=RAW_SIZE, seed=4321, slices_per_patient=(1, 1), tumour_free=True)["images"]],
             "synthetic heads without a lesion"),

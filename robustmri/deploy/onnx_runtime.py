@@ -51,8 +51,8 @@ SCORE_NAME = "ood_score"
 DETECTOR_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
                  "ood_n_train", "ood_series_max_not_assessable", "ood_abstention_rule")
 #: How to get a model with the detector: the one-line advice of every refusal for want of it.
-DETECTOR_REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py --checkpoint "
-                 "model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
+DETECTOR_REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py "
+                          "--checkpoint model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
 #: ONNX metadata keys written by :func:`robustmri.deploy.export.export_onnx` and required here.
 METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
                  "network", "exported_by", "intended_use")
@@ -133,7 +133,8 @@ def read_detector(props: dict, output_names, model_file: str = "the model") -> d
     missing = [key for key in DETECTOR_KEYS if key not in props]
     if not has_output or missing:
         raise ModelMetadataError(f"{model_file}: inconsistent OOD detector (output {SCORE_NAME!r} "
-                                 f"{'present' if has_output else 'absent'}, metadata lacks {missing}); {DETECTOR_REEXPORT_HINT}")
+                                 f"{'present' if has_output else 'absent'}, metadata lacks {missing}); "
+                                 f"{DETECTOR_REEXPORT_HINT}")
     try:
         detector = {"name": props["ood_detector"], "description": props["ood_detector_description"],
                     "threshold": float(props["ood_threshold"]),
@@ -142,7 +143,8 @@ def read_detector(props: dict, output_names, model_file: str = "the model") -> d
                     "series_max_not_assessable": float(props["ood_series_max_not_assessable"]),
                     "abstention_rule": props["ood_abstention_rule"]}
     except ValueError as err:
-        raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); {DETECTOR_REEXPORT_HINT}") from None
+        raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); "
+                                 f"{DETECTOR_REEXPORT_HINT}") from None
     if not (np.isfinite(detector["threshold"]) and 0.0 <= detector["series_max_not_assessable"] < 1.0):
         raise ModelMetadataError(f"{model_file}: invalid OOD threshold {detector['threshold']} or series share "
                                  f"{detector['series_max_not_assessable']}; {DETECTOR_REEXPORT_HINT}")

@@ -54,7 +54,8 @@ def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
     from robustmri.data.preprocessing import preprocess
 
     images = [g for k in seeds for g in gradient_series(n, seed=k)] + list(extra)
-    return accepting_detector_data(np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None])
+    prepared = np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None]
+    return accepting_detector_data(prepared)
 
 
 def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95):

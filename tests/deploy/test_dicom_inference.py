@@ -32,7 +32,8 @@ BAD_FILES = {"badVR.dcm": "invalid NumberOfFrames",
 def first_rows(figshare: Path) -> list[dict]:
     """The figshare slices of the first test: 4 glioma, then 3 meningioma."""
     rows = list(csv.DictReader(open(figshare / "labels.csv")))
-    return [r for r in rows if r["label_name"] == "glioma"][:4] + [r for r in rows if r["label_name"] == "meningioma"][:3]
+    by_class = {name: [r for r in rows if r["label_name"] == name] for name in ("glioma", "meningioma")}
+    return by_class["glioma"][:4] + by_class["meningioma"][:3]
 
 
 @pytest.fixture(scope="module")

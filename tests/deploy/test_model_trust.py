@@ -35,7 +35,14 @@ from robustmri.engine.model_metadata import FINGERPRINT_RULE, METADATA_FILE, Mod
 from robustmri.outputs import write_json
 
 from conftest import ROOT
-from deploy_helpers import TINY_SIZE, export_tiny, gradient_detector_data, gradient_series, rewrite_metadata, tiny_network
+from deploy_helpers import (
+    TINY_SIZE,
+    export_tiny,
+    gradient_detector_data,
+    gradient_series,
+    rewrite_metadata,
+    tiny_network,
+)
 from helpers import write_png
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pydicom
 import pytest
 import torch
@@ -61,7 +60,8 @@ def data():
 
 @pytest.fixture(scope="module")
 def exported(data, tmp_path_factory):
-    network, _, onnx_file, result = export_tiny(tmp_path_factory.mktemp("ood"), parity_images=split_arrays(data, "test")[0],
+    network, _, onnx_file, result = export_tiny(tmp_path_factory.mktemp("ood"),
+                                                parity_images=split_arrays(data, "test")[0],
                                                 ood=(split_arrays(data, "train"), split_arrays(data, "val")[0]))
     return network, onnx_file, result
 
