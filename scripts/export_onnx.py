@@ -23,6 +23,13 @@ The model's metadata records what trained it (``provenance``, from ``model_metad
 the checkpoint, with the bundle's test metrics of this checkpoint from ``--eval_dir``, default
 ``bundle/eval``) and an integrity digest that every load verifies; ``--signing_key`` (an Ed25519
 private key, PEM: ``scripts/model_keys.py``) signs it.
+
+The out-of-distribution detector (``robustmri.deploy.ood``, the ``ood_score`` output) is fitted on the
+protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
+(``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
+(0.5) is the abstention rule written beside it. Give the data the model was trained on (``--dataset_dir``,
+``--seed``, ``--noise`` as in training). ``--ood_train_split none`` exports without a detector: DICOM
+inference refuses such a model.
 """
 
 from __future__ import annotations
@@ -35,7 +42,15 @@ import sys
 
 import fire
 
-from robustmri.deploy.export import bundle_version, checkpoint_provenance, export_onnx, parity_requested, split_images
+from robustmri.deploy.export import (
+    bundle_version,
+    checkpoint_provenance,
+    export_onnx,
+    parity_requested,
+    split_arrays,
+    split_images,
+)
+from robustmri.deploy.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
 from robustmri.engine.model_metadata import read_trained
 from robustmri.engine.workflow import load_workflow
 from robustmri.evaluation.checkpoints import load_weights
@@ -107,7 +122,10 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
          output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
          network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
          noise: str = "gaussian", seed: int = 0, synthetic_patients: int = 300, model_version: str = "",
-         opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "") -> dict:
+         opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "",
+         ood_train_split: str = "train", ood_validation_split: str = "val",
+         target_acceptance: float = TARGET_ACCEPTANCE,
+         series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE) -> dict:
     """Export ``checkpoint`` to ``output``; print what was written and the parity figures as JSON, and return them."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
@@ -119,13 +137,18 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     network = config.get_parsed_content("network_def")  # on the CPU: ``network`` would move it to @device
     check_trained_network(network, checkpoint)
     network = load_weights(network, checkpoint).eval()
-    images = split_images(config.get_parsed_content("data"), parity_split) if parity_requested(parity_split) else None
+    data = config.get_parsed_content("data")
+    images = split_images(data, parity_split) if parity_requested(parity_split) else None
+    detector = parity_requested(ood_train_split)
     provenance = checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir"))
     result = export_onnx(network, output, config.get_parsed_content("class_names"), size, checkpoint=checkpoint,
                          model_version=model_version or bundle_version(BUNDLE), parity_images=images,
                          opset_version=opset_version, preprocess=config.get_parsed_content("preprocess"),
                          series_rule=_series_rule(series_rule) if series_rule else config.get("series_rule"),
-                         provenance=provenance, signing_key=signing_key or None)
+                         provenance=provenance, signing_key=signing_key or None,
+                         ood_train=split_arrays(data, ood_train_split) if detector else None,
+                         ood_validation=split_arrays(data, ood_validation_split)[0] if detector else None,
+                         target_acceptance=target_acceptance, series_max_not_assessable=series_max_not_assessable)
     print(json.dumps(result, indent=2))
     return result
 

@@ -12,7 +12,10 @@ model's metadata, T1-weighted post-contrast MR; --series_rule FILE.json override
 say so) are ranked and the best one that gives a result answers for the study (--output series:
 every matching series is classified). --modalities, --series_description and --image_type pre-filter
 series before the rule. An incomplete series (duplicate positions, missing slices) gives no result
-unless --allow_incomplete. The console and the reports carry no patient identifiers, file or folder
+unless --allow_incomplete. A slice whose out-of-distribution score is above the model's threshold is not
+assessable and does not vote; a series with too many such slices (the model's metadata states the share)
+gets no tumour class ("abstained") and its SR says why; a model exported without the detector is refused
+(exit 2). The console and the reports carry no patient identifiers, file or folder
 names (--include_paths adds file paths for local debugging). Research software, not for clinical use.
 
 The model is verified on load (integrity digest; with --public_key key.pem also its Ed25519
@@ -71,6 +74,7 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
         selection = SeriesSelection(modalities=modalities or None, series_description=series_description or None,
                                     image_type=image_type or None)
         classifier = OnnxClassifier(model, device=device, intra_op_num_threads=threads, public_key=public_key or None)
+        classifier.require_detector()  # a model that cannot vouch for its inputs is refused
     except ModelIntegrityError as err:
         _fail(f"model refused: {err}")
     except (FileNotFoundError, ModelMetadataError, RuntimeError, ValueError) as err:
@@ -101,7 +105,8 @@ def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx")
                 print(f"study {study['ordinal']}: no result: {study['reason']}")
         skipped = summary["n_files_skipped"]
         print(f"{summary['n_files']} file(s), {summary['n_studies']} study(ies), {summary['n_series_classified']} "
-              f"result(s), {skipped} file(s) skipped; summary: {os.path.join(output_dir, 'summary.json')}")
+              f"result(s), {summary['n_series_abstained']} abstained, {skipped} file(s) skipped; summary: "
+              f"{os.path.join(output_dir, 'summary.json')}")
     if not summary["n_series_classified"]:
         print("no study gave a result; the reasons are in " + os.path.join(output_dir, "summary.json"),
               file=sys.stderr)

@@ -54,6 +54,7 @@ def generate_slices(
     slices_per_patient: tuple[int, int] = (1, 4),
     *,
     return_masks: bool = False,
+    tumour_free: bool = False,
 ) -> dict:
     """Generate the synthetic data set.
 
@@ -67,6 +68,10 @@ def generate_slices(
     Patient ``k`` is drawn from its own child generator (``SeedSequence(seed).spawn``
     semantics), so its slices are identical whatever ``n_patients`` is, and the output is
     bit-identical for identical arguments.
+
+    ``tumour_free=True`` renders the same kind of heads with no lesion and no mass effect (and a
+    normal pituitary gland): out-of-distribution inputs for a tumour classifier. ``labels`` then
+    hold the class each patient was drawn with, which is not in the image; the tumour masks are empty.
     """
     n_patients = _as_int(n_patients, "n_patients")
     size = _as_int(size, "size")
@@ -85,7 +90,7 @@ def generate_slices(
         label = int(rng.choice(len(CLASS_NAMES), p=CLASS_PROBABILITIES))
         n_slices = int(rng.integers(min_slices, max_slices + 1))
         patient_images, patient_tumour, patient_intracranial = _render_patient(
-            rng, label, n_slices, size
+            rng, label, n_slices, size, tumour_free=bool(tumour_free)
         )
         images.append(patient_images)
         labels.append(np.full(n_slices, label, dtype=np.int64))
@@ -258,8 +263,8 @@ def _angular_radius(cos_t, sin_t, harmonics: list[tuple[int, float, float]]):
 # ----------------------------------------------------------------------------- patients
 
 
-def _render_patient(rng: np.random.Generator, label: int, n_slices: int, size: int):
-    """Render all slices of one pseudo-patient at once ([S, H, W], vectorised over S)."""
+def _render_patient(rng: np.random.Generator, label: int, n_slices: int, size: int, tumour_free: bool = False):
+    """Render all slices of one pseudo-patient at once ([S, H, W], vectorised over S); no lesion if ``tumour_free``."""
     pixel = 2.0 / size  # pixel pitch in normalised image units
     edge = 1.2 * pixel  # anti-aliasing width
 
@@ -308,6 +313,9 @@ def _render_patient(rng: np.random.Generator, label: int, n_slices: int, size: i
     tumour = _tumour_geometry(
         rng, label, slice_offsets, semi_x, scale_x, scale_y, r_inner_table, r_brain
     )
+    if tumour_free:
+        tumour = {**tumour, "mass_effect": 0.0}
+        tumour.pop("sella_floor", None)
     dx_t = x_rot - tumour["centre_x"]
     dy_t = y_rot - tumour["centre_y"]
     distance = np.sqrt(np.square(dx_t) + np.square(dy_t)) + 1e-6
@@ -360,13 +368,16 @@ def _render_patient(rng: np.random.Generator, label: int, n_slices: int, size: i
 
     _paint_deep_structures(rng, image, brain, intracranial, x_warp, y_warp, radius,
                            depth, edge_head, r_inner_table, grey_value, csf_value)
-    _paint_sella(rng, image, brain, x_warp, y_warp, label, tumour, white_value, csf_value)
+    _paint_sella(rng, image, brain, x_warp, y_warp, -1 if tumour_free else label, tumour, white_value, csf_value)
 
-    tumour_mask = _paint_tumour(
-        rng, label, tumour, image, brain, intracranial, radius, r_inner_table, x_head,
-        distance, cos_t, sin_t, boundary_field, boundary_field_2, heterogeneity_field,
-        edge, edge_head, white_value, csf_value,
-    )
+    if tumour_free:
+        tumour_mask = np.zeros(image.shape, dtype=bool)
+    else:
+        tumour_mask = _paint_tumour(
+            rng, label, tumour, image, brain, intracranial, radius, r_inner_table, x_head,
+            distance, cos_t, sin_t, boundary_field, boundary_field_2, heterogeneity_field,
+            edge, edge_head, white_value, csf_value,
+        )
 
     # ---- acquisition: smooth multiplicative bias field, Rician noise, per-image scaling.
     image *= np.exp(rng.uniform(0.08, 0.25) * bias_field)

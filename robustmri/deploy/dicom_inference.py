@@ -2,7 +2,15 @@
 -> series-level result -> JSON report and DICOM SR per series, plus a run summary.
 
 Aggregation rule (:data:`AGGREGATION_RULE`): the series' class probabilities are the mean of
-its slices' probabilities; the series class is their argmax. The per-slice table is kept.
+its assessable slices' probabilities; the series class is their argmax. The per-slice table is kept.
+
+Out-of-distribution abstention (:mod:`robustmri.deploy.ood`): the model must carry its detector
+(a model without one is refused with :class:`~robustmri.deploy.onnx_runtime.ModelMetadataError`).
+Each slice gets its ``ood_score`` (higher = more out of distribution) and ``assessable`` (score at
+or below the model's threshold); a not-assessable slice does not vote. A series with more than the
+model's share of not-assessable slices (``ood_series_max_not_assessable`` in its metadata, 50 % by
+default) gets no tumour class: its status is ``"abstained"``, with the reason in words in the
+report and in the SR (which is still written and says that no tumour type is issued).
 
 Series integrity and completeness (:mod:`robustmri.deploy.dicom_series`): a SeriesInstanceUID
 whose files disagree on patient, study, modality or geometry is refused (never classified; each
@@ -45,8 +53,11 @@ from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
 
-AGGREGATION_RULE = ("mean of the slice probabilities over every classified slice of the series; "
-                    "the series class is the class of highest mean probability")
+AGGREGATION_RULE = ("mean of the slice probabilities over every assessable slice of the series (out-of-distribution "
+                    "score at or below the model's threshold); the series class is the class of highest mean "
+                    "probability")
+#: Slice statuses of the slices the model was run on (the SR's evidence): voting, or not assessable.
+EXAMINED = ("classified", "not_assessable")
 ON_SLICE_ERROR = ("fail", "skip")
 REDACTED = "[redacted]"
 
@@ -87,7 +98,15 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     A slice that cannot be decoded fails the series (``on_slice_error="fail"``, default: no
     result from an incomplete series) or is left out and counted (``"skip"``). A constant slice
     (no contrast, e.g. blank padding) is always left out and listed as excluded.
+
+    Every slice run through the model gets ``ood_score`` and ``assessable``; a not-assessable slice
+    has status ``"not_assessable"`` (its probabilities kept for audit, no class) and does not vote.
+    When more than the model's share (``ood_series_max_not_assessable``) of those slices are not
+    assessable, the record's status is ``"abstained"``: ``result["class"]`` and
+    ``result["probabilities"]`` are None and ``result["abstention_reason"]`` says why. A model
+    without a detector raises :class:`~robustmri.deploy.onnx_runtime.ModelMetadataError`.
     """
+    detector = classifier.require_detector()
     if on_slice_error not in ON_SLICE_ERROR:
         raise ValueError(f"on_slice_error must be one of {ON_SLICE_ERROR}, got {on_slice_error!r}")
     if series.refusal:
@@ -123,48 +142,87 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
         raise SeriesNotClassified(f"none of the {len(rows)} slice(s) could be classified", rows)
     start = time.perf_counter()
     batch = np.stack(inputs)[:, None]
-    probabilities = np.concatenate([classifier.predict(batch[i:i + batch_size])
-                                    for i in range(0, len(batch), batch_size)])
+    outputs = [classifier.predict_with_scores(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
+    probabilities = np.concatenate([p for p, _ in outputs])
+    scores = np.concatenate([s for _, s in outputs])
     infer_s = time.perf_counter() - start
+    assessable = classifier.is_assessable(scores)
     names = classifier.class_names
-    for row, p in zip(used, probabilities):
-        row.update(status="classified", **{"class": names[int(p.argmax())]},
+    for row, p, score, ok in zip(used, probabilities, scores, assessable):
+        row.update(status="classified" if ok else "not_assessable", ood_score=float(score), assessable=bool(ok),
                    probabilities={name: float(v) for name, v in zip(names, p)})
-    mean = probabilities.mean(axis=0)
-    label = names[int(mean.argmax())]
+        if ok:
+            row["class"] = names[int(p.argmax())]
+    n_not_assessable = int((~assessable).sum())
+    voting = [row for row in used if row["assessable"]]
+    counts = {"n_slices": len(rows), "n_assessed": len(used), "n_not_assessable": n_not_assessable,
+              "n_classified": len(voting), "n_failed": len(errors), "n_excluded": len(rows) - len(used) - len(errors)}
+    ood = {"threshold": detector["threshold"], "target_acceptance": detector["target_acceptance"],
+           "series_max_not_assessable": detector["series_max_not_assessable"],
+           "abstention_rule": detector["abstention_rule"],
+           "not_assessable_share": n_not_assessable / len(used)}
+    if n_not_assessable / len(used) > detector["series_max_not_assessable"]:
+        status = "abstained"
+        result = {"class": None, "probabilities": None, **counts, "n_agreeing": None,
+                  "abstention_reason": abstention_reason(n_not_assessable, len(used), detector)}
+    else:
+        status = "classified"
+        mean = probabilities[assessable].mean(axis=0)
+        label = names[int(mean.argmax())]
+        result = {"class": label, "probabilities": {name: float(v) for name, v in zip(names, mean)},
+                  "aggregation": AGGREGATION_RULE, **counts,
+                  "n_agreeing": int(sum(row["class"] == label for row in voting))}
     return {
         "series_instance_uid": series.series_instance_uid,
         "study_instance_uid": series.study_instance_uid,
         "modality": series.modality,
         "series_description": series.series_description,
-        "status": "classified",
+        "status": status,
         "complete": incomplete is None,
         "incomplete_reason": incomplete,
-        "result": {"class": label, "probabilities": {name: float(v) for name, v in zip(names, mean)},
-                   "aggregation": AGGREGATION_RULE,
-                   "n_slices": len(rows), "n_classified": len(used),
-                   "n_agreeing": int(sum(row["class"] == label for row in used)),
-                   "n_failed": len(errors), "n_excluded": len(rows) - len(used) - len(errors)},
+        "result": result,
+        "out_of_distribution": ood,
         "ordering": series.ordering,
         "slices": rows,
         "timing_s": {"decode_preprocess": round(decode_s, 4), "inference": round(infer_s, 4)},
     }
 
 
+def abstention_reason(n_not_assessable: int, n_assessed: int, detector: dict) -> str:
+    """Why a series gets no tumour class, in words (report and SR)."""
+    return (f"{n_not_assessable} of {n_assessed} slice(s) ({n_not_assessable / n_assessed:.0%}) are not assessable: "
+            f"their out-of-distribution score is above the model's threshold {detector['threshold']:.4g} (set to "
+            f"accept {detector['target_acceptance']:.0%} of in-distribution validation slices), so the model cannot "
+            f"vouch for them; the rule allows at most {detector['series_max_not_assessable']:.0%} per series")
+
+
 def sr_text(record: dict, model: dict) -> tuple[str, list[str]]:
-    """The SR's finding sentence and its method lines."""
+    """The SR's finding sentence and its method lines (an abstained series: no tumour type, and why)."""
     result = record["result"]
     label = result["class"]
-    finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
-               f"{result['n_classified']} slice(s); {result['n_agreeing']} of them predict {label} on their own).")
+    if record.get("status") == "abstained":
+        finding = f"No tumour type is issued for this series: {result['abstention_reason']}."
+    else:
+        finding = (f"Predicted tumour type: {label} (mean probability {result['probabilities'][label]:.2f} over "
+                   f"{result['n_classified']} assessable slice(s); {result['n_agreeing']} of them predict {label} on "
+                   "their own).")
     if model.get("demo_model"):
         finding = f"{DEMO_MODEL_NOTICE}. {finding}"
     details = [] if record.get("complete", True) else [
         f"INCOMPLETE SERIES, classified only because incomplete series were allowed: {record['incomplete_reason']}."]
+    if label is not None:
+        details += [
+            "Probabilities: " + ", ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items()) + ".",
+            f"Aggregation: {AGGREGATION_RULE}."]
+    ood = record.get("out_of_distribution")
+    if ood:
+        details.append(f"Out-of-distribution check: {result['n_not_assessable']} of {result['n_assessed']} slice(s) "
+                       f"not assessable (score above {ood['threshold']:.4g}, the threshold accepting "
+                       f"{ood['target_acceptance']:.0%} of in-distribution validation slices); rule: "
+                       f"{ood['abstention_rule']}.")
     details += [
-        "Probabilities: " + ", ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items()) + ".",
-        f"Aggregation: {AGGREGATION_RULE}.",
         f"Slices: {result['n_slices']} in the series, {result['n_classified']} classified, "
+        f"{result.get('n_not_assessable', 0)} not assessable, "
         f"{result['n_failed']} unreadable, {result['n_excluded']} excluded (no contrast).",
         f"Slice order: {record['ordering']}.",
         model_line(model),
@@ -212,6 +270,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     include_paths = as_flag(include_paths, "include_paths")
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    classifier.require_detector()  # a model that cannot vouch for its inputs is refused before any work
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     rule, rule_source = _resolve_rule(series_rule, classifier)
@@ -268,7 +327,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
             if record is None:
                 outcome[id(series)]["reason"] = reason
                 continue
-            outcome[id(series)].update(used=True, reason=None)
+            # an abstention is the series' result: the study's answer is "no tumour type", not the next series
+            outcome[id(series)].update(used=True, reason=None, abstained=record["status"] == "abstained")
             chosen = series
             records.append((series, record))
         entry["series"] = [outcome[id(s)] for s in members]
@@ -276,6 +336,10 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         if used:
             entry.update(status="classified" if output == "study" else "series_classified", reason=None,
                          series_used=[outcome[id(s)]["series_instance_uid"] for s in used])
+            abstained = [outcome[id(s)]["ordinal"] for s in used if outcome[id(s)]["abstained"]]
+            if abstained and len(abstained) == len(used):
+                entry.update(status="abstained", reason="no tumour type: the model cannot vouch for series "
+                             + ", ".join(map(str, abstained)) + " (too many slices not assessable)")
         else:
             entry["reason"] = (patient_problem or
                                (f"no series of the study matches the series rule ({rule.name})" if not ranked
@@ -299,7 +363,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
             finding, details = sr_text(record, model)
             details = details + _study_lines(record, rule, rule_source, output)
             references = [(s.sop_class_uid, s.sop_instance_uid) for s, row in zip(series.slices, record["slices"])
-                          if row.get("status") == "classified"]
+                          if row.get("status") in EXAMINED]
             write_sr(stem + ".sr.dcm", series.header, series.series_instance_uid, references, finding, details)
             record["sr_file"] = os.path.basename(stem) + ".sr.dcm"
             record["sr_series_description"] = SERIES_DESCRIPTION
@@ -311,7 +375,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         classified.append(record)
         result = record.get("result") or {}
         logger.info("study %d, series %s: %s -> %s", study["ordinal"], series.series_instance_uid,
-                    result.get("class", record.get("status")), record["report_file"])
+                    result.get("class") or record.get("status"), record["report_file"])
     counts = Counter(redact(item.reason) for item in skipped_files)
     skipped_summary = [{"reason": reason, "count": n} for reason, n in counts.most_common()]
     if include_paths:
@@ -325,7 +389,9 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         "n_files": scan.n_files,
         "n_studies": len(study_entries),
         "n_series_found": len(scan.series),
-        "n_series_classified": len(classified),
+        "n_series_classified": sum(r.get("status", "classified") == "classified" for r in classified),
+        "n_series_abstained": sum(r.get("status") == "abstained" for r in classified),
+        "n_slices_not_assessable": sum((r.get("result") or {}).get("n_not_assessable", 0) for r in classified),
         "n_files_skipped": len(skipped_files),
         "provider": model["provider"],
         "model": model,
@@ -340,7 +406,9 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                     "class": (r.get("result") or {}).get("class"),
                     "probability": ((r.get("result") or {}).get("probabilities") or {}).get(
                         (r.get("result") or {}).get("class")),
-                    "n_slices": (r.get("result") or {}).get("n_classified"), "complete": r.get("complete"),
+                    "abstention_reason": (r.get("result") or {}).get("abstention_reason"),
+                    "n_slices": (r.get("result") or {}).get("n_classified"),
+                    "n_not_assessable": (r.get("result") or {}).get("n_not_assessable"), "complete": r.get("complete"),
                     "incomplete_reason": r.get("incomplete_reason"), "report_file": r["report_file"],
                     "sr_file": r.get("sr_file")} for r in classified],
         "skipped_series": _redacted([s for s in series_entries if not s["used"]], redact),
@@ -356,8 +424,9 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     for item in summary["skipped_series"]:
         logger.info("series %s (%s, %d file(s)) not used: %s", item["series_instance_uid"], item["modality"] or "?",
                     item["n_files"], item["reason"])
-    logger.info("%d file(s), %d study(ies), %d series; %d result(s) on %s; %d series not used, %d file(s) skipped -> %s",
-                scan.n_files, len(study_entries), len(scan.series), len(classified), model["provider"],
+    logger.info("%d file(s), %d study(ies), %d series; %d result(s) (%d abstained) on %s; %d series not used, "
+                "%d file(s) skipped -> %s", scan.n_files, len(study_entries), len(scan.series), len(classified),
+                summary["n_series_abstained"], model["provider"],
                 len(summary["skipped_series"]), len(skipped_files), output_dir)
     return summary
 

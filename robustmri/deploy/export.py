@@ -1,7 +1,11 @@
 """Export a trained classifier to ONNX with what deployment needs to reproduce training.
 
 The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``pred``,
-class probabilities [N, C] (softmax included, so no runtime has to know it). The model's
+class probabilities [N, C] (softmax included, so no runtime has to know it), and, when training and
+validation images are given, ``ood_score`` [N]: the out-of-distribution score of
+:mod:`robustmri.deploy.ood` (higher = more out of distribution), fitted on the training split, with
+its threshold calibrated on the validation split and written with the abstention rule into the metadata
+(:data:`OOD_METADATA_KEYS`). The model's
 metadata carries the class names, the spatial size, the preprocessing (its name, ``preprocess``, and
 its exact description, ``intensity_normalisation``: the head preprocessing cannot be written as
 ONNX operators, so the runtime applies it by name with the library's one implementation), the model
@@ -33,7 +37,17 @@ import torch
 from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.deploy.model_trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
-from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
+from robustmri.deploy.ood import (
+    DETECTOR_NAME,
+    SERIES_MAX_NOT_ASSESSABLE,
+    TARGET_ACCEPTANCE,
+    ScoredClassifier,
+    calibrate_threshold,
+    describe_abstention_rule,
+    describe_detector,
+    fit_detector,
+)
 from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.series_rule import SeriesRule
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
@@ -44,6 +58,14 @@ logger = logging.getLogger(__name__)
 
 #: Parity limits against PyTorch (issue 6): max |p_onnx - p_torch| and identical argmax.
 PARITY_ATOL = 1e-4
+#: Parity limit of the OOD score: |s_onnx - s_torch| <= SCORE_PARITY_RTOL * max(1, |s_torch|).
+SCORE_PARITY_RTOL = 1e-3
+#: The detector's metadata keys (all change the output: which slices are assessable, which series abstain). Written
+#: with the ``ood_score`` output only, so not among the always-required keys below; the integrity digest covers
+#: every metadata key, these included.
+OOD_METADATA_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
+                     "ood_validation_acceptance", "ood_n_train", "ood_n_validation", "ood_series_max_not_assessable",
+                     "ood_abstention_rule")
 #: Metadata keys every export must write because they change the output or how it is read (class names,
 #: size, preprocessing, provenance, ...); the integrity digest covers them and every other metadata key.
 #: One tuple, :data:`robustmri.deploy.model_trust.OUTPUT_AFFECTING_KEYS`, so that the torch-free runtime
@@ -84,10 +106,22 @@ def split_images(data, split: str | None) -> np.ndarray | None:
     return np.stack([item["image"] for item in data.split(split)]).astype(np.float32)
 
 
+def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [N, 1, H, W] float32, labels [N] int64)`` of one split of the protocol (the detector's data)."""
+    items = data.split(split)
+    if not items:
+        raise ValueError(f"the protocol's {split!r} split is empty: the OOD detector needs its images")
+    return (np.stack([item["image"] for item in items]).astype(np.float32),
+            np.asarray([int(item["label"]) for item in items], dtype=np.int64))
+
+
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
                 checkpoint: str | os.PathLike | None = None, model_version: str = "",
                 parity_images: np.ndarray | None = None, opset_version: int | None = None,
                 batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS,
+                ood_train: tuple[np.ndarray, np.ndarray] | None = None, ood_validation=None,
+                target_acceptance: float = TARGET_ACCEPTANCE,
+                series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE,
                 series_rule: SeriesRule | dict | None = None, provenance: dict | None = None,
                 signing_key: str | os.PathLike | None = None) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
@@ -100,7 +134,15 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     "unknown"); a demo model's version gets the suffix ``+demo``. ``signing_key``: an Ed25519
     private key (PEM) that signs the integrity digest;
     ``parity_images`` [N, 1, H, W] in [0, 1] are run through both PyTorch and ONNX Runtime, and
-    a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class.
+    a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class
+    (or on the OOD score beyond :data:`SCORE_PARITY_RTOL`).
+
+    ``ood_train`` (training images [N, 1, H, W] and labels [N], :func:`split_arrays`) and
+    ``ood_validation`` (validation images, or ``(images, labels)``) add the OOD detector: fitted on
+    the training features, its threshold the validation score quantile accepting
+    ``target_acceptance`` of the validation slices (computed with ONNX Runtime on the exported graph,
+    so it is the score the runtime sees), and the abstention rule ``series_max_not_assessable``. Without
+    them the model has no ``ood_score`` output, and DICOM inference refuses it.
     """
     import onnx
 
@@ -109,13 +151,29 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     check_preprocess(preprocess)
     if not isinstance(series_rule, SeriesRule):
         series_rule = SeriesRule.from_dict(dict(series_rule or {}))
+    if (ood_train is None) != (ood_validation is None):
+        raise ValueError("give both ood_train (training images and labels) and ood_validation (validation images) "
+                         "for the OOD detector, or neither")
+    if not 0.0 <= float(series_max_not_assessable) < 1.0:
+        raise ValueError(f"series_max_not_assessable must be in [0, 1), got {series_max_not_assessable}")
+    network = copy.deepcopy(network).cpu().eval()
     demo = "unknown" if not provenance else ("true" if provenance.get("demo_model") else "false")
-    model = ProbabilityHead(copy.deepcopy(network).cpu()).eval()
     with torch.no_grad():
-        probe = model(torch.zeros(2, 1, spatial_size, spatial_size))
+        probe = network(torch.zeros(2, 1, spatial_size, spatial_size))
     if probe.shape != (2, len(class_names)):
         raise ValueError(f"network gives output {tuple(probe.shape)} for 2 images, expected (2, {len(class_names)}): "
                          f"class_names {class_names} do not match it")
+    detector = None
+    if ood_train is not None:
+        train_images, train_labels = ood_train
+        detector = fit_detector(network, train_images, train_labels, len(class_names), progress=len(train_images) > 512)
+        model = ScoredClassifier(network, detector).eval()
+    else:
+        logger.warning("exporting without an OOD detector (no training and validation images given): DICOM "
+                       "inference refuses such a model")
+        model = ProbabilityHead(network).eval()
+    with torch.no_grad():
+        model(torch.zeros(2, 1, spatial_size, spatial_size))  # FinalLayer's one-time check runs before tracing
     metadata = {
         "class_names": json.dumps(class_names),
         "spatial_size": str(spatial_size),
@@ -136,10 +194,14 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         raw_file = os.path.join(tmp, "raw.onnx")
         batch = torch.export.Dim("batch", min=1)
         # A batch of 2 for tracing so that the batch axis is not specialised to 1.
+        output_names = [OUTPUT_NAME] if detector is None else [OUTPUT_NAME, SCORE_NAME]
         torch.onnx.export(model, (torch.rand(2, 1, spatial_size, spatial_size),), raw_file, dynamo=True,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset_version,
+                          input_names=[INPUT_NAME], output_names=output_names, opset_version=opset_version,
                           dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, verbose=False)
         proto = onnx.load(raw_file)
+        if detector is not None:
+            metadata.update(_calibrate(raw_file, detector, ood_validation, target_acceptance,
+                                       series_max_not_assessable, batch_size))
     del proto.metadata_props[:]
     proto.doc_string = f"robustmri classifier ({', '.join(class_names)}); research only, not for clinical use"
     onnx.checker.check_model(proto, full_check=True)
@@ -148,12 +210,38 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, output_file)
     opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-    result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata}
+    result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata,
+              "ood_detector": detector is not None}
     logger.info("exported %s (opset %d, %d classes, %d x %d)", output_file, opset, len(class_names),
                 spatial_size, spatial_size)
     if parity_images is not None:
         result["parity"] = check_parity(output_file, model, parity_images, batch_size)
     return result
+
+
+def _calibrate(onnx_file: str, detector, validation, target_acceptance: float, max_share: float,
+               batch_size: int) -> dict:
+    """The detector's metadata: threshold from the exported graph's scores of the validation images."""
+    import onnxruntime
+
+    images = validation[0] if isinstance(validation, tuple) else validation
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
+        raise ValueError(f"OOD validation images must be a non-empty [N, 1, H, W] array, got shape {images.shape}")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(onnx_file, sess_options=options, providers=["CPUExecutionProvider"])
+    scores = np.concatenate([session.run([SCORE_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
+                             for i in range(0, len(images), batch_size)])
+    threshold, acceptance = calibrate_threshold(scores, target_acceptance)
+    logger.info("OOD detector: fitted on %d training slice(s); threshold %.4g accepts %.1f %% of %d validation "
+                "slice(s) (target %.1f %%)", detector.n_train, threshold, 100 * acceptance, len(images),
+                100 * target_acceptance)
+    return {"ood_detector": DETECTOR_NAME, "ood_detector_description": describe_detector(detector.ridge),
+            "ood_threshold": repr(threshold), "ood_target_acceptance": repr(float(target_acceptance)),
+            "ood_validation_acceptance": repr(acceptance), "ood_n_train": str(detector.n_train),
+            "ood_n_validation": str(len(images)), "ood_series_max_not_assessable": repr(float(max_share)),
+            "ood_abstention_rule": describe_abstention_rule(max_share)}
 
 
 #: The test metrics copied from the bundle's evaluation (``<eval_dir>/test/summary.json``).
@@ -211,30 +299,50 @@ def checkpoint_provenance(checkpoint: str | os.PathLike, eval_dir: str | os.Path
 
 
 def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: np.ndarray,
-                 batch_size: int = 32, atol: float = PARITY_ATOL) -> dict:
+                 batch_size: int = 32, atol: float = PARITY_ATOL, score_rtol: float = SCORE_PARITY_RTOL) -> dict:
     """Compare ONNX Runtime (CPU) with PyTorch on ``images``; raise :class:`ParityError` beyond ``atol``.
 
-    ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`).
+    ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`), or
+    ``(probabilities, ood_score)`` (:class:`~robustmri.deploy.ood.ScoredClassifier`): then the score
+    must agree within ``score_rtol * max(1, |score|)``.
     """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
         raise ValueError(f"parity images must be a non-empty [N, 1, H, W] array, got shape {images.shape}")
     classifier = OnnxClassifier(onnx_file, device="cpu")
     model = model.cpu().eval()
-    max_diff, mismatches = 0.0, 0
+    max_diff, mismatches, score_diff, scored = 0.0, 0, 0.0, False
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            expected = model(torch.from_numpy(chunk)).numpy()
-            got = classifier.predict(chunk)
+            expected = model(torch.from_numpy(chunk))
+            if isinstance(expected, tuple):
+                scored = True
+                expected, expected_score = expected[0].numpy(), expected[1].double().numpy()
+                got, got_score = classifier.predict_with_scores(chunk)
+                if got_score is None:
+                    raise ParityError(f"{onnx_file}: PyTorch gives an OOD score but the ONNX model has no "
+                                      f"{SCORE_NAME!r} output")
+                relative = np.abs(got_score - expected_score) / np.maximum(1.0, np.abs(expected_score))
+                score_diff = max(score_diff, float(relative.max()))
+            else:
+                expected = expected.numpy()
+                got = classifier.predict(chunk)
             max_diff = max(max_diff, float(np.abs(got - expected).max()))
             mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
-    report = {"n": int(len(images)), "max_abs_diff": max_diff, "class_mismatches": mismatches, "atol": atol,
-              "passed": bool(max_diff <= atol and mismatches == 0)}
-    logger.info("ONNX parity on %d image(s): max |dp| = %.3g, %d class mismatch(es)", report["n"], max_diff, mismatches)
+    report = {"n": int(len(images)), "max_abs_diff": max_diff, "class_mismatches": mismatches, "atol": atol}
+    passed = max_diff <= atol and mismatches == 0
+    if scored:
+        report.update(ood_score_max_rel_diff=score_diff, ood_score_rtol=score_rtol)
+        passed = passed and score_diff <= score_rtol
+    report["passed"] = bool(passed)
+    logger.info("ONNX parity on %d image(s): max |dp| = %.3g, %d class mismatch(es)%s", report["n"], max_diff,
+                mismatches, f", OOD score max relative difference {score_diff:.3g}" if scored else "")
     if not report["passed"]:
         raise ParityError(f"{onnx_file}: ONNX Runtime differs from PyTorch on {report['n']} image(s): "
-                          f"max |dp| = {max_diff:.3g} (limit {atol:g}), {mismatches} different class(es)")
+                          f"max |dp| = {max_diff:.3g} (limit {atol:g}), {mismatches} different class(es)"
+                          + (f", OOD score relative difference {score_diff:.3g} (limit {score_rtol:g})"
+                             if scored else ""))
     return report
 
 

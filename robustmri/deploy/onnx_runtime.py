@@ -13,6 +13,14 @@ written at export over the graph, the weights and every metadata field, and, giv
 the exporter's Ed25519 signature. A model that fails, or that carries no digest, is refused with a
 :class:`~robustmri.deploy.model_trust.ModelIntegrityError` naming the file; the verified bytes are
 the ones the session runs.
+
+Out-of-distribution detection: a model exported with its detector has a second output,
+``ood_score`` [N] (higher = more out of distribution, :mod:`robustmri.deploy.ood`), and the
+detector's metadata (threshold calibrated on validation, target acceptance, abstention rule).
+:meth:`OnnxClassifier.predict_with_scores` returns both outputs and :meth:`OnnxClassifier.is_assessable`
+applies the threshold (score <= threshold: assessable). A model without the detector still
+predicts (``has_detector`` is False; file inference may say so), but
+:meth:`OnnxClassifier.require_detector`, which DICOM inference calls, refuses it.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ logger = logging.getLogger(__name__)
 #: The exported graph's input and output names (see :mod:`robustmri.deploy.export`).
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
+SCORE_NAME = "ood_score"
+#: Detector metadata read here (written with the ``ood_score`` output; see ``export.OOD_METADATA_KEYS``).
+DETECTOR_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
+                 "ood_n_train", "ood_series_max_not_assessable", "ood_abstention_rule")
+#: How to get a model with the detector: the one-line advice of every refusal for want of it.
+DETECTOR_REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py "
+                          "--checkpoint model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
 #: ONNX metadata keys written by :func:`robustmri.deploy.export.export_onnx` and required here.
 METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
                  "network", "exported_by", "intended_use")
@@ -105,8 +120,43 @@ def read_metadata(model) -> dict:
     return {**props, "class_names": class_names, "spatial_size": spatial_size, "preprocess": name}
 
 
+def read_detector(props: dict, output_names, model_file: str = "the model") -> dict | None:
+    """The OOD detector's settings from the metadata, or None for a model exported without one.
+
+    The ``ood_score`` output and the detector's metadata come together; one without the other,
+    or an unreadable number, is refused.
+    """
+    present = [key for key in DETECTOR_KEYS if key in props]
+    has_output = SCORE_NAME in output_names
+    if not present and not has_output:
+        return None
+    missing = [key for key in DETECTOR_KEYS if key not in props]
+    if not has_output or missing:
+        raise ModelMetadataError(f"{model_file}: inconsistent OOD detector (output {SCORE_NAME!r} "
+                                 f"{'present' if has_output else 'absent'}, metadata lacks {missing}); "
+                                 f"{DETECTOR_REEXPORT_HINT}")
+    try:
+        detector = {"name": props["ood_detector"], "description": props["ood_detector_description"],
+                    "threshold": float(props["ood_threshold"]),
+                    "target_acceptance": float(props["ood_target_acceptance"]),
+                    "n_train": int(props["ood_n_train"]),
+                    "series_max_not_assessable": float(props["ood_series_max_not_assessable"]),
+                    "abstention_rule": props["ood_abstention_rule"]}
+    except ValueError as err:
+        raise ModelMetadataError(f"{model_file}: unreadable OOD detector metadata ({err}); "
+                                 f"{DETECTOR_REEXPORT_HINT}") from None
+    if not (np.isfinite(detector["threshold"]) and 0.0 <= detector["series_max_not_assessable"] < 1.0):
+        raise ModelMetadataError(f"{model_file}: invalid OOD threshold {detector['threshold']} or series share "
+                                 f"{detector['series_max_not_assessable']}; {DETECTOR_REEXPORT_HINT}")
+    return detector
+
+
 class OnnxClassifier:
-    """A loaded ONNX classifier: ``predict(images [N, 1, S, S] float32) -> probabilities [N, C]``."""
+    """A loaded ONNX classifier: ``predict(images [N, 1, S, S] float32) -> probabilities [N, C]``.
+
+    ``predict_with_scores`` adds the OOD score [N] (None without a detector); ``detector`` holds the
+    detector's metadata (:func:`read_detector`) or None.
+    """
 
     def __init__(self, model_file: str | os.PathLike, device: str = "auto", intra_op_num_threads: int = 0,
                  public_key: str | os.PathLike | None = None):
@@ -142,6 +192,12 @@ class OnnxClassifier:
         if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
             raise ModelMetadataError(f"{self.model_file}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
                                      f"got {[i.name for i in inputs]} -> {[o.name for o in outputs]}")
+        self.detector: dict | None = read_detector(self.session.get_modelmeta().custom_metadata_map,
+                                                   [o.name for o in outputs], self.model_file)
+        if self.detector is None:
+            logger.warning("%s has no out-of-distribution detector: its answers on inputs unlike its training data "
+                           "cannot be flagged (DICOM inference refuses it); %s", os.path.basename(self.model_file),
+                           DETECTOR_REEXPORT_HINT)
         # The session may fall back silently (CUDA provider present but no usable GPU): report what it holds.
         self.providers: list[str] = list(self.session.get_providers())
         self.provider: str = self.providers[0]
@@ -164,12 +220,45 @@ class OnnxClassifier:
         """
         return self._prepare(image, self.spatial_size)[None]
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def _checked(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
         expected = (1, self.spatial_size, self.spatial_size)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"expected images [N, {', '.join(map(str, expected))}], got {images.shape}")
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        return images
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, C] of prepared images [N, 1, S, S]."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: self._checked(images)})[0]
+
+    def predict_with_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(probabilities [N, C], ood_score [N] float64 or None)``: one run gives both; None without a detector."""
+        images = self._checked(images)
+        if self.detector is None:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0], None
+        probabilities, scores = self.session.run([OUTPUT_NAME, SCORE_NAME], {INPUT_NAME: images})
+        return probabilities, scores.astype(np.float64)
+
+    @property
+    def has_detector(self) -> bool:
+        return self.detector is not None
+
+    @property
+    def ood_threshold(self) -> float:
+        """Scores above it are not assessable (:class:`ModelMetadataError` without a detector)."""
+        return self.require_detector()["threshold"]
+
+    def is_assessable(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean [N]: the score is at or below the model's threshold (the model can vouch for the slice)."""
+        return np.asarray(scores, dtype=np.float64) <= self.ood_threshold
+
+    def require_detector(self) -> dict:
+        """The detector's settings; :class:`ModelMetadataError` (one line) for a model without one."""
+        if self.detector is None:
+            raise ModelMetadataError(f"{self.model_file}: the model has no out-of-distribution detector "
+                                     f"({SCORE_NAME!r} output), so it cannot vouch for its inputs and DICOM inference "
+                                     f"refuses it; {DETECTOR_REEXPORT_HINT}")
+        return self.detector
 
     def describe(self) -> dict:
         """What a report should say about the model that produced it.
@@ -188,7 +277,10 @@ class OnnxClassifier:
                        "preprocess": self.preprocess,
                        "intensity_normalisation": self.metadata["intensity_normalisation"],
                        "demo_model": self.demo_model, "trained_on": provenance_summary(self.provenance),
-                       "provenance": self.provenance, "provider": self.provider, "providers": self.providers}
+                       "provenance": self.provenance, "provider": self.provider, "providers": self.providers,
+                       "ood_detector": None if self.detector is None else {
+                           key: self.detector[key] for key in ("name", "threshold", "target_acceptance", "n_train",
+                                                               "series_max_not_assessable")}}
         if self.demo_model:
             description["notice"] = DEMO_MODEL_NOTICE
         return description

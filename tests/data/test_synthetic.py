@@ -267,3 +267,15 @@ def test_small_data_set_is_fast():
 def test_bad_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_slices(**kwargs)
+
+
+def test_tumour_free_heads_have_no_lesion_and_leave_the_default_unchanged():
+    default = generate_slices(n_patients=6, size=48, seed=5, return_masks=True)
+    again = generate_slices(n_patients=6, size=48, seed=5, return_masks=True, tumour_free=False)
+    np.testing.assert_array_equal(default["images"], again["images"])
+    free = generate_slices(n_patients=6, size=48, seed=5, return_masks=True, tumour_free=True)
+    assert default["tumour_masks"].any() and not free["tumour_masks"].any()
+    assert free["images"].shape == default["images"].shape and np.isfinite(free["images"]).all()
+    np.testing.assert_array_equal(free["intracranial_masks"], default["intracranial_masks"])  # same head, no mass
+    inside = default["tumour_masks"]
+    assert np.abs(free["images"][inside] - default["images"][inside]).mean() > 0.05  # the lesion is gone

@@ -23,16 +23,57 @@ def tiny_network(seed: int = 0) -> PaperCNN:
     return network.eval()
 
 
-def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None):
-    """Save a tiny checkpoint, export it; return (network, checkpoint, onnx file, export result)."""
+def synthetic_detector_data(patients: int = 40, seed: int = 1):
+    """``(ood_train, ood_validation)`` for :func:`export_onnx`: the embedded synthetic set's train and val splits."""
+    from robustmri.data.protocol import build_protocol
+    from robustmri.deploy.export import split_arrays
+
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=patients, seed=seed)
+    return split_arrays(data, "train"), split_arrays(data, "val")[0]
+
+
+def accepting_detector_data(images, copies: int = 4, seed: int = 0):
+    """Detector data under which ``images`` (prepared [N, 1, S, S]) are in distribution by construction.
+
+    Training: ``copies`` noisy copies of each image (labels cycled over the classes), so the
+    covariance has every direction; validation: the images themselves, to be exported with
+    ``target_acceptance=1.0``, so the threshold is their largest score. For the tests of the series
+    logic (ordering, completeness, privacy), which must not depend on a random network's notion of
+    out of distribution; the abstention tests use a detector fitted on a trained network.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([np.clip(images + rng.normal(0, 0.05, images.shape), 0, 1) for _ in range(copies)])
+    labels = np.arange(len(train)) % len(CLASS_NAMES)
+    return (train.astype(np.float32), labels), images
+
+
+def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
+    """:func:`accepting_detector_data` for the gradient series of ``seeds`` (``n`` slices each) and ``extra`` raw
+    slices, prepared as a tiny model prepares them (min-max): for tests whose subject is not the detector."""
+    from robustmri.data.preprocessing import preprocess
+
+    images = [g for k in seeds for g in gradient_series(n, seed=k)] + list(extra)
+    prepared = np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None]
+    return accepting_detector_data(prepared)
+
+
+def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95):
+    """Save a tiny checkpoint, export it; return (network, checkpoint, onnx file, export result).
+
+    ``ood``: ``(ood_train, ood_validation)`` for the detector (default :func:`synthetic_detector_data`);
+    ``False`` exports without a detector.
+    """
     from robustmri.deploy.export import export_onnx
 
     network = tiny_network(seed)
     checkpoint = tmp_path / "model.pt"
     torch.save(network.state_dict(), checkpoint)
     onnx_file = tmp_path / "model.onnx"
+    ood_train, ood_validation = (None, None) if ood is False else (ood or synthetic_detector_data())
     result = export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, model_version="9.9.9",
-                         parity_images=parity_images)
+                         parity_images=parity_images, ood_train=ood_train, ood_validation=ood_validation,
+                         target_acceptance=target_acceptance)
     return network, checkpoint, onnx_file, result
 
 

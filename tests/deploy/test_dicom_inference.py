@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -18,8 +19,8 @@ from robustmri.deploy.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.deploy.dicom_inference import AGGREGATION_RULE, infer_dicom
 from robustmri.deploy.onnx_runtime import OnnxClassifier
 
-from conftest import BUNDLE, ROOT
-from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_series
+from conftest import BUNDLE, FIGSHARE, ROOT
+from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
 
 PATIENT = FictitiousPatient(name="Testpatient^Alice", patient_id="RMRI-000123", birth_date="19610704")
 IDENTIFIERS = ("Testpatient", "Alice", "RMRI-000123", "19610704")
@@ -28,9 +29,20 @@ BAD_FILES = {"badVR.dcm": "invalid NumberOfFrames",
              "reportsi.dcm": "no pixel data: Basic Text SR Storage", "notes.txt": "not a DICOM Part 10 file"}
 
 
+def first_rows(figshare: Path) -> list[dict]:
+    """The figshare slices of the first test: 4 glioma, then 3 meningioma."""
+    rows = list(csv.DictReader(open(figshare / "labels.csv")))
+    by_class = {name: [r for r in rows if r["label_name"] == name] for name in ("glioma", "meningioma")}
+    return by_class["glioma"][:4] + by_class["meningioma"][:3]
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
+    """A tiny model whose detector accepts every slice these tests classify (their subject is the series logic)."""
+    figshare = FIGSHARE if (FIGSHARE / "labels.csv").is_file() else None
+    extra = [read_image(figshare / r["file"]) for r in first_rows(figshare)] if figshare else []
+    network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(extra=extra),
+                                           target_acceptance=1.0)
     return network, OnnxClassifier(onnx_file, device="cpu")
 
 
@@ -48,11 +60,9 @@ def assert_no_identifiers(text: str):
 
 def test_real_series_among_bad_files(tmp_path, figshare_dir, model, caplog):
     network, classifier = model
-    rows = list(csv.DictReader(open(figshare_dir / "labels.csv")))
-    series_images = {
-        "glioma": [read_image(figshare_dir / r["file"]) for r in [r for r in rows if r["label_name"] == "glioma"][:4]],
-        "meningioma": [read_image(figshare_dir / r["file"]) for r in [r for r in rows if r["label_name"] == "meningioma"][:3]],
-    }
+    rows = first_rows(figshare_dir)
+    series_images = {"glioma": [read_image(figshare_dir / r["file"]) for r in rows[:4]],
+                     "meningioma": [read_image(figshare_dir / r["file"]) for r in rows[4:]]}
     patient_folder = tmp_path / "in" / "TESTPATIENT_ALICE"  # as some PACS exports name folders
     written = {}
     for k, (name, images) in enumerate(series_images.items()):
@@ -239,14 +249,24 @@ def test_bundle_exports_and_classifies_dicom(tmp_path):
 
     from helpers import TINY, bundle
 
+    from robustmri.data.synthetic import generate_slices
+
     network_args = ["--spatial_size", "32", "--network_padding", "2"]  # the network TINY configures
+    torch.manual_seed(0)
     torch.save(PaperCNN(spatial_size=32, padding=2).state_dict(), tmp_path / "model.pt")
     dirs = ["--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "eval")]
     bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs)
     assert (tmp_path / "model.onnx").is_file()
-    write_mr_series(tmp_path / "dicom", gradient_series(3))
+    heads = generate_slices(n_patients=1, size=96, seed=11, slices_per_patient=(4, 4))["images"]  # unseen patient
+    write_mr_series(tmp_path / "dicom" / "heads", list(np.rint(heads * 400)), series_number=1)
+    write_mr_series(tmp_path / "dicom" / "gradients", gradient_series(3), series_number=2)
     bundle("run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
            *network_args, *dirs, "--dicom_inputs", str(tmp_path / "dicom"))
     summary = json.loads((tmp_path / "eval" / "dicom" / "summary.json").read_text())
-    assert summary["n_series_classified"] == 1 and summary["series"][0]["n_slices"] == 3
     assert summary["model"]["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    detector = summary["model"]["ood_detector"]  # fitted on the synthetic training split, calibrated on its validation
+    assert detector["target_acceptance"] == 0.95 and detector["n_train"] > 0
+    by_slices = {entry["n_slices"] + entry["n_not_assessable"]: entry for entry in summary["series"]}
+    assert summary["n_series_classified"] == 1 and by_slices[4]["status"] == "classified"
+    assert summary["n_series_abstained"] == 1 and by_slices[3]["status"] == "abstained"
+    assert "not assessable" in by_slices[3]["abstention_reason"]

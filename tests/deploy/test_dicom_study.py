@@ -17,7 +17,7 @@ from robustmri.deploy.onnx_runtime import OnnxClassifier
 from robustmri.deploy.series_rule import SeriesRule
 
 from conftest import ROOT
-from deploy_helpers import export_tiny, gradient_series
+from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
 
 T2 = {"EchoTime": "95", "RepetitionTime": "4000"}
 DWI = {"EchoTime": "80", "RepetitionTime": "5000", "ScanningSequence": "EP"}
@@ -26,7 +26,9 @@ LOCALISER = {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
+    """A tiny model whose detector accepts the gradient series these tests write (their subject is the study rule)."""
+    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(),
+                                     target_acceptance=1.0)
     return OnnxClassifier(onnx_file, device="cpu")
 
 
@@ -133,8 +135,9 @@ def test_the_models_rule_applies_and_an_operators_rule_is_named(tmp_path):
 
     network = tiny_network()
     torch.save(network.state_dict(), network_dir / "model.pt")
+    ood_train, ood_validation = gradient_detector_data()
     export_onnx(network, network_dir / "model.onnx", CLASS_NAMES, 32, checkpoint=network_dir / "model.pt",
-                series_rule=strict)
+                series_rule=strict, ood_train=ood_train, ood_validation=ood_validation, target_acceptance=1.0)
     model = OnnxClassifier(network_dir / "model.onnx", device="cpu")
     assert SeriesRule.from_json(model.metadata["series_rule"]).max_repetition_time_ms == 400
     write_study(tmp_path / "in", t1=("AX T1 POST", {}, 3, 5))  # TR 550 ms

@@ -37,10 +37,12 @@ def test_graph_has_named_io_dynamic_batch_and_passes_the_checker(exported):
     _, _, onnx_file, result, _ = exported
     model = onnx.load(onnx_file)
     onnx.checker.check_model(model, full_check=True)
-    (image,), (pred,) = model.graph.input, model.graph.output
-    assert image.name == "image" and pred.name == "pred"
+    (image,), (pred, score) = model.graph.input, model.graph.output
+    assert image.name == "image" and pred.name == "pred" and score.name == "ood_score"
     dims = image.type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch axis
+    (score_dim,) = score.type.tensor_type.shape.dim  # [N]: one score per image, same symbolic batch axis
+    assert score_dim.dim_param == dims[0].dim_param
     assert [d.dim_value for d in dims[1:]] == [1, TINY_SIZE, TINY_SIZE]
     assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert result["opset"] >= 18
@@ -55,6 +57,10 @@ def test_metadata_says_what_inference_needs(exported):
     assert meta["model_version"] == "9.9.9"
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert "not for clinical use" in meta["intended_use"].lower()
+    assert meta["ood_detector"] == "mahalanobis_tied_penultimate" and float(meta["ood_target_acceptance"]) == 0.95
+    assert "higher = more out of distribution" in meta["ood_detector_description"]
+    assert float(meta["ood_series_max_not_assessable"]) == 0.5 and "more than 50%" in meta["ood_abstention_rule"]
+    assert int(meta["ood_n_train"]) > 0 and np.isfinite(float(meta["ood_threshold"]))
     assert meta["network"] == ("robustmri.networks.paper_cnn.PaperCNN(kernel_size=5, padding=2, feature_dim=8); "
                                "4,623 parameters; final layer classifier: Linear(8, 3)")
 
@@ -64,6 +70,7 @@ def test_parity_on_the_test_split(exported):
     parity = result["parity"]
     assert parity["passed"] and parity["n"] == len(test_images) > 0
     assert parity["max_abs_diff"] <= 1e-4 and parity["class_mismatches"] == 0
+    assert parity["ood_score_max_rel_diff"] <= parity["ood_score_rtol"] == 1e-3
     # independently: onnxruntime on odd batch sizes against PyTorch's softmax of the logits
     classifier = OnnxClassifier(onnx_file, device="cpu")
     for batch in (test_images[:1], test_images[:7]):

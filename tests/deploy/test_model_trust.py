@@ -35,7 +35,14 @@ from robustmri.engine.model_metadata import FINGERPRINT_RULE, METADATA_FILE, Mod
 from robustmri.outputs import write_json
 
 from conftest import ROOT
-from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, rewrite_metadata, tiny_network
+from deploy_helpers import (
+    TINY_SIZE,
+    export_tiny,
+    gradient_detector_data,
+    gradient_series,
+    rewrite_metadata,
+    tiny_network,
+)
 from helpers import write_png
 
 
@@ -61,7 +68,8 @@ def keys(tmp_path_factory):
 def models(tmp_path_factory, keys):
     """A tiny network exported, and the same model signed with key a (as export signs: tested below)."""
     tmp = tmp_path_factory.mktemp("trust")
-    network, _, onnx_file, _ = export_tiny(tmp)
+    # a detector that accepts the gradient series these tests classify (their subject is the model's integrity)
+    network, _, onnx_file, _ = export_tiny(tmp, ood=gradient_detector_data(), target_acceptance=1.0)
     signed = rewrite_metadata(onnx_file, tmp / "signed.onnx", reseal=True, signing_key=keys[0] / "a.pem")
     return network, onnx_file, signed
 
@@ -136,8 +144,8 @@ def test_a_changed_weight_is_refused(models, tmp_path):
 
 def test_added_or_removed_metadata_is_refused(models, tmp_path):
     _, onnx_file, _ = models
-    added = rewrite_metadata(onnx_file, tmp_path / "added.onnx", ood_threshold="99")
-    with pytest.raises(ModelIntegrityError, match=r"metadata keys changed after export \(added \['ood_threshold'\]"):
+    added = rewrite_metadata(onnx_file, tmp_path / "added.onnx", added_setting="99")
+    with pytest.raises(ModelIntegrityError, match=r"metadata keys changed after export \(added \['added_setting'\]"):
         OnnxClassifier(added, device="cpu")
     removed = rewrite_metadata(onnx_file, tmp_path / "removed.onnx", network=None)
     with pytest.raises(ModelIntegrityError, match=r"removed \['network'\]"):
@@ -484,7 +492,10 @@ def test_bundle_trains_evaluates_exports_signed_and_refuses_the_demo_model(tmp_p
     assert props["demo_model"] == "true" and provenance["checkpoint"]["bound"] and provenance["training"]["completed"]
     assert provenance["metrics"]["test"]["checkpoint_tag"] == "last" and "validation" in provenance["metrics"]
     assert provenance["protocol"]["synthetic_patients"] == 30 and provenance["recipe"]["batch_size"] == 8
-    write_mr_series(tmp_path / "dicom", gradient_series(3))
+    from robustmri.data.synthetic import generate_slices  # heads: what the demo model's detector was fitted on
+
+    heads = generate_slices(n_patients=1, size=96, seed=11, slices_per_patient=(3, 3))["images"]
+    write_mr_series(tmp_path / "dicom", list(np.rint(heads * 400)))
     infer = ["run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
              "--spatial_size", "32", "--network_padding", "2", *dirs, "--dicom_inputs", str(tmp_path / "dicom"),
              "--model_public_key", str(keys[0] / "a.pub.pem")]
@@ -493,5 +504,6 @@ def test_bundle_trains_evaluates_exports_signed_and_refuses_the_demo_model(tmp_p
     assert not (tmp_path / "eval" / "dicom" / "summary.json").exists()
     bundle(*infer, "--allow_demo_model", "true")
     summary = json.loads((tmp_path / "eval" / "dicom" / "summary.json").read_text())
-    assert summary["n_series_classified"] == 1 and summary["model"]["notice"] == DEMO_MODEL_NOTICE
+    assert summary["n_series_classified"] + summary["n_series_abstained"] == 1  # an answer, with the notice
+    assert summary["model"]["notice"] == DEMO_MODEL_NOTICE
     assert summary["model"]["signature"] == "verified"

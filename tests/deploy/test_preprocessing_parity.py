@@ -26,7 +26,7 @@ from robustmri.deploy.onnx_runtime import ModelIntegrityError, ModelMetadataErro
 from robustmri.engine.workflow import execute, load_workflow
 
 from conftest import BUNDLE
-from deploy_helpers import TINY_SIZE, rewrite_metadata, tiny_network, write_trained
+from deploy_helpers import TINY_SIZE, accepting_detector_data, rewrite_metadata, tiny_network, write_trained
 
 
 def raw_slices(n: int = 9) -> tuple[list[np.ndarray], list[int]]:
@@ -69,7 +69,9 @@ def deployed(request, dataset, tmp_path_factory):
     network = tiny_network(seed=2)
     checkpoint = write_trained(models, network, TINY_SIZE, preprocess=name)
     onnx_file = models / "model.onnx"
-    export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, preprocess=name)
+    ood_train, ood_validation = accepting_detector_data(np.stack(list(training.values())))  # 9 slices: too few to fit
+    export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, preprocess=name,
+                ood_train=ood_train, ood_validation=ood_validation, target_acceptance=1.0)
     return name, training, network, models, onnx_file
 
 

@@ -1,0 +1,251 @@
+"""Out-of-distribution abstention: the Mahalanobis score, its ONNX output, the validation threshold, abstention."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from robustmri import CLASS_NAMES
+from robustmri.data.protocol import build_protocol
+from robustmri.data.synthetic import generate_slices
+from robustmri.deploy.dicom_fixtures import write_mr_series
+from robustmri.deploy.dicom_inference import classify_series, infer_dicom
+from robustmri.deploy.dicom_series import scan_folders
+from robustmri.deploy.export import OOD_METADATA_KEYS, export_onnx, split_arrays
+from robustmri.deploy.onnx_runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
+from robustmri.deploy.ood import RIDGE, MahalanobisDetector, ScoredClassifier, calibrate_threshold, fit_detector
+
+from conftest import ROOT
+from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, rewrite_metadata, tiny_network
+
+
+def independent_score(features, labels, queries, ridge=RIDGE):
+    """Lee et al.'s score written out with numpy and scipy: pooled covariance, scipy's Mahalanobis distance."""
+    classes = sorted(set(labels.tolist()))
+    pooled = sum(np.cov(features[labels == c].T, bias=True) * (labels == c).sum() for c in classes) / len(features)
+    pooled = pooled + ridge * np.trace(pooled) / len(pooled) * np.eye(len(pooled))
+    inverse = np.linalg.pinv(pooled)
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    return (cdist(queries, means, metric="mahalanobis", VI=inverse) ** 2).min(1)
+
+
+def test_score_equals_an_independent_computation():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [40, 70, 30])
+    features = rng.normal(size=(140, 12)) @ rng.normal(size=(12, 12)) + 3.0 * labels[:, None]
+    features[:, 5] = 0.0  # a dead unit: the ridge keeps the covariance invertible
+    detector = MahalanobisDetector.fit(features, labels, 3)
+    queries = np.concatenate([rng.normal(size=(10, 12)), rng.normal(size=(5, 12)) * 10])
+    queries[:5, 5] = 1.0  # the dead unit lit: far out of distribution
+    expected = independent_score(features, labels, queries)
+    np.testing.assert_allclose(detector.score(queries), expected, rtol=1e-9)
+    np.testing.assert_allclose(detector.score(features), independent_score(features, labels, features), rtol=1e-9)
+    assert detector.n_train == 140 and detector.score(queries[:5]).min() > detector.score(features).max()
+    with pytest.raises(ValueError, match="every class needs training slices"):
+        MahalanobisDetector.fit(features[:100], labels[:100], 3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=80, seed=1)
+
+
+@pytest.fixture(scope="module")
+def exported(data, tmp_path_factory):
+    network, _, onnx_file, result = export_tiny(tmp_path_factory.mktemp("ood"),
+                                                parity_images=split_arrays(data, "test")[0],
+                                                ood=(split_arrays(data, "train"), split_arrays(data, "val")[0]))
+    return network, onnx_file, result
+
+
+def penultimate(network, images) -> np.ndarray:
+    """The input of the final layer, through a hook of this test's own (not FinalLayer)."""
+    captured = []
+    handle = network.classifier.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        network(torch.from_numpy(images))
+    handle.remove()
+    return captured[0].double().numpy()
+
+
+def test_onnx_ood_score_equals_pytorch_and_the_independent_score(data, exported):
+    network, onnx_file, result = exported
+    train_images, train_labels = split_arrays(data, "train")
+    images = np.concatenate([split_arrays(data, "test")[0],
+                             np.random.default_rng(0).random((6, 1, TINY_SIZE, TINY_SIZE), dtype=np.float32)])
+    probabilities, scores = OnnxClassifier(onnx_file, device="cpu").predict_with_scores(images)
+    expected = independent_score(penultimate(network, train_images), train_labels, penultimate(network, images))
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-3)
+    detector = fit_detector(network, train_images, train_labels, len(CLASS_NAMES))
+    with torch.no_grad():
+        torch_probabilities, torch_scores = ScoredClassifier(network, detector)(torch.from_numpy(images))
+    np.testing.assert_allclose(scores, torch_scores.double().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(probabilities, torch_probabilities.numpy(), atol=1e-5)
+    assert scores.shape == (len(images),) and (scores >= 0).all()
+    assert result["parity"]["ood_score_max_rel_diff"] <= 1e-3
+
+
+def test_threshold_is_the_validation_quantile(data, exported):
+    _, onnx_file, result = exported
+    classifier = OnnxClassifier(onnx_file, device="cpu")
+    validation = split_arrays(data, "val")[0]
+    _, scores = classifier.predict_with_scores(validation)
+    n = len(scores)
+    assert n == int(result["metadata"]["ood_n_validation"]) >= 5
+    assert classifier.ood_threshold == np.sort(scores)[math.ceil(0.95 * n) - 1]
+    accepted = classifier.is_assessable(scores).mean()
+    assert 0.95 <= accepted < 0.95 + 1 / n and accepted == float(result["metadata"]["ood_validation_acceptance"])
+    test_scores = classifier.predict_with_scores(split_arrays(data, "test")[0])[1]  # never used for the threshold
+    assert not np.isin(classifier.ood_threshold, test_scores)
+    assert set(OOD_METADATA_KEYS) <= set(result["metadata"]) and set(DETECTOR_KEYS) <= set(OOD_METADATA_KEYS)
+
+
+@pytest.mark.parametrize("n, target, k", [(20, 0.95, 19), (7, 0.95, 7), (100, 0.9, 90), (3, 1.0, 3), (10, 0.01, 1)])
+def test_calibrate_threshold_accepts_the_target_within_one_slice(n, target, k):
+    scores = np.random.default_rng(n).permutation(np.arange(n, dtype=np.float64) * 1.5)
+    threshold, acceptance = calibrate_threshold(scores, target)
+    assert threshold == 1.5 * (k - 1) and acceptance == k / n and target <= acceptance < target + 1 / n
+
+
+def trained_tiny_network(data, epochs: int = 6) -> torch.nn.Module:
+    """A tiny PaperCNN trained a few epochs on the synthetic heads: features that know what a head is."""
+    torch.manual_seed(0)
+    network = tiny_network(seed=0).train()
+    images, labels = (torch.from_numpy(a) for a in split_arrays(data, "train"))
+    optimiser = torch.optim.Adam(network.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images)).split(16):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(network(images[batch]), labels[batch]).backward()
+            optimiser.step()
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> OnnxClassifier:
+    """The trained tiny network exported with its detector (training split) and threshold (validation split)."""
+    onnx_file = tmp_path_factory.mktemp("trained") / "model.onnx"
+    export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE,
+                ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0])
+    return OnnxClassifier(onnx_file, device="cpu")
+
+
+def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(trained, tmp_path):
+    classifier = trained
+    rng = np.random.default_rng(0)
+    heads = generate_slices(n_patients=2, size=96, seed=21, slices_per_patient=(4, 4))["images"][:4]  # unseen patient
+    yy, xx = np.mgrid[:96, :96]
+    series = {
+        "heads": [np.rint(h * 400) for h in heads],
+        "noise": [rng.integers(0, 400, (96, 96)).astype(float) for _ in range(4)],
+        "checkerboard": [400.0 * (((yy // (4 + k)) + (xx // (4 + k))) % 2) for k in range(4)],
+        "mask": [400.0 * (((yy - 40 - 3 * k) / 14) ** 2 + ((xx - 50) / 9) ** 2 < 1) for k in range(4)],
+    }
+    uids = {}
+    for number, (name, images) in enumerate(series.items()):
+        paths = write_mr_series(tmp_path / "in" / name, images, series_number=number + 1, rescale=(1.0, 0.0))
+        uids[pydicom.dcmread(paths[0]).SeriesInstanceUID] = name
+    out = tmp_path / "out"
+    summary = infer_dicom(tmp_path / "in", classifier, out, progress=False)
+    status = {uids[e["series_instance_uid"]]: e for e in summary["series"]}
+    assert status["heads"]["status"] == "classified" and status["heads"]["class"] in CLASS_NAMES
+    assert summary["n_series_classified"] == 1 and summary["n_series_abstained"] == 3
+    for name in ("noise", "checkerboard", "mask"):
+        entry = status[name]
+        assert entry["status"] == "abstained" and entry["class"] is None and entry["probability"] is None
+        report = json.loads((out / entry["report_file"]).read_text())
+        assert report["status"] == "abstained" and report["result"]["class"] is None
+        assert report["result"]["n_not_assessable"] > 2 and report["result"]["n_classified"] < 2
+        assert all(row["ood_score"] > classifier.ood_threshold for row in report["slices"] if not row["assessable"])
+        assert all("class" not in row for row in report["slices"] if not row["assessable"])
+        reason = report["result"]["abstention_reason"]
+        assert "not assessable" in reason and "the rule allows at most 50% per series" in reason
+        sr = pydicom.dcmread(out / entry["sr_file"])
+        finding = sr.ContentSequence[0].TextValue
+        assert finding.startswith("No tumour type is issued for this series: ") and reason in finding
+        assert not any(c in finding for c in CLASS_NAMES)
+        refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+        assert len(refs) == 4  # the slices examined are cited, though none gave a class
+        if shutil.which("dciodvfy"):  # the abstaining SR is as valid as any other
+            check = subprocess.run(["dciodvfy", str(out / entry["sr_file"])], capture_output=True, text=True,
+                                   timeout=60)
+            assert not re.search(r"^(Error|Warning)", check.stdout + check.stderr, re.MULTILINE), check.stderr
+    heads = json.loads((out / status["heads"]["report_file"]).read_text())
+    studies = {s["series_used"][0]: s for s in summary["studies"]}  # one study per series here
+    assert studies[status["heads"]["series_instance_uid"]]["status"] == "classified"
+    for name in ("noise", "checkerboard", "mask"):  # the study's answer is the abstention, with its reason
+        study = studies[status[name]["series_instance_uid"]]
+        assert study["status"] == "abstained" and "cannot vouch" in study["reason"]
+    voting = [row for row in heads["slices"] if row["assessable"]]
+    mean = np.mean([[row["probabilities"][c] for c in CLASS_NAMES] for row in voting], axis=0)
+    np.testing.assert_allclose([heads["result"]["probabilities"][c] for c in CLASS_NAMES], mean, atol=1e-6)
+    assert heads["result"]["n_classified"] == len(voting) >= 2  # at most half not assessable: the rule lets it vote
+
+
+def test_an_abstaining_series_is_its_studys_answer(trained, tmp_path):
+    """Two series of one study match the series rule; the one ranked first (more slices) is noise: the study
+    abstains, and the head series ranked second is not used instead."""
+    study = pydicom.uid.generate_uid()
+    heads = generate_slices(n_patients=2, size=96, seed=21, slices_per_patient=(4, 4))["images"][:4]
+    noise = [np.random.default_rng(k).integers(0, 400, (96, 96)).astype(float) for k in range(5)]
+    write_mr_series(tmp_path / "in" / "heads", [np.rint(h * 400) for h in heads], study_uid=study, series_number=1,
+                    rescale=(1.0, 0.0))
+    write_mr_series(tmp_path / "in" / "noise", noise, study_uid=study, series_number=2, rescale=(1.0, 0.0))
+    summary = infer_dicom(tmp_path / "in", trained, tmp_path / "out", progress=False)
+    (entry,) = summary["studies"]
+    assert entry["status"] == "abstained" and "cannot vouch for series 2" in entry["reason"]
+    assert summary["n_series_classified"] == 0 and summary["n_series_abstained"] == 1
+    heads_entry, noise_entry = entry["series"]
+    assert noise_entry["used"] and noise_entry["abstained"]
+    assert not heads_entry["used"] and heads_entry["reason"].startswith("not used: series 2 of the study was chosen")
+    sr = pydicom.dcmread(tmp_path / "out" / summary["series"][0]["sr_file"])
+    assert re.match(r"No tumour type is issued for this series: [345] of 5 slice\(s\)", sr.ContentSequence[0].TextValue)
+
+
+def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog):
+    _, _, onnx_file, result = export_tiny(tmp_path, ood=False)
+    assert not result["ood_detector"] and not set(OOD_METADATA_KEYS) & set(result["metadata"])
+    classifier = OnnxClassifier(onnx_file, device="cpu")  # file inference may still use it, and is told ...
+    assert "has no out-of-distribution detector" in caplog.text
+    images = np.random.default_rng(0).random((2, 1, TINY_SIZE, TINY_SIZE), dtype=np.float32)
+    probabilities, scores = classifier.predict_with_scores(images)
+    assert scores is None and not classifier.has_detector and probabilities.shape == (2, 3)
+    assert classifier.describe()["ood_detector"] is None
+    write_mr_series(tmp_path / "in", gradient_series(3))
+    with pytest.raises(ModelMetadataError, match="no out-of-distribution detector .* re-export it"):
+        infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)  # ... DICOM inference refuses it
+    assert not (tmp_path / "out").exists()
+    (series,) = scan_folders([tmp_path / "in"], progress=False).series
+    with pytest.raises(ModelMetadataError, match="cannot vouch for its inputs"):
+        classify_series(series, classifier)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_dicom.py"), str(tmp_path / "in"), "--model",
+                          str(onnx_file), "--output_dir", str(tmp_path / "out"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("infer_dicom: ")]  # besides the log
+    assert "no out-of-distribution detector" in line and "scripts/export_onnx.py" in line
+    assert "Traceback" not in run.stderr
+
+
+def test_detector_output_and_metadata_come_together(exported, tmp_path):
+    _, onnx_file, _ = exported
+    tampered = rewrite_metadata(onnx_file, tmp_path / "tampered.onnx", ood_threshold="1e30")  # after export
+    with pytest.raises(ModelMetadataError, match="integrity check failed"):
+        OnnxClassifier(tampered, device="cpu")
+    # resealed as an exporter would, but without its threshold: the detector is incomplete
+    resealed = rewrite_metadata(onnx_file, tmp_path / "no_threshold.onnx", reseal=True, ood_threshold=None)
+    with pytest.raises(ModelMetadataError, match=r"inconsistent OOD detector .*lacks \['ood_threshold'\]"):
+        OnnxClassifier(resealed, device="cpu")
+
+
+def test_export_needs_both_detector_splits(tmp_path, data):
+    with pytest.raises(ValueError, match="give both ood_train"):
+        export_onnx(tiny_network(), tmp_path / "m.onnx", CLASS_NAMES, TINY_SIZE, ood_train=split_arrays(data, "train"))
