@@ -9,7 +9,10 @@ can write it) in the cases "800 slices in 8 series" and "200 slices in 1 series"
 loaded and one batch of 32 run beforehand, as a service would: ONNX Runtime's activation memory,
 about 1 GB at 256 x 256, is then in the baseline). Per case: the peak resident set size before
 inference (``baseline_mb``) and after it (``peak_mb``, getrusage ``ru_maxrss``), and their
-difference (``inference_mb``): what reading, decoding and reporting the series added. The subprocess imports the ``robustmri``
+difference (``inference_mb``): what reading, decoding and reporting the series added beyond the
+model's own peak; and the resident set size after the warm-up and after inference
+(``rss_after_inference_mb``: what the run still holds when it ends). With ``--spatial_size 64``
+the model's activations are small and the peak shows the data. The subprocess imports the ``robustmri``
 on its PYTHONPATH, so the same script measures another checkout (e.g. before a change):
 ``PYTHONPATH=/path/to/other/checkout python scripts/bench_dicom_memory.py``. Speed does not
 matter here; the weights are an untrained network of the paper's shape.
@@ -66,8 +69,9 @@ def child(folder: str, model: str, output_dir: str) -> None:
     rss = psutil.Process().memory_info().rss / 2 ** 20
     summary = infer_dicom(folder, classifier, output_dir, batch_size=BATCH, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"baseline_mb": round(baseline, 1), "rss_after_warm_up_mb": round(rss, 1),
-                      "peak_mb": round(peak, 1),
+    rss_end = psutil.Process().memory_info().rss / 2 ** 20
+    print(json.dumps({"baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1),
+                      "rss_after_warm_up_mb": round(rss, 1), "rss_after_inference_mb": round(rss_end, 1),
                       "inference_mb": round(peak - baseline, 1), "n_files": summary["n_files"],
                       "n_series_classified": summary["n_series_classified"]}))
 

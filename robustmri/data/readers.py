@@ -153,7 +153,8 @@ def dicom_pixels(ds, path: str, frame: int | None = None,
         pixels = pixel_array(ds, index=None if frame is None else frame - 1)
     except Exception as err:  # truncated data, bad lengths, decoder failures
         where = "" if frame is None else f" of frame {frame}"
-        raise ImageReadError(path, f"cannot decode pixel data{where} ({type(err).__name__}: {first_line(err)})") from err
+        raise ImageReadError(path, f"cannot decode pixel data{where} ({type(err).__name__}: "
+                                   f"{first_line(err)})") from err
     try:
         if rescale is not None:
             slope, intercept = rescale

@@ -152,7 +152,8 @@ def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatien
     if len({image.shape for image in images}) != 1:
         raise ValueError("images of one multi-frame file must share one shape")
     per_image_rescale = np.ndim(rescale) == 2
-    rescales = [tuple(map(float, r)) for r in rescale] if per_image_rescale else [tuple(map(float, rescale))] * len(images)
+    rescales = ([tuple(map(float, r)) for r in rescale] if per_image_rescale
+                else [tuple(map(float, rescale))] * len(images))
     sop_class = LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE if legacy else ENHANCED_MR_IMAGE_STORAGE
     row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
     normal = np.cross(row, col)

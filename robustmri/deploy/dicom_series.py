@@ -288,6 +288,8 @@ def make_slices(path: str, ds) -> list[DicomSlice]:
         raise ImageReadError(path, f"{samples} sample(s) per pixel, {photometric or 'no'} photometric "
                                    "interpretation: only single-channel MONOCHROME1/2 images are classified")
     frames = _integer(ds, "NumberOfFrames", path, default=1)
+    if frames < 1:
+        raise ImageReadError(path, f"invalid NumberOfFrames {frames}")
     rows, columns = _integer(ds, "Rows", path), _integer(ds, "Columns", path)
     if rows < 2 or columns < 2:
         raise ImageReadError(path, f"image too small: {rows} x {columns}")
@@ -305,8 +307,6 @@ def make_slices(path: str, ds) -> list[DicomSlice]:
                            orientation=_floats(ds, "ImageOrientationPatient", 6),
                            pixel_spacing=_floats(ds, "PixelSpacing", 2),
                            slice_thickness=_float(ds, "SliceThickness"))]
-    if frames < 1:
-        raise ImageReadError(path, f"invalid NumberOfFrames {frames}")
     if per_frame is not None and len(per_frame) != frames:
         raise ImageReadError(path, f"PerFrameFunctionalGroupsSequence has {len(per_frame)} item(s) for "
                                    f"{frames} frame(s)")
@@ -314,16 +314,9 @@ def make_slices(path: str, ds) -> list[DicomSlice]:
     slices = []
     for index in range(frames):
         frame_item = per_frame[index] if per_frame is not None else None
-
-        def group(keyword: str):
-            """The first item of the frame's functional group ``keyword``, else the shared one, else ``ds``."""
-            for source in (frame_item, shared_item):
-                if source is not None and source.get(keyword):
-                    return source[keyword][0]
-            return ds
-
-        measures = group("PixelMeasuresSequence")
-        transformation = group("PixelValueTransformationSequence")
+        sources = (frame_item, shared_item, ds)
+        measures = _functional_group(sources, "PixelMeasuresSequence")
+        transformation = _functional_group(sources, "PixelValueTransformationSequence")
         content = frame_item.FrameContentSequence[0] if frame_item is not None and frame_item.get(
             "FrameContentSequence") else None
         rescale = None
@@ -335,8 +328,8 @@ def make_slices(path: str, ds) -> list[DicomSlice]:
             rescale = (slope, intercept)
         slices.append(DicomSlice(
             **common, frame=index + 1, rescale=rescale,
-            position=_floats(group("PlanePositionSequence"), "ImagePositionPatient", 3),
-            orientation=_floats(group("PlaneOrientationSequence"), "ImageOrientationPatient", 6),
+            position=_floats(_functional_group(sources, "PlanePositionSequence"), "ImagePositionPatient", 3),
+            orientation=_floats(_functional_group(sources, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
             pixel_spacing=_floats(measures, "PixelSpacing", 2), slice_thickness=_float(measures, "SliceThickness"),
             in_stack_position=None if content is None else _optional_integer(content, "InStackPositionNumber"),
             stack_id=None if content is None else (str(content.get("StackID", "") or "").strip() or None),
@@ -344,12 +337,14 @@ def make_slices(path: str, ds) -> list[DicomSlice]:
     return slices
 
 
-def make_slice(path: str, ds) -> DicomSlice:
-    """:func:`make_slices` for a file that must hold one slice; ImageReadError otherwise."""
-    slices = make_slices(path, ds)
-    if len(slices) != 1:
-        raise ImageReadError(path, f"multi-frame image ({len(slices)} frames): expected one slice")
-    return slices[0]
+def _functional_group(sources, keyword: str):
+    """The first item of functional group ``keyword`` in the frame's item, else in the shared item;
+    else the dataset itself (``sources`` = (per-frame item or None, shared item or None, dataset))."""
+    *items, ds = sources
+    for item in items:
+        if item is not None and item.get(keyword):
+            return item[keyword][0]
+    return ds
 
 
 def scan_folders(folders, progress: bool = True) -> ScanResult:

@@ -79,7 +79,8 @@ def test_shuffled_frames_ordered_decoded_and_classified_like_the_single_frame_se
     # frame f (1-based, storage order) holds spatial slice order[f - 1]: ordered, frame k + 1 is at order.index(k)
     assert [s.frame for s in series.slices] == [order.index(k) + 1 for k in range(N)]
     np.testing.assert_allclose(np.diff([s.position_mm for s in series.slices]), 6.0, atol=1e-3)
-    assert {s.pixel_spacing for s in series.slices} == {(0.49, 0.49)} and {s.slice_thickness for s in series.slices} == {6.0}
+    assert {s.pixel_spacing for s in series.slices} == {(0.49, 0.49)}
+    assert {s.slice_thickness for s in series.slices} == {6.0}
     for image, expected in zip(series.slices, images):
         np.testing.assert_array_equal(slice_pixels(image), expected)  # the frame's own rescale applied
     assert not deferred(series.header)  # the frames share the file's pixel data until the series is released
@@ -147,7 +148,8 @@ def test_without_positions_frames_are_ordered_and_checked_by_in_stack_position(t
     write(tmp_path, frame_order=order, frame_overrides={0: bad})
     _, series = only_series(tmp_path / "in")
     order_slices(series)
-    assert series.ordering == "InStackPositionNumber (ImagePositionPatient/ImageOrientationPatient missing or unreadable)"
+    assert series.ordering == ("InStackPositionNumber "
+                               "(ImagePositionPatient/ImageOrientationPatient missing or unreadable)")
     assert [s.in_stack_position for s in series.slices] == list(range(1, N + 1))
     assert completeness_problem(series) is None
 
