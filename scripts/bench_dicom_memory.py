@@ -6,23 +6,21 @@ Writes synthetic series of ``image_size`` x ``image_size`` slices (MR Image Stor
 per slice; and the same as Enhanced MR, one multi-frame file per series, when this code base
 can write it) in the cases "800 slices in 8 series" and "200 slices in 1 series", and runs
 :func:`robustmri.deploy.dicom_inference.infer_dicom` on each in a fresh subprocess (the model
-loaded and one batch of 32 run beforehand, as a service would: ONNX Runtime's activation memory,
-about 1 GB at 256 x 256, is then in the baseline). Per case: the peak resident set size before
-inference (``baseline_mb``) and after it (``peak_mb``, getrusage ``ru_maxrss``), and their
-difference (``inference_mb``): what reading, decoding and reporting the series added beyond the
-model's own peak; and the resident set size after the warm-up and after inference
-(``rss_after_inference_mb``: what the run still holds when it ends). With ``--spatial_size 64``
-the model's activations are small and the peak shows the data. The subprocess imports the ``robustmri``
-on its PYTHONPATH, so the same script measures another checkout (e.g. before a change):
-``PYTHONPATH=/path/to/other/checkout python scripts/bench_dicom_memory.py``. Speed does not
-matter here; the weights are an untrained network of the paper's shape.
+loaded and three batches of 32 run beforehand, as a service would). Per case, from
+/proc/self/status: the resident set size after that warm-up (``baseline_mb``), the peak
+resident set size during inference (``peak_mb``: VmHWM, reset to the baseline before inference
+through /proc/self/clear_refs) and their difference (``inference_mb``: what reading, decoding,
+classifying and reporting the series added); and the peak of the warm-up (``warm_up_peak_mb``).
+The subprocess imports the ``robustmri`` on its PYTHONPATH, so the same script measures another
+checkout (e.g. before a change): ``PYTHONPATH=/path/to/other/checkout python
+scripts/bench_dicom_memory.py``. Speed does not matter here; the weights are an untrained
+network of the paper's shape.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +31,7 @@ import numpy as np
 
 #: The batch size of inference (infer_dicom's default).
 BATCH = 32
+WARM_UP_BATCHES = 3
 #: (name, number of series, slices per series)
 CASES = (("800 slices in 8 series", 8, 100), ("200 slices in 1 series", 1, 200))
 
@@ -55,25 +54,35 @@ def _write_case(folder: str, n_series: int, per_series: int, size: int, enhanced
             dicom_fixtures.write_mr_series(os.path.join(folder, f"series{k}"), images, series_number=k + 1)
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def child(folder: str, model: str, output_dir: str) -> None:
     """Run inference on ``folder`` in this process; print one JSON line with the memory figures."""
-    import psutil
-
     from robustmri.deploy.dicom_inference import infer_dicom
     from robustmri.deploy.onnx_runtime import OnnxClassifier
 
     classifier = OnnxClassifier(model, device="cpu", intra_op_num_threads=1)
-    # one full batch first: ONNX Runtime's memory for the activations is then part of the baseline
-    classifier.predict(np.zeros((BATCH, 1, classifier.spatial_size, classifier.spatial_size), np.float32))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    rss = psutil.Process().memory_info().rss / 2 ** 20
+    # full batches first, as a service would have run: ONNX Runtime's CPU arena settles at its size on the
+    # second run of a shape (about 0.8 GB at 256 x 256, batch 32), so it is in the baseline, not in the figures
+    batch = np.random.default_rng(0).random((BATCH, 1, classifier.spatial_size, classifier.spatial_size), np.float32)
+    for _ in range(WARM_UP_BATCHES):
+        classifier.predict(batch)
+    warm_up_peak = _status_mb("VmHWM")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak resident set size starts again from the current one (Linux >= 4.0)
+    baseline = _status_mb("VmRSS")
     summary = infer_dicom(folder, classifier, output_dir, batch_size=BATCH, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rss_end = psutil.Process().memory_info().rss / 2 ** 20
+    peak = _status_mb("VmHWM")
     print(json.dumps({"baseline_mb": round(baseline, 1), "peak_mb": round(peak, 1),
-                      "rss_after_warm_up_mb": round(rss, 1), "rss_after_inference_mb": round(rss_end, 1),
-                      "inference_mb": round(peak - baseline, 1), "n_files": summary["n_files"],
-                      "n_series_classified": summary["n_series_classified"]}))
+                      "inference_mb": round(peak - baseline, 1), "warm_up_peak_mb": round(warm_up_peak, 1),
+                      "n_files": summary["n_files"], "n_series_classified": summary["n_series_classified"]}))
 
 
 def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 0, enhanced: bool = True,
