@@ -86,8 +86,9 @@ def child(folder: str, model: str, output_dir: str) -> None:
 
 
 def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 0, enhanced: bool = True,
-         out: str = ""):
-    """Measure every case (and its Enhanced MR form when ``enhanced`` and supported); print a JSON report."""
+         case: str = "", out: str = ""):
+    """Measure every case (those whose name contains ``case`` when given; and its Enhanced MR form when
+    ``enhanced`` and supported); print a JSON report."""
     import torch
 
     from robustmri import CLASS_NAMES
@@ -107,7 +108,7 @@ def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 
         torch.save(network.state_dict(), checkpoint)
         export_onnx(network, model, CLASS_NAMES, spatial_size, checkpoint=checkpoint)
         for form in forms:
-            for name, n_series, per_series in CASES:
+            for name, n_series, per_series in [c for c in CASES if case in c[0]]:
                 folder = os.path.join(tmp, "in")
                 _write_case(folder, n_series, per_series, image_size, enhanced=form.startswith("Enhanced"))
                 result = subprocess.run([sys.executable, os.path.abspath(__file__), "child", folder, model,
