@@ -212,7 +212,7 @@ def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatien
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"] if not legacy else ["DERIVED", "PRIMARY", "M", "NONE"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]  # a legacy conversion keeps its sources' value 1
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDateTime = "20261120"
     ds.StudyTime, ds.SeriesTime, ds.ContentTime = "101500", "102233", "102240"

@@ -88,12 +88,13 @@ def test_shuffled_frames_ordered_decoded_and_classified_like_the_single_frame_se
     assert deferred(series.header)
 
     single = write_mr_series(tmp_path / "single", images)
-    out_single = infer_dicom(tmp_path / "single", classifier, tmp_path / "out_single", progress=False)
-    out_multi = infer_dicom(tmp_path / "in", classifier, tmp_path / "out_multi", progress=False)
-    assert out_single["n_series_classified"] == out_multi["n_series_classified"] == 1
+    out_single = infer_dicom(tmp_path / "single", classifier, tmp_path / "out_single", progress=False,
+                             include_paths=True)
+    out_multi = infer_dicom(tmp_path / "in", classifier, tmp_path / "out_multi", progress=False, include_paths=True)
+    assert out_single["n_series_classified"] == out_multi["n_series_classified"] == 1, out_multi["studies"]
     assert not out_multi["skipped_files"] and not out_multi["skipped_series"]
-    a = json.loads(open(out_single["series"][0]["report_file"]).read())
-    b = json.loads(open(out_multi["series"][0]["report_file"]).read())
+    a = json.loads((tmp_path / "out_single" / out_single["series"][0]["report_file"]).read_text())
+    b = json.loads((tmp_path / "out_multi" / out_multi["series"][0]["report_file"]).read_text())
     assert [row["file"] for row in a["slices"]] == single and [row["file"] for row in b["slices"]] == [path] * N
     assert [row["frame"] for row in b["slices"]] == [order.index(k) + 1 for k in range(N)]
     assert a["result"]["class"] == b["result"]["class"] and a["ordering"] == b["ordering"]
@@ -102,7 +103,7 @@ def test_shuffled_frames_ordered_decoded_and_classified_like_the_single_frame_se
         np.testing.assert_allclose([r["probabilities"][name] for r in b["slices"]],
                                    [r["probabilities"][name] for r in a["slices"]], atol=1e-6)
 
-    sr = pydicom.dcmread(out_multi["series"][0]["sr_file"])
+    sr = pydicom.dcmread(tmp_path / "out_multi" / out_multi["series"][0]["sr_file"])
     (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID and "ReferencedFrameNumber" not in evidence
     (image_item,) = sr.ContentSequence[0].ContentSequence  # the instance once, with every frame used
@@ -128,9 +129,11 @@ def test_frames_of_mixed_orientation_are_refused_as_mixed_geometry(tmp_path, cla
     scan, series = only_series(tmp_path / "in")
     assert series.refusal == ("refused, mixed geometry: files of one series disagree on ImageOrientationPatient "
                               "(2 values beyond 0.001: 5 + 1 frames); none of the 1 files is used")
-    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)
+    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False, include_paths=True)
     assert summary["n_series_classified"] == 0 and summary["skipped_series"][0]["reason"] == series.refusal
-    assert [f["reason"] for f in summary["skipped_files"]] == [f"not used: {series.refusal}"]  # the file once
+    (skipped,) = summary["skipped_files"]
+    assert skipped["reason"] == f"not used: {series.refusal}" and skipped["count"] == 1  # the file once, not per frame
+    assert len(scan.series[0].files) == 1
 
 
 @pytest.mark.parametrize("attribute, value", [("StackID", "2"), ("TemporalPositionIndex", 2)])

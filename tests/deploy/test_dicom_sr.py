@@ -100,7 +100,8 @@ def test_sr_passes_dciodvfy_without_error_or_warning(tmp_path, classifier, form)
                           legacy=form == "legacy-converted")
     summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)
     (series,) = summary["series"]
-    result = subprocess.run(["dciodvfy", series["sr_file"]], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["dciodvfy", str(tmp_path / "out" / series["sr_file"])], capture_output=True, text=True,
+                            timeout=60)
     lines = (result.stdout + result.stderr).splitlines()
     assert lines and lines[0].strip() == "BasicTextSR", lines  # the IOD dciodvfy checked it against
     problems = [line for line in lines if line.startswith(("Error", "Warning"))]
