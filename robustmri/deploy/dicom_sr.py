@@ -96,7 +96,7 @@ def _instances(references) -> list[tuple[str, str, list[int]]]:
     return list(instances.values())
 
 
-def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]], finding: str,
+def build_sr(source, series_instance_uid: str, references: list[tuple], finding: str,
              details: list[str], now: datetime.datetime | None = None):
     """The SR dataset. ``source``: a dataset of the classified series (patient and study modules);
     ``references``: (SOPClassUID, SOPInstanceUID) or (SOPClassUID, SOPInstanceUID, frame number) of
