@@ -119,17 +119,22 @@ def _read_dicom(path: str) -> np.ndarray:
     return dicom_pixels(ds, path)
 
 
-def dicom_pixels(ds, path: str) -> np.ndarray:
+def dicom_pixels(ds, path: str, frame: int | None = None,
+                 rescale: tuple[float, float] | None = None) -> np.ndarray:
     """Decode a DICOM data set's pixels to float32 modality values; the one decoder for single files and series.
 
     Callers check the result with :func:`check_finite_2d` (``read_image`` does for every format).
+    ``frame``: the 1-based frame of a multi-frame image to decode (only that frame is decoded; its
+    pixel data is read once and stays on ``ds``); None decodes all pixel data. No decoded array is
+    cached on ``ds``.
 
-    RescaleSlope/Intercept or the Modality LUT is applied. MONOCHROME1 (low values displayed
+    ``rescale`` (slope, intercept: a frame's Pixel Value Transformation) is applied when given,
+    else RescaleSlope/Intercept or the Modality LUT of ``ds``. MONOCHROME1 (low values displayed
     bright) is negated so that, as in the training images, brighter means a larger value;
     min-max normalisation then treats both alike. A compressed transfer syntax without an
     installed decoder is named with the install hint.
     """
-    from pydicom.pixels import apply_modality_lut, get_decoder
+    from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
     syntax = ds.file_meta.TransferSyntaxUID
     try:
@@ -145,11 +150,17 @@ def dicom_pixels(ds, path: str) -> np.ndarray:
             raise ImageReadError(path, f"cannot decode {syntax.name} ({syntax}): no decoder installed; {CODECS_HINT} "
                                        f"(pydicom: {'; '.join(decoder.missing_dependencies)})")
     try:
-        pixels = ds.pixel_array
+        pixels = pixel_array(ds, index=None if frame is None else frame - 1)
     except Exception as err:  # truncated data, bad lengths, decoder failures
-        raise ImageReadError(path, f"cannot decode pixel data ({type(err).__name__}: {first_line(err)})") from err
+        where = "" if frame is None else f" of frame {frame}"
+        raise ImageReadError(path, f"cannot decode pixel data{where} ({type(err).__name__}: "
+                                   f"{first_line(err)})") from err
     try:
-        values = apply_modality_lut(pixels, ds)
+        if rescale is not None:
+            slope, intercept = rescale
+            values = pixels * np.float64(slope) + np.float64(intercept)
+        else:
+            values = apply_modality_lut(pixels, ds)
     except Exception as err:
         raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({first_line(err)})") from err
     values = np.asarray(values, dtype=np.float32)

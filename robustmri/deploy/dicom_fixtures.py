@@ -1,4 +1,5 @@
-"""Write 2-D images as an MR Image Storage series with the tags a scanner writes.
+"""Write 2-D images as an MR Image Storage series, or as one Enhanced MR (multi-frame) file,
+with the tags a scanner writes.
 
 For tests, benchmarks and demonstrations of DICOM inference: real slices (e.g. figshare
 JPEGs) become a series with patient, study, series, frame-of-reference, image-plane and
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
 
 
 @dataclass
@@ -110,3 +113,136 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatient | None = None,
+                      legacy: bool = False, frame_order: list[int] | None = None,
+                      series_description: str = "AX T1 POST GD", study_uid: str | None = None,
+                      series_uid: str | None = None, frame_of_reference_uid: str | None = None,
+                      series_number: int = 5, spacing_mm: float = 6.0, pixel_spacing_mm: float = 0.49,
+                      orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), rescale=(0.25, -10.0),
+                      frame_overrides: dict[int, dict[str, dict[str, object]]] | None = None) -> str:
+    """Write ``images`` (2-D arrays, modality values, in spatial order) as one multi-frame file; return its path.
+
+    Enhanced MR Image Storage (``legacy=False``): plane orientation, pixel measures and pixel value
+    transformation in the shared functional groups; plane position and frame content (StackID "1",
+    InStackPositionNumber, TemporalPositionIndex 1, dimension index values) per frame. Legacy
+    Converted Enhanced MR (``legacy=True``): plane position, plane orientation and pixel value
+    transformation per frame, pixel measures shared, no stack or temporal information.
+
+    ``frame_order``: the spatial indices of ``images`` in frame (storage) order, e.g. shuffled, or
+    with one left out (a missing slice); default all, in order. ``rescale``: one (slope, intercept),
+    or one per image (then written per frame, also for Enhanced MR). ``frame_overrides`` maps a frame
+    index (0-based, storage order) to ``{functional group sequence keyword: {attribute: value}}`` set
+    in that frame's own item (created if needed, so it overrides the shared one).
+
+    Enough of the IOD for readers (patient, study, series, frame of reference, multi-frame,
+    functional groups, pixels); not a complete one: ``dciodvfy`` lists the MR macros (timing,
+    echo, coils, frame anatomy) it leaves out.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    patient = patient or FictitiousPatient()
+    images = [np.asarray(image, dtype=np.float64) for image in images]
+    order = list(range(len(images))) if frame_order is None else [int(i) for i in frame_order]
+    if not order or not set(order) <= set(range(len(images))):
+        raise ValueError(f"frame_order {order} must name some of the {len(images)} image(s)")
+    if len({image.shape for image in images}) != 1:
+        raise ValueError("images of one multi-frame file must share one shape")
+    per_image_rescale = np.ndim(rescale) == 2
+    rescales = ([tuple(map(float, r)) for r in rescale] if per_image_rescale
+                else [tuple(map(float, rescale))] * len(images))
+    sop_class = LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE if legacy else ENHANCED_MR_IMAGE_STORAGE
+    row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    normal = np.cross(row, col)
+
+    def item(**attributes) -> Dataset:
+        result = Dataset()
+        for keyword, value in attributes.items():
+            setattr(result, keyword, value)
+        return result
+
+    def transformation(index: int) -> Sequence:
+        slope, intercept = rescales[index]
+        return Sequence([item(RescaleIntercept=f"{intercept:g}", RescaleSlope=f"{slope:g}", RescaleType="US")])
+
+    orientation_text = [f"{v:.6f}" for v in orientation]
+    stored_frames, per_frame = [], []
+    for frame, index in enumerate(order):
+        slope, intercept = rescales[index]
+        stored = np.rint((images[index] - intercept) / slope)
+        if stored.min() < 0 or stored.max() > 65535:
+            raise ValueError(f"image {index}: values do not fit uint16 with slope {slope} and intercept {intercept}")
+        stored_frames.append(stored.astype("<u2"))
+        origin = np.array([-125.0, -125.0, -40.0]) + normal * spacing_mm * index
+        groups = item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[f"{v:.4f}" for v in origin])]))
+        if legacy:
+            groups.PlaneOrientationSequence = Sequence([item(ImageOrientationPatient=orientation_text)])
+            groups.PixelValueTransformationSequence = transformation(index)
+        else:
+            groups.FrameContentSequence = Sequence([item(
+                StackID="1", InStackPositionNumber=index + 1, TemporalPositionIndex=1,
+                DimensionIndexValues=[1, index + 1])])
+            groups.MRImageFrameTypeSequence = Sequence([item(
+                FrameType=["ORIGINAL", "PRIMARY", "M", "NONE"], PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+                ComplexImageComponent="MAGNITUDE", AcquisitionContrast="T1")])
+            if per_image_rescale:
+                groups.PixelValueTransformationSequence = transformation(index)
+        for keyword, attributes in (frame_overrides or {}).get(frame, {}).items():
+            if keyword not in groups:
+                setattr(groups, keyword, Sequence([Dataset()]))
+            for name, value in attributes.items():
+                setattr(groups[keyword].value[0], name, value)
+        per_frame.append(groups)
+    shared = item(PixelMeasuresSequence=Sequence([item(
+        PixelSpacing=[f"{pixel_spacing_mm:g}"] * 2, SliceThickness=f"{spacing_mm:g}",
+        SpacingBetweenSlices=f"{spacing_mm:g}")]))
+    if not legacy:
+        shared.PlaneOrientationSequence = Sequence([item(ImageOrientationPatient=orientation_text)])
+        if not per_image_rescale:
+            shared.PixelValueTransformationSequence = transformation(0)
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]  # a legacy conversion keeps its sources' value 1
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDateTime = "20261120"
+    ds.StudyTime, ds.SeriesTime, ds.ContentTime = "101500", "102233", "102240"
+    ds.AccessionNumber, ds.Modality = "ACC20261120", "MR"
+    ds.Manufacturer, ds.ManufacturerModelName = "ExampleVendor", "ExampleScanner 3T"
+    ds.ReferringPhysicianName = "REFERRER^BOB"
+    ds.StudyDescription, ds.SeriesDescription = "MRI BRAIN W/WO CONTRAST", series_description
+    ds.PatientName, ds.PatientID = patient.name, patient.patient_id
+    ds.PatientBirthDate, ds.PatientSex = patient.birth_date, patient.sex
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), series_uid or generate_uid()
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference_uid or generate_uid(), ""
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", series_number, 1
+    ds.ContentQualification, ds.ResonantNucleus, ds.MagneticFieldStrength = "RESEARCH", "1H", "3"
+    ds.ImagedNucleus, ds.ImagingFrequency = "1H", "127.7"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.NumberOfFrames = len(order)
+    ds.Rows, ds.Columns = images[0].shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if not legacy:
+        dimension = generate_uid()
+        ds.DimensionOrganizationSequence = Sequence([item(DimensionOrganizationUID=dimension)])
+        ds.DimensionIndexSequence = Sequence([
+            item(DimensionOrganizationUID=dimension, DimensionIndexPointer=0x00209056,
+                 FunctionalGroupPointer=0x00209111),  # StackID in Frame Content
+            item(DimensionOrganizationUID=dimension, DimensionIndexPointer=0x00209057,
+                 FunctionalGroupPointer=0x00209111)])  # InStackPositionNumber in Frame Content
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.stack(stored_frames).tobytes()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

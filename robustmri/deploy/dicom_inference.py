@@ -121,7 +121,7 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     for index, image in enumerate(series.slices):
         row = {"index": index, "instance_number": image.instance_number,
                "position_mm": None if image.position_mm is None else round(image.position_mm, 3),
-               "sop_instance_uid": image.sop_instance_uid, "file": image.path}
+               "sop_instance_uid": image.sop_instance_uid, "frame": image.frame, "file": image.path}
         rows.append(row)
         try:
             inputs.append(classifier.prepare(slice_pixels(image))[0])
@@ -291,8 +291,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     rejected_reason = {id(s): reason for s, reason in rejected}
     skipped_files = list(scan.skipped_files)
     # every file of a refused SeriesInstanceUID is listed as not used, with the series' reason
-    skipped_files += [SkippedFile(image.path, f"not used: {s.refusal}") for s, _ in rejected if s.refusal
-                      for image in s.slices]
+    skipped_files += [SkippedFile(path, f"not used: {s.refusal}") for s, _ in rejected if s.refusal
+                      for path in s.files]
     studies = _group_studies(scan.series)
     records, study_entries, series_entries = [], [], []
     for ordinal, (study_uid, members) in enumerate(studies, start=1):
@@ -308,7 +308,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                 reason = None if assessment.matches else f"not {rule.name}: {assessment.reason}"
             outcome[id(series)] = {"series_instance_uid": series.series_instance_uid, "ordinal": number,
                                    "series_number": _series_number(series), "modality": series.modality,
-                                   "n_files": len(series.slices), "used": False, "reason": reason,
+                                   "n_files": len(series.files), "used": False, "reason": reason,
                                    "evidence": list(assessment.evidence) if assessment and assessment.matches else []}
             if reason is None:
                 candidates.append((series, assessment, _series_number(series) or 0, series.series_instance_uid))
@@ -362,8 +362,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         if write_sr_files:
             finding, details = sr_text(record, model)
             details = details + _study_lines(record, rule, rule_source, output)
-            references = [(s.sop_class_uid, s.sop_instance_uid) for s, row in zip(series.slices, record["slices"])
-                          if row.get("status") in EXAMINED]
+            references = [(s.sop_class_uid, s.sop_instance_uid, s.frame)
+                          for s, row in zip(series.slices, record["slices"]) if row.get("status") in EXAMINED]
             write_sr(stem + ".sr.dcm", series.header, series.series_instance_uid, references, finding, details)
             record["sr_file"] = os.path.basename(stem) + ".sr.dcm"
             record["sr_series_description"] = SERIES_DESCRIPTION

@@ -20,8 +20,18 @@ the attributes and count the values, never the values themselves.
 Series completeness (:func:`completeness_problem`, after :func:`order_slices`): along the slice
 normal, two slices within :data:`DUPLICATE_POSITION_TOLERANCE_MM` of each other, or a step
 larger than :data:`GAP_FACTOR` times the median step (a missing slice), make a series
-incomplete; when positions are unusable, repeated or skipped InstanceNumbers do. A one-slice
-series is complete.
+incomplete; when positions are unusable, repeated or skipped InstanceNumbers (InStackPositionNumbers
+for frames) do. A one-slice series is complete.
+
+Multi-frame images (Enhanced MR, Legacy Converted Enhanced MR; :data:`MULTI_FRAME_POLICY`): each
+frame is one slice (:attr:`DicomSlice.frame`), its position, orientation, pixel spacing and
+rescale read from its per-frame functional groups, else the shared ones, else the top-level
+attributes. The rules above apply to frames exactly as to single-frame files.
+
+Memory: scanning keeps headers only. Decoding a single-frame file leaves its dataset as scanned;
+the frames of a multi-frame file share its pixel data, read once and kept until
+:func:`release_pixels` returns the series' datasets to their scanned state, so a run holds the
+pixel data of at most one series at a time.
 """
 
 from __future__ import annotations
@@ -55,8 +65,11 @@ GAP_FACTOR = 1.5
 IDENTITY_ATTRIBUTES = ("PatientID", "StudyInstanceUID", "Modality")
 #: Attributes on which the files of one series must agree (within the tolerances), or it is refused.
 GEOMETRY_ATTRIBUTES = ("FrameOfReferenceUID", "ImageOrientationPatient", "PixelSpacing")
+#: Attributes of multi-frame images on which the frames of one series must agree, or it is refused.
+FRAME_ATTRIBUTES = ("StackID", "TemporalPositionIndex")
 #: The order this module gives when every slice has a position along one slice normal.
 ORDER_BY_POSITION = "ImagePositionPatient along the slice normal"
+PIXEL_DATA_TAG = 0x7FE00010
 GROUPING_POLICY = (
     "A series is the files that agree on PatientID, StudyInstanceUID, SeriesInstanceUID, Modality, "
     "FrameOfReferenceUID, ImageOrientationPatient (cosines within "
@@ -65,6 +78,15 @@ GROUPING_POLICY = (
     "or split: the whole SeriesInstanceUID is refused and none of its files is used. Disagreement on "
     "geometry (frame of reference, orientation, pixel spacing) refuses the series as mixed geometry. "
     "Reasons name attributes and count values; they never contain the values."
+)
+MULTI_FRAME_POLICY = (
+    "A multi-frame image (Enhanced MR, Legacy Converted Enhanced MR) is read frame by frame: each frame is "
+    "one slice, with the position, orientation, pixel spacing, slice thickness and rescale of its per-frame "
+    "functional groups, else of the shared functional groups, else of the top-level attributes. Frames "
+    "follow the series rules exactly as single-frame files do (a file mixing orientations is mixed "
+    "geometry). A series whose frames carry more than one StackID or TemporalPositionIndex (several "
+    "stacks or time points) is ambiguous and refused, never merged into one volume. A multi-frame image "
+    "without functional groups is not used."
 )
 
 
@@ -76,7 +98,11 @@ class SkippedFile:
 
 @dataclass
 class DicomSlice:
-    """One single-frame greyscale image file; ``dataset`` has its pixel data deferred."""
+    """One greyscale image: a single-frame file, or one frame of a multi-frame file (``frame`` set).
+
+    ``dataset`` has its pixel data deferred; the frames of one file share it. For a frame, the
+    geometry and ``rescale`` come from its functional groups (:data:`MULTI_FRAME_POLICY`).
+    """
 
     path: str
     dataset: object
@@ -89,6 +115,17 @@ class DicomSlice:
     orientation: tuple[float, ...] | None
     pixel_spacing: tuple[float, ...] | None = None
     position_mm: float | None = None  # along the slice normal, set by order_slices
+    #: 1-based frame number in a multi-frame file (ReferencedFrameNumber); None for a single-frame file.
+    frame: int | None = None
+    #: (RescaleSlope, RescaleIntercept) of the frame's Pixel Value Transformation; None: the top-level ones.
+    rescale: tuple[float, float] | None = None
+    slice_thickness: float | None = None
+    #: Frame Content of a frame (None for a single-frame file or when absent).
+    in_stack_position: int | None = None
+    stack_id: str | None = None
+    temporal_position: int | None = None
+    #: The PixelData element as scanned (deferred), restored by :func:`release_pixels`.
+    scanned_pixels: object = field(default=None, repr=False)
 
     def attribute(self, keyword: str) -> str:
         """A header attribute as stripped text ("" when absent): for comparisons, never for output."""
@@ -114,7 +151,12 @@ class DicomSeries:
 
     @property
     def files(self) -> list[str]:
-        return [s.path for s in self.slices]
+        """The files of the series, each once (the frames of a multi-frame file share one)."""
+        return list(dict.fromkeys(s.path for s in self.slices))
+
+    def release(self) -> None:
+        """Drop the pixel data read for decoding (:func:`release_pixels`); call when the series is classified."""
+        release_pixels(self)
 
 
 @dataclass
@@ -217,8 +259,13 @@ def identifiers_of(ds) -> set[str]:
     return {v for v in values if len(v) >= 3}
 
 
-def make_slice(path: str, ds) -> DicomSlice:
-    """Check that ``ds`` is one single-frame greyscale image and describe it; ImageReadError otherwise."""
+def make_slices(path: str, ds) -> list[DicomSlice]:
+    """Check that ``ds`` is a greyscale image and describe it: one slice, or one per frame.
+
+    ImageReadError (naming the file and the problem) when it cannot be classified. A multi-frame
+    image must carry functional groups (Enhanced MR, Legacy Converted Enhanced MR):
+    :data:`MULTI_FRAME_POLICY`.
+    """
     from pydicom.uid import UID
 
     meta = getattr(ds, "file_meta", None)
@@ -241,16 +288,63 @@ def make_slice(path: str, ds) -> DicomSlice:
         raise ImageReadError(path, f"{samples} sample(s) per pixel, {photometric or 'no'} photometric "
                                    "interpretation: only single-channel MONOCHROME1/2 images are classified")
     frames = _integer(ds, "NumberOfFrames", path, default=1)
-    if frames != 1:
-        raise ImageReadError(path, f"multi-frame image ({frames} frames): expected one slice per file")
+    if frames < 1:
+        raise ImageReadError(path, f"invalid NumberOfFrames {frames}")
     rows, columns = _integer(ds, "Rows", path), _integer(ds, "Columns", path)
     if rows < 2 or columns < 2:
         raise ImageReadError(path, f"image too small: {rows} x {columns}")
-    return DicomSlice(path=path, dataset=ds, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=sop_class,
-                      rows=rows, columns=columns, instance_number=_optional_integer(ds, "InstanceNumber"),
-                      position=_floats(ds, "ImagePositionPatient", 3),
-                      orientation=_floats(ds, "ImageOrientationPatient", 6),
-                      pixel_spacing=_floats(ds, "PixelSpacing", 2))
+    common = dict(path=path, dataset=ds, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=sop_class,
+                  rows=rows, columns=columns, instance_number=_optional_integer(ds, "InstanceNumber"),
+                  scanned_pixels=ds.get_item(PIXEL_DATA_TAG, keep_deferred=True))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if per_frame is None and shared is None:
+        if frames != 1:
+            raise ImageReadError(path, f"multi-frame image ({frames} frames) without functional groups: the "
+                                       "frames' positions are unknown (Enhanced MR and Legacy Converted "
+                                       "Enhanced MR are read frame by frame)")
+        return [DicomSlice(**common, position=_floats(ds, "ImagePositionPatient", 3),
+                           orientation=_floats(ds, "ImageOrientationPatient", 6),
+                           pixel_spacing=_floats(ds, "PixelSpacing", 2),
+                           slice_thickness=_float(ds, "SliceThickness"))]
+    if per_frame is not None and len(per_frame) != frames:
+        raise ImageReadError(path, f"PerFrameFunctionalGroupsSequence has {len(per_frame)} item(s) for "
+                                   f"{frames} frame(s)")
+    shared_item = shared[0] if shared else None
+    slices = []
+    for index in range(frames):
+        frame_item = per_frame[index] if per_frame is not None else None
+        sources = (frame_item, shared_item, ds)
+        measures = _functional_group(sources, "PixelMeasuresSequence")
+        transformation = _functional_group(sources, "PixelValueTransformationSequence")
+        content = frame_item.FrameContentSequence[0] if frame_item is not None and frame_item.get(
+            "FrameContentSequence") else None
+        rescale = None
+        if transformation is not ds:
+            slope, intercept = _float(transformation, "RescaleSlope"), _float(transformation, "RescaleIntercept")
+            if slope is None or intercept is None:
+                raise ImageReadError(path, f"frame {index + 1}: Pixel Value Transformation without a valid "
+                                           "RescaleSlope and RescaleIntercept")
+            rescale = (slope, intercept)
+        slices.append(DicomSlice(
+            **common, frame=index + 1, rescale=rescale,
+            position=_floats(_functional_group(sources, "PlanePositionSequence"), "ImagePositionPatient", 3),
+            orientation=_floats(_functional_group(sources, "PlaneOrientationSequence"), "ImageOrientationPatient", 6),
+            pixel_spacing=_floats(measures, "PixelSpacing", 2), slice_thickness=_float(measures, "SliceThickness"),
+            in_stack_position=None if content is None else _optional_integer(content, "InStackPositionNumber"),
+            stack_id=None if content is None else (str(content.get("StackID", "") or "").strip() or None),
+            temporal_position=None if content is None else _optional_integer(content, "TemporalPositionIndex")))
+    return slices
+
+
+def _functional_group(sources, keyword: str):
+    """The first item of functional group ``keyword`` in the frame's item, else in the shared item;
+    else the dataset itself (``sources`` = (per-frame item or None, shared item or None, dataset))."""
+    *items, ds = sources
+    for item in items:
+        if item is not None and item.get(keyword):
+            return item[keyword][0]
+    return ds
 
 
 def scan_folders(folders, progress: bool = True) -> ScanResult:
@@ -260,6 +354,7 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
     that fails is kept whole with its ``refusal`` set, so that it is reported and never classified.
     A file repeating a SOPInstanceUID already seen in its series is skipped as a duplicate only
     when it agrees on patient, study and modality; otherwise it stays and the series is refused.
+    A multi-frame file adds one slice per frame (:func:`make_slices`).
     """
     from tqdm.auto import tqdm
 
@@ -273,12 +368,13 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
         try:
             ds = read_header(path)
             identifiers |= identifiers_of(ds)
-            image = make_slice(path, ds)
+            images = make_slices(path, ds)
         except ImageReadError as err:
             skipped.append(SkippedFile(path, err.reason))
             continue
+        image = images[0]
         uid = str(ds.SeriesInstanceUID)
-        key = (uid, image.sop_instance_uid)
+        key = (uid, image.sop_instance_uid)  # per file: the frames of one file share its SOPInstanceUID
         identity = tuple(image.attribute(keyword) for keyword in IDENTITY_ATTRIBUTES)
         if key in seen and seen[key][1] == identity:
             skipped.append(SkippedFile(path, "duplicate SOPInstanceUID: the same instance as an earlier file of its series"))
@@ -290,7 +386,7 @@ def scan_folders(folders, progress: bool = True) -> ScanResult:
                                       modality=str(ds.get("Modality", "") or ""),
                                       series_description=str(ds.get("SeriesDescription", "") or ""),
                                       image_type=_as_strings(ds.get("ImageType")))
-        series[uid].slices.append(image)
+        series[uid].slices += images
     for item in series.values():
         item.refusal = integrity_problem(item)
         if item.refusal:
@@ -336,10 +432,16 @@ def _within(tolerance: float, relative: bool = False) -> Callable[[Sequence[floa
 
 
 def _disagreements(slices: list[DicomSlice], attributes: Sequence[str]) -> list[str]:
-    """For each attribute on which ``slices`` disagree: 'Name (K values: n1 + n2 files)' (counts only)."""
+    """For each attribute on which ``slices`` disagree: 'Name (K values: n1 + n2 files)' (counts only).
+
+    Slices are counted as "files", or as "frames" when one of them is a frame of a multi-frame file.
+    """
     exact = lambda a, b: a == b  # noqa: E731
     rules = {"ImageOrientationPatient": (lambda s: s.orientation, _within(ORIENTATION_TOLERANCE)),
-             "PixelSpacing": (lambda s: s.pixel_spacing, _within(PIXEL_SPACING_TOLERANCE, relative=True))}
+             "PixelSpacing": (lambda s: s.pixel_spacing, _within(PIXEL_SPACING_TOLERANCE, relative=True)),
+             "StackID": (lambda s: s.stack_id, exact),
+             "TemporalPositionIndex": (lambda s: s.temporal_position, exact)}
+    unit = "frames" if any(s.frame is not None for s in slices) else "files"
     parts = []
     for keyword in attributes:
         value_of, same = rules.get(keyword, (lambda s, k=keyword: s.attribute(k) or None, exact))
@@ -347,7 +449,7 @@ def _disagreements(slices: list[DicomSlice], attributes: Sequence[str]) -> list[
         if len(counts) > 1:
             tolerance = {"ImageOrientationPatient": f" beyond {ORIENTATION_TOLERANCE:g}",
                          "PixelSpacing": f" beyond relative {PIXEL_SPACING_TOLERANCE:g}"}.get(keyword, "")
-            parts.append(f"{keyword} ({len(counts)} values{tolerance}: {' + '.join(map(str, counts))} files)")
+            parts.append(f"{keyword} ({len(counts)} values{tolerance}: {' + '.join(map(str, counts))} {unit})")
     return parts
 
 
@@ -355,9 +457,10 @@ def integrity_problem(series: DicomSeries) -> str | None:
     """Why the files of ``series`` (one SeriesInstanceUID) must not be classified together, or None.
 
     Patient, study or modality disagreement comes first (never merged, never relaxed), then mixed
-    geometry. The reason names attributes and counts values (:data:`GROUPING_POLICY`).
+    geometry, then frames of several stacks or time points (:data:`MULTI_FRAME_POLICY`). The
+    reason names attributes and counts values (:data:`GROUPING_POLICY`).
     """
-    n = len(series.slices)
+    n = len(series.files)
     identity = _disagreements(series.slices, IDENTITY_ATTRIBUTES)
     if identity:
         return (f"refused: files sharing one SeriesInstanceUID disagree on {', '.join(identity)}; files of "
@@ -366,6 +469,10 @@ def integrity_problem(series: DicomSeries) -> str | None:
     if geometry:
         return (f"refused, mixed geometry: files of one series disagree on {', '.join(geometry)}; "
                 f"none of the {n} files is used")
+    frames = _disagreements(series.slices, FRAME_ATTRIBUTES)
+    if frames:
+        return (f"refused, several stacks or time points: frames of one series disagree on {', '.join(frames)}; "
+                f"an ambiguous multi-frame series is not merged into one volume, none of the {n} files is used")
     return None
 
 
@@ -413,20 +520,33 @@ def order_slices(series: DicomSeries) -> DicomSeries:
     if problem is None:
         for s in slices:
             s.position_mm = float(np.dot(np.array(s.position, dtype=np.float64), normal))
-        # InstanceNumber breaks ties (e.g. two echoes at one position) so the order is deterministic.
-        slices.sort(key=lambda s: (s.position_mm, s.instance_number if s.instance_number is not None else 0, s.path))
+        # InstanceNumber, file and frame break ties (e.g. two echoes at one position): a deterministic order.
+        slices.sort(key=lambda s: (s.position_mm, s.instance_number if s.instance_number is not None else 0, s.path,
+                                   s.frame or 0))
         steps = np.diff([s.position_mm for s in slices])
         distinct = 1 + int(np.sum(steps > DUPLICATE_POSITION_TOLERANCE_MM))
         series.ordering = ORDER_BY_POSITION
         if distinct < len(slices):
             series.ordering += f" ({len(slices) - distinct} slice(s) share a position with another)"
-    elif all(s.instance_number is not None for s in slices):
-        slices.sort(key=lambda s: (s.instance_number, s.path))
-        series.ordering = f"InstanceNumber ({problem})"
+    elif (numbering := _numbering(slices)) is not None:
+        keyword, number = numbering
+        slices.sort(key=lambda s: (number(s), s.path, s.frame or 0))
+        series.ordering = f"{keyword} ({problem})"
     else:
-        slices.sort(key=lambda s: s.path)
-        series.ordering = f"file name ({problem}; InstanceNumber missing)"
+        slices.sort(key=lambda s: (s.path, s.frame or 0))
+        missing = ("InStackPositionNumber" if any(s.frame is not None for s in slices) else "InstanceNumber")
+        series.ordering = f"file name ({problem}; {missing} missing)"
     return series
+
+
+def _numbering(slices: list[DicomSlice]) -> tuple[str, Callable[[DicomSlice], int]] | None:
+    """The number that orders ``slices`` when positions cannot: InstanceNumber of single-frame files,
+    InStackPositionNumber of frames (the frames of one file share an InstanceNumber); None if one lacks it."""
+    if all(s.frame is None and s.instance_number is not None for s in slices):
+        return "InstanceNumber", lambda s: s.instance_number
+    if all(s.frame is not None and s.in_stack_position is not None for s in slices):
+        return "InStackPositionNumber", lambda s: s.in_stack_position
+    return None
 
 
 def completeness_problem(series: DicomSeries) -> str | None:
@@ -435,7 +555,8 @@ def completeness_problem(series: DicomSeries) -> str | None:
     Along the slice normal (ordered by :data:`ORDER_BY_POSITION`): positions within
     :data:`DUPLICATE_POSITION_TOLERANCE_MM` of the previous one are duplicates; a step between
     distinct positions above :data:`GAP_FACTOR` times their median step is missing slice(s).
-    Ordered by InstanceNumber: a repeated number, or consecutive numbers more than 1 apart.
+    Ordered by InstanceNumber (InStackPositionNumber for frames): a repeated number, or consecutive
+    numbers more than 1 apart.
     Ordered by file name: completeness cannot be checked, which counts as incomplete.
     """
     slices = series.slices
@@ -462,17 +583,18 @@ def completeness_problem(series: DicomSeries) -> str | None:
                 problems.append(f"missing slice(s) between positions {distinct[k]:.2f} mm and "
                                 f"{distinct[k + 1]:.2f} mm, gap {steps[k]:.2f} mm against median {median:.2f} mm "
                                 f"(limit {GAP_FACTOR:g} x median){more}")
-    elif all(s.instance_number is not None for s in slices):
-        numbers = np.array([s.instance_number for s in slices])
+    elif (numbering := _numbering(slices)) is not None and series.ordering.startswith(numbering[0]):
+        keyword, number = numbering
+        numbers = np.array([number(s) for s in slices])
         steps = np.diff(numbers)
         if (steps == 0).any():
-            problems.append(f"duplicate InstanceNumber: {int((steps == 0).sum())} slice(s) repeat the previous "
+            problems.append(f"duplicate {keyword}: {int((steps == 0).sum())} slice(s) repeat the previous "
                             f"number (first {int(numbers[1:][steps == 0][0])})")
         gaps = np.flatnonzero(steps > 1)
         if len(gaps):
             k = int(gaps[0])
             more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
-            problems.append(f"missing InstanceNumber(s) between {int(numbers[k])} and {int(numbers[k + 1])}{more}")
+            problems.append(f"missing {keyword}(s) between {int(numbers[k])} and {int(numbers[k + 1])}{more}")
         if problems:
             problems.append(f"ordered by {series.ordering}")
     else:
@@ -481,11 +603,35 @@ def completeness_problem(series: DicomSeries) -> str | None:
 
 
 def slice_pixels(image: DicomSlice) -> np.ndarray:
-    """Decode one slice to float32 modality values (:func:`robustmri.data.readers.dicom_pixels`), checked against its header."""
-    values = check_finite_2d(dicom_pixels(image.dataset, image.path), image.path)
+    """Decode one slice (one frame of a multi-frame file) to float32 modality values, checked against its header.
+
+    :func:`robustmri.data.readers.dicom_pixels` with the frame's own rescale. A single-frame file's
+    dataset is returned to its scanned state (pixel data deferred) at once; a multi-frame file keeps
+    its pixel data for its other frames until :func:`release_pixels`.
+    """
+    try:
+        values = dicom_pixels(image.dataset, image.path, frame=image.frame, rescale=image.rescale)
+    finally:
+        if image.frame is None:
+            _restore_pixels(image)
+    values = check_finite_2d(values, image.path)
     if values.shape != (image.rows, image.columns):
         raise ImageReadError(image.path, f"decoded {values.shape}, header says {image.rows} x {image.columns}")
     return values
+
+
+def release_pixels(series: DicomSeries) -> None:
+    """Return the datasets of ``series`` to their scanned state: pixel data read for decoding is dropped
+    (deferred again, read from the file if decoded again). Call when the series is classified; headers
+    stay, for the reports."""
+    for image in series.slices:
+        _restore_pixels(image)
+
+
+def _restore_pixels(image: DicomSlice) -> None:
+    if image.scanned_pixels is not None and image.dataset.get_item(PIXEL_DATA_TAG, keep_deferred=True) is not \
+            image.scanned_pixels:
+        image.dataset[PIXEL_DATA_TAG] = image.scanned_pixels
 
 
 def _integer(ds, keyword: str, path: str, default: int | None = None) -> int:
@@ -508,8 +654,15 @@ def _optional_integer(ds, keyword: str) -> int | None:
         return None
 
 
+def _float(ds, keyword: str) -> float | None:
+    value = _floats(ds, keyword, 1)
+    return None if value is None else value[0]
+
+
 def _floats(ds, keyword: str, count: int) -> tuple[float, ...] | None:
     value = ds.get(keyword, None)
+    if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
+        value = [value]  # a single value
     try:
         numbers = tuple(float(v) for v in value) if value is not None else ()
     except (TypeError, ValueError):

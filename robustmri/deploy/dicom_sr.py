@@ -5,6 +5,8 @@ attributes the IOD requires are copied, :data:`PATIENT_MODULE` and :data:`STUDY_
 physician's name is written empty, nothing free-text is copied), is a new series and instance (new UIDs), references every source image
 (evidence sequence and IMAGE content items), and says plainly that it is an unverified
 research result: VerificationFlag UNVERIFIED, SeriesDescription "... NOT FOR CLINICAL USE".
+A multi-frame image is referenced once: one evidence entry, and one IMAGE item whose
+ReferencedFrameNumber lists the frames used.
 """
 
 from __future__ import annotations
@@ -65,21 +67,40 @@ def _sop_reference(sop_class_uid: str, sop_instance_uid: str):
     return reference
 
 
-def _image_reference(sop_class_uid: str, sop_instance_uid: str):
+def _image_reference(sop_class_uid: str, sop_instance_uid: str, frames: list[int] | None = None):
+    """An INFERRED FROM IMAGE item; ``frames``: the 1-based frames used of a multi-frame image."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     item = Dataset()
     item.RelationshipType, item.ValueType = "INFERRED FROM", "IMAGE"
-    item.ReferencedSOPSequence = Sequence([_sop_reference(sop_class_uid, sop_instance_uid)])
+    reference = _sop_reference(sop_class_uid, sop_instance_uid)
+    if frames:
+        reference.ReferencedFrameNumber = frames if len(frames) > 1 else frames[0]
+    item.ReferencedSOPSequence = Sequence([reference])
     return item
 
 
-def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]], finding: str,
+def _instances(references) -> list[tuple[str, str, list[int]]]:
+    """(SOPClassUID, SOPInstanceUID, frames) per referenced instance, in order of first reference.
+
+    ``references``: (SOPClassUID, SOPInstanceUID) pairs or (SOPClassUID, SOPInstanceUID, frame)
+    triples, frame None for a single-frame image."""
+    instances: dict[str, tuple[str, str, list[int]]] = {}
+    for reference in references:
+        sop_class_uid, sop_instance_uid = reference[0], reference[1]
+        frame = reference[2] if len(reference) > 2 else None
+        entry = instances.setdefault(sop_instance_uid, (sop_class_uid, sop_instance_uid, []))
+        if frame is not None and int(frame) not in entry[2]:
+            entry[2].append(int(frame))
+    return list(instances.values())
+
+
+def build_sr(source, series_instance_uid: str, references: list[tuple], finding: str,
              details: list[str], now: datetime.datetime | None = None):
     """The SR dataset. ``source``: a dataset of the classified series (patient and study modules);
-    ``references``: (SOPClassUID, SOPInstanceUID) of every source image used; ``finding``: the result
-    sentence; ``details``: method and model lines."""
+    ``references``: (SOPClassUID, SOPInstanceUID) or (SOPClassUID, SOPInstanceUID, frame number) of
+    every source image (frame) used; ``finding``: the result sentence; ``details``: method and model lines."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
@@ -116,7 +137,8 @@ def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]]
     ds.PerformedProcedureCodeSequence = Sequence()
     evidence_series = Dataset()
     evidence_series.SeriesInstanceUID = series_instance_uid
-    evidence_series.ReferencedSOPSequence = Sequence([_sop_reference(*pair) for pair in references])
+    instances = _instances(references)
+    evidence_series.ReferencedSOPSequence = Sequence([_sop_reference(c, i) for c, i, _ in instances])
     evidence = Dataset()
     evidence.StudyInstanceUID = source.get("StudyInstanceUID", "")
     evidence.ReferencedSeriesSequence = Sequence([evidence_series])
@@ -125,7 +147,7 @@ def build_sr(source, series_instance_uid: str, references: list[tuple[str, str]]
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = Sequence([code(*REPORT_TITLE)])
     ds.ContinuityOfContent = "SEPARATE"
-    images = [_image_reference(*ref) for ref in references]
+    images = [_image_reference(*instance) for instance in instances]
     ds.ContentSequence = Sequence([
         _text(FINDING, finding, images),
         _text(PROCEDURE, "\n".join(details)),

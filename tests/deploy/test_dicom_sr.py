@@ -1,10 +1,17 @@
-"""The Basic Text SR read back with pydicom: what it copies, what is new, what it references and says."""
+"""The Basic Text SR read back with pydicom: what it copies, what is new, what it references and says;
+and checked by dciodvfy (dicom3tools) when it is installed."""
+
+import shutil
+import subprocess
 
 import pydicom
+import pytest
 
+from robustmri.deploy.dicom_fixtures import write_enhanced_mr, write_mr_series
+from robustmri.deploy.dicom_inference import infer_dicom
 from robustmri.deploy.dicom_sr import BASIC_TEXT_SR_STORAGE, write_sr
 
-from deploy_helpers import pydicom_file
+from deploy_helpers import export_tiny, gradient_series, pydicom_file
 
 SOURCE = pydicom_file("MR_small.dcm")
 
@@ -57,3 +64,45 @@ def test_missing_type2_patient_attributes_are_written_empty(tmp_path):
     del source.PatientBirthDate
     _, _, sr = make_sr(tmp_path, source)
     assert "PatientBirthDate" in sr and sr.PatientBirthDate == ""
+
+
+def test_multi_frame_instance_referenced_once_with_its_frames(tmp_path):
+    source = pydicom.dcmread(SOURCE)
+    enhanced = "1.2.840.10008.5.1.4.1.1.4.1"
+    references = [(enhanced, "1.2.3.9", 4), (str(source.SOPClassUID), str(source.SOPInstanceUID), None),
+                  (enhanced, "1.2.3.9", 2), (enhanced, "1.2.3.8", 1)]
+    path = write_sr(tmp_path / "r.sr.dcm", source, str(source.SeriesInstanceUID), references, "finding", ["method"])
+    sr = pydicom.dcmread(path)
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [r.ReferencedSOPInstanceUID for r in evidence] == ["1.2.3.9", str(source.SOPInstanceUID), "1.2.3.8"]
+    assert not any("ReferencedFrameNumber" in r for r in evidence)
+    images = [i.ReferencedSOPSequence[0] for i in sr.ContentSequence[0].ContentSequence]
+    assert [(i.ReferencedSOPInstanceUID, i.get("ReferencedFrameNumber")) for i in images] == [
+        ("1.2.3.9", [4, 2]), (str(source.SOPInstanceUID), None), ("1.2.3.8", 1)]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    from robustmri.deploy.onnx_runtime import OnnxClassifier
+
+    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
+    return OnnxClassifier(onnx_file, device="cpu")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
+@pytest.mark.parametrize("form", ["single-frame", "enhanced", "legacy-converted"])
+def test_sr_passes_dciodvfy_without_error_or_warning(tmp_path, classifier, form):
+    images = gradient_series(5)
+    if form == "single-frame":
+        write_mr_series(tmp_path / "in", images)
+    else:
+        write_enhanced_mr(tmp_path / "in" / "mf.dcm", images, frame_order=[3, 0, 4, 2, 1],
+                          legacy=form == "legacy-converted")
+    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)
+    (series,) = summary["series"]
+    result = subprocess.run(["dciodvfy", str(tmp_path / "out" / series["sr_file"])], capture_output=True, text=True,
+                            timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines and lines[0].strip() == "BasicTextSR", lines  # the IOD dciodvfy checked it against
+    problems = [line for line in lines if line.startswith(("Error", "Warning"))]
+    assert not problems, "\n".join(problems)
