@@ -29,6 +29,8 @@ import tempfile
 import fire
 import numpy as np
 
+from robustmri.outputs import write_json
+
 #: The batch size of inference (infer_dicom's default).
 BATCH = 32
 WARM_UP_BATCHES = 3
@@ -120,11 +122,9 @@ def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 
                 print(json.dumps(report["cases"][-1]), file=sys.stderr)
                 for path in (folder, os.path.join(tmp, "out")):
                     shutil.rmtree(path, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if out:
-        with open(out, "w") as handle:
-            handle.write(text + "\n")
+        write_json(out, report)
 
 
 if __name__ == "__main__":

@@ -162,10 +162,15 @@ def running_server(command, workdir, deadline, port):
         wait(lambda: request(f"{base}/info/", timeout=5), deadline, "/info/", process, log_path)
         yield base, process, log_path
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server started in its own session (``start_new_session=True``): its whole process group, by PID."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)

@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from label_server import (  # noqa: E402  (tests/apps/label_server.py, after the
     BROKEN,
     CLASS_NAMES,
     ServerError,
+    stop,
 )
 from label_server import edit_config as _edit_config  # noqa: E402
 from label_server import free_port as _free_port  # noqa: E402
@@ -98,13 +98,7 @@ def test_server_infers_scores_and_serves_the_most_suspicious_label(tmp_path):
     except ServerError as err:
         pytest.fail(f"{err}\nserver log:\n{_tail(log_path)}")
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
+        stop(process)
 
 
 def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
