@@ -25,7 +25,7 @@ from robustmri.deploy.dicom_series import (
 )
 from robustmri.deploy.onnx_runtime import OnnxClassifier
 
-from deploy_helpers import export_tiny, gradient_series
+from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
 
 N = 6
 TILTED = ["1.0", "0.0", "0.0", "0.0", f"{np.cos(0.4):.6f}", f"{np.sin(0.4):.6f}"]
@@ -33,7 +33,9 @@ TILTED = ["1.0", "0.0", "0.0", "0.0", f"{np.cos(0.4):.6f}", f"{np.sin(0.4):.6f}"
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
+    # a detector that accepts the gradient slices these tests write: their subject is reading frames, not the detector
+    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(n=N),
+                                     target_acceptance=1.0)
     return OnnxClassifier(onnx_file, device="cpu")
 
 
