@@ -295,7 +295,11 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                       for path in s.files]
     studies = _group_studies(scan.series)
     records, study_entries, series_entries = [], [], []
-    for ordinal, (study_uid, members) in enumerate(studies, start=1):
+    from tqdm.auto import tqdm  # a bar over the studies on an interactive terminal (this module avoids torch)
+
+    bar = tqdm(studies, desc="DICOM studies", unit="study", leave=False,
+               disable=None if progress and len(studies) > 1 else True)
+    for ordinal, (study_uid, members) in enumerate(bar, start=1):
         entry = {"study_instance_uid": study_uid, "ordinal": ordinal, "status": STATUS_NO_RESULT, "reason": None,
                  "series": []}
         patient_problem = _study_patient_problem(members)
