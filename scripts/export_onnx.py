@@ -27,8 +27,9 @@ private key, PEM: ``scripts/model_keys.py``) signs it.
 The out-of-distribution detector (``robustmri.deploy.ood``, the ``ood_score`` output) is fitted on the
 protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
 (``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
-(0.5) is the abstention rule written beside it. Give the data the model was trained on (``--dataset_dir``,
-``--seed``, ``--noise`` as in training). ``--ood_train_split none`` exports without a detector: DICOM
+(0.5) is the abstention rule written beside it. Give the data the model was trained on (``--dataset_dir``;
+``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
+``model_metadata.json``, and a warning says when the loaded splits differ from the recorded fingerprint). ``--ood_train_split none`` exports without a detector: DICOM
 inference refuses such a model.
 """
 
@@ -118,10 +119,41 @@ def _series_rule(path: str) -> dict:
     return values
 
 
+def _recorded_protocol(checkpoint: str) -> dict:
+    """The protocol settings (seed, noise, synthetic_patients) the checkpoint's training recorded; {} when none."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_metadata.json")
+    try:
+        with open(path) as handle:
+            provenance = json.load(handle).get("provenance") or {}
+    except (OSError, ValueError):
+        return {}
+    return {**(provenance.get("protocol") or {}),
+            **{k: v for k, v in (provenance.get("data") or {}).items() if k == "synthetic_patients"}}
+
+
+def _check_same_data(data, checkpoint: str) -> None:
+    """Warn when the data loaded here are not the data the checkpoint was trained on (by the recorded fingerprint):
+    the detector would be fitted, and its threshold calibrated, on other splits."""
+    from robustmri.engine.model_metadata import data_provenance
+
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_metadata.json")
+    try:
+        with open(path) as handle:
+            recorded = ((json.load(handle).get("provenance") or {}).get("data") or {}).get("fingerprint_sha256")
+    except (OSError, ValueError):
+        return
+    if recorded and data_provenance(data)["fingerprint_sha256"] != recorded:
+        logging.getLogger("export_onnx").warning(
+            "the data loaded for export are not the data %s was trained on (fingerprint differs): the "
+            "out-of-distribution detector and its threshold are fitted on these splits; pass --dataset_dir, "
+            "--seed and --noise as in training", os.path.basename(checkpoint))
+
+
 def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
          output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
          network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
-         noise: str = "gaussian", seed: int = 0, synthetic_patients: int = 300, model_version: str = "",
+         noise: str | None = None, seed: int | None = None, synthetic_patients: int | None = None,
+         model_version: str = "",
          opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "",
          ood_train_split: str = "train", ood_validation_split: str = "val",
          target_acceptance: float = TARGET_ACCEPTANCE,
@@ -131,6 +163,11 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     monai_logs_to_stderr()
+    trained = _recorded_protocol(checkpoint)  # the detector must see the training run's splits
+    noise = noise if noise is not None else trained.get("noise") or "gaussian"
+    seed = int(seed if seed is not None else trained.get("seed") or 0)
+    if synthetic_patients is None:
+        synthetic_patients = int(trained.get("synthetic_patients") or 300)
     config = export_config(checkpoint, spatial_size, network_padding, network_def, dataset_dir=dataset_dir,
                            noise=noise, seed=seed, synthetic_patients=synthetic_patients)
     size = int(config.get_parsed_content("spatial_size"))
@@ -138,6 +175,7 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     check_trained_network(network, checkpoint)
     network = load_weights(network, checkpoint).eval()
     data = config.get_parsed_content("data")
+    _check_same_data(data, checkpoint)
     images = split_images(data, parity_split) if parity_requested(parity_split) else None
     detector = parity_requested(ood_train_split)
     provenance = checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir"))

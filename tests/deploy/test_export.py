@@ -295,3 +295,25 @@ def test_script_exports_a_monai_densenet_through_network_def(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(network(torch.from_numpy(images)), 1).numpy()
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
+
+
+def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monkeypatch, export_script):
+    """Without --seed/--synthetic_patients, export takes them from the checkpoint's provenance, so the detector is
+    fitted on the training run's own splits (a demo model trained on 24 embedded patients, seed 3)."""
+    import json
+
+    from robustmri.data.protocol import build_protocol
+    from robustmri.engine.model_metadata import data_provenance
+
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
+    trained = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=24, seed=3)
+    record = json.loads((tmp_path / "models" / "model_metadata.json").read_text())
+    record["provenance"] = {"data": {**data_provenance(trained), "synthetic_patients": 24},
+                            "protocol": {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}}
+    (tmp_path / "models" / "model_metadata.json").write_text(json.dumps(record))
+    assert export_script._recorded_protocol(str(checkpoint)) == {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}
+    export_script.main(checkpoint=str(checkpoint), output=str(tmp_path / "models" / "model.onnx"))
+    meta = _metadata(tmp_path / "models" / "model.onnx")
+    assert int(meta["ood_n_train"]) == len(trained.split("train")) and int(meta["ood_n_validation"]) == len(
+        trained.split("val"))
