@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robustmri.deploy.dicom_sr import new_instance
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
@@ -45,8 +47,7 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
     ``attributes`` are set the same way on every slice, before ``overrides`` (e.g. a T2 series:
     ``{"EchoTime": "95", "RepetitionTime": "4000"}`` with ``series_description="AX T2"``).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     patient = patient or FictitiousPatient()
     folder = os.fspath(folder)
@@ -66,17 +67,10 @@ def write_mr_series(folder: str | os.PathLike, images, patient: FictitiousPatien
         stored = np.rint((image - intercept) / slope)
         if stored.min() < 0 or stored.max() > 65535:
             raise ValueError(f"slice {index}: values do not fit uint16 with slope {slope} and intercept {intercept}")
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = Dataset()
-        ds.file_meta = meta
+        ds = new_instance(MR_IMAGE_STORAGE)
+        sop_uid = ds.SOPInstanceUID
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-        ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, sop_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20261120"
         ds.StudyTime, ds.SeriesTime, ds.ContentTime = "101500", "102233", f"1022{index % 60:02d}"
         ds.AccessionNumber = "ACC20261120"
@@ -140,9 +134,9 @@ def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatien
     functional groups, pixels); not a complete one: ``dciodvfy`` lists the MR macros (timing,
     echo, coils, frame anatomy) it leaves out.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     patient = patient or FictitiousPatient()
     images = [np.asarray(image, dtype=np.float64) for image in images]
@@ -205,15 +199,9 @@ def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatien
         if not per_image_rescale:
             shared.PixelValueTransformationSequence = transformation(0)
 
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_uid
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = new_instance(sop_class)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]  # a legacy conversion keeps its sources' value 1
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDateTime = "20261120"
     ds.StudyTime, ds.SeriesTime, ds.ContentTime = "101500", "102233", "102240"
     ds.AccessionNumber, ds.Modality = "ACC20261120", "MR"

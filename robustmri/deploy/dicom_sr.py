@@ -96,25 +96,34 @@ def _instances(references) -> list[tuple[str, str, list[int]]]:
     return list(instances.values())
 
 
+def new_instance(sop_class_uid: str):
+    """A new dataset of ``sop_class_uid`` with a new SOPInstanceUID and the file meta information of a
+    DICOM Part 10 file (Explicit VR Little Endian), ready for ``save_as(..., enforce_file_format=True)``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class_uid, sop_uid
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop_uid
+    return ds
+
+
 def build_sr(source, series_instance_uid: str, references: list[tuple], finding: str,
              details: list[str], now: datetime.datetime | None = None):
     """The SR dataset. ``source``: a dataset of the classified series (patient and study modules);
     ``references``: (SOPClassUID, SOPInstanceUID) or (SOPClassUID, SOPInstanceUID, frame number) of
     every source image (frame) used; ``finding``: the result sentence; ``details``: method and model lines."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     now = now or datetime.datetime.now()
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = BASIC_TEXT_SR_STORAGE, sop_uid
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = new_instance(BASIC_TEXT_SR_STORAGE)  # SOP Common's UIDs, and the file meta information
     ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
-    # SOP Common
-    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR_STORAGE, sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     # Patient and General Study: copied (DICOM requires them; nothing else here repeats them)
     for keyword in PATIENT_MODULE + STUDY_MODULE:
