@@ -264,7 +264,8 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     ``summary.json`` with status ``no_input``. A demo model (trained on the embedded synthetic set)
     is refused unless ``allow_demo_model``; then every report, the summary and the SR say DEMO MODEL.
     """
-    check_demo_model(classifier.describe(), allow_demo_model)
+    model = classifier.describe()
+    check_demo_model(model, allow_demo_model)
     total_start = time.perf_counter()
     allow_incomplete = as_flag(allow_incomplete, "allow_incomplete")  # '--allow_incomplete false' is text
     include_paths = as_flag(include_paths, "include_paths")
@@ -274,7 +275,6 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     rule, rule_source = _resolve_rule(series_rule, classifier)
-    model = classifier.describe()
     base = {"output": output, "model": model, "provider": model["provider"],
             "series_rule": {"source": rule_source, **rule.to_dict()}, "not_for_clinical_use": True}
     problem = input_problem(inputs)
@@ -325,16 +325,14 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                 continue
             record, rows, reason = _classify(series, classifier, batch_size, on_slice_error, allow_incomplete)
             skipped_files += [SkippedFile(row["file"], row["reason"]) for row in rows if row.get("status") == "error"]
-            release = getattr(series, "release", None)
-            if callable(release):
-                release()
+            series.release()  # its decoded pixel data: memory follows the largest series, not the run
             if record is None:
                 outcome[id(series)]["reason"] = reason
                 continue
             # an abstention is the series' result: the study's answer is "no tumour type", not the next series
             outcome[id(series)].update(used=True, reason=None, abstained=record["status"] == "abstained")
             chosen = series
-            records.append((series, record))
+            records.append((series, record, entry))
         entry["series"] = [outcome[id(s)] for s in members]
         used = [s for s in members if outcome[id(s)]["used"]]
         if used:
@@ -353,8 +351,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         study_entries.append(entry)
         series_entries += entry["series"]
     classified = []
-    for series, record in records:
-        study = next(e for e in study_entries if e["study_instance_uid"] == series.study_instance_uid)
+    for series, record, study in records:
         stem = os.path.join(output_dir, study["study_instance_uid"] if output == "study"
                             else series.series_instance_uid)
         record = _minimal(record, include_paths)
@@ -405,16 +402,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         "study_policy": STUDY_POLICY,
         "allow_incomplete": allow_incomplete,
         "studies": _redacted(study_entries, redact),
-        "series": [{"series_instance_uid": r["series_instance_uid"], "study_instance_uid": r["study_instance_uid"],
-                    "status": r.get("status", "classified"),
-                    "class": (r.get("result") or {}).get("class"),
-                    "probability": ((r.get("result") or {}).get("probabilities") or {}).get(
-                        (r.get("result") or {}).get("class")),
-                    "abstention_reason": (r.get("result") or {}).get("abstention_reason"),
-                    "n_slices": (r.get("result") or {}).get("n_classified"),
-                    "n_not_assessable": (r.get("result") or {}).get("n_not_assessable"), "complete": r.get("complete"),
-                    "incomplete_reason": r.get("incomplete_reason"), "report_file": r["report_file"],
-                    "sr_file": r.get("sr_file")} for r in classified],
+        "series": [_summary_entry(r) for r in classified],
         "skipped_series": _redacted([s for s in series_entries if not s["used"]], redact),
         "skipped_files": skipped_summary,
         "seconds": round(time.perf_counter() - total_start, 4),
@@ -433,6 +421,19 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
                 summary["n_series_abstained"], model["provider"],
                 len(summary["skipped_series"]), len(skipped_files), output_dir)
     return summary
+
+
+def _summary_entry(record: dict) -> dict:
+    """A series' line in ``summary.json``: its outcome, class and probability (None when it abstained), files."""
+    result = record.get("result") or {}
+    label = result.get("class")
+    return {"series_instance_uid": record["series_instance_uid"], "study_instance_uid": record["study_instance_uid"],
+            "status": record.get("status", "classified"), "class": label,
+            "probability": (result.get("probabilities") or {}).get(label),
+            "abstention_reason": result.get("abstention_reason"), "n_slices": result.get("n_classified"),
+            "n_not_assessable": result.get("n_not_assessable"), "complete": record.get("complete"),
+            "incomplete_reason": record.get("incomplete_reason"), "report_file": record["report_file"],
+            "sr_file": record.get("sr_file")}
 
 
 def input_problem(inputs) -> str | None:
