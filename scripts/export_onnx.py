@@ -52,9 +52,10 @@ from robustmri.deploy.export import (
     split_images,
 )
 from robustmri.deploy.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
-from robustmri.engine.model_metadata import read_trained
+from robustmri.engine.model_metadata import metadata_path, read_trained
 from robustmri.engine.workflow import load_workflow
 from robustmri.evaluation.checkpoints import load_weights
+from robustmri.outputs import read_json
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
@@ -119,29 +120,26 @@ def _series_rule(path: str) -> dict:
     return values
 
 
-def _recorded_protocol(checkpoint: str) -> dict:
-    """The protocol settings (seed, noise, synthetic_patients) the checkpoint's training recorded; {} when none."""
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_metadata.json")
+def _recorded_provenance(checkpoint: str) -> dict:
+    """The ``provenance`` record of ``model_metadata.json`` beside the checkpoint; {} when there is none."""
     try:
-        with open(path) as handle:
-            provenance = json.load(handle).get("provenance") or {}
-    except (OSError, ValueError):
+        return read_json(metadata_path(checkpoint), missing={}).get("provenance") or {}
+    except ValueError:  # unreadable JSON: read_trained (the network check) says so
         return {}
+
+
+def _recorded_protocol(provenance: dict) -> dict:
+    """The protocol settings (seed, noise, synthetic_patients) the training run recorded in its provenance."""
     return {**(provenance.get("protocol") or {}),
             **{k: v for k, v in (provenance.get("data") or {}).items() if k == "synthetic_patients"}}
 
 
-def _check_same_data(data, checkpoint: str) -> None:
+def _check_same_data(data, provenance: dict, checkpoint: str) -> None:
     """Warn when the data loaded here are not the data the checkpoint was trained on (by the recorded fingerprint):
     the detector would be fitted, and its threshold calibrated, on other splits."""
     from robustmri.engine.model_metadata import data_provenance
 
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_metadata.json")
-    try:
-        with open(path) as handle:
-            recorded = ((json.load(handle).get("provenance") or {}).get("data") or {}).get("fingerprint_sha256")
-    except (OSError, ValueError):
-        return
+    recorded = (provenance.get("data") or {}).get("fingerprint_sha256")
     if recorded and data_provenance(data)["fingerprint_sha256"] != recorded:
         logging.getLogger("export_onnx").warning(
             "the data loaded for export are not the data %s was trained on (fingerprint differs): the "
@@ -163,7 +161,8 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are rewrite-pass chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     monai_logs_to_stderr()
-    trained = _recorded_protocol(checkpoint)  # the detector must see the training run's splits
+    recorded = _recorded_provenance(checkpoint)
+    trained = _recorded_protocol(recorded)  # the detector must see the training run's splits
     noise = noise if noise is not None else trained.get("noise") or "gaussian"
     seed = int(seed if seed is not None else trained.get("seed") or 0)
     if synthetic_patients is None:
@@ -175,7 +174,7 @@ def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
     check_trained_network(network, checkpoint)
     network = load_weights(network, checkpoint).eval()
     data = config.get_parsed_content("data")
-    _check_same_data(data, checkpoint)
+    _check_same_data(data, recorded, checkpoint)
     images = split_images(data, parity_split) if parity_requested(parity_split) else None
     detector = parity_requested(ood_train_split)
     provenance = checkpoint_provenance(checkpoint, eval_dir or config.get_parsed_content("output_dir"))

@@ -312,7 +312,8 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
     record["provenance"] = {"data": {**data_provenance(trained), "synthetic_patients": 24},
                             "protocol": {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}}
     (tmp_path / "models" / "model_metadata.json").write_text(json.dumps(record))
-    assert export_script._recorded_protocol(str(checkpoint)) == {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}
+    recorded = export_script._recorded_provenance(str(checkpoint))
+    assert export_script._recorded_protocol(recorded) == {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}
     export_script.main(checkpoint=str(checkpoint), output=str(tmp_path / "models" / "model.onnx"))
     meta = _metadata(tmp_path / "models" / "model.onnx")
     assert int(meta["ood_n_train"]) == len(trained.split("train")) and int(meta["ood_n_validation"]) == len(
