@@ -18,11 +18,14 @@ __all__ = ["image_grid", "plt", "read_json", "save_figure", "write_json"]
 
 
 def write_json(path: str | os.PathLike, payload, indent: int | None = 2) -> str:
-    """Write ``payload`` as JSON to ``path`` (its folder created if needed); return the path."""
+    """Write ``payload`` as JSON to ``path`` (its folder created if needed) atomically: written beside it, then
+    renamed, so a process killed while writing never leaves a torn file; return the path."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as handle:
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
         json.dump(payload, handle, indent=indent)
+    os.replace(partial, path)
     return path
 
 

@@ -13,7 +13,9 @@ p, split) and copied into each run, so for a given seed every method sees the sa
 patient-grouped split and the same noise realisation. Each run's test accuracy is
 reported for the best-validation checkpoint and the last-epoch one; test accuracy never
 chooses anything. A finished run is appended to ``<out>/runs.jsonl`` at once, so an
-interrupted benchmark loses nothing: running the same command again skips finished runs.
+interrupted benchmark loses nothing: running the same command again skips finished runs and
+resumes the interrupted one where it stopped (from its last completed epoch, the bundle's
+``resume``; a run whose training had finished is only evaluated).
 
 Writes ``results.json``, ``results.md`` (tables), ``accuracy_best.png``,
 ``accuracy_last.png`` and ``validation_curves.png`` into ``--out``; per run, the bundle's
@@ -225,6 +227,37 @@ def run_key(run: dict) -> str:
     return f"{run['method']}__{run['noise']}__p{run['test_noise_fraction']:g}{labels}__seed{run['seed']}"
 
 
+#: In a run's folder: what the run is (``identity``) and, once its training finished, what it left in memory.
+RUN_MARKER = "run.json"
+
+
+def _jsonable(value):
+    """``value`` as plain JSON types (devices and paths as strings), to compare with what a marker file holds."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _resume_point(run_dir: str, identity: dict, state_path: str, end_epoch: int) -> int | None:
+    """The epoch after which the interrupted training in ``run_dir`` can resume, or None to start it afresh.
+
+    It resumes when the folder was written for the same ``identity`` (run, options, data) and holds a training
+    state saved before ``end_epoch``; anything else in the folder is removed and the identity is written, so a
+    later interruption resumes this run.
+    """
+    marker = read_json(os.path.join(run_dir, RUN_MARKER), missing={}) if os.path.isdir(run_dir) else {}
+    if marker.get("identity") == identity and os.path.isfile(state_path):
+        try:
+            epoch = int(torch.load(state_path, map_location="cpu", weights_only=True)["epoch"])
+        except Exception as err:  # a state that cannot be read is no state: start afresh
+            logger.warning("%s: unreadable training state (%s); starting the run afresh", state_path, err)
+        else:
+            if 0 < epoch < end_epoch:
+                logger.info("%s: resuming after epoch %d of %d", os.path.basename(run_dir), epoch, end_epoch)
+                return epoch
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run of something else, or before its first epoch
+    write_json(os.path.join(run_dir, RUN_MARKER), {"identity": identity})
+    return None
+
+
 def data_fingerprint(data) -> str:
     """sha256 of the split (ids, labels) and of the pixels as built: equal for runs that saw the same data."""
     digest = hashlib.sha256()
@@ -293,9 +326,9 @@ class Benchmark:
                 continue
             with open(runs_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            logger.info("%s: test accuracy best %.4f, last %.4f, %.0f s", run_key(run),
-                        record["test"]["best"]["accuracy"], record["test"]["last"]["accuracy"],
-                        record["timings"]["train_s"])
+            seconds = record["timings"]["train_s"]
+            logger.info("%s: test accuracy best %.4f, last %.4f, %s", run_key(run), record["test"]["best"]["accuracy"],
+                        record["test"]["last"]["accuracy"], "resumed" if seconds is None else f"{seconds:.0f} s")
         wall = time.perf_counter() - started
         self._save_protocol(out, protocol, host, wall_s=wall,
                             date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -313,7 +346,7 @@ class Benchmark:
         out = os.path.abspath(out)
         runs = read_runs(os.path.join(out, "runs.jsonl"))
         if not runs:
-            raise FileNotFoundError(f"{out}/runs.jsonl holds no finished run; start one with `benchmark.py run`")
+            raise UsageError(f"{out}/runs.jsonl holds no finished run; start one with `benchmark.py run`")
         info = read_json(os.path.join(out, "protocol.json"), missing={})
         header = (f"### Benchmark `{info.get('protocol', {}).get('profile', '?')}`\n\n"
                   f"- protocol: {json.dumps(info.get('protocol', {}))}\n- machine: {json.dumps(info.get('machine', {}))}\n"
@@ -358,7 +391,7 @@ class Benchmark:
         seeds = [int(s) for s in _as_list(seeds)]
         final = set(range(int(PROFILES[profile]["seeds"]))) if profile in PROFILES else set()
         if final & set(seeds):
-            raise ValueError(f"tuning seeds {sorted(final & set(seeds))} are seeds of the {profile} profile's final "
+            raise UsageError(f"tuning seeds {sorted(final & set(seeds))} are seeds of the {profile} profile's final "
                              f"table (0..{len(final) - 1}); choose others, e.g. 100,101,102")
         settings, methods, device, dataset_dir, out, config = _start(profile, methods, device, dataset_dir, out,
                                                                      overrides)
@@ -462,58 +495,86 @@ class Benchmark:
             logger.info("%s for seed %s, %s: reused from %s", name, run["seed"], run["noise"], prefix_dir)
             context["prefix"][key] = saved
             return saved
-        shutil.rmtree(prefix_dir, ignore_errors=True)
         state_path = os.path.join(prefix_dir, "models", "training_state.pt")
+        identity = {"run": os.path.basename(prefix_dir), "epoch": epoch, "data_fingerprint": fingerprint,
+                    "options": _jsonable({**common, **overrides})}
+        resumed = _resume_point(prefix_dir, identity, state_path, epoch)
         workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
             {"_target_": "robustmri.engine.training_state.SaveTrainingState", "path": state_path, "epoch": epoch,
              "stop": True}]
+        workflow.parser["resume"] = resumed is not None
         inject_protocol(workflow, built)
         start = time.perf_counter()
         execute(workflow)
         history = read_json(os.path.join(prefix_dir, "eval", "history.json"), missing=[])
         prefix = {"state": state_path, "epoch": epoch, "history": history,
-                  "best": os.path.join(prefix_dir, "models", "model_best_val.pt"), "train_s": time.perf_counter() - start,
-                  "best_val": _best_val(history), "data_fingerprint": fingerprint}
+                  "best": os.path.join(prefix_dir, "models", "model_best_val.pt"),
+                  # the wall time of the whole prefix is unknown when it was resumed
+                  "train_s": time.perf_counter() - start if resumed is None else None,
+                  "resumed_after_epoch": resumed, "best_val": _best_val(history), "data_fingerprint": fingerprint}
         write_json(record_path, prefix)
-        logger.info("%s for seed %s, %s: %d epochs in %.0f s", name, run["seed"], run["noise"], epoch, prefix["train_s"])
+        logger.info("%s for seed %s, %s: %d epochs%s", name, run["seed"], run["noise"], epoch,
+                    f" in {prefix['train_s']:.0f} s" if resumed is None else f", resumed after epoch {resumed}")
         context["prefix"][key] = prefix
         return prefix
 
     def _one(self, run: dict, common: dict, context: dict, out: str, keep_checkpoints: bool) -> dict:
+        """Train and evaluate one run. Interrupted (killed) before, it goes on where it stopped: a run whose training
+        finished is only evaluated; one killed in training resumes from its last epoch's training state
+        (``training_state.pt``, the bundle's ``resume``); a folder of another protocol or data starts afresh."""
         run_dir = os.path.join(out, "runs", run_key(run))
-        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run from an interruption
         ckpt_dir, output_dir = os.path.join(run_dir, "models"), os.path.join(run_dir, "eval")
         prefix = (self._prefix(run, common, context, out, prefix_overrides(run["method"]))
                   if context["branch"] and branchable(run["method"]) else None)
         workflow = self._workflow(run["method"], run, common, context["recipe"], run_dir)
-        if prefix is not None:  # restored when the trainer starts, before any other handler
-            workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
-                                                  "path": prefix["state"]}] + workflow.parser["train#handlers"]
+        built, fingerprint = self._data(workflow, run, context)
+        config, method_overrides = METHODS[run["method"]]
+        identity = {"run": run_key(run), "config": config, "data_fingerprint": fingerprint, "recipe": context["recipe"],
+                    "options": _jsonable({**common, **method_overrides}),
+                    "prefix": None if prefix is None else {"state": prefix["state"], "epoch": prefix["epoch"]}}
+        marker = read_json(os.path.join(run_dir, RUN_MARKER), missing={}) if os.path.isdir(run_dir) else {}
         averaged = workflow.parser.get_parsed_content("ema_decay") is not None
         raw_path = os.path.join(ckpt_dir, "model_raw.pt")
-        if averaged:  # the raw last-epoch weights too, to measure what the weight average does
-            workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
-                {"_target_": "robustmri.engine.checkpoint.SaveFinalModel", "model": "@network", "path": raw_path}]
-        built, fingerprint = self._data(workflow, run, context)
-        inject_protocol(workflow, built)
-
-        start = time.perf_counter()
-        execute(workflow)
-        train_s = time.perf_counter() - start
+        best = os.path.join(ckpt_dir, "model_best_val.pt")
+        # last: the product's model (the weight average after the last epoch, or the raw weights without one)
+        checkpoints = {"best": best, "last": os.path.join(ckpt_dir, "model.pt"), **({"last_raw": raw_path} if averaged else {})}
+        trained = marker.get("trained") if marker.get("identity") == identity else None
+        if trained is not None and not all(os.path.isfile(path) for path in checkpoints.values()):
+            trained = None
+        if trained is None:
+            resumed = _resume_point(run_dir, identity, os.path.join(ckpt_dir, "training_state.pt"),
+                                    int(workflow.parser.get_parsed_content("epochs")))
+            if prefix is not None and resumed is None:  # restored when the trainer starts, before any other handler
+                workflow.parser["train#handlers"] = [{"_target_": "robustmri.engine.training_state.LoadTrainingState",
+                                                      "path": prefix["state"]}] + workflow.parser["train#handlers"]
+            if averaged:  # the raw last-epoch weights too, to measure what the weight average does
+                workflow.parser["train#handlers"] = workflow.parser["train#handlers"] + [
+                    {"_target_": "robustmri.engine.checkpoint.SaveFinalModel", "model": "@network", "path": raw_path}]
+            workflow.parser["resume"] = resumed is not None
+            inject_protocol(workflow, built)
+            start = time.perf_counter()
+            execute(workflow)
+            # the run's wall time is unknown when it was resumed (or branched from a resumed prefix)
+            train_s = time.perf_counter() - start if resumed is None else None
+            trained = {"train_s": train_s, "resumed_after_epoch": resumed,
+                       "wrong_training_labels": noisy_label_record(workflow.parser.get_parsed_content("data").train)[
+                           "flipped"]}  # after any relabelling
+            write_json(os.path.join(run_dir, RUN_MARKER), {"identity": identity, "trained": trained})
+        else:
+            inject_protocol(workflow, built)
+            logger.info("%s: training had finished; evaluating", run_key(run))
+        train_s = trained["train_s"]
         data = workflow.parser.get_parsed_content("data")
         network = workflow.parser.get_parsed_content("network")
         history = read_json(os.path.join(output_dir, "history.json"), missing=[])
-        best = os.path.join(ckpt_dir, "model_best_val.pt")
         if prefix is not None:
             # as one uninterrupted run: the prefix's epochs lead the history, and its best checkpoint
             # stays the best unless a later epoch is strictly better (MONAI's CheckpointSaver rule)
             branch_best = _best_val(history)
             history = prefix["history"] + history
             if branch_best <= prefix["best_val"]:
-                best = prefix["best"]
-            train_s += prefix["train_s"]
-        # last: the product's model (the weight average after the last epoch, or the raw weights without one)
-        checkpoints = {"best": best, "last": os.path.join(ckpt_dir, "model.pt"), **({"last_raw": raw_path} if averaged else {})}
+                checkpoints["best"] = prefix["best"]
+            train_s = None if train_s is None or prefix["train_s"] is None else train_s + prefix["train_s"]
         reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
         by_p = {tag: {} for tag in checkpoints}
         groups = {share: np.array([item["group"] for item in items]) for share, items in data.test_at.items()}
@@ -531,9 +592,9 @@ class Benchmark:
         n2v = outputs.get("n2v_summary.json", {})
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        config, method_overrides = METHODS[run["method"]]
         return {**run, "config": config, "overrides": method_overrides, "recipe": context["recipe"],
                 "branched_after_epoch": prefix["epoch"] if prefix is not None else None,
+                "resumed_after_epoch": trained["resumed_after_epoch"],
                 "precision": getattr(network, "robustmri_precision", None),
                 "val_fraction": float(workflow.parser.get_parsed_content("split_fractions")[1]),
                 "n": {name: len(data.split(name)) for name in ("train", "val", "test")},
@@ -547,7 +608,7 @@ class Benchmark:
                     "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
                 "history": history,
                 "method_outputs": outputs,
-                "wrong_training_labels": noisy_label_record(data.train)["flipped"],  # after any relabelling
+                "wrong_training_labels": trained["wrong_training_labels"],
                 "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
                             "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -596,7 +657,7 @@ class Benchmark:
         if previous and os.path.isfile(os.path.join(out, records)) and previous != protocol:
             changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
                        if previous.get(k) != protocol.get(k)}
-            raise ValueError(f"{out} holds runs of another protocol (changed: {changed}); "
+            raise UsageError(f"{out} holds runs of another protocol (changed: {changed}); "
                              "use another --out folder, or delete it to start again")
 
     @staticmethod
@@ -609,18 +670,37 @@ def _start(profile: str, methods, device, dataset_dir, out: str, overrides: dict
     """Checked settings of an invocation: the profile, its methods, device, data folder, output folder
     (created, logging into ``benchmark.log``) and the bundle config overrides of every run."""
     if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        raise UsageError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     settings = PROFILES[profile]
     methods = _as_list(methods) or settings["methods"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    unknown = sorted(key for key in overrides if key.split("#")[0] not in _config_ids(methods))
+    if unknown:  # e.g. ``run --help``: fire hands unknown flags to ``**overrides``
+        raise UsageError(f"unknown option(s) {', '.join('--' + k for k in unknown)}: neither an option of this command "
+                         "nor a bundle config id of its methods (options: `python scripts/benchmark.py run -- --help`)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset_dir = os.path.abspath(dataset_dir) if dataset_dir else None
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     _log_to(os.path.join(out, "benchmark.log"))
     return settings, methods, device, dataset_dir, out, {**settings["config"], **overrides}
+
+
+class UsageError(ValueError):
+    """A command that cannot run as given: reported in one line (``benchmark.py: ...``), exit status 2."""
+
+
+def _config_ids(methods) -> set[str]:
+    """The top-level config ids of the bundle configs of ``methods`` under every recipe (what ``--key value`` may set)."""
+    ids = set()
+    for config in dict.fromkeys(METHODS[m][0] for m in methods):
+        for recipe in RECIPES.values():
+            workflow = load_workflow(BUNDLE, [os.path.join(BUNDLE, config)] + [os.path.join(BUNDLE, "configs", r)
+                                                                               for r in recipe], {})
+            ids |= set(workflow.parser.get())
+    return ids
 
 
 #: What a training recipe sets; recorded with the protocol so that runs of another recipe never share a table.
@@ -688,4 +768,8 @@ def _log_to(path: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(Benchmark)
+    try:
+        fire.Fire(Benchmark)
+    except UsageError as err:
+        print(f"benchmark.py: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

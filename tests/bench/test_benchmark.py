@@ -196,3 +196,93 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
             / "prefix.json").is_file()
     assert "#### Site shifts" in (out / "results.md").read_text()
     assert (out / "shift_accuracy.png").stat().st_size > 1000
+
+
+#: Runs the benchmark command given after ``--`` with one run killed by SIGKILL, at a training iteration
+#: (``train``, 1-based and global) or when its checkpoints are first evaluated (``evaluate``).
+KILLING_DRIVER = """
+import os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "scripts"))
+import fire
+from ignite.engine import Events
+import benchmark
+
+run_name, where, iteration, command = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+
+def execute(workflow):
+    workflow.initialize()
+    if where == "train" and os.path.basename(os.path.dirname(workflow.parser["ckpt_dir"])) == run_name:
+        workflow.parser.get_parsed_content("train#trainer").add_event_handler(
+            Events.ITERATION_COMPLETED(once=iteration), lambda engine: os.kill(os.getpid(), 9))
+    workflow.run()
+    workflow.finalize()
+
+evaluate = benchmark.evaluate_checkpoints_on
+
+def evaluate_or_die(network, checkpoints, *args, **kwargs):
+    if where == "evaluate" and f"{os.sep}{run_name}{os.sep}" in str(checkpoints["last"]):
+        os.kill(os.getpid(), 9)
+    return evaluate(network, checkpoints, *args, **kwargs)
+
+benchmark.execute, benchmark.evaluate_checkpoints_on = execute, evaluate_or_die
+fire.Fire(benchmark.Benchmark, command=command)
+"""
+
+
+def _without_timings(value):
+    """A run record without what differs between two runs of the same training: wall times and dates."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if k not in ("timings", "finished", "resumed_after_epoch") and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_a_benchmark_killed_inside_runs_resumes_them_to_the_records_of_an_uninterrupted_one(tmp_path):
+    args = ["run", "--profile", "smoke", "--noises", "gaussian", "--seeds", "1", "--methods", "naive,isp",
+            "--epochs", "4", "--influence_epoch", "2"]
+    whole = _benchmark(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = {r["method"]: r for r in read_runs(str(tmp_path / "whole" / "runs.jsonl"))}
+    assert sorted(expected) == ["isp", "naive"] and expected["isp"]["resumed_after_epoch"] is None
+    per_epoch = -(-expected["naive"]["n"]["train"] // 8)
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLING_DRIVER)
+    out = tmp_path / "killed"
+
+    def killed(run_name, where, iteration=0):
+        result = subprocess.run([sys.executable, str(driver), str(ROOT), run_name, where, str(iteration), *args,
+                                 "--out", str(out)], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "BRAIN_TUMOR_DATA": ""})
+        return result
+
+    # the shared prefix killed in its 2nd epoch; then ISP killed in its 4th (its own state after epoch 3);
+    # then ISP killed after its training finished, while its checkpoints are evaluated
+    for run_name, where, iteration in (("prefix__gaussian__p1__seed0", "train", per_epoch + per_epoch // 2),
+                                       ("isp__gaussian__p1__seed0", "train", 3 * per_epoch + per_epoch // 2),
+                                       ("isp__gaussian__p1__seed0", "evaluate", 0)):
+        result = killed(run_name, where, iteration)
+        assert result.returncode == -9, (run_name, where, result.stderr[-3000:])
+    assert [r["method"] for r in read_runs(str(out / "runs.jsonl"))] == ["naive"]  # naive finished in between
+
+    last = _benchmark(*args, "--out", str(out))  # the same command again
+    assert last.returncode == 0, last.stderr[-3000:]
+    log = (out / "benchmark.log").read_text()
+    assert "prefix__gaussian__p1__seed0: resuming after epoch 1 of 2" in log
+    assert "isp__gaussian__p1__seed0: resuming after epoch 3 of 4" in log
+    assert "isp__gaussian__p1__seed0: training had finished; evaluating" in log
+    got = {r["method"]: r for r in read_runs(str(out / "runs.jsonl"))}
+    assert got["isp"]["resumed_after_epoch"] == 3 and got["isp"]["timings"]["train_s"] is None
+    assert got["naive"]["resumed_after_epoch"] is None and got["naive"]["timings"]["train_s"] is None  # its prefix was
+    for method in ("naive", "isp"):
+        assert _without_timings(got[method]) == _without_timings(expected[method]), method
+    assert got["isp"]["test_by_p"] == expected["isp"]["test_by_p"]  # bootstrap intervals included
+
+
+def test_an_unknown_option_is_one_line_and_starts_nothing(tmp_path):
+    result = _benchmark("run", "--profile", "smoke", "--out", str(tmp_path / "bench"), "--help")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("benchmark.py: unknown option(s) --help")
+    assert not (tmp_path / "bench").exists()
