@@ -13,6 +13,12 @@ shard are all-gathered in rank order, which is the order of the samples: every r
 the same scores, ids and labels as one process would, up to the rounding of summing in
 another order. ``lissa`` draws mini-batches from the whole training set, so for it the
 (small, N x (d + 1)) features are all-gathered instead.
+
+Self-influence (:func:`self_influence_sharded`, the label audit) needs the same all-reduced
+Hessian and then only each sample's own gradient: every rank scores its shard against the
+whole set's ``H + lambda I`` and the scores are all-gathered in the same order.
+:func:`gather_rows` is the one all-gather of per-sample rows (losses, predictions) that the
+label audit and PIE use for the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch.distributed as dist
 from robustmri.influence.adapter import FinalLayer
 from robustmri.influence.last_layer import SoftmaxLastLayer, augment
 from robustmri.influence.scores import InfluenceResult, collect_features, influence_scores, solve
-from robustmri.influence.solvers import ExactSolver, LissaSolver, Solver
+from robustmri.influence.self_influence import self_influence_of
+from robustmri.influence.solvers import DEFAULT_DAMPING, ExactSolver, LissaSolver, Solver
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -39,8 +46,11 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of ``tensor`` concatenated in rank order (shards of unequal length allowed)."""
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` concatenated in rank order (shards of unequal length allowed), on the CPU.
+
+    With contiguous shards (:func:`shard_bounds`) rank order is sample order. Collective.
+    """
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, tensor.detach().cpu())
     return torch.cat(parts)
@@ -81,7 +91,7 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     n_train, n_val = int(counts[0]), int(counts[1])
     layer = final.layer
     if isinstance(solver, LissaSolver):  # samples mini-batches from the whole set: gather the features
-        problem = SoftmaxLastLayer.from_linear(layer, _gather_rows(train_features).double(), _gather_rows(train_labels))
+        problem = SoftmaxLastLayer.from_linear(layer, gather_rows(train_features).double(), gather_rows(train_labels))
         local = SoftmaxLastLayer.from_linear(layer, train_features.double(), train_labels)
     else:
         problem = local = ShardedLastLayer(layer.weight, layer.bias, train_features.double(), train_labels, n_train)
@@ -92,5 +102,21 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     v = _all_reduce(v_sum) / n_val
     s = solve(solver, problem, v)
     scores = influence_scores(local, s) * (local.n / n_train)  # local.n is n_train, or the shard's for lissa
-    return InfluenceResult(_gather_rows(scores.float()), _gather_rows(ids), _gather_rows(train_labels), s.float(),
+    return InfluenceResult(gather_rows(scores.float()), gather_rows(ids), gather_rows(train_labels), s.float(),
                            v.float(), solver.damping)
+
+
+def self_influence_sharded(model, train_batches, damping: float = DEFAULT_DAMPING,
+                           device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`robustmri.influence.self_influence.self_influence_of_batches` with this rank's shard of the training set.
+
+    The Hessian is all-reduced (:class:`ShardedLastLayer`), every rank factors the same
+    ``H + damping I`` and scores its own samples; the float64 scores and the ids are all-gathered
+    in rank order. Every rank must call it (collective) and gets the whole result.
+    """
+    solver = ExactSolver(damping)
+    final = FinalLayer.of(model)
+    features, labels, ids = collect_features(final, train_batches, device, "self-influence: features")
+    n_train = int(_all_reduce(torch.tensor([len(labels)], dtype=torch.float64))[0])
+    problem = ShardedLastLayer(final.layer.weight, final.layer.bias, features.double(), labels, n_train)
+    return gather_rows(self_influence_of(problem, solver.factor(problem))), gather_rows(ids)
