@@ -4,11 +4,14 @@ Audit: influence scores, self-influence and losses from 2 ranks equal those of 1
 1e-5 relative, and the rankings and precision at k are the same. PIE: the hard-sample mask and
 the loss weights are the same. The ranks start with different BatchNorm statistics (as after
 training on different batches): both steps must take rank 0's. Worker processes are joined
-with a timeout and killed by PID.
+with a timeout and killed by PID. The end-to-end runs start ``torchrun --nproc_per_node=2`` on
+``audit.json`` and ``pie.json`` with ``multi_gpu_train.json`` (gloo).
 """
 
 import copy
+import json
 import os
+import re
 import signal
 import socket
 
@@ -22,6 +25,9 @@ from robustmri.influence import influence_ranking
 from robustmri.methods.audit import AuditHandler, loss_ranking
 from robustmri.methods.pie import PIEHandler, find_hard_samples, finetune
 from robustmri.networks import PaperCNN
+
+from engine.test_distributed import run_torchrun
+from helpers import NOISY, TINY, output_dirs
 
 SIZE, N_TRAIN, N_VAL = 32, 31, 11  # odd counts: the shards differ in length
 SPARSITY = 0.3
@@ -66,12 +72,12 @@ def _steps(network, output_dir):
     train, val = _data()
     audit = AuditHandler(1, copy.deepcopy(train), val, os.path.join(output_dir, "audit"), ks=[3, 0.5, "flipped"],
                          batch_size=8)
-    audit.run(None, network, torch.device("cpu"))
+    audit.run(None, copy.deepcopy(network), torch.device("cpu"))  # each step must take rank 0's network itself
     loss = SampleWeightedCrossEntropy()
     pie = PIEHandler(loss, 1, copy.deepcopy(train), os.path.join(output_dir, "pie"), sparsity=SPARSITY,
                      finetune_steps=4, finetune_lr=0.01, batch_size=8, seed=3)
     torch.manual_seed(FINETUNE_SEED)
-    pie.run(None, network, torch.device("cpu"))
+    pie.run(None, copy.deepcopy(network), torch.device("cpu"))
     return {"audit": audit.values, "report": audit.report, "hard": pie.result["hard"],
             "pie_ids": pie.result["ids"], "dense": pie.result["dense_prediction"],
             "pruned": pie.result["pruned_prediction"], "weights": loss.weights_by_id}
@@ -159,3 +165,27 @@ def test_two_ranks_audit_and_find_hard_samples_as_one_process(tmp_path):
                  "pie/pie_hard_samples.csv"):
         assert (tmp_path / "rank0" / name).is_file()
         assert not (tmp_path / "rank1" / name).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["audit", "pie"])
+def test_audit_and_pie_run_under_torchrun_with_two_processes(tmp_path, method):
+    """Both ranks log the same result of the step; rank 0 alone writes its files."""
+    extra = ["--audit_epoch", "2"] if method == "audit" else ["--pie_epoch", "1", "--pie_sparsity", "0.5",
+                                                              "--pie_finetune_steps", "3"]
+    code, output = run_torchrun(["run", "training", "--config_file",
+                                 f"['configs/{method}.json','configs/multi_gpu_train.json']", *TINY, *NOISY,
+                                 "--epochs", "2", "--dataset_dir", "", *extra, *output_dirs(tmp_path)])
+    assert code == 0, output[-4000:]
+    assert "rank 0 of 2 (gloo)" in output and "rank 1 of 2 (gloo)" in output
+    pattern = r"label audit after epoch 2: .*" if method == "audit" else r"PIE after epoch 1: .*"
+    lines = re.findall(pattern, output)
+    assert len(lines) == 2 and lines[0] == lines[1], lines  # the step ran on both ranks, with the same result
+    summary = json.loads((tmp_path / "eval" / f"{method}_summary.json").read_text())
+    if method == "audit":
+        assert summary["ranks"] == 2 and summary["self_influence"] and summary["precision_at_k"]
+        assert len((tmp_path / "eval" / "audit_ranking.csv").read_text().splitlines()) == summary["n"] + 1
+    else:
+        assert abs(summary["achieved_sparsity"] - 0.5) < 0.01
+        rows = (tmp_path / "eval" / "pie_hard_samples.csv").read_text().splitlines()
+        assert len(rows) == summary["n_hard"] + 1
