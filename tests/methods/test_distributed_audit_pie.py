@@ -63,7 +63,7 @@ def _network(state: dict, bn_seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(bn_seed)
     with torch.no_grad():
         for _ in range(3):
-            network(torch.rand(8, 1, SIZE, SIZE, generator=generator))
+            network(torch.rand(8, 1, SIZE, SIZE, generator=generator) * (1 + (bn_seed - 10)))  # rank 1: brighter
     return network.eval()
 
 
@@ -134,6 +134,7 @@ def test_two_ranks_audit_and_find_hard_samples_as_one_process(tmp_path):
     other_bn = _steps(_network(state, bn_seed=11), str(tmp_path / "other"))
     assert not torch.allclose(other_bn["audit"]["scores"], single["audit"]["scores"], rtol=1e-4)  # they matter
     assert not torch.allclose(other_bn["audit"]["self_influence"], single["audit"]["self_influence"], rtol=1e-4)
+    assert not np.array_equal(other_bn["dense"][N_TRAIN // 2 + 1:], single["dense"][N_TRAIN // 2 + 1:])
     one = single["audit"]
     assert 0 < len(single["hard"]) < N_TRAIN  # pruning changed some predictions, not all
     unrepaired = find_hard_samples(_network(state, bn_seed=10), _data()[0], SPARSITY, finetune_steps=0)
