@@ -14,9 +14,10 @@ the same scores, ids and labels as one process would, up to the rounding of summ
 another order. ``lissa`` draws mini-batches from the whole training set, so for it the
 (small, N x (d + 1)) features are all-gathered instead.
 
-Self-influence (:func:`self_influence_sharded`, the label audit) needs the same all-reduced
-Hessian and then only each sample's own gradient: every rank scores its shard against the
-whole set's ``H + lambda I`` and the scores are all-gathered in the same order.
+Self-influence (``self_influence=True``, the label audit) needs the same all-reduced Hessian
+(for ``exact`` the very factor the solve uses) and then only each sample's own gradient: every
+rank scores its shard against the whole set's ``H + lambda I`` and the scores are all-gathered
+in the same order.
 :func:`gather_rows` is the one all-gather of per-sample rows (losses, predictions) that the
 label audit and PIE use for the rest.
 """
@@ -28,9 +29,9 @@ import torch.distributed as dist
 
 from robustmri.influence.adapter import FinalLayer
 from robustmri.influence.last_layer import SoftmaxLastLayer, augment
-from robustmri.influence.scores import InfluenceResult, collect_features, influence_scores, solve
-from robustmri.influence.self_influence import self_influence_of
-from robustmri.influence.solvers import DEFAULT_DAMPING, ExactSolver, LissaSolver, Solver
+from robustmri.influence.scores import (InfluenceResult, collect_features, influence_scores, self_influence_factor,
+                                        self_influence_of, solve)
+from robustmri.influence.solvers import ExactSolver, LissaSolver, Solver
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -78,7 +79,7 @@ class ShardedLastLayer(SoftmaxLastLayer):
 
 
 def compute_influence_sharded(model, train_batches, val_batches, solver: Solver | None = None,
-                              device="cpu") -> InfluenceResult:
+                              device="cpu", self_influence: bool = False) -> InfluenceResult:
     """:func:`robustmri.influence.compute_influence` with this rank's shards of the training and validation sets.
 
     Every rank must call it (collective); every rank gets the whole result, in rank order.
@@ -100,23 +101,11 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     v_sum = theta_problem.residuals(augmented, val_labels).T @ augmented if len(val_labels) else \
         torch.zeros_like(theta_problem.theta)
     v = _all_reduce(v_sum) / n_val
-    s = solve(solver, problem, v)
-    scores = influence_scores(local, s) * (local.n / n_train)  # local.n is n_train, or the shard's for lissa
+    factor = self_influence_factor(solver, problem) if self_influence else None  # of the whole set's Hessian
+    s = solve(solver, problem, v, factor)
+    share = local.n / n_train  # 1, or the shard's share for lissa (whose ``local`` divides by the shard's n)
+    scores = influence_scores(local, s) * share
+    own = None if factor is None else gather_rows(self_influence_of(local, factor) * share)
     return InfluenceResult(gather_rows(scores.float()), gather_rows(ids), gather_rows(train_labels), s.float(),
-                           v.float(), solver.damping)
+                           v.float(), solver.damping, own)
 
-
-def self_influence_sharded(model, train_batches, damping: float = DEFAULT_DAMPING,
-                           device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`robustmri.influence.self_influence.self_influence_of_batches` with this rank's shard of the training set.
-
-    The Hessian is all-reduced (:class:`ShardedLastLayer`), every rank factors the same
-    ``H + damping I`` and scores its own samples; the float64 scores and the ids are all-gathered
-    in rank order. Every rank must call it (collective) and gets the whole result.
-    """
-    solver = ExactSolver(damping)
-    final = FinalLayer.of(model)
-    features, labels, ids = collect_features(final, train_batches, device, "self-influence: features")
-    n_train = int(_all_reduce(torch.tensor([len(labels)], dtype=torch.float64))[0])
-    problem = ShardedLastLayer(final.layer.weight, final.layer.bias, features.double(), labels, n_train)
-    return gather_rows(self_influence_of(problem, solver.factor(problem))), gather_rows(ids)

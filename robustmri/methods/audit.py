@@ -13,11 +13,10 @@ which needs no validation set: the most negative first.
 Under ``torchrun`` (:mod:`robustmri.engine.distributed`) every rank takes rank 0's network
 (weights and BatchNorm statistics) and works on its contiguous shard of the training and
 validation sets (:func:`robustmri.influence.distributed.shard_bounds`): the influence scores
-come from :func:`robustmri.influence.distributed.compute_influence_sharded`, self-influence
-from :func:`robustmri.influence.distributed.self_influence_sharded` (both all-reduce the
-last-layer Hessian), and the shards' losses are all-gathered in sample order, so every rank
-holds the scores, rankings and precision at k of one process (up to the rounding of summing
-in another order); rank 0 alone writes the files.
+and self-influence come from :func:`robustmri.influence.distributed.compute_influence_sharded`
+(which all-reduces the last-layer Hessian), and the shards' losses are all-gathered in sample
+order, so every rank holds the scores, rankings and precision at k of one process (up to the
+rounding of summing in another order); rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -37,9 +36,7 @@ from robustmri.engine.once import OnceAfterEpoch
 from robustmri.engine.predictions import predict_items
 from robustmri.influence import Solver, compute_influence, influence_ranking, make_solver
 from robustmri.influence.adapter import unwrap
-from robustmri.influence.distributed import (compute_influence_sharded, gather_rows, self_influence_sharded,
-                                             shard_bounds)
-from robustmri.influence.self_influence import self_influence_of_batches
+from robustmri.influence.distributed import compute_influence_sharded, gather_rows, shard_bounds
 from robustmri.methods import Method
 from robustmri.options import as_flag
 from robustmri.outputs import write_json
@@ -98,8 +95,9 @@ class AuditHandler(OnceAfterEpoch):
 
     The ranking uses only the given labels and the clean validation set; the recorded true
     labels (``true_label`` of the protocol's items) only score it. The audit changes nothing
-    that is trained on, so it may run after the last epoch (its default). Self-influence uses
-    the exact solver with the audit solver's damping.
+    that is trained on, so it may run after the last epoch (its default). Self-influence comes
+    from the influence pass's features and the Cholesky factor of ``H + lambda I`` with the
+    solver's damping (for ``exact`` the very factor of the solve).
     """
 
     method = "audit"
@@ -121,31 +119,28 @@ class AuditHandler(OnceAfterEpoch):
         """Influence scores, losses, given labels, ids and (with ``self_influence``) self-influence of every
         training sample, in training-set order; under a process group each rank computes its shard."""
         model = unwrap(network)  # the network itself: its forward passes differ in number between shards
-        batches, damping = self.batch_size, self.solver.damping
+        batches = self.batch_size
         if is_distributed():  # rank 0's weights and BatchNorm statistics on every rank, then each rank its shard
             broadcast_module(model)
             train = range(*shard_bounds(len(self.train_data), rank(), world_size()))
             val = range(*shard_bounds(len(self.val_data), rank(), world_size()))
             result = compute_influence_sharded(model, item_batches(self.train_data, batches, train),
-                                               item_batches(self.val_data, batches, val), self.solver, device)
+                                               item_batches(self.val_data, batches, val), self.solver, device,
+                                               self.self_influence)
             logits, labels, ids = predict_items(model, self.train_data, batches, device, train)
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if len(labels) else \
                 torch.zeros(0)
             losses, labels, ids = gather_rows(losses), gather_rows(labels), gather_rows(ids)
-            self_scores = self_influence_sharded(model, item_batches(self.train_data, batches, train), damping,
-                                                 device) if self.self_influence else None
         else:
             result = compute_influence(model, item_batches(self.train_data, batches),
-                                       item_batches(self.val_data, batches), self.solver, device)
+                                       item_batches(self.val_data, batches), self.solver, device, self.self_influence)
             logits, labels, ids = predict_items(model, self.train_data, batches, device)
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-            self_scores = self_influence_of_batches(model, item_batches(self.train_data, batches), damping,
-                                                    device) if self.self_influence else None
-        if not torch.equal(ids, result.ids) or (self_scores is not None and not torch.equal(ids, self_scores[1])):
+        if not torch.equal(ids, result.ids):
             raise RuntimeError("label audit: influence and loss passes saw the training samples in different orders")
         values = {"scores": result.scores, "losses": losses, "labels": labels, "ids": ids}
-        if self_scores is not None:
-            values["self_influence"] = self_scores[0]
+        if result.self_influence is not None:
+            values["self_influence"] = result.self_influence
         return values
 
     def run(self, engine: Engine, network: torch.nn.Module, device: torch.device) -> None:
