@@ -119,22 +119,22 @@ class AuditHandler(OnceAfterEpoch):
         """Influence scores, losses, given labels, ids and (with ``self_influence``) self-influence of every
         training sample, in training-set order; under a process group each rank computes its shard."""
         model = unwrap(network)  # the network itself: its forward passes differ in number between shards
-        batches = self.batch_size
+        size = self.batch_size
         if is_distributed():  # rank 0's weights and BatchNorm statistics on every rank, then each rank its shard
             broadcast_module(model)
             train = range(*shard_bounds(len(self.train_data), rank(), world_size()))
             val = range(*shard_bounds(len(self.val_data), rank(), world_size()))
-            result = compute_influence_sharded(model, item_batches(self.train_data, batches, train),
-                                               item_batches(self.val_data, batches, val), self.solver, device,
+            result = compute_influence_sharded(model, item_batches(self.train_data, size, train),
+                                               item_batches(self.val_data, size, val), self.solver, device,
                                                self.self_influence)
-            logits, labels, ids = predict_items(model, self.train_data, batches, device, train)
+            logits, labels, ids = predict_items(model, self.train_data, size, device, train)
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if len(labels) else \
                 torch.zeros(0)
             losses, labels, ids = gather_rows(losses), gather_rows(labels), gather_rows(ids)
         else:
-            result = compute_influence(model, item_batches(self.train_data, batches),
-                                       item_batches(self.val_data, batches), self.solver, device, self.self_influence)
-            logits, labels, ids = predict_items(model, self.train_data, batches, device)
+            result = compute_influence(model, item_batches(self.train_data, size),
+                                       item_batches(self.val_data, size), self.solver, device, self.self_influence)
+            logits, labels, ids = predict_items(model, self.train_data, size, device)
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         if not torch.equal(ids, result.ids):
             raise RuntimeError("label audit: influence and loss passes saw the training samples in different orders")
