@@ -13,6 +13,13 @@ shard are all-gathered in rank order, which is the order of the samples: every r
 the same scores, ids and labels as one process would, up to the rounding of summing in
 another order. ``lissa`` draws mini-batches from the whole training set, so for it the
 (small, N x (d + 1)) features are all-gathered instead.
+
+Self-influence (``self_influence=True``, the label audit) needs the same all-reduced Hessian
+(for ``exact`` the very factor the solve uses) and then only each sample's own gradient: every
+rank scores its shard against the whole set's ``H + lambda I`` and the scores are all-gathered
+in the same order.
+:func:`gather_rows` is the one all-gather of per-sample rows (losses, predictions) that the
+label audit and PIE use for the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch.distributed as dist
 
 from robustmri.influence.adapter import FinalLayer
 from robustmri.influence.last_layer import SoftmaxLastLayer, augment
-from robustmri.influence.scores import InfluenceResult, collect_features, influence_scores, solve
+from robustmri.influence.scores import (InfluenceResult, collect_features, influence_scores, self_influence_factor,
+                                        self_influence_of, solve)
 from robustmri.influence.solvers import ExactSolver, LissaSolver, Solver
 
 
@@ -39,8 +47,11 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of ``tensor`` concatenated in rank order (shards of unequal length allowed)."""
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` concatenated in rank order (shards of unequal length allowed), on the CPU.
+
+    With contiguous shards (:func:`shard_bounds`) rank order is sample order. Collective.
+    """
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, tensor.detach().cpu())
     return torch.cat(parts)
@@ -68,7 +79,7 @@ class ShardedLastLayer(SoftmaxLastLayer):
 
 
 def compute_influence_sharded(model, train_batches, val_batches, solver: Solver | None = None,
-                              device="cpu") -> InfluenceResult:
+                              device="cpu", self_influence: bool = False) -> InfluenceResult:
     """:func:`robustmri.influence.compute_influence` with this rank's shards of the training and validation sets.
 
     Every rank must call it (collective); every rank gets the whole result, in rank order.
@@ -81,7 +92,7 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     n_train, n_val = int(counts[0]), int(counts[1])
     layer = final.layer
     if isinstance(solver, LissaSolver):  # samples mini-batches from the whole set: gather the features
-        problem = SoftmaxLastLayer.from_linear(layer, _gather_rows(train_features).double(), _gather_rows(train_labels))
+        problem = SoftmaxLastLayer.from_linear(layer, gather_rows(train_features).double(), gather_rows(train_labels))
         local = SoftmaxLastLayer.from_linear(layer, train_features.double(), train_labels)
     else:
         problem = local = ShardedLastLayer(layer.weight, layer.bias, train_features.double(), train_labels, n_train)
@@ -90,7 +101,11 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     v_sum = theta_problem.residuals(augmented, val_labels).T @ augmented if len(val_labels) else \
         torch.zeros_like(theta_problem.theta)
     v = _all_reduce(v_sum) / n_val
-    s = solve(solver, problem, v)
-    scores = influence_scores(local, s) * (local.n / n_train)  # local.n is n_train, or the shard's for lissa
-    return InfluenceResult(_gather_rows(scores.float()), _gather_rows(ids), _gather_rows(train_labels), s.float(),
-                           v.float(), solver.damping)
+    factor = self_influence_factor(solver, problem) if self_influence else None  # of the whole set's Hessian
+    s = solve(solver, problem, v, factor)
+    share = local.n / n_train  # 1, or the shard's share for lissa (whose ``local`` divides by the shard's n)
+    scores = influence_scores(local, s) * share
+    own = None if factor is None else gather_rows(self_influence_of(local, factor) * share)
+    return InfluenceResult(gather_rows(scores.float()), gather_rows(ids), gather_rows(train_labels), s.float(),
+                           v.float(), solver.damping, own)
+

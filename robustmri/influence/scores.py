@@ -24,6 +24,18 @@ def influence_scores(problem: SoftmaxLastLayer, s: torch.Tensor) -> torch.Tensor
     return (residual * (problem.features @ s.T)).sum(1) / problem.n
 
 
+def self_influence_of(problem: SoftmaxLastLayer, factor: torch.Tensor) -> torch.Tensor:
+    """``-g_i . (H + lambda I)^-1 g_i / problem.n`` for the problem's rows, ``factor`` the Cholesky factor of
+    ``H + lambda I`` (:meth:`robustmri.influence.solvers.ExactSolver.factor`); float64 [rows]."""
+    scores = torch.empty(len(problem.labels), dtype=torch.float64)
+    for start in range(0, len(scores), 256):  # bounded memory: 256 gradients of C (d + 1) at a time
+        rows = torch.arange(start, min(start + 256, len(scores)))
+        gradients = problem.per_sample_gradients(rows).reshape(len(rows), -1)
+        solved = torch.cholesky_solve(gradients.T, factor).T
+        scores[rows] = (-(gradients * solved).sum(1) / problem.n).to(scores.dtype)
+    return scores
+
+
 @torch.no_grad()
 def collect_features(model: nn.Module | LastLayerModel, batches, device="cpu",
                      desc: str = "influence: features") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,14 +84,24 @@ def input_gradients(model: nn.Module | LastLayerModel, images: torch.Tensor, lab
     return gradient
 
 
-def solve(solver: Solver, problem: SoftmaxLastLayer, v: torch.Tensor) -> torch.Tensor:
-    """``solver(problem, v)`` under a one-step progress bar (its elapsed time is what a long solve shows)."""
+def solve(solver: Solver, problem: SoftmaxLastLayer, v: torch.Tensor,
+          factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``solver(problem, v)`` under a one-step progress bar (its elapsed time is what a long solve shows); the
+    exact solver uses ``factor`` (the Cholesky factor of its ``H + lambda I``) when one is given."""
     from robustmri.progress import progress
 
     with progress(desc=f"influence: solve ({type(solver).__name__})", total=1, unit="solve") as bar:
-        s = solver(problem, v)
+        s = solver.solve_factored(factor, v) if factor is not None and isinstance(solver, ExactSolver) else \
+            solver(problem, v)
         bar.update(1)
     return s
+
+
+def self_influence_factor(solver: Solver, problem: SoftmaxLastLayer) -> torch.Tensor:
+    """The Cholesky factor of ``H + lambda I`` with the solver's damping (self-influence needs it): the exact
+    solver's own, so that influence and self-influence share one Hessian."""
+    exact = solver if isinstance(solver, ExactSolver) else ExactSolver(solver.damping)
+    return exact.factor(problem)
 
 
 @dataclass
@@ -90,20 +112,26 @@ class InfluenceResult:
     s: torch.Tensor  # (H + lambda I)^-1 v, [C, d + 1]
     validation_gradient: torch.Tensor  # v, [C, d + 1]
     damping: float
+    self_influence: torch.Tensor | None = None  # [N] float64, when asked for (:func:`self_influence_of`)
 
 
 def compute_influence(model: nn.Module | LastLayerModel, train_batches, val_batches, solver: Solver | None = None,
-                      device="cpu") -> InfluenceResult:
-    """Scores of all training samples on the mean clean-validation loss (one feature pass each)."""
+                      device="cpu", self_influence: bool = False) -> InfluenceResult:
+    """Scores of all training samples on the mean clean-validation loss (one feature pass each).
+
+    With ``self_influence`` also every sample's self-influence from the same features and,
+    for the exact solver, the same Cholesky factor.
+    """
     final = FinalLayer.of(model)
     solver = solver or ExactSolver()
     train_features, train_labels, ids = collect_features(final, train_batches, device, "influence: training features")
     val_features, val_labels, _ = collect_features(final, val_batches, device, "influence: validation features")
     problem = SoftmaxLastLayer.from_linear(final.layer, train_features.double(), train_labels)
     v = problem.mean_gradient(val_features.double(), val_labels)
-    s = solve(solver, problem, v)
+    factor = self_influence_factor(solver, problem) if self_influence else None
+    s = solve(solver, problem, v, factor)
     return InfluenceResult(influence_scores(problem, s).float(), ids, train_labels, s.float(), v.float(),
-                           solver.damping)
+                           solver.damping, None if factor is None else self_influence_of(problem, factor))
 
 
 def influence_ranking(scores) -> np.ndarray:

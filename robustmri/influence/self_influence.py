@@ -11,13 +11,12 @@ and gets the most negative score. Used where no clean validation set exists (lab
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from robustmri.data.batching import item_batches
 from robustmri.influence.adapter import FinalLayer, LastLayerModel
 from robustmri.influence.last_layer import SoftmaxLastLayer
-from robustmri.influence.scores import collect_features
+from robustmri.influence.scores import collect_features, self_influence_of
 from robustmri.influence.solvers import DEFAULT_DAMPING, ExactSolver
 
 
@@ -32,11 +31,4 @@ def self_influence_scores(model: nn.Module | LastLayerModel, images: np.ndarray,
     items = [{"image": image, "label": label, "id": k} for k, (image, label) in enumerate(zip(images, labels))]
     features, feature_labels, _ = collect_features(final, item_batches(items, batch_size), device)
     problem = SoftmaxLastLayer.from_linear(final.layer, features.double(), feature_labels)
-    factor = solver.factor(problem)
-    scores = np.empty(problem.n, dtype=np.float64)
-    for start in range(0, problem.n, 256):  # bounded memory: 256 gradients of C (d + 1) at a time
-        rows = torch.arange(start, min(start + 256, problem.n))
-        gradients = problem.per_sample_gradients(rows).reshape(len(rows), -1)
-        solved = torch.cholesky_solve(gradients.T, factor).T
-        scores[rows.numpy()] = (-(gradients * solved).sum(1) / problem.n).numpy()
-    return scores
+    return self_influence_of(problem, solver.factor(problem)).numpy()

@@ -44,7 +44,12 @@ class ExactSolver:
         return torch.linalg.cholesky(hessian)
 
     def __call__(self, problem: SoftmaxLastLayer, v: torch.Tensor) -> torch.Tensor:
-        solution = torch.cholesky_solve(v.double().reshape(-1, 1), self.factor(problem))
+        return self.solve_factored(self.factor(problem), v)
+
+    @staticmethod
+    def solve_factored(factor: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(H + lambda I)^-1 v from the Cholesky factor :meth:`factor` returned."""
+        solution = torch.cholesky_solve(v.double().reshape(-1, 1), factor)
         return solution.reshape(v.shape).to(v.dtype)
 
 

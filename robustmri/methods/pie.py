@@ -10,6 +10,15 @@ those samples' loss weighted by ``weight`` (through
 
 The fine-tune only repairs what pruning removed: at sparsity 0 nothing is removed, none is
 run, the two networks are the same and the hard set is empty.
+
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) every rank takes rank 0's network
+(weights and BatchNorm statistics); rank 0 alone prunes and fine-tunes (the fine-tune is
+training, whose result would depend on each rank's random state) and broadcasts the pruned
+network (kept weights, mask, BatchNorm statistics), so it is the same on every rank. Each
+rank then predicts its contiguous shard of the training set
+(:func:`robustmri.influence.distributed.shard_bounds`) with both networks and the predictions
+are all-gathered in sample order: the hard set and the weights are the same on every rank
+and as in one process. Rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from torch.nn.utils import prune
 from robustmri.data.batching import item_batches
 from robustmri.data.label_noise import has_label_record, true_labels
 from robustmri.engine.losses import SampleWeightedCrossEntropy
-from robustmri.engine.distributed import is_main_process
+from robustmri.engine.distributed import broadcast_module, is_distributed, is_main_process, rank, world_size
 from robustmri.engine.once import OnceAfterEpoch
 from robustmri.engine.predictions import predict_items
+from robustmri.influence.adapter import unwrap
+from robustmri.influence.distributed import gather_rows, shard_bounds
 from robustmri.methods import Method
 from robustmri.outputs import write_json
 
@@ -86,15 +97,46 @@ def finetune(model: nn.Module, items: list[dict], steps: int, lr: float, batch_s
                 break
 
 
+def refresh_pruned_weights(model: nn.Module) -> None:
+    """Recompute every pruned ``weight`` from its ``weight_orig`` and mask (what the pruning hook does before a
+    forward pass), e.g. after both were overwritten by a broadcast."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                hook(module, None)
+
+
+def _predicted_classes(model: nn.Module, items: list[dict], batch_size: int, device, positions=None):
+    """Predicted classes, given labels and ids (each [N] int64) of ``items`` (or of ``positions`` in it)."""
+    logits, labels, ids = predict_items(model, items, batch_size, device, positions)
+    return (logits.argmax(1) if len(labels) else torch.zeros(0, dtype=torch.long)), labels, ids
+
+
 def find_hard_samples(model: nn.Module, items: list[dict], sparsity: float, finetune_steps: int = 50,
                       lr: float = 1e-3, batch_size: int = 64, seed: int = 0, device="cpu") -> dict:
-    """Dense and pruned predictions on ``items`` and the positions where they disagree."""
+    """Dense and pruned predictions on ``items`` and the positions where they disagree.
+
+    Under a process group it is collective (module doc): rank 0's network, pruned and
+    fine-tuned on rank 0 and broadcast, each rank predicting its shard, the predictions
+    all-gathered in item order; every rank returns the whole result.
+    """
+    model = unwrap(model)  # the network itself: the shards' forward passes differ in number
+    distributed = is_distributed()
+    if distributed:
+        broadcast_module(model)
     pruned = pruned_copy(model, sparsity)
     if sparsity > 0:
-        finetune(pruned, items, finetune_steps, lr, batch_size, seed, device)
-    dense_logits, labels, ids = predict_items(model, items, batch_size, device)
-    pruned_logits, _, _ = predict_items(pruned, items, batch_size, device)
-    dense, sparse = dense_logits.argmax(1).numpy(), pruned_logits.argmax(1).numpy()
+        if is_main_process():
+            finetune(pruned, items, finetune_steps, lr, batch_size, seed, device)
+        if distributed:
+            broadcast_module(pruned)  # weight_orig, the masks and the BatchNorm statistics rank 0 fine-tuned
+            refresh_pruned_weights(pruned)
+    positions = range(*shard_bounds(len(items), rank(), world_size())) if distributed else None
+    dense, labels, ids = _predicted_classes(model, items, batch_size, device, positions)
+    sparse, _, _ = _predicted_classes(pruned, items, batch_size, device, positions)
+    if distributed:
+        dense, sparse, labels, ids = (gather_rows(values) for values in (dense, sparse, labels, ids))
+    dense, sparse = dense.numpy(), sparse.numpy()
     return {"hard": np.flatnonzero(dense != sparse), "dense_prediction": dense, "pruned_prediction": sparse,
             "labels": labels.numpy(), "ids": ids.numpy(), "sparsity": weight_sparsity(pruned)}
 

@@ -76,3 +76,29 @@ def test_audit_reports_precision_at_k_against_baselines(tmp_path):
     assert report["precision_at_k"] and {"influence", "loss", "random"} <= set(report["precision_at_k"][0])
     rows = list(csv.DictReader(open(out / "audit_ranking.csv")))
     assert len(rows) == report["n"] and "true_label" not in rows[0]
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_the_audit_self_influence_is_the_label_reviews_from_the_same_pass(solver):
+    """compute_influence(self_influence=True) gives self_influence_scores' numbers (checked against autograd in
+    tests/review) with the solver's damping, and leaves the influence scores as they are without it."""
+    from robustmri.influence import make_solver, self_influence_scores
+
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(0, 1, (40, 5)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 3, 40))
+    torch.manual_seed(0)
+    model = LinearOnFeatures(5, 3)
+    args = {"damp": 0.01, "scale": 20.0, "batch_size": 10, "depth": 50} if solver == "lissa" else {"damping": 0.05}
+    train = [{"image": x[:25], "label": y[:25], "id": torch.arange(25)},
+             {"image": x[25:], "label": y[25:], "id": torch.arange(25, 40)}]
+    val = [{"image": x[:8] + 0.5, "label": y[:8]}]
+    torch.manual_seed(3)
+    plain = compute_influence(model, train, val, make_solver(solver, **args))
+    torch.manual_seed(3)
+    both = compute_influence(model, train, val, make_solver(solver, **args), self_influence=True)
+    assert plain.self_influence is None
+    assert torch.equal(both.scores, plain.scores)
+    expected = self_influence_scores(model, x.numpy(), y.numpy(), damping=both.damping)
+    np.testing.assert_allclose(both.self_influence.numpy(), expected, rtol=1e-10)
+    assert (both.self_influence < 0).all()
