@@ -118,6 +118,47 @@ def broadcast_module(module: nn.Module, source: int = 0) -> None:
         dist.broadcast(tensor.data, src=source)
 
 
+def average_gradients(parameters) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, as DDP does for the wrapped network
+    (one flattened all-reduce; a missing gradient counts as zero). Nothing happens without a process group.
+
+    For a second network a method trains by hand beside the trainer's (ALR's peer, MW-Net's weight
+    net): with its gradient averaged, every rank's optimiser takes the same step, the step one
+    process would take on the ranks' batches together.
+    """
+    if not is_distributed():
+        return
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def gather_lists(values: list) -> list:
+    """Every rank's ``values`` (picklable) concatenated in rank order; ``values`` itself without a process group."""
+    if not is_distributed():
+        return list(values)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, list(values))
+    return [value for part in parts for value in part]
+
+
+def broadcast_object(value, source: int = 0):
+    """``source``'s ``value`` (picklable) on every rank; ``value`` itself without a process group."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]
+
+
 class BroadcastState:
     """Trainer handler: at the end of every epoch, before any other handler, every rank takes rank 0's
     network and weight-average states (parameters and BatchNorm statistics)."""
