@@ -18,6 +18,11 @@ Conventions, the same for every method config the overlay is merged onto:
   network and weight average (parameters and BatchNorm statistics, which each rank updates
   from its own batches) to every rank, so validation, the influence step and the saved model
   see one set of weights on every rank.
+- A second network a method keeps beside the trainer's (ALR's peer, MW-Net's weight net, PINT's
+  teacher) follows the same rules: what the method trains by hand has its gradients averaged over
+  the ranks (:func:`average_gradients`, as DDP does), and it takes rank 0's state at every epoch
+  end. Per-epoch records are pooled over the ranks (:func:`gather_lists`), so every rank holds the
+  same method state, the one rank 0 saves for resuming.
 - Files are written by rank 0 only (:func:`is_main_process`); handlers that only log or write
   are dropped on other ranks (:func:`for_this_rank`).
 - Validation is not sharded: every rank evaluates the whole (small) validation set with the
@@ -139,6 +144,17 @@ def average_gradients(parameters) -> None:
     for p, g in zip(parameters, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
         offset += g.numel()
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """``tensor`` reduced over the ranks (sum unless ``op``), on ``tensor``'s device; ``tensor`` itself without a
+    process group. A CPU tensor travels through this process's GPU when the backend is NCCL (CUDA only)."""
+    if not is_distributed():
+        return tensor
+    on = local_device() if dist.get_backend() == "nccl" else tensor.device
+    reduced = tensor.to(on, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op is None else op)
+    return reduced.to(tensor.device)
 
 
 def gather_lists(values: list) -> list:

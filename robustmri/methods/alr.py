@@ -61,6 +61,7 @@ from torch import nn
 
 from robustmri.data.label_noise import has_label_record, true_labels
 from robustmri.engine.distributed import (
+    all_reduce,
     average_gradients,
     broadcast_module,
     broadcast_object,
@@ -163,10 +164,8 @@ class VoGTracker:
         every rank holds them all; a sample recorded on several ranks (the sampler's padding) keeps their mean."""
         if not is_distributed():
             return
-        seen = self.seen[self._slot].to(torch.float32)
-        total = self.gradients[self._slot] * seen[:, None]
-        torch.distributed.all_reduce(total)
-        torch.distributed.all_reduce(seen)
+        seen = all_reduce(self.seen[self._slot].to(torch.float32))
+        total = all_reduce(self.gradients[self._slot] * self.seen[self._slot, :, None])
         self.gradients[self._slot] = total / seen.clamp_min(1)[:, None]
         self.seen[self._slot] = seen > 0
 
@@ -443,9 +442,8 @@ class ALRHandler:
         if self.in_phase1(epoch):
             for tracker in self.vog.values():
                 tracker.share_epoch()
-            chosen = torch.from_numpy(self._chosen_this_epoch.astype(np.uint8))
-            torch.distributed.all_reduce(chosen, op=torch.distributed.ReduceOp.MAX)
-            self._chosen_this_epoch = chosen.numpy().astype(bool)
+            chosen = torch.from_numpy(self._chosen_this_epoch.astype(np.int32))
+            self._chosen_this_epoch = all_reduce(chosen, torch.distributed.ReduceOp.MAX).numpy().astype(bool)
             self._losses = gather_lists(self._losses)
 
     def _epoch_completed(self, engine: Engine) -> None:
