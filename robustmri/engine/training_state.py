@@ -258,8 +258,8 @@ def restore_run_state(engine: Engine, state: dict, path: str = "training state")
     """Put a :func:`run_state` back: the training state, then every handler's, then the best metrics."""
     unsupported = unresumable_handlers(engine)
     if unsupported:
-        raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved "
-                         "(resume supports naive training, ISR, ISP, AT, N2V, ALR, MW-Net, PIE, PINT and the label audit)")
+        raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved (resume "
+                         "supports naive training, ISR, ISP, AT, N2V, ALR, MW-Net, PIE, PINT and the label audit)")
     handlers = resumable_handlers(engine)
     saved = state.get("handlers", {})
     if set(handlers) != set(saved):

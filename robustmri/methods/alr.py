@@ -21,14 +21,14 @@ The pure functions below are the method; :class:`ALRHandler` wires them into the
 stock MONAI trainer the way the AT handler does: when each iteration starts it trains the
 peer network itself and hands the trainer the subset its own network should learn from.
 
-Under ``torchrun`` (:mod:`robustmri.engine.distributed`) the method keeps the meaning it has in
-one process with the ranks' batches taken together:
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) the method keeps its meaning, with the
+ranks' batches taken together as DDP takes them:
 
 - each rank selects within its own batch (co-teaching's selection is per batch); the trainer's
   DDP network averages the main network's gradients, and the handler averages the peer's
-  (:func:`~robustmri.engine.distributed.average_gradients`), so both networks take the step one
-  process would take on the ranks' batches together; the peer starts from rank 0's weights and
-  takes rank 0's (BatchNorm statistics included) at every epoch end, as the trainer's network does;
+  (:func:`~robustmri.engine.distributed.average_gradients`) the same way, so every rank's peer
+  takes the same step; the peer starts from rank 0's weights and takes rank 0's (BatchNorm
+  statistics included) at every epoch end, as the trainer's network does;
 - at every epoch end the ranks pool what they saw: the label-row gradients recorded for VoG (a
   sample drawn twice in an epoch, by the sampler's padding, keeps the mean of its records), the
   samples each peer trusted and the peer losses, so every rank holds the same VoG history, the

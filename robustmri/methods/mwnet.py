@@ -21,12 +21,12 @@ Under ``torchrun`` (:mod:`robustmri.engine.distributed`) each rank takes the vir
 steps on its own training batch and its own share of the meta batch: the ranks draw meta
 batches from one seeded order of the meta set, each step takes the next ``ranks x
 meta_batch_size`` samples and rank r the r-th share (``meta_batch_size`` is per process, like
-``batch_size``). The weight net's gradient is averaged over the ranks before the meta step
-(:func:`~robustmri.engine.distributed.average_gradients`, as DDP averages the classifier's), so
-every rank holds the same weight net, the one a single process would learn from the ranks'
-batches taken together; it starts from rank 0's and takes rank 0's at every epoch end, as the
-classifier does. The recorded meta loss of an epoch is the mean over every rank's steps; rank 0
-alone writes ``mwnet_summary.json``.
+``batch_size``). The virtual step is each rank's own (its training batch, the weights
+normalised within it, as the real step's loss is); the weight net's gradient is averaged over
+the ranks before the meta step (:func:`~robustmri.engine.distributed.average_gradients`, as DDP
+averages the classifier's), so every rank holds the same weight net. It starts from rank 0's and
+takes rank 0's at every epoch end, as the classifier does. The recorded meta loss of an epoch is
+the mean over every rank's steps; rank 0 alone writes ``mwnet_summary.json``.
 
 Resuming (:mod:`robustmri.engine.training_state`): the handler's state holds the weight net,
 its optimiser, the meta-batch order (generator and queue) and the history.

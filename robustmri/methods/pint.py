@@ -25,8 +25,8 @@ confident.
 
 Under ``torchrun`` (:mod:`robustmri.engine.distributed`) the student is the trainer's DDP
 network, the same on every rank after each step; every rank keeps the teacher as the average of
-the student itself (:func:`~robustmri.influence.adapter.unwrap`), so the teacher's weights are
-the same on every rank and the same as in one process. BatchNorm statistics are updated by each
+the student itself (:func:`~robustmri.influence.adapter.unwrap`, not its DDP wrapper), so the
+teacher's weights are the same on every rank. BatchNorm statistics are updated by each
 rank from its own batches: the teacher takes rank 0's (weights and statistics) at every epoch
 end, as the student does (:class:`~robustmri.engine.distributed.BroadcastState`). Each rank
 judges its own batch (the uncertain share is a rank within each rank's batch, as within each
@@ -250,7 +250,8 @@ class EMATeacherHandler:
 
     def _record(self, engine: Engine) -> None:
         broadcast_module(self.teacher)  # under torchrun: rank 0's teacher (its BatchNorm statistics) on every rank
-        s = {key: gather_lists(values) for key, values in self._stats.items()}  # every rank's batches
+        parts = gather_lists([self._stats])  # under torchrun: every rank's batches
+        s = {key: [value for part in parts for value in part[key]] for key in self._stats}
         entry = {"epoch": engine.state.epoch, "warmup": engine.state.epoch <= self.warmup_epochs}
         if s["uncertain"]:
             uncertain = np.array(s["uncertain"])

@@ -48,7 +48,7 @@ def run_torchrun(args, nproc=2, timeout=420):
 
 
 def _left_behind(group: int, wait: float = 10.0) -> int:
-    """How many processes of process group ``group`` outlived ``wait`` seconds (they are then killed by the group id)."""
+    """How many processes of process group ``group`` outlived ``wait`` seconds (then killed by the group id)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:

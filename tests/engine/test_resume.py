@@ -208,7 +208,8 @@ def test_alr_mwnet_and_pint_killed_mid_epoch_and_resumed_end_like_an_uninterrupt
     execute(_method_workflow(tmp_path, method, "whole", data))
     whole = _method_final(tmp_path / "whole", method)
     epochs = METHOD_RUNS[method]["epochs"]
-    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // epochs
+    state = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)
+    per_epoch = state["iteration"] // epochs
 
     models = tmp_path / "cut" / "models"
     for k, killed_in_epoch in enumerate(KILLED_IN[method]):
