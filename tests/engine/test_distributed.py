@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,3 +263,69 @@ def test_an_alr_torchrun_run_killed_after_its_relabelling_round_resumes_to_the_s
     for name in ("history.json", "alr_summary.json"):
         assert (json.loads((tmp_path / "whole" / "eval" / name).read_text())
                 == json.loads((tmp_path / "cut" / "eval" / name).read_text())), name
+
+
+def _in_two_gloo_ranks(tmp_path, work, timeout=60) -> list:
+    """``work(rank)`` in 2 forked processes joined in a gloo group (no interpreter start-up); each rank's result.
+    A process that outlives ``timeout`` is killed by its PID."""
+    import multiprocessing
+
+    def main(rank):
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=2)
+        try:
+            torch.save(work(rank), tmp_path / f"rank{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+
+    processes = [multiprocessing.get_context("fork").Process(target=main, args=(r,)) for r in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+    assert [p.exitcode for p in processes] == [0, 0]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_the_helpers_methods_use_across_ranks_give_every_rank_the_pooled_result(tmp_path):
+    """VoG records pooled (a sample recorded on both ranks keeps the mean), gradients averaged, lists gathered in
+    rank order, rank 0's object broadcast: checked against what one process computes from both ranks' inputs."""
+    from robustmri.engine import distributed
+    from robustmri.methods.alr import VoGTracker
+
+    ids = [10, 11, 12]
+    recorded = {0: ([10, 11], torch.tensor([[1.0, 2.0], [3.0, 4.0]])), 1: ([12, 11], torch.tensor([[5.0, 6.0],
+                                                                                                   [7.0, 8.0]]))}
+    grads = {0: torch.tensor([1.0, -2.0, 3.0]), 1: torch.tensor([3.0, 2.0, 0.0])}
+
+    def work(rank):
+        tracker = VoGTracker(ids, dim=2, window=2)
+        tracker.start_epoch(1)
+        tracker.record([10, 11, 12], torch.full((3, 2), 9.0))  # an older epoch, the same on both ranks
+        tracker.start_epoch(2)
+        tracker.record(*recorded[rank])
+        tracker.share_epoch()
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        parameter.grad = grads[rank].clone()
+        distributed.average_gradients([parameter])
+        return {"vog": tracker.state_dict(), "scores": tracker.scores(ids), "grad": parameter.grad,
+                "gathered": distributed.gather_lists([f"r{rank}a", f"r{rank}b"]),
+                "broadcast": distributed.broadcast_object(f"from {rank}"),
+                "max": distributed.all_reduce(torch.tensor([rank, 1 - rank]), torch.distributed.ReduceOp.MAX)}
+
+    ranks = _in_two_gloo_ranks(tmp_path, work)
+    one = VoGTracker(ids, dim=2, window=2)  # one process that saw both ranks' batches (11 twice: their mean)
+    one.start_epoch(1)
+    one.record(ids, torch.full((3, 2), 9.0))
+    one.start_epoch(2)
+    one.record([10, 11, 12], torch.tensor([[1.0, 2.0], [5.0, 6.0], [5.0, 6.0]]))
+    for result in ranks:
+        assert torch.equal(result["vog"]["gradients"], one.gradients) and torch.equal(result["vog"]["seen"], one.seen)
+        np.testing.assert_allclose(result["scores"], one.scores(ids))
+        assert torch.equal(result["grad"], torch.tensor([2.0, 0.0, 1.5]))
+        assert result["gathered"] == ["r0a", "r0b", "r1a", "r1b"] and result["broadcast"] == "from 0"
+        assert result["max"].tolist() == [1, 1]
