@@ -18,6 +18,11 @@ Conventions, the same for every method config the overlay is merged onto:
   network and weight average (parameters and BatchNorm statistics, which each rank updates
   from its own batches) to every rank, so validation, the influence step and the saved model
   see one set of weights on every rank.
+- A second network a method keeps beside the trainer's (ALR's peer, MW-Net's weight net, PINT's
+  teacher) follows the same rules: what the method trains by hand has its gradients averaged over
+  the ranks (:func:`average_gradients`, as DDP does), and it takes rank 0's state at every epoch
+  end. Per-epoch records are pooled over the ranks (:func:`gather_lists`), so every rank holds the
+  same method state, the one rank 0 saves for resuming.
 - Files are written by rank 0 only (:func:`is_main_process`); handlers that only log or write
   are dropped on other ranks (:func:`for_this_rank`).
 - Validation is not sharded: every rank evaluates the whole (small) validation set with the
@@ -116,6 +121,58 @@ def broadcast_module(module: nn.Module, source: int = 0) -> None:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src=source)
+
+
+def average_gradients(parameters) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, as DDP does for the wrapped network
+    (one flattened all-reduce; a missing gradient counts as zero). Nothing happens without a process group.
+
+    For a second network a method trains by hand beside the trainer's (ALR's peer, MW-Net's weight
+    net): with its gradient averaged, every rank's optimiser takes the same step, the step one
+    process would take on the ranks' batches together.
+    """
+    if not is_distributed():
+        return
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """``tensor`` reduced over the ranks (sum unless ``op``), on ``tensor``'s device; ``tensor`` itself without a
+    process group. A CPU tensor travels through this process's GPU when the backend is NCCL (CUDA only)."""
+    if not is_distributed():
+        return tensor
+    on = local_device() if dist.get_backend() == "nccl" else tensor.device
+    reduced = tensor.to(on, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op is None else op)
+    return reduced.to(tensor.device)
+
+
+def gather_lists(values: list) -> list:
+    """Every rank's ``values`` (picklable) concatenated in rank order; ``values`` itself without a process group."""
+    if not is_distributed():
+        return list(values)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, list(values))
+    return [value for part in parts for value in part]
+
+
+def broadcast_object(value, source: int = 0):
+    """``source``'s ``value`` (picklable) on every rank; ``value`` itself without a process group."""
+    if not is_distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]
 
 
 class BroadcastState:

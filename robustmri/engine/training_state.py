@@ -17,7 +17,8 @@ half state behind.
 that was killed (the bundle's ``resume`` option, ``training_state_path``). Besides the above it
 holds the state of every attached handler that keeps some (the :class:`Resumable` protocol:
 the influence step's "done" flag, ISR's and PIE's sample weights, ISP's perturbed images, the
-training history, AT's random generator) and the validation's best metric so far, with the
+training history, AT's random generator, ALR's peer network and relabelled labels, MW-Net's
+weight net, PINT's teacher) and the validation's best metric so far, with the
 best-model saver's record, so a resumed run ends exactly as an uninterrupted one.
 """
 
@@ -257,8 +258,8 @@ def restore_run_state(engine: Engine, state: dict, path: str = "training state")
     """Put a :func:`run_state` back: the training state, then every handler's, then the best metrics."""
     unsupported = unresumable_handlers(engine)
     if unsupported:
-        raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved "
-                         "(resume supports naive training, ISR, ISP, AT, N2V, PIE and the label audit)")
+        raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved (resume "
+                         "supports naive training, ISR, ISP, AT, N2V, ALR, MW-Net, PIE, PINT and the label audit)")
     handlers = resumable_handlers(engine)
     saved = state.get("handlers", {})
     if set(handlers) != set(saved):

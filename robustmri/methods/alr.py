@@ -20,13 +20,37 @@ their labels are replaced, and the main network is fine-tuned on kept plus relab
 The pure functions below are the method; :class:`ALRHandler` wires them into the
 stock MONAI trainer the way the AT handler does: when each iteration starts it trains the
 peer network itself and hands the trainer the subset its own network should learn from.
+
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) the method keeps its meaning, with the
+ranks' batches taken together as DDP takes them:
+
+- each rank selects within its own batch (co-teaching's selection is per batch); the trainer's
+  DDP network averages the main network's gradients, and the handler averages the peer's
+  (:func:`~robustmri.engine.distributed.average_gradients`) the same way, so every rank's peer
+  takes the same step; the peer starts from rank 0's weights and takes rank 0's (BatchNorm
+  statistics included) at every epoch end, as the trainer's network does;
+- at every epoch end the ranks pool what they saw: the label-row gradients recorded for VoG (a
+  sample drawn twice in an epoch, by the sampler's padding, keeps the mean of its records), the
+  samples each peer trusted and the peer losses, so every rank holds the same VoG history, the
+  same "kept as clean" set and the same epoch record;
+- a relabelling round is chosen on rank 0 (its network, after the epoch-end broadcast) and every
+  rank applies the same new labels;
+- in phase 2 the ranks draw their batches from one seeded order of the pool: each step takes the
+  next ``ranks x batch_size`` samples and rank r the r-th share, so an epoch fine-tunes on as many
+  samples as in one process;
+- rank 0 alone writes ``alr_summary.json``.
+
+Resuming (:mod:`robustmri.engine.training_state`): the handler's state holds the peer network and
+its optimiser, both VoG histories, the kept and relabelled sets with every training label, the
+pool order (generator and queue) and the epoch and round records.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import os
-import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -36,10 +60,22 @@ from monai.data import list_data_collate
 from torch import nn
 
 from robustmri.data.label_noise import has_label_record, true_labels
+from robustmri.engine.distributed import (
+    all_reduce,
+    average_gradients,
+    broadcast_module,
+    broadcast_object,
+    gather_lists,
+    is_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from robustmri.engine.precision import full_precision
 from robustmri.engine.predictions import entropy, predict_items
 from robustmri.evaluation.metrics import classification_report
 from robustmri.influence import FinalLayer
+from robustmri.influence.adapter import unwrap
 from robustmri.methods import Method
 from robustmri.outputs import write_json
 
@@ -123,6 +159,26 @@ class VoGTracker:
         vog = variance.sqrt().mean(1)
         return torch.where(count >= 2, vog, torch.zeros_like(vog)).numpy()
 
+    def share_epoch(self) -> None:
+        """Under ``torchrun``: pool this epoch's records of every rank (each rank recorded its own batches), so
+        every rank holds them all; a sample recorded on several ranks (the sampler's padding) keeps their mean."""
+        if not is_distributed():
+            return
+        seen = all_reduce(self.seen[self._slot].to(torch.float32))
+        total = all_reduce(self.gradients[self._slot] * self.seen[self._slot, :, None])
+        self.gradients[self._slot] = total / seen.clamp_min(1)[:, None]
+        self.seen[self._slot] = seen > 0
+
+    def state_dict(self) -> dict:
+        return {"gradients": self.gradients.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["gradients"].shape) != tuple(self.gradients.shape):
+            raise ValueError(f"VoG history of shape {tuple(state['gradients'].shape)} saved, this run keeps "
+                             f"{tuple(self.gradients.shape)} (window, samples, features)")
+        self.gradients.copy_(state["gradients"])
+        self.seen.copy_(state["seen"])
+
 
 # -- phase 2: relabelling ---------------------------------------------------------------------------
 
@@ -204,7 +260,8 @@ class ALRHandler:
 
     ``peer_network`` is the second co-teaching network (the trainer's is the first, the one
     that is checkpointed and evaluated). Training items are relabelled in place. Writes
-    ``alr_summary.json`` into ``output_dir``.
+    ``alr_summary.json`` into ``output_dir``. A :class:`~robustmri.engine.training_state.Resumable`
+    handler: its state is put back when the run starts, after the peer's optimiser is built.
     """
 
     def __init__(self, peer_network: nn.Module, train_data: list[dict], val_data: list[dict], output_dir: str,
@@ -236,6 +293,7 @@ class ALRHandler:
         self.round_epochs = 0
         self._kept_report: dict | None = None
         self._losses: list[float] = []
+        self._pending: dict | None = None  # a resumed run's state, put back once the peer's optimiser exists
 
     # -- set-up --
     def attach(self, engine: Engine) -> None:
@@ -257,6 +315,7 @@ class ALRHandler:
     def _start(self, engine: Engine) -> None:
         device = next(engine.network.parameters()).device
         self.peer.to(device)
+        broadcast_module(self.peer)  # under torchrun every rank starts from rank 0's peer, as DDP does for the main
         optimiser = engine.optimizer
         accepted = inspect.signature(type(optimiser)).parameters  # AdamW's defaults hold an option it does not take
         self.peer_optimizer = type(optimiser)(self.peer.parameters(),
@@ -265,9 +324,51 @@ class ALRHandler:
         dim = self.final["main"].layer.in_features
         ids = [int(it["id"]) for it in self.train_data]
         self.vog = {"main": VoGTracker(ids, dim, self.vog_window), "peer": VoGTracker(ids, dim, self.vog_window)}
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
         logger.info("ALR: co-teaching for %d epochs (forget rate to %.3g over %d epochs, VoG mix %.2f), then %d "
                     "relabelling rounds of %d samples, %d epochs each", self.phase1_epochs, self.noise_rate,
                     self.ramp_epochs, self.mix_ratio, self.rounds, self.budget, self.round_epochs)
+
+    # -- resuming (robustmri.engine.training_state.Resumable) --
+    def training_state(self) -> dict:
+        """Peer network and optimiser, VoG histories, kept and relabelled sets, every training label (by id),
+        the pool's generator and queue, and the records so far."""
+        return {"peer": self.peer.state_dict(), "peer_optimizer": self.peer_optimizer.state_dict(),
+                "vog": {name: tracker.state_dict() for name, tracker in self.vog.items()},
+                "ids": torch.as_tensor([int(it["id"]) for it in self.train_data], dtype=torch.long),
+                "labels": torch.as_tensor([int(it["label"]) for it in self.train_data], dtype=torch.long),
+                "kept": torch.from_numpy(self.kept.copy()), "relabelled": torch.from_numpy(self.relabelled.copy()),
+                "rng": self.rng.bit_generator.state, "pool_queue": [int(p) for p in self._pool_queue],
+                "epochs_log": copy.deepcopy(self.epochs_log), "rounds_log": copy.deepcopy(self.rounds_log),
+                "kept_report": copy.deepcopy(self._kept_report)}
+
+    def load_training_state(self, state: dict) -> None:
+        """Put ``state`` back now if the run has started, else when it starts (the trainer restores first)."""
+        if self.peer_optimizer is None:
+            self._pending = state
+        else:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        ids = [int(it["id"]) for it in self.train_data]
+        if state["ids"].tolist() != ids:
+            raise ValueError("ALR: the saved state was written for other training samples: resume with the data "
+                             "that wrote it")
+        self.peer.load_state_dict(state["peer"])
+        self.peer_optimizer.load_state_dict(state["peer_optimizer"])
+        for name, tracker in self.vog.items():
+            tracker.load_state_dict(state["vog"][name])
+        for item, label in zip(self.train_data, state["labels"].tolist()):
+            item["label"] = int(label)  # the relabelled samples' new labels
+        self.kept = state["kept"].numpy().astype(bool).copy()
+        self.relabelled = state["relabelled"].numpy().astype(bool).copy()
+        self.rng.bit_generator.state = state["rng"]
+        self._pool_queue = [int(p) for p in state["pool_queue"]]
+        self.epochs_log = copy.deepcopy(list(state["epochs_log"]))
+        self.rounds_log = copy.deepcopy(list(state["rounds_log"]))
+        self._kept_report = copy.deepcopy(state["kept_report"])
 
     def in_phase1(self, epoch: int) -> bool:
         return epoch <= self.phase1_epochs
@@ -305,6 +406,7 @@ class ALRHandler:
         self.peer_optimizer.zero_grad(set_to_none=True)
         peer_loss = nn.functional.cross_entropy(self.peer(images[for_peer]), labels[for_peer])
         peer_loss.backward()
+        average_gradients(self.peer.parameters())  # under torchrun: the ranks' batches together, as DDP does
         self.peer_optimizer.step()
         self._losses.append(float(peer_loss.detach()))
         # ... and the trainer teaches the main network what the peer trusts
@@ -313,12 +415,18 @@ class ALRHandler:
         engine.state.batch = _subset(batch, torch.as_tensor(for_main))
 
     def _pool_batch(self, size: int) -> dict:
+        """The next ``size`` pool samples of this rank: its share of the next ``ranks x size`` of the pool order."""
         pool = np.flatnonzero(self.kept | self.relabelled)
         if len(pool) == 0:
             raise RuntimeError("co-teaching kept no training sample: nothing to fine-tune on")
-        if len(self._pool_queue) < size:
+        ranks, this = world_size(), rank()
+        if len(self._pool_queue) < size * ranks:
             self._pool_queue += self.rng.permutation(pool).tolist()
-        positions, self._pool_queue = self._pool_queue[:size], self._pool_queue[size:]
+        step, self._pool_queue = self._pool_queue[:size * ranks], self._pool_queue[size * ranks:]
+        low, high = len(step) * this // ranks, len(step) * (this + 1) // ranks
+        positions = step[low:high]
+        if not positions:
+            raise RuntimeError(f"ALR: a pool of {len(pool)} samples cannot give each of {ranks} ranks a batch")
         if self.batches is not None:  # the trainer's own data path, augmentation included
             return self.batches(positions)
         items = [{"image": self.train_data[p]["image"], "label": int(self.train_data[p]["label"]),
@@ -326,8 +434,21 @@ class ALRHandler:
         return list_data_collate(items)
 
     # -- epoch ends and rounds --
+    def _share_epoch(self, epoch: int) -> None:
+        """Under ``torchrun``: rank 0's peer on every rank, and every rank's records of this epoch pooled."""
+        if not is_distributed():
+            return
+        broadcast_module(self.peer)
+        if self.in_phase1(epoch):
+            for tracker in self.vog.values():
+                tracker.share_epoch()
+            chosen = torch.from_numpy(self._chosen_this_epoch.astype(np.int32))
+            self._chosen_this_epoch = all_reduce(chosen, torch.distributed.ReduceOp.MAX).numpy().astype(bool)
+            self._losses = gather_lists(self._losses)
+
     def _epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
+        self._share_epoch(epoch)
         entry = {"epoch": epoch, "phase": 1 if self.in_phase1(epoch) else 2}
         if self.in_phase1(epoch):
             entry.update({"forget_rate": forget_rate(epoch - 1, self.noise_rate, self.ramp_epochs, self.exponent),
@@ -346,12 +467,16 @@ class ALRHandler:
             self._relabel_round(engine)
 
     def _relabel_round(self, engine: Engine) -> None:
-        network = engine.network
-        device = next(network.parameters()).device
+        """Rank 0 picks the samples (every rank holds its network after the epoch-end broadcast); all relabel them."""
         candidates = ~(self.kept | self.relabelled)
-        logits, _, _ = predict_items(network, self.train_data, self.batch_size, device)
-        entropies = entropy(torch.softmax(logits, 1)).numpy()
-        selected = select_for_relabelling(entropies, candidates, self.budget)
+        selected = None
+        if is_main_process():
+            network = unwrap(engine.network)
+            device = next(network.parameters()).device
+            logits, _, _ = predict_items(network, self.train_data, self.batch_size, device)
+            entropies = entropy(torch.softmax(logits, 1)).numpy()
+            selected = select_for_relabelling(entropies, candidates, self.budget).tolist()
+        selected = np.asarray(broadcast_object(selected), dtype=np.int64)
         given = np.array([int(it["label"]) for it in self.train_data])
         answers = self.oracle([self.train_data[p] for p in selected])
         new_labels, changed = relabel(given, selected, answers)
@@ -381,8 +506,10 @@ class ALRHandler:
                 "clean_recall_by_class": {str(k): v for k, v in recall.items()}}
 
     def _validation_metrics(self, network: nn.Module) -> dict:
+        """On the whole validation set, on every rank (each holds rank 0's network after the epoch-end broadcast)."""
         if not self.val_data:
             return {}
+        network = unwrap(network)
         device = next(network.parameters()).device
         logits, labels, _ = predict_items(network, self.val_data, self.batch_size, device)
         report = classification_report(labels.numpy(), torch.softmax(logits, 1).numpy(),
@@ -390,6 +517,8 @@ class ALRHandler:
         return {"val_balanced_accuracy": report["balanced_accuracy"], "val_macro_f1": report["macro_f1"]}
 
     def _write(self, engine: Engine) -> None:
+        if not is_main_process():  # under torchrun every rank holds the same records; rank 0 writes them
+            return
         write_json(os.path.join(self.output_dir, METHOD.summary), {
             "method": "ALR (co-teaching + VoG, active relabelling)", "noise_rate_estimate": self.noise_rate,
             "mix_ratio": self.mix_ratio, "vog_window": self.vog_window, "phase1_epochs": self.phase1_epochs,

@@ -16,10 +16,25 @@ The virtual step is plain SGD with rate ``virtual_lr`` whatever the real optimis
 authors used SGD for both; with Adam the virtual step is the usual first-order stand-in).
 BatchNorm statistics are updated by the virtual step on copies only, so the real
 network's buffers change once per iteration, as in plain training.
+
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) each rank takes the virtual and meta
+steps on its own training batch and its own share of the meta batch: the ranks draw meta
+batches from one seeded order of the meta set, each step takes the next ``ranks x
+meta_batch_size`` samples and rank r the r-th share (``meta_batch_size`` is per process, like
+``batch_size``). The virtual step is each rank's own (its training batch, the weights
+normalised within it, as the real step's loss is); the weight net's gradient is averaged over
+the ranks before the meta step (:func:`~robustmri.engine.distributed.average_gradients`, as DDP
+averages the classifier's), so every rank holds the same weight net. It starts from rank 0's and
+takes rank 0's at every epoch end, as the classifier does. The recorded meta loss of an epoch is
+the mean over every rank's steps; rank 0 alone writes ``mwnet_summary.json``.
+
+Resuming (:mod:`robustmri.engine.training_state`): the handler's state holds the weight net,
+its optimiser, the meta-batch order (generator and queue) and the history.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -31,7 +46,16 @@ from torch.func import functional_call
 
 from robustmri.data.batching import item_batches
 from robustmri.data.label_noise import has_label_record, true_labels
+from robustmri.engine.distributed import (
+    average_gradients,
+    broadcast_module,
+    gather_lists,
+    is_main_process,
+    rank,
+    world_size,
+)
 from robustmri.engine.predictions import predict_items
+from robustmri.influence.adapter import unwrap
 from robustmri.methods import Method
 from robustmri.outputs import write_json
 
@@ -87,13 +111,16 @@ def meta_loss_after_virtual_step(model: nn.Module, weight_net: nn.Module, images
 
 def meta_step(model: nn.Module, weight_net: nn.Module, meta_optimizer: torch.optim.Optimizer, images, labels,
               meta_images, meta_labels, virtual_lr: float) -> float:
-    """One update of the weight net on the meta loss after a virtual step; returns the meta loss."""
+    """One update of the weight net on the meta loss after a virtual step; returns the meta loss.
+
+    Under ``torchrun`` the weight net's gradient is averaged over the ranks before the update."""
     meta_loss = meta_loss_after_virtual_step(model, weight_net, images, labels, meta_images, meta_labels, virtual_lr)
     weight_params = [p for p in weight_net.parameters() if p.requires_grad]
     grads = torch.autograd.grad(meta_loss, weight_params)
     meta_optimizer.zero_grad(set_to_none=True)
     for p, g in zip(weight_params, grads):
         p.grad = g
+    average_gradients(weight_params)
     meta_optimizer.step()
     return float(meta_loss.detach())
 
@@ -120,7 +147,9 @@ class MetaWeightNetHandler:
     The trainer's loss must be the :class:`MetaWeightedCrossEntropy` holding the same weight net.
     Meta batches cycle through the clean validation set in a seeded random order. Writes
     ``mwnet_summary.json`` (meta loss and the learnt loss-to-weight curve per epoch; the mean
-    weight of wrongly and correctly labelled samples when the protocol recorded them).
+    weight of wrongly and correctly labelled samples when the protocol recorded them). A
+    :class:`~robustmri.engine.training_state.Resumable` handler: its state is put back when the run
+    starts, after the weight net is on the trainer's device.
     """
 
     def __init__(self, loss: MetaWeightedCrossEntropy, val_data: list[dict], output_dir: str,
@@ -140,23 +169,61 @@ class MetaWeightNetHandler:
         self._queue: list[int] = []
         self._meta_losses: list[float] = []
         self.history: list[dict] = []
+        self._started = False
+        self._pending: dict | None = None  # a resumed run's state, put back once the weight net is on its device
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_STARTED, self)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._record)
         engine.add_event_handler(Events.COMPLETED, self._write)
 
+    def _start(self, engine: Engine) -> None:
+        self.weight_net.to(next(engine.network.parameters()).device)
+        broadcast_module(self.weight_net)  # under torchrun every rank starts from rank 0's weight net
+        self._started = True
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    # -- resuming (robustmri.engine.training_state.Resumable) --
+    def training_state(self) -> dict:
+        """The weight net and its optimiser, the meta-batch order (generator and queue) and the history."""
+        return {"weight_net": self.weight_net.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                "rng": self.rng.bit_generator.state, "queue": [int(p) for p in self._queue],
+                "history": copy.deepcopy(self.history)}
+
+    def load_training_state(self, state: dict) -> None:
+        """Put ``state`` back now if the run has started, else when it starts (the trainer restores first)."""
+        if self._started:
+            self._restore(state)
+        else:
+            self._pending = state
+
+    def _restore(self, state: dict) -> None:
+        self.weight_net.load_state_dict(state["weight_net"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self._queue = [int(p) for p in state["queue"]]
+        self.history = copy.deepcopy(list(state["history"]))
+
     def next_meta_batch(self) -> dict:
-        if len(self._queue) < self.meta_batch_size:
+        """This rank's share of the next ``ranks x meta_batch_size`` samples of the seeded meta-set order."""
+        ranks, this = world_size(), rank()
+        need = self.meta_batch_size * ranks
+        if len(self._queue) < need:
             self._queue += self.rng.permutation(len(self.val_data)).tolist()
-        positions, self._queue = self._queue[:self.meta_batch_size], self._queue[self.meta_batch_size:]
+        step, self._queue = self._queue[:need], self._queue[need:]
+        positions = step[len(step) * this // ranks:len(step) * (this + 1) // ranks]
+        if not positions:
+            raise ValueError(f"mwnet: a meta set of {len(self.val_data)} samples cannot give each of {ranks} ranks "
+                             "a meta batch")
         return next(item_batches(self.val_data, len(positions), positions))
 
     def __call__(self, engine: Engine) -> None:
         batch = engine.state.batch
-        network = engine.network
+        network = unwrap(engine.network)  # the virtual step runs the network functionally, not through DDP
         device = next(network.parameters()).device
-        self.weight_net.to(device)
         network.train()
         meta = self.next_meta_batch()
         self._meta_losses.append(meta_step(
@@ -170,14 +237,18 @@ class MetaWeightNetHandler:
             return {f"{x:.2f}": float(w) for x, w in zip(grid.tolist(), self.weight_net(grid).tolist())}
 
     def _record(self, engine: Engine) -> None:
-        self.history.append({"epoch": engine.state.epoch, "meta_loss": float(np.mean(self._meta_losses)),
+        broadcast_module(self.weight_net)  # under torchrun: rank 0's, as for the classifier
+        meta_losses = gather_lists(self._meta_losses)  # every rank's steps
+        self.history.append({"epoch": engine.state.epoch, "meta_loss": float(np.mean(meta_losses)),
                              "weight_by_loss": self.weight_curve()})
         self._meta_losses = []
 
     def _write(self, engine: Engine) -> None:
+        if not is_main_process():  # under torchrun every rank holds the same history; rank 0 writes it
+            return
         summary = {"method": "MW-Net", "virtual_lr": self.virtual_lr, "history": self.history}
         if self.train_data and has_label_record(self.train_data):
-            network = engine.network
+            network = unwrap(engine.network)
             device = next(network.parameters()).device
             logits, labels, _ = predict_items(network, self.train_data, 64, device)
             with torch.no_grad():

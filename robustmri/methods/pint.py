@@ -22,6 +22,19 @@ log C for r above 0.16 at C = 3, so a fixed threshold calls every sample uncerta
 becomes self-training without labels, which collapsed to one class on the figshare slices.
 For the first ``warmup_epochs`` the teacher is still poor and every sample counts as
 confident.
+
+Under ``torchrun`` (:mod:`robustmri.engine.distributed`) the student is the trainer's DDP
+network, the same on every rank after each step; every rank keeps the teacher as the average of
+the student itself (:func:`~robustmri.influence.adapter.unwrap`, not its DDP wrapper), so the
+teacher's weights are the same on every rank. BatchNorm statistics are updated by each
+rank from its own batches: the teacher takes rank 0's (weights and statistics) at every epoch
+end, as the student does (:class:`~robustmri.engine.distributed.BroadcastState`). Each rank
+judges its own batch (the uncertain share is a rank within each rank's batch, as within each
+batch in one process); the ranks' perturbation generators start from the same seed. The
+epoch's statistics are pooled over the ranks; rank 0 alone writes ``pint_summary.json``.
+
+Resuming (:mod:`robustmri.engine.training_state`): the handler's state holds the teacher, the
+number of EMA updates (the ramp's position), the perturbation generator and the history.
 """
 
 from __future__ import annotations
@@ -36,7 +49,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from robustmri.engine.distributed import broadcast_module, gather_lists, is_main_process
 from robustmri.engine.predictions import entropy
+from robustmri.influence.adapter import unwrap
 from robustmri.methods import Method
 from robustmri.networks import eval_mode
 from robustmri.outputs import write_json
@@ -146,7 +161,10 @@ class TeacherGuidedCrossEntropy(nn.Module):
 
 
 class EMATeacherHandler:
-    """Keeps the EMA teacher, sets the loss's per-batch teacher outputs, writes ``pint_summary.json``."""
+    """Keeps the EMA teacher, sets the loss's per-batch teacher outputs, writes ``pint_summary.json``.
+
+    A :class:`~robustmri.engine.training_state.Resumable` handler: its state is put back when the run
+    starts, after the teacher is built."""
 
     def __init__(self, loss: TeacherGuidedCrossEntropy, output_dir: str, decay: float = 0.99, repeats: int = 4,
                  noise_std: float = 0.05, warmup_epochs: int = 1, seed: int = 0,
@@ -165,6 +183,7 @@ class EMATeacherHandler:
         self.updates, self._num_classes = 0, 0
         self.history: list[dict] = []
         self._stats: dict[str, list] = {}
+        self._pending: dict | None = None  # a resumed run's state, put back once the teacher exists
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -175,8 +194,30 @@ class EMATeacherHandler:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _start(self, engine: Engine) -> None:
-        self.teacher = make_teacher(engine.network)
+        self.teacher = make_teacher(unwrap(engine.network))  # the network, not its DDP wrapper
         self.updates = 0
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    # -- resuming (robustmri.engine.training_state.Resumable) --
+    def training_state(self) -> dict:
+        """The teacher, the number of EMA updates, the perturbation generator and the history."""
+        return {"teacher": self.teacher.state_dict(), "updates": int(self.updates),
+                "generator": self.generator.get_state(), "history": copy.deepcopy(self.history)}
+
+    def load_training_state(self, state: dict) -> None:
+        """Put ``state`` back now if the run has started, else when it starts (the trainer restores first)."""
+        if self.teacher is None:
+            self._pending = state
+        else:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.updates = int(state["updates"])
+        self.generator.set_state(state["generator"])
+        self.history = copy.deepcopy(list(state["history"]))
 
     def _reset(self, engine: Engine) -> None:
         self._stats = {"uncertain": [], "certainty": [], "agree": [], "wrong": [], "pseudo_correct": [], "pseudo": []}
@@ -204,11 +245,13 @@ class EMATeacherHandler:
             self._stats["pseudo_correct"] += (pseudo.cpu() == truth).tolist()
 
     def _after_step(self, engine: Engine) -> None:
-        ema_update(self.teacher, engine.network, ramped_decay(self.decay, self.updates))
+        ema_update(self.teacher, unwrap(engine.network), ramped_decay(self.decay, self.updates))
         self.updates += 1
 
     def _record(self, engine: Engine) -> None:
-        s = self._stats
+        broadcast_module(self.teacher)  # under torchrun: rank 0's teacher (its BatchNorm statistics) on every rank
+        parts = gather_lists([self._stats])  # under torchrun: every rank's batches
+        s = {key: [value for part in parts for value in part[key]] for key in self._stats}
         entry = {"epoch": engine.state.epoch, "warmup": engine.state.epoch <= self.warmup_epochs}
         if s["uncertain"]:
             uncertain = np.array(s["uncertain"])
@@ -226,6 +269,8 @@ class EMATeacherHandler:
         self.history.append(entry)
 
     def _write(self, engine: Engine) -> None:
+        if not is_main_process():  # under torchrun every rank holds the same history; rank 0 writes it
+            return
         write_json(os.path.join(self.output_dir, METHOD.summary), {
             "method": "PINT-style EMA teacher", "decay": self.decay, "repeats": self.repeats,
             "noise_std": self.noise_std, "uncertain_fraction": self.loss.uncertain_fraction,

@@ -143,3 +143,97 @@ def test_an_isr_run_interrupted_after_the_influence_step_resumes_with_its_sample
         assert all(torch.equal(a[k], b[k]) for k in a), name
     history = [json.loads((tmp_path / n / "eval" / "history.json").read_text()) for n in ("whole", "cut")]
     assert history[0] == history[1] and len(history[0]) == 3
+
+
+# -- ALR, MW-Net and PINT: their handlers' own state (peer network, weight net, teacher) resumes too -----------------
+
+#: Noisy labels (what the three methods are for), 3 or 4 epochs: ALR co-teaches for 2 epochs, then relabels 3 samples
+#: after epochs 2 and 3 and fine-tunes; PINT's teacher takes over after epoch 1.
+METHOD_RUNS = {
+    "alr": {"epochs": 4, "alr_phase1_epochs": 2, "alr_rounds": 2, "alr_budget": 3},
+    "mwnet": {"epochs": 3},
+    "pint": {"epochs": 3, "pint_warmup_epochs": 1},
+}
+#: The epochs in whose middle the run is killed, one after another (each time resumed with ``resume``).
+KILLED_IN = {"alr": (2, 3), "mwnet": (2,), "pint": (2,)}
+HANDLER = {"alr": "ALRHandler#0", "mwnet": "MetaWeightNetHandler#0", "pint": "EMATeacherHandler#0"}
+
+
+def _method_workflow(tmp_path, method, folder, data, resume=False, kill_at=None):
+    from robustmri.engine.workflow import inject_protocol, load_workflow
+
+    overrides = {"spatial_size": 32, "network_padding": 2, "synthetic_patients": 30, "batch_size": 8,
+                 "dataset_dir": "", "seed": 4, "label_noise": "symmetric", "label_noise_rate": 0.2,
+                 **METHOD_RUNS[method], "resume": resume, "ckpt_dir": str(tmp_path / folder / "models"),
+                 "output_dir": str(tmp_path / folder / "eval")}
+    workflow = load_workflow(BUNDLE, [f"{method}.json"], overrides, drop_handlers=("ProgressBar",))
+    if data is not None:
+        inject_protocol(workflow, data)
+    if kill_at is not None:  # SIGKILL to this very process when that iteration completes
+        workflow.parser["initialize"] = [*workflow.parser["initialize"],
+                                         f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED"
+                                         f"(once={kill_at}), lambda engine: os.kill(os.getpid(), 9))"]
+    return workflow
+
+
+def _killed_in_a_child(run, timeout=120) -> int:
+    """``run()`` in a forked child (the modules already imported, so no start-up cost); its exit code.
+    The child is killed by its PID if it outlives ``timeout``."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    return child.exitcode
+
+
+def _method_final(folder, method):
+    from robustmri.methods import registry
+
+    return {"model": torch.load(folder / "models" / "model.pt", weights_only=True),
+            "best": torch.load(folder / "models" / "model_best_val.pt", weights_only=True),
+            "history": json.loads((folder / "eval" / "history.json").read_text()),
+            "summary": json.loads((folder / "eval" / registry()[method].summary).read_text())}
+
+
+@pytest.mark.parametrize("method", ["alr", "mwnet", "pint"])
+def test_alr_mwnet_and_pint_killed_mid_epoch_and_resumed_end_like_an_uninterrupted_run(tmp_path, method):
+    from robustmri.data.protocol import build_protocol
+    from robustmri.engine.workflow import execute, protocol_arguments
+
+    data = build_protocol(**protocol_arguments(_method_workflow(tmp_path, method, "probe", None)))
+    execute(_method_workflow(tmp_path, method, "whole", data))
+    whole = _method_final(tmp_path / "whole", method)
+    epochs = METHOD_RUNS[method]["epochs"]
+    state = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)
+    per_epoch = state["iteration"] // epochs
+
+    models = tmp_path / "cut" / "models"
+    for k, killed_in_epoch in enumerate(KILLED_IN[method]):
+        iteration = (killed_in_epoch - 1) * per_epoch + per_epoch // 2
+        code = _killed_in_a_child(lambda: execute(_method_workflow(tmp_path, method, "cut", data, resume=k > 0,
+                                                                   kill_at=iteration)))
+        assert code == -signal.SIGKILL
+        state = torch.load(models / "training_state.pt", weights_only=True)
+        assert state["epoch"] == killed_in_epoch - 1 and not (models / "model.pt").exists()
+        saved = state["handlers"][HANDLER[method]]
+        if method == "alr":  # after epoch 2 (phase 1's last): the kept set and round 1's relabelled samples
+            assert int(saved["relabelled"].sum()) == (3 if killed_in_epoch == 3 else 0)
+            assert len(saved["rounds_log"]) == (1 if killed_in_epoch == 3 else 0)
+            assert bool(saved["kept"].any()) == (killed_in_epoch == 3)
+            assert saved["vog"]["main"]["seen"].any()
+        elif method == "pint":
+            assert saved["updates"] == per_epoch and len(saved["history"]) == 1
+        else:
+            assert len(saved["history"]) == 1 and saved["meta_optimizer"]["state"]
+
+    execute(_method_workflow(tmp_path, method, "cut", data, resume=True))
+    resumed = _method_final(tmp_path / "cut", method)
+    assert resumed["history"] == whole["history"] and len(whole["history"]) == epochs
+    assert resumed["summary"] == whole["summary"]  # the method's own per-epoch record (and ALR's rounds)
+    for name in ("model", "best"):
+        for key, value in whole[name].items():
+            assert torch.equal(resumed[name][key], value), (name, key)

@@ -77,3 +77,35 @@ def test_a_state_saved_with_a_weight_average_does_not_resume_a_run_without_one(t
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert "disagree on keeping a weight average" in str(cause)
+
+
+def test_every_method_handler_is_resumable_and_one_that_is_not_is_refused():
+    """Every trainer handler of ``robustmri.methods`` (a class with ``attach``) saves its state; a method handler
+    without the Resumable protocol makes resuming fail with a message naming it."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from ignite.engine import Engine, Events
+
+    import robustmri.methods
+    from robustmri.engine.training_state import is_resumable, restore_run_state
+
+    handlers = []
+    for module in pkgutil.iter_modules(robustmri.methods.__path__):
+        found = importlib.import_module(f"robustmri.methods.{module.name}")
+        handlers += [c for _, c in inspect.getmembers(found, inspect.isclass)
+                     if c.__module__ == found.__name__ and callable(getattr(c, "attach", None))]
+    names = {c.__name__ for c in handlers}
+    assert {"ALRHandler", "MetaWeightNetHandler", "EMATeacherHandler", "FGSMTrainingHandler"} <= names
+    assert [c.__name__ for c in handlers if not is_resumable(c.__new__(c))] == []
+
+    class Forgetful:
+        def __call__(self, engine):
+            pass
+
+    Forgetful.__module__ = "robustmri.methods.example"
+    engine = Engine(lambda engine, batch: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, Forgetful())
+    with pytest.raises(ValueError, match=r"state.pt: cannot resume: the state of .*Forgetful is not saved"):
+        restore_run_state(engine, {}, "state.pt")
