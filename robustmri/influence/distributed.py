@@ -43,8 +43,11 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(tensor)
-    return tensor
+    """The sum of ``tensor`` over the ranks (a new tensor on ``tensor``'s device). The solver's sums live on the
+    CPU in float64; under NCCL they travel through this process's GPU (:func:`robustmri.engine.distributed.all_reduce`)."""
+    from robustmri.engine.distributed import all_reduce
+
+    return all_reduce(tensor)
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
