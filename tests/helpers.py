@@ -149,3 +149,45 @@ def axes_ratio(mask) -> float:
     """Rows/cols extent of a filled blob from its second moments (an ellipse's semi-axis ratio)."""
     rows, cols = np.nonzero(mask)
     return float(np.sqrt(rows.var() / cols.var()))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def run_ranks(worker, folder, *args, world_size: int = 2, timeout: float = 120) -> list:
+    """Start ``worker(rank, world_size, port, folder, *args)`` in ``world_size`` spawned processes (a gloo group
+    on a free port); kill any still alive after ``timeout`` s by PID; every rank must exit 0. Returns the
+    ``result{rank}.pt`` each wrote into ``folder``."""
+    import signal
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(r, world_size, port, str(folder), *args))
+                 for r in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(timeout)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return [torch.load(Path(folder) / f"result{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def assert_close(a, b, rtol: float = 1e-5) -> None:
+    """``a`` equals ``b`` within ``rtol`` of ``b``'s largest magnitude (as float64)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    scale = b.abs().max().clamp_min(1e-30)
+    assert ((a - b).abs().max() / scale) <= rtol, float((a - b).abs().max() / scale)

@@ -205,6 +205,15 @@ def test_evaluation_under_torchrun_reports_what_one_process_reports(tmp_path):
             assert two[tag][key] == pytest.approx(one[tag][key], rel=1e-6), (tag, key)
 
 
+def _killing_rank_1(tmp_path, config: str, iteration: int, common: list[str]) -> list[str]:
+    """``common`` (``--config_file`` first) with an overlay that SIGKILLs rank 1 when ``iteration`` completes."""
+    killer = tmp_path / "kill.json"
+    killer.write_text(json.dumps({"+initialize": [
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={iteration}), "
+        "lambda engine: os.kill(os.getpid(), 9) if robustmri.engine.distributed.rank() == 1 else None)"]}))
+    return ["--config_file", f"['{config}','configs/multi_gpu_train.json','{killer}']", *common[2:]]
+
+
 @pytest.mark.slow
 def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(tmp_path):
     """2 ranks: SIGKILL one rank mid-epoch 3 (the launcher then ends the other), resume with ``--resume true``."""
@@ -213,11 +222,7 @@ def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(
     code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "whole")])
     assert code == 0, output[-4000:]
     per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 4
-    killer = tmp_path / "kill.json"
-    killer.write_text(json.dumps({"+initialize": [
-        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={2 * per_epoch + 1}), "
-        "lambda engine: os.kill(os.getpid(), 9) if robustmri.engine.distributed.rank() == 1 else None)"]}))
-    killed = ["--config_file", f"['configs/isp.json','configs/multi_gpu_train.json','{killer}']", *common[2:]]
+    killed = _killing_rank_1(tmp_path, "configs/isp.json", 2 * per_epoch + 1, common)
     code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
     assert code != 0
     state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
@@ -243,11 +248,7 @@ def test_an_alr_torchrun_run_killed_after_its_relabelling_round_resumes_to_the_s
     assert code == 0, output[-4000:]
     assert output.count("ALR round 1:") == 2  # logged by both ranks
     per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 3
-    killer = tmp_path / "kill.json"
-    killer.write_text(json.dumps({"+initialize": [
-        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={2 * per_epoch + 1}), "
-        "lambda engine: os.kill(os.getpid(), 9) if robustmri.engine.distributed.rank() == 1 else None)"]}))
-    killed = ["--config_file", f"['configs/alr.json','configs/multi_gpu_train.json','{killer}']", *common[2:]]
+    killed = _killing_rank_1(tmp_path, "configs/alr.json", 2 * per_epoch + 1, common)
     code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
     assert code != 0
     state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)

@@ -8,19 +8,18 @@ and killed by PID.
 
 import copy
 import os
-import signal
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from robustmri.engine.losses import SampleWeightedCrossEntropy
 from robustmri.influence.distributed import shard_bounds
 from robustmri.methods.isp import ISPHandler
 from robustmri.methods.isr import ISRHandler
 from robustmri.networks import PaperCNN
+
+from helpers import assert_close, run_ranks
 
 SIZE, N_TRAIN, N_VAL = 32, 31, 11  # odd counts: the shards differ in length
 
@@ -71,35 +70,10 @@ def _worker(rank, world_size, port, folder, solver):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
 
 
-def _run_ranks(folder, solver, world_size=2, timeout=120):
-    context = mp.get_context("spawn")
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(r, world_size, port, str(folder), solver))
-                 for r in range(world_size)]
-    for process in processes:
-        process.start()
-    try:
-        for process in processes:
-            process.join(timeout)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGKILL)
-                process.join()
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(folder / f"result{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-def _close(a, b, rtol=1e-5):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    scale = b.abs().max().clamp_min(1e-30)
-    assert ((a - b).abs().max() / scale) <= rtol, float((a - b).abs().max() / scale)
 
 
 def test_shards_cover_every_sample_once():
@@ -115,15 +89,15 @@ def test_shards_cover_every_sample_once():
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 def test_two_ranks_give_the_scores_weights_and_images_of_one_process(tmp_path, solver):
     single = _step(_network(bn_seed=10), str(tmp_path / "single"), solver)  # rank 0's BatchNorm statistics
-    ranks = _run_ranks(tmp_path, solver)
+    ranks = run_ranks(_worker, tmp_path, solver)
     other_bn = _step(_network(bn_seed=11), str(tmp_path / "other"), solver)
     assert not torch.allclose(other_bn["scores"], single["scores"], rtol=1e-4)  # the statistics do matter
     for result in ranks:
         assert torch.equal(result["ids"], single["ids"])
-        _close(result["scores"], single["scores"])
-        _close(result["isp_scores"], single["isp_scores"])
-        _close(result["weights"], single["weights"])
-        _close(result["images"], single["images"])  # every rank holds the whole perturbed set
+        assert_close(result["scores"], single["scores"])
+        assert_close(result["isp_scores"], single["isp_scores"])
+        assert_close(result["weights"], single["weights"])
+        assert_close(result["images"], single["images"])  # every rank holds the whole perturbed set
     assert torch.equal(ranks[0]["scores"], ranks[1]["scores"]) and torch.equal(ranks[0]["images"], ranks[1]["images"])
     assert not torch.equal(ranks[0]["images"], torch.stack([torch.from_numpy(i["image"]) for i in _data()[0]]))
     # rank 0 alone writes; the exchange is measured: a float32 image plus a few bytes per image

@@ -12,13 +12,10 @@ import copy
 import json
 import os
 import re
-import signal
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from robustmri.engine.losses import SampleWeightedCrossEntropy
 from robustmri.influence import influence_ranking
@@ -27,7 +24,7 @@ from robustmri.methods.pie import PIEHandler, find_hard_samples, finetune
 from robustmri.networks import PaperCNN
 
 from engine.test_distributed import run_torchrun
-from helpers import NOISY, TINY, output_dirs
+from helpers import NOISY, TINY, assert_close, output_dirs, run_ranks
 
 SIZE, N_TRAIN, N_VAL = 32, 31, 11  # odd counts: the shards differ in length
 SPARSITY = 0.3
@@ -95,34 +92,10 @@ def _worker(rank, world_size, port, folder):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
 
 
-def _run_ranks(folder, world_size=2, timeout=150):
-    context = mp.get_context("spawn")
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(r, world_size, port, str(folder))) for r in range(world_size)]
-    for process in processes:
-        process.start()
-    try:
-        for process in processes:
-            process.join(timeout)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGKILL)
-                process.join()
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(folder / f"result{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-def _close(a, b, rtol=1e-5):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    scale = b.abs().max().clamp_min(1e-30)
-    assert ((a - b).abs().max() / scale) <= rtol, float((a - b).abs().max() / scale)
 
 
 @pytest.mark.slow
@@ -130,7 +103,7 @@ def test_two_ranks_audit_and_find_hard_samples_as_one_process(tmp_path):
     state = _trained_state()
     torch.save(state, tmp_path / "state.pt")
     single = _steps(_network(state, bn_seed=10), str(tmp_path / "single"))  # rank 0's BatchNorm statistics
-    ranks = _run_ranks(tmp_path)
+    ranks = run_ranks(_worker, tmp_path, timeout=150)
     other_bn = _steps(_network(state, bn_seed=11), str(tmp_path / "other"))
     assert not torch.allclose(other_bn["audit"]["scores"], single["audit"]["scores"], rtol=1e-4)  # they matter
     assert not torch.allclose(other_bn["audit"]["self_influence"], single["audit"]["self_influence"], rtol=1e-4)
@@ -144,7 +117,7 @@ def test_two_ranks_audit_and_find_hard_samples_as_one_process(tmp_path):
         audit = result["audit"]
         assert torch.equal(audit["ids"], one["ids"]) and torch.equal(audit["labels"], one["labels"])
         for key in ("scores", "self_influence", "losses"):
-            _close(audit[key], one[key])
+            assert_close(audit[key], one[key])
         np.testing.assert_array_equal(influence_ranking(audit["scores"]), influence_ranking(one["scores"]))
         np.testing.assert_array_equal(influence_ranking(audit["self_influence"]),
                                       influence_ranking(one["self_influence"]))
