@@ -40,6 +40,8 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch import nn
 
+from robustmri.influence.distributed import all_reduce  # noqa: F401  (re-exported: methods use it from here)
+
 logger = logging.getLogger(__name__)
 
 #: Handlers that only log or write files: rank 0 keeps them, other ranks drop them.
@@ -144,17 +146,6 @@ def average_gradients(parameters) -> None:
     for p, g in zip(parameters, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
         offset += g.numel()
-
-
-def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """``tensor`` reduced over the ranks (sum unless ``op``), on ``tensor``'s device; ``tensor`` itself without a
-    process group. A CPU tensor travels through this process's GPU when the backend is NCCL (CUDA only)."""
-    if not is_distributed():
-        return tensor
-    on = local_device() if dist.get_backend() == "nccl" else tensor.device
-    reduced = tensor.to(on, copy=True)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op is None else op)
-    return reduced.to(tensor.device)
 
 
 def gather_lists(values: list) -> list:

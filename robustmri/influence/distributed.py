@@ -42,12 +42,16 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over the ranks (a new tensor on ``tensor``'s device). The solver's sums live on the
-    CPU in float64; under NCCL they travel through this process's GPU (:func:`robustmri.engine.distributed.all_reduce`)."""
-    from robustmri.engine.distributed import all_reduce
-
-    return all_reduce(tensor)
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """``tensor`` reduced over the ranks (sum unless ``op``), a new tensor on ``tensor``'s device; ``tensor`` itself
+    without a process group. A CPU tensor (the solver's float64 sums live on the CPU) travels through this
+    process's GPU when the backend is NCCL, which has no CPU transport."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    reduced = tensor.to(on, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op is None else op)
+    return reduced.to(tensor.device)
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,13 +76,13 @@ class ShardedLastLayer(SoftmaxLastLayer):
         self.local_n, self.n = self.n, int(n_total)
 
     def hessian(self) -> torch.Tensor:
-        return _all_reduce(super().hessian())  # each shard's sum already divided by the global n
+        return all_reduce(super().hessian())  # each shard's sum already divided by the global n
 
     def hvp(self, vector: torch.Tensor, indices=None) -> torch.Tensor:
         if indices is not None:
             raise NotImplementedError("mini-batch Hessian products need the whole training set on every rank")
         local = super().hvp(vector) * (self.local_n / self.n) if self.local_n else torch.zeros_like(vector)
-        return _all_reduce(local)
+        return all_reduce(local)
 
 
 def compute_influence_sharded(model, train_batches, val_batches, solver: Solver | None = None,
@@ -91,7 +95,7 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     solver = solver or ExactSolver()
     train_features, train_labels, ids = collect_features(final, train_batches, device, "influence: training features")
     val_features, val_labels, _ = collect_features(final, val_batches, device, "influence: validation features")
-    counts = _all_reduce(torch.tensor([len(train_labels), len(val_labels)], dtype=torch.float64))
+    counts = all_reduce(torch.tensor([len(train_labels), len(val_labels)], dtype=torch.float64))
     n_train, n_val = int(counts[0]), int(counts[1])
     layer = final.layer
     if isinstance(solver, LissaSolver):  # samples mini-batches from the whole set: gather the features
@@ -103,7 +107,7 @@ def compute_influence_sharded(model, train_batches, val_batches, solver: Solver 
     augmented = augment(val_features.double())
     v_sum = theta_problem.residuals(augmented, val_labels).T @ augmented if len(val_labels) else \
         torch.zeros_like(theta_problem.theta)
-    v = _all_reduce(v_sum) / n_val
+    v = all_reduce(v_sum) / n_val
     factor = self_influence_factor(solver, problem) if self_influence else None  # of the whole set's Hessian
     s = solve(solver, problem, v, factor)
     share = local.n / n_train  # 1, or the shard's share for lissa (whose ``local`` divides by the shard's n)
