@@ -214,6 +214,21 @@ def _killing_rank_1(tmp_path, config: str, iteration: int, common: list[str]) ->
     return ["--config_file", f"['{config}','configs/multi_gpu_train.json','{killer}']", *common[2:]]
 
 
+def _killed_in_epoch_3_and_resumed(tmp_path, config: str, epochs: int, common: list[str]) -> tuple[dict, str]:
+    """After the uninterrupted run in ``tmp_path / "whole"`` (``epochs`` epochs): the run in ``tmp_path / "cut"``
+    with rank 1 SIGKILLed in epoch 3 (the state after epoch 2 saved, no model), then resumed with
+    ``--resume true``; the state the killed run left and the resumed run's output."""
+    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // epochs
+    killed = _killing_rank_1(tmp_path, config, 2 * per_epoch + 1, common)
+    code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
+    assert code != 0
+    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and not (tmp_path / "cut" / "models" / "model.pt").exists()
+    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "cut"), "--resume", "true"])
+    assert code == 0, output[-4000:]
+    return state, output
+
+
 @pytest.mark.slow
 def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(tmp_path):
     """2 ranks: SIGKILL one rank mid-epoch 3 (the launcher then ends the other), resume with ``--resume true``."""
@@ -221,14 +236,7 @@ def test_a_torchrun_run_killed_after_the_influence_step_resumes_to_the_same_end(
               "--influence_epoch", "2", "--dataset_dir", ""]
     code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "whole")])
     assert code == 0, output[-4000:]
-    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 4
-    killed = _killing_rank_1(tmp_path, "configs/isp.json", 2 * per_epoch + 1, common)
-    code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
-    assert code != 0
-    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
-    assert state["epoch"] == 2 and not (tmp_path / "cut" / "models" / "model.pt").exists()
-    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "cut"), "--resume", "true"])
-    assert code == 0, output[-4000:]
+    state, output = _killed_in_epoch_3_and_resumed(tmp_path, "configs/isp.json", 4, common)
     assert "ISP after epoch 2" not in output
     for name in ("model.pt", "model_best_val.pt"):
         whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
@@ -247,15 +255,8 @@ def test_an_alr_torchrun_run_killed_after_its_relabelling_round_resumes_to_the_s
     code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "whole")])
     assert code == 0, output[-4000:]
     assert output.count("ALR round 1:") == 2  # logged by both ranks
-    per_epoch = torch.load(tmp_path / "whole" / "models" / "training_state.pt", weights_only=True)["iteration"] // 3
-    killed = _killing_rank_1(tmp_path, "configs/alr.json", 2 * per_epoch + 1, common)
-    code, output = run_torchrun(["run", "training", *killed, *output_dirs(tmp_path / "cut")])
-    assert code != 0
-    state = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
-    assert state["epoch"] == 2 and not (tmp_path / "cut" / "models" / "model.pt").exists()
+    state, output = _killed_in_epoch_3_and_resumed(tmp_path, "configs/alr.json", 3, common)
     assert int(state["handlers"]["ALRHandler#0"]["relabelled"].sum()) == 3  # the round is in the saved state
-    code, output = run_torchrun(["run", "training", *common, *output_dirs(tmp_path / "cut"), "--resume", "true"])
-    assert code == 0, output[-4000:]
     assert "ALR round" not in output  # not relabelled again
     for name in ("model.pt", "model_best_val.pt"):
         whole = torch.load(tmp_path / "whole" / "models" / name, weights_only=True)
