@@ -21,7 +21,7 @@ DEMO_CONFIGS := "['configs/train.json','configs/quick.json']"
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py robustmri/engine/robustmri_base_configs.pth
+$(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[$(EXTRAS)]'
 ifeq ($(ORT),gpu)

@@ -87,18 +87,6 @@ EVERY_METHOD = ["--influence_epoch", "1", "--pie_epoch", "1", "--audit_epoch", "
                 "--n2v_steps", "5", "--n2v_patch_size", "16"]
 
 
-def config_chain(config, _seen=()) -> list[Path]:
-    """A bundle config and the files it extends by ``"_base_"`` (a name or a list), read as plain JSON, in the
-    order MONAI would merge them as a list: [first base's chain, ..., config]."""
-    config = Path(config)
-    assert config not in _seen and len(_seen) < 20, f"{config}: _base_ files include each other"
-    bases = json.loads(config.read_text()).get("_base_", [])
-    chain = []
-    for base in [bases] if isinstance(bases, str) else bases:
-        chain += config_chain(config.parent / base, (*_seen, config))
-    return chain + [config]
-
-
 def as_kwargs(args) -> dict:
     """Command-line overrides (``["--id", "value", ...]``) as keyword arguments, values read as fire reads them."""
     def value(text):
@@ -112,8 +100,7 @@ def as_kwargs(args) -> dict:
 def run_in_process(run_id: str, config_file, *args, cwd=BUNDLE) -> None:
     """What ``python -m monai.bundle run <run_id> --config_file <config_file> *args`` does, in this process.
 
-    The same ``monai.bundle.run`` the command calls (with the ``_base_`` hook this interpreter
-    installed at start-up), without the 8 s of imports a new interpreter pays: for tests that
+    The same ``monai.bundle.run`` the command calls, without the 8 s of imports a new interpreter pays: for tests that
     check what a config does, while the tests of the command itself run it in a subprocess.
     """
     import monai.bundle

@@ -12,7 +12,7 @@ choice with MONAI Label's authentication and restricted CORS origins (README.md 
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
 ``noise`` (added to training images; default "none"), and overrides of the bundle ids
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
-``models/model_metadata.json``), ``influence_damping`` (default: influence.json's) and
+``models/model_metadata.json``), ``influence_damping`` (default: isp.json's) and
 ``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
 name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``).
 Train requests are checked against an allow-list (lib/train_request.py), label uploads against

@@ -17,12 +17,9 @@ import numpy as np
 from monai.bundle import ConfigWorkflow
 
 from robustmri.data.protocol import ProtocolData
-from robustmri.engine import configs
 
 #: The config id of the protocol data (``data`` refers to it; N2V denoises it into ``data``).
 PROTOCOL_ID = "protocol"
-
-configs.install()  # config files that name their base (``_base_``), also when no .pth file ran
 
 
 def load_workflow(bundle_dir: str | os.PathLike, config_files: Sequence[str], overrides: dict | None = None,

@@ -19,6 +19,8 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 
+from robustmri.engine.configs import TRAIN, WORKFLOWS, part
+
 #: The families a benchmark profile draws its methods from.
 FAMILIES = ("noisy images", "noisy labels")
 
@@ -34,6 +36,7 @@ class Method:
     summary: str | None  # the file it writes into output_dir besides the standard outputs, if any
     reference: str  # where the method comes from
     config: str = ""  # the bundle config, relative to bundle/configs/ (default: <name>.json)
+    builds_on: tuple[str, ...] = ()  # shared parts merged between train.json and the method's own part
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -68,6 +71,18 @@ def in_family(family: str) -> list[str]:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return [name for name, method in registry().items() if family in method.families]
+
+
+def config_sources() -> dict[str, tuple[str, ...]]:
+    """Every generated bundle config and its sources (relative to ``bundle/configs/``), in merge order.
+
+    A method's config is ``train.json``, the parts it ``builds_on``, then ``parts/<name>.json``
+    (a method whose config is ``train.json`` itself has none); the other workflows are
+    :data:`robustmri.engine.configs.WORKFLOWS`.
+    """
+    methods = {method.config: (TRAIN, *map(part, method.builds_on), part(method.name))
+               for method in registry().values() if method.config != TRAIN}
+    return {**methods, **WORKFLOWS}
 
 
 def markdown_table() -> str:

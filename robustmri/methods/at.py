@@ -7,7 +7,7 @@ and x + delta is kept inside the image range [0, 1] after both steps. Defaults
 eps = 8/255 and a = 1.25 eps = 10/255 (Wong et al.'s recommended ratio and CIFAR-10 setting).
 
 Design: the maths is the pure function :func:`fgsm_random_start`; the bundle attaches
-:class:`FGSMTrainingHandler`, which swaps ``engine.state.batch["image"]`` for the
+:class:`ATHandler`, which swaps ``engine.state.batch["image"]`` for the
 adversarial images when each iteration starts, before MONAI's ``SupervisedTrainer``
 prepares the batch. The trainer itself (forward, loss, optimiser step, metrics, AMP,
 handlers) stays the stock one from ``train.json``, so ``at.json`` changes nothing else
@@ -67,7 +67,7 @@ def _keep_in_range(delta: torch.Tensor, images: torch.Tensor, low: float, high: 
     return torch.maximum(torch.minimum(delta, high - images), low - images)
 
 
-class FGSMTrainingHandler:
+class ATHandler:
     """Trains on FGSM adversarial images: list it among the trainer's handlers.
 
     At ``ITERATION_STARTED`` it puts the network in train mode (the trainer would next),
@@ -101,7 +101,7 @@ class FGSMTrainingHandler:
             raise KeyError(f"AT expects dict batches with '{self.image_key}' and '{self.label_key}'")
         network, loss_function = getattr(engine, "network", None), getattr(engine, "loss_function", None)
         if network is None or loss_function is None:
-            raise TypeError("FGSMTrainingHandler needs a MONAI SupervisedTrainer (with network and loss_function)")
+            raise TypeError("ATHandler needs a MONAI SupervisedTrainer (with network and loss_function)")
         device = next(network.parameters()).device
         network.train()
         images = torch.as_tensor(batch[self.image_key]).to(device)

@@ -43,7 +43,7 @@ from robustmri.outputs import write_json
 
 METHOD = Method(name="audit", title="Influence label audit: training labels ranked for review, precision at k",
                 order=9, families=("noisy labels",), summary="audit_summary.json",
-                reference="Koh and Liang, ICML 2017, section 5.4")
+                reference="Koh and Liang, ICML 2017, section 5.4", builds_on=("influence",))
 RANKING_FILE = "audit_ranking.csv"
 
 logger = logging.getLogger(__name__)

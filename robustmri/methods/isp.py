@@ -29,13 +29,13 @@ from robustmri.influence import input_gradients
 from robustmri.influence.distributed import shard_bounds
 from robustmri.engine.distributed import is_distributed, is_main_process, rank, world_size
 from robustmri.methods import Method
-from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
+from robustmri.engine.influence_step import InfluenceStep, plot_influence_examples
 from robustmri.options import as_flag
 from robustmri.progress import progress
 
 METHOD = Method(name="isp", title="ISP: influence-based sample perturbation", order=4,
                 families=("noisy images",), summary="influence_summary.json",
-                reference="Van, Carey, Wu, arXiv 2403.10698, Algorithm 2")
+                reference="Van, Carey, Wu, arXiv 2403.10698, Algorithm 2", builds_on=("influence",))
 
 SELECTIONS = ("harmful", "influential")
 DIRECTIONS = ("gradient", "sign")

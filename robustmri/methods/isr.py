@@ -18,12 +18,12 @@ from torch import nn
 from robustmri.engine.losses import SampleWeightedCrossEntropy
 from robustmri.engine.distributed import is_main_process
 from robustmri.methods import Method
-from robustmri.methods.influence_step import InfluenceStep, plot_influence_examples
+from robustmri.engine.influence_step import InfluenceStep, plot_influence_examples
 from robustmri.options import as_flag
 
 METHOD = Method(name="isr", title="ISR: influence-based sample reweighing", order=3,
                 families=("noisy images", "noisy labels"), summary="influence_summary.json",
-                reference="Van, Carey, Wu, arXiv 2403.10698, Algorithm 1")
+                reference="Van, Carey, Wu, arXiv 2403.10698, Algorithm 1", builds_on=("influence",))
 
 EMPHASES = ("harmful", "helpful")
 

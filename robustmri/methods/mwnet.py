@@ -141,7 +141,7 @@ class MetaWeightedCrossEntropy(nn.Module):
         return weighted_loss(losses, raw)
 
 
-class MetaWeightNetHandler:
+class MWNetHandler:
     """Runs the virtual and meta steps at the start of every iteration; the trainer does the real step.
 
     The trainer's loss must be the :class:`MetaWeightedCrossEntropy` holding the same weight net.

@@ -6,7 +6,7 @@ epoch ``epoch`` a copy of the trained network is pruned globally by weight magni
 the pruning mask fixed; the hard samples (PIEs) are the training samples on which the
 pruned and the dense network predict different classes. Training then continues with
 those samples' loss weighted by ``weight`` (through
-:class:`robustmri.methods.influence_step.SampleWeightedCrossEntropy`).
+:class:`robustmri.engine.influence_step.SampleWeightedCrossEntropy`).
 
 The fine-tune only repairs what pruning removed: at sparsity 0 nothing is removed, none is
 run, the two networks are the same and the hard set is empty.

@@ -141,7 +141,7 @@ def teacher_guided_loss(logits: torch.Tensor, labels: torch.Tensor, pseudo_label
 
 
 class TeacherGuidedCrossEntropy(nn.Module):
-    """The trainer's loss: uses the teacher outputs that :class:`EMATeacherHandler` set for the current batch."""
+    """The trainer's loss: uses the teacher outputs that :class:`PINTHandler` set for the current batch."""
 
     def __init__(self, uncertain_fraction: float = 0.2, label_weight: float = 0.0):
         super().__init__()
@@ -160,7 +160,7 @@ class TeacherGuidedCrossEntropy(nn.Module):
                                    self.label_weight)
 
 
-class EMATeacherHandler:
+class PINTHandler:
     """Keeps the EMA teacher, sets the loss's per-batch teacher outputs, writes ``pint_summary.json``.
 
     A :class:`~robustmri.engine.training_state.Resumable` handler: its state is put back when the run

@@ -161,7 +161,7 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
     # training starts a background scoring run; score again, synchronously, once it is done
     scoring = _wait(lambda: _score_unless_busy(base), deadline, "the post-training scoring", process, log_path)
     assert scoring["scored"] == 12 and scoring["skipped"] == []
-    assert scoring["damping"] == 0.01  # influence.json's influence_damping
+    assert scoring["damping"] == 0.01  # isp.json's influence_damping
     sample = _request(f"{base}/activelearning/most_suspicious", "POST")
     scores = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["score"]
               for k in range(12)}
@@ -252,7 +252,7 @@ def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
 
     studies = _make_studies(tmp_path / "studies")
     bundle = _make_bundle(tmp_path / "bundle")
-    _edit_config(bundle, "influence.json", influence_damping=0.5)
+    _edit_config(bundle, "isp.json", influence_damping=0.5)
     datastore = _datastore(studies)
     result = InfluenceReviewScoring(str(bundle), {})({"device": "cpu"}, datastore)
     assert result["scored"] == 12 and result["damping"] == 0.5
@@ -291,7 +291,7 @@ def test_train_task_runs_isp_json_with_monai_labels_nested_overrides_and_trackin
                               logging_file=False, tracking=tracking, **captured)
     parser = workflow.parser
     assert parser.get_parsed_content("train#trainer#max_epochs") == 4 and parser.get_parsed_content("epochs") == 40
-    assert parser.get_parsed_content("isp#epoch") == 3  # influence.json's 30 of 40 epochs, scaled to 4
+    assert parser.get_parsed_content("isp#epoch") == 3  # isp.json's influence_epoch 30 of 40 epochs, scaled to 4
     handlers = [h["_target_"] for h in parser["train#handlers"]]
     assert handlers[0] == "CheckpointLoader" and handlers[-1] == "MLFlowHandler"
     assert parser["train#handlers"][0]["load_path"] == str(bundle / "models" / "model.pt")

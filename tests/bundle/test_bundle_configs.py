@@ -14,7 +14,7 @@ from robustmri.methods import registry
 from robustmri.networks import PaperCNN
 
 from conftest import BUNDLE, ROOT
-from helpers import EVERY_METHOD, NOISY, TINY, as_kwargs, config_chain, output_dirs, run_in_process
+from helpers import EVERY_METHOD, NOISY, TINY, as_kwargs, output_dirs, run_in_process
 
 CONFIGS = BUNDLE / "configs"
 METHODS = registry()
@@ -59,13 +59,6 @@ def test_the_macro_check_finds_the_old_way_of_extending_a_config():
     old_isp = {"train": "%configs/train.json#train", "nested": [{"a": "%train.json#network_def"}], "ok": "%train#x"}
     assert [s for s in strings(old_isp) if FILE_MACRO.match(s)] == ["%configs/train.json#train",
                                                                      "%train.json#network_def"]
-
-
-@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
-def test_every_method_config_extends_train_json(method):
-    chain = [path.name for path in config_chain(BUNDLE / method.config_path)]
-    assert chain[0] == "train.json" and chain[-1] == method.config
-    assert len(set(chain)) == len(chain)
 
 
 #: (config, workflow type): plain training, every method of the registry, and inference

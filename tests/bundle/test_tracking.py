@@ -55,13 +55,13 @@ def test_tracking_records_metrics_and_the_executed_config(config, tmp_path, monk
     epoch_means = [sum(values[i:i + iterations]) / iterations for i in range(0, len(values), iterations)]
     assert epoch_means == pytest.approx([row["train_loss"] for row in recorded])
 
-    # the executed config: the merged config (no _base_ left), with the overrides and the tracking handler
+    # the executed config: the whole config, with the overrides and the tracking handler
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == [executed.name]
     (tmp_path / "downloaded").mkdir()
     artifact = json.loads(Path(client.download_artifacts(run.info.run_id, executed.name, str(tmp_path / "downloaded")))
                           .read_text())
     assert artifact == json.loads(executed.read_text())
-    assert "_base_" not in artifact and artifact["epochs"] == EPOCHS
+    assert artifact["epochs"] == EPOCHS
     assert artifact["method_handlers"] == ConfigParser.load_config_file(BUNDLE / config)["method_handlers"]
     assert any(h.get("_target_") == "MLFlowHandler" for h in artifact["train"]["handlers"])
 

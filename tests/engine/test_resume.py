@@ -156,7 +156,7 @@ METHOD_RUNS = {
 }
 #: The epochs in whose middle the run is killed, one after another (each time resumed with ``resume``).
 KILLED_IN = {"alr": (2, 3), "mwnet": (2,), "pint": (2,)}
-HANDLER = {"alr": "ALRHandler#0", "mwnet": "MetaWeightNetHandler#0", "pint": "EMATeacherHandler#0"}
+HANDLER = {"alr": "ALRHandler#0", "mwnet": "MWNetHandler#0", "pint": "PINTHandler#0"}
 
 
 def _method_workflow(tmp_path, method, folder, data, resume=False, kill_at=None):

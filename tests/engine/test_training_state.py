@@ -97,7 +97,7 @@ def test_every_method_handler_is_resumable_and_one_that_is_not_is_refused():
         handlers += [c for _, c in inspect.getmembers(found, inspect.isclass)
                      if c.__module__ == found.__name__ and callable(getattr(c, "attach", None))]
     names = {c.__name__ for c in handlers}
-    assert {"ALRHandler", "MetaWeightNetHandler", "EMATeacherHandler", "FGSMTrainingHandler"} <= names
+    assert {"ALRHandler", "MWNetHandler", "PINTHandler", "ATHandler"} <= names
     assert [c.__name__ for c in handlers if not is_resumable(c.__new__(c))] == []
 
     class Forgetful:

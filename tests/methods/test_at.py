@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustmri.methods.at import FGSMTrainingHandler, fgsm_random_start
+from robustmri.methods.at import ATHandler, fgsm_random_start
 
 EPSILON = 8.0 / 255.0
 
@@ -80,7 +80,7 @@ def test_invalid_budget_is_refused():
     with pytest.raises(ValueError, match="epsilon"):
         fgsm_random_start(tiny_cnn(), nn.CrossEntropyLoss(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), -0.1)
     with pytest.raises(ValueError, match="epsilon and step"):
-        FGSMTrainingHandler(epsilon=0.03, step=-1.0)
+        ATHandler(epsilon=0.03, step=-1.0)
 
 
 def test_handler_makes_the_supervised_trainer_train_on_adversarial_images():
@@ -96,7 +96,7 @@ def test_handler_makes_the_supervised_trainer_train_on_adversarial_images():
                                 train_data_loader=DataLoader(items, batch_size=4, shuffle=False), network=network,
                                 optimizer=torch.optim.SGD(network.parameters(), lr=0.01),
                                 loss_function=nn.CrossEntropyLoss(),
-                                train_handlers=[FGSMTrainingHandler(epsilon=EPSILON, seed=1)], decollate=False)
+                                train_handlers=[ATHandler(epsilon=EPSILON, seed=1)], decollate=False)
     trained_on = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
                               lambda e: trained_on.append((e.state.batch["id"], e.state.output["image"])))

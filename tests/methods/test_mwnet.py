@@ -9,7 +9,7 @@ from torch import nn
 
 from robustmri.methods.mwnet import (
     MetaWeightedCrossEntropy,
-    MetaWeightNetHandler,
+    MWNetHandler,
     WeightNet,
     meta_loss_after_virtual_step,
 )
@@ -64,7 +64,7 @@ def test_constant_weight_and_zero_meta_lr_reproduce_plain_training(tmp_path):
     loss = MetaWeightedCrossEntropy(weight_net)
     val = [{"image": np.random.default_rng(i).random((1, 4, 4)).astype(np.float32), "label": i % 3, "id": i}
            for i in range(10)]
-    handler = MetaWeightNetHandler(loss, val, str(tmp_path), meta_lr=0.0, virtual_lr=0.1, meta_batch_size=4)
+    handler = MWNetHandler(loss, val, str(tmp_path), meta_lr=0.0, virtual_lr=0.1, meta_batch_size=4)
     reweighted = _train(copy.deepcopy(start), loss, [handler], batches)
 
     for key, value in plain.state_dict().items():  # parameters and BatchNorm buffers alike
@@ -80,7 +80,7 @@ def test_the_meta_step_moves_the_weight_net(tmp_path):
     before = copy.deepcopy(weight_net.state_dict())
     loss = MetaWeightedCrossEntropy(weight_net)
     val = [{"image": np.full((1, 4, 4), i / 10, np.float32), "label": i % 3, "id": i} for i in range(10)]
-    handler = MetaWeightNetHandler(loss, val, str(tmp_path), meta_lr=0.01)
+    handler = MWNetHandler(loss, val, str(tmp_path), meta_lr=0.01)
     _train(tiny_network(), loss, [handler], tiny_batches(2, seed=3))
     assert any(not torch.equal(weight_net.state_dict()[k], v) for k, v in before.items())
 

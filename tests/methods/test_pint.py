@@ -10,7 +10,7 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from robustmri.methods.pint import (
-    EMATeacherHandler,
+    PINTHandler,
     TeacherGuidedCrossEntropy,
     ema_update,
     make_teacher,
@@ -30,7 +30,7 @@ def test_teacher_is_the_ema_closed_form_and_gets_no_gradients(tmp_path):
     torch.manual_seed(0)
     student, decay, m = tiny_network(), 0.8, 5
     loss = TeacherGuidedCrossEntropy(uncertain_fraction=0.5, label_weight=0.0)
-    handler = EMATeacherHandler(loss, str(tmp_path), decay=decay, warmup_epochs=1)
+    handler = PINTHandler(loss, str(tmp_path), decay=decay, warmup_epochs=1)
     snapshots = []
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=tiny_batches(),
                                 network=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.1),

@@ -1,10 +1,11 @@
 """The method registry: one declaration per method, and everything that reads it agrees with the files."""
 
 import json
+import shutil
 
 import pytest
 
-from robustmri.methods import FAMILIES, Method, in_family, markdown_table, registry
+from robustmri.methods import FAMILIES, Method, config_sources, in_family, markdown_table, registry
 from robustmri.methods.__main__ import main as methods_main
 
 from conftest import BUNDLE, ROOT
@@ -19,7 +20,7 @@ def _in_order(names: list[str], expected: list[str]) -> bool:
 
 def test_registry_holds_every_method_module_once_in_table_order():
     methods = registry()
-    not_methods = {"__init__", "__main__", "influence_step"}
+    not_methods = {"__init__", "__main__"}
     modules = {p.stem for p in (ROOT / "robustmri" / "methods").glob("*.py")} - not_methods
     assert set(methods) == modules  # every method module declares itself; nothing else does
     assert _in_order(list(methods), ["naive", "at", "n2v", "isr", "isp", "alr", "mwnet", "pie", "pint", "audit"])
@@ -45,25 +46,31 @@ def _load(config: str) -> dict:
     return json.loads((BUNDLE / "configs" / config).read_text())
 
 
-def _base_ids(config: str) -> set:
-    """Every top-level id of the config's _base_ chain."""
-    content, ids = _load(config), set()
-    bases = content.get("_base_", [])
-    for base in [bases] if isinstance(bases, str) else bases:
-        ids |= set(_load(base)) | _base_ids(base)
-    return {i.lstrip("+") for i in ids}
-
-
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "naive"])
 def test_ids_a_method_adds_carry_its_name(name):
-    """File name = config name = option prefix: new ids are `<name>` or `<name>_*`; others override its base."""
-    config = registry()[name].config
-    inherited = _base_ids(config)
-    added = [key for key in _load(config) if key != "_base_" and key.lstrip("+") not in inherited]
+    """File name = config name = option prefix: new ids are `<name>` or `<name>_*`; others override what it builds on."""
+    *under, own = config_sources()[registry()[name].config]
+    inherited = {key.lstrip("+") for config in under for key in _load(config)}
+    added = [key for key in _load(own) if key.lstrip("+") not in inherited]
     strays = [key for key in added if key != name and not key.startswith(f"{name}_")]
-    assert not strays, f"{config} adds ids without the {name}_ prefix: {strays}"
-    handlers = _load(config).get("+method_handlers", [])
-    assert not handlers or (f"@{name}" in handlers and name in added), f"{config}: its handler is not called {name!r}"
+    assert not strays, f"{own} adds ids without the {name}_ prefix: {strays}"
+    handlers = _load(own).get("+method_handlers", [])
+    assert not handlers or (f"@{name}" in handlers and name in added), f"{own}: its handler is not called {name!r}"
+
+
+def test_the_configs_check_names_a_stale_config_and_write_makes_it_current(tmp_path):
+    methods_main(check_configs=True, bundle=str(BUNDLE))  # exits with a message when out of date
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    part = bundle / "configs" / "parts" / "influence.json"
+    part.write_text(part.read_text().replace('"influence_epoch": 30', '"influence_epoch": 29'))
+    with pytest.raises(SystemExit, match=r"out of date: audit\.json, isp\.json, isr\.json; .*--write-configs"):
+        methods_main(check_configs=True, bundle=str(bundle))
+    methods_main(write_configs=True, bundle=str(bundle))
+    methods_main(check_configs=True, bundle=str(bundle))
+    assert json.loads((bundle / "configs" / "isp.json").read_text())["influence_epoch"] == 29
+    with pytest.raises(SystemExit, match="no train.json"):
+        methods_main(check_configs=True, bundle=str(tmp_path / "elsewhere"))
 
 
 def test_the_docs_table_is_generated_from_the_registry(tmp_path):

@@ -1,11 +1,11 @@
-"""The robustmri bundle as the app reads it: one config file (with its ``_base_`` files) and one set of overrides.
+"""The robustmri bundle as the app reads it: one config file and one set of overrides.
 
-The bundle's configs compose with ``_base_`` (robustmri.engine.configs): each task reads one
-file and MONAI merges the files it names underneath. The infer task and the review score read
-``inference.json`` (``preprocessing``, ``network_def``, ``inferer``, ``postprocessing``,
-``checkpoint``), the review score reads the shared influence settings from ``influence.json``
-(``influence_damping``), and the train task runs ``isp.json``. Every read gets the same
-overrides, made here and nowhere else (:func:`bundle_overrides`):
+Each of the bundle's workflow configs stands alone (written in full, robustmri.engine.configs),
+so each task reads one file. The infer task and the review score read ``inference.json``
+(``preprocessing``, ``network_def``, ``inferer``, ``postprocessing``, ``checkpoint``), the
+review score reads the shared influence settings (``influence_damping``) from ``isp.json``, the
+config the train task runs. Every read gets the same overrides, made here and nowhere else
+(:func:`bundle_overrides`):
 
 - ``bundle_root``: the bundle folder (``--conf bundle_path``);
 - ``spatial_size`` and ``network_padding`` as the checkpoint ``models/model.pt`` was trained
@@ -20,14 +20,10 @@ import os
 
 from monai.bundle import ConfigParser
 
-from robustmri.engine import configs
 from robustmri.engine.model_metadata import SETTINGS, trained_setting
 from robustmri.evaluation.checkpoints import load_weights
 
-configs.install()  # "_base_" also where no .pth file ran (it is installed at interpreter start otherwise)
-
 INFER_CONFIG = "inference.json"
-INFLUENCE_CONFIG = "influence.json"
 TRAIN_CONFIG = "isp.json"
 #: The checkpoint the tasks serve, train from and score with (``models/``, as MONAI Label expects).
 CHECKPOINT = "model.pt"
@@ -68,7 +64,7 @@ def bundle_overrides(bundle_dir: str, conf: dict) -> dict:
 
 
 def read_config(bundle_dir: str, name: str, conf: dict, extra: dict | None = None) -> ConfigParser:
-    """``configs/<name>`` with its bases, the bundle metadata and :func:`bundle_overrides` (then ``extra``)."""
+    """``configs/<name>``, the bundle metadata and :func:`bundle_overrides` (then ``extra``)."""
     parser = ConfigParser()
     parser.read_config(config_path(bundle_dir, name))
     parser.read_meta(config_path(bundle_dir, "metadata.json"))

@@ -10,7 +10,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from robustmri.review.label_review import LabelFileError, LabelledImage, read_label_file, score_labelled_images
 
-from lib.bundle import INFER_CONFIG, INFLUENCE_CONFIG, class_names, load_network, read_config
+from lib.bundle import INFER_CONFIG, TRAIN_CONFIG, class_names, load_network, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class InfluenceReviewScoring(ScoringMethod):
     """Self-influence of each labelled image under the current model (robustmri.review.label_review).
 
     The network, its checkpoint and the trained spatial size come from the bundle's
-    inference.json, the damping from influence.json (``influence_damping``, the setting ISR,
-    ISP and the audit share; ``--conf influence_damping`` overrides it). Both are read at each
+    inference.json, the damping from isp.json, the config the app trains with (``influence_damping``,
+    the setting ISR, ISP and the audit share; ``--conf influence_damping`` overrides it). Both are read at each
     run, so a retrained model or an edited bundle is used without a restart.
     """
 
@@ -54,7 +54,7 @@ class InfluenceReviewScoring(ScoringMethod):
         self.conf = dict(conf)
 
     def damping(self) -> float:
-        return float(read_config(self.bundle_path, INFLUENCE_CONFIG, self.conf).get_parsed_content("influence_damping"))
+        return float(read_config(self.bundle_path, TRAIN_CONFIG, self.conf).get_parsed_content("influence_damping"))
 
     def __call__(self, request, datastore: Datastore):
         device = "cuda" if torch.cuda.is_available() and request.get("device", "cuda") != "cpu" else "cpu"

@@ -30,7 +30,7 @@ STATS_FILE = os.path.join("eval", "monailabel_train_stats.json")
 
 class ISPConstants(BundleConstants):
     def configs(self):
-        return [TRAIN_CONFIG]  # isp.json names influence.json and train.json as its bases
+        return [TRAIN_CONFIG]  # isp.json stands alone (train.json and the influence settings written in)
 
 
 class ISPTrain(BundleTrainTask):
@@ -46,7 +46,7 @@ class ISPTrain(BundleTrainTask):
       (``dataset_dir``), so the patient-grouped split and the preprocessing are the bundle's;
       ``val_split`` sets ``split_fractions`` (ISP needs a validation set);
     - ``influence_epoch``: by default the bundle's ratio of ``influence_epoch`` to ``epochs``
-      (influence.json, train.json) applied to ``max_epochs``.
+      (isp.json) applied to ``max_epochs``.
 
     Images are trained on as they are (``noise`` "none" unless ``--conf noise gaussian``);
     spatial size and padding are those of the checkpoint (lib.bundle).
