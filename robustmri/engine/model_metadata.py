@@ -191,6 +191,9 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
         "data": {"source": (os.path.basename(os.path.normpath(data.source)) if (getattr(data, "settings", None) or {})
                             .get("data_kind") == "folder" else getattr(data, "source", None)),
                  "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
+        # the folder itself, so evaluation and export on this machine read the same data (evaluation_dataset_dir);
+        # None: the embedded synthetic set. Local only: export copies provenance, not this, into the ONNX model
+        "dataset_dir": data.source if (getattr(data, "settings", None) or {}).get("data_kind") == "folder" else None,
     }
     return metadata
 
@@ -289,3 +292,25 @@ def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | 
     default = ConfigParser.load_config_file(os.path.join(bundle_root, "configs", "train.json"))[key]
     logger.info("no %s beside %s: %s = %s (train.json's default)", METADATA_FILE, checkpoint, key, default)
     return default
+
+
+def evaluation_dataset_dir(checkpoint: str | os.PathLike, dataset_dir: str | None = None) -> str:
+    """The data set to evaluate or export ``checkpoint`` on: the one it was trained on unless ``dataset_dir`` is given.
+
+    ``dataset_dir`` None: the folder recorded beside the checkpoint ("" for the embedded
+    synthetic set, and when nothing is recorded). Given (even ""), it is used, and a warning
+    names both data sets when the model was trained on another one.
+    """
+    from robustmri.data.protocol import DATA_ENV, resolve_dataset_dir
+
+    record = read_trained(checkpoint) or {}
+    if "dataset_dir" not in record:  # no record, or one from before the folder was recorded
+        return dataset_dir or ""
+    trained = record["dataset_dir"]
+    chosen = (trained or "") if dataset_dir is None else dataset_dir
+    used = resolve_dataset_dir(chosen)
+    if used != trained:
+        how = "dataset_dir" if dataset_dir is not None else f"${DATA_ENV}"
+        logger.warning("%s was trained on %s but this run uses %s (%s)", checkpoint,
+                       trained or "the embedded synthetic set", used or "the embedded synthetic set", how)
+    return chosen

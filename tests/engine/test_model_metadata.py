@@ -7,7 +7,9 @@ import torch
 
 from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import DESCRIPTIONS
-from robustmri.engine.model_metadata import METADATA_FILE, model_metadata, read_trained, trained_setting
+from robustmri.data.protocol import DATA_ENV
+from robustmri.engine.model_metadata import (METADATA_FILE, evaluation_dataset_dir, model_metadata, read_trained,
+                                             trained_setting)
 from robustmri.networks import PaperCNN
 from robustmri.outputs import write_json
 
@@ -49,3 +51,58 @@ def test_a_record_whose_description_differs_from_the_library_is_refused(tmp_path
     checkpoint = _write(tmp_path, preprocess_description="percentiles 2 to 98")
     with pytest.raises(ValueError, match="preprocessing 'head' described as 'percentiles 2 to 98'"):
         trained_setting(checkpoint, "preprocess", BUNDLE)
+
+
+class _Folder:
+    """What the record reads of a data set loaded from a folder (ProtocolData's fields)."""
+
+    def __init__(self, source):
+        self.source, self.settings, self.class_names = str(source), {"data_kind": "folder"}, CLASS_NAMES
+
+    def split(self, name):
+        return []
+
+
+def _trained_on(folder, data):
+    network = PaperCNN(spatial_size=32, padding=2)
+    torch.save(network.state_dict(), folder / "model.pt")
+    write_json(folder / METADATA_FILE, model_metadata(None, 32, 2, network, CLASS_NAMES, data=data, preprocess="head"))
+    return folder / "model.pt"
+
+
+def test_evaluation_uses_the_data_set_the_model_was_trained_on_unless_told_otherwise(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    checkpoint = _trained_on(tmp_path, _Folder(tmp_path / "real"))
+    assert read_trained(checkpoint)["dataset_dir"] == str(tmp_path / "real")
+    with caplog.at_level("WARNING", logger="robustmri.engine.model_metadata"):
+        assert evaluation_dataset_dir(checkpoint) == str(tmp_path / "real")
+        assert evaluation_dataset_dir(checkpoint, str(tmp_path / "real")) == str(tmp_path / "real")
+        assert caplog.records == []  # the same data: nothing to say
+        assert evaluation_dataset_dir(checkpoint, str(tmp_path / "other")) == str(tmp_path / "other")
+        assert evaluation_dataset_dir(checkpoint, "") == ""  # explicitly the embedded synthetic set
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{checkpoint} was trained on {tmp_path / 'real'} but this run uses {tmp_path / 'other'} (dataset_dir)",
+        f"{checkpoint} was trained on {tmp_path / 'real'} but this run uses the embedded synthetic set (dataset_dir)"]
+
+
+def test_a_model_trained_on_the_synthetic_set_is_evaluated_on_it_and_a_data_variable_is_named(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    checkpoint = _trained_on(tmp_path, None)
+    assert read_trained(checkpoint)["dataset_dir"] is None
+    assert evaluation_dataset_dir(checkpoint) == ""
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with caplog.at_level("WARNING", logger="robustmri.engine.model_metadata"):
+        assert evaluation_dataset_dir(checkpoint) == ""  # build_protocol then reads the variable: said here
+    assert caplog.records[0].getMessage().endswith(f"this run uses {tmp_path} (${DATA_ENV})")
+
+
+def test_without_a_recorded_folder_the_given_data_set_is_used_silently(tmp_path, caplog):
+    checkpoint = _write(tmp_path)  # a record from before the folder was recorded
+    with caplog.at_level("WARNING", logger="robustmri.engine.model_metadata"):
+        assert evaluation_dataset_dir(checkpoint) == ""
+        assert evaluation_dataset_dir(checkpoint, "elsewhere") == "elsewhere"
+        assert evaluation_dataset_dir(tmp_path / "none" / "model.pt", "elsewhere") == "elsewhere"  # no record at all
+    assert caplog.records == []
