@@ -129,10 +129,11 @@ def test_a_model_zoo_multi_gpu_overlay_merges_onto_isp(tmp_path, monkeypatch):
     assert parser["train#trainer#train_handlers"] == MULTI_GPU_TRAIN["train#trainer#train_handlers"]
     assert parser["train#trainer#max_epochs"] == "@epochs"
     assert parser["initialize"] == MULTI_GPU_TRAIN["initialize"]
-    # and still ISP: influence.json's settings and the method's handler
+    # and still ISP: the shared influence settings and the method's handler
     assert parser["method_handlers"] == ["@isp"]
     assert parser["isp#_target_"] == "robustmri.methods.isp.ISPHandler"
-    assert parser["influence_epoch"] == json.loads((CONFIGS / "influence.json").read_text())["influence_epoch"]
+    shared = json.loads((CONFIGS / "parts" / "influence.json").read_text())
+    assert parser["influence_epoch"] == shared["influence_epoch"]
 
     # the training sampler and data loader resolve on one process: torch.distributed is not
     # initialised, so the sampler is told its share (what the process group would tell it)
