@@ -49,7 +49,7 @@ import subprocess
 from ignite.engine import Engine, Events
 
 from robustmri import __version__
-from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
+from robustmri.data.preprocessing import DEFAULT_PREPROCESS, DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.outputs import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
 
 def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
                    class_names, data=None, bundle_version: str = "", ema_decay: float | None = None,
-                   preprocess: str = LEGACY_PREPROCESS) -> dict:
+                   preprocess: str = DEFAULT_PREPROCESS) -> dict:
     """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
     metadata = copy.deepcopy(dict(bundle_metadata or {}))
     spatial_size = int(spatial_size)
@@ -206,7 +206,7 @@ class ModelMetadataWriter:
 
     def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
                  bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None,
-                 preprocess: str = LEGACY_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
+                 preprocess: str = DEFAULT_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
                  recipe: dict | None = None, evaluator: Engine | None = None, final_checkpoint: str | None = None):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
         self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
