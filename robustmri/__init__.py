@@ -21,5 +21,5 @@ from those listed before it):
 #: The classes, in label order (label 0, 1, 2); kept here so that importing the package imports nothing else.
 CLASS_NAMES = ("meningioma", "glioma", "pituitary")
 
-__version__ = "0.4.0"
+__version__ = "0.9.0"
 __all__ = ["CLASS_NAMES", "__version__"]

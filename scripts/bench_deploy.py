@@ -76,9 +76,9 @@ def _detector_data(images, spatial_size: int) -> dict:
     """The OOD detector's data for this speed bench: the series' own slices (prepared, and 3 noisy copies each for
     the covariance), the threshold accepting all of them, so the series is classified. Speed does not depend on it;
     a real export fits it on the training split (scripts/export_onnx.py)."""
-    from robustmri.data.preprocessing import preprocess
+    from robustmri.data.preprocessing import preprocess_minmax
 
-    prepared = np.stack([preprocess(np.asarray(i, np.float32), spatial_size) for i in images])[:, None]
+    prepared = np.stack([preprocess_minmax(np.asarray(i, np.float32), spatial_size) for i in images])[:, None]
     rng = np.random.default_rng(0)
     train = np.concatenate([np.clip(prepared + rng.normal(0, 0.05, prepared.shape), 0, 1) for _ in range(3)])
     return {"ood_train": (train.astype(np.float32), np.arange(len(train)) % len(CLASS_NAMES)),

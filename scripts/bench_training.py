@@ -177,9 +177,9 @@ def main(sizes="64,128", repeats: int = 3, steps: int = 10, warmup: int = 2, n: 
                             "median_images_per_s": medians[key], "speedup_over_a": medians[key] / medians["a"],
                             "final_loss": runs[key].loss})
         start = time.perf_counter()
-        choice = resolve_precision("auto", device, PaperCNN(spatial_size=size, padding=2).to(device)
-                                   .to(memory_format=torch.channels_last), (batch_size, 1, size, size))
-        auto[str(size)] = {"choice": choice, "seconds": time.perf_counter() - start}
+        choice, why = resolve_precision("auto", device, PaperCNN(spatial_size=size, padding=2).to(device)
+                                        .to(memory_format=torch.channels_last), (batch_size, 1, size, size))
+        auto[str(size)] = {"choice": choice, "why": why, "seconds": time.perf_counter() - start}
     report = {
         "machine": {"cpu": cpu_name(), "cpu_flags": flags, "native_bf16_cpu": flags["avx512_bf16"] or flags["amx_bf16"],
                     "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -2,7 +2,7 @@
 
 Two preprocessings exist, by name (:data:`PREPROCESSING`; the bundle option ``preprocess``):
 
-- ``minmax``: per-image min-max scaling, then a square resize (:func:`preprocess`);
+- ``minmax``: per-image min-max scaling, then a square resize (:func:`preprocess_minmax`);
 - ``head``: the head found first, cropped keeping its aspect ratio, intensities scaled by the
   head's own percentiles, then the resize (:func:`preprocess_head`).
 
@@ -22,6 +22,9 @@ from robustmri.data.readers import ImageReadError, read_image
 
 #: Written into exported models so that deployment can check it reproduces training.
 INTENSITY_NORMALISATION = "per-image min-max to [0, 1], then bilinear resize (antialiased)"
+#: The preprocessing the product trains with (``train.json``'s ``preprocess``): the default of every signature
+#: that takes one, so a library call prepares images as the bundle does.
+DEFAULT_PREPROCESS = "head"
 
 
 def scale_intensity(image: np.ndarray) -> np.ndarray:
@@ -40,12 +43,12 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+def preprocess_minmax(image: np.ndarray, size: int) -> np.ndarray:
     """Raw 2-D intensities to the network's [0, 1] ``size`` x ``size`` input."""
     return resize(scale_intensity(image), size)
 
 
-def read_preprocessed(path: str, size: int, name: str = "minmax") -> tuple[np.ndarray | None, str | None]:
+def read_preprocessed(path: str, size: int, name: str = DEFAULT_PREPROCESS) -> tuple[np.ndarray | None, str | None]:
     """``(image, None)``, or ``(None, reason)`` for an unreadable, constant or headless image: callers count it
     and go on. ``name``: the preprocessing (:data:`PREPROCESSING`)."""
     function = preprocessing_by_name(name)
@@ -81,7 +84,7 @@ HEAD_CROP_MARGIN = 0.05
 #: Percentiles of the head's intensities mapped to 0 and 1 by :func:`preprocess_head`.
 HEAD_PERCENTILES = (1.0, 99.0)
 
-#: Describes :func:`preprocess_head` exactly, as :data:`INTENSITY_NORMALISATION` describes :func:`preprocess`.
+#: Describes :func:`preprocess_head` exactly, as :data:`INTENSITY_NORMALISATION` describes :func:`preprocess_minmax`.
 HEAD_NORMALISATION = (
     "head mask (on a copy of at most 256 px a side, Gaussian sigma 1 px: pixels >= half-way from the minimum to "
     "Otsu's threshold (256 bins); closing by a disk of radius 2 % of the shorter side; holes filled, the head "
@@ -277,7 +280,7 @@ def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
 
     :func:`head_mask`, :func:`crop_to_head` (the mask cropped alike), :func:`standardise_in_head`
     with :data:`HEAD_PERCENTILES`, then :func:`resize`; :data:`HEAD_NORMALISATION` says it in words.
-    Raises ``ValueError`` when no head is found (as :func:`preprocess` does for a constant image).
+    Raises ``ValueError`` when no head is found (as :func:`preprocess_minmax` does for a constant image).
     """
     image = _as_finite_2d(image)
     mask = head_mask(image)
@@ -288,7 +291,7 @@ def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
 
 
 #: Preprocessing by name: ``fn(raw_image, size) -> float32 [size, size] in [0, 1]``.
-PREPROCESSING = {"minmax": preprocess, "head": preprocess_head}
+PREPROCESSING = {"minmax": preprocess_minmax, "head": preprocess_head}
 #: What each preprocessing does, in words: written beside a trained model and into its ONNX export, and
 #: compared on loading, so that a model is never fed images prepared by a changed function.
 DESCRIPTIONS = {"minmax": INTENSITY_NORMALISATION, "head": HEAD_NORMALISATION}

@@ -22,7 +22,7 @@ from robustmri import CLASS_NAMES
 from robustmri.data.catalog import check_on_error, handle_bad_item, scan_dataset
 from robustmri.data.label_noise import flip_labels, noisy_label_record, parse_imbalance, subsample_classes
 from robustmri.data.noise import NOISE_TYPES, PAPER_SIGMA, apply_noise, reference_rician_field
-from robustmri.data.preprocessing import LEGACY_PREPROCESS, preprocessing_by_name, read_preprocessed
+from robustmri.data.preprocessing import DEFAULT_PREPROCESS, preprocessing_by_name, read_preprocessed
 from robustmri.data.readers import ImageReadError
 from robustmri.data.splits import SPLIT_NAMES, grouped_stratified_split
 from robustmri.data.synthetic import generate_slices
@@ -91,7 +91,7 @@ def build_protocol(
     label_noise_rate: float = 0.0,
     imbalance: dict | None = None,
     test_noise_fractions=(),
-    preprocess: str = LEGACY_PREPROCESS,
+    preprocess: str = DEFAULT_PREPROCESS,
 ) -> ProtocolData:
     """Load (or generate), split by patient and add the protocol's fixed noise.
 
@@ -190,7 +190,7 @@ _LOADED: dict = {}
 _LOADED_MAX = 2
 
 
-def _load_images(records, size: int, on_error: str, num_workers: int, preprocess: str = LEGACY_PREPROCESS):
+def _load_images(records, size: int, on_error: str, num_workers: int, preprocess: str = DEFAULT_PREPROCESS):
     """Read and preprocess every record; unreadable ones raise or are skipped (counted)."""
     key = (size, preprocess, tuple((r.file, *_stat(r.file)) for r in records))
     if key in _LOADED:

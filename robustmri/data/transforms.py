@@ -13,7 +13,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from robustmri.data.preprocessing import LEGACY_PREPROCESS, preprocessing_by_name, read_preprocessed
+from robustmri.data.preprocessing import DEFAULT_PREPROCESS, preprocessing_by_name, read_preprocessed
 
 ON_ERROR = ("raise", "mark")
 #: Key that holds the reason an item could not be read ("" when it was read).
@@ -33,7 +33,7 @@ class LoadPreprocessd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, spatial_size: int, on_error: str = "raise",
-                 allow_missing_keys: bool = False, preprocess: str = LEGACY_PREPROCESS):
+                 allow_missing_keys: bool = False, preprocess: str = DEFAULT_PREPROCESS):
         super().__init__(keys, allow_missing_keys)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")

@@ -7,7 +7,8 @@ writes, into ``ckpt_dir`` when it starts, the bundle metadata of the trained mod
 bundle's metadata with the input shape as trained, so ``ckpt_export`` and
 ``verify_net_in_out`` take it as ``--meta_file``) plus ``trained_with``: the spatial size,
 the network padding, the preprocessing (its name and exact description), the network's class,
-the class names, the bundle version and where the training data came from.
+the class names, the bundle version, where the training data came from, and the precision it
+trained in with the reason (:mod:`robustmri.engine.precision`).
 
 Deployment configs read the settings back with :func:`trained_setting`: the value written
 beside the checkpoint, else ``train.json``'s own default (a checkpoint from before this file
@@ -49,7 +50,7 @@ import subprocess
 from ignite.engine import Engine, Events
 
 from robustmri import __version__
-from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
+from robustmri.data.preprocessing import DEFAULT_PREPROCESS, DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.outputs import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
 
 def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
                    class_names, data=None, bundle_version: str = "", ema_decay: float | None = None,
-                   preprocess: str = LEGACY_PREPROCESS) -> dict:
+                   preprocess: str = DEFAULT_PREPROCESS) -> dict:
     """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
     metadata = copy.deepcopy(dict(bundle_metadata or {}))
     spatial_size = int(spatial_size)
@@ -209,15 +210,37 @@ class ModelMetadataWriter:
 
     def __init__(self, ckpt_dir: str, spatial_size: int, network_padding: int, network, class_names,
                  bundle_metadata: dict | None = None, data=None, ema_decay: float | None = None,
-                 preprocess: str = LEGACY_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
+                 preprocess: str = DEFAULT_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
                  recipe: dict | None = None, evaluator: Engine | None = None, final_checkpoint: str | None = None):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
         self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
                                       ema_decay=ema_decay, preprocess=preprocess)
         self.content["provenance"] = training_provenance(data, optimizer, method_handlers, loss,
                                                          {**dict(recipe or {}), "ema_decay": ema_decay})
+        self.network = network
+        # the learning rate as set, before a schedule scaled it (the record holds the optimiser's own, scaled one)
+        groups = getattr(optimizer, "param_groups", None) or [{}]
+        self.learning_rate = groups[0].get("initial_lr", groups[0].get("lr"))
         self.evaluator = evaluator
         self.final_checkpoint = final_checkpoint or os.path.join(ckpt_dir, "model.pt")
+
+    def run_settings(self) -> dict:
+        """What makes this training run the one it is, flat and by option name where there is one: the network,
+        its input and preprocessing, the data (fingerprint) and protocol, the method and recipe. A resumed run
+        must have the same (:mod:`robustmri.engine.training_state`); the requested precision is left out (the
+        precision a run trained in is recorded and reused on its own)."""
+        trained, provenance = self.content["trained_with"], self.content["provenance"]
+        settings = {key: trained[key] for key in ("spatial_size", "network_padding", "preprocess", "network",
+                                                  "class_names", "ema_decay")}
+        settings["data fingerprint"] = provenance["data"].get("fingerprint_sha256")
+        settings.update({key: value for key, value in provenance["protocol"].items()})
+        for key, value in provenance["recipe"].items():
+            if key == "optimizer" and isinstance(value, dict):
+                settings.update({f"optimizer.{name}": v for name, v in value.items() if name != "lr"})
+                settings["learning_rate"] = self.learning_rate
+            elif key != "precision":
+                settings[key] = value
+        return json.loads(json.dumps(settings, default=str))  # plain values (tuples as lists), as saved and loaded
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
@@ -225,7 +248,12 @@ class ModelMetadataWriter:
 
     def __call__(self, engine: Engine) -> None:
         from robustmri.engine.distributed import is_main_process
+        from robustmri.influence.adapter import unwrap
 
+        # read when the run starts: a resumed run trains on in the precision its training state recorded
+        network = unwrap(self.network)
+        self.content["trained_with"].update(precision=getattr(network, "robustmri_precision", None),
+                                            precision_reason=getattr(network, "robustmri_precision_reason", None))
         recipe = self.content["provenance"]["recipe"]
         recipe.setdefault("epochs", int(engine.state.max_epochs))
         loader = getattr(engine, "data_loader", None) or getattr(engine.state, "dataloader", None)

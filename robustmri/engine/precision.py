@@ -1,12 +1,19 @@
-"""Training precision and memory format, chosen at run time and measured, never assumed.
+"""Training precision and memory format: decided once, from what the processor can do, and recorded.
 
 :func:`resolve_precision` turns a requested precision (``"auto"``, ``"fp32"``, ``"bf16"``)
-into the one training runs in. ``"auto"`` on CUDA takes bf16 where the GPU has it natively,
-else fp16 (which needs a GradScaler: :func:`trainer_amp` tells the MONAI trainer to use its
-own ``amp=True``). ``"auto"`` on the CPU measures: a few interleaved forward/backward steps
-of a deep copy of the network in fp32 and under bf16 autocast, and bf16 is chosen only where
-it is at least :data:`MIN_SPEEDUP` times faster and its loss matches fp32 within
-:data:`LOSS_RTOL`. On a CPU without AVX512-BF16/AMX, bf16 is emulated and slower, so fp32.
+into the one training runs in, with the reason. ``"auto"`` on CUDA takes bf16 where the GPU
+has it natively, else fp16 (which needs a GradScaler: :func:`trainer_amp` tells the MONAI
+trainer to use its own ``amp=True``). ``"auto"`` on the CPU reads the processor's
+capabilities (:func:`cpu_capabilities`: torch's own CPU feature detection, ``/proc/cpuinfo``
+where torch has none) and applies :func:`cpu_rule`: without native bf16 instructions
+(AVX512-BF16, AMX-BF16, Arm BF16) bf16 is emulated and slower, so fp32; with AMX-BF16 tiles it
+is bf16. Only in between (AVX512-BF16 or Arm BF16 without AMX) does the gain depend on the
+network, and there one measurement decides (:func:`measure_cpu`: bf16 only where it is at
+least :data:`MIN_SPEEDUP` times faster with a loss within :data:`LOSS_RTOL` of fp32's),
+cached per machine (:func:`cache_path`), so the same command chooses the same way every
+time and a busy moment cannot flip it. A resumed run takes the precision recorded in its
+training state instead (:mod:`robustmri.engine.training_state`), and the trained model's
+``model_metadata.json`` records the choice and why.
 
 :func:`prepare_network` moves the network to its device, into channels_last memory format
 when it has 2-D convolutions, and wraps its ``forward`` (an instance attribute, not a wrapper
@@ -26,7 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import json
 import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Iterator
@@ -38,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: The precisions that may be requested.
 PRECISIONS = ("auto", "fp32", "bf16")
-#: bf16 is chosen on the CPU only when a training step is at least this many times faster than fp32 ...
+#: CPU features (torch's names, which are ``/proc/cpuinfo``'s on x86) that run bf16 natively.
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+#: Where a measurement decides: bf16 only when a training step is at least this many times faster than fp32 ...
 MIN_SPEEDUP = 1.2
 #: ... and its loss matches the fp32 loss (same weights, same input) within this relative tolerance.
 LOSS_RTOL = 2e-2
@@ -59,14 +72,104 @@ def _cuda_has_bf16(device: torch.device) -> bool:
             return bool(torch.cuda.is_bf16_supported())
 
 
-def resolve_precision(requested: str, device: torch.device, network: nn.Module, input_shape: tuple | None,
-                      steps: int = 3) -> str:
-    """The precision training runs in: ``"fp32"``, ``"bf16"`` or (CUDA without native bf16) ``"fp16"``.
+def _proc_cpuinfo() -> dict:
+    """The CPU's model name and flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    found: dict = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and "cpu_name" not in found:
+                    found["cpu_name"] = value.strip()
+                elif key in ("flags", "Features") and "flags" not in found:
+                    found["flags"] = set(value.split())
+    except OSError:
+        pass
+    return found
+
+
+def cpu_capabilities() -> dict:
+    """The CPU as training sees it: its model, torch's kernel level and which :data:`NATIVE_BF16` features it has.
+
+    The features come from torch's own detection (``torch.cpu.get_capabilities``), the same
+    that decides torch's kernels; where this torch has none, from ``/proc/cpuinfo``.
+    """
+    info = _proc_cpuinfo()
+    detect = getattr(torch.cpu, "get_capabilities", None)
+    features = dict(detect()) if detect is not None else {name: True for name in info.get("flags", ())}
+    return {"cpu": str(features.get("cpu_name") or info.get("cpu_name") or platform.processor() or "unknown"),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{name: bool(features.get(name, False)) for name in (*NATIVE_BF16, "amx_tile")}}
+
+
+def cpu_rule(capabilities: dict) -> tuple[str | None, str]:
+    """``(precision, why)`` from :func:`cpu_capabilities` alone; ``precision`` None where they cannot decide."""
+    where = f"{capabilities['cpu']} (torch CPU capability {capabilities['torch_cpu_capability']})"
+    if capabilities["amx_bf16"] and capabilities["amx_tile"]:
+        return "bf16", f"{where} has AMX-BF16 tiles: bf16 matrix units"
+    native = [name for name in NATIVE_BF16 if capabilities[name]]
+    if not native:
+        return "fp32", f"{where} has no native bf16 (AVX512-BF16, AMX-BF16 or Arm BF16): bf16 would be emulated"
+    return None, f"{where} has {', '.join(native)} without AMX: whether bf16 is faster depends on the network"
+
+
+def cache_path() -> str:
+    """The file of CPU measurements: ``$XDG_CACHE_HOME/robustmri/precision.json`` (``~/.cache`` by default)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "robustmri", "precision.json")
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            cache = json.load(handle)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure (and write it anew)
+        return {}
+
+
+def _write_cache(path: str, cache: dict) -> None:
+    """Write atomically; a cache that cannot be written only means measuring again next time."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "w") as handle:
+            json.dump(cache, handle, indent=1, sort_keys=True)
+        os.replace(partial, path)
+    except OSError as err:
+        logger.warning("precision: cannot write %s (%s); the measurement is not kept", path, err)
+
+
+def _measured(network: nn.Module, input_shape: tuple, steps: int, capabilities: dict, why: str) -> tuple[str, str]:
+    """The cached measurement's choice for this machine, network and input, measuring once when there is none."""
+    shape = tuple(int(s) for s in input_shape)
+    key = " | ".join([capabilities["cpu"], f"torch {torch.__version__}", capabilities["torch_cpu_capability"],
+                      f"{type(network).__module__}.{type(network).__qualname__}", "x".join(map(str, shape))])
+    path = cache_path()
+    entry = _read_cache(path).get(key)
+    if isinstance(entry, dict) and entry.get("precision") in ("fp32", "bf16"):
+        return entry["precision"], f"{why}; measured on {entry.get('measured_utc', '?')} ({path}): {entry['summary']}"
+    measured = measure_cpu(network, shape, steps)
+    choice = choose(measured)
+    summary = (f"bf16 {measured['speedup']:.2f}x the speed of fp32 (needs >= {MIN_SPEEDUP:.2f}x), loss difference "
+               f"{measured['loss_rel_diff']:.1e} (needs <= {LOSS_RTOL:.0e})")
+    cache = _read_cache(path)
+    cache[key] = {"precision": choice, "summary": summary, "measurement": measured,
+                  "measured_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    _write_cache(path, cache)
+    return choice, f"{why}; measured once for this machine (kept in {path}): {summary}"
+
+
+def resolve_precision(requested: str, device, network: nn.Module | None = None, input_shape: tuple | None = None,
+                      steps: int = 3) -> tuple[str, str]:
+    """``(precision, why)``: ``"fp32"``, ``"bf16"`` or (CUDA without native bf16) ``"fp16"``, and the reason.
 
     ``"fp32"`` and ``"bf16"`` are returned as given (bf16 on a CUDA device without native bf16
-    is a ValueError). ``"auto"``: on CUDA bf16 where supported, else fp16; on the CPU the result
-    of :func:`measure_cpu` on ``input_shape`` (fp32 when no shape is given: nothing to measure);
-    on other devices fp32. ``network`` itself is not changed: the measurement runs on a copy.
+    is a ValueError). ``"auto"``: on CUDA bf16 where supported, else fp16; on the CPU
+    :func:`cpu_rule`, and where it cannot decide the cached measurement on ``network`` and
+    ``input_shape`` (fp32 when there is nothing to measure); on other devices fp32.
+    ``network`` itself is not changed: a measurement runs on a copy.
     """
     if not isinstance(requested, str) or requested.lower() not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
@@ -76,26 +179,21 @@ def resolve_precision(requested: str, device: torch.device, network: nn.Module, 
         raise ValueError(f"precision 'bf16' was requested but {device} ({torch.cuda.get_device_name(device)}) "
                          "has no native bf16 support; use 'fp32' or 'auto' (fp16 with a GradScaler)")
     if requested != "auto":
-        return requested
+        return requested, "requested"
     if device.type == "cuda":
-        choice = "bf16" if _cuda_has_bf16(device) else "fp16"
-        logger.info("precision auto on %s (%s): %s (native bf16: %s)", device, torch.cuda.get_device_name(device),
-                    choice, choice == "bf16")
-        return choice
+        name = torch.cuda.get_device_name(device)
+        if _cuda_has_bf16(device):
+            return "bf16", f"{device} ({name}) has native bf16"
+        return "fp16", f"{device} ({name}) has no native bf16: fp16 with the trainer's GradScaler"
     if device.type != "cpu":
-        logger.info("precision auto on %s: fp32 (only CUDA and the CPU are measured)", device)
-        return "fp32"
-    if input_shape is None:
-        logger.info("precision auto on cpu: fp32, not measured (no input_shape given)")
-        return "fp32"
-    measured = measure_cpu(network, input_shape, steps)
-    choice = choose(measured)
-    logger.info("precision auto on cpu: %s (input %s, %d timed pairs: fp32 %.1f ms, bf16 %.1f ms per step, "
-                "bf16 speed-up %.2fx, needs >= %.2fx; loss fp32 %.5f, bf16 %.5f, relative difference %.2e, "
-                "needs <= %.0e)", choice, measured["input_shape"], measured["pairs"], 1e3 * measured["fp32_s"],
-                1e3 * measured["bf16_s"], measured["speedup"], MIN_SPEEDUP, measured["fp32_loss"],
-                measured["bf16_loss"], measured["loss_rel_diff"], LOSS_RTOL)
-    return choice
+        return "fp32", f"{device.type}: only CUDA and the CPU have a rule"
+    capabilities = cpu_capabilities()
+    choice, why = cpu_rule(capabilities)
+    if choice is not None:
+        return choice, why
+    if network is None or input_shape is None:
+        return "fp32", f"{why}; nothing to measure (no network or input_shape given)"
+    return _measured(network, input_shape, steps, capabilities, why)
 
 
 def choose(measured: dict) -> str:
@@ -270,16 +368,40 @@ def full_precision(network: nn.Module) -> Iterator[nn.Module]:
         network._robustmri_full_precision = previous
 
 
+def set_precision(network: nn.Module, precision: str, why: str, requested: str | None = None) -> nn.Module:
+    """Record ``precision`` (and why, and what was requested) on a network on its device and wrap its forward.
+
+    :func:`prepare_network` calls it with its decision; a resumed run with the precision its
+    training state recorded. Neither the device nor the memory format changes here. The
+    record is ``network.robustmri_precision``, ``robustmri_precision_reason`` and
+    ``robustmri_precision_requested``; ``forward`` is wrapped (see the module doc) only when
+    the precision or channels_last needs it.
+    """
+    network.robustmri_precision = precision
+    network.robustmri_precision_reason = why
+    network.robustmri_precision_requested = requested if requested is not None else getattr(
+        network, "robustmri_precision_requested", precision)
+    current = network.__dict__.get("forward")
+    inner = current.inner if isinstance(current, _PrecisionForward) else current
+    if getattr(network, "robustmri_channels_last", False) or precision in _AUTOCAST_DTYPES:
+        network.forward = _PrecisionForward(network, inner)
+    elif isinstance(current, _PrecisionForward):  # nothing to do any more: put back what was there
+        if inner is None:
+            del network.__dict__["forward"]
+        else:
+            network.forward = inner
+    return network
+
+
 def prepare_network(network: nn.Module, device, precision: str = "auto", channels_last: bool = True,
                     input_shape: tuple | None = None) -> nn.Module:
     """``network`` itself, on ``device``, in the resolved precision and memory format.
 
     channels_last applies when asked and the network has 4-D convolution weights. The
     precision is :func:`resolve_precision` of ``precision`` (``input_shape``, e.g.
-    ``(batch, 1, size, size)``, is what ``"auto"`` measures on the CPU, after the memory
-    format is set). The choices are recorded as ``network.robustmri_precision`` and
-    ``network.robustmri_channels_last``; ``forward`` is wrapped (see the module doc) only
-    when one of them needs it. Calling it again re-prepares the network.
+    ``(batch, 1, size, size)``, is what ``"auto"`` measures on a CPU whose capabilities cannot
+    decide, after the memory format is set), recorded by :func:`set_precision`; the choice and
+    why are logged in one line. Calling it again re-prepares the network.
     """
     device = torch.device(device)
     network.to(device)
@@ -288,19 +410,9 @@ def prepare_network(network: nn.Module, device, precision: str = "auto", channel
         network.to(memory_format=torch.channels_last)
     elif getattr(network, "robustmri_channels_last", False):  # prepared before with channels_last
         network.to(memory_format=torch.contiguous_format)
-    resolved = resolve_precision(precision, device, network, input_shape)
-    network.robustmri_precision = resolved
+    resolved, why = resolve_precision(precision, device, network, input_shape)
     network.robustmri_channels_last = use_channels_last
-
-    current = network.__dict__.get("forward")
-    inner = current.inner if isinstance(current, _PrecisionForward) else current
-    if use_channels_last or resolved in _AUTOCAST_DTYPES:
-        network.forward = _PrecisionForward(network, inner)
-    elif isinstance(current, _PrecisionForward):  # nothing to do any more: put back what was there
-        if inner is None:
-            del network.__dict__["forward"]
-        else:
-            network.forward = inner
-    logger.info("network %s on %s: precision %s (requested %s), channels_last %s, trainer amp %s",
-                type(network).__name__, device, resolved, precision, use_channels_last, trainer_amp(network))
+    set_precision(network, resolved, why, str(precision).lower())
+    logger.info("network %s on %s: precision %s (requested %s: %s), channels_last %s, trainer amp %s",
+                type(network).__name__, device, resolved, precision, why, use_channels_last, trainer_amp(network))
     return network

@@ -19,7 +19,11 @@ holds the state of every attached handler that keeps some (the :class:`Resumable
 the influence step's "done" flag, ISR's and PIE's sample weights, ISP's perturbed images, the
 training history, AT's random generator, ALR's peer network and relabelled labels, MW-Net's
 weight net, PINT's teacher) and the validation's best metric so far, with the
-best-model saver's record, so a resumed run ends exactly as an uninterrupted one.
+best-model saver's record, so a resumed run ends exactly as an uninterrupted one. It also holds
+the precision the run trains in (a resumed run goes on in it rather than deciding again) and
+the settings that make the run the one it is (:meth:`ModelMetadataWriter.run_settings
+<robustmri.engine.model_metadata.ModelMetadataWriter.run_settings>`): a state that another run
+wrote, or one of a run that has finished, is refused in one line (:class:`CannotResume`).
 """
 
 from __future__ import annotations
@@ -37,8 +41,27 @@ from monai.handlers import CheckpointSaver
 
 from robustmri.engine.distributed import is_main_process
 from robustmri.engine.ema import WeightAverage
+from robustmri.engine.model_metadata import ModelMetadataWriter
+from robustmri.engine.precision import set_precision
 
 logger = logging.getLogger(__name__)
+
+
+class CannotResume(SystemExit):
+    """``resume`` was asked for and the saved state cannot be resumed; the message says why, in one line.
+
+    A ``SystemExit`` (as argparse's usage errors are): it is a refusal to run, not a failure,
+    so ``python -m monai.bundle run training ... --resume true`` ends with this line and exit
+    status 1 instead of the tracebacks that ignite and MONAI's ``StatsHandler`` write for an
+    ``Exception``. Code that runs a workflow itself can catch it by name.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Resumable(Protocol):
@@ -80,7 +103,10 @@ def training_state(engine: Engine) -> dict:
     states of torch, numpy and random."""
     scheduler = _scheduler(engine)
     average = attached_weight_average(engine)
-    return {"model": _module(engine).state_dict(), "optimizer": engine.optimizer.state_dict(),
+    module = _module(engine)
+    return {"model": module.state_dict(), "optimizer": engine.optimizer.state_dict(),
+            "precision": getattr(module, "robustmri_precision", None),
+            "precision_reason": getattr(module, "robustmri_precision_reason", None),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": average.state_dict() if average is not None else None,
             "epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration),
@@ -110,8 +136,39 @@ def _module(engine: Engine) -> torch.nn.Module:
     return unwrap(engine.network)
 
 
-def restore_training_state(engine: Engine, state: dict) -> None:
+def _precision_problem(engine: Engine, state: dict) -> str | None:
+    """Why this run cannot go on in the precision ``state`` recorded, or None (it can, or nothing was recorded)."""
+    module = _module(engine)
+    recorded, current = state.get("precision"), getattr(module, "robustmri_precision", None)
+    if recorded is None or current is None or recorded == current:
+        return None
+    requested = getattr(module, "robustmri_precision_requested", "auto")
+    if requested != "auto":
+        return (f"it trained in {recorded} and this run asks for precision {requested}: resume with --precision "
+                f"auto (or {recorded})")
+    if "fp16" in (recorded, current):  # the trainer's amp (fp16's GradScaler) is fixed when the trainer is built
+        return f"it trained in {recorded} and this device trains in {current} (fp16 runs under the trainer's amp)"
+    return None
+
+
+def _restore_precision(engine: Engine, state: dict, path: str) -> None:
+    """Go on in the precision the saved run trained in (``precision: auto`` decided it then, once)."""
+    module = _module(engine)
+    recorded, current = state.get("precision"), getattr(module, "robustmri_precision", None)
+    if recorded is None or current is None:
+        return
+    if recorded != current:
+        problem = _precision_problem(engine, state)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
+        set_precision(module, recorded, f"recorded in {path} by the run this one continues "
+                      f"({state.get('precision_reason')}); here auto would choose {current}")
+    logger.info("precision %s, as recorded in %s (%s)", recorded, path, state.get("precision_reason"))
+
+
+def restore_training_state(engine: Engine, state: dict, path: str = "training state") -> None:
     _module(engine).load_state_dict(state["model"])
+    _restore_precision(engine, state, path)
     engine.optimizer.load_state_dict(state["optimizer"])
     scheduler = _scheduler(engine)
     if (scheduler is None) != (state["lr_scheduler"] is None):
@@ -167,7 +224,7 @@ class LoadTrainingState:
         if state["epoch"] >= engine.state.max_epochs:
             raise ValueError(f"{self.path}: saved after epoch {state['epoch']}, not before the last epoch "
                              f"({engine.state.max_epochs})")
-        restore_training_state(engine, state)
+        restore_training_state(engine, state, self.path)
 
 
 #: Handlers of these modules change what is trained on; without the :class:`Resumable` protocol
@@ -241,10 +298,78 @@ def _savers(engine: Engine | None) -> dict:
             if isinstance(o, CheckpointSaver) and isinstance(o._key_metric_checkpoint, Checkpoint)}
 
 
+def run_settings(engine: Engine) -> dict:
+    """The settings that make the trainer's run the one it is: the epochs, the batch size and, when a
+    :class:`~robustmri.engine.model_metadata.ModelMetadataWriter` is attached, its ``run_settings()``."""
+    settings = {"epochs": int(engine.state.max_epochs)}
+    batch_size = getattr(getattr(engine, "data_loader", None), "batch_size", None)
+    if batch_size is not None:
+        settings["batch_size"] = int(batch_size)
+    writer = _attached(engine, lambda h: isinstance(h, ModelMetadataWriter))
+    if writer is not None:
+        settings.update(writer.run_settings())
+    return settings
+
+
+#: What to do about a state of another run (ends the messages of :func:`resume_problem` that say so).
+OTHER_RUN_ADVICE = "resume with the command that wrote it, or start afresh with another ckpt_dir (or without the file)"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def resume_problem(engine: Engine, state: dict) -> str | None:
+    """Why ``state`` (a :func:`run_state`) cannot be resumed by the run on ``engine``, in one phrase; None if it can.
+
+    In order: a setting of :func:`run_settings` differs (states without settings skip this),
+    a method's state is not saved, the handlers differ, the network's parameters differ, the
+    weight average or learning-rate schedule is kept by one and not the other, the precision
+    cannot be the recorded one, the run already completed.
+    """
+    saved, current = state.get("settings") or {}, run_settings(engine)
+    differ = [key for key in saved if key in current and saved[key] != current[key]]
+    if differ:
+        shown = "; ".join(f"{key} {_shown(saved[key])} there, {_shown(current[key])} here" for key in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        return f"it was written by another run ({shown}{more}): {OTHER_RUN_ADVICE}"
+    unsupported = unresumable_handlers(engine)
+    if unsupported:
+        return (f"the state of {', '.join(unsupported)} is not saved (resume supports naive training, ISR, ISP, AT, "
+                "N2V, ALR, MW-Net, PIE, PINT and the label audit)")
+    handlers, saved_handlers = resumable_handlers(engine), state.get("handlers", {})
+    if set(handlers) != set(saved_handlers):
+        return (f"it was written by a run with other handlers ({sorted(saved_handlers)}) than this one "
+                f"({sorted(handlers)}): {OTHER_RUN_ADVICE}")
+    model = _module(engine).state_dict()
+    if set(model) != set(state["model"]):
+        return (f"it was written for another network ({len(state['model'])} tensors there, {len(model)} here): "
+                f"{OTHER_RUN_ADVICE}")
+    for key, value in model.items():
+        if tuple(value.shape) != tuple(state["model"][key].shape):
+            return (f"it was written for another network ({key}: {list(state['model'][key].shape)} there, "
+                    f"{list(value.shape)} here): {OTHER_RUN_ADVICE}")
+    if (attached_weight_average(engine) is None) != (state.get("ema") is None):
+        return ("it was written by a run that kept a weight average and this one does not, or the reverse "
+                f"(ema_decay): {OTHER_RUN_ADVICE}")
+    if (_scheduler(engine) is None) != (state.get("lr_scheduler") is None):
+        return ("it was written by a run with a learning-rate schedule and this one has none, or the reverse: "
+                f"{OTHER_RUN_ADVICE}")
+    problem = _precision_problem(engine, state)
+    if problem is not None:
+        return problem
+    if state["epoch"] >= engine.state.max_epochs:
+        return (f"this run already completed its {engine.state.max_epochs} epochs (state saved after epoch "
+                f"{state['epoch']}): nothing to resume")
+    return None
+
+
 def run_state(engine: Engine) -> dict:
-    """:func:`training_state` plus what resuming a killed run needs: handler states and best metrics so far."""
+    """:func:`training_state` plus what resuming a killed run needs: handler states and best metrics so far, and
+    the run's settings (:func:`run_settings`) to tell it from another run."""
     validator = _validator(engine)
-    return {**training_state(engine),
+    return {**training_state(engine), "settings": run_settings(engine),
             "handlers": {k: h.training_state() for k, h in resumable_handlers(engine).items()},
             "trainer_best": _best(engine), "validator_best": _best(validator), "validator_savers": _savers(validator)}
 
@@ -265,7 +390,7 @@ def restore_run_state(engine: Engine, state: dict, path: str = "training state")
     if set(handlers) != set(saved):
         raise ValueError(f"{path}: written by a run with other handlers ({sorted(saved)}) than this one "
                          f"({sorted(handlers)}): resume with the config that wrote it")
-    restore_training_state(engine, state)
+    restore_training_state(engine, state, path)
     for key, handler in handlers.items():
         handler.load_training_state(saved[key])
     _restore_best(engine, state.get("trainer_best"))
@@ -286,8 +411,9 @@ class TrainingCheckpoint:
     state). It saves after every other handler of the epoch has run (its save is registered
     when the run starts, after all handlers are attached), so the state holds this epoch's
     validation, history and any step taken after it. ``resume`` without a file at ``path``
-    starts from epoch 1 (so a job can always be launched with ``resume: true``). Under
-    ``torchrun`` only rank 0 writes; every rank reads the same file (a path all nodes see).
+    starts from epoch 1 (so a job can always be launched with ``resume: true``); a file that
+    this run cannot resume (:func:`resume_problem`) ends the run with :class:`CannotResume`.
+    Under ``torchrun`` only rank 0 writes; every rank reads the same file (a path all nodes see).
     """
 
     def __init__(self, path: str, resume: bool = False, save: bool = True):
@@ -301,6 +427,18 @@ class TrainingCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
+
+    def _exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """A refusal leaves at once, before the next handler (MONAI's ``StatsHandler``) logs it with a traceback.
+
+        ignite passes an exception on only through its ``EXCEPTION_RAISED`` handlers: any other
+        is raised here too when no other handler is there to do it.
+        """
+        others = [h for h, *_ in engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
+                  if getattr(h, "__self__", None) is not self]
+        if isinstance(error, CannotResume) or not others:
+            raise error
 
     def _start(self, engine: Engine) -> None:
         if self.save and id(engine) not in self._registered:
@@ -311,10 +449,14 @@ class TrainingCheckpoint:
         if not os.path.isfile(self.path):
             logger.info("resume: no training state at %s; starting from epoch 1", self.path)
             return
-        state = torch.load(self.path, map_location=next(engine.network.parameters()).device, weights_only=True)
-        if state["epoch"] >= engine.state.max_epochs:
-            raise ValueError(f"{self.path}: this run already completed its {engine.state.max_epochs} epochs "
-                             f"(state saved after epoch {state['epoch']}): nothing to resume")
+        try:
+            state = torch.load(self.path, map_location=next(engine.network.parameters()).device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever the reason, the file is no state this run can use
+            raise CannotResume(f"{self.path}: cannot resume: the file is not a readable training state "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        problem = resume_problem(engine, state)
+        if problem is not None:
+            raise CannotResume(f"{self.path}: cannot resume: {problem}")
         restore_run_state(engine, state, self.path)
         self.resumed_from = int(state["epoch"])
         logger.info("resumed from %s: epoch %d of %d done", self.path, state["epoch"], engine.state.max_epochs)

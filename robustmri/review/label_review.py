@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustmri import CLASS_NAMES
-from robustmri.data.preprocessing import LEGACY_PREPROCESS, read_preprocessed
+from robustmri.data.preprocessing import DEFAULT_PREPROCESS, read_preprocessed
 from robustmri.influence import DEFAULT_DAMPING, influence_ranking, self_influence_scores
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def write_training_catalog(items: list[LabelledImage], folder: str, class_names=
 
 
 def load_images(items: list[LabelledImage], spatial_size: int,
-                preprocess: str = LEGACY_PREPROCESS) -> tuple[np.ndarray, list[LabelledImage], list]:
+                preprocess: str = DEFAULT_PREPROCESS) -> tuple[np.ndarray, list[LabelledImage], list]:
     """Read and preprocess as in training (``preprocess``: the model's preprocessing by name): [N, 1, S, S]
     images, the items kept, (id, reason) skipped."""
     images, kept, skipped = [], [], []
@@ -135,7 +135,7 @@ def load_images(items: list[LabelledImage], spatial_size: int,
 
 
 def score_labelled_images(model: torch.nn.Module, items: list[LabelledImage], spatial_size: int,
-                          damping: float = DEFAULT_DAMPING, device="cpu", preprocess: str = LEGACY_PREPROCESS) -> dict:
+                          damping: float = DEFAULT_DAMPING, device="cpu", preprocess: str = DEFAULT_PREPROCESS) -> dict:
     """Score the labelled images with the current model: ``{"scores": {id: {...}}, "skipped": [...]}``.
 
     Each entry holds ``score``, ``rank`` (1 = review first) and ``label``; counts go to the log.

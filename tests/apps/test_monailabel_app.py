@@ -260,7 +260,7 @@ def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
     network = PaperCNN(spatial_size=64, padding=2)
     network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
     items, skipped = labelled_images(datastore, CLASS_NAMES)
-    images, kept, _ = load_images(items, 64)
+    images, kept, _ = load_images(items, 64, preprocess="minmax")
     labels = [item.label for item in kept]
     stored = [datastore.get_image_info(item.image_id)[INFO_KEY]["score"] for item in kept]
     assert len(stored) == 12 and not skipped

@@ -7,7 +7,7 @@ from PIL import Image
 from robustmri import CLASS_NAMES
 from robustmri.bench import shifts as shifts_module
 from robustmri.bench.shifts import REFERENCE, shift_tables, shifted_test_sets, summary_table, worst_drop
-from robustmri.data.preprocessing import preprocess, preprocess_head
+from robustmri.data.preprocessing import preprocess_head, preprocess_minmax
 from robustmri.data.protocol import build_protocol
 from robustmri.data.readers import read_image
 from robustmri.data.site_shift import SHIFTS, render_shift
@@ -24,7 +24,7 @@ def protocol(tmp_path_factory):
         folder.mkdir(exist_ok=True)
         Image.fromarray(np.rint(np.pad(image, ((0, 0), (0, 8 + k))) * 255).astype(np.uint8)).save(folder / f"s{k}.png")
     return build_protocol(str(root), spatial_size=24, noise="none", split_fractions=(0.5, 0.1, 0.4), num_workers=1,
-                          seed=1)
+                          seed=1, preprocess="minmax")
 
 
 def test_each_shifted_item_is_the_shift_then_the_preprocessing_and_unshifted_is_the_protocols(protocol, tmp_path):
@@ -37,7 +37,7 @@ def test_each_shifted_item_is_the_shift_then_the_preprocessing_and_unshifted_is_
         raw = read_image(item["file"])
         # unshifted and min-max: exactly what the protocol made of the file
         np.testing.assert_array_equal(sets["minmax"][REFERENCE][k]["image"], item["image"])
-        for name, function in (("minmax", preprocess), ("head", preprocess_head)):
+        for name, function in (("minmax", preprocess_minmax), ("head", preprocess_head)):
             for shift in ("fov_tight", "gamma_0.7"):
                 expected = function(render_shift(raw, shift, seed=[item["id"], list(SHIFTS).index(shift)]), 24)
                 got = sets[name][shift][k]

@@ -51,7 +51,7 @@ def test_imbalance_keeps_the_fraction_of_one_class_only():
 
 
 def _tiny(**kwargs):
-    return build_protocol(spatial_size=32, synthetic_patients=60, seed=1, **kwargs)
+    return build_protocol(spatial_size=32, synthetic_patients=60, seed=1, preprocess="minmax", **kwargs)
 
 
 def test_protocol_flips_training_labels_only_and_records_the_truth():

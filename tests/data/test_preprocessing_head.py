@@ -21,8 +21,8 @@ from robustmri.data.preprocessing import (
     PREPROCESSING,
     crop_to_head,
     head_mask,
-    preprocess,
     preprocess_head,
+    preprocess_minmax,
     preprocessing_by_name,
     scale_intensity,
     standardise_in_head,
@@ -200,7 +200,7 @@ def test_preprocess_head_keeps_the_aspect_ratio_that_preprocess_distorts():
     assert out.min() >= 0.0 and out.max() <= 1.0 and np.isfinite(out).all()
     assert abs(axes_ratio(head_mask(out)) / axes_ratio(truth) - 1) < 0.05
     # The plain square resize of a 120 x 200 slice stretches the head (by 200 / 120, less the edge's blur).
-    assert axes_ratio(head_mask(preprocess(image, 64))) / axes_ratio(truth) > 1.4
+    assert axes_ratio(head_mask(preprocess_minmax(image, 64))) / axes_ratio(truth) > 1.4
 
 
 def test_preprocess_head_is_invariant_to_a_linear_intensity_change():
@@ -209,9 +209,9 @@ def test_preprocess_head_is_invariant_to_a_linear_intensity_change():
 
 
 def test_registry_by_name():
-    assert PREPROCESSING == {"minmax": preprocess, "head": preprocess_head}
+    assert PREPROCESSING == {"minmax": preprocess_minmax, "head": preprocess_head}
     assert preprocessing_by_name("head") is preprocess_head
-    assert preprocessing_by_name("minmax") is preprocess
+    assert preprocessing_by_name("minmax") is preprocess_minmax
     with pytest.raises(ValueError, match=r"'square'.*valid names: head, minmax"):
         preprocessing_by_name("square")
 

@@ -9,7 +9,7 @@ from helpers import gradient_image, write_png
 
 
 def _tiny(**kwargs):
-    return build_protocol(spatial_size=32, synthetic_patients=60, seed=1, **kwargs)
+    return build_protocol(spatial_size=32, synthetic_patients=60, seed=1, preprocess="minmax", **kwargs)
 
 
 def test_protocol_noise_placement():
@@ -46,13 +46,13 @@ def test_bad_files_raise_or_are_counted(tmp_path):
             write_png(tmp_path / name / f"{i}.png", gradient_image(seed=i))
     (tmp_path / "glioma" / "bad.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ImageReadError, match=r"bad\.png"):
-        build_protocol(str(tmp_path), spatial_size=16)
-    data = build_protocol(str(tmp_path), spatial_size=16, on_error="skip")
+        build_protocol(str(tmp_path), spatial_size=16, preprocess="minmax")
+    data = build_protocol(str(tmp_path), spatial_size=16, on_error="skip", preprocess="minmax")
     assert len(data.skipped) == 1 and data.summary()["skipped"] == 1
     assert len(data.train) + len(data.val) + len(data.test) == 12
 
 
 def test_real_figshare_protocol_loads(figshare_dir):
-    data = build_protocol(str(figshare_dir), spatial_size=32, noise="rician", seed=0)
+    data = build_protocol(str(figshare_dir), spatial_size=32, noise="rician", seed=0, preprocess="minmax")
     total = len(data.train) + len(data.val) + len(data.test)
     assert total == 3064 and data.class_names == ("meningioma", "glioma", "pituitary")

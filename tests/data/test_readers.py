@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from robustmri.data.catalog import DatasetError, scan_dataset
-from robustmri.data.preprocessing import preprocess
+from robustmri.data.preprocessing import preprocess_minmax
 from robustmri.data.readers import ImageReadError, read_figshare_mat, read_image
 
 from helpers import gradient_image, write_figshare_mat, write_png
@@ -61,11 +61,11 @@ def test_nan_pixels_are_refused(tmp_path):
 
 
 def test_preprocess_range_and_size():
-    out = preprocess(gradient_image(50) + 100, 32)
+    out = preprocess_minmax(gradient_image(50) + 100, 32)
     assert out.shape == (32, 32) and out.dtype == np.float32
     assert out.min() >= 0 and out.max() <= 1 and out.max() > 0.95 and out.min() < 0.05
     with pytest.raises(ValueError, match="constant image"):
-        preprocess(np.full((8, 8), 3.0), 8)
+        preprocess_minmax(np.full((8, 8), 3.0), 8)
 
 
 def test_class_folders_and_labels_csv(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from robustmri.data.preprocessing import head_box, head_mask, preprocess, preprocess_head
+from robustmri.data.preprocessing import head_box, head_mask, preprocess_head, preprocess_minmax
 from robustmri.data.readers import read_image
 from robustmri.data.site_shift import SHIFTS, render_shift, shift_by_name, shift_examples_figure
 from robustmri.data.synthetic import generate_slices
@@ -130,7 +130,7 @@ def test_gamma_is_the_curve_on_the_min_max_scaled_slice(value, synthetic):
 def test_contrast_low_halves_the_range_and_both_preprocessings_undo_it(synthetic):
     out = render_shift(synthetic, "contrast_low", seed=0)
     assert np.isclose(np.ptp(out), 0.5 * np.ptp(synthetic), rtol=1e-4)
-    np.testing.assert_allclose(preprocess(out, 64), preprocess(synthetic, 64), atol=1e-4)
+    np.testing.assert_allclose(preprocess_minmax(out, 64), preprocess_minmax(synthetic, 64), atol=1e-4)
     np.testing.assert_allclose(preprocess_head(out, 64), preprocess_head(synthetic, 64), atol=1e-4)
 
 
@@ -191,7 +191,7 @@ def distances(image, name, seed, size=64):
     """Mean absolute change of the network input under a shift: (head preprocessing, min-max preprocessing)."""
     shifted = render_shift(image, name, seed)
     head = np.abs(preprocess_head(shifted, size) - preprocess_head(image, size)).mean()
-    minmax = np.abs(preprocess(shifted, size) - preprocess(image, size)).mean()
+    minmax = np.abs(preprocess_minmax(shifted, size) - preprocess_minmax(image, size)).mean()
     return head, minmax
 
 
@@ -227,7 +227,7 @@ def test_head_preprocessing_keeps_the_head_shape_of_a_non_square_site(ellipse):
     shifted = render_shift(ellipse, "non_square_tall", seed=0)
     reference = axes_ratio(head_mask(preprocess_head(ellipse, 64)))
     assert abs(axes_ratio(head_mask(preprocess_head(shifted, 64))) / reference - 1) < 0.05
-    assert abs(axes_ratio(head_mask(preprocess(shifted, 64))) / reference - 1) > 0.15
+    assert abs(axes_ratio(head_mask(preprocess_minmax(shifted, 64))) / reference - 1) > 0.15
 
 
 def test_shift_examples_figure(tmp_path, ellipse):

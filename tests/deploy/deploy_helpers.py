@@ -28,7 +28,8 @@ def synthetic_detector_data(patients: int = 40, seed: int = 1):
     from robustmri.data.protocol import build_protocol
     from robustmri.deploy.export import split_arrays
 
-    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=patients, seed=seed)
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=patients, seed=seed,
+                          preprocess="minmax")
     return split_arrays(data, "train"), split_arrays(data, "val")[0]
 
 
@@ -51,10 +52,10 @@ def accepting_detector_data(images, copies: int = 4, seed: int = 0):
 def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
     """:func:`accepting_detector_data` for the gradient series of ``seeds`` (``n`` slices each) and ``extra`` raw
     slices, prepared as a tiny model prepares them (min-max): for tests whose subject is not the detector."""
-    from robustmri.data.preprocessing import preprocess
+    from robustmri.data.preprocessing import preprocess_minmax
 
     images = [g for k in seeds for g in gradient_series(n, seed=k)] + list(extra)
-    prepared = np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None]
+    prepared = np.stack([preprocess_minmax(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None]
     return accepting_detector_data(prepared)
 
 

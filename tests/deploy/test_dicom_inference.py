@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import torch
 
-from robustmri.data.preprocessing import preprocess
+from robustmri.data.preprocessing import preprocess_minmax
 from robustmri.data.readers import read_image
 from robustmri.deploy.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.deploy.dicom_inference import AGGREGATION_RULE, infer_dicom
@@ -48,7 +48,8 @@ def model(tmp_path_factory):
 
 def reference_probabilities(network, images) -> np.ndarray:
     """PyTorch on the original arrays, prepared by the training preprocessing."""
-    batch = torch.from_numpy(np.stack([preprocess(np.asarray(i, np.float32), TINY_SIZE) for i in images])[:, None])
+    prepared = [preprocess_minmax(np.asarray(i, np.float32), TINY_SIZE) for i in images]
+    batch = torch.from_numpy(np.stack(prepared)[:, None])
     with torch.no_grad():
         return torch.softmax(network(batch), 1).numpy()
 

@@ -27,7 +27,7 @@ from deploy_helpers import TINY_SIZE, export_tiny, rewrite_metadata, tiny_networ
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=1)
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=1, preprocess="minmax")
     test_images = split_images(data, "test")
     network, checkpoint, onnx_file, result = export_tiny(tmp, parity_images=test_images)
     return network, checkpoint, onnx_file, result, test_images
@@ -291,7 +291,8 @@ def test_script_exports_a_monai_densenet_through_network_def(tmp_path):
     assert int(meta["spatial_size"]) == TINY_SIZE
     assert meta["network"].startswith("monai.networks.nets.densenet.DenseNet; ")
     assert "final layer class_layers.out: Linear(16, 3)" in meta["network"]
-    images = split_images(build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20), "test")[:5]
+    images = split_images(build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, preprocess="minmax"),
+                          "test")[:5]
     with torch.no_grad():
         expected = torch.softmax(network(torch.from_numpy(images)), 1).numpy()
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
@@ -307,7 +308,7 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
 
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
-    trained = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=24, seed=3)
+    trained = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=24, seed=3, preprocess="minmax")
     record = json.loads((tmp_path / "models" / "model_metadata.json").read_text())
     record["provenance"] = {"data": {**data_provenance(trained), "synthetic_patients": 24},
                             "protocol": {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}}

@@ -330,7 +330,7 @@ def test_training_records_what_trained_the_model_and_export_copies_it(tmp_path):
 
 
 def test_export_refuses_a_record_of_another_run_and_marks_other_checkpoints_unbound(tmp_path):
-    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=0)
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=0, preprocess="minmax")
     checkpoint = _train_record(tmp_path, data, tiny_network())
     torch.save(tiny_network(seed=4).state_dict(), checkpoint)  # model.pt of another run beside this record
     with pytest.raises(ValueError, match="describes another training run"):
@@ -461,7 +461,7 @@ def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, ke
     spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=0)
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=0, preprocess="minmax")
     network = PaperCNN(in_channels=1, num_classes=3, spatial_size=TINY_SIZE, padding=2).eval()
     checkpoint = _train_record(tmp_path / "models", data, network)
     write_json(tmp_path / "eval" / "test" / "summary.json", {"last": {

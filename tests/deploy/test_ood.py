@@ -55,7 +55,7 @@ def test_score_equals_an_independent_computation():
 
 @pytest.fixture(scope="module")
 def data():
-    return build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=80, seed=1)
+    return build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=80, seed=1, preprocess="minmax")
 
 
 @pytest.fixture(scope="module")

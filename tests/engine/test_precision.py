@@ -1,5 +1,6 @@
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_measurement_leaves_parameters_buffers_and_mode_unchanged():
     before = {k: v.clone() for k, v in network.state_dict().items()}
     measured = precision.measure_cpu(network, (8, 1, SIZE, SIZE), steps=2)
     assert measured["pairs"] >= 1 and measured["fp32_s"] > 0 and measured["bf16_s"] > 0
+    assert measured["input_shape"] == (min(8, precision.MEASURE_MAX_BATCH), 1, SIZE, SIZE)
     after = network.state_dict()
     assert after.keys() == before.keys()
     for key, value in before.items():
@@ -126,16 +128,89 @@ def test_measurement_leaves_parameters_buffers_and_mode_unchanged():
     assert int(network.encoder[1].num_batches_tracked) == 0
 
 
-def test_auto_on_this_cpu_is_the_rule_applied_to_the_measurement(monkeypatch):
-    recorded = []
-    real = precision.measure_cpu
-    monkeypatch.setattr(precision, "measure_cpu", lambda *a, **k: recorded.append(real(*a, **k)) or recorded[-1])
-    choice = resolve_precision("auto", CPU, _network(), (8, 1, SIZE, SIZE), steps=2)
-    assert choice in ("fp32", "bf16")
-    measured = recorded[0]
-    fast_and_equal = measured["speedup"] >= MIN_SPEEDUP and measured["loss_rel_diff"] <= LOSS_RTOL
-    assert choice == ("bf16" if fast_and_equal else "fp32")
-    assert measured["input_shape"] == (min(8, precision.MEASURE_MAX_BATCH), 1, SIZE, SIZE)
+#: :func:`cpu_capabilities` of CPUs without and with native bf16, for the rule.
+PLAIN = {"cpu": "Test CPU", "torch_cpu_capability": "AVX2", "amx_bf16": False, "avx512_bf16": False, "bf16": False,
+         "sve_bf16": False, "amx_tile": False}
+AVX512_BF16 = {**PLAIN, "torch_cpu_capability": "AVX512", "avx512_bf16": True}
+AMX = {**AVX512_BF16, "amx_bf16": True, "amx_tile": True}
+ARM_BF16 = {**PLAIN, "torch_cpu_capability": "DEFAULT", "bf16": True}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The measurement cache in a fresh folder (never the user's)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "robustmri" / "precision.json"
+
+
+def _capabilities(monkeypatch, capabilities):
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: dict(capabilities))
+
+
+def _no_measurement(monkeypatch):
+    monkeypatch.setattr(precision, "measure_cpu", lambda *a, **k: pytest.fail("the capabilities decide: no measuring"))
+
+
+@pytest.mark.parametrize("capabilities, expected, because", [
+    (PLAIN, "fp32", "has no native bf16"), (AMX, "bf16", "AMX-BF16 tiles"),
+    ({**PLAIN, "amx_bf16": True, "amx_tile": True}, "bf16", "AMX-BF16 tiles")])
+def test_the_cpu_capabilities_decide_without_measuring(monkeypatch, cache, capabilities, expected, because):
+    _capabilities(monkeypatch, capabilities)
+    _no_measurement(monkeypatch)
+    choice, why = resolve_precision("auto", CPU, _network(), (8, 1, SIZE, SIZE))
+    assert choice == expected and because in why and "Test CPU" in why
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("capabilities", [AVX512_BF16, ARM_BF16])
+def test_undecided_capabilities_are_measured_once_per_machine_and_input(monkeypatch, cache, capabilities):
+    _capabilities(monkeypatch, capabilities)
+    assert precision.cpu_rule(capabilities)[0] is None
+    calls = []
+    monkeypatch.setattr(precision, "measure_cpu", lambda network, shape, steps: calls.append(shape) or {
+        "input_shape": shape, "pairs": 1, "fp32_s": 0.02, "bf16_s": 0.01, "speedup": 2.0, "fp32_loss": 1.0,
+        "bf16_loss": 1.0, "loss_rel_diff": 0.0})
+    first, why = resolve_precision("auto", CPU, _network(), (8, 1, SIZE, SIZE))
+    assert first == "bf16" and "measured once for this machine" in why and calls == [(8, 1, SIZE, SIZE)]
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["precision"] == "bf16" and entry["measurement"]["speedup"] == 2.0
+    # the same command again (another process, a resumed run, a busy moment): the recorded choice, not measured
+    again, why = resolve_precision("auto", CPU, _network(), (8, 1, SIZE, SIZE))
+    assert again == "bf16" and str(cache) in why and calls == [(8, 1, SIZE, SIZE)]
+    resolve_precision("auto", CPU, _network(), (8, 1, 2 * SIZE, 2 * SIZE))  # another input: measured for it
+    assert calls == [(8, 1, SIZE, SIZE), (8, 1, 2 * SIZE, 2 * SIZE)] and len(json.loads(cache.read_text())) == 2
+
+
+def test_the_measured_rule_needs_speed_and_a_matching_loss(monkeypatch, cache):
+    _capabilities(monkeypatch, AVX512_BF16)
+    network = _network()
+    for speedup, loss_diff, expected in [(MIN_SPEEDUP, LOSS_RTOL, "bf16"), (MIN_SPEEDUP * 0.99, 0.0, "fp32"),
+                                         (10.0, LOSS_RTOL * 1.01, "fp32")]:
+        cache.unlink(missing_ok=True)
+        monkeypatch.setattr(precision, "measure_cpu", lambda *a, s=speedup, d=loss_diff, **k: {
+            "input_shape": (4, 1, SIZE, SIZE), "pairs": 1, "fp32_s": 0.01, "bf16_s": 0.01 / s, "speedup": s,
+            "fp32_loss": 1.0, "bf16_loss": 1.0 + d, "loss_rel_diff": d})
+        assert resolve_precision("auto", CPU, network, (4, 1, SIZE, SIZE))[0] == expected
+
+
+def test_an_unreadable_cache_is_measured_again_and_rewritten(monkeypatch, cache):
+    _capabilities(monkeypatch, AVX512_BF16)
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json")
+    _patched_step(monkeypatch, 3.0)  # bf16 three times slower
+    assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=1)[0] == "fp32"
+    assert next(iter(json.loads(cache.read_text()).values()))["precision"] == "fp32"
+
+
+def test_auto_on_this_machine_is_the_rule_applied_to_its_capabilities(monkeypatch, cache):
+    capabilities = precision.cpu_capabilities()
+    assert capabilities["cpu"] and capabilities["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    decided, because = precision.cpu_rule(capabilities)
+    choice, why = resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=1)
+    if decided is not None:
+        assert (choice, why) == (decided, because) and not cache.exists()
+    else:
+        assert why.startswith(because) and cache.exists()
 
 
 _REAL_TIMED_STEP = precision._timed_step
@@ -153,19 +228,6 @@ def _patched_step(monkeypatch, bf16_time_factor, bf16_loss_factor=1.0):
     monkeypatch.setattr(precision, "_timed_step", timed)
 
 
-@pytest.mark.parametrize("factor, expected", [(0.5, "bf16"), (1 / 1.25, "bf16"), (1 / 1.1, "fp32"), (3.0, "fp32")])
-def test_choice_follows_the_timing(monkeypatch, factor, expected):
-    _patched_step(monkeypatch, factor)
-    assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=2) == expected
-
-
-def test_loss_mismatch_forces_fp32_even_when_bf16_is_faster(monkeypatch):
-    _patched_step(monkeypatch, 0.25, bf16_loss_factor=1 + 2 * LOSS_RTOL)
-    assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=2) == "fp32"
-    _patched_step(monkeypatch, 0.25, bf16_loss_factor=1 + LOSS_RTOL / 2)
-    assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=2) == "bf16"
-
-
 def test_choose_thresholds():
     assert choose({"speedup": MIN_SPEEDUP, "loss_rel_diff": LOSS_RTOL}) == "bf16"
     assert choose({"speedup": MIN_SPEEDUP * 0.99, "loss_rel_diff": 0.0}) == "fp32"
@@ -180,11 +242,13 @@ def test_invalid_precision_names_raise(name):
         prepare_network(_network(), CPU, name)
 
 
-def test_given_precisions_are_returned_and_cpu_auto_without_shape_is_fp32(monkeypatch):
-    monkeypatch.setattr(precision, "measure_cpu", lambda *a, **k: pytest.fail("nothing to measure"))
-    assert resolve_precision("fp32", CPU, _network(), None) == "fp32"
-    assert resolve_precision("BF16", CPU, _network(), None) == "bf16"
-    assert resolve_precision("auto", CPU, _network(), None) == "fp32"
+def test_given_precisions_are_returned_and_undecided_auto_without_shape_is_fp32(monkeypatch, cache):
+    _no_measurement(monkeypatch)
+    assert resolve_precision("fp32", CPU, _network(), None) == ("fp32", "requested")
+    assert resolve_precision("BF16", CPU, _network(), None) == ("bf16", "requested")
+    _capabilities(monkeypatch, AVX512_BF16)
+    choice, why = resolve_precision("auto", CPU, _network(), None)
+    assert choice == "fp32" and "nothing to measure" in why
 
 
 def test_cuda_choices_without_a_gpu(monkeypatch):
@@ -193,11 +257,22 @@ def test_cuda_choices_without_a_gpu(monkeypatch):
     monkeypatch.setattr(precision, "_cuda_has_bf16", lambda device: False)
     with pytest.raises(ValueError, match=r"cuda:0 \(Fake GPU 9000\)"):
         resolve_precision("bf16", cuda, _network(), None)
-    assert resolve_precision("auto", cuda, _network(), None) == "fp16"
-    assert resolve_precision("fp32", cuda, _network(), None) == "fp32"
+    assert resolve_precision("auto", cuda, _network(), None) == (
+        "fp16", "cuda:0 (Fake GPU 9000) has no native bf16: fp16 with the trainer's GradScaler")
+    assert resolve_precision("fp32", cuda, _network(), None)[0] == "fp32"
     monkeypatch.setattr(precision, "_cuda_has_bf16", lambda device: True)
-    assert resolve_precision("auto", cuda, _network(), None) == "bf16"
-    assert resolve_precision("bf16", cuda, _network(), None) == "bf16"
+    assert resolve_precision("auto", cuda, _network(), None) == ("bf16", "cuda:0 (Fake GPU 9000) has native bf16")
+    assert resolve_precision("bf16", cuda, _network(), None)[0] == "bf16"
+
+
+def test_the_prepared_network_records_the_choice_why_and_what_was_asked(monkeypatch, cache, caplog):
+    _capabilities(monkeypatch, PLAIN)
+    with caplog.at_level("INFO", logger="robustmri.engine.precision"):
+        network = prepare_network(_network(), CPU, "auto", input_shape=(4, 1, SIZE, SIZE))
+    assert (network.robustmri_precision, network.robustmri_precision_requested) == ("fp32", "auto")
+    assert "has no native bf16" in network.robustmri_precision_reason
+    lines = [r.getMessage() for r in caplog.records if "precision" in r.getMessage()]
+    assert len(lines) == 1 and "precision fp32 (requested auto: Test CPU" in lines[0]
 
 
 def test_fp16_is_left_to_the_trainer_amp():

@@ -237,3 +237,23 @@ def test_alr_mwnet_and_pint_killed_mid_epoch_and_resumed_end_like_an_uninterrupt
     for name in ("model", "best"):
         for key, value in whole[name].items():
             assert torch.equal(resumed[name][key], value), (name, key)
+
+
+@pytest.mark.slow
+def test_resume_true_after_another_run_ends_in_one_line_naming_why(tmp_path):
+    """The command a user types, after a run of another config: one line and exit status 1, no traceback."""
+    quick = ["--spatial_size", "32", "--network_padding", "2", "--epochs", "1", "--synthetic_patients", "40",
+             "--dataset_dir", "", *output_dirs(tmp_path)]
+    code, output = _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                         "['configs/train.json','configs/quick.json']", *quick, "--resume", "true"])
+    state = tmp_path / "models" / "training_state.pt"
+    assert code == 0 and f"resume: no training state at {state}; starting from epoch 1" in output, output[-3000:]
+
+    code, output = _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                         "['configs/isr.json','configs/quick.json']", *quick, "--influence_epoch", "1",
+                         "--resume", "true"])
+    last = output.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in output, output[-3000:]
+    assert last.startswith(f"{state}: cannot resume: it was written by another run (method 'naive' there, ")
+    assert last.endswith("resume with the command that wrote it, or start afresh with another ckpt_dir "
+                         "(or without the file)")

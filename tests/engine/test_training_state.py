@@ -109,3 +109,83 @@ def test_every_method_handler_is_resumable_and_one_that_is_not_is_refused():
     engine.add_event_handler(Events.EPOCH_COMPLETED, Forgetful())
     with pytest.raises(ValueError, match=r"state.pt: cannot resume: the state of .*Forgetful is not saved"):
         restore_run_state(engine, {}, "state.pt")
+
+
+# -- resuming a killed run (TrainingCheckpoint, the bundle's ``resume``): precision and other runs' states ------------
+
+def _workflow(tmp_path, name, data, **overrides):
+    workflow = load_workflow(BUNDLE, ["train.json"], {**TINY, "epochs": 2, **overrides,
+                                                      "ckpt_dir": str(tmp_path / name / "models"),
+                                                      "output_dir": str(tmp_path / name / "eval")},
+                             drop_handlers=("ProgressBar",))
+    if data is not None:
+        inject_protocol(workflow, data)
+    return workflow
+
+
+def _stop_in_epoch_2(workflow):
+    per_epoch = len(workflow.parser.get_parsed_content("train#dataloader"))
+    workflow.parser["initialize"] = [*workflow.parser["initialize"], (
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once={per_epoch + 1}), "
+        "lambda engine: (_ for _ in ()).throw(RuntimeError('stopped in epoch 2')))")]
+
+
+def test_a_resumed_run_goes_on_in_the_precision_its_state_recorded(tmp_path, monkeypatch):
+    import json
+
+    import robustmri.engine.precision as precision
+    from robustmri.engine.training_state import CannotResume
+
+    # whatever this machine has, auto here would choose fp32 (no native bf16) ...
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: {
+        "cpu": "Test CPU", "torch_cpu_capability": "AVX2", "amx_bf16": False, "avx512_bf16": False, "bf16": False,
+        "sve_bf16": False, "amx_tile": False})
+    data = build_protocol(**protocol_arguments(load_workflow(BUNDLE, ["train.json"], TINY)))
+    cut = _workflow(tmp_path, "run", data, precision="bf16")  # ... and the run that was killed trained in bf16
+    _stop_in_epoch_2(cut)
+    with pytest.raises(RuntimeError):
+        execute(cut)
+    models = tmp_path / "run" / "models"
+    state = torch.load(models / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and (state["precision"], state["precision_reason"]) == ("bf16", "requested")
+    metadata = json.loads((models / "model_metadata.json").read_text())["trained_with"]
+    assert (metadata["precision"], metadata["precision_reason"]) == ("bf16", "requested")
+
+    with pytest.raises(CannotResume, match=r"training_state.pt: cannot resume: it trained in bf16 and this run "
+                                           r"asks for precision fp32: resume with --precision auto \(or bf16\)$"):
+        execute(_workflow(tmp_path, "run", data, precision="fp32", resume=True))
+
+    resumed = _workflow(tmp_path, "run", data, precision="auto", resume=True)
+    execute(resumed)
+    network = resumed.parser.get_parsed_content("network")
+    assert network.robustmri_precision == "bf16" and "recorded in" in network.robustmri_precision_reason
+    assert "here auto would choose fp32" in network.robustmri_precision_reason
+    assert torch.load(models / "training_state.pt", weights_only=True)["precision"] == "bf16"
+    metadata = json.loads((models / "model_metadata.json").read_text())["trained_with"]
+    assert metadata["precision"] == "bf16" and "recorded in" in metadata["precision_reason"]
+
+
+def test_a_state_of_another_or_a_finished_run_is_refused_in_one_line_and_no_state_starts_afresh(tmp_path, caplog):
+    from robustmri.engine.training_state import OTHER_RUN_ADVICE, CannotResume
+
+    with caplog.at_level("INFO", logger="robustmri.engine.training_state"):
+        execute(_workflow(tmp_path, "run", None, epochs=1, resume=True))
+    state_path = tmp_path / "run" / "models" / "training_state.pt"
+    assert f"resume: no training state at {state_path}; starting from epoch 1" in caplog.messages
+    settings = torch.load(state_path, weights_only=True)["settings"]
+    assert settings["spatial_size"] == 32 and settings["learning_rate"] == 0.002 and settings["method"] == "naive"
+
+    refusals = {  # overrides of the same command -> the one line that refuses it
+        "{}": "cannot resume: this run already completed its 1 epochs (state saved after epoch 1): nothing to resume",
+        '{"epochs": 3, "spatial_size": 48}': f"cannot resume: it was written by another run (epochs 1 there, 3 here; "
+                                             f"spatial_size 32 there, 48 here): {OTHER_RUN_ADVICE}",
+        '{"epochs": 3, "learning_rate": 0.01}': "(epochs 1 there, 3 here; learning_rate 0.002 there, 0.01 here)",
+    }
+    import json
+
+    for overrides, expected in refusals.items():
+        with pytest.raises(CannotResume) as refused:
+            execute(_workflow(tmp_path, "run", None, resume=True, **{"epochs": 1, **json.loads(overrides)}))
+        message = str(refused.value)
+        assert message.startswith(f"{state_path}: cannot resume: ") and expected in message and "\n" not in message
+        assert refused.value.code == message  # a SystemExit: the command prints it and exits with status 1

@@ -112,7 +112,8 @@ def test_audit_with_a_monai_network(audited_resnet):
 def test_label_review_self_influence_with_a_monai_network(audited_resnet):
     """self_influence_scores on the audited ResNet equal -g_i . (H + lambda I)^-1 g_i / N built by autograd."""
     network = load_weights(MONAI_NETWORKS["ResNet"][1](), str(audited_resnet / "models" / "model.pt")).eval()
-    data = build_protocol(None, spatial_size=32, synthetic_patients=30, label_noise="symmetric", label_noise_rate=0.2)
+    data = build_protocol(None, spatial_size=32, synthetic_patients=30, label_noise="symmetric", label_noise_rate=0.2,
+                          preprocess="minmax")
     images = np.stack([item["image"] for item in data.train]).astype(np.float32)
     labels = np.array([item["label"] for item in data.train])
     damping = 0.01
