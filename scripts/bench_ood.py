@@ -4,7 +4,7 @@
         --dataset_dir /data/figshare-brain-tumor --out docs/benchmarks/ood
     python scripts/bench_ood.py --checkpoint model.pt --model model.onnx --dataset_dir DATA --out OUT
 
-The model is the checkpoint exported with its detector (``robustmri.deploy.ood``: fitted on the
+The model is the checkpoint exported with its detector (``robustmri.deploy.onnx.ood``: fitted on the
 protocol's training split, threshold on its validation split, as ``scripts/export_onnx.py`` does);
 ``--model`` reuses an export, refused unless its ``checkpoint_sha256`` is the checkpoint's. Give the
 protocol the model was trained on (``--dataset_dir``, ``--seed``, ``--noise``; the size and
@@ -54,8 +54,8 @@ from export_onnx import check_trained_network, export_config, monai_logs_to_stde
 from robustmri.data.preprocessing import head_mask  # noqa: E402
 from robustmri.data.readers import read_image  # noqa: E402
 from robustmri.data.synthetic import generate_slices  # noqa: E402
-from robustmri.deploy.export import bundle_version, export_onnx, file_sha256, split_arrays  # noqa: E402
-from robustmri.deploy.onnx_runtime import OnnxClassifier  # noqa: E402
+from robustmri.deploy.onnx.export import bundle_version, export_onnx, file_sha256, split_arrays  # noqa: E402
+from robustmri.deploy.onnx.runtime import OnnxClassifier  # noqa: E402
 from robustmri.evaluation.checkpoints import load_weights  # noqa: E402
 from robustmri.outputs import image_grid, write_json  # noqa: E402
 

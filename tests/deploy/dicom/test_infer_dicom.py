@@ -15,9 +15,10 @@ import torch
 
 from robustmri.data.preprocessing import preprocess
 from robustmri.data.readers import read_image
-from robustmri.deploy.dicom_fixtures import FictitiousPatient, write_mr_series
-from robustmri.deploy.dicom_inference import AGGREGATION_RULE, infer_dicom
-from robustmri.deploy.onnx_runtime import OnnxClassifier
+from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
+from robustmri.deploy.dicom.classify import AGGREGATION_RULE
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from conftest import BUNDLE, FIGSHARE, ROOT
 from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
