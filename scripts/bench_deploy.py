@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from robustmri import CLASS_NAMES
-from robustmri.bench.machine import cpu_name
 from robustmri.bench.dicom_fixtures import write_mr_series
+from robustmri.bench.machine import cpu_name
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.export import export_onnx
 from robustmri.deploy.onnx.runtime import CUDA, OnnxClassifier

@@ -38,23 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import fire
 
-from robustmri.deploy.onnx.export_checkpoint import export_checkpoint
+from robustmri.deploy.onnx.export_checkpoint import export_checkpoint, monai_logs_to_stderr
 from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
-
-
-def monai_logs_to_stderr() -> None:
-    """MONAI's loggers print to stdout; move them to stderr, so that stdout is the JSON report alone."""
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if name.startswith("monai") and isinstance(logger, logging.Logger):
-            for handler in logger.handlers:
-                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-                    handler.setStream(sys.stderr)
 
 
 def _series_rule(path: str) -> dict:

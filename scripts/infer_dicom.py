@@ -38,10 +38,10 @@ import sys
 
 import fire
 
-from robustmri.deploy.dicom.study import DicomInputError, infer_dicom, input_problem, write_no_input_summary
 from robustmri.deploy.dicom.selection import SeriesSelection
-from robustmri.deploy.onnx.trust import DemoModelError, ModelIntegrityError
+from robustmri.deploy.dicom.study import DicomInputError, infer_dicom, input_problem, write_no_input_summary
 from robustmri.deploy.onnx.runtime import ModelMetadataError, OnnxClassifier
+from robustmri.deploy.onnx.trust import DemoModelError, ModelIntegrityError
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 

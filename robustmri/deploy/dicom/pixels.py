@@ -13,6 +13,7 @@ import numpy as np
 from robustmri.data.readers import ImageReadError, check_finite_2d, dicom_pixels
 from robustmri.deploy.dicom.series import DicomSeries, DicomSlice
 
+
 def slice_pixels(image: DicomSlice) -> np.ndarray:
     """Decode one slice (one frame of a multi-frame file) to float32 modality values, checked against its header.
 

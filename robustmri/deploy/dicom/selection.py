@@ -9,6 +9,7 @@ from typing import Sequence
 
 from robustmri.deploy.dicom.series import DicomSeries, as_strings
 
+
 @dataclass
 class SeriesSelection:
     """Which series to classify, like MONAI Deploy's series selector rules.

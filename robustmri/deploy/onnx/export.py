@@ -36,8 +36,8 @@ import torch
 
 from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
-from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
-from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
+from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.deploy.dicom.series_rule import SeriesRule
 from robustmri.deploy.onnx.ood import (
     DETECTOR_NAME,
     SERIES_MAX_NOT_ASSESSABLE,
@@ -48,8 +48,8 @@ from robustmri.deploy.onnx.ood import (
     describe_detector,
     fit_detector,
 )
-from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
-from robustmri.deploy.dicom.series_rule import SeriesRule
+from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
+from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN

@@ -14,6 +14,7 @@ import ast
 import json
 import logging
 import os
+import sys
 
 from robustmri.deploy.onnx.export import (
     bundle_version,
@@ -30,6 +31,15 @@ from robustmri.evaluation.checkpoints import load_weights
 from robustmri.outputs import read_json
 
 logger = logging.getLogger("export_onnx")
+
+
+def monai_logs_to_stderr() -> None:
+    """MONAI's loggers print to stdout; move them to stderr, so that stdout is the JSON report alone."""
+    for name, monai_logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("monai") and isinstance(monai_logger, logging.Logger):
+            for handler in monai_logger.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                    handler.setStream(sys.stderr)
 
 
 def parse_network_def(value) -> dict:

@@ -14,11 +14,11 @@ from robustmri.bench.dicom_fixtures import (
     write_enhanced_mr,
     write_mr_series,
 )
-from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.dicom.headers import scan_folders
 from robustmri.deploy.dicom.integrity import completeness_problem, order_slices
 from robustmri.deploy.dicom.pixels import release_pixels, slice_pixels
 from robustmri.deploy.dicom.series import PIXEL_DATA_TAG
+from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series

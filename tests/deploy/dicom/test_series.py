@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from robustmri.data.readers import ImageReadError, read_image
 from robustmri.bench.dicom_fixtures import write_mr_series
+from robustmri.data.readers import ImageReadError, read_image
 from robustmri.deploy.dicom.headers import scan_folders
 from robustmri.deploy.dicom.integrity import completeness_problem, order_slices
 from robustmri.deploy.dicom.pixels import slice_pixels

@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from robustmri.bench.dicom_fixtures import write_enhanced_mr, write_mr_series
-from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.dicom.sr import BASIC_TEXT_SR_STORAGE, write_sr
+from robustmri.deploy.dicom.study import infer_dicom
 
 from deploy_helpers import export_tiny, gradient_series, pydicom_file
 

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 
 from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
-from robustmri.deploy.dicom.study import DicomInputError, infer_dicom
-from robustmri.deploy.dicom.sr import PATIENT_MODULE, STUDY_MODULE
-from robustmri.deploy.onnx.runtime import OnnxClassifier
 from robustmri.deploy.dicom.series_rule import SeriesRule
+from robustmri.deploy.dicom.sr import PATIENT_MODULE, STUDY_MODULE
+from robustmri.deploy.dicom.study import DicomInputError, infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from conftest import ROOT
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
@@ -128,10 +128,12 @@ def test_the_models_rule_applies_and_an_operators_rule_is_named(tmp_path):
     network_dir = tmp_path / "model"
     network_dir.mkdir()
     strict = {"max_repetition_time_ms": 400}
-    from deploy_helpers import tiny_network
     import torch
+
     from robustmri import CLASS_NAMES
     from robustmri.deploy.onnx.export import export_onnx
+
+    from deploy_helpers import tiny_network
 
     network = tiny_network()
     torch.save(network.state_dict(), network_dir / "model.pt")

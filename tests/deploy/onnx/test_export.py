@@ -15,6 +15,7 @@ import torch
 from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.data.protocol import build_protocol
+from robustmri.deploy.onnx.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
 from robustmri.deploy.onnx.export_checkpoint import (
     export_checkpoint,
     export_config,
@@ -22,7 +23,6 @@ from robustmri.deploy.onnx.export_checkpoint import (
     recorded_protocol,
     recorded_provenance,
 )
-from robustmri.deploy.onnx.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
 from robustmri.deploy.onnx.runtime import CPU, CUDA, ModelMetadataError, OnnxClassifier, choose_providers
 from robustmri.networks import PaperCNN
 

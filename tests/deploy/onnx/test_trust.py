@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from robustmri import CLASS_NAMES
-from robustmri.data.protocol import build_protocol
 from robustmri.bench.dicom_fixtures import write_mr_series
+from robustmri.data.protocol import build_protocol
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.export import checkpoint_provenance, export_onnx
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 from robustmri.deploy.onnx.trust import (
     DEMO_MODEL_NOTICE,
     INTEGRITY_SCHEME,
@@ -30,7 +31,6 @@ from robustmri.deploy.onnx.trust import (
     verify_model,
     write_key_pair,
 )
-from robustmri.deploy.onnx.runtime import OnnxClassifier
 from robustmri.engine.model_metadata import FINGERPRINT_RULE, METADATA_FILE, ModelMetadataWriter, file_sha256
 from robustmri.outputs import write_json
 
