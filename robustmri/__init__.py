@@ -13,9 +13,11 @@ from those listed before it):
 - ``evaluation``: metrics, test reports, checkpoints;
 - ``methods``: one module per training method (file name = config name = option
   prefix) and the registry that lists them;
-- ``deploy``: ONNX export and runtime, file and DICOM inference, DICOM SR;
+- ``deploy``: file inference; ``deploy.onnx``: export, runtime, trust, OOD detector; ``deploy.dicom``: DICOM
+  series and study inference, DICOM SR;
 - ``review``: influence-guided label review;
-- ``bench``: the benchmark's report and machine description.
+- ``bench``: the benchmark engine (profiles, runs, resume), its report, and the synthetic DICOM series
+  tests and benchmarks write.
 """
 
 #: The classes, in label order (label 0, 1, 2); kept here so that importing the package imports nothing else.

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from robustmri import CLASS_NAMES
+from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.bench.machine import cpu_name
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_inference import infer_dicom
-from robustmri.deploy.export import export_onnx
-from robustmri.deploy.onnx_runtime import CUDA, OnnxClassifier
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.export import export_onnx
+from robustmri.deploy.onnx.runtime import CUDA, OnnxClassifier
 from robustmri.evaluation.checkpoints import load_weights
 from robustmri.networks import PaperCNN
 
@@ -107,7 +107,7 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
         parity = np.random.default_rng(0).random((32, 1, spatial_size, spatial_size), dtype=np.float32)
         images, source = _series_images(n_slices, image_size, dataset_dir)
         export = export_onnx(network, onnx_file, CLASS_NAMES, spatial_size, checkpoint=ckpt, parity_images=parity,
-                             **_detector_data(images, spatial_size))
+                             preprocess="minmax", **_detector_data(images, spatial_size))
         report["parity_random_images"] = export["parity"]
 
         throughput = {}

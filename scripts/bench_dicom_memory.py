@@ -5,7 +5,7 @@
 Writes synthetic series of ``image_size`` x ``image_size`` slices (MR Image Storage, one file
 per slice; and the same as Enhanced MR, one multi-frame file per series, when this code base
 can write it) in the cases "800 slices in 8 series" and "200 slices in 1 series", and runs
-:func:`robustmri.deploy.dicom_inference.infer_dicom` on each in a fresh subprocess (the model
+:func:`robustmri.deploy.dicom.study.infer_dicom` on each in a fresh subprocess (the model
 loaded and three batches of 32 run beforehand, as a service would). Per case, from
 /proc/self/status: the resident set size after that warm-up (``baseline_mb``), the peak
 resident set size during inference (``peak_mb``: VmHWM, reset to the baseline before inference
@@ -46,7 +46,7 @@ def _images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def _write_case(folder: str, n_series: int, per_series: int, size: int, enhanced: bool) -> None:
-    from robustmri.deploy import dicom_fixtures
+    from robustmri.bench import dicom_fixtures
 
     for k in range(n_series):
         images = _images(per_series, size, seed=k)
@@ -67,8 +67,8 @@ def _status_mb(field: str) -> float:
 
 def child(folder: str, model: str, output_dir: str) -> None:
     """Run inference on ``folder`` in this process; print one JSON line with the memory figures."""
-    from robustmri.deploy.dicom_inference import infer_dicom
-    from robustmri.deploy.onnx_runtime import OnnxClassifier
+    from robustmri.deploy.dicom.study import infer_dicom
+    from robustmri.deploy.onnx.runtime import OnnxClassifier
 
     classifier = OnnxClassifier(model, device="cpu", intra_op_num_threads=1)
     # full batches first, as a service would have run: ONNX Runtime's CPU arena settles at its size on the
@@ -94,8 +94,8 @@ def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 
     import torch
 
     from robustmri import CLASS_NAMES
-    from robustmri.deploy import dicom_fixtures
-    from robustmri.deploy.export import export_onnx
+    from robustmri.bench import dicom_fixtures
+    from robustmri.deploy.onnx.export import export_onnx
     from robustmri.networks import PaperCNN
 
     forms = ["MR Image Storage, one file per slice"]
@@ -108,7 +108,7 @@ def main(image_size: int = 512, spatial_size: int = 256, network_padding: int = 
         network = PaperCNN(spatial_size=spatial_size, padding=network_padding).eval()
         checkpoint, model = os.path.join(tmp, "model.pt"), os.path.join(tmp, "model.onnx")
         torch.save(network.state_dict(), checkpoint)
-        export_onnx(network, model, CLASS_NAMES, spatial_size, checkpoint=checkpoint)
+        export_onnx(network, model, CLASS_NAMES, spatial_size, checkpoint=checkpoint, preprocess="minmax")
         for form in forms:
             for name, n_series, per_series in [c for c in CASES if case in c[0]]:
                 folder = os.path.join(tmp, "in")

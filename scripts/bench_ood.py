@@ -4,7 +4,7 @@
         --dataset_dir /data/figshare-brain-tumor --out docs/benchmarks/ood
     python scripts/bench_ood.py --checkpoint model.pt --model model.onnx --dataset_dir DATA --out OUT
 
-The model is the checkpoint exported with its detector (``robustmri.deploy.ood``: fitted on the
+The model is the checkpoint exported with its detector (``robustmri.deploy.onnx.ood``: fitted on the
 protocol's training split, threshold on its validation split, as ``scripts/export_onnx.py`` does);
 ``--model`` reuses an export, refused unless its ``checkpoint_sha256`` is the checkpoint's. Give the
 protocol the model was trained on (``--dataset_dir``, ``--seed``, ``--noise``; the size and
@@ -48,16 +48,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export_onnx import check_trained_network, export_config, monai_logs_to_stderr  # noqa: E402
-
-from robustmri.data.preprocessing import head_mask  # noqa: E402
-from robustmri.data.readers import read_image  # noqa: E402
-from robustmri.data.synthetic import generate_slices  # noqa: E402
-from robustmri.deploy.export import bundle_version, export_onnx, file_sha256, split_arrays  # noqa: E402
-from robustmri.deploy.onnx_runtime import OnnxClassifier  # noqa: E402
-from robustmri.evaluation.checkpoints import load_weights  # noqa: E402
-from robustmri.outputs import image_grid, write_json  # noqa: E402
+from robustmri.data.preprocessing import head_mask
+from robustmri.data.readers import read_image
+from robustmri.data.synthetic import generate_slices
+from robustmri.deploy.onnx.export import bundle_version, export_onnx, file_sha256, split_arrays
+from robustmri.deploy.onnx.export_checkpoint import check_trained_network, export_config, monai_logs_to_stderr
+from robustmri.deploy.onnx.runtime import OnnxClassifier
+from robustmri.evaluation.checkpoints import load_weights
+from robustmri.outputs import image_grid, write_json
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 RAW_SIZE = 256  # the side of the raw out-of-distribution slices (the model's preprocessing resizes them)
@@ -195,7 +193,7 @@ def main(checkpoint: str, dataset_dir: str = "", out: str = "docs/benchmarks/ood
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     monai_logs_to_stderr()
-    config = export_config(checkpoint, dataset_dir=dataset_dir, noise=noise, seed=seed,
+    config = export_config(BUNDLE, checkpoint, dataset_dir=dataset_dir, noise=noise, seed=seed,
                            synthetic_patients=synthetic_patients)
     data = config.get_parsed_content("data")
     os.makedirs(out, exist_ok=True)

@@ -1,12 +1,11 @@
 """Classify DICOM studies with an exported ONNX model; write a JSON report and a DICOM SR per study.
 
-    python scripts/infer_dicom.py /path/to/dicom_folder [more folders] --model bundle/models/model.onnx \
-        --output_dir results/
+    python scripts/infer_dicom.py /path/to/dicom_folder [more folders] --model bundle/models/model.onnx
     python scripts/infer_dicom.py IN --model model.onnx --output_dir OUT --output series --device cpu \
         --on_slice_error skip --series_rule my_rule.json
 
 Series are grouped by SeriesInstanceUID; files of one SeriesInstanceUID that disagree on patient,
-study, modality or geometry are refused, never merged (robustmri.deploy.dicom_series.GROUPING_POLICY).
+study, modality or geometry are refused, never merged (robustmri.deploy.dicom.policy.GROUPING_POLICY).
 Per study, the series that match the model's training domain (the series rule written in the
 model's metadata, T1-weighted post-contrast MR; --series_rule FILE.json overrides it, and the reports
 say so) are ranked and the best one that gives a result answers for the study (--output series:
@@ -17,6 +16,9 @@ assessable and does not vote; a series with too many such slices (the model's me
 gets no tumour class ("abstained") and its SR says why; a model exported without the detector is refused
 (exit 2). The console and the reports carry no patient identifiers, file or folder
 names (--include_paths adds file paths for local debugging). Research software, not for clinical use.
+
+Reports go to --output_dir, by default ``bundle/eval/dicom`` (where the bundle's ``dicom_inference`` writes
+them; git ignores ``bundle/eval``).
 
 The model is verified on load (integrity digest; with --public_key key.pem also its Ed25519
 signature: an unsigned or otherwise signed model is refused); a demo model (trained on the
@@ -36,12 +38,12 @@ import sys
 
 import fire
 
-from robustmri.deploy.dicom_inference import DicomInputError, infer_dicom, input_problem, write_no_input_summary
-from robustmri.deploy.dicom_series import SeriesSelection
-from robustmri.deploy.model_trust import DemoModelError, ModelIntegrityError
-from robustmri.deploy.onnx_runtime import ModelMetadataError, OnnxClassifier
+from robustmri.deploy.dicom.selection import SeriesSelection
+from robustmri.deploy.dicom.study import DicomInputError, infer_dicom, input_problem, write_no_input_summary
+from robustmri.deploy.onnx.runtime import ModelMetadataError, OnnxClassifier
+from robustmri.deploy.onnx.trust import DemoModelError, ModelIntegrityError
 
-BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle")
+BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
 
 def _fail(message: str) -> None:
@@ -49,8 +51,8 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx"), output_dir: str = "dicom_results",
-         modalities="MR", series_description: str = "", image_type="", device: str = "auto",
+def main(*inputs: str, model: str = os.path.join(BUNDLE, "models", "model.onnx"),
+         output_dir: str = os.path.join(BUNDLE, "eval", "dicom"), modalities="MR", series_description: str = "", image_type="", device: str = "auto",
          batch_size: int = 32, on_slice_error: str = "fail", threads: int = 0, no_sr: bool = False,
          quiet: bool = False, allow_incomplete: bool = False, output: str = "study", series_rule: str = "",
          include_paths: bool = False, json_summary: bool = False, public_key: str = "", allow_demo_model: bool = False):

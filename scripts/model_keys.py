@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fire
 
-from robustmri.deploy.model_trust import key_fingerprint, load_public_key, write_key_pair
+from robustmri.deploy.onnx.trust import key_fingerprint, load_public_key, write_key_pair
 
 
 def generate(private: str = "model_signing.pem", public: str = "model_signing.pub.pem") -> str:

@@ -40,6 +40,23 @@ def test_every_package_is_ranked_and_has_a_test_folder():
     assert not missing, f"tests mirror the layout: add tests/{missing}"
 
 
+def test_subpackages_have_a_test_folder_too():
+    """A package's subpackages (``deploy/dicom``, ``deploy/onnx``) keep its rank and mirror into ``tests/`` as well."""
+    nested = [path.parent.relative_to(PACKAGE) for path in PACKAGE.glob("*/*/__init__.py")]
+    assert nested, "no subpackage found: the glob no longer matches the layout"
+    missing = [str(rel) for rel in nested if not (ROOT / "tests" / rel).is_dir()]
+    assert not missing, f"tests mirror the layout: add tests/{missing}"
+
+
+def test_tests_and_scripts_import_the_library_not_scripts():
+    """Scripts are command lines over the library: nothing loads a script as a module (a test may run it)."""
+    loaders = ("spec_from_file_location", "sys.path.insert", "sys.path.append")
+    found = [f"{path.relative_to(ROOT)}: {loader}" for folder in ("tests", "scripts")
+             for path in (ROOT / folder).rglob("*.py") if path.name != "test_layout.py"
+             for loader in loaders if loader in path.read_text()]
+    assert not found, "import the library instead:\n" + "\n".join(found)
+
+
 def test_imports_only_go_downward():
     modules = _modules()
     upward = []

@@ -1,1 +1,3 @@
-"""The benchmark's tables and plots, and the machine description every benchmark records."""
+"""Benchmarks: the Table 1 engine (:mod:`.benchmark`, :mod:`.profiles`, :mod:`.runs`), its tables, plots and
+statistics, the machine description every benchmark records, and synthetic DICOM series for tests and
+benchmarks (:mod:`.dicom_fixtures`; never used by the deployed code)."""

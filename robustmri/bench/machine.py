@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -15,3 +16,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_machine() -> dict:
+    """CPU, cores, torch threads, GPU and versions: recorded with a benchmark's protocol."""
+    import torch
+
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}

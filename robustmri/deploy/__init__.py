@@ -1,1 +1,2 @@
-"""Deployment: ONNX export and runtime, file inference, DICOM series inference and DICOM SR."""
+"""Deployment: file inference (:mod:`.inference`), ONNX export and runtime (:mod:`.onnx`), DICOM series
+inference and DICOM SR (:mod:`.dicom`)."""

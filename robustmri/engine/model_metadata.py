@@ -11,8 +11,8 @@ the class names, the bundle version, where the training data came from, and the 
 trained in with the reason (:mod:`robustmri.engine.precision`).
 
 Deployment configs read the settings back with :func:`trained_setting`: the value written
-beside the checkpoint, else ``train.json``'s own default (a checkpoint from before this file
-existed), and an explicit command-line value always wins.
+beside the checkpoint, else the training default they pass (``train.json``'s; a model still to be
+trained), and an explicit command-line value always wins.
 
 The record also holds ``provenance`` (:data:`PROVENANCE_SCHEMA`; field names are stable and
 documented in ``bundle/docs/README.md``, "Model integrity and provenance"): what trained the
@@ -301,12 +301,13 @@ def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:
     return record
 
 
-def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | os.PathLike):
-    """``key`` as the checkpoint was trained with; ``train.json``'s default when nothing is recorded.
+def trained_setting(checkpoint: str | os.PathLike, key: str, default):
+    """``key`` as the checkpoint was trained with; ``default`` (the caller's training default, ``train.json``'s
+    for the bundle) when nothing is recorded.
 
     A checkpoint without a record that predates a setting of :data:`LEGACY_SETTINGS` was trained
     with its legacy value (min-max scaling); with no checkpoint at all (a model still to be
-    trained) the default of ``train.json`` applies.
+    trained) ``default`` applies.
     """
     if key not in SETTINGS:
         raise KeyError(f"{key!r} is not a recorded training setting; expected one of {SETTINGS}")
@@ -315,10 +316,7 @@ def trained_setting(checkpoint: str | os.PathLike, key: str, bundle_root: str | 
         return record[key]
     if key in LEGACY_SETTINGS and os.path.isfile(checkpoint):  # a checkpoint from before the setting existed
         return LEGACY_SETTINGS[key]
-    from monai.bundle import ConfigParser
-
-    default = ConfigParser.load_config_file(os.path.join(bundle_root, "configs", "train.json"))[key]
-    logger.info("no %s beside %s: %s = %s (train.json's default)", METADATA_FILE, checkpoint, key, default)
+    logger.info("no %s beside %s: %s = %s (the training default)", METADATA_FILE, checkpoint, key, default)
     return default
 
 

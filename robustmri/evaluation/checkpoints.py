@@ -74,7 +74,7 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
         load_weights(network, path, device)
         report.tag = tag
         evaluator.run()
-        # the sha256 lets export credit these figures to this very checkpoint (robustmri.deploy.export)
+        # the sha256 lets export credit these figures to this very checkpoint (robustmri.deploy.onnx.export)
         results[tag] = {"checkpoint": os.path.abspath(path), "checkpoint_sha256": file_sha256(path), **report.report}
     if not is_main_process():  # under torchrun every rank holds the same reports; rank 0 writes
         return results

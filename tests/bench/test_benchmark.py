@@ -202,10 +202,9 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
 #: (``train``, 1-based and global) or when its checkpoints are first evaluated (``evaluate``).
 KILLING_DRIVER = """
 import os, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "scripts"))
 import fire
 from ignite.engine import Events
-import benchmark
+from robustmri.bench import benchmark
 
 run_name, where, iteration, command = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 
@@ -225,7 +224,7 @@ def evaluate_or_die(network, checkpoints, *args, **kwargs):
     return evaluate(network, checkpoints, *args, **kwargs)
 
 benchmark.execute, benchmark.evaluate_checkpoints_on = execute, evaluate_or_die
-fire.Fire(benchmark.Benchmark, command=command)
+fire.Fire(benchmark.Benchmark(os.path.join(sys.argv[1], "bundle")), command=command)
 """
 
 
@@ -287,4 +286,13 @@ def test_an_unknown_option_is_one_line_and_starts_nothing(tmp_path):
     result = _benchmark("run", "--profile", "smoke", "--out", str(tmp_path / "bench"), "--help")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("benchmark.py: unknown option(s) --help")
+    assert not (tmp_path / "bench").exists()
+
+
+def test_a_profile_that_cannot_branch_is_one_line_and_starts_nothing(tmp_path):
+    # the smoke profile's runs branch after influence_epoch 1: one epoch leaves them nothing to train
+    result = _benchmark("run", "--profile", "smoke", "--out", str(tmp_path / "bench"), "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "benchmark.py: the smoke profile's runs branch after influence_epoch 1, so --epochs 1 leaves them nothing")
     assert not (tmp_path / "bench").exists()

@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 from robustmri import CLASS_NAMES
+from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.preprocessing import DESCRIPTIONS, PREPROCESSING
 from robustmri.data.protocol import build_protocol
 from robustmri.data.readers import read_image
 from robustmri.data.synthetic import generate_slices
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_inference import classify_series
-from robustmri.deploy.dicom_series import scan_folders
-from robustmri.deploy.export import export_onnx
-from robustmri.deploy.onnx_runtime import ModelIntegrityError, ModelMetadataError, OnnxClassifier
+from robustmri.deploy.dicom.classify import classify_series
+from robustmri.deploy.dicom.headers import scan_folders
+from robustmri.deploy.onnx.export import export_onnx
+from robustmri.deploy.onnx.runtime import ModelIntegrityError, ModelMetadataError, OnnxClassifier
 from robustmri.engine.workflow import execute, load_workflow
 
 from conftest import BUNDLE

@@ -8,8 +8,8 @@ import torch
 from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import DESCRIPTIONS
 from robustmri.data.protocol import DATA_ENV
-from robustmri.engine.model_metadata import (METADATA_FILE, evaluation_dataset_dir, model_metadata, read_trained,
-                                             trained_setting)
+from robustmri.engine.model_metadata import (METADATA_FILE, SETTINGS, evaluation_dataset_dir, model_metadata,
+                                             read_trained, trained_setting)
 from robustmri.networks import PaperCNN
 from robustmri.outputs import write_json
 
@@ -30,7 +30,7 @@ def test_the_record_names_the_preprocessing_and_describes_it(tmp_path):
     checkpoint = _write(tmp_path)
     record = json.loads((tmp_path / METADATA_FILE).read_text())["trained_with"]
     assert record["preprocess"] == "head" and record["preprocess_description"] == DESCRIPTIONS["head"]
-    assert trained_setting(checkpoint, "preprocess", BUNDLE) == "head"
+    assert trained_setting(checkpoint, "preprocess", "head") == "head"
     with pytest.raises(ValueError, match="unknown preprocessing 'square'"):
         model_metadata(None, 32, 2, PaperCNN(spatial_size=32, padding=2), CLASS_NAMES, preprocess="square")
 
@@ -41,16 +41,25 @@ def test_records_and_checkpoints_from_before_the_option_mean_minmax(tmp_path):
     assert read_trained(checkpoint)["preprocess"] == "minmax"
     # a checkpoint with no record at all was trained with min-max scaling too
     (tmp_path / METADATA_FILE).unlink()
-    assert trained_setting(checkpoint, "preprocess", BUNDLE) == "minmax"
-    # no checkpoint yet (a model still to train, e.g. from MONAI Label): train.json's default
-    assert trained_setting(tmp_path / "absent" / "model.pt", "preprocess", BUNDLE) == \
-        json.loads((BUNDLE / "configs" / "train.json").read_text())["preprocess"] == "head"
+    assert trained_setting(checkpoint, "preprocess", "head") == "minmax"
+    # no checkpoint yet (a model still to train, e.g. from MONAI Label): the default the caller passes
+    assert trained_setting(tmp_path / "absent" / "model.pt", "preprocess", "head") == "head"
+
+
+def test_without_a_checkpoint_the_deployment_configs_take_train_json_defaults(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([str(BUNDLE / "configs" / name)
+                                                         for name in ("train.json", "parts/trained_model.json")]))
+    parser["ckpt_dir"] = str(tmp_path / "absent")
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    assert {key: parser.get_parsed_content(key) for key in SETTINGS} == {key: train[key] for key in SETTINGS}
 
 
 def test_a_record_whose_description_differs_from_the_library_is_refused(tmp_path):
     checkpoint = _write(tmp_path, preprocess_description="percentiles 2 to 98")
     with pytest.raises(ValueError, match="preprocessing 'head' described as 'percentiles 2 to 98'"):
-        trained_setting(checkpoint, "preprocess", BUNDLE)
+        trained_setting(checkpoint, "preprocess", "head")
 
 
 class _Folder:

@@ -55,7 +55,8 @@ def trained_settings(bundle_dir: str) -> dict:
     """``spatial_size``, ``network_padding`` and ``preprocess`` of ``models/model.pt`` (train.json's defaults
     without a checkpoint; the preprocessing is never a ``--conf`` option: a model is fed as it was trained)."""
     checkpoint = os.path.join(bundle_dir, "models", CHECKPOINT)
-    return {key: trained_setting(checkpoint, key, bundle_dir) for key in SETTINGS}
+    defaults = ConfigParser.load_config_file(config_path(bundle_dir, "train.json"))
+    return {key: trained_setting(checkpoint, key, defaults[key]) for key in SETTINGS}
 
 
 def bundle_overrides(bundle_dir: str, conf: dict) -> dict:

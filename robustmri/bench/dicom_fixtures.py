@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robustmri.deploy.dicom_sr import new_instance
+from robustmri.deploy.dicom.sr import new_instance
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"

@@ -21,7 +21,7 @@ Means, covariance, ridge and precision are computed in float64; the precision is
 Cholesky factor ``W`` (``P = W W^T``), so the graph computes ``|| f W - mu_c W ||^2`` with plain
 tensor operations (a matrix product, a subtraction, a square, a sum and a minimum) that can never be
 negative. :class:`ScoredClassifier` returns ``(probabilities, score)`` and is what
-:func:`robustmri.deploy.export.export_onnx` exports.
+:func:`robustmri.deploy.onnx.export.export_onnx` exports.
 
 The threshold (:func:`calibrate_threshold`) is the score quantile that accepts a stated share of
 the in-distribution *validation* slices (:data:`TARGET_ACCEPTANCE`, 95 %); the test split is never

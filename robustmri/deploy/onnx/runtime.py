@@ -2,20 +2,20 @@
 
 Deployment needs neither PyTorch nor the training code: this module imports only onnxruntime and numpy.
 
-The model's own metadata (written by :mod:`robustmri.deploy.export`) gives the class names, the
+The model's own metadata (written by :mod:`robustmri.deploy.onnx.export`) gives the class names, the
 input size and the preprocessing by name; :meth:`OnnxClassifier.prepare` applies that
 preprocessing with the library's one implementation. A model whose preprocessing this library
 does not have, or describes differently, is refused, since it would see images prepared
 differently from training.
 
-Every load verifies the model first (:mod:`robustmri.deploy.model_trust`): the integrity digest
+Every load verifies the model first (:mod:`robustmri.deploy.onnx.trust`): the integrity digest
 written at export over the graph, the weights and every metadata field, and, given a public key,
 the exporter's Ed25519 signature. A model that fails, or that carries no digest, is refused with a
-:class:`~robustmri.deploy.model_trust.ModelIntegrityError` naming the file; the verified bytes are
+:class:`~robustmri.deploy.onnx.trust.ModelIntegrityError` naming the file; the verified bytes are
 the ones the session runs.
 
 Out-of-distribution detection: a model exported with its detector has a second output,
-``ood_score`` [N] (higher = more out of distribution, :mod:`robustmri.deploy.ood`), and the
+``ood_score`` [N] (higher = more out of distribution, :mod:`robustmri.deploy.onnx.ood`), and the
 detector's metadata (threshold calibrated on validation, target acceptance, abstention rule).
 :meth:`OnnxClassifier.predict_with_scores` returns both outputs and :meth:`OnnxClassifier.is_assessable`
 applies the threshold (score <= threshold: assessable). A model without the detector still
@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from robustmri.data.preprocessing import check_preprocess, preprocess_for_description, preprocessing_by_name
-from robustmri.deploy.model_trust import (
+from robustmri.deploy.onnx.trust import (
     DEMO_MODEL_NOTICE,
     ModelIntegrityError,  # noqa: F401  (raised by OnnxClassifier; importable from here)
     ModelMetadataError,
@@ -43,7 +43,7 @@ from robustmri.deploy.model_trust import (
 
 logger = logging.getLogger(__name__)
 
-#: The exported graph's input and output names (see :mod:`robustmri.deploy.export`).
+#: The exported graph's input and output names (see :mod:`robustmri.deploy.onnx.export`).
 INPUT_NAME = "image"
 OUTPUT_NAME = "pred"
 SCORE_NAME = "ood_score"
@@ -53,7 +53,7 @@ DETECTOR_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "o
 #: How to get a model with the detector: the one-line advice of every refusal for want of it.
 DETECTOR_REEXPORT_HINT = ("re-export it with the training and validation splits (python scripts/export_onnx.py "
                           "--checkpoint model.pt --output model.onnx --dataset_dir DATA, or the bundle's export.json)")
-#: ONNX metadata keys written by :func:`robustmri.deploy.export.export_onnx` and required here.
+#: ONNX metadata keys written by :func:`robustmri.deploy.onnx.export.export_onnx` and required here.
 METADATA_KEYS = ("class_names", "spatial_size", "intensity_normalisation", "model_version", "checkpoint_sha256",
                  "network", "exported_by", "intended_use")
 
@@ -105,7 +105,7 @@ def read_metadata(model) -> dict:
     props = dict(model.get_modelmeta().custom_metadata_map)
     missing = [key for key in METADATA_KEYS if key not in props]
     if missing:
-        raise ModelMetadataError(f"ONNX model metadata lacks {missing}: export it with robustmri.deploy.export "
+        raise ModelMetadataError(f"ONNX model metadata lacks {missing}: export it with robustmri.deploy.onnx.export "
                                  "(scripts/export_onnx.py or the bundle's export.json)")
     try:  # models exported before the name was written carry only the description
         name = props.get("preprocess") or preprocess_for_description(props["intensity_normalisation"], "the model")

@@ -9,16 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.readers import ImageReadError, read_image
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_series import (
-    SeriesSelection,
-    completeness_problem,
-    order_slices,
-    scan_folders,
-    select_series,
-    slice_pixels,
-)
+from robustmri.deploy.dicom.headers import scan_folders
+from robustmri.deploy.dicom.integrity import completeness_problem, order_slices
+from robustmri.deploy.dicom.pixels import slice_pixels
+from robustmri.deploy.dicom.selection import SeriesSelection, select_series
 
 from deploy_helpers import copy_pydicom_files, gradient_series, pydicom_file
 

@@ -10,11 +10,11 @@ import sys
 import pydicom
 import pytest
 
-from robustmri.deploy.dicom_fixtures import FictitiousPatient, write_mr_series
-from robustmri.deploy.dicom_inference import DicomInputError, infer_dicom
-from robustmri.deploy.dicom_sr import PATIENT_MODULE, STUDY_MODULE
-from robustmri.deploy.onnx_runtime import OnnxClassifier
-from robustmri.deploy.series_rule import SeriesRule
+from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
+from robustmri.deploy.dicom.series_rule import SeriesRule
+from robustmri.deploy.dicom.sr import PATIENT_MODULE, STUDY_MODULE
+from robustmri.deploy.dicom.study import DicomInputError, infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from conftest import ROOT
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
@@ -123,21 +123,23 @@ def test_series_of_one_study_from_two_patients_are_refused(tmp_path, classifier)
 
 
 def test_the_models_rule_applies_and_an_operators_rule_is_named(tmp_path):
-    from robustmri.deploy.series_rule import DEFAULT_RULE
+    from robustmri.deploy.dicom.series_rule import DEFAULT_RULE
 
     network_dir = tmp_path / "model"
     network_dir.mkdir()
     strict = {"max_repetition_time_ms": 400}
-    from deploy_helpers import tiny_network
     import torch
+
     from robustmri import CLASS_NAMES
-    from robustmri.deploy.export import export_onnx
+    from robustmri.deploy.onnx.export import export_onnx
+
+    from deploy_helpers import tiny_network
 
     network = tiny_network()
     torch.save(network.state_dict(), network_dir / "model.pt")
     ood_train, ood_validation = gradient_detector_data()
     export_onnx(network, network_dir / "model.onnx", CLASS_NAMES, 32, checkpoint=network_dir / "model.pt",
-                series_rule=strict, ood_train=ood_train, ood_validation=ood_validation, target_acceptance=1.0)
+                preprocess="minmax", series_rule=strict, ood_train=ood_train, ood_validation=ood_validation, target_acceptance=1.0)
     model = OnnxClassifier(network_dir / "model.onnx", device="cpu")
     assert SeriesRule.from_json(model.metadata["series_rule"]).max_repetition_time_ms == 400
     write_study(tmp_path / "in", t1=("AX T1 POST", {}, 3, 5))  # TR 550 ms
@@ -242,7 +244,7 @@ def test_a_folder_of_many_non_dicom_files_is_summarised(tmp_path, classifier):
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) == 2  # one line per study, one summary line
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
-    assert warnings == ["WARNING robustmri.deploy.dicom_inference: skipped 60 file(s): not a DICOM Part 10 file: "
+    assert warnings == ["WARNING robustmri.deploy.dicom.study: skipped 60 file(s): not a DICOM Part 10 file: "
                         "no 'DICM' prefix or file meta information (File is missing DICOM File Meta Information "
                         "header or the 'DICM' prefix is missing from the header. Use force=True to force reading.)"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

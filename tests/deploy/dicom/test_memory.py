@@ -10,10 +10,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_inference import infer_dicom
-from robustmri.deploy.dicom_series import DEFER_SIZE, PIXEL_DATA_TAG, scan_folders, slice_pixels
-from robustmri.deploy.onnx_runtime import OnnxClassifier
+from robustmri.bench.dicom_fixtures import write_mr_series
+from robustmri.deploy.dicom.headers import DEFER_SIZE, scan_folders
+from robustmri.deploy.dicom.pixels import slice_pixels
+from robustmri.deploy.dicom.series import PIXEL_DATA_TAG
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from deploy_helpers import export_tiny
 

@@ -1,7 +1,7 @@
 """Model integrity, signatures and the demo-model rule: what an exported ONNX model must prove before use.
 
 Imports neither PyTorch nor the training code (``onnx`` and, for signatures, ``cryptography``),
-so the runtime (:mod:`robustmri.deploy.onnx_runtime`) verifies every model it loads.
+so the runtime (:mod:`robustmri.deploy.onnx.runtime`) verifies every model it loads.
 
 **Integrity digest** (scheme :data:`INTEGRITY_SCHEME`, stated here once). Two sha256 digests,
 written into the model's metadata at export (:func:`integrity_fields`):
@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 
-from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.options import as_flag
 
 #: Version tag of the digest's definition (module docstring); part of what is hashed.

@@ -1,7 +1,6 @@
 """ONNX export: graph, metadata, parity with PyTorch; the runtime's provider choice and metadata checks."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -16,8 +15,15 @@ import torch
 from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.data.protocol import build_protocol
-from robustmri.deploy.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
-from robustmri.deploy.onnx_runtime import CPU, CUDA, ModelMetadataError, OnnxClassifier, choose_providers
+from robustmri.deploy.onnx.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
+from robustmri.deploy.onnx.export_checkpoint import (
+    export_checkpoint,
+    export_config,
+    parse_network_def,
+    recorded_protocol,
+    recorded_provenance,
+)
+from robustmri.deploy.onnx.runtime import CPU, CUDA, ModelMetadataError, OnnxClassifier, choose_providers
 from robustmri.networks import PaperCNN
 
 from conftest import BUNDLE, ROOT
@@ -147,7 +153,7 @@ def test_reported_provider_is_the_one_that_runs(exported, monkeypatch, caplog):
     if CUDA in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime really has CUDA")
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
-    with caplog.at_level(logging.WARNING, logger="robustmri.deploy.onnx_runtime"):
+    with caplog.at_level(logging.WARNING, logger="robustmri.deploy.onnx.runtime"):
         classifier = OnnxClassifier(exported[2], device="auto")
     assert classifier.provider == CPU and classifier.describe()["provider"] == CPU
     assert "not usable" in caplog.text
@@ -165,21 +171,13 @@ def test_deployment_modules_do_not_need_torch():
     import subprocess
     import sys
 
-    code = ("import sys, robustmri.deploy.onnx_runtime, robustmri.deploy.dicom_inference, robustmri.deploy.dicom_sr; "
+    code = ("import sys, robustmri.deploy.onnx.runtime, robustmri.deploy.dicom.study, robustmri.deploy.dicom.sr; "
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
 
 
-# -- scripts/export_onnx.py: the network from the bundle's network_def, its size from model_metadata.json --------
-
-
-@pytest.fixture(scope="module")
-def export_script():
-    spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# -- export of a bundle checkpoint (scripts/export_onnx.py): the network from the bundle's network_def, its size from model_metadata.json --------
 
 
 def _metadata(onnx_file) -> dict:
@@ -197,13 +195,13 @@ def _bundle_paper_cnn(seed: int = 0) -> PaperCNN:
     return network.eval()
 
 
-def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path, monkeypatch, export_script):
+def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path, monkeypatch):
     """As after ``make demo``: only --checkpoint and --output; 32 x 32 and padding 2 come from model_metadata.json."""
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     network = _bundle_paper_cnn()
     checkpoint = write_trained(tmp_path / "models", network, TINY_SIZE, network_padding=2)
     onnx_file = tmp_path / "models" / "model.onnx"
-    result = export_script.main(checkpoint=str(checkpoint), output=str(onnx_file), synthetic_patients=20)
+    result = export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(onnx_file), synthetic_patients=20)
     meta = _metadata(onnx_file)
     assert int(meta["spatial_size"]) == TINY_SIZE and "padding=2" in meta["network"]
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -214,27 +212,27 @@ def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path,
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
 
 
-def test_script_sizes_given_on_the_command_line_win(tmp_path, monkeypatch, export_script):
+def test_script_sizes_given_on_the_command_line_win(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
-    config = export_script.export_config(str(checkpoint))
+    config = export_config(BUNDLE, str(checkpoint))
     assert config.get_parsed_content("spatial_size") == TINY_SIZE and config.get_parsed_content("network_padding") == 2
-    config = export_script.export_config(str(checkpoint), spatial_size=48, network_padding=3)
+    config = export_config(BUNDLE, str(checkpoint), spatial_size=48, network_padding=3)
     assert config.get_parsed_content("spatial_size") == 48 and config.get_parsed_content("network_padding") == 3
     network = config.get_parsed_content("network_def")
     assert isinstance(network, PaperCNN) and network.encoder[0].padding == (3, 3)
     # 48 x 48 with padding 2 gives the same 64 features as 32 x 32: the checkpoint loads and exports at 48
     onnx_file = tmp_path / "model48.onnx"
-    export_script.main(checkpoint=str(checkpoint), output=str(onnx_file), spatial_size=48, parity_split="none")
+    export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(onnx_file), spatial_size=48, parity_split="none")
     assert int(_metadata(onnx_file)["spatial_size"]) == 48
 
 
-def test_script_refuses_a_network_other_than_the_trained_one(tmp_path, monkeypatch, export_script):
+def test_script_refuses_a_network_other_than_the_trained_one(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _small_densenet(), TINY_SIZE)
     with pytest.raises(ValueError, match=r"trained with monai.networks.nets.densenet.DenseNet .* but network_def "
                                          r"builds robustmri.networks.paper_cnn.PaperCNN: pass the training network"):
-        export_script.main(checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), parity_split="none")
+        export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), parity_split="none")
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -243,16 +241,16 @@ def test_script_refuses_a_network_other_than_the_trained_one(tmp_path, monkeypat
     "{'_target_': 'DenseNet121', 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 3}",
     {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 3},
 ])
-def test_network_def_from_the_command_line(export_script, text):
-    assert export_script.parse_network_def(text) == {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1,
+def test_network_def_from_the_command_line(text):
+    assert parse_network_def(text) == {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1,
                                                      "out_channels": 3}
 
 
-def test_network_def_that_is_not_a_network_is_refused(export_script):
+def test_network_def_that_is_not_a_network_is_refused():
     with pytest.raises(ValueError, match="neither JSON nor a Python dict literal"):
-        export_script.parse_network_def("DenseNet121(")
+        parse_network_def("DenseNet121(")
     with pytest.raises(ValueError, match="must be a dict with a '_target_'"):
-        export_script.parse_network_def("{'spatial_dims': 2}")
+        parse_network_def("{'spatial_dims': 2}")
 
 
 #: MONAI's DenseNet (the class DenseNet121 fixes the sizes of) kept small: DenseNet121 itself takes
@@ -298,7 +296,7 @@ def test_script_exports_a_monai_densenet_through_network_def(tmp_path):
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
 
 
-def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monkeypatch, export_script):
+def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monkeypatch):
     """Without --seed/--synthetic_patients, export takes them from the checkpoint's provenance, so the detector is
     fitted on the training run's own splits (a demo model trained on 24 embedded patients, seed 3)."""
     import json
@@ -313,9 +311,9 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
     record["provenance"] = {"data": {**data_provenance(trained), "synthetic_patients": 24},
                             "protocol": {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}}
     (tmp_path / "models" / "model_metadata.json").write_text(json.dumps(record))
-    recorded = export_script._recorded_provenance(str(checkpoint))
-    assert export_script._recorded_protocol(recorded) == {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}
-    export_script.main(checkpoint=str(checkpoint), output=str(tmp_path / "models" / "model.onnx"))
+    recorded = recorded_provenance(str(checkpoint))
+    assert recorded_protocol(recorded) == {"seed": 3, "noise": "gaussian", "synthetic_patients": 24}
+    export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "models" / "model.onnx"))
     meta = _metadata(tmp_path / "models" / "model.onnx")
     assert int(meta["ood_n_train"]) == len(trained.split("train")) and int(meta["ood_n_validation"]) == len(
         trained.split("val"))

@@ -7,9 +7,9 @@ import subprocess
 import pydicom
 import pytest
 
-from robustmri.deploy.dicom_fixtures import write_enhanced_mr, write_mr_series
-from robustmri.deploy.dicom_inference import infer_dicom
-from robustmri.deploy.dicom_sr import BASIC_TEXT_SR_STORAGE, write_sr
+from robustmri.bench.dicom_fixtures import write_enhanced_mr, write_mr_series
+from robustmri.deploy.dicom.sr import BASIC_TEXT_SR_STORAGE, write_sr
+from robustmri.deploy.dicom.study import infer_dicom
 
 from deploy_helpers import export_tiny, gradient_series, pydicom_file
 
@@ -83,7 +83,7 @@ def test_multi_frame_instance_referenced_once_with_its_frames(tmp_path):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    from robustmri.deploy.onnx_runtime import OnnxClassifier
+    from robustmri.deploy.onnx.runtime import OnnxClassifier
 
     _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
     return OnnxClassifier(onnx_file, device="cpu")

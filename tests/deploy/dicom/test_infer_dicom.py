@@ -13,11 +13,12 @@ import pydicom
 import pytest
 import torch
 
+from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.data.preprocessing import preprocess_minmax
 from robustmri.data.readers import read_image
-from robustmri.deploy.dicom_fixtures import FictitiousPatient, write_mr_series
-from robustmri.deploy.dicom_inference import AGGREGATION_RULE, infer_dicom
-from robustmri.deploy.onnx_runtime import OnnxClassifier
+from robustmri.deploy.dicom.classify import AGGREGATION_RULE
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from conftest import BUNDLE, FIGSHARE, ROOT
 from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
@@ -246,11 +247,10 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
 
 @pytest.mark.slow
 def test_bundle_exports_and_classifies_dicom(tmp_path):
+    from robustmri.data.synthetic import generate_slices
     from robustmri.networks import PaperCNN
 
     from helpers import TINY, bundle
-
-    from robustmri.data.synthetic import generate_slices
 
     network_args = ["--spatial_size", "32", "--network_padding", "2"]  # the network TINY configures
     torch.manual_seed(0)

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from robustmri import CLASS_NAMES
+from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.protocol import build_protocol
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_inference import infer_dicom
-from robustmri.deploy.export import checkpoint_provenance, export_onnx
-from robustmri.deploy.model_trust import (
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.export import checkpoint_provenance, export_onnx
+from robustmri.deploy.onnx.runtime import OnnxClassifier
+from robustmri.deploy.onnx.trust import (
     DEMO_MODEL_NOTICE,
     INTEGRITY_SCHEME,
     TRUST_KEYS,
@@ -30,11 +31,10 @@ from robustmri.deploy.model_trust import (
     verify_model,
     write_key_pair,
 )
-from robustmri.deploy.onnx_runtime import OnnxClassifier
 from robustmri.engine.model_metadata import FINGERPRINT_RULE, METADATA_FILE, ModelMetadataWriter, file_sha256
 from robustmri.outputs import write_json
 
-from conftest import ROOT
+from conftest import BUNDLE, ROOT
 from deploy_helpers import (
     TINY_SIZE,
     export_tiny,
@@ -452,15 +452,11 @@ def test_verify_model_reads_the_file_when_given_no_bytes(models):
 
 @pytest.mark.slow
 def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, keys):
-    """scripts/export_onnx.py after training on the embedded set: a signed demo model, its test metrics credited."""
-    import importlib.util
-
+    """Export of a bundle checkpoint (scripts/export_onnx.py) after training on the embedded set: a signed demo model, its test metrics credited."""
+    from robustmri.deploy.onnx.export_checkpoint import export_checkpoint
     from robustmri.networks import PaperCNN
 
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
-    spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "scripts" / "export_onnx.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=20, seed=0, preprocess="minmax")
     network = PaperCNN(in_channels=1, num_classes=3, spatial_size=TINY_SIZE, padding=2).eval()
     checkpoint = _train_record(tmp_path / "models", data, network)
@@ -468,7 +464,7 @@ def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, ke
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "n": 12, "accuracy": 0.5,
         "macro_f1": 0.4, "roc_auc_macro": 0.7}})
     onnx_file = tmp_path / "models" / "model.onnx"
-    script.main(checkpoint=str(checkpoint), output=str(onnx_file), parity_split="none",
+    export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(onnx_file), parity_split="none",
                 signing_key=str(keys[0] / "a.pem"), eval_dir=str(tmp_path / "eval"))
     classifier = OnnxClassifier(onnx_file, device="cpu", public_key=keys[0] / "a.pub.pem")
     described = classifier.describe()

@@ -1,8 +1,7 @@
 """Which series of a study match the model's training domain: a configurable rule, recorded with the model.
 
 The classifier was trained on 2-D T1-weighted post-contrast MR slices. No single DICOM attribute
-says "T1 post-contrast", so :class:`SeriesRule` weighs the signals that scanners fill
-(``../shared/reference/deploy-scale-facts.md``):
+says "T1 post-contrast", so :class:`SeriesRule` weighs the signals that scanners fill:
 
 * ``Modality`` must be one of :attr:`SeriesRule.modalities`;
 * ``ImageType`` must not contain an excluded value (``LOCALIZER``, ``DERIVED``: scouts, reformats,

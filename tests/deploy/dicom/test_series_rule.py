@@ -5,7 +5,7 @@ import json
 import pytest
 from pydicom.dataset import Dataset
 
-from robustmri.deploy.series_rule import DEFAULT_RULE, METADATA_KEY, SeriesRule, rule_of_model
+from robustmri.deploy.dicom.series_rule import DEFAULT_RULE, METADATA_KEY, SeriesRule, rule_of_model
 
 
 def header(description="AX T1 POST GD", te="9.5", tr="550", ti=None, agent=None, modality="MR",

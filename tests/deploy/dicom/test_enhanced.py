@@ -8,22 +8,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from robustmri.deploy.dicom_fixtures import (
+from robustmri.bench.dicom_fixtures import (
     ENHANCED_MR_IMAGE_STORAGE,
     LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
     write_enhanced_mr,
     write_mr_series,
 )
-from robustmri.deploy.dicom_inference import infer_dicom
-from robustmri.deploy.dicom_series import (
-    PIXEL_DATA_TAG,
-    completeness_problem,
-    order_slices,
-    release_pixels,
-    scan_folders,
-    slice_pixels,
-)
-from robustmri.deploy.onnx_runtime import OnnxClassifier
+from robustmri.deploy.dicom.headers import scan_folders
+from robustmri.deploy.dicom.integrity import completeness_problem, order_slices
+from robustmri.deploy.dicom.pixels import release_pixels, slice_pixels
+from robustmri.deploy.dicom.series import PIXEL_DATA_TAG
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
 

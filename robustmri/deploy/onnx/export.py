@@ -3,7 +3,7 @@
 The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``pred``,
 class probabilities [N, C] (softmax included, so no runtime has to know it), and, when training and
 validation images are given, ``ood_score`` [N]: the out-of-distribution score of
-:mod:`robustmri.deploy.ood` (higher = more out of distribution), fitted on the training split, with
+:mod:`robustmri.deploy.onnx.ood` (higher = more out of distribution), fitted on the training split, with
 its threshold calibrated on the validation split and written with the abstention rule into the metadata
 (:data:`OOD_METADATA_KEYS`). The model's
 metadata carries the class names, the spatial size, the preprocessing (its name, ``preprocess``, and
@@ -13,7 +13,7 @@ version and the sha256 of the source checkpoint: a runtime reads them instead of
 second copy of the training config. Every export is checked with ``onnx.checker`` and, when
 images are given, against PyTorch (the parity check).
 
-Integrity and provenance (:mod:`robustmri.deploy.model_trust`): the metadata also carries
+Integrity and provenance (:mod:`robustmri.deploy.onnx.trust`): the metadata also carries
 ``provenance`` (what trained the model, copied from ``model_metadata.json`` beside the checkpoint
 by :func:`checkpoint_provenance`, with the bundle's test metrics of this very checkpoint),
 ``demo_model`` ("true" for the embedded synthetic set, "false" for a data set folder, "unknown"
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from robustmri import __version__
-from robustmri.data.preprocessing import DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
-from robustmri.deploy.model_trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
-from robustmri.deploy.onnx_runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
-from robustmri.deploy.ood import (
+from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
+from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
+from robustmri.deploy.dicom.series_rule import SeriesRule
+from robustmri.deploy.onnx.ood import (
     DETECTOR_NAME,
     SERIES_MAX_NOT_ASSESSABLE,
     TARGET_ACCEPTANCE,
@@ -48,15 +48,15 @@ from robustmri.deploy.ood import (
     describe_detector,
     fit_detector,
 )
-from robustmri.deploy.series_rule import METADATA_KEY as SERIES_RULE_KEY
-from robustmri.deploy.series_rule import SeriesRule
+from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
+from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
 from robustmri.influence.adapter import FinalLayerError, find_final_linear, unwrap
 from robustmri.networks import PaperCNN
 
 logger = logging.getLogger(__name__)
 
-#: Parity limits against PyTorch (issue 6): max |p_onnx - p_torch| and identical argmax.
+#: Parity limits against PyTorch: max |p_onnx - p_torch| and identical argmax.
 PARITY_ATOL = 1e-4
 #: Parity limit of the OOD score: |s_onnx - s_torch| <= SCORE_PARITY_RTOL * max(1, |s_torch|).
 SCORE_PARITY_RTOL = 1e-3
@@ -68,7 +68,7 @@ OOD_METADATA_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold"
                      "ood_abstention_rule")
 #: Metadata keys every export must write because they change the output or how it is read (class names,
 #: size, preprocessing, provenance, ...); the integrity digest covers them and every other metadata key.
-#: One tuple, :data:`robustmri.deploy.model_trust.OUTPUT_AFFECTING_KEYS`, so that the torch-free runtime
+#: One tuple, :data:`robustmri.deploy.onnx.trust.OUTPUT_AFFECTING_KEYS`, so that the torch-free runtime
 #: checks the same list: extend it there with a new feature's keys (e.g. a detector's).
 INTEGRITY_REQUIRED_KEYS = OUTPUT_AFFECTING_KEYS
 
@@ -118,7 +118,7 @@ def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
                 checkpoint: str | os.PathLike | None = None, model_version: str = "",
                 parity_images: np.ndarray | None = None, opset_version: int | None = None,
-                batch_size: int = 32, preprocess: str = LEGACY_PREPROCESS,
+                batch_size: int = 32, preprocess: str = "head",
                 ood_train: tuple[np.ndarray, np.ndarray] | None = None, ood_validation=None,
                 target_acceptance: float = TARGET_ACCEPTANCE,
                 series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE,
@@ -128,7 +128,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
     ``preprocess`` the preprocessing the network was trained with (``model_metadata.json``);
-    ``series_rule`` which DICOM series match the training domain (:mod:`robustmri.deploy.series_rule`;
+    ``series_rule`` which DICOM series match the training domain (:mod:`robustmri.deploy.dicom.series_rule`;
     None or an empty dict: the default T1-weighted post-contrast rule, a dict changes its values);
     ``provenance`` what trained it (:func:`checkpoint_provenance`; None: not recorded, ``demo_model``
     "unknown"); a demo model's version gets the suffix ``+demo``. ``signing_key``: an Ed25519
@@ -144,10 +144,34 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     so it is the score the runtime sees), and the abstention rule ``series_max_not_assessable``. Without
     them the model has no ``ood_score`` output, and DICOM inference refuses it.
     """
-    import onnx
-
     spatial_size = int(spatial_size)
     class_names = [str(name) for name in class_names]
+    series_rule = _checked_options(preprocess, series_rule, ood_train, ood_validation, series_max_not_assessable)
+    network = copy.deepcopy(network).cpu().eval()
+    _check_output_size(network, spatial_size, class_names)
+    model, detector = _exported_model(network, ood_train, len(class_names))
+    with torch.no_grad():
+        model(torch.zeros(2, 1, spatial_size, spatial_size))  # FinalLayer's one-time check runs before tracing
+    metadata = _metadata(network, class_names, spatial_size, preprocess, series_rule, model_version, checkpoint,
+                         provenance)
+    output_file = os.fspath(output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    opset = _trace_and_save(model, detector, output_file, class_names, spatial_size, metadata, opset_version,
+                            signing_key, lambda raw_file: _calibrate(raw_file, detector, ood_validation,
+                                                                     target_acceptance, series_max_not_assessable,
+                                                                     batch_size))
+    result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata,
+              "ood_detector": detector is not None}
+    logger.info("exported %s (opset %d, %d classes, %d x %d)", output_file, opset, len(class_names),
+                spatial_size, spatial_size)
+    if parity_images is not None:
+        result["parity"] = check_parity(output_file, model, parity_images, batch_size)
+    return result
+
+
+def _checked_options(preprocess: str, series_rule, ood_train, ood_validation,
+                     series_max_not_assessable: float) -> SeriesRule:
+    """Refuse inconsistent export options; the series rule as a :class:`SeriesRule`."""
     check_preprocess(preprocess)
     if not isinstance(series_rule, SeriesRule):
         series_rule = SeriesRule.from_dict(dict(series_rule or {}))
@@ -156,25 +180,35 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
                          "for the OOD detector, or neither")
     if not 0.0 <= float(series_max_not_assessable) < 1.0:
         raise ValueError(f"series_max_not_assessable must be in [0, 1), got {series_max_not_assessable}")
-    network = copy.deepcopy(network).cpu().eval()
-    demo = "unknown" if not provenance else ("true" if provenance.get("demo_model") else "false")
+    return series_rule
+
+
+def _check_output_size(network: torch.nn.Module, spatial_size: int, class_names: list[str]) -> None:
+    """Refuse class names that do not match the network's output."""
     with torch.no_grad():
         probe = network(torch.zeros(2, 1, spatial_size, spatial_size))
     if probe.shape != (2, len(class_names)):
         raise ValueError(f"network gives output {tuple(probe.shape)} for 2 images, expected (2, {len(class_names)}): "
                          f"class_names {class_names} do not match it")
-    detector = None
-    if ood_train is not None:
-        train_images, train_labels = ood_train
-        detector = fit_detector(network, train_images, train_labels, len(class_names), progress=len(train_images) > 512)
-        model = ScoredClassifier(network, detector).eval()
-    else:
+
+
+def _exported_model(network: torch.nn.Module, ood_train, num_classes: int):
+    """``(model, detector)``: the network with its OOD detector fitted on ``ood_train`` (probabilities and
+    scores out), or, without training images, the network with softmax and no detector."""
+    if ood_train is None:
         logger.warning("exporting without an OOD detector (no training and validation images given): DICOM "
                        "inference refuses such a model")
-        model = ProbabilityHead(network).eval()
-    with torch.no_grad():
-        model(torch.zeros(2, 1, spatial_size, spatial_size))  # FinalLayer's one-time check runs before tracing
-    metadata = {
+        return ProbabilityHead(network).eval(), None
+    train_images, train_labels = ood_train
+    detector = fit_detector(network, train_images, train_labels, num_classes, progress=len(train_images) > 512)
+    return ScoredClassifier(network, detector).eval(), detector
+
+
+def _metadata(network: torch.nn.Module, class_names: list[str], spatial_size: int, preprocess: str,
+              series_rule: SeriesRule, model_version: str, checkpoint, provenance: dict | None) -> dict[str, str]:
+    """The model's metadata before the detector's calibration and the integrity fields are added."""
+    demo = "unknown" if not provenance else ("true" if provenance.get("demo_model") else "false")
+    return {
         "class_names": json.dumps(class_names),
         "spatial_size": str(spatial_size),
         "preprocess": preprocess,
@@ -188,8 +222,14 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
         "demo_model": demo,
         "provenance": canonical_json(provenance) if provenance else "null",
     }
-    output_file = os.fspath(output_file)
-    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+
+
+def _trace_and_save(model: torch.nn.Module, detector, output_file: str, class_names: list[str], spatial_size: int,
+                    metadata: dict[str, str], opset_version: int | None, signing_key, calibrate) -> int:
+    """Trace ``model`` to ONNX, add the detector's calibration (``calibrate(raw_file)``, with a detector), the
+    metadata and its integrity fields, check and save it; the opset written."""
+    import onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         raw_file = os.path.join(tmp, "raw.onnx")
         batch = torch.export.Dim("batch", min=1)
@@ -200,8 +240,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
                           dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, verbose=False)
         proto = onnx.load(raw_file)
         if detector is not None:
-            metadata.update(_calibrate(raw_file, detector, ood_validation, target_acceptance,
-                                       series_max_not_assessable, batch_size))
+            metadata.update(calibrate(raw_file))
     del proto.metadata_props[:]
     proto.doc_string = f"robustmri classifier ({', '.join(class_names)}); research only, not for clinical use"
     onnx.checker.check_model(proto, full_check=True)
@@ -209,14 +248,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, output_file)
-    opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-    result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata,
-              "ood_detector": detector is not None}
-    logger.info("exported %s (opset %d, %d classes, %d x %d)", output_file, opset, len(class_names),
-                spatial_size, spatial_size)
-    if parity_images is not None:
-        result["parity"] = check_parity(output_file, model, parity_images, batch_size)
-    return result
+    return max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _calibrate(onnx_file: str, detector, validation, target_acceptance: float, max_share: float,
@@ -303,7 +335,7 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
     """Compare ONNX Runtime (CPU) with PyTorch on ``images``; raise :class:`ParityError` beyond ``atol``.
 
     ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`), or
-    ``(probabilities, ood_score)`` (:class:`~robustmri.deploy.ood.ScoredClassifier`): then the score
+    ``(probabilities, ood_score)`` (:class:`~robustmri.deploy.onnx.ood.ScoredClassifier`): then the score
     must agree within ``score_rtol * max(1, |score|)``.
     """
     images = np.asarray(images, dtype=np.float32)

@@ -14,14 +14,15 @@ import torch
 from scipy.spatial.distance import cdist
 
 from robustmri import CLASS_NAMES
+from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.protocol import build_protocol
 from robustmri.data.synthetic import generate_slices
-from robustmri.deploy.dicom_fixtures import write_mr_series
-from robustmri.deploy.dicom_inference import classify_series, infer_dicom
-from robustmri.deploy.dicom_series import scan_folders
-from robustmri.deploy.export import OOD_METADATA_KEYS, export_onnx, split_arrays
-from robustmri.deploy.onnx_runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
-from robustmri.deploy.ood import RIDGE, MahalanobisDetector, ScoredClassifier, calibrate_threshold, fit_detector
+from robustmri.deploy.dicom.classify import classify_series
+from robustmri.deploy.dicom.headers import scan_folders
+from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.onnx.export import OOD_METADATA_KEYS, export_onnx, split_arrays
+from robustmri.deploy.onnx.ood import RIDGE, MahalanobisDetector, ScoredClassifier, calibrate_threshold, fit_detector
+from robustmri.deploy.onnx.runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
 
 from conftest import ROOT
 from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, rewrite_metadata, tiny_network
@@ -133,7 +134,7 @@ def trained_tiny_network(data, epochs: int = 6) -> torch.nn.Module:
 def trained(data, tmp_path_factory) -> OnnxClassifier:
     """The trained tiny network exported with its detector (training split) and threshold (validation split)."""
     onnx_file = tmp_path_factory.mktemp("trained") / "model.onnx"
-    export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE,
+    export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE, preprocess=data.settings["preprocess"],
                 ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0])
     return OnnxClassifier(onnx_file, device="cpu")
 

@@ -26,10 +26,9 @@ def tiny_network(seed: int = 0) -> PaperCNN:
 def synthetic_detector_data(patients: int = 40, seed: int = 1):
     """``(ood_train, ood_validation)`` for :func:`export_onnx`: the embedded synthetic set's train and val splits."""
     from robustmri.data.protocol import build_protocol
-    from robustmri.deploy.export import split_arrays
+    from robustmri.deploy.onnx.export import split_arrays
 
-    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=patients, seed=seed,
-                          preprocess="minmax")
+    data = build_protocol(None, spatial_size=TINY_SIZE, synthetic_patients=patients, seed=seed, preprocess="minmax")
     return split_arrays(data, "train"), split_arrays(data, "val")[0]
 
 
@@ -60,12 +59,13 @@ def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
 
 
 def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95):
-    """Save a tiny checkpoint, export it; return (network, checkpoint, onnx file, export result).
+    """Save a tiny checkpoint, export it (min-max preprocessing, as its detector data); return (network, checkpoint,
+    onnx file, export result).
 
     ``ood``: ``(ood_train, ood_validation)`` for the detector (default :func:`synthetic_detector_data`);
     ``False`` exports without a detector.
     """
-    from robustmri.deploy.export import export_onnx
+    from robustmri.deploy.onnx.export import export_onnx
 
     network = tiny_network(seed)
     checkpoint = tmp_path / "model.pt"
@@ -73,7 +73,7 @@ def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, tar
     onnx_file = tmp_path / "model.onnx"
     ood_train, ood_validation = (None, None) if ood is False else (ood or synthetic_detector_data())
     result = export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, model_version="9.9.9",
-                         parity_images=parity_images, ood_train=ood_train, ood_validation=ood_validation,
+                         preprocess="minmax", parity_images=parity_images, ood_train=ood_train, ood_validation=ood_validation,
                          target_acceptance=target_acceptance)
     return network, checkpoint, onnx_file, result
 
@@ -121,7 +121,7 @@ def rewrite_metadata(src, dst, reseal: bool = False, signing_key=None, **changes
     """
     import onnx
 
-    from robustmri.deploy.model_trust import TRUST_KEYS, integrity_fields
+    from robustmri.deploy.onnx.trust import TRUST_KEYS, integrity_fields
 
     model = onnx.load(src)
     props = {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,147 @@
+"""What the benchmark can run: its methods and variants, recipes and profiles, and how runs branch.
+
+A method is a registered one (:mod:`robustmri.methods`) or a variant: a registered method with
+options changed (:data:`VARIANTS`). A profile (:data:`PROFILES`) fixes the methods, seeds, noises,
+recipe and bundle config overrides of one table.
+"""
+
+from __future__ import annotations
+
+import json
+
+from robustmri.methods import in_family, registry
+
+#: The benchmark's isr and isp are the authors' released forms, whatever the bundle's defaults become.
+PINNED = {"isr": {"isr_emphasis": "helpful"},
+          "isp": {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}}
+#: The authors' LiSSA settings (robustmri.influence.solvers.LissaSolver defaults: effective damping 2.5).
+LISSA = {"influence_solver": "lissa", "influence_solver_args": {}}
+#: ISP's budgeted form, 2 grey levels per pixel (L-inf), chosen before any run of this benchmark (not tuned).
+ISP_LINF = {"isp_budget": 2.0 / 255.0, "isp_norm": "linf"}
+#: The site-shift profile's settings, fixed before any run and explicit whatever the bundle's defaults: the
+#: preprocessing, and the site-shift augmentation on half of the samples of each epoch
+#: (robustmri.data.augmentation's default ranges).
+SITE = {"minmax": {"preprocess": "minmax", "augment_site_shift_prob": 0.0},
+        "aug": {"preprocess": "minmax", "augment_site_shift_prob": 0.5},
+        "head": {"preprocess": "head", "augment_site_shift_prob": 0.0},
+        "head_aug": {"preprocess": "head", "augment_site_shift_prob": 0.5}}
+#: Variants: a registered method with options changed. Every ISP / ISR variant runs beside a
+#: control with the same budget and no influence signal (``*_control``).
+VARIANTS = {
+    # the authors' ISP as released (0.1 x the raw input gradient, every image) with their solver, so its scale is theirs
+    "isp_released": ("isp", {**PINNED["isp"], **LISSA}),
+    # the same step with a random direction of the same per-image norm
+    "isp_released_control": ("isp", {**PINNED["isp"], **LISSA, "isp_control": True}),
+    # ISP with units: every image moved by 2/255 per pixel along the sign of its influence gradient ...
+    "isp_linf": ("isp", ISP_LINF),
+    # ... against the influence gradient (what does the direction do?) ...
+    "isp_linf_harmful": ("isp", {**ISP_LINF, "isp_orientation": "harmful"}),
+    # ... and along a random sign (no influence signal)
+    "isp_linf_control": ("isp", {**ISP_LINF, "isp_control": True}),
+    # ISR's weights, randomly reassigned among the training samples (no influence signal)
+    "isr_control": ("isr", {**PINNED["isr"], "isr_control": True}),
+    # ISR weighting harmful samples up (the paper's text) instead of helpful ones (the released code)
+    "isr_harmful": ("isr", {"isr_emphasis": "harmful"}),
+    # ISP with the sign of the input gradient, 2 grey levels per pixel, instead of 0.1 x the raw gradient
+    "isp_sign": ("isp", {"isp_direction": "sign", "isp_step": 2.0 / 255.0, "isp_ratio": 1.0}),
+    # ISP on the most harmful quarter of the training set only
+    "isp_top25": ("isp", {"isp_ratio": 0.25, "isp_selection": "harmful"}),
+    # validation set of 10 % of patients instead of the paper's 5 %
+    "naive_val10": ("naive", {"split_fractions": [0.70, 0.10, 0.20]}),
+    "isp_val10": ("isp", {"split_fractions": [0.70, 0.10, 0.20]}),
+    # site shifts: min-max and no site augmentation, the head preprocessing and the site-shift augmentation each
+    # alone, and together
+    "naive_minmax": ("naive", SITE["minmax"]),
+    "isr_minmax": ("isr", {**PINNED["isr"], **SITE["minmax"]}),
+    "isp_linf_minmax": ("isp", {**ISP_LINF, **SITE["minmax"]}),
+    "naive_head": ("naive", SITE["head"]),
+    "naive_aug": ("naive", SITE["aug"]),
+    "naive_head_aug": ("naive", SITE["head_aug"]),
+    "isr_head_aug": ("isr", {**PINNED["isr"], **SITE["head_aug"]}),
+    "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
+}
+#: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
+METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},
+           **{name: (registry()[base].config_path, overrides) for name, (base, overrides) in VARIANTS.items()}}
+#: What a method writes besides the bundle's standard outputs; kept in its run record.
+METHOD_OUTPUTS = tuple(dict.fromkeys(method.summary for method in registry().values() if method.summary))
+PAPER_METHODS = in_family("noisy images")
+#: Methods that train plainly up to the influence epoch: runs of one seed and noise share that prefix.
+PREFIX_BASES = ("naive", "isr", "isp")
+#: Option prefixes that act only from the influence epoch on (a variant changing only these can branch).
+AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_")
+#: Recipes: bundle overlays merged after the method's config (``recipe`` in a profile).
+RECIPES = {"product": [], "paper": ["paper_recipe.json"]}
+
+#: Profiles. ``config`` holds bundle config overrides shared by every run (a ``--key value`` on
+#: the command line wins); ``eval_p``: the shares of noisy test images each trained model is
+#: evaluated at (evaluation only, no retraining); ``branch``: runs of PREFIX_BASES share their
+#: first ``influence_epoch`` epochs (trained once per seed and noise).
+PROFILES = {
+    "paper": {"seeds": 3, "recipe": "paper", "branch": True, "eval_p": [0.0, 0.5, 1.0],
+              "methods": ["naive", "at", "n2v", "isr", "isp_released", "isp_linf", "isp_linf_control"],
+              "config": {"spatial_size": 256, "network_padding": 0, "epochs": 40, "influence_epoch": 30}},
+    # 100 minutes on 2 cores without fast bf16 (10 to 12 s per epoch at 64 px, 5 seeds x 2 noises) hold one
+    # 15-epoch prefix and five 5-epoch branches per seed and noise: naive, ISR and ISP with units, each beside
+    # its no-signal control. More methods join the same table later from the same prefixes, e.g.
+    # `--methods isp_released,isp_released_control` (the authors' ISP), or as full runs `--methods at,n2v`
+    # (they cannot branch: together about as long again as this profile, docs/results.md).
+    "cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 0.5, 1.0],
+            "methods": ["naive", "isr", "isr_control", "isp_linf", "isp_linf_control"],
+            "config": {"spatial_size": 64, "network_padding": 2, "epochs": 20, "influence_epoch": 15,
+                       "n2v_steps": 200, "n2v_patch_size": 32}},
+    "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
+                   "noises": ["none"], "label_noise_rates": [0.2, 0.4],
+                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
+    # Site shifts: every model also evaluated on the validation and test splits re-rendered under each
+    # shift of robustmri.data.site_shift (``eval_shifts``: the preprocessings to render them for). Smaller than
+    # ``cpu`` (48 px, 12 epochs) so that 8 configurations x 5 seeds fit in about an hour; Gaussian training noise
+    # only. The rule fixed before any run: the product takes the naive configuration (preprocessing, augmentation)
+    # with the highest validation accuracy averaged over every shift (robustmri.bench.shifts.mean_over_shifts).
+    "shift_cpu": {"seeds": 5, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0], "noises": ["gaussian"],
+                  "eval_shifts": ["minmax", "head"],
+                  "methods": ["naive_minmax", "naive_aug", "isr_minmax", "isp_linf_minmax", "naive_head",
+                              "naive_head_aug", "isr_head_aug", "isp_linf_head_aug"],
+                  "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
+    "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
+              "methods": ["naive", "isp", "isp_linf_control"],
+              "config": {"spatial_size": 32, "network_padding": 2, "epochs": 2, "influence_epoch": 1, "n2v_steps": 5,
+                         "n2v_patch_size": 16, "synthetic_patients": 30, "batch_size": 8}},
+}
+
+
+def branchable(method: str) -> bool:
+    """Whether ``method`` trains exactly as naive training (with :func:`prefix_overrides`) up to the influence epoch."""
+    base = VARIANTS[method][0] if method in VARIANTS else method
+    return base in PREFIX_BASES
+
+
+def prefix_overrides(method: str) -> dict:
+    """The options of ``method`` that act before the influence epoch: its prefix is naive training with them."""
+    overrides = VARIANTS[method][1] if method in VARIANTS else {}
+    return {key: value for key, value in overrides.items() if not key.startswith(AFTER_PREFIX_OPTIONS)}
+
+
+def prefix_name(overrides: dict) -> str:
+    """``prefix``, or ``prefix+key=value+...`` for a prefix trained with ``overrides`` (its folder's name)."""
+    return "+".join(["prefix"] + [f"{key}={json.dumps(value, separators=(',', ':'))}".replace('"', "")
+                                  for key, value in sorted(overrides.items())])
+
+
+#: The splits evaluated under site shifts: validation (for choosing) and test (for reporting).
+SHIFT_SPLITS = ("val", "test")
+#: Paired comparisons of the site-shift tables: (configuration, against). Each is listed twice, since the records
+#: in docs/benchmarks/shift name the min-max configurations naive, isr and isp_linf (then the bundle's defaults).
+SHIFT_COMPARISONS = [(new, base) for minmax in ("naive_minmax", "naive") for new, base in [
+    ("naive_head", minmax), ("naive_aug", minmax), ("naive_head_aug", minmax), ("naive_head_aug", "naive_head"),
+    ({"naive_minmax": "isr_minmax", "naive": "isr"}[minmax], minmax),
+    ({"naive_minmax": "isp_linf_minmax", "naive": "isp_linf"}[minmax], minmax),
+    ("isr_head_aug", "naive_head_aug"), ("isp_linf_head_aug", "naive_head_aug")]]
+
+SHIFT_COMPARISONS = list(dict.fromkeys(SHIFT_COMPARISONS))
+
+#: What a training recipe sets; recorded with the protocol so that runs of another recipe never share a table.
+RECIPE_SETTINGS = ("optimizer#_target_", "learning_rate", "weight_decay", "lr_schedule", "warmup_epochs", "batch_size",
+                   "augment_flip_prob", "ema_decay", "preprocess", "augment_site_shift_prob")
+#: Recipe settings added after records were first kept, with the value every earlier record was trained with.
+LEGACY_RECIPE = {"preprocess": "minmax", "augment_site_shift_prob": 0.0}
