@@ -16,8 +16,8 @@ LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
 # the CPU wheel is the default). Its CUDA and cuDNN libraries are the ones torch's wheels install.
 ORT ?= cpu
 ORT_GPU := onnxruntime-gpu==1.31.1
-# The installer: uv (pinned, bootstrapped into the venv with pip) installs the same pinned set as pip in a
-# fraction of the time (docs/results.md, "How long does set-up take?"); `make INSTALLER=pip` uses pip alone.
+# The installer: uv (pinned, bootstrapped into the venv with pip) installs the same pinned set as pip in about
+# 60 % of the time on 2 cores (docs/results.md, "How long does set-up take?"); `make INSTALLER=pip` uses pip alone.
 INSTALLER ?= uv
 UV := uv==0.13.9
 ifeq ($(INSTALLER),uv)
