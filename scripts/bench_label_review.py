@@ -155,7 +155,7 @@ def python_times(base: str, reviews: int) -> list[float]:
 def main(n_images: int = 2300, spatial_size: int = 256, reviews: int = 30, seed: int = 0,
          network_padding: int | None = None, data_dir: str = FIGSHARE, out: str = "", keep: bool = False) -> None:
     """Score ``n_images`` figshare slices through the app and time ``reviews`` next images on the review page
-    (``network_padding``: train.json's 0 at 256 px, else 2, as the quick profile)."""
+    (``network_padding``: 0 at 256 px as the paper's recipe, else 2 as train.json)."""
     padding = network_padding if network_padding is not None else (0 if spatial_size >= 256 else 2)
     if not os.path.isfile(os.path.join(data_dir, "labels.csv")):
         raise SystemExit(f"{data_dir}: figshare data not found (labels.csv); give --data_dir")

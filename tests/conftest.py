@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -6,6 +7,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundle"
 FIGSHARE = Path(os.environ.get("BRAIN_TUMOR_DATA", ROOT.parent / "shared" / "data" / "figshare-brain-tumor"))
+#: An offline copy of the metadata schema MONAI publishes, the one ``bundle/configs/metadata.json`` names (so a
+#: newer ``schema`` there is not checked against an older copy): ``verify_metadata --filepath`` reads it instead
+#: of downloading. MONAI's file, not kept in the repository.
+MONAI_SCHEMA = Path(os.environ.get("ROBUSTMRI_MONAI_SCHEMA", ROOT.parent / "shared" / "reference" / "monai" / (
+    json.loads((BUNDLE / "configs" / "metadata.json").read_text())["schema"].rsplit("/", 1)[-1])))
+#: Its sha256, which ``verify_metadata`` checks (``hash_val``) before trusting the copy.
+MONAI_SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
 
 
 @pytest.fixture
@@ -14,6 +22,14 @@ def figshare_dir() -> Path:
     if not (FIGSHARE / "labels.csv").is_file():
         pytest.skip(f"figshare brain-tumour data not found at {FIGSHARE}")
     return FIGSHARE
+
+
+@pytest.fixture
+def monai_schema() -> Path:
+    """MONAI's published bundle metadata schema; tests that need it skip when the copy is absent."""
+    if not MONAI_SCHEMA.is_file():
+        pytest.skip(f"MONAI's metadata schema not found at {MONAI_SCHEMA} (set ROBUSTMRI_MONAI_SCHEMA to a copy)")
+    return MONAI_SCHEMA
 
 
 def pytest_configure(config):

@@ -1,8 +1,8 @@
 """What a checkpoint was trained with, written beside it: ``<ckpt_dir>/model_metadata.json``.
 
-``configs/metadata.json`` describes the bundle as shipped (a 256 x 256 input). A trained
-model can differ: ``make demo`` trains at 64 x 64 with ``network_padding`` 2, and export,
-inference and ``ckpt_export`` must rebuild the network as it was trained. So training
+``configs/metadata.json`` describes the bundle as shipped (``train.json``'s 64 x 64 input, the
+size ``make demo`` trains at). A trained model can differ (``--spatial_size 128``, the paper's
+256 x 256), and export, inference and ``ckpt_export`` must rebuild the network as it was trained. So training
 writes, into ``ckpt_dir`` when it starts, the bundle metadata of the trained model (the
 bundle's metadata with the input shape as trained, so ``ckpt_export`` and
 ``verify_net_in_out`` take it as ``--meta_file``) plus ``trained_with``: the spatial size,

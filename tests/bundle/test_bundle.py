@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLE
+from conftest import BUNDLE, MONAI_SCHEMA_SHA256
 from helpers import TINY, bundle, gradient_image, output_dirs, write_png
 from robustmri.data.protocol import build_protocol
 from robustmri.engine.predictions import predict_items
@@ -81,20 +81,38 @@ def test_inference_on_files_reads_the_size_the_model_was_trained_with(trained, t
     assert "not a readable image" in result["errors"][0]["error"]
 
 
-def test_verify_metadata_passes_offline_and_catches_missing_keys(tmp_path):
-    schema = "configs/metadata_schema.json"
-    bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", schema)
+def test_metadata_passes_monais_published_schema_which_checks_every_tensor(monai_schema, tmp_path):
+    # in-process for speed; tests/bundle/test_monai_tools.py runs the command as typed
+    from monai.bundle import verify_metadata
+
+    schema = {"filepath": str(monai_schema), "hash_val": MONAI_SCHEMA_SHA256, "hash_type": "sha256"}
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), **schema)
     broken = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    del broken["changelog"]
+    del broken["network_data_format"]["outputs"]["pred"]["value_range"]
     (tmp_path / "meta.json").write_text(json.dumps(broken))
-    result = bundle("verify_metadata", "--meta_file", str(tmp_path / "meta.json"), "--filepath", schema, check=False)
-    assert result.returncode != 0 and "changelog" in result.stdout + result.stderr
+    with pytest.raises(ValueError, match="'value_range' is a required property"):
+        verify_metadata(meta_file=str(tmp_path / "meta.json"), **schema)
 
 
-def test_metadata_version_is_in_changelog():
+def test_metadata_version_is_in_changelog_and_is_the_library_version_it_requires():
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    assert meta["version"] in meta["changelog"]
+    assert meta["version"] in meta["changelog"] and meta["required_packages_version"]["robustmri"] == meta["version"]
     assert {"pytorch-ignite", "pydicom", "h5py"} <= set(meta["required_packages_version"])
+
+
+def test_metadata_says_the_network_returns_logits_and_the_bundle_applies_softmax():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert meta["outputs"]["pred"]["type"] == "logits" and meta["outputs"]["pred"]["value_range"] == []
+    assert meta["post_processed_outputs"]["pred"]["type"] == "probabilities"
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    assert train["train"]["postprocessing"]["transforms"] == [{"_target_": "Activationsd", "keys": "pred",
+                                                                "softmax": True}]
+    torch.manual_seed(0)
+    network = PaperCNN(spatial_size=train["spatial_size"], padding=train["network_padding"]).eval()
+    with torch.no_grad():
+        logits = network(torch.rand(4, 1, train["spatial_size"], train["spatial_size"]))
+    assert logits.shape == (4, meta["outputs"]["pred"]["num_channels"])
+    assert not torch.allclose(logits.sum(dim=1), torch.ones(4))  # not probabilities: the softmax is not in forward
 
 
 @pytest.mark.parametrize("config", ["train", "inference"])
