@@ -160,9 +160,10 @@ def test_reported_provider_is_the_one_that_runs(exported, monkeypatch, caplog):
 
 
 def test_export_config_reuses_train_json():
+    """The deployment workflows' own parts set only their ids: the generated configs take the rest from train.json."""
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     for name in ("export.json", "infer_dicom.json"):
-        config = json.loads((BUNDLE / "configs" / name).read_text())
+        config = json.loads((BUNDLE / "configs" / "parts" / name).read_text())
         overridden = sorted(set(config) & set(train) - {"imports", "initialize", "run"})
         assert not overridden, f"{name} redefines {overridden} of train.json; merge instead of copying"
 
