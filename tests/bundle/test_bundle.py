@@ -81,6 +81,7 @@ def test_inference_on_files_reads_the_size_the_model_was_trained_with(trained, t
     assert "not a readable image" in result["errors"][0]["error"]
 
 
+@pytest.mark.slow
 def test_verify_metadata_passes_offline_and_catches_missing_keys(tmp_path):
     schema = "configs/metadata_schema.json"
     bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", schema)
@@ -97,6 +98,7 @@ def test_metadata_version_is_in_changelog():
     assert {"pytorch-ignite", "pydicom", "h5py"} <= set(meta["required_packages_version"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["train", "inference"])
 def test_verify_net_in_out_on_the_bundle_as_shipped(config, tmp_path):
     # an empty ckpt_dir: the bundle without a trained model, as model-zoo CI checks it (a model trained here,

@@ -61,6 +61,7 @@ def _sgd(network, images, labels, steps=5):
     return losses
 
 
+@pytest.mark.slow
 def test_bf16_training_matches_fp32_within_tolerance():
     images, labels = _data()
     start = torch.cat([p.detach().flatten() for p in _network().parameters()])
@@ -159,6 +160,7 @@ def test_choice_follows_the_timing(monkeypatch, factor, expected):
     assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=2) == expected
 
 
+@pytest.mark.slow
 def test_loss_mismatch_forces_fp32_even_when_bf16_is_faster(monkeypatch):
     _patched_step(monkeypatch, 0.25, bf16_loss_factor=1 + 2 * LOSS_RTOL)
     assert resolve_precision("auto", CPU, _network(), (4, 1, SIZE, SIZE), steps=2) == "fp32"
