@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv if missing, train (naive training, the product's default) on the embedded synthetic set, evaluate on its test split
 #   make test   create .venv if missing, run the test suite
+# and, while changing code: make test-fast   the unit tests only (no `slow` or `monailabel` test), under 2 minutes
 PYTHON ?= python3
 VENV := .venv
 PY := $(abspath $(VENV))/bin/python
@@ -43,7 +44,7 @@ export PIP_SOURCES_PY
 BUNDLE_RUN := cd bundle && $(PY) -m monai.bundle run
 DEMO_CONFIGS := "['configs/train.json','configs/quick.json']"
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml $(LABEL_COMPAT).py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not monailabel"
 
 clean:
 	rm -rf $(VENV) bundle/eval bundle/models/*.pt

@@ -86,6 +86,7 @@ def server(tmp_path_factory):
             os.environ.pop(key, None)
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 def test_the_documented_server_listens_on_loopback_only(server):
     base, process, log_path, _, _ = server
@@ -97,6 +98,7 @@ def test_the_documented_server_listens_on_loopback_only(server):
             socket.create_connection((address, port), timeout=2).close()
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 def test_a_foreign_origin_is_not_allowed_by_cors(server):
     base = server[0]
@@ -110,6 +112,7 @@ def test_a_foreign_origin_is_not_allowed_by_cors(server):
     assert allowed is None
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 @pytest.mark.parametrize("field, value", [
     ("tracking_uri", "$__import__('pathlib').Path(r'{marker}').touch()"),
@@ -141,6 +144,7 @@ def test_train_requests_outside_the_allow_list_are_rejected_and_nothing_is_evalu
     assert err.value.status == 404 and "No Train Tasks Found" in err.value.body
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 def test_label_uploads_are_checked_against_the_bundles_classes_and_the_studies(server):
     base, _, _, studies, _ = server
@@ -168,6 +172,7 @@ def test_label_uploads_are_checked_against_the_bundles_classes_and_the_studies(s
     assert request(f"{base}/datastore/label/info?label=case03&tag=final")["label"] == "pituitary"
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 def test_a_server_on_all_interfaces_without_authentication_refuses_to_start(tmp_path):
     """MONAI Label's default host (0.0.0.0) with authentication off: the app stops at start-up and says why."""

@@ -2,7 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # runs scripts/bench_influence.py in a new interpreter
 
 
 def test_bench_influence_runs_and_agrees_with_reference(tmp_path):

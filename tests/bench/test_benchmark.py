@@ -282,6 +282,7 @@ def test_a_benchmark_killed_inside_runs_resumes_them_to_the_records_of_an_uninte
     assert got["isp"]["test_by_p"] == expected["isp"]["test_by_p"]  # bootstrap intervals included
 
 
+@pytest.mark.slow
 def test_an_unknown_option_is_one_line_and_starts_nothing(tmp_path):
     result = _benchmark("run", "--profile", "smoke", "--out", str(tmp_path / "bench"), "--help")
     assert result.returncode == 2

@@ -115,6 +115,7 @@ def test_metadata_says_the_network_returns_logits_and_the_bundle_applies_softmax
     assert not torch.allclose(logits.sum(dim=1), torch.ones(4))  # not probabilities: the softmax is not in forward
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["train", "inference"])
 def test_verify_net_in_out_on_the_bundle_as_shipped(config, tmp_path):
     # an empty ckpt_dir: the bundle without a trained model, as model-zoo CI checks it (a model trained here,

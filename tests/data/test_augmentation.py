@@ -259,6 +259,7 @@ def test_settings_from_a_json_config_and_their_description():
     assert description["gamma"] == [0.8, 1.2] and description["prob"] == 0.3 and description["name"] == "site_shift"
 
 
+@pytest.mark.slow
 def test_augmentation_examples_figure(tmp_path):
     image = _disk(64, radius=20.0)[0].numpy()
     path = augmentation_examples_figure(image, tmp_path / "figures" / "augmentation.png", seed=1)

@@ -3,11 +3,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from robustmri.data.catalog import scan_dataset
 
 from conftest import ROOT
 from helpers import gradient_image, write_figshare_mat
+
+pytestmark = pytest.mark.slow  # each test runs scripts/prepare_data.py in a new interpreter
 
 
 def run_script(*args):

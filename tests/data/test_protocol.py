@@ -52,6 +52,7 @@ def test_bad_files_raise_or_are_counted(tmp_path):
     assert len(data.train) + len(data.val) + len(data.test) == 12
 
 
+@pytest.mark.slow
 def test_real_figshare_protocol_loads(figshare_dir):
     data = build_protocol(str(figshare_dir), spatial_size=32, noise="rician", seed=0, preprocess="minmax")
     total = len(data.train) + len(data.val) + len(data.test)

@@ -230,6 +230,7 @@ def test_head_preprocessing_keeps_the_head_shape_of_a_non_square_site(ellipse):
     assert abs(axes_ratio(head_mask(preprocess_minmax(shifted, 64))) / reference - 1) > 0.15
 
 
+@pytest.mark.slow
 def test_shift_examples_figure(tmp_path, ellipse):
     path = shift_examples_figure(ellipse, tmp_path / "figures" / "shifts.png")
     assert path == tmp_path / "figures" / "shifts.png"

@@ -87,6 +87,7 @@ def test_the_preprocessings_differ_on_these_slices(dataset):
                            atol=0.05)
 
 
+@pytest.mark.slow
 def test_bundle_inference_prepares_and_classifies_as_training(deployed, tmp_path):
     name, training, network, models, _ = deployed
     workflow = load_workflow(BUNDLE, ["inference.json"], {"ckpt_dir": str(models), "input_files": sorted(training),
@@ -107,6 +108,7 @@ def test_bundle_inference_prepares_and_classifies_as_training(deployed, tmp_path
     np.testing.assert_allclose(got, torch_probabilities(network, [training[f] for f in files]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_runtime_prepares_files_and_dicom_as_training(deployed, dataset):
     name, training, network, _, onnx_file = deployed
     _, files, dicom = dataset
@@ -125,6 +127,7 @@ def test_onnx_runtime_prepares_files_and_dicom_as_training(deployed, dataset):
         np.testing.assert_allclose(got, expected[k], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_whose_preprocessing_changed_is_refused(deployed, tmp_path):
     import onnx
 

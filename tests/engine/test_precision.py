@@ -62,6 +62,7 @@ def _sgd(network, images, labels, steps=5):
     return losses
 
 
+@pytest.mark.slow
 def test_bf16_training_matches_fp32_within_tolerance():
     images, labels = _data()
     start = torch.cat([p.detach().flatten() for p in _network().parameters()])

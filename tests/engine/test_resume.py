@@ -19,6 +19,9 @@ import torch
 from helpers import TINY, output_dirs
 from conftest import BUNDLE, ROOT
 
+pytestmark = pytest.mark.slow  # every test trains, kills and resumes bundle runs in subprocesses
+
+
 #: 44 training samples in batches of 8: 6 iterations per epoch; the influence step after epoch 2 of 4.
 SCHEDULE = ["--epochs", "4", "--influence_epoch", "2", "--seed", "3"]
 ITERATIONS_PER_EPOCH = 6
@@ -68,7 +71,6 @@ def _assert_same(resumed, whole):
             assert torch.equal(resumed[name][key], value), (name, key)
 
 
-@pytest.mark.slow
 def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
     config = "configs/isp.json"
     code, output = _run(_command(config, tmp_path / "whole"))

@@ -23,6 +23,7 @@ def _run(tmp_path, name, config, data, handlers_before=(), handlers_after=()):
     return workflow.parser.get_parsed_content("network"), workflow.parser.get_parsed_content("ema")
 
 
+@pytest.mark.slow
 def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
     probe = load_workflow(BUNDLE, ["isp.json"], TINY)
     data = build_protocol(**protocol_arguments(probe))
@@ -57,6 +58,7 @@ def test_a_branched_isp_run_equals_an_uninterrupted_one(tmp_path):
     assert not torch.allclose(saved["classifier.weight"], branched.state_dict()["classifier.weight"])
 
 
+@pytest.mark.slow
 def test_a_state_saved_with_a_weight_average_does_not_resume_a_run_without_one(tmp_path):
     probe = load_workflow(BUNDLE, ["train.json"], TINY)
     data = build_protocol(**protocol_arguments(probe))

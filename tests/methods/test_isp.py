@@ -207,6 +207,7 @@ def _run_handler(tmp_path, name: str, **options) -> tuple[ISPHandler, list[dict]
     return handler, train, json.loads((tmp_path / name / "influence_summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_isp_handler_records_options_and_achieved_norms_and_control_keeps_the_selection(tmp_path):
     original = items(10, 0)
     _, budgeted, summary = _run_handler(tmp_path, "linf", budget=0.05)

@@ -107,6 +107,7 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / torch.mean((image - reference) ** 2).item())
 
 
+@pytest.mark.slow
 def test_short_training_raises_psnr_on_gaussian_noise():
     # Measured with seed 0: noisy 20.3 dB, denoised 24.0 dB (+3.7 dB; seeds 1 and 2 gave +1.8 and +2.4 dB).
     # Asserted: at least +1 dB.
@@ -130,6 +131,7 @@ def tiny_protocol(seed: int = 0) -> ProtocolData:
     return ProtocolData(train=items[:6], val=items[6:8], test=items[8:], class_names=("a", "b", "c"), source="test")
 
 
+@pytest.mark.slow
 def test_denoise_protocol_trains_saves_and_reuses(tmp_path):
     data = tiny_protocol()
     original = [item["image"].copy() for item in data.train]

@@ -61,6 +61,7 @@ def deferred(dataset) -> bool:
     return isinstance(element, pydicom.dataelem.RawDataElement) and element.value is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["enhanced", "legacy-converted"])
 def test_shuffled_frames_ordered_decoded_and_classified_like_the_single_frame_series(tmp_path, classifier, legacy):
     images = gradient_series(N)
@@ -110,6 +111,7 @@ def test_shuffled_frames_ordered_decoded_and_classified_like_the_single_frame_se
     assert [int(f) for f in reference.ReferencedFrameNumber] == [order.index(k) + 1 for k in range(N)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["enhanced", "legacy-converted"])
 def test_missing_frame_makes_the_series_incomplete(tmp_path, classifier, legacy):
     write(tmp_path, legacy=legacy, frame_order=[4, 0, 5, 1, 3])  # spatial slice 2 is missing
@@ -122,6 +124,7 @@ def test_missing_frame_makes_the_series_incomplete(tmp_path, classifier, legacy)
     assert skipped["reason"].startswith("incomplete series: missing slice(s)") and skipped["n_files"] == 1
 
 
+@pytest.mark.slow
 def test_frames_of_mixed_orientation_are_refused_as_mixed_geometry(tmp_path, classifier):
     write(tmp_path, frame_overrides={3: {"PlaneOrientationSequence": {"ImageOrientationPatient": TILTED}}})
     scan, series = only_series(tmp_path / "in")

@@ -23,6 +23,9 @@ from robustmri.deploy.onnx.runtime import OnnxClassifier
 from conftest import BUNDLE, FIGSHARE, ROOT
 from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
 
+pytestmark = pytest.mark.slow  # every test classifies with an exported ONNX model (module fixture) or runs the bundle
+
+
 PATIENT = FictitiousPatient(name="Testpatient^Alice", patient_id="RMRI-000123", birth_date="19610704")
 IDENTIFIERS = ("Testpatient", "Alice", "RMRI-000123", "19610704")
 BAD_FILES = {"badVR.dcm": "invalid NumberOfFrames",
@@ -245,7 +248,6 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     assert "Modality 'CT'" in json.loads(result.stdout)["skipped_series"][0]["reason"]
 
 
-@pytest.mark.slow
 def test_bundle_exports_and_classifies_dicom(tmp_path):
     from robustmri.data.synthetic import generate_slices
     from robustmri.networks import PaperCNN

@@ -49,6 +49,7 @@ def peak_traced_bytes(folder, classifier, out) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_series(tmp_path, classifier):
     assert PIXEL_BYTES > 4 * 1024 * int(DEFER_SIZE.split()[0])
     write_series(tmp_path / "two", 2)

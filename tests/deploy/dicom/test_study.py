@@ -19,6 +19,9 @@ from robustmri.deploy.onnx.runtime import OnnxClassifier
 from conftest import ROOT
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
 
+pytestmark = pytest.mark.slow  # every test classifies with an exported ONNX model (module fixture) or runs the script
+
+
 T2 = {"EchoTime": "95", "RepetitionTime": "4000"}
 DWI = {"EchoTime": "80", "RepetitionTime": "5000", "ScanningSequence": "EP"}
 LOCALISER = {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}

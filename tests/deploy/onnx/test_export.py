@@ -39,6 +39,7 @@ def exported(tmp_path_factory):
     return network, checkpoint, onnx_file, result, test_images
 
 
+@pytest.mark.slow
 def test_graph_has_named_io_dynamic_batch_and_passes_the_checker(exported):
     _, _, onnx_file, result, _ = exported
     model = onnx.load(onnx_file)
@@ -54,6 +55,7 @@ def test_graph_has_named_io_dynamic_batch_and_passes_the_checker(exported):
     assert result["opset"] >= 18
 
 
+@pytest.mark.slow
 def test_metadata_says_what_inference_needs(exported):
     _, checkpoint, onnx_file, _, _ = exported
     meta = {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
@@ -71,6 +73,7 @@ def test_metadata_says_what_inference_needs(exported):
                                "4,623 parameters; final layer classifier: Linear(8, 3)")
 
 
+@pytest.mark.slow
 def test_parity_on_the_test_split(exported):
     network, _, onnx_file, result, test_images = exported
     parity = result["parity"]
@@ -88,6 +91,7 @@ def test_parity_on_the_test_split(exported):
         np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_parity_check_catches_a_different_model(exported):
     _, _, onnx_file, _, test_images = exported
     other = ProbabilityHead(tiny_network(seed=5))
@@ -100,6 +104,7 @@ def test_export_refuses_class_names_that_do_not_fit(tmp_path):
         export_onnx(tiny_network(), tmp_path / "m.onnx", ["a", "b"], TINY_SIZE)
 
 
+@pytest.mark.slow
 def test_runtime_refuses_other_normalisation_or_missing_metadata(exported, tmp_path):
     """Models intact (digest recomputed as an exporter would) but saying what this library cannot reproduce."""
     _, _, onnx_file, _, _ = exported
@@ -115,6 +120,7 @@ def test_runtime_refuses_other_normalisation_or_missing_metadata(exported, tmp_p
         OnnxClassifier(tmp_path / "missing.onnx")
 
 
+@pytest.mark.slow
 def test_classifier_checks_input_shape(exported):
     classifier = OnnxClassifier(exported[2], device="cpu")
     assert classifier.class_names == list(CLASS_NAMES) and classifier.spatial_size == TINY_SIZE
@@ -146,6 +152,7 @@ def test_cuda_asked_for_without_it_says_what_to_install(monkeypatch):
         choose_providers("tpu")
 
 
+@pytest.mark.slow
 def test_reported_provider_is_the_one_that_runs(exported, monkeypatch, caplog):
     """A CUDA provider listed but not usable (CPU-only build or no GPU): the session runs on CPU and says so."""
     import onnxruntime
@@ -168,6 +175,7 @@ def test_export_config_reuses_train_json():
         assert not overridden, f"{name} redefines {overridden} of train.json; merge instead of copying"
 
 
+@pytest.mark.slow
 def test_deployment_modules_do_not_need_torch():
     import subprocess
     import sys
@@ -196,6 +204,7 @@ def _bundle_paper_cnn(seed: int = 0) -> PaperCNN:
     return network.eval()
 
 
+@pytest.mark.slow
 def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path, monkeypatch):
     """As after ``make demo``: only --checkpoint and --output; 32 x 32 and padding 2 come from model_metadata.json."""
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
@@ -213,6 +222,7 @@ def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path,
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_script_sizes_given_on_the_command_line_win(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
@@ -297,6 +307,7 @@ def test_script_exports_a_monai_densenet_through_network_def(tmp_path):
     np.testing.assert_allclose(OnnxClassifier(onnx_file, device="cpu").predict(images), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monkeypatch):
     """Without --seed/--synthetic_patients, export takes them from the checkpoint's provenance, so the detector is
     fitted on the training run's own splits (a demo model trained on 24 embedded patients, seed 3)."""

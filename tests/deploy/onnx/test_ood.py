@@ -77,6 +77,7 @@ def penultimate(network, images) -> np.ndarray:
     return captured[0].double().numpy()
 
 
+@pytest.mark.slow
 def test_onnx_ood_score_equals_pytorch_and_the_independent_score(data, exported):
     network, onnx_file, result = exported
     train_images, train_labels = split_arrays(data, "train")
@@ -94,6 +95,7 @@ def test_onnx_ood_score_equals_pytorch_and_the_independent_score(data, exported)
     assert result["parity"]["ood_score_max_rel_diff"] <= 1e-3
 
 
+@pytest.mark.slow
 def test_threshold_is_the_validation_quantile(data, exported):
     _, onnx_file, result = exported
     classifier = OnnxClassifier(onnx_file, device="cpu")
@@ -139,6 +141,7 @@ def trained(data, tmp_path_factory) -> OnnxClassifier:
     return OnnxClassifier(onnx_file, device="cpu")
 
 
+@pytest.mark.slow
 def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(trained, tmp_path):
     classifier = trained
     rng = np.random.default_rng(0)
@@ -191,6 +194,7 @@ def test_obviously_ood_series_abstain_with_the_reason_in_report_and_sr(trained, 
     assert heads["result"]["n_classified"] == len(voting) >= 2  # at most half not assessable: the rule lets it vote
 
 
+@pytest.mark.slow
 def test_an_abstaining_series_is_its_studys_answer(trained, tmp_path):
     """Two series of one study match the series rule; the one ranked first (more slices) is noise: the study
     abstains, and the head series ranked second is not used instead."""
@@ -211,6 +215,7 @@ def test_an_abstaining_series_is_its_studys_answer(trained, tmp_path):
     assert re.match(r"No tumour type is issued for this series: [345] of 5 slice\(s\)", sr.ContentSequence[0].TextValue)
 
 
+@pytest.mark.slow
 def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog):
     _, _, onnx_file, result = export_tiny(tmp_path, ood=False)
     assert not result["ood_detector"] and not set(OOD_METADATA_KEYS) & set(result["metadata"])
@@ -236,6 +241,7 @@ def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_detector_output_and_metadata_come_together(exported, tmp_path):
     _, onnx_file, _ = exported
     tampered = rewrite_metadata(onnx_file, tmp_path / "tampered.onnx", ood_threshold="1e30")  # after export

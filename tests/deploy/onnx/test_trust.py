@@ -45,6 +45,8 @@ from deploy_helpers import (
 )
 from helpers import write_png
 
+pytestmark = pytest.mark.slow  # nearly every test needs an exported, signed ONNX model (module fixtures) or a bundle run
+
 
 def _props(onnx_file) -> dict:
     return {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
@@ -450,7 +452,6 @@ def test_verify_model_reads_the_file_when_given_no_bytes(models):
     assert verify_model(onnx_file)["integrity_sha256"] == _props(onnx_file)["integrity_sha256"]
 
 
-@pytest.mark.slow
 def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, keys):
     """Export of a bundle checkpoint (scripts/export_onnx.py) after training on the embedded set: a signed demo model, its test metrics credited."""
     from robustmri.deploy.onnx.export_checkpoint import export_checkpoint
@@ -473,7 +474,6 @@ def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, ke
     assert described["provenance"]["checkpoint"]["bound"] and described["provenance"]["recipe"]["method"] == "naive"
 
 
-@pytest.mark.slow
 def test_bundle_trains_evaluates_exports_signed_and_refuses_the_demo_model(tmp_path, keys):
     """The bundle's commands as users run them: train on the embedded set, evaluate, export signed, DICOM inference."""
     from helpers import TINY, bundle, output_dirs
