@@ -290,6 +290,7 @@ def test_an_unknown_option_is_one_line_and_starts_nothing(tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
+@pytest.mark.slow
 def test_a_profile_that_cannot_branch_is_one_line_and_starts_nothing(tmp_path):
     # the smoke profile's runs branch after influence_epoch 1: one epoch leaves them nothing to train
     result = _benchmark("run", "--profile", "smoke", "--out", str(tmp_path / "bench"), "--epochs", "1")
