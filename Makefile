@@ -13,7 +13,7 @@ EXTRAS := dev,label,tracking
 LABEL_NO_DEPS := monailabel==0.8.5 pydicom-seg==0.4.1
 LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
 # ONNX Runtime: the CPU wheel by default; `make demo ORT=gpu` puts onnxruntime-gpu in its place (both
-# wheels provide the one `onnxruntime` module, so it replaces the CPU one; README "Deployment" says why
+# wheels provide the one `onnxruntime` module, so it replaces the CPU one; docs/deployment.md says why
 # the CPU wheel is the default). Its CUDA and cuDNN libraries are the ones torch's wheels install.
 ORT ?= cpu
 ORT_GPU := onnxruntime-gpu==1.31.1

@@ -15,7 +15,7 @@ beside the checkpoint, else the training default they pass (``train.json``'s; a 
 trained), and an explicit command-line value always wins.
 
 The record also holds ``provenance`` (:data:`PROVENANCE_SCHEMA`; field names are stable and
-documented in ``bundle/docs/README.md``, "Model integrity and provenance"): what trained the
+documented in ``docs/deployment.md``, "Model integrity and provenance"): what trained the
 model, which export copies into the ONNX metadata. Written when training starts, completed when
 it ends (``training.completed``, the sha256 of ``model.pt`` as written, the last validation
 metrics):

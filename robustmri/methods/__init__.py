@@ -9,7 +9,7 @@ options (``<name>_*``). Each module declares itself once::
 
 and :func:`registry` finds every declaration, so the benchmark, the tests and the docs'
 tables read one list: adding a method touches its module, its config and its test
-(``bundle/docs/README.md``, "Adding a method", has a worked example).
+(``docs/methods.md``, "Adding a method", has a worked example).
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def test_infer_task_raises_on_an_unreadable_image_and_matches_the_bundle_with_a_
 @pytest.mark.monailabel
 @pytest.mark.parametrize("preprocess", sorted(PREPROCESSING))
 def test_infer_task_prepares_images_with_the_models_preprocessing(tmp_path, app_lib, preprocess):
-    """Parity (issue 15): the app's pre-transforms give the input training gives, and the bundle's probabilities."""
+    """Parity: the app's pre-transforms give the input training gives, and the bundle's probabilities."""
     from lib.infers.classification import ClassificationInfer
 
     studies = _make_studies(tmp_path / "studies")

@@ -1,4 +1,4 @@
-"""One preprocessing from training to every deployed path (issue 15's parity test).
+"""One preprocessing from training to every deployed path.
 
 For each preprocessing, raw slices framed unlike training's (non-square, off-centre heads) are
 prepared by the training protocol, the bundle's ``inference.json``, the exported ONNX model's

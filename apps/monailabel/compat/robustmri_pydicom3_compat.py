@@ -2,7 +2,7 @@
 
 pydicom 3 removed the private module ``pydicom._storage_sopclass_uids`` (deprecated since 2.3;
 its UIDs live in ``pydicom.uid``); pydicom-seg 0.4.1, the latest release, still imports it
-(MONAILabel issue 1841, pydicom-seg issue 60). This finder serves that one name as
+(Project-MONAI/MONAILabel#1841, razorx89/pydicom-seg#60). This finder serves that one name as
 ``pydicom.uid`` when, and only when, something imports it, so nothing else is touched and
 interpreter start-up stays as fast as before. Installed next to ``robustmri_pydicom3_compat.pth``
 by ``make`` (see apps/monailabel/README.md).

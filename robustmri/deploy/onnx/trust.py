@@ -298,7 +298,7 @@ def check_demo_model(model: dict, allow_demo_model: bool = False) -> None:
 
 
 def provenance_summary(provenance: dict | None) -> str:
-    """One line on what trained the model, from the ``provenance`` record (docs: bundle/docs/README.md)."""
+    """One line on what trained the model, from the ``provenance`` record (docs/deployment.md)."""
     if not provenance:
         return "training data not recorded"
     data = provenance.get("data") or {}

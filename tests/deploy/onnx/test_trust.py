@@ -1,5 +1,5 @@
 """Model integrity and provenance: the digest verified on every load, Ed25519 signatures, what trained the model,
-and the demo-model rule of DICOM inference (issue 16, finding 4)."""
+and the demo-model rule of DICOM inference."""
 
 import base64
 import hashlib
