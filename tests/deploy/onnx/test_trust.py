@@ -45,7 +45,8 @@ from deploy_helpers import (
 )
 from helpers import write_png
 
-pytestmark = pytest.mark.slow  # nearly every test needs an exported, signed ONNX model (module fixtures) or a bundle run
+# nearly every test needs an exported, signed ONNX model (module fixtures) or a bundle run
+pytestmark = pytest.mark.slow
 
 
 def _props(onnx_file) -> dict:
@@ -453,7 +454,9 @@ def test_verify_model_reads_the_file_when_given_no_bytes(models):
 
 
 def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, keys):
-    """Export of a bundle checkpoint (scripts/export_onnx.py) after training on the embedded set: a signed demo model, its test metrics credited."""
+    """Export of a bundle checkpoint (scripts/export_onnx.py) after training on the embedded set.
+
+    The result is a signed demo model with its test metrics credited."""
     from robustmri.deploy.onnx.export_checkpoint import export_checkpoint
     from robustmri.networks import PaperCNN
 
