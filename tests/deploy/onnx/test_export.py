@@ -193,15 +193,20 @@ def _metadata(onnx_file) -> dict:
     return {p.key: p.value for p in onnx.load(onnx_file).metadata_props}
 
 
-def _bundle_paper_cnn(seed: int = 0) -> PaperCNN:
-    """train.json's network_def at 32 x 32, padding 2, with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    network = PaperCNN(in_channels=1, num_classes=3, spatial_size=TINY_SIZE, padding=2)
+def _with_batchnorm_statistics(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` in eval mode with non-trivial BatchNorm statistics, so export parity checks them too."""
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
     return network.eval()
+
+
+def _bundle_paper_cnn(seed: int = 0) -> PaperCNN:
+    """train.json's network_def at 32 x 32, padding 2, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    network = PaperCNN(in_channels=1, num_classes=3, spatial_size=TINY_SIZE, padding=2)
+    return _with_batchnorm_statistics(network)
 
 
 @pytest.mark.slow
@@ -276,11 +281,7 @@ def _small_densenet(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     arguments = {key: value for key, value in SMALL_DENSENET.items() if key != "_target_"}
     network = DenseNet(**arguments)
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-    return network.eval()
+    return _with_batchnorm_statistics(network)
 
 
 @pytest.mark.slow
