@@ -15,7 +15,9 @@ there is none), so right after ``make demo`` no size argument is needed. ``--spa
 ``--network_padding`` override them; ``--network_def`` replaces the network (as on the bundle's
 command line: a dict, or its JSON or Python text) and must be given for a checkpoint trained with
 another network. The parity images are the protocol's split (``test`` by default: noisy test
-images, as evaluated) of --dataset_dir, or of the embedded synthetic set when none is given. The
+images, as evaluated) of the data set the model was trained on (``trained_with.dataset_dir`` in
+``model_metadata.json``; the embedded synthetic set for a model trained on it) unless --dataset_dir
+names another, and then a warning names both (``--dataset_dir ""``: the embedded set). The
 bundle does the same with ``python -m monai.bundle run exporting --config_file configs/export.json``
 from ``bundle/``.
 
@@ -27,8 +29,7 @@ private key, PEM: ``scripts/model_keys.py``) signs it.
 The out-of-distribution detector (``robustmri.deploy.onnx.ood``, the ``ood_score`` output) is fitted on the
 protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
 (``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
-(0.5) is the abstention rule written beside it. Give the data the model was trained on (``--dataset_dir``;
-``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
+(0.5) is the abstention rule written beside it. They need the data the model was trained on (by default; ``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
 ``model_metadata.json``, and a warning says when the loaded splits differ from the recorded fingerprint). ``--ood_train_split none`` exports without a detector: DICOM
 inference refuses such a model.
 """
@@ -58,7 +59,8 @@ def _series_rule(path: str) -> dict:
 
 def main(checkpoint: str = os.path.join(BUNDLE, "models", "model.pt"),
          output: str = os.path.join(BUNDLE, "models", "model.onnx"), spatial_size: int | None = None,
-         network_padding: int | None = None, network_def=None, dataset_dir: str = "", parity_split: str = "test",
+         network_padding: int | None = None, network_def=None, dataset_dir: str | None = None,
+         parity_split: str = "test",
          noise: str | None = None, seed: int | None = None, synthetic_patients: int | None = None,
          model_version: str = "",
          opset_version: int | None = None, series_rule: str = "", signing_key: str = "", eval_dir: str = "",

@@ -110,7 +110,7 @@ def warn_if_other_data(data, provenance: dict, checkpoint: str) -> None:
 
 
 def export_checkpoint(bundle_dir: str | os.PathLike, checkpoint: str, output: str, spatial_size: int | None = None,
-                      network_padding: int | None = None, network_def=None, dataset_dir: str = "",
+                      network_padding: int | None = None, network_def=None, dataset_dir: str | None = None,
                       parity_split: str = "test", noise: str | None = None, seed: int | None = None,
                       synthetic_patients: int | None = None, model_version: str = "",
                       opset_version: int | None = None, series_rule: dict | None = None, signing_key: str = "",
@@ -120,7 +120,9 @@ def export_checkpoint(bundle_dir: str | os.PathLike, checkpoint: str, output: st
     """Export ``checkpoint`` to ``output`` (:func:`~robustmri.deploy.onnx.export.export_onnx`); what was written
     and the parity figures.
 
-    ``series_rule``: None takes the config's; ``eval_dir`` (default: the config's ``output_dir``) holds the
+    ``dataset_dir``: None takes the data set the checkpoint was trained on (``model_metadata.json``); given
+    (even "" for the embedded set), that one, with a warning when it is another. ``series_rule``: None takes the
+    config's; ``eval_dir`` (default: the config's ``output_dir``) holds the
     bundle's test metrics of this checkpoint; ``model_version`` defaults to the bundle's version.
     """
     recorded = recorded_provenance(checkpoint)
@@ -129,8 +131,9 @@ def export_checkpoint(bundle_dir: str | os.PathLike, checkpoint: str, output: st
     seed = int(seed if seed is not None else trained.get("seed") or 0)
     if synthetic_patients is None:
         synthetic_patients = int(trained.get("synthetic_patients") or 300)
-    config = export_config(bundle_dir, checkpoint, spatial_size, network_padding, network_def,
-                           dataset_dir=dataset_dir, noise=noise, seed=seed, synthetic_patients=synthetic_patients)
+    data_options = {"dataset_dir": dataset_dir} if dataset_dir is not None else {}
+    config = export_config(bundle_dir, checkpoint, spatial_size, network_padding, network_def, **data_options,
+                           noise=noise, seed=seed, synthetic_patients=synthetic_patients)
     size = int(config.get_parsed_content("spatial_size"))
     network = config.get_parsed_content("network_def")  # on the CPU: ``network`` would move it to @device
     check_trained_network(network, checkpoint)

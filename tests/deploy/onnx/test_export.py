@@ -330,3 +330,32 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
     meta = _metadata(tmp_path / "models" / "model.onnx")
     assert int(meta["ood_n_train"]) == len(trained.split("train")) and int(meta["ood_n_validation"]) == len(
         trained.split("val"))
+
+
+def test_export_reads_the_data_set_the_model_was_trained_on_unless_told_otherwise(tmp_path, monkeypatch, caplog):
+    """The detector is fitted on the training run's splits: the recorded folder by default, not the embedded set."""
+    import robustmri.deploy.onnx.export_checkpoint as export_module
+    from robustmri.engine.model_metadata import METADATA_FILE
+
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE)
+    record = json.loads((tmp_path / "models" / METADATA_FILE).read_text())
+    site = str(tmp_path / "site")
+    record["trained_with"]["dataset_dir"] = site
+    (tmp_path / "models" / METADATA_FILE).write_text(json.dumps(record))
+    assert export_config(BUNDLE, str(checkpoint)).get_parsed_content("protocol#dataset_dir") == site
+    with caplog.at_level(logging.WARNING, logger="robustmri.engine.model_metadata"):
+        assert export_config(BUNDLE, str(checkpoint), dataset_dir="").get_parsed_content("protocol#dataset_dir") == ""
+    assert f"was trained on {site} but this run uses the embedded synthetic set" in caplog.text
+
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(export_module, "export_config", stop)
+    for given in (None, ""):
+        with pytest.raises(RuntimeError, match="stop after the config"):
+            export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), dataset_dir=given)
+    assert "dataset_dir" not in seen[0] and seen[1]["dataset_dir"] == ""
