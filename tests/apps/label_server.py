@@ -55,8 +55,12 @@ def make_bundle(bundle, network=None, network_def=None, padding=2, preprocess="m
     """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json, as training
     writes it (so the app must take spatial size and padding from there); ``network_def`` replaces train.json's."""
     shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
-    if network_def is not None:
+    if network_def is not None:  # as a user would: edit train.json, then regenerate the configs built on it
+        from robustmri.engine.configs import write
+        from robustmri.methods import config_sources
+
         edit_config(bundle, "train.json", network_def=network_def)
+        write(bundle / "configs", config_sources())
     (bundle / "models").mkdir()
     torch.manual_seed(0)
     network = network if network is not None else PaperCNN(spatial_size=64, padding=padding)
