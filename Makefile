@@ -11,6 +11,8 @@ EXTRAS := dev,label,tracking
 # dependencies, which ask for numpy<2 and jsonschema<4 (see pyproject.toml); the compat hook lets
 # pydicom-seg import under pydicom 3 (apps/monailabel/README.md)
 LABEL_NO_DEPS := monailabel==0.8.5 pydicom-seg==0.4.1
+# always with pip: monailabel's wheel names its data folder monailabel-0.8.5-202411252313.data, which uv 0.13.9
+# copies into site-packages instead of installing its `monailabel` command into .venv/bin (pip installs it)
 LABEL_COMPAT := apps/monailabel/compat/robustmri_pydicom3_compat
 # ONNX Runtime: the CPU wheel by default; `make demo ORT=gpu` puts onnxruntime-gpu in its place (both
 # wheels provide the one `onnxruntime` module, so it replaces the CPU one; docs/deployment.md says why
@@ -56,7 +58,7 @@ ifeq ($(ORT),gpu)
 	$(UNINSTALL) onnxruntime
 	$(INSTALL) $(ORT_GPU)
 endif
-	$(INSTALL) --no-deps $(LABEL_NO_DEPS)
+	$(VENV)/bin/python -m pip install --no-deps $(LABEL_NO_DEPS)
 	cp $(LABEL_COMPAT).py $(LABEL_COMPAT).pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $@
 
