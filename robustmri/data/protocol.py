@@ -105,59 +105,24 @@ def build_protocol(
     ``preprocess``: how raw slices become network inputs (:data:`robustmri.data.preprocessing.PREPROCESSING`),
     before any noise is added; the embedded synthetic slices go through it too, as raw slices.
     """
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-    if not 0.0 <= test_noise_fraction <= 1.0:
-        raise ValueError(f"test_noise_fraction must lie in [0, 1], got {test_noise_fraction}")
-    check_on_error(on_error)
-    preprocess_fn = preprocessing_by_name(preprocess)
+    _check_options(noise, test_noise_fraction, test_noise_fractions, on_error)
     spatial_size = int(spatial_size)
     dataset_dir = resolve_dataset_dir(dataset_dir)
-
-    if dataset_dir is None:
-        synthetic = generate_slices(n_patients=synthetic_patients, size=spatial_size, seed=seed)
-        images, labels, groups = synthetic["images"], synthetic["labels"], synthetic["groups"]
-        # rendered in [0, 1] with min 0 and max 1, so min-max scaling leaves them exactly as they are
-        images = np.stack([preprocess_fn(image, spatial_size) for image in images])
-        files = [f"synthetic/{i:05d}" for i in range(len(labels))]
-        class_names, skipped = tuple(CLASS_NAMES), []
-        source = f"embedded synthetic set ({synthetic_patients} pseudo-patients, seed {seed})"
-    else:
-        catalog = scan_dataset(dataset_dir, class_names, on_error)
-        images, kept, skipped = _load_images(catalog.records, spatial_size, on_error, num_workers, preprocess)
-        skipped = catalog.skipped + skipped
-        labels = np.array([r.label for r in kept], dtype=np.int64)
-        groups = np.array([r.group for r in kept], dtype=np.int64)
-        files = [r.file for r in kept]
-        class_names, source = catalog.class_names, dataset_dir
-
-    indices = grouped_stratified_split(labels, groups, split_fractions, seed)
-    keep = parse_imbalance(imbalance, class_names)
-    if keep:
-        indices["train"] = indices["train"][subsample_classes(labels[indices["train"]], keep, [seed, 20_021])]
+    raw = _raw_slices(dataset_dir, spatial_size, preprocess, seed, synthetic_patients, class_names, on_error,
+                      num_workers)
+    indices = _split(raw, split_fractions, imbalance, seed)
     simulate_labels = label_noise != "none"
-    noisy_labels, _ = flip_labels(labels[indices["train"]], float(label_noise_rate), len(class_names), label_noise,
-                                  np.random.default_rng([seed, 20_011]))
+    noisy_labels, _ = flip_labels(raw.labels[indices["train"]], float(label_noise_rate), len(raw.class_names),
+                                  label_noise, np.random.default_rng([seed, 20_011]))
+    item = _item_maker(raw, noise, sigma, seed)
     noisy_test = _choose_noisy(indices["test"], test_noise_fraction, seed)
-    field = reference_rician_field(images.shape[1:], seed) if noise == "rician_reference" else None
-
-    def item(i: int, noisy: bool, label: int | None = None) -> dict:
-        image = images[i]
-        if noisy and noise != "none":
-            image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), field)
-        entry = {"image": image[None].astype(np.float32), "label": int(labels[i]) if label is None else int(label),
-                 "id": int(i), "noisy": bool(noisy and noise != "none"), "file": files[i], "group": int(groups[i])}
-        if label is not None:
-            entry["true_label"] = int(labels[i])
-        return entry
-
     data = ProtocolData(
         train=[item(i, True, label if simulate_labels else None) for i, label in zip(indices["train"], noisy_labels)],
         val=[item(i, False) for i in indices["val"]],
         test=[item(i, i in noisy_test) for i in indices["test"]],
-        class_names=tuple(class_names),
-        source=source,
-        skipped=skipped,
+        class_names=tuple(raw.class_names),
+        source=raw.source,
+        skipped=raw.skipped,
         settings={"data_kind": "synthetic" if dataset_dir is None else "folder", "seed": int(seed),
                   "split_fractions": [float(f) for f in split_fractions], "spatial_size": spatial_size,
                   "preprocess": preprocess, "noise": noise, "noise_sigma": float(sigma),
@@ -166,8 +131,6 @@ def build_protocol(
                   **({"synthetic_patients": int(synthetic_patients)} if dataset_dir is None else {})},
     )
     for share in test_noise_fractions:
-        if not 0.0 <= float(share) <= 1.0:
-            raise ValueError(f"test_noise_fractions must lie in [0, 1], got {share}")
         noisy_at = _choose_noisy(indices["test"], float(share), seed)
         data.test_at[float(share)] = [item(i, i in noisy_at) for i in indices["test"]]
     if simulate_labels:
@@ -175,6 +138,81 @@ def build_protocol(
                             **noisy_label_record(data.train)}
     logger.info("data: %s", data.summary())
     return data
+
+
+def _check_options(noise: str, test_noise_fraction: float, test_noise_fractions, on_error: str) -> None:
+    """Refuse option values the protocol cannot apply, before anything is read."""
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+    if not 0.0 <= test_noise_fraction <= 1.0:
+        raise ValueError(f"test_noise_fraction must lie in [0, 1], got {test_noise_fraction}")
+    for share in test_noise_fractions:
+        if not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"test_noise_fractions must lie in [0, 1], got {share}")
+    check_on_error(on_error)
+
+
+@dataclass
+class _RawSlices:
+    """Every usable slice, preprocessed, before splitting and noise."""
+
+    images: np.ndarray  # [N, size, size]
+    labels: np.ndarray
+    groups: np.ndarray
+    files: list[str]
+    class_names: tuple[str, ...]
+    skipped: list
+    source: str
+
+
+def _raw_slices(dataset_dir: str | None, spatial_size: int, preprocess: str, seed: int, synthetic_patients: int,
+                class_names, on_error: str, num_workers: int) -> _RawSlices:
+    """The data set's slices (the embedded synthetic set when ``dataset_dir`` is None), preprocessed."""
+    if dataset_dir is None:
+        preprocess_fn = preprocessing_by_name(preprocess)
+        synthetic = generate_slices(n_patients=synthetic_patients, size=spatial_size, seed=seed)
+        # rendered in [0, 1] with min 0 and max 1, so min-max scaling leaves them exactly as they are
+        images = np.stack([preprocess_fn(image, spatial_size) for image in synthetic["images"]])
+        return _RawSlices(images, synthetic["labels"], synthetic["groups"],
+                          [f"synthetic/{i:05d}" for i in range(len(synthetic["labels"]))], tuple(CLASS_NAMES), [],
+                          f"embedded synthetic set ({synthetic_patients} pseudo-patients, seed {seed})")
+    preprocessing_by_name(preprocess)  # an unknown name fails before the data set is scanned
+    catalog = scan_dataset(dataset_dir, class_names, on_error)
+    images, kept, skipped = _load_images(catalog.records, spatial_size, on_error, num_workers, preprocess)
+    return _RawSlices(images, np.array([r.label for r in kept], dtype=np.int64),
+                      np.array([r.group for r in kept], dtype=np.int64), [r.file for r in kept],
+                      catalog.class_names, catalog.skipped + skipped, dataset_dir)
+
+
+def _split(raw: _RawSlices, split_fractions, imbalance: dict | None, seed: int) -> dict[str, np.ndarray]:
+    """Indices of each split, by patient group; the training split subsampled by ``imbalance``."""
+    indices = grouped_stratified_split(raw.labels, raw.groups, split_fractions, seed)
+    keep = parse_imbalance(imbalance, raw.class_names)
+    if keep:
+        indices["train"] = indices["train"][subsample_classes(raw.labels[indices["train"]], keep, [seed, 20_021])]
+    return indices
+
+
+def _item_maker(raw: _RawSlices, noise: str, sigma: float, seed: int):
+    """``item(i, noisy, label=None)``: slice ``i`` as a data item, with its fixed noise when ``noisy``.
+
+    The noise of slice ``i`` is seeded by (seed, i), so it is the same realisation in every split
+    variant and for every method trained with this seed.
+    """
+    rician_field = reference_rician_field(raw.images.shape[1:], seed) if noise == "rician_reference" else None
+
+    def item(i: int, noisy: bool, label: int | None = None) -> dict:
+        image = raw.images[i]
+        if noisy and noise != "none":
+            image = apply_noise(image, noise, sigma, np.random.default_rng([seed, i]), rician_field)
+        entry = {"image": image[None].astype(np.float32),
+                 "label": int(raw.labels[i]) if label is None else int(label), "id": int(i),
+                 "noisy": bool(noisy and noise != "none"), "file": raw.files[i], "group": int(raw.groups[i])}
+        if label is not None:
+            entry["true_label"] = int(raw.labels[i])
+        return entry
+
+    return item
 
 
 def _choose_noisy(test_indices: np.ndarray, fraction: float, seed: int) -> set[int]:
