@@ -15,8 +15,8 @@ there is none), so right after ``make demo`` no size argument is needed. ``--spa
 ``--network_padding`` override them; ``--network_def`` replaces the network (as on the bundle's
 command line: a dict, or its JSON or Python text) and must be given for a checkpoint trained with
 another network. The parity images are the protocol's split (``test`` by default: noisy test
-images, as evaluated) of the data set the model was trained on (``trained_with.dataset_dir`` in
-``model_metadata.json``; the embedded synthetic set for a model trained on it) unless --dataset_dir
+images, as evaluated) of the data set the model was trained on (``training_data.json`` beside the
+checkpoint; the embedded synthetic set for a model trained on it) unless --dataset_dir
 names another, and then a warning names both (``--dataset_dir ""``: the embedded set). The
 bundle does the same with ``python -m monai.bundle run exporting --config_file configs/export.json``
 from ``bundle/``.

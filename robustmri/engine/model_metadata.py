@@ -56,6 +56,8 @@ from robustmri.outputs import read_json, write_json
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "model_metadata.json"
+#: Beside it, local only: the folder the training data were read from (:func:`write_training_data`).
+TRAINING_DATA_FILE = "training_data.json"
 #: The settings that shape the network and its input, recorded under ``trained_with``.
 SETTINGS = ("spatial_size", "network_padding", "preprocess")
 #: Settings that records written before they existed lack, with the value those models were trained with.
@@ -192,11 +194,30 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
         "data": {"source": (os.path.basename(os.path.normpath(data.source)) if (getattr(data, "settings", None) or {})
                             .get("data_kind") == "folder" else getattr(data, "source", None)),
                  "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
-        # the folder itself, so evaluation and export on this machine read the same data (evaluation_dataset_dir);
-        # None: the embedded synthetic set. Local only: export copies provenance, not this, into the ONNX model
-        "dataset_dir": data.source if (getattr(data, "settings", None) or {}).get("data_kind") == "folder" else None,
     }
     return metadata
+
+
+def write_training_data(folder: str | os.PathLike, data) -> str:
+    """Write :data:`TRAINING_DATA_FILE` into ``folder``: where the training data lie on this machine.
+
+    The folder's absolute path (None for the embedded synthetic set), so that evaluation and export
+    read the data the model was trained on (:func:`evaluation_dataset_dir`). It is a file of its own,
+    not part of ``model_metadata.json``, because a path may name a site or a patient and the model
+    metadata travels: export copies it into ONNX models and ``ckpt_export --meta_file`` into TorchScript.
+    """
+    folder_data = (getattr(data, "settings", None) or {}).get("data_kind") == "folder"
+    path = os.path.join(os.fspath(folder), TRAINING_DATA_FILE)
+    write_json(path, {"dataset_dir": os.path.abspath(data.source) if folder_data else None})
+    return path
+
+
+def recorded_dataset_dir(checkpoint: str | os.PathLike) -> tuple[bool, str | None]:
+    """(whether a record exists, the training data folder or None for the embedded set) beside ``checkpoint``."""
+    path = os.path.join(os.path.dirname(metadata_path(checkpoint)), TRAINING_DATA_FILE)
+    if not os.path.isfile(path):
+        return False, None
+    return True, read_json(path).get("dataset_dir")
 
 
 class ModelMetadataWriter:
@@ -213,6 +234,7 @@ class ModelMetadataWriter:
                  preprocess: str = DEFAULT_PREPROCESS, optimizer=None, method_handlers=(), loss=None,
                  recipe: dict | None = None, evaluator: Engine | None = None, final_checkpoint: str | None = None):
         self.path = os.path.join(ckpt_dir, METADATA_FILE)
+        self.data = data
         self.content = model_metadata(bundle_metadata, spatial_size, network_padding, network, class_names, data,
                                       ema_decay=ema_decay, preprocess=preprocess)
         self.content["provenance"] = training_provenance(data, optimizer, method_handlers, loss,
@@ -261,6 +283,7 @@ class ModelMetadataWriter:
             recipe.setdefault("batch_size", int(loader.batch_size))
         if is_main_process():  # under torchrun rank 0 writes
             write_json(self.path, self.content)
+            write_training_data(os.path.dirname(self.path), self.data)
 
     def completed(self, engine: Engine) -> None:
         """Record how training ended, the final checkpoint's sha256 and the validation metrics."""
@@ -329,10 +352,9 @@ def evaluation_dataset_dir(checkpoint: str | os.PathLike, dataset_dir: str | Non
     """
     from robustmri.data.protocol import DATA_ENV, resolve_dataset_dir
 
-    record = read_trained(checkpoint) or {}
-    if "dataset_dir" not in record:  # no record, or one from before the folder was recorded
+    found, trained = recorded_dataset_dir(checkpoint)
+    if not found:  # no record, or one from before the folder was recorded
         return dataset_dir or ""
-    trained = record["dataset_dir"]
     chosen = (trained or "") if dataset_dir is None else dataset_dir
     used = resolve_dataset_dir(chosen)
     if used != trained:

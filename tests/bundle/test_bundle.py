@@ -131,6 +131,8 @@ def test_training_writes_what_the_model_was_trained_with_beside_the_checkpoint(t
     assert metadata["trained_with"]["spatial_size"] == 32 and metadata["trained_with"]["network_padding"] == 2
     assert metadata["trained_with"]["ema_decay"] == 0.99 and "moving average" in metadata["trained_with"]["model_weights"]
     assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    # where the data lie is kept beside, never in the metadata that travels (None: the embedded set)
+    assert json.loads((out / "models" / "training_data.json").read_text()) == {"dataset_dir": None}
     shipped = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert metadata["version"] == shipped["version"] and metadata["changelog"] == shipped["changelog"]
     assert metadata["trained_with"]["data"]["source"].startswith("embedded synthetic set")

@@ -9,7 +9,8 @@ from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import DESCRIPTIONS
 from robustmri.data.protocol import DATA_ENV
 from robustmri.engine.model_metadata import (METADATA_FILE, SETTINGS, evaluation_dataset_dir, model_metadata,
-                                             read_trained, trained_setting)
+                                             read_trained, recorded_dataset_dir, trained_setting,
+                                             write_training_data)
 from robustmri.networks import PaperCNN
 from robustmri.outputs import write_json
 
@@ -76,6 +77,7 @@ def _trained_on(folder, data):
     network = PaperCNN(spatial_size=32, padding=2)
     torch.save(network.state_dict(), folder / "model.pt")
     write_json(folder / METADATA_FILE, model_metadata(None, 32, 2, network, CLASS_NAMES, data=data, preprocess="head"))
+    write_training_data(folder, data)
     return folder / "model.pt"
 
 
@@ -84,7 +86,8 @@ def test_evaluation_uses_the_data_set_the_model_was_trained_on_unless_told_other
     (tmp_path / "real").mkdir()
     (tmp_path / "other").mkdir()
     checkpoint = _trained_on(tmp_path, _Folder(tmp_path / "real"))
-    assert read_trained(checkpoint)["dataset_dir"] == str(tmp_path / "real")
+    assert recorded_dataset_dir(checkpoint) == (True, str(tmp_path / "real"))
+    assert str(tmp_path) not in (tmp_path / METADATA_FILE).read_text()  # the model metadata travels: no path in it
     with caplog.at_level("WARNING", logger="robustmri.engine.model_metadata"):
         assert evaluation_dataset_dir(checkpoint) == str(tmp_path / "real")
         assert evaluation_dataset_dir(checkpoint, str(tmp_path / "real")) == str(tmp_path / "real")
@@ -100,7 +103,7 @@ def test_a_model_trained_on_the_synthetic_set_is_evaluated_on_it_and_a_data_vari
         tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(DATA_ENV, raising=False)
     checkpoint = _trained_on(tmp_path, None)
-    assert read_trained(checkpoint)["dataset_dir"] is None
+    assert recorded_dataset_dir(checkpoint) == (True, None)
     assert evaluation_dataset_dir(checkpoint) == ""
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     with caplog.at_level("WARNING", logger="robustmri.engine.model_metadata"):

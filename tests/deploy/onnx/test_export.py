@@ -335,14 +335,12 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
 def test_export_reads_the_data_set_the_model_was_trained_on_unless_told_otherwise(tmp_path, monkeypatch, caplog):
     """The detector is fitted on the training run's splits: the recorded folder by default, not the embedded set."""
     import robustmri.deploy.onnx.export_checkpoint as export_module
-    from robustmri.engine.model_metadata import METADATA_FILE
+    from robustmri.engine.model_metadata import TRAINING_DATA_FILE
 
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE)
-    record = json.loads((tmp_path / "models" / METADATA_FILE).read_text())
     site = str(tmp_path / "site")
-    record["trained_with"]["dataset_dir"] = site
-    (tmp_path / "models" / METADATA_FILE).write_text(json.dumps(record))
+    (tmp_path / "models" / TRAINING_DATA_FILE).write_text(json.dumps({"dataset_dir": site}))
     assert export_config(BUNDLE, str(checkpoint)).get_parsed_content("protocol#dataset_dir") == site
     with caplog.at_level(logging.WARNING, logger="robustmri.engine.model_metadata"):
         assert export_config(BUNDLE, str(checkpoint), dataset_dir="").get_parsed_content("protocol#dataset_dir") == ""
