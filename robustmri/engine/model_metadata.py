@@ -95,12 +95,17 @@ def code_version() -> dict:
     return {"robustmri_version": __version__, "git_commit": commit, "git_dirty": dirty}
 
 
+def data_folder(data) -> str | None:
+    """The folder ``data`` (a :class:`~robustmri.data.protocol.ProtocolData`) was read from; None for the embedded set."""
+    return data.source if (getattr(data, "settings", None) or {}).get("data_kind") == "folder" else None
+
+
 def data_provenance(data) -> dict:
     """The ``data`` part of the provenance record for :class:`robustmri.data.protocol.ProtocolData` (no paths)."""
     settings = dict(getattr(data, "settings", None) or {})
     kind = settings.get("data_kind") or "unknown"
     class_names = [str(name) for name in data.class_names]
-    root = data.source if kind == "folder" else None
+    root = data_folder(data)
     rows = []
     for split in ("train", "val", "test"):
         for item in data.split(split):
@@ -191,8 +196,8 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
                           "epoch" if ema_decay is not None else "the weights after the last epoch"),
         "ema_decay": None if ema_decay is None else float(ema_decay),
         # the data set by name only (never an absolute path); provenance["data"] says more
-        "data": {"source": (os.path.basename(os.path.normpath(data.source)) if (getattr(data, "settings", None) or {})
-                            .get("data_kind") == "folder" else getattr(data, "source", None)),
+        "data": {"source": (os.path.basename(os.path.normpath(data_folder(data))) if data_folder(data)
+                            else getattr(data, "source", None)),
                  "n": {name: len(data.split(name)) for name in ("train", "val", "test")} if data is not None else None},
     }
     return metadata
@@ -206,9 +211,9 @@ def write_training_data(folder: str | os.PathLike, data) -> str:
     not part of ``model_metadata.json``, because a path may name a site or a patient and the model
     metadata travels: export copies it into ONNX models and ``ckpt_export --meta_file`` into TorchScript.
     """
-    folder_data = (getattr(data, "settings", None) or {}).get("data_kind") == "folder"
+    source = data_folder(data)
     path = os.path.join(os.fspath(folder), TRAINING_DATA_FILE)
-    write_json(path, {"dataset_dir": os.path.abspath(data.source) if folder_data else None})
+    write_json(path, {"dataset_dir": os.path.abspath(source) if source else None})
     return path
 
 
