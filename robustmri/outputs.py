@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import matplotlib
 
@@ -19,13 +20,22 @@ __all__ = ["image_grid", "plt", "read_json", "save_figure", "write_json"]
 
 def write_json(path: str | os.PathLike, payload, indent: int | None = 2) -> str:
     """Write ``payload`` as JSON to ``path`` (its folder created if needed) atomically: written beside it, then
-    renamed, so a process killed while writing never leaves a torn file; return the path."""
+    renamed, so a process killed while writing never leaves a torn file; return the path.
+
+    The temporary name is the writer's own (process and thread), so two writers of one file (ranks
+    of a torchrun job, two runs) never write into each other's; the last rename wins whole.
+    """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w") as handle:
-        json.dump(payload, handle, indent=indent)
-    os.replace(partial, path)
+    partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+    try:
+        with open(partial, "w") as handle:
+            json.dump(payload, handle, indent=indent)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
     return path
 
 

@@ -45,6 +45,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from robustmri.outputs import write_json
+
 logger = logging.getLogger(__name__)
 
 #: The precisions that may be requested.
@@ -130,13 +132,10 @@ def _read_cache(path: str) -> dict:
 
 
 def _write_cache(path: str, cache: dict) -> None:
-    """Write atomically; a cache that cannot be written only means measuring again next time."""
+    """Write atomically (:func:`~robustmri.outputs.write_json`); a cache that cannot be written only means
+    measuring again next time."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial"
-        with open(partial, "w") as handle:
-            json.dump(cache, handle, indent=1, sort_keys=True)
-        os.replace(partial, path)
+        write_json(path, cache)
     except OSError as err:
         logger.warning("precision: cannot write %s (%s); the measurement is not kept", path, err)
 
