@@ -99,21 +99,27 @@ def render(config: dict) -> str:
     return json.dumps(config, indent=4, ensure_ascii=False) + "\n"
 
 
-def stale(configs_dir: str | os.PathLike, sources: Mapping[str, Sequence[str]]) -> list[str]:
-    """Generated configs that are missing or differ from what their sources make (names, sorted)."""
-    found = []
+def _outdated(configs_dir: str | os.PathLike, sources: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """The generated configs that are missing or differ from what their sources make, each with that text."""
+    found = {}
     for name, files in sorted(sources.items()):
         path = os.path.join(configs_dir, name)
         current = open(path).read() if os.path.isfile(path) else None
-        if current != render(compose(configs_dir, files)):
-            found.append(name)
+        text = render(compose(configs_dir, files))
+        if current != text:
+            found[name] = text
     return found
+
+
+def stale(configs_dir: str | os.PathLike, sources: Mapping[str, Sequence[str]]) -> list[str]:
+    """Generated configs that are missing or differ from what their sources make (names, sorted)."""
+    return list(_outdated(configs_dir, sources))
 
 
 def write(configs_dir: str | os.PathLike, sources: Mapping[str, Sequence[str]]) -> list[str]:
     """Write every generated config from its sources; the names of those that changed."""
-    changed = stale(configs_dir, sources)
-    for name in changed:
+    changed = _outdated(configs_dir, sources)
+    for name, text in changed.items():
         with open(os.path.join(configs_dir, name), "w") as handle:
-            handle.write(render(compose(configs_dir, sources[name])))
-    return changed
+            handle.write(text)
+    return list(changed)
