@@ -51,6 +51,19 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float], leve
     return result
 
 
+def minimum_detectable_effect(std: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean paired difference a design of ``n`` seeds detects with probability ``power``.
+
+    Two-sided paired t test at ``1 - level``, the paired differences' standard deviation ``std``
+    (same unit as the result): ``(t[1 - alpha/2] + t[power]) * std / sqrt(n)`` with n - 1 degrees
+    of freedom, the usual approximation to the noncentral t power.
+    """
+    if n < 2:
+        raise ValueError(f"a minimum detectable effect needs at least 2 paired seeds, got {n}")
+    dof = n - 1
+    return (t_quantile(0.5 + level / 2, dof) + t_quantile(power, dof)) * float(std) / math.sqrt(n)
+
+
 def grouped_bootstrap_ci(correct, groups, n_boot: int = 2000, level: float = 0.95,
                          seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of accuracy that resamples patient groups with replacement.

@@ -186,3 +186,20 @@ def test_old_records_with_one_test_noise_fraction_are_read_as_that_p():
     assert "gaussian, p=0.5" in paired_table(runs)
     # trained at p=0.5: that record's only p is the accuracy as trained
     assert stability(runs)["gaussian"]["accuracy_mean"] == pytest.approx(0.8)
+
+
+def test_minimum_detectable_effect_by_hand_and_against_the_noncentral_t_power():
+    from scipy import stats as scipy_stats
+
+    from robustmri.bench.stats import minimum_detectable_effect
+
+    # by hand: t(0.975, 4) = 2.7764, t(0.80, 4) = 0.9410; (2.7764 + 0.9410) * 2 / sqrt(5) = 3.3250
+    assert minimum_detectable_effect(2.0, 5) == pytest.approx(3.3250, abs=1e-3)
+    # the exact power of a paired t test at that effect is close to the 80 % asked for
+    n, std = 5, 2.0
+    delta = minimum_detectable_effect(std, n) / (std / n ** 0.5)
+    critical = scipy_stats.t.ppf(0.975, n - 1)
+    power = scipy_stats.nct.sf(critical, n - 1, delta) + scipy_stats.nct.cdf(-critical, n - 1, delta)
+    assert 0.75 < power < 0.85
+    with pytest.raises(ValueError, match="at least 2 paired seeds"):
+        minimum_detectable_effect(1.0, 1)
