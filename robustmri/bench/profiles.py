@@ -93,6 +93,11 @@ PROFILES = {
     "labels_cpu": {"seeds": 3, "recipe": "product", "methods": in_family("noisy labels"),
                    "noises": ["none"], "label_noise_rates": [0.2, 0.4],
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
+    # Review orders for the MONAI Label app: the label audit (naive training, then every per-sample score) at
+    # three flip rates on labels_cpu's protocol, 5 seeds; robustmri.review.orders ranks the recorded values.
+    "review_order_cpu": {"seeds": 5, "recipe": "product", "methods": ["audit"], "noises": ["none"],
+                         "label_noise_rates": [0.05, 0.1, 0.2],
+                         "config": {"spatial_size": 48, "network_padding": 2, "epochs": 8, "influence_epoch": 6}},
     # Site shifts: every model also evaluated on the validation and test splits re-rendered under each
     # shift of robustmri.data.site_shift (``eval_shifts``: the preprocessings to render them for). Smaller than
     # ``cpu`` (48 px, 12 epochs) so that 8 configurations x 5 seeds fit in about an hour; Gaussian training noise

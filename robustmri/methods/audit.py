@@ -45,6 +45,9 @@ METHOD = Method(name="audit", title="Influence label audit: training labels rank
                 order=9, families=("noisy labels",), summary="audit_summary.json",
                 reference="Koh and Liang, ICML 2017, section 5.4", builds_on=("influence",))
 RANKING_FILE = "audit_ranking.csv"
+#: Per-sample values with the recorded true labels, for benchmarks of review orders only (written only where the
+#: protocol flipped labels; the reviewer's ranking file never carries the true labels).
+VALUES_FILE = "audit_values.json"
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class AuditHandler(OnceAfterEpoch):
             logits, labels, ids = predict_items(model, self.train_data, size, device, train)
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none") if len(labels) else \
                 torch.zeros(0)
-            losses, labels, ids = gather_rows(losses), gather_rows(labels), gather_rows(ids)
+            losses, labels, ids, logits = gather_rows(losses), gather_rows(labels), gather_rows(ids), gather_rows(logits)
         else:
             result = compute_influence(model, item_batches(self.train_data, size),
                                        item_batches(self.val_data, size), self.solver, device, self.self_influence)
@@ -138,7 +141,8 @@ class AuditHandler(OnceAfterEpoch):
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         if not torch.equal(ids, result.ids):
             raise RuntimeError("label audit: influence and loss passes saw the training samples in different orders")
-        values = {"scores": result.scores, "losses": losses, "labels": labels, "ids": ids}
+        values = {"scores": result.scores, "losses": losses, "labels": labels, "ids": ids,
+                  "probabilities": torch.softmax(logits.float(), dim=1)}
         if result.self_influence is not None:
             values["self_influence"] = result.self_influence
         return values
@@ -167,6 +171,12 @@ class AuditHandler(OnceAfterEpoch):
             return
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, METHOD.summary), report)
+        if has_label_record(self.train_data):
+            write_json(os.path.join(self.output_dir, VALUES_FILE), {
+                "ids": ids.tolist(), "labels": labels.tolist(), "true_labels": true_labels(self.train_data).tolist(),
+                "scores": scores.tolist(), "losses": losses.tolist(),
+                "self_influence": None if self_scores is None else self_scores.tolist(),
+                "probabilities": values["probabilities"].numpy().round(6).tolist()}, indent=None)
         by_influence = influence_ranking(scores)
         ranks = {"influence_rank": by_influence, "loss_rank": loss_ranking(losses)}
         if self_scores is not None:

@@ -76,6 +76,10 @@ def test_audit_reports_precision_at_k_against_baselines(tmp_path):
     assert report["precision_at_k"] and {"influence", "loss", "random"} <= set(report["precision_at_k"][0])
     rows = list(csv.DictReader(open(out / "audit_ranking.csv")))
     assert len(rows) == report["n"] and "true_label" not in rows[0]
+    values = json.loads((out / "audit_values.json").read_text())  # the benchmark's record, beside the ranking
+    wrong = np.array(values["labels"]) != np.array(values["true_labels"])
+    assert wrong.sum() == report["wrong_labels"] and len(values["losses"]) == report["n"]
+    assert np.allclose(np.array(values["probabilities"]).sum(axis=1), 1.0, atol=1e-4)
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
