@@ -206,8 +206,13 @@ def test_bad_tokens_are_401_with_the_reason_and_rfc_6750s_challenge(auth_lib, re
 
 
 @pytest.mark.monailabel
-def test_a_realm_that_cannot_be_read_is_named_not_a_server_error(auth_lib, realm):
+def test_a_realm_that_cannot_be_read_is_named_not_a_server_error(auth_lib, realm, monkeypatch):
     unreachable = auth_lib.RealmKeys(f"http://127.0.0.1:{free_port()}/realms/robustmri", timeout=2)
+    monkeypatch.setattr(auth_lib.settings, "MONAI_LABEL_AUTH_ENABLE", True)
+    monkeypatch.setattr(auth_lib.settings, "MONAI_LABEL_AUTH_REALM_URI", unreachable.realm_uri)
+    with pytest.raises(auth_lib.HTTPException) as err:  # as the server answers it
+        auth_lib.from_token(realm.token("admin"))
+    assert err.value.status_code == 503 and err.value.detail.startswith("authentication unavailable: cannot read")
     with pytest.raises(auth_lib.RealmUnavailable, match=r"cannot read http://127\.0\.0\.1:\d+/realms/robustmri/"):
         auth_lib.verify_token(realm.token("admin"), unreachable, CLIENT_ID)
     with pytest.raises(auth_lib.RealmUnavailable, match=r"cannot read http://127\.0\.0\.1:\d+/realms/robustmri "):

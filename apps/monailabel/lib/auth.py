@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.config import settings
 from monailabel.endpoints import scoring as stock_scoring
@@ -69,13 +69,6 @@ def role_names() -> tuple[str, str, str, str]:
     """MONAI Label's four roles, lowest first: user, annotator, reviewer, admin (their names are settings)."""
     return (settings.MONAI_LABEL_AUTH_ROLE_USER, settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR,
             settings.MONAI_LABEL_AUTH_ROLE_REVIEWER, settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
-
-
-#: What each role may do in this app (a role may do what those before it may); the README's table.
-ROLE_RANKS = ("user: read studies, labels, scores, app info; run inference",
-              "annotator: save labels and their info",
-              "reviewer: as annotator (MONAI Label gives the reviewer role no route of its own)",
-              "admin: train, start scoring, delete labels and images, download the model, read logs")
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -230,8 +223,11 @@ def bearer_token(request: Request) -> Optional[str]:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-async def current_user(request: Request) -> User:
-    """The authenticated user (replaces MONAI Label's ``get_current_user``: 401 ``no token`` without one)."""
+def current_user(request: Request) -> User:
+    """The authenticated user (replaces MONAI Label's ``get_current_user``: 401 ``no token`` without one).
+
+    A plain function, so FastAPI runs it in its thread pool: fetching the realm's keys never holds up
+    the server's event loop."""
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         return DEFAULT_USER
     token = bearer_token(request)
