@@ -61,8 +61,6 @@ LEEWAY_S = 30
 KEYS_LIFESPAN_S = 300
 #: The ``detail`` of a 401 answer.
 NO_TOKEN, REJECTED, EXPIRED = "no token", "token rejected", "token expired"
-#: The paths that describe the API (Swagger UI, ReDoc, the OpenAPI schema): a valid token with authentication on.
-DOC_PATHS = ("/", "/docs", "/redoc", "/openapi.json")
 
 
 def role_names() -> tuple[str, str, str, str]:
