@@ -152,9 +152,10 @@ def server_command(app, studies, port, bundle, *conf):
 
 
 @contextlib.contextmanager
-def running_server(command, workdir, deadline, port):
+def running_server(command, workdir, deadline, port, ready=None):
     """Run ``command`` (a start_server command line) and yield ``(base URL, process, log path)`` once ``/info/``
-    answers; the server's process group is stopped by its PID when the block ends, in any case."""
+    answers (or ``ready(base URL)`` is truthy: a server with authentication on answers /info/ with 401); the
+    server's process group is stopped by its PID when the block ends, in any case."""
     env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "OMP_NUM_THREADS": "1",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     log_path = workdir / f"server-{port}.log"
@@ -163,7 +164,8 @@ def running_server(command, workdir, deadline, port):
                                    start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait(lambda: request(f"{base}/info/", timeout=5), deadline, "/info/", process, log_path)
+        wait(lambda: ready(base) if ready else request(f"{base}/info/", timeout=5), deadline, "the server", process,
+             log_path)
         yield base, process, log_path
     finally:
         stop(process)

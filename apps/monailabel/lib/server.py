@@ -13,7 +13,7 @@ app's routes in front of the stock ones (Starlette serves the first matching rou
   against the app's own REST API).
 
 Authentication: the routes take MONAI Label's own role checks (``MONAI_LABEL_AUTH_ENABLE``),
-so they are as open or as closed as the stock ones.
+with the token checks of lib.auth in place of MONAI Label's (:func:`lib.auth.install`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from PIL import Image
 
 from robustmri.data.readers import read_image
 
+from lib import auth
 from lib.train_request import validate_train_request
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def install(server: FastAPI, app, argv: list[str]) -> None:
     added = server.router.routes[first_new:]
     del server.router.routes[first_new:]
     server.router.routes[0:0] = added
+    auth.install(server)
     server.mount("/review", StaticFiles(directory=PAGE_DIR, html=True), name="review")
     server.openapi_schema = None  # rebuilt with these routes on the next /openapi.json
     logger.info("review page at /review/; train requests checked against the allow-list")
