@@ -6,7 +6,17 @@ Start (from the repository root, virtual environment active), on this machine on
         --conf models brain_tumour
 
 and open http://127.0.0.1:8000/review/ (the review page). Serving beyond loopback is an explicit
-choice with MONAI Label's authentication and restricted CORS origins (README.md beside this file).
+choice with MONAI Label's authentication and restricted CORS origins (README.md beside this file):
+the server exits at start-up if the address it binds (the last ``--host``/``-i``, as MONAI Label
+parses it, and its listening sockets) is not loopback while authentication is off.
+
+Closed by default (lib/security.py; README.md, "What the server refuses"): a ``Host`` outside
+the allow-list is 400; a POST, PUT, PATCH or DELETE without ``X-Requested-With`` is 403; label
+tags are ``final``, ``original`` or a plain name (422), label files at most ``max_label_bytes``
+(413); inference takes study image ids only (404 for anything else, no uploads); model upload
+and delete are off unless ``allow_model_upload``; routes this app does not use (sessions,
+batch, proxy, OHIF, WSI, reload, study image upload/delete) are 403. Training runs in MONAI
+Label's task process, so the server keeps answering.
 
 ``--conf`` keys: ``models`` (comma-separated; this app serves ``brain_tumour``), ``bundle_path``
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
@@ -14,7 +24,10 @@ choice with MONAI Label's authentication and restricted CORS origins (README.md 
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
 ``models/model_metadata.json``), ``influence_damping`` (default: isp.json's) and
 ``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
-name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``).
+name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``),
+``serve_unauthenticated``, ``cors_origins``, ``allowed_hosts`` (host names clients use besides
+loopback and the bound host), ``max_label_bytes`` (default 65536) and ``allow_model_upload``
+(default false).
 Train requests are checked against an allow-list (lib/train_request.py), label uploads against
 the bundle's classes (lib/datastore.py).
 Every task reads the bundle through lib/bundle.py. See README.md beside this file for the

@@ -569,6 +569,49 @@ def test_an_uploaded_model_must_load_into_the_bundles_network(app_lib, tmp_path)
 
 
 @pytest.mark.monailabel
+def test_model_upload_where_turned_on_replaces_the_checkpoint_only_with_a_loadable_one(app_lib, tmp_path):
+    """``--conf allow_model_upload true``: the routes lib.security adds, in process (authentication off: admin)."""
+    import torch
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib.security import routes
+    from robustmri.networks import PaperCNN
+
+    checkpoint = tmp_path / "model.pt"
+    torch.save(PaperCNN(spatial_size=64, padding=2).state_dict(), checkpoint)
+
+    class App:
+        def infer_models(self):
+            return ["brain_tumour"]
+
+        def model_file(self, model, validate=True):
+            return str(checkpoint)
+
+        def model_network(self, model):
+            return PaperCNN(spatial_size=64, padding=2)
+
+    server = FastAPI()
+    server.include_router(routes(App(), model_upload=True))
+    client = TestClient(server)
+    original = checkpoint.read_bytes()
+    for content in (os.urandom(4096), b"", original[: len(original) // 2]):
+        response = client.put("/model/brain_tumour", files={"file": ("model.pt", content)})
+        assert response.status_code == 422 and "the model was not changed" in response.json()["detail"]
+        assert checkpoint.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no upload left behind
+    assert client.put("/model/other", files={"file": ("model.pt", original)}).status_code == 404
+    torch.manual_seed(1)
+    replacement = tmp_path / "replacement.pt"
+    torch.save(PaperCNN(spatial_size=64, padding=2).state_dict(), replacement)
+    response = client.put("/model/brain_tumour", files={"file": ("model.pt", replacement.read_bytes())})
+    assert response.status_code == 200, response.text
+    assert checkpoint.read_bytes() == replacement.read_bytes()
+    assert client.delete("/model/brain_tumour").status_code == 200
+    assert not checkpoint.exists() and len(list(tmp_path.glob("model.pt.*.deleted"))) == 1
+
+
+@pytest.mark.monailabel
 def test_the_train_task_drops_exactly_the_runners_fields(app_lib, tmp_path):
     """``bundle_path`` and ``local_rank`` come from MONAI Label's runner: accepted with their values, nothing else."""
     from lib.train_request import TrainRequestRejected, validate_train_request

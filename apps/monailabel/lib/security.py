@@ -50,8 +50,8 @@ from fastapi.responses import JSONResponse
 from monailabel.config import settings
 from monailabel.endpoints import datastore as stock_datastore
 from monailabel.endpoints import infer as stock_infer
-from monailabel.endpoints import model as stock_model
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.utils.others.generic import file_checksum
 from starlette.datastructures import Headers, QueryParams
 
 from lib.datastore import LABEL_TAG_RULE, label_size_limit, valid_label_tag
@@ -321,13 +321,17 @@ class ModelRejected(HTTPException, ValueError):
         return self.detail
 
 
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def verify_checkpoint(path: str, network: torch.nn.Module) -> None:
     """Raise :class:`ModelRejected` unless ``path`` is a state dict (plain, or as ``{"model": ...}``) that loads
     into ``network`` strictly. Read with ``weights_only``: a pickle that would run code is refused, not run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable upload, whatever torch says about it
-        raise ModelRejected(f"not a PyTorch state dict ({str(err).splitlines()[0][:200]})") from err
+        raise ModelRejected(f"not a PyTorch state dict ({first_line(err)[:200]})") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -335,7 +339,7 @@ def verify_checkpoint(path: str, network: torch.nn.Module) -> None:
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelRejected(f"does not fit the bundle's network ({str(err).splitlines()[0][:300]})") from err
+        raise ModelRejected(f"does not fit the bundle's network ({first_line(err)[:300]})") from err
 
 
 def require_study_image(datastore, image) -> None:
@@ -420,12 +424,16 @@ def routes(app, model_upload: bool) -> APIRouter:
                 if os.path.exists(upload):
                     os.remove(upload)
             logger.info("model %s replaced by %s", model, user.username)
-            return stock_model.model_info(model)
+            return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
 
-        @router.delete("/model/{model}", summary="Delete the model (admin)")
+        @router.delete("/model/{model}", summary="Delete the model (admin; kept as <file>.<time>.deleted)")
         def delete_model(model: str, user: User = Depends(RBAC(admin))):
-            model_target(app, model)
-            return stock_model.delete_model(model)
+            target = model_target(app, model)
+            if not os.path.isfile(target):
+                raise HTTPException(status_code=404, detail=f"model {model!r}: no checkpoint")
+            os.replace(target, f"{target}.{time.strftime('%Y%m%d_%H%M%S')}.deleted")
+            logger.info("model %s deleted by %s", model, user.username)
+            return {}
 
     return router
 
