@@ -343,7 +343,8 @@ def test_routes_a_review_deployment_does_not_need_are_closed(server):
               ("GET", "/batch/infer", None, None), ("GET", "/proxy/dicom/studies", None, None),
               ("GET", "/ohif/", None, None), ("POST", "/reload", b"", None),
               ("PUT", "/datastore/image?image=../../planted", png, content_type),
-              ("PUT", "/datastore/?image=planted", png, content_type), ("DELETE", "/datastore/image?id=case00", None, None),
+              ("PUT", "/datastore/?image=planted", png, content_type),
+              ("DELETE", "/datastore/image?id=case00", None, None),
               ("POST", "/infer/wsi_v2/brain_tumour?image=case00", b"", None),
               ("POST", "/infer/wsi/brain_tumour?image=case00", b"{}", "application/json")]
     before = tree(studies.parent)
