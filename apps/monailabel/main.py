@@ -6,7 +6,17 @@ Start (from the repository root, virtual environment active), on this machine on
         --conf models brain_tumour
 
 and open http://127.0.0.1:8000/review/ (the review page). Serving beyond loopback is an explicit
-choice with MONAI Label's authentication and restricted CORS origins (README.md beside this file).
+choice with MONAI Label's authentication and restricted CORS origins (README.md beside this file):
+the server exits at start-up if the address it binds (the last ``--host``/``-i``, as MONAI Label
+parses it, and its listening sockets) is not loopback while authentication is off.
+
+Closed by default (lib/security.py; README.md, "What the server refuses"): a ``Host`` outside
+the allow-list is 400; a POST, PUT, PATCH or DELETE without ``X-Requested-With`` is 403; label
+tags are ``final``, ``original`` or a plain name (422), label files at most ``max_label_bytes``
+(413); inference takes study image ids only (404 for anything else, no uploads); model upload
+and delete are off unless ``allow_model_upload``; routes this app does not use (sessions,
+batch, proxy, OHIF, WSI, reload, study image upload/delete) are 403. Training runs in MONAI
+Label's task process, so the server keeps answering.
 
 ``--conf`` keys: ``models`` (comma-separated; this app serves ``brain_tumour``), ``bundle_path``
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
@@ -14,7 +24,10 @@ choice with MONAI Label's authentication and restricted CORS origins (README.md 
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
 ``models/model_metadata.json``), ``influence_damping`` (default: isp.json's) and
 ``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
-name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``).
+name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``),
+``serve_unauthenticated``, ``cors_origins``, ``allowed_hosts`` (host names clients use besides
+loopback and the bound host), ``max_label_bytes`` (default 65536) and ``allow_model_upload``
+(default false).
 Train requests are checked against an allow-list (lib/train_request.py), label uploads against
 the bundle's classes (lib/datastore.py).
 Every task reads the bundle through lib/bundle.py. See README.md beside this file for the
@@ -26,6 +39,7 @@ import os
 import sys
 from typing import Dict
 
+import requests
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -38,10 +52,10 @@ from monailabel.tasks.activelearning.random import Random
 from robustmri import __version__
 from robustmri.review.label_review import LABEL_SUFFIX
 
-from lib import server
+from lib import security, server
 from lib.activelearning.most_suspicious import MostSuspicious
 from lib.bundle import INFER_CONFIG, class_names, read_config
-from lib.datastore import ClassLabelDatastore
+from lib.datastore import ClassLabelDatastore, label_size_limit
 from lib.infers.classification import ClassificationInfer
 from lib.scoring.influence_review import InfluenceReviewScoring
 from lib.trainers.isp import ISPTrain
@@ -64,6 +78,7 @@ class RobustMRIApp(MONAILabelApp):
                                     "set --conf bundle_path")
         logger.info("bundle: %s", self.bundle_dir)
         self.class_names = class_names(read_config(self.bundle_dir, INFER_CONFIG, conf))
+        self.max_label_bytes = label_size_limit(conf)
         self.tracking_settings = conf.get("tracking_settings", "")
         if self.tracking_settings and not os.path.isfile(self.tracking_settings):
             raise FileNotFoundError(f"--conf tracking_settings {self.tracking_settings}: no such file")
@@ -83,6 +98,30 @@ class RobustMRIApp(MONAILabelApp):
     def train_models(self) -> list:
         return list(self._trainers)
 
+    def infer_models(self) -> list:
+        return list(self._infers)
+
+    def model_network(self, model: str):
+        """A new instance of the network ``model`` serves (inference.json's ``network_def``), untrained."""
+        if model not in self._infers:
+            raise KeyError(f"{model!r}: not a model of this app")
+        return read_config(self.bundle_dir, INFER_CONFIG, self.conf).get_parsed_content("network_def",
+                                                                                         instantiate=True)
+
+    def infer(self, request, datastore=None):
+        # MONAI Label would read any existing path named as the image: only study images are classified
+        security.require_study_image(datastore or self.datastore(), request.get("image"))
+        return super().infer(request, datastore)
+
+    def _local_request(self, url, params, action):
+        # the task process asks the server to score after training: a state-changing request like any other
+        response = requests.post(f"http://127.0.0.1:{settings.MONAI_LABEL_SERVER_PORT}{url}", json=params or {},
+                                 headers={security.REQUESTED_WITH: "robustmri"}, timeout=60)
+        if response.status_code != 200:
+            logger.error("%s not started: HTTP %d %s", action, response.status_code, response.text[:500])
+            return None
+        return response.json()
+
     def train(self, request):
         result = super().train(request)
         try:
@@ -95,7 +134,7 @@ class RobustMRIApp(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
         # labels are <image id>.label.json files of the bundle's classes, checked at upload
-        return ClassLabelDatastore(self.studies, self.class_names,
+        return ClassLabelDatastore(self.studies, self.class_names, max_label_bytes=self.max_label_bytes,
                                    extensions=[*settings.MONAI_LABEL_DATASTORE_FILE_EXT, f"*{LABEL_SUFFIX}"],
                                    auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                    read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)

@@ -97,10 +97,22 @@ class ServerError(AssertionError):
         self.status, self.body = status, body
 
 
-def request(url, method="GET", timeout=60, body=None):
-    """JSON in, JSON out; an HTTP error raises :class:`ServerError` with its status and body."""
+#: Sent with every request by default: the server refuses a state-changing request without it.
+REQUESTED_WITH = {"X-Requested-With": "robustmri"}
+
+
+def _headers(defaults: dict, headers: dict | None) -> dict:
+    """``defaults`` updated with ``headers``; a header given as None is left out."""
+    merged = {**defaults, **(headers or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def request(url, method="GET", timeout=60, body=None, headers=None):
+    """JSON in, JSON out, with ``X-Requested-With`` unless ``headers`` sets it to None; an HTTP error raises
+    :class:`ServerError` with its status and body."""
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = urllib.request.Request(url, method=method, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, method=method, data=data, headers=_headers(
+        {"Content-Type": "application/json", **REQUESTED_WITH}, headers))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return json.loads(response.read().decode())
@@ -109,13 +121,15 @@ def request(url, method="GET", timeout=60, body=None):
         raise ServerError(f"{method} {url}: HTTP {err.code} {text}", err.code, text) from err
 
 
-def upload_label(base, image_id, content: bytes, filename: str, timeout=30):
-    """``PUT /datastore/label?image=<id>&tag=final`` with one file (multipart), as clients upload labels."""
+def upload_label(base, image_id, content: bytes, filename: str, timeout=30, tag="final", headers=None):
+    """``PUT /datastore/label?image=<id>&tag=<tag>`` with one file (multipart), as clients upload labels
+    (``tag`` goes into the URL as given; ``headers`` as in :func:`request`)."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"; filename=\"{filename}\"\r\n"
             f"Content-Type: application/json\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(f"{base}/datastore/label?image={image_id}&tag=final", method="PUT", data=body,
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    req = urllib.request.Request(f"{base}/datastore/label?image={image_id}&tag={tag}", method="PUT", data=body,
+                                 headers=_headers({"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                                   **REQUESTED_WITH}, headers))
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return json.loads(response.read().decode())

@@ -51,6 +51,8 @@ from monailabel.endpoints import scoring as stock_scoring
 from monailabel.endpoints.user import auth as stock_auth
 from monailabel.endpoints.user.auth import DEFAULT_USER, RBAC, User
 
+from lib.security import put_in_front
+
 logger = logging.getLogger(__name__)
 
 #: The only signature algorithm accepted (Keycloak's default for access tokens).
@@ -316,11 +318,7 @@ def install(server: FastAPI) -> None:
     """Put the token checks in place of MONAI Label's and this module's routes in front of the stock ones."""
     stock_auth.from_token = from_token
     server.dependency_overrides[stock_auth.get_current_user] = current_user
-    first_new = len(server.router.routes)
-    server.include_router(routes(server), prefix=settings.MONAI_LABEL_API_STR)
-    added = server.router.routes[first_new:]
-    del server.router.routes[first_new:]
-    server.router.routes[0:0] = added
+    put_in_front(server, routes(server))
     if settings.MONAI_LABEL_AUTH_ENABLE:
         logger.info("authentication: RS256 tokens of %s for %s; API description and scoring runs need a token",
                     settings.MONAI_LABEL_AUTH_REALM_URI, settings.MONAI_LABEL_AUTH_CLIENT_ID)

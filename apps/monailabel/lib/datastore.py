@@ -6,12 +6,17 @@ the image exists, the file is named ``*.label.json`` and it parses as a label of
 bundle's classes; anything else raises :class:`LabelRejected` (HTTP 422 with the reason, the
 datastore untouched). The saved label's class name is kept in the label info (``label``), so
 the review progress (reviewed, corrected) is counted without reading every file.
+
+Before that, the tag must be a label tag (:data:`LABEL_TAG`: ``final``, ``original`` or a plain
+name; MONAI Label joins it to the labels folder, so ``../../x`` would write anywhere) and the
+file at most ``--conf max_label_bytes`` (:func:`label_size_limit`): HTTP 422 and 413.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
@@ -19,6 +24,29 @@ from monailabel.datastore.local import LocalDatastore
 from robustmri.review.label_review import LABEL_SUFFIX, LabelFileError, read_label_file
 
 logger = logging.getLogger(__name__)
+
+#: A label tag: ``final``, ``original`` or another plain name (a folder name under ``labels/``).
+LABEL_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+LABEL_TAG_RULE = "'final', 'original' or a plain name (letters, digits, '_' and '-', at most 64)"
+#: ``--conf`` key: the largest label file accepted, in bytes.
+MAX_LABEL_CONF = "max_label_bytes"
+DEFAULT_MAX_LABEL_BYTES = 65536
+
+
+def valid_label_tag(tag) -> bool:
+    return isinstance(tag, str) and LABEL_TAG.fullmatch(tag) is not None
+
+
+def label_size_limit(conf: dict) -> int:
+    """``--conf max_label_bytes`` (default 65536), a positive integer."""
+    value = conf.get(MAX_LABEL_CONF, DEFAULT_MAX_LABEL_BYTES)
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"--conf {MAX_LABEL_CONF} must be a positive number of bytes, got {value!r}")
+    return limit
 
 
 class LabelRejected(HTTPException, ValueError):
@@ -31,14 +59,34 @@ class LabelRejected(HTTPException, ValueError):
         return self.detail
 
 
+class LabelTooLarge(LabelRejected):
+    """A label file over the size cap: HTTP 413."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"label file of {size} bytes: over --conf {MAX_LABEL_CONF} ({limit} bytes)")
+        self.status_code = 413
+
+
+def check_label_tag(tag) -> str:
+    if not valid_label_tag(tag):
+        raise LabelRejected(f"label tag {str(tag)[:100]!r}: must be {LABEL_TAG_RULE}")
+    return tag
+
+
 class ClassLabelDatastore(LocalDatastore):
     """LocalDatastore whose labels are class labels of ``class_names`` (``*.label.json`` files)."""
 
-    def __init__(self, datastore_path: str, class_names: tuple[str, ...], **kwargs):
+    def __init__(self, datastore_path: str, class_names: tuple[str, ...],
+                 max_label_bytes: int = DEFAULT_MAX_LABEL_BYTES, **kwargs):
         super().__init__(datastore_path, **kwargs)
         self.class_names = tuple(class_names)
+        self.max_label_bytes = max_label_bytes
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        check_label_tag(label_tag)
+        size = os.path.getsize(label_filename)
+        if size > self.max_label_bytes:  # the server refuses a longer body before reading it; this is the file
+            raise LabelTooLarge(size, self.max_label_bytes)
         if not image_id or image_id not in self._datastore.objects:
             raise LabelRejected(f"image {image_id!r}: no such image in the studies; a label must belong to an "
                                 "existing image (GET /datastore/?output=all lists them)")
@@ -53,6 +101,12 @@ class ClassLabelDatastore(LocalDatastore):
             raise LabelRejected(f"image {image_id!r}: {err.reason}") from err
         info = {**(label_info or {}), "label": self.class_names[index]}
         return super().save_label(image_id, label_filename, label_tag, info)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        super().remove_label(label_id, check_label_tag(label_tag))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        super().update_label_info(label_id, check_label_tag(label_tag), info)
 
     def update_image_infos(self, infos: dict[str, dict]) -> None:
         """``update_image_info`` of many images with one write of the datastore file (not one per image)."""

@@ -6,7 +6,8 @@ app's routes in front of the stock ones (Starlette serves the first matching rou
 
 - ``POST /train/{model}`` and ``POST /train/``: the request is checked against the allow-list
   of lib.train_request first (HTTP 422 on a field outside it, nothing run), then handed to
-  MONAI Label's own train endpoint;
+  MONAI Label's own task runner, which trains in a process of its own; ``run_sync`` waits for it
+  (HTTP 500 with the last output lines when it fails);
 - ``GET /review/image?image=<id>``: the study image as an 8-bit PNG (any format the bundle
   reads, e.g. figshare's JPEG or a NIfTI slice), for the review page;
 - ``/review/``: the review page (``apps/monailabel/review/``: static HTML and JavaScript
@@ -21,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -35,35 +37,16 @@ from PIL import Image
 
 from robustmri.data.readers import read_image
 
-from lib import auth
+from lib import auth, security
 from lib.train_request import validate_train_request
 
 logger = logging.getLogger(__name__)
 
-#: Host names that reach this machine only.
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-#: ``--conf`` key that accepts serving beyond loopback without MONAI Label's authentication.
-OPEN_NETWORK_CONF = "serve_unauthenticated"
 #: ``--conf`` key: comma-separated web origins (``https://viewer.example.org``) whose pages may call the server.
 CORS_CONF = "cors_origins"
 
 #: The review page's files (index.html, review.js, review.css).
 PAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "review")
-
-
-def command_option(argv: list[str], name: str, default: str) -> str:
-    """The value of ``--<name>`` in a ``monailabel start_server`` command line, else ``default``."""
-    for k, arg in enumerate(argv):
-        if arg == f"--{name}" and k + 1 < len(argv):
-            return argv[k + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return default
-
-
-def bound_host(argv: list[str]) -> str:
-    """The ``--host`` of a ``monailabel start_server`` command line (MONAI Label's default: 0.0.0.0)."""
-    return command_option(argv, "host", "0.0.0.0")
 
 
 def restrict_cors(server: FastAPI, origins: list[str]) -> bool:
@@ -83,22 +66,6 @@ def restrict_cors(server: FastAPI, origins: list[str]) -> bool:
     return True
 
 
-def check_exposure(host: str, auth_enabled: bool, conf: dict) -> None:
-    """Refuse to serve beyond loopback with authentication off, unless the user said so.
-
-    MONAI Label binds 0.0.0.0 by default with authentication off: anyone on the network could
-    read the studies, download the weights, delete labels and start training. Serving beyond
-    loopback takes ``MONAI_LABEL_AUTH_ENABLE=true`` (with its Keycloak realm) or, knowingly,
-    ``--conf serve_unauthenticated true`` (e.g. behind an authenticating reverse proxy).
-    """
-    if host in LOOPBACK or auth_enabled or str(conf.get(OPEN_NETWORK_CONF, "")).lower() == "true":
-        return
-    raise RuntimeError(f"refusing to serve on {host} with authentication off: start with --host 127.0.0.1 "
-                       f"(this machine only), or enable MONAI Label's authentication (MONAI_LABEL_AUTH_ENABLE=true) "
-                       f"and list the web clients' origins with --conf {CORS_CONF}, or accept the exposure with --conf "
-                       f"{OPEN_NETWORK_CONF} true (apps/monailabel/README.md, 'Serving beyond this machine')")
-
-
 def preview_png(path: str) -> bytes:
     """The image at ``path`` (robustmri.data.readers) scaled to 0..255 by its own range, as PNG bytes."""
     pixels = np.asarray(read_image(path), dtype=np.float32)
@@ -109,27 +76,47 @@ def preview_png(path: str) -> bytes:
     return buffer.getvalue()
 
 
+def wait_for_task(task: dict, poll_s: float = 0.5) -> dict:
+    """Wait for a task of MONAI Label's runner to end; HTTP 500 with its last output lines unless it is DONE.
+
+    Training always runs in the runner's task process (``python -m monailabel.interfaces.utils.app``),
+    also for ``run_sync``: in the server process it would compete with the requests being answered.
+    """
+    while task.get("status") in ("SUBMITTED", "RUNNING"):
+        time.sleep(poll_s)
+    if task.get("status") != "DONE":
+        lines = " | ".join(list(task.get("details") or [])[-5:])
+        raise HTTPException(status_code=500, detail=f"{task.get('status')}: the task ended without success: {lines}")
+    return task
+
+
 def routes(app) -> APIRouter:
     """This app's routes; ``app`` is the RobustMRIApp (its models, tracking settings and datastore)."""
     router = APIRouter()
     models = tuple(app.train_models())
 
+    # plain functions, not coroutines: FastAPI runs them in its thread pool, so waiting for a run_sync
+    # training never holds up the event loop that answers every other request
     @router.post("/train/{model}", summary="Run Training Task for specific model (request fields checked)")
-    async def train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
-                          enqueue: Optional[bool] = False,
-                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    def train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                    enqueue: Optional[bool] = False, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         validate_train_request({"model": model, **(params or {})}, models, app.tracking_settings)
-        return stock_train.run_model(model, params, run_sync, enqueue)
+        task = stock_train.run_model(model, params, False, enqueue)
+        return wait_for_task(task) if run_sync else task
 
     @router.post("/train/", include_in_schema=False, deprecated=True)
-    async def train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
-                        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    def train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
+                  user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         for model, request in (params or {}).items():
             if model not in models:
                 raise HTTPException(status_code=422, detail=f"train request: {model!r}: not a model of this app "
                                                             f"({', '.join(models)})")
             validate_train_request(request, models, app.tracking_settings)
-        return stock_train.run(params, run_sync)
+        started = stock_train.run(params, False)
+        for result in started.values():
+            if run_sync and result["result"] is not None:
+                wait_for_task(result["result"])
+        return started
 
     @router.get("/review/image", summary="Study image as an 8-bit PNG (for the review page)")
     def review_image(image: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
@@ -147,9 +134,9 @@ def routes(app) -> APIRouter:
 
 
 def install(server: FastAPI, app, argv: list[str]) -> None:
-    """Check the exposure (:func:`check_exposure`), put this app's routes in front of MONAI Label's and serve
-    the review page at ``/review/``."""
-    check_exposure(bound_host(argv), settings.MONAI_LABEL_AUTH_ENABLE, app.conf)
+    """Close the server down (lib.security: exposure, Host, cross-site requests, closed routes, caps), put this
+    app's routes in front of MONAI Label's and serve the review page at ``/review/``."""
+    security.install(server, app, argv)
     origins = [o.strip().rstrip("/") for o in str(app.conf.get(CORS_CONF, "")).split(",") if o.strip()]
     if server.middleware_stack is None:
         server.middleware_stack = server.build_middleware_stack()
@@ -157,11 +144,7 @@ def install(server: FastAPI, app, argv: list[str]) -> None:
         raise RuntimeError("MONAI Label's CORS middleware not found: cannot restrict the origins allowed to call "
                            "this server (a MONAI Label version this app does not know)")
     logger.info("cross-origin calls allowed from: %s", ", ".join(origins) or "no other origin")
-    first_new = len(server.router.routes)
-    server.include_router(routes(app), prefix=settings.MONAI_LABEL_API_STR)
-    added = server.router.routes[first_new:]
-    del server.router.routes[first_new:]
-    server.router.routes[0:0] = added
+    security.put_in_front(server, routes(app))
     auth.install(server)
     server.mount("/review", StaticFiles(directory=PAGE_DIR, html=True), name="review")
     server.openapi_schema = None  # rebuilt with these routes on the next /openapi.json

@@ -22,7 +22,9 @@ function authHeaders() {
 }
 
 async function api(method, path, body) {
-  const response = await fetch(new URL(path, ROOT), { method, headers: authHeaders(), body });
+  // the server refuses a state-changing request without X-Requested-With (no other site's page can send it)
+  const headers = { ...authHeaders(), "X-Requested-With": "robustmri-review" };
+  const response = await fetch(new URL(path, ROOT), { method, headers, body });
   if (response.status === 401 || response.status === 403) {
     $("token-form").hidden = false;
     throw new ApiError("the server asks for authentication (HTTP " + response.status + ")");

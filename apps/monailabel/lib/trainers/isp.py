@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 #: Folder under the bundle that receives the studies' labels.csv (``dataset_dir`` points there).
 CATALOG_DIR = os.path.join("eval", "monailabel_studies")
+#: Fields MONAI Label's task runner adds to a train request before the task sees it: ``bundle_path``
+#: (``AsyncTask.run``: the app's own bundle) and ``local_rank`` (``monailabel.interfaces.utils.app``, the
+#: task process's ``--local_rank``). The HTTP routes check the client's request before the runner adds
+#: them, so a client cannot send either.
+RUNNER_FIELDS = ("bundle_path", "local_rank")
 #: The last training's metrics (written after each training run by this task, shown in ``/info/``).
 STATS_FILE = os.path.join("eval", "monailabel_train_stats.json")
 
@@ -74,10 +79,8 @@ class ISPTrain(BundleTrainTask):
         return options
 
     def __call__(self, request, datastore: Datastore):
-        # bundle_path is added by MONAI Label's task runner (the app's own bundle), nothing else may be
-        if request.get("bundle_path") not in (None, self.bundle_path):
-            raise ValueError(f"train request: bundle_path must be this app's bundle, got {request['bundle_path']!r}")
-        validate_train_request({k: v for k, v in request.items() if k != "bundle_path"}, self.models,
+        self._check_runner_fields(request)
+        validate_train_request({k: v for k, v in request.items() if k not in RUNNER_FIELDS}, self.models,
                                self.tracking_settings)
         started = time.time()
         # a fresh config per run: trained settings may have changed, and the stock task adds its
@@ -89,6 +92,14 @@ class ISPTrain(BundleTrainTask):
         result = super().__call__(request, datastore)
         self._write_stats(started)
         return result
+
+    def _check_runner_fields(self, request) -> None:
+        """The values :data:`RUNNER_FIELDS` may have: this app's bundle, a process rank."""
+        if request.get("bundle_path") not in (None, self.bundle_path):
+            raise ValueError(f"train request: bundle_path must be this app's bundle, got {request['bundle_path']!r}")
+        rank = request.get("local_rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < 1024:
+            raise ValueError(f"train request: local_rank must be a process rank (0..1023), got {rank!r}")
 
     def stats(self):
         """The last training run's metrics (``/info/`` ``train_stats``); ``{}`` before any."""
