@@ -5,7 +5,9 @@ A label is one ``<image id>.label.json`` file (robustmri.review.label_review): `
 the image exists, the file is named ``*.label.json`` and it parses as a label of one of the
 bundle's classes; anything else raises :class:`LabelRejected` (HTTP 422 with the reason, the
 datastore untouched). The saved label's class name is kept in the label info (``label``), so
-the review progress (reviewed, corrected) is counted without reading every file.
+the review progress (reviewed, corrected) is counted without reading every file, and each save
+appends one line to the label's history (lib.history), with the review fields ``unsure`` and
+``note`` checked.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from robustmri.review.label_review import LABEL_SUFFIX, LabelFileError, read_label_file
+
+from lib import history
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class ClassLabelDatastore(LocalDatastore):
         except LabelFileError as err:
             raise LabelRejected(f"image {image_id!r}: {err.reason}") from err
         info = {**(label_info or {}), "label": self.class_names[index]}
-        return super().save_label(image_id, label_filename, label_tag, info)
+        return history.save_with_history(self, super().save_label, image_id, label_filename, label_tag, info)
 
     def update_image_infos(self, infos: dict[str, dict]) -> None:
         """``update_image_info`` of many images with one write of the datastore file (not one per image)."""

@@ -9,6 +9,8 @@ app's routes in front of the stock ones (Starlette serves the first matching rou
   MONAI Label's own train endpoint;
 - ``GET /review/image?image=<id>``: the study image as an 8-bit PNG (any format the bundle
   reads, e.g. figshare's JPEG or a NIfTI slice), for the review page;
+- ``PUT /datastore/label`` (the authenticated user kept as the label's annotator) and
+  ``GET /review/history?image=<id>`` (lib.history: every save of a label);
 - ``/review/``: the review page (``apps/monailabel/review/``: static HTML and JavaScript
   against the app's own REST API).
 
@@ -35,6 +37,7 @@ from PIL import Image
 
 from robustmri.data.readers import read_image
 
+from lib import history
 from lib.train_request import validate_train_request
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ def preview_png(path: str) -> bytes:
 def routes(app) -> APIRouter:
     """This app's routes; ``app`` is the RobustMRIApp (its models, tracking settings and datastore)."""
     router = APIRouter()
+    router.include_router(history.routes(app))
     models = tuple(app.train_models())
 
     @router.post("/train/{model}", summary="Run Training Task for specific model (request fields checked)")
