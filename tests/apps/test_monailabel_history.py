@@ -121,5 +121,12 @@ def test_the_server_names_the_annotator_whatever_the_client_sends(tmp_path, lib,
     history = client.get("/review/history?image=case02").json()
     assert [(e["annotator"], e["new"], e["note"]) for e in history["history"]] == [("admin", label, "checked twice")]
     assert store.get_label_info("case02", "final")["annotator"] == "admin"
+    forged = client.put("/datastore/label/info?label=case02&tag=final", headers={"X-Requested-With": "robustmri"},
+                        data={"info": json.dumps({"annotator": "mallory"})})
+    assert (forged.status_code, forged.json()["detail"]) == (
+        422, "annotator: set by the server when a label is saved, not by a client")
+    assert client.put("/datastore/label/info?label=case02&tag=final", headers={"X-Requested-With": "robustmri"},
+                      data={"info": json.dumps({"reviewed_by_eye": True})}).status_code == 200
+    assert store.get_label_info("case02", "final")["annotator"] == "admin"
     assert client.get("/review/history?image=../case02").status_code == 404
     assert client.get("/review/history?image=case02&tag=../../x").status_code == 422

@@ -10,7 +10,7 @@ The review fields a save may carry in its ``params`` (MONAI Label's label info) 
 (``save`` or ``undo``, kept in the history only). ``annotator`` is the authenticated user's name,
 set by the server (:func:`routes` replaces MONAI Label's ``PUT /datastore/label``, which reads
 the user but does not hand it to the datastore); whatever a client sends as ``annotator`` is
-replaced.
+replaced, and ``PUT /datastore/label/info`` may not set it.
 """
 
 from __future__ import annotations
@@ -107,22 +107,35 @@ def save_with_history(datastore, save: Callable[..., str], image_id: str, label_
     return label_id
 
 
+def client_fields(params: str) -> dict:
+    """The label info a client sent (``params``, a JSON object); ``annotator`` is the server's to set."""
+    try:
+        fields = json.loads(params) if params else {}
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise ReviewFieldRejected("params: a JSON object (label info such as unsure and note)")
+    return fields
+
+
 def routes(app) -> APIRouter:
-    """``PUT /datastore/label`` with the authenticated user as ``annotator``, and ``GET /review/history``."""
+    """``PUT /datastore/label`` with the authenticated user as ``annotator``, ``PUT /datastore/label/info``
+    refusing to set it, and ``GET /review/history``."""
     router = APIRouter()
 
     @router.put("/datastore/label", summary="Save Finished Label (the authenticated user kept as annotator)")
     async def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"),
                          tag: str = DefaultLabelTag.FINAL.value, label: UploadFile = File(...),
                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-        try:
-            fields = json.loads(params) if params else {}
-        except ValueError:
-            fields = None
-        if not isinstance(fields, dict):
-            raise ReviewFieldRejected("params: a JSON object (label info such as unsure and note)")
-        fields["annotator"] = user.username
+        fields = {**client_fields(params), "annotator": user.username}
         return stock_datastore.save_label(background_tasks, image, json.dumps(fields), tag, label, user.username)
+
+    @router.put("/datastore/label/info", summary="Update Label Info (not its annotator)")
+    async def update_label_info(label: str, tag: str, info: str = Form("{}"),
+                                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+        if "annotator" in client_fields(info):
+            raise ReviewFieldRejected("annotator: set by the server when a label is saved, not by a client")
+        return stock_datastore.update_label_info(label, tag, info, user.username)
 
     @router.get("/review/history", summary="History of an image's label, oldest first")
     def label_history(image: str, tag: str = DefaultLabelTag.FINAL.value,

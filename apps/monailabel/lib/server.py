@@ -9,8 +9,9 @@ app's routes in front of the stock ones (Starlette serves the first matching rou
   MONAI Label's own train endpoint;
 - ``GET /review/image?image=<id>``: the study image as an 8-bit PNG (any format the bundle
   reads, e.g. figshare's JPEG or a NIfTI slice), for the review page;
-- ``PUT /datastore/label`` (the authenticated user kept as the label's annotator) and
-  ``GET /review/history?image=<id>`` (lib.history: every save of a label);
+- ``PUT /datastore/label`` (the authenticated user kept as the label's annotator),
+  ``PUT /datastore/label/info`` (not the annotator) and ``GET /review/history?image=<id>``
+  (lib.history: every save of a label);
 - ``/review/``: the review page (``apps/monailabel/review/``: static HTML and JavaScript
   against the app's own REST API).
 
