@@ -118,6 +118,11 @@ def client_fields(params: str) -> dict:
     return fields
 
 
+def server_params(params: str, username: str) -> str:
+    """A label save's ``params`` as MONAI Label's save reads them, with ``annotator`` the authenticated user."""
+    return json.dumps({**client_fields(params), "annotator": username})
+
+
 def routes(app) -> APIRouter:
     """``PUT /datastore/label`` with the authenticated user as ``annotator``, ``PUT /datastore/label/info``
     refusing to set it, and ``GET /review/history``."""
@@ -127,8 +132,8 @@ def routes(app) -> APIRouter:
     async def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"),
                          tag: str = DefaultLabelTag.FINAL.value, label: UploadFile = File(...),
                          user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
-        fields = {**client_fields(params), "annotator": user.username}
-        return stock_datastore.save_label(background_tasks, image, json.dumps(fields), tag, label, user.username)
+        return stock_datastore.save_label(background_tasks, image, server_params(params, user.username), tag, label,
+                                          user.username)
 
     @router.put("/datastore/label/info", summary="Update Label Info (not its annotator)")
     async def update_label_info(label: str, tag: str, info: str = Form("{}"),
