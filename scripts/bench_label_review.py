@@ -140,7 +140,10 @@ def python_times(base: str, reviews: int) -> list[float]:
         sample = call(f"{base}/activelearning/most_suspicious", "POST")
         image_id = sample["id"]
         label = call(f"{base}/datastore/label?label={image_id}&tag=final")
+        call(f"{base}/datastore/label/info?label={image_id}&tag=final")
+        call(f"{base}/datastore/image/info?image={image_id}")
         call(f"{base}/review/image?image={image_id}", raw=True)
+        call(f"{base}/review/history?image={image_id}&tag=final")
         call(f"{base}/infer/brain_tumour?image={image_id}&output=json", "POST")
         times.append(1000 * (time.perf_counter() - started))
         boundary = uuid.uuid4().hex

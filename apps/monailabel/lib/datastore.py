@@ -5,9 +5,11 @@ A label is one ``<image id>.label.json`` file (robustmri.review.label_review): `
 the image exists, the file is named ``*.label.json`` and it parses as a label of one of the
 bundle's classes; anything else raises :class:`LabelRejected` (HTTP 422 with the reason, the
 datastore untouched). The saved label's class name is kept in the label info (``label``), so
-the review progress (reviewed, corrected) is counted without reading every file.
+the review progress (reviewed, corrected) is counted without reading every file, and each save
+appends one line to the label's history (lib.history), with the review fields ``unsure`` and
+``note`` checked.
 
-Before that, the tag must be a label tag (:data:`LABEL_TAG`: ``final``, ``original`` or a plain
+Before that, the tag must be a label tag (lib.label_tags: ``final``, ``original`` or a plain
 name; MONAI Label joins it to the labels folder, so ``../../x`` would write anywhere) and the
 file at most ``--conf max_label_bytes`` (:func:`label_size_limit`): HTTP 422 and 413.
 """
@@ -23,18 +25,14 @@ from monailabel.datastore.local import LocalDatastore
 
 from robustmri.review.label_review import LABEL_SUFFIX, LabelFileError, read_label_file
 
+from lib import history
+from lib.label_tags import LABEL_TAG_RULE, valid_label_tag
+
 logger = logging.getLogger(__name__)
 
-#: A label tag: ``final``, ``original`` or another plain name (a folder name under ``labels/``).
-LABEL_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-LABEL_TAG_RULE = "'final', 'original' or a plain name (letters, digits, '_' and '-', at most 64)"
 #: ``--conf`` key: the largest label file accepted, in bytes.
 MAX_LABEL_CONF = "max_label_bytes"
 DEFAULT_MAX_LABEL_BYTES = 65536
-
-
-def valid_label_tag(tag) -> bool:
-    return isinstance(tag, str) and LABEL_TAG.fullmatch(tag) is not None
 
 
 def label_size_limit(conf: dict) -> int:
@@ -100,7 +98,7 @@ class ClassLabelDatastore(LocalDatastore):
         except LabelFileError as err:
             raise LabelRejected(f"image {image_id!r}: {err.reason}") from err
         info = {**(label_info or {}), "label": self.class_names[index]}
-        return super().save_label(image_id, label_filename, label_tag, info)
+        return history.save_with_history(self, super().save_label, image_id, label_filename, label_tag, info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         super().remove_label(label_id, check_label_tag(label_tag))

@@ -54,7 +54,9 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.utils.others.generic import file_checksum
 from starlette.datastructures import Headers, QueryParams
 
-from lib.datastore import LABEL_TAG_RULE, label_size_limit, valid_label_tag
+from lib import history
+from lib.datastore import label_size_limit
+from lib.label_tags import LABEL_TAG_RULE, valid_label_tag
 from lib.train_request import CHECKPOINT_NAME, DEVICE
 
 logger = logging.getLogger(__name__)
@@ -396,15 +398,11 @@ def routes(app, model_upload: bool) -> APIRouter:
     def put_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(admin))):
         return stock_datastore.update_image_info(image, info, user.username)
 
-    @router.put("/datastore/label/info", summary="Update label info (admin: it holds who saved the label)")
-    def put_label_info(label: str, tag: str, info: str = Form("{}"),
-                       user: User = Depends(RBAC(admin))):
-        return stock_datastore.update_label_info(label, tag, info, user.username)
-
+    # PUT /datastore/label/info: lib.history's route (admin, and never the annotator)
     @router.put("/datastore/updatelabelinfo", include_in_schema=False, deprecated=True)
     def update_label_info(label: str, tag: str, params: str = Form("{}"),
                           user: User = Depends(RBAC(admin))):
-        return stock_datastore.update_label_info(label, tag, params, user.username)
+        return history.update_label_info(label, tag, params, user)
 
     @router.get("/datastore/dataset", summary="Download the studies and labels as a ZIP archive (admin)")
     def download_dataset(limit_cases: Optional[int] = None, user: User = Depends(RBAC(admin))):

@@ -10,6 +10,9 @@ app's routes in front of the stock ones (Starlette serves the first matching rou
   (HTTP 500 with the last output lines when it fails);
 - ``GET /review/image?image=<id>``: the study image as an 8-bit PNG (any format the bundle
   reads, e.g. figshare's JPEG or a NIfTI slice), for the review page;
+- ``PUT /datastore/label`` (the authenticated user kept as the label's annotator),
+  ``PUT /datastore/label/info`` (not the annotator) and ``GET /review/history?image=<id>``
+  (lib.history: every save of a label);
 - ``/review/``: the review page (``apps/monailabel/review/``: static HTML and JavaScript
   against the app's own REST API).
 
@@ -37,7 +40,7 @@ from PIL import Image
 
 from robustmri.data.readers import read_image
 
-from lib import auth, security
+from lib import auth, history, security
 from lib.train_request import validate_train_request
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ def wait_for_task(task: dict, poll_s: float = 0.5) -> dict:
 def routes(app) -> APIRouter:
     """This app's routes; ``app`` is the RobustMRIApp (its models, tracking settings and datastore)."""
     router = APIRouter()
+    router.include_router(history.routes(app))
     models = tuple(app.train_models())
 
     # plain functions, not coroutines: FastAPI runs them in its thread pool, so waiting for a run_sync
