@@ -511,7 +511,10 @@ async function runTask(kind) {
       throw new ApiError(task.what + " not started: HTTP " + response.status + " " + JSON.stringify(await detail(response)));
     }
     showTask(task.what + ": started", "running");
-    await pollTask(task);
+    const done = await pollTask(task);
+    // the server asks for scoring after training itself, but that request carries no token: with
+    // authentication on it is refused, so the page asks (429: it is already running, followed)
+    if (done && kind === "train" && state.can.score) await runTask("score");
   } catch (err) {
     showTask(String(err.message || err), "error");
   } finally {
@@ -533,13 +536,14 @@ async function pollTask(task) {
       const details = status.details || [];
       showTask(task.what + ": " + current.toLowerCase() + (details.length ? " (" + details[details.length - 1] + ")" : ""),
         "error");
-      return;
+      return false;
     }
     showTask(task.what + ": " + current.toLowerCase() + (status && status.start_ts ? " since " + status.start_ts : ""),
       "running");
   }
   await loadInfo().catch(() => {});  // a new validation accuracy after training
   if (!state.busy && state.backIndex === null) await next();  // the review order changed
+  return true;
 }
 
 $("train").addEventListener("click", () => runTask("train"));
