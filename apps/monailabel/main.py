@@ -12,7 +12,8 @@ choice with MONAI Label's authentication and restricted CORS origins (README.md 
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
 ``noise`` (added to training images; default "none"), and overrides of the bundle ids
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
-``models/model_metadata.json``), ``influence_damping`` (default: isp.json's) and
+``models/model_metadata.json``), ``influence_damping`` (default: isp.json's), ``review_order`` (the order
+the review page serves labelled images in, robustmri.review.orders; default: the one measured best) and
 ``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
 name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``).
 Train requests are checked against an allow-list (lib/train_request.py), label uploads against
@@ -43,7 +44,7 @@ from lib.activelearning.most_suspicious import MostSuspicious
 from lib.bundle import INFER_CONFIG, class_names, read_config
 from lib.datastore import ClassLabelDatastore
 from lib.infers.classification import ClassificationInfer
-from lib.scoring.influence_review import InfluenceReviewScoring
+from lib.scoring.influence_review import InfluenceReviewScoring, configured_order
 from lib.trainers.isp import ISPTrain
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RobustMRIApp(MONAILabelApp):
         unknown = sorted(set(models) - {MODEL_NAME})
         if unknown:
             raise ValueError(f"--conf models: unknown model(s) {unknown}; this app serves {MODEL_NAME!r}")
+        configured_order(conf)  # an unusable --conf review_order stops the start, before any work
         self.bundle_dir = os.path.realpath(conf.get("bundle_path", DEFAULT_BUNDLE))
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "metadata.json")):
             raise FileNotFoundError(f"{self.bundle_dir}: not a bundle folder (no configs/metadata.json); "

@@ -96,11 +96,6 @@ def self_confidence(labels, probabilities) -> np.ndarray:
     return np.asarray(probabilities, dtype=np.float64)[np.arange(len(labels)), labels]
 
 
-def given_label_loss(labels, probabilities) -> np.ndarray:
-    """Cross-entropy of the given label from probabilities, ``-log p(given label)``."""
-    return -np.log(np.clip(self_confidence(labels, probabilities), np.finfo(np.float64).tiny, None))
-
-
 # --- confident learning, as cleanlab.filter.find_label_issues runs it by default ---------------------------
 
 _FLOAT_TOLERANCE = 1e-6  # cleanlab's FLOATING_POINT_COMPARISON
@@ -230,6 +225,13 @@ ORDERS: dict[str, ReviewOrder] = {order.name: order for order in (
     ReviewOrder("influence", ("influence",), 4, "validation-set influence, most harmful (negative) first",
                 "this label raises the loss on the trusted validation set: it may be wrong", _by_influence),
 )}
+
+
+#: The order the review page uses unless ``--conf review_order`` names another: the outcome of the rule fixed
+#: before the review_order_cpu benchmark, measured in docs/results.md ("Which order finds the wrong labels first?").
+DEFAULT_ORDER = "self_influence"
+#: Why that order, in one sentence (the measured result), for the reviewer.
+DEFAULT_ORDER_REASON = "self-influence has not been compared with the other orders yet"
 
 
 def review_order(name: str) -> ReviewOrder:

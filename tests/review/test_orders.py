@@ -11,7 +11,6 @@ from robustmri.review.orders import (
     ReviewValues,
     confident_joint,
     confident_learning_issues,
-    given_label_loss,
     rank,
     ranks_of,
     self_confidence,
@@ -40,7 +39,7 @@ def test_confident_learning_hand_computed():
     probabilities = np.stack([1 - p1, p1], axis=1)
     np.testing.assert_array_equal(confident_joint(labels, probabilities), [[4, 0], [1, 3]])
     assert np.flatnonzero(confident_learning_issues(labels, probabilities)).tolist() == [7]
-    values = ReviewValues(labels, probabilities=probabilities, losses=given_label_loss(labels, probabilities))
+    values = ReviewValues(labels, probabilities=probabilities, losses=-np.log(self_confidence(labels, probabilities)))
     assert rank("confident_learning", values).positions.tolist() == [7, 3, 2, 1, 0, 4, 5, 6]
     assert rank("loss", values).positions.tolist() == [3, 7, 2, 1, 0, 4, 5, 6]  # the order differs where CL prunes
     np.testing.assert_allclose(rank("confident_learning", values).scores, self_confidence(labels, probabilities))
@@ -72,9 +71,8 @@ def test_orders_by_name_and_their_errors():
         ReviewValues(LABELS, losses=np.ones(3))
 
 
-def test_ranks_and_given_label_loss():
+def test_ranks_of_positions():
     assert ranks_of([2, 0, 1]).tolist() == [2, 3, 1]
-    np.testing.assert_allclose(given_label_loss([1, 0], [[0.5, 0.5], [0.25, 0.75]]), [np.log(2), np.log(4)])
 
 
 def _noisy_probabilities(seed, n=300, classes=3):
