@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from robustmri.review.orders import DEFAULT_ORDER, ORDERS
+
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
 pytest.importorskip("selenium", reason="selenium is in the dev extra")
 
@@ -104,7 +106,7 @@ def test_an_annotator_reviews_three_images_in_the_browser(tmp_path):
                 current = json.loads((final / f"{shown}.label.json").read_text())["label"]
                 assert driver.find_element(By.ID, "current-label").text == current
                 assert driver.find_element(By.ID, "suspicion").text.startswith(f"Suspicion: rank {step + 1} of 12")
-                assert "depends most on this image" in driver.find_element(By.ID, "explanation").text
+                assert driver.find_element(By.ID, "explanation").text == ORDERS[DEFAULT_ORDER].explanation
                 rows = driver.find_elements(By.CSS_SELECTOR, "#probabilities tbody tr")
                 assert [r.get_attribute("data-label") for r in rows] == list(CLASS_NAMES)
                 percents = [float(r.find_elements(By.TAG_NAME, "td")[2].text.rstrip(" %")) for r in rows]
