@@ -68,8 +68,8 @@ def evaluate_run(values: ReviewValues, is_wrong, seed: int, ks=KS) -> dict:
         positions = rank(name, values, seed).positions
         found = np.concatenate([[0], np.cumsum(is_wrong[positions])])
         result["orders"][name] = {
-            "at_k": {key: {"precision": precision_at_k(positions, is_wrong, k), "recall": recall_at_k(positions, is_wrong, k)}
-                     for key, k in result["k"].items()},
+            "at_k": {key: {"precision": precision_at_k(positions, is_wrong, k),
+                           "recall": recall_at_k(positions, is_wrong, k)} for key, k in result["k"].items()},
             "recall_curve": (found[np.round(CURVE_SHARES * n).astype(int)] / max(n_wrong, 1)).tolist()}
     return result
 
@@ -192,7 +192,7 @@ def markdown_table(runs: list[dict], decision: dict) -> str:
                 for share in shares for measure in ("precision", "recall")}
     rates = [g for g in groups if g != "all"]
     header = ["order"] + [f"{_group(g)}: P / R @ {float(s):.0%} %" for g in rates for s in shares]
-    rows = [[name] + [f"{_pct(at_share[s, 'precision'][g][name]['mean'])} / {_pct(at_share[s, 'recall'][g][name]['mean'])}"
+    rows = [[name] + [" / ".join(_pct(at_share[s, measure][g][name]["mean"]) for measure in ("precision", "recall"))
                       for g in rates for s in shares] for name in names]
     lines.append(_table(header, rows))
     return "\n".join(lines)
@@ -226,7 +226,8 @@ def recall_figure(runs: list[dict], path: str) -> str:
             if curves:
                 axis.plot(100 * CURVE_SHARES, 100 * np.mean(curves, axis=0), label=name)
         axis.plot(100 * CURVE_SHARES, 100 * np.minimum(CURVE_SHARES / rate, 1), ":", color="grey", label="ideal")
-        axis.set(title=f"labels flipped: {rate:.0%} ({len(members)} seeds)", xlabel="training set reviewed, %",
+        seeds = f"{len(members)} seed" + ("" if len(members) == 1 else "s")
+        axis.set(title=f"labels flipped: {rate:.0%} ({seeds})", xlabel="training set reviewed, %",
                  ylabel="wrong labels found (recall), %", ylim=(0, 101))
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

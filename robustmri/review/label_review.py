@@ -185,8 +185,8 @@ def score_labelled_images(model: torch.nn.Module, items: list[LabelledImage], sp
     ranks = ranks_of(ranking.positions)
     logger.info("label review (%s): %d labelled images scored, %d unreadable skipped", order, len(kept), len(skipped))
     return {"order": order,
-            "scores": {item.image_id: {"score": float(ranking.scores[k]), "rank": int(ranks[k]), "label": int(item.label),
-                                       "predicted": int(values.probabilities[k].argmax()),
+            "scores": {item.image_id: {"score": float(ranking.scores[k]), "rank": int(ranks[k]),
+                                       "label": int(item.label), "predicted": int(values.probabilities[k].argmax()),
                                        "probabilities": [float(p) for p in values.probabilities[k]]}
                        for k, item in enumerate(kept)},
             "skipped": [{"id": image_id, "reason": reason} for image_id, reason in skipped]}

@@ -59,10 +59,11 @@ def _write_run(out, rate, seed, n=20, with_values=True):
     self_influence = -np.linspace(0.01, 0.02, n)
     self_influence[0], self_influence[1:n_wrong] = -1.0, 0.0  # wrong label 0 first, the others last
     p_given = np.exp(-losses)
-    probabilities = np.stack([np.where(labels == 0, p_given, 1 - p_given), np.where(labels == 1, p_given, 1 - p_given)], 1)
+    probabilities = np.stack([np.where(labels == c, p_given, 1 - p_given) for c in (0, 1)], axis=1)
     write_json(out / "runs" / run_key(record) / "eval" / "audit_values.json", {
         "ids": list(range(n)), "labels": labels.tolist(), "true_labels": true.tolist(), "losses": losses.tolist(),
-        "scores": np.zeros(n).tolist(), "self_influence": self_influence.tolist(), "probabilities": probabilities.tolist()})
+        "scores": np.zeros(n).tolist(), "self_influence": self_influence.tolist(),
+        "probabilities": probabilities.tolist()})
 
 
 @pytest.fixture

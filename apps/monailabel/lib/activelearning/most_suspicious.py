@@ -83,6 +83,6 @@ class MostSuspicious(Strategy):
                     progress["pending"], progress["reviewed"])
         return {"id": image_id, "score": entry["score"], "influence_score": entry["score"], "rank": entry["rank"],
                 "of": entry["of"], "percentile": entry.get("percentile", percentile(entry["rank"], entry["of"])),
-                "label": entry["label"], "predicted": entry.get("predicted"), "probabilities": entry.get("probabilities"),
-                "order": order, "order_reason": order_reason(order), "explanation": ORDERS[order].explanation,
+                "label": entry["label"], "predicted": entry.get("predicted"),
+                "probabilities": entry.get("probabilities"), "order": order, "order_reason": order_reason(order), "explanation": ORDERS[order].explanation,
                 **progress}
