@@ -19,7 +19,10 @@ by (:class:`Ranking`). Every order reads one model's view of the same N labelled
   trusted validation set, which an annotation project does not have.
 - ``random``: a seeded random order, the reference any useful order has to beat.
 
-Ties keep the input order (stable sorts), so an order is a function of its inputs and seed.
+Ties keep the input order (stable sorts), so an order is a function of its inputs and seed; only the choice
+of which samples of a class confident learning flags sorts as cleanlab does (its margins rarely tie). Among
+flagged samples of equal self-confidence cleanlab's order is arbitrary and ours is the input order: the one
+difference from cleanlab, checked in tests/review.
 """
 
 from __future__ import annotations
@@ -209,6 +212,8 @@ def _at_random(values: ReviewValues, seed: int) -> Ranking:
     return Ranking(_ascending(draws), draws)
 
 
+#: Costs follow the order fixed before the benchmark (loss < confident learning < self-influence < influence);
+#: random, which that order does not list, costs nothing.
 ORDERS: dict[str, ReviewOrder] = {order.name: order for order in (
     ReviewOrder("random", (), 0, "a uniform draw, smallest first",
                 "served in random order (the reference: nothing is measured about this image)", _at_random),
