@@ -146,7 +146,7 @@ def decide(runs: list[dict], k: str = FLIPPED) -> dict:
     cheaper = min((best, runner_up), key=lambda name: ORDERS[name].cost)
     chosen = best if resolved else cheaper
     interval = "no interval" if diff["ci"] is None else \
-        f"95 % interval [{100 * diff['ci'][0]:+.1f}, {100 * diff['ci'][1]:+.1f}] points"
+        f"95 % interval [{100 * diff['ci'][0]:+.2f}, {100 * diff['ci'][1]:+.2f}] points"
     if resolved:
         reason = (f"{best} found the most wrong labels (precision at k = the number of wrong labels "
                   f"{100 * means[best]:.1f} % against {runner_up}'s {100 * means[runner_up]:.1f} %, {interval} over "
@@ -223,8 +223,9 @@ def recall_figure(runs: list[dict], path: str) -> str:
         members = [r for r in runs if r["rate"] == rate]
         for name in ORDERS:
             curves = [r["orders"][name]["recall_curve"] for r in members if name in r["orders"]]
-            if curves:
-                axis.plot(100 * CURVE_SHARES, 100 * np.mean(curves, axis=0), label=name)
+            if curves:  # dashed on top: confident learning often ranks the first images as the loss does
+                axis.plot(100 * CURVE_SHARES, 100 * np.mean(curves, axis=0), "--" if name == "confident_learning"
+                          else "-", label=name)
         axis.plot(100 * CURVE_SHARES, 100 * np.minimum(CURVE_SHARES / rate, 1), ":", color="grey", label="ideal")
         seeds = f"{len(members)} seed" + ("" if len(members) == 1 else "s")
         axis.set(title=f"labels flipped: {rate:.0%} ({seeds})", xlabel="training set reviewed, %",

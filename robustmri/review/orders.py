@@ -234,9 +234,13 @@ ORDERS: dict[str, ReviewOrder] = {order.name: order for order in (
 
 #: The order the review page uses unless ``--conf review_order`` names another: the outcome of the rule fixed
 #: before the review_order_cpu benchmark, measured in docs/results.md ("Which order finds the wrong labels first?").
-DEFAULT_ORDER = "self_influence"
+DEFAULT_ORDER = "loss"
 #: Why that order, in one sentence (the measured result), for the reviewer.
-DEFAULT_ORDER_REASON = "self-influence has not been compared with the other orders yet"
+DEFAULT_ORDER_REASON = (
+    "with 5, 10 and 20 % of figshare's training labels flipped (5 seeds each), ranking by training loss put 79.0 % "
+    "wrong labels among as many first images as there were wrong labels, level with confident learning (the same "
+    "images in 14 of 15 runs), ahead of self-influence (78.0 %, paired 95 % interval of the difference -1.9 to "
+    "-0.1 points) and random (11.7 %), and it is the cheapest of them")
 
 
 def review_order(name: str) -> ReviewOrder:
