@@ -1,4 +1,4 @@
-"""MONAI Label app: the robustmri brain-tumour classifier with influence-guided label review.
+"""MONAI Label app: the robustmri brain-tumour classifier with label review (wrong labels first).
 
 Start (from the repository root, virtual environment active), on this machine only:
 
@@ -71,7 +71,7 @@ class RobustMRIApp(MONAILabelApp):
             raise FileNotFoundError(f"--conf tracking_settings {self.tracking_settings}: no such file")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
                          description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
-                                     "with influence-guided label review. Research only, not for clinical use.",
+                                     "with label review (wrong labels first). Research only, not for clinical use.",
                          version=__version__, labels=list(self.class_names))
         # scoring is a full feature pass and solve: run it after training, not after every request
         self._auto_update_scoring = False

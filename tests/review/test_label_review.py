@@ -1,4 +1,4 @@
-"""Influence-guided label review (robustmri.review.label_review), without MONAI Label."""
+"""Label review (robustmri.review.label_review): label files, the catalog, self-influence, scoring in a review order."""
 
 import json
 
