@@ -15,7 +15,7 @@ from those listed before it):
   prefix) and the registry that lists them;
 - ``deploy``: file inference; ``deploy.onnx``: export, runtime, trust, OOD detector; ``deploy.dicom``: DICOM
   series and study inference, DICOM SR;
-- ``review``: influence-guided label review;
+- ``review``: label review (review orders by name, scoring labelled images);
 - ``bench``: the benchmark engine (profiles, runs, resume), its report, and the synthetic DICOM series
   tests and benchmarks write.
 """

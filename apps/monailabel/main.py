@@ -1,4 +1,4 @@
-"""MONAI Label app: the robustmri brain-tumour classifier with influence-guided label review.
+"""MONAI Label app: the robustmri brain-tumour classifier with label review (wrong labels first).
 
 Start (from the repository root, virtual environment active), on this machine only:
 
@@ -22,7 +22,8 @@ Label's task process, so the server keeps answering.
 (default: the repository's ``bundle/``, a local bundle source: nothing is downloaded),
 ``noise`` (added to training images; default "none"), and overrides of the bundle ids
 ``spatial_size``, ``network_padding`` (default: as the checkpoint was trained, from
-``models/model_metadata.json``), ``influence_damping`` (default: isp.json's) and
+``models/model_metadata.json``), ``influence_damping`` (default: isp.json's), ``review_order`` (the order
+the review page serves labelled images in, robustmri.review.orders; default: the one measured best) and
 ``tracking_settings`` (a MONAI tracking settings file on this machine that train requests may
 name as ``tracking``; a request can name nothing else but ``mlflow`` or ``none``),
 ``serve_unauthenticated``, ``cors_origins``, ``allowed_hosts`` (host names clients use besides
@@ -57,7 +58,7 @@ from lib.activelearning.most_suspicious import MostSuspicious
 from lib.bundle import INFER_CONFIG, class_names, read_config
 from lib.datastore import ClassLabelDatastore, label_size_limit
 from lib.infers.classification import ClassificationInfer
-from lib.scoring.influence_review import InfluenceReviewScoring
+from lib.scoring.influence_review import InfluenceReviewScoring, configured_order
 from lib.trainers.isp import ISPTrain
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class RobustMRIApp(MONAILabelApp):
         unknown = sorted(set(models) - {MODEL_NAME})
         if unknown:
             raise ValueError(f"--conf models: unknown model(s) {unknown}; this app serves {MODEL_NAME!r}")
+        configured_order(conf)  # an unusable --conf review_order stops the start, before any work
         self.bundle_dir = os.path.realpath(conf.get("bundle_path", DEFAULT_BUNDLE))
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "metadata.json")):
             raise FileNotFoundError(f"{self.bundle_dir}: not a bundle folder (no configs/metadata.json); "
@@ -84,7 +86,7 @@ class RobustMRIApp(MONAILabelApp):
             raise FileNotFoundError(f"--conf tracking_settings {self.tracking_settings}: no such file")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
                          description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
-                                     "with influence-guided label review. Research only, not for clinical use.",
+                                     "with label review (wrong labels first). Research only, not for clinical use.",
                          version=__version__, labels=list(self.class_names))
         # scoring is a full feature pass and solve: run it after training, not after every request
         self._auto_update_scoring = False

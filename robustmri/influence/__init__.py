@@ -9,7 +9,7 @@ The interface, in the style of torch-influence and Kronfluence:
   (:func:`make_solver`: ``exact``, ``lissa``, ``cg``; :data:`DEFAULT_DAMPING`);
 - :func:`compute_influence` scores every training sample on the clean validation loss,
   :func:`input_gradients` gives ISP's direction, :func:`self_influence_scores` the label
-  review's score.
+  review's self-influence (:func:`last_layer_problem`: the closed forms and probabilities it starts from).
 
 Sign convention (stated here once, used everywhere): with v the gradient of the mean
 clean-validation loss with respect to the final layer's weight and bias, H the
@@ -34,7 +34,7 @@ from robustmri.influence.scores import (
                                         influence_scores,
                                         input_gradients,
 )
-from robustmri.influence.self_influence import self_influence_scores
+from robustmri.influence.self_influence import last_layer_problem, self_influence_scores
 from robustmri.influence.solvers import (
                                         DEFAULT_DAMPING,
                                         SOLVERS,
@@ -48,4 +48,4 @@ from robustmri.influence.solvers import (
 __all__ = ["DEFAULT_DAMPING", "SOLVERS", "ConjugateGradientSolver", "ExactSolver", "FinalLayer", "FinalLayerError",
            "InfluenceResult", "LastLayerModel", "LissaSolver", "SoftmaxLastLayer", "Solver", "augment",
            "collect_features", "compute_influence", "find_final_linear", "influence_ranking", "influence_scores",
-           "input_gradients", "make_solver", "self_influence_scores"]
+           "input_gradients", "last_layer_problem", "make_solver", "self_influence_scores"]

@@ -34,6 +34,7 @@ from robustmri.data.label_noise import has_label_record, true_labels
 from robustmri.engine.distributed import broadcast_module, is_distributed, is_main_process, rank, world_size
 from robustmri.engine.once import OnceAfterEpoch
 from robustmri.engine.predictions import predict_items
+from robustmri.evaluation.ranking import precision_at_k
 from robustmri.influence import Solver, compute_influence, influence_ranking, make_solver
 from robustmri.influence.adapter import unwrap
 from robustmri.influence.distributed import compute_influence_sharded, gather_rows, shard_bounds
@@ -55,15 +56,6 @@ logger = logging.getLogger(__name__)
 def loss_ranking(losses) -> np.ndarray:
     """Positions from the largest training loss down (the baseline)."""
     return np.argsort(-np.asarray(losses, dtype=np.float64), kind="stable")
-
-
-def precision_at_k(ranking, is_wrong, k: int) -> float:
-    """Share of truly wrong labels among the first ``k`` ranked samples."""
-    is_wrong = np.asarray(is_wrong, dtype=bool)
-    k = int(k)
-    if not 0 < k <= len(is_wrong):
-        raise ValueError(f"k must lie in [1, {len(is_wrong)}], got {k}")
-    return float(is_wrong[np.asarray(ranking)[:k]].mean())
 
 
 def resolve_ks(ks, n: int, n_wrong: int | None) -> list[int]:

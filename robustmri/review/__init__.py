@@ -1,1 +1,2 @@
-"""Influence-guided label review for annotation projects (used by the MONAI Label app)."""
+"""Label review for annotation projects: review orders by name, and scoring labelled images (used by the MONAI
+Label app)."""

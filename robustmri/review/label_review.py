@@ -1,22 +1,25 @@
-"""Influence-guided label review: which annotated images an expert should look at first.
+"""Label review: which annotated images an expert should look at first.
 
 The experts-in-the-loop relabelling idea of "Active Label Refinement for Robust Training of
 Imbalanced Medical Image Classification Tasks in the Presence of High Label Noise" (MICCAI
-2024), driven by the last-layer influence engine of :mod:`robustmri.influence`.
+2024): the current model scores every labelled image, and the images are served in a review
+order of :mod:`robustmri.review.orders` (``loss``, ``confident_learning``, ``self_influence``,
+``random``; :data:`~robustmri.review.orders.DEFAULT_ORDER` unless told otherwise, the one
+measured best on figshare with flipped labels).
 
-An annotation project has no clean validation set, and scoring an image against the other
-labelled images does not work with a model trained on all of them: at the (regularised)
-optimum the other images' mean loss gradient is minus the image's own, so such a score mostly
-measures the image against itself, with the sign flipped (we measured mislabelled images coming
-out as the most *helpful*). So the review score is the image's self-influence (Koh and Liang
-2017, section 5.4, "fixing mislabeled examples"), written in the engine's sign convention:
+An annotation project has no clean validation set, so validation-set ``influence`` is refused
+here. Scoring an image against the other labelled images does not work either with a model
+trained on all of them: at the (regularised) optimum the other images' mean loss gradient is
+minus the image's own, so such a score mostly measures the image against itself, with the sign
+flipped (we measured mislabelled images coming out as the most *helpful*). Self-influence
+(Koh and Liang 2017, section 5.4, "fixing mislabeled examples") is that idea done right:
 
     score_i = -g_i . (H + lambda I)^-1 g_i / N   (<= 0)
 
 the first-order change of the image's own training loss if it were up-weighted, i.e. how
-far the model had to bend to fit this label. A wrong label is fitted against the evidence of
-the other images, so it gets the most negative score: images are served from the most
-negative ("most harmful to the fit") up. g_i and H are the closed forms on the final layer.
+far the model had to bend to fit this label. g_i and H are the closed forms on the final layer,
+from the same feature pass that gives the model's probabilities (and so the loss and the
+confident-learning orders).
 
 Labels live in one small JSON file per image, ``<image id>.label.json``:
 ``{"label": "glioma"}``, optionally with ``"group"`` (a pseudonymous patient key, so that
@@ -38,7 +41,18 @@ from tqdm.auto import tqdm
 
 from robustmri import CLASS_NAMES
 from robustmri.data.preprocessing import DEFAULT_PREPROCESS, read_preprocessed
-from robustmri.influence import DEFAULT_DAMPING, influence_ranking, self_influence_scores
+from robustmri.influence import DEFAULT_DAMPING, ExactSolver, last_layer_problem
+from robustmri.influence.scores import self_influence_of
+from robustmri.review.orders import (
+    DEFAULT_ORDER,
+    ORDERS,
+    ReviewOrder,
+    ReviewOrderError,
+    ReviewValues,
+    rank,
+    ranks_of,
+    review_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,21 +148,45 @@ def load_images(items: list[LabelledImage], spatial_size: int,
     return stacked.astype(np.float32), kept, skipped
 
 
-def score_labelled_images(model: torch.nn.Module, items: list[LabelledImage], spatial_size: int,
-                          damping: float = DEFAULT_DAMPING, device="cpu", preprocess: str = DEFAULT_PREPROCESS) -> dict:
-    """Score the labelled images with the current model: ``{"scores": {id: {...}}, "skipped": [...]}``.
+def labelled_review_order(name: str) -> ReviewOrder:
+    """The review order ``name`` if labelled images alone can be ranked by it (not one needing a validation set)."""
+    order = review_order(name)
+    if order.needs_validation_set:
+        usable = ", ".join(n for n, o in ORDERS.items() if not o.needs_validation_set)
+        raise ReviewOrderError(f"review order {name!r} needs a trusted validation set, which labelled images alone do "
+                               f"not give; use one of {usable}")
+    return order
 
-    Each entry holds ``score``, ``rank`` (1 = review first) and ``label``; counts go to the log.
+
+def score_labelled_images(model: torch.nn.Module, items: list[LabelledImage], spatial_size: int,
+                          damping: float = DEFAULT_DAMPING, device="cpu", preprocess: str = DEFAULT_PREPROCESS,
+                          order: str = DEFAULT_ORDER, seed: int = 0) -> dict:
+    """Score the labelled images with the current model in the review order ``order`` (``seed``: of ``random``):
+    ``{"order": name, "scores": {id: {...}}, "skipped": [...]}``.
+
+    Each entry holds ``score`` (the value the order ranks by, in its unit: ``ORDERS[order].score``), ``rank``
+    (1 = review first), ``label`` (given), ``predicted`` (the model's class) and ``probabilities`` (per class);
+    counts go to the log. The damping is used by ``self_influence`` only.
     """
+    chosen = labelled_review_order(order)  # an unusable order or damping is refused before any work
+    solver = ExactSolver(damping) if "self_influence" in chosen.needs else None
     images, kept, skipped = load_images(items, spatial_size, preprocess)
     if len(kept) < 2:
         raise ValueError(f"need at least 2 readable labelled images to score, got {len(kept)} "
                          f"({len(skipped)} unreadable)")
     labels = np.array([item.label for item in kept], dtype=np.int64)
-    scores = self_influence_scores(model, images, labels, damping, device=device)
-    rank = np.empty(len(kept), dtype=np.int64)
-    rank[influence_ranking(scores)] = np.arange(1, len(kept) + 1)
-    logger.info("influence review: %d labelled images scored, %d unreadable skipped", len(kept), len(skipped))
-    return {"scores": {item.image_id: {"score": float(scores[k]), "rank": int(rank[k]), "label": int(item.label)}
+    problem = last_layer_problem(model, images, labels, device=device)
+    logits = problem.features @ problem.theta.T
+    values = ReviewValues(labels, probabilities=problem.probabilities.numpy(),
+                          losses=torch.nn.functional.cross_entropy(logits, problem.labels, reduction="none").numpy(),
+                          self_influence=None if solver is None else
+                          self_influence_of(problem, solver.factor(problem)).numpy())
+    ranking = rank(order, values, seed)
+    ranks = ranks_of(ranking.positions)
+    logger.info("label review (%s): %d labelled images scored, %d unreadable skipped", order, len(kept), len(skipped))
+    return {"order": order,
+            "scores": {item.image_id: {"score": float(ranking.scores[k]), "rank": int(ranks[k]),
+                                       "label": int(item.label), "predicted": int(values.probabilities[k].argmax()),
+                                       "probabilities": [float(p) for p in values.probabilities[k]]}
                        for k, item in enumerate(kept)},
             "skipped": [{"id": image_id, "reason": reason} for image_id, reason in skipped]}

@@ -21,6 +21,7 @@ from robustmri.data.preprocessing import PREPROCESSING
 from robustmri.data.readers import read_image
 from robustmri.engine.workflow import execute, load_workflow
 from robustmri.networks import PaperCNN
+from robustmri.review.orders import DEFAULT_ORDER, DEFAULT_ORDER_REASON, ORDERS
 
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
 
@@ -162,17 +163,22 @@ def _exercise(base, deadline, process, log_path, bundle, studies, tmp_path):
     scoring = _wait(lambda: _score_unless_busy(base), deadline, "the post-training scoring", process, log_path)
     assert scoring["scored"] == 12 and scoring["skipped"] == []
     assert scoring["damping"] == 0.01  # isp.json's influence_damping
+    assert scoring["order"] == DEFAULT_ORDER
     sample = _request(f"{base}/activelearning/most_suspicious", "POST")
-    scores = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["score"]
-              for k in range(12)}
-    assert sample["id"] == min(scores, key=scores.get)
-    assert sample["influence_score"] == pytest.approx(scores[sample["id"]])
+    infos = {f"case{k:02d}": _request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]
+             for k in range(12)}
+    assert sample["id"] == min(infos, key=lambda image_id: infos[image_id]["rank"])
+    assert sample["score"] == sample["influence_score"] == pytest.approx(infos[sample["id"]]["score"])
     assert sample["rank"] == 1 and sample["of"] == 12 and sample["percentile"] == pytest.approx(100 / 12, abs=0.01)
-    assert sample["pending"] == 12 and sample["reviewed"] == 0 and "depends most on this image" in sample["explanation"]
-    ranks = sorted(_request(f"{base}/datastore/image/info?image=case{k:02d}")["influence_review"]["rank"]
-                   for k in range(12))
-    assert ranks == list(range(1, 13))
-    assert all(score <= 0 for score in scores.values())
+    assert sample["pending"] == 12 and sample["reviewed"] == 0
+    assert sample["order"] == DEFAULT_ORDER and sample["explanation"] == ORDERS[DEFAULT_ORDER].explanation
+    assert sample["order_reason"] == DEFAULT_ORDER_REASON
+    assert sorted(info["rank"] for info in infos.values()) == list(range(1, 13))
+    for info in infos.values():  # what the page shows without another infer call
+        assert info["order"] == DEFAULT_ORDER and list(info["probabilities"]) == list(CLASS_NAMES)
+        assert sum(info["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+        assert info["predicted"] == max(info["probabilities"], key=info["probabilities"].get)
+    assert sample["predicted"] == infos[sample["id"]]["predicted"]
 
 
 # ---- the app's tasks in process: no server, the same classes start_server builds ----
@@ -254,8 +260,8 @@ def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
     bundle = _make_bundle(tmp_path / "bundle")
     _edit_config(bundle, "isp.json", influence_damping=0.5)
     datastore = _datastore(studies)
-    result = InfluenceReviewScoring(str(bundle), {})({"device": "cpu"}, datastore)
-    assert result["scored"] == 12 and result["damping"] == 0.5
+    result = InfluenceReviewScoring(str(bundle), {"review_order": "self_influence"})({"device": "cpu"}, datastore)
+    assert result["scored"] == 12 and result["damping"] == 0.5 and result["order"] == "self_influence"
 
     network = PaperCNN(spatial_size=64, padding=2)
     network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
@@ -268,6 +274,44 @@ def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
     default = self_influence_scores(network, images, labels, DEFAULT_DAMPING)
     assert not np.allclose(stored, default, rtol=1e-2)
     assert InfluenceReviewScoring(str(bundle), {"influence_damping": "0.2"}).damping() == 0.2  # --conf wins
+
+
+@pytest.mark.monailabel
+def test_review_order_is_chosen_by_name_and_the_strategy_serves_its_rank_1(tmp_path, app_lib):
+    from robustmri.review.label_review import load_images
+
+    from lib.activelearning.most_suspicious import MostSuspicious, order_reason
+    from lib.scoring.influence_review import INFO_KEY, InfluenceReviewScoring, labelled_images
+
+    studies = _make_studies(tmp_path / "studies")
+    bundle = _make_bundle(tmp_path / "bundle")
+    datastore = _datastore(studies)
+    result = InfluenceReviewScoring(str(bundle), {"review_order": "loss"})({"device": "cpu"}, datastore)
+    assert result["order"] == "loss"
+
+    network = PaperCNN(spatial_size=64, padding=2)
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    items, _ = labelled_images(datastore, CLASS_NAMES)
+    images, kept, _ = load_images(items, 64, preprocess="minmax")
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(network.eval()(torch.from_numpy(images)),
+                                                   torch.tensor([item.label for item in kept]), reduction="none")
+    infos = [datastore.get_image_info(item.image_id)[INFO_KEY] for item in kept]
+    assert [info["score"] for info in infos] == pytest.approx(losses.tolist(), rel=1e-4)
+    assert [info["rank"] for info in infos] == (np.argsort(np.argsort(-losses.numpy(), kind="stable")) + 1).tolist()
+    sample = MostSuspicious()({}, datastore)
+    first = kept[int(losses.argmax())].image_id
+    assert sample["id"] == first and sample["order"] == "loss" and sample["rank"] == 1
+    assert sample["order_reason"] == order_reason("loss")
+    assert order_reason(DEFAULT_ORDER) == DEFAULT_ORDER_REASON
+    other = next(name for name in ("loss", "random") if name != DEFAULT_ORDER)
+    assert order_reason(other).startswith(f"{other} was chosen with --conf review_order; the default, {DEFAULT_ORDER}")
+    assert sample["explanation"] == ORDERS["loss"].explanation
+
+    for conf, message in [("influence", "needs a trusted validation set"), ("margin", "unknown review order 'margin'")]:
+        with pytest.raises(ValueError, match=f"--conf review_order: .*{message}") as err:
+            InfluenceReviewScoring(str(bundle), {"review_order": conf})
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.monailabel

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from robustmri.review.orders import DEFAULT_ORDER, DEFAULT_ORDER_REASON, ORDERS
+
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
 pytest.importorskip("selenium", reason="selenium is in the dev extra")
 
@@ -214,7 +216,9 @@ def test_an_annotator_reviews_undoes_and_goes_back_in_the_browser(tmp_path):
                 current = originals[shown]
                 assert driver.find_element(By.ID, "current-label").text == current
                 assert driver.find_element(By.ID, "suspicion").text.startswith(f"Suspicion: rank {step + 1} of 12")
-                assert "depends most on this image" in driver.find_element(By.ID, "explanation").text
+                assert driver.find_element(By.ID, "explanation").text == ORDERS[DEFAULT_ORDER].explanation
+                assert driver.find_element(By.ID, "order").text == f"Order: {DEFAULT_ORDER.replace('_', ' ')}."
+                assert driver.find_element(By.ID, "order").get_attribute("title") == DEFAULT_ORDER_REASON
                 _check_disagreement(driver, current)
                 assert driver.find_element(By.ID, "pending").text == str(12 - step)
                 assert driver.find_element(By.ID, "reviewed").text == str(step)

@@ -1,20 +1,24 @@
-"""Influence-guided label review (robustmri.review.label_review), without MONAI Label."""
+"""Label review (robustmri.review.label_review): label files, the catalog, self-influence, scoring in a review order."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from robustmri.data.catalog import scan_dataset
 from robustmri.data.synthetic import generate_slices
 from robustmri.influence import influence_ranking, self_influence_scores
 from robustmri.networks import PaperCNN
+from robustmri.review.orders import ReviewOrderError
 from robustmri.review.label_review import (
     LabelFileError,
     LabelledImage,
+    load_images,
     read_label_file,
+    score_labelled_images,
     write_label_file,
     write_training_catalog,
 )
@@ -127,3 +131,43 @@ def test_deliberately_mislabelled_study_is_among_the_first_to_review():
     # random review order would put it at rank 28.5 of 56 on average
     assert max(ranks) <= 10, ranks
     assert sum(rank <= 3 for rank in ranks) >= 3, ranks
+
+
+def _labelled_pngs(folder, n=9):
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(n):
+        path = folder / f"img{k}.png"
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(path)
+        items.append(LabelledImage(f"img{k}", str(path), k % 3))
+    return items
+
+
+def test_labelled_images_are_scored_in_the_chosen_order_with_the_models_view(tmp_path):
+    items = _labelled_pngs(tmp_path)
+    network = _small_cnn()
+    images, kept, _ = load_images(items, 32)
+    labels = np.array([item.label for item in kept])
+    with torch.no_grad():
+        probabilities = torch.softmax(network(torch.from_numpy(images)), dim=1).numpy()
+
+    by_loss = score_labelled_images(network, items, 32, order="loss")
+    assert by_loss["order"] == "loss" and by_loss["skipped"] == []
+    entries = [by_loss["scores"][item.image_id] for item in kept]
+    losses = -np.log(probabilities[np.arange(len(labels)), labels])
+    np.testing.assert_allclose([e["score"] for e in entries], losses, rtol=1e-4)
+    assert [e["rank"] for e in entries] == (np.argsort(np.argsort(-losses)) + 1).tolist()
+    np.testing.assert_allclose([e["probabilities"] for e in entries], probabilities, atol=1e-5)
+    assert [e["predicted"] for e in entries] == probabilities.argmax(axis=1).tolist()
+
+    by_self = score_labelled_images(network, items, 32, damping=0.05, order="self_influence")
+    expected = self_influence_scores(network, images, labels, damping=0.05)
+    np.testing.assert_allclose([by_self["scores"][item.image_id]["score"] for item in kept], expected, rtol=1e-6)
+    assert [by_self["scores"][item.image_id]["rank"] for item in kept] == \
+        (np.argsort(influence_ranking(expected)) + 1).tolist()
+
+
+def test_an_order_that_needs_a_validation_set_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ReviewOrderError, match="'influence' needs a trusted validation set.*use one of random, loss"):
+        score_labelled_images(_small_cnn(), [LabelledImage("x", str(tmp_path / "missing.png"), 0)], 32,
+                              order="influence")

@@ -180,6 +180,7 @@ async function next() {
     if (!response.ok) throw new ApiError("next image: HTTP " + response.status + " " + JSON.stringify(await detail(response)));
     const sample = await response.json();
     state.explanation = sample.explanation || "";
+    state.order = sample.order ? { name: sample.order, reason: sample.order_reason || "" } : null;
     showProgress(sample);
     state.backIndex = null;
     await show(sample.id, started);
@@ -284,6 +285,10 @@ function render(prediction, history, imageBlob) {
   $("suspicion").textContent = s.rank !== undefined
     ? "Suspicion: rank " + s.rank + " of " + s.of + " (in the most suspicious " + s.percentile + " %)" : "";
   $("explanation").textContent = state.explanation;
+  // which order serves the images, and the measured reason, so the annotator knows what "rank" means
+  $("order").textContent = state.order ? "Order: " + state.order.name.replace(/_/g, " ") + "." : "";
+  $("order").title = state.order ? state.order.reason : "";
+  $("order-reason").textContent = state.order ? state.order.reason : "";
   $("current-label").textContent = state.label;
   $("label-flags").textContent = (state.saved.unsure ? "marked unsure" : "") +
     (state.saved.note ? (state.saved.unsure ? " · " : "") + "note: " + state.saved.note : "");

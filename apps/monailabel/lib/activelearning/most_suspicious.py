@@ -8,13 +8,14 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring.influence_review import INFO_KEY, percentile
+from robustmri.review.orders import DEFAULT_ORDER, DEFAULT_ORDER_REASON, ORDERS
+
+from lib.scoring.influence_review import INFO_KEY, ORDER_CONF, percentile
 
 logger = logging.getLogger(__name__)
 
-#: What the suspicion means, in one line (shown by the review page).
-EXPLANATION = ("the model's fit to this label depends most on this image: the label may be wrong, or the image "
-               "unusual")
+#: The order of scores stored before the order was recorded.
+UNRECORDED_ORDER = "self_influence"
 TRAIN_OR_SCORE = ("no labelled image has been scored yet: train (POST /train/brain_tumour) or, with a trained "
                   "model, score (POST /scoring/influence_review?run_sync=true), then ask again")
 ALL_REVIEWED = ("every scored label has been reviewed since the last scoring: retrain (POST /train/brain_tumour) "
@@ -44,13 +45,21 @@ def review_progress(datastore: Datastore) -> dict:
                 counts["corrected"] += 1
             continue
         counts["pending"] += 1
-        if best is None or entry["score"] < best[1]["score"]:
+        if best is None or entry["rank"] < best[1]["rank"]:
             best = (image_id, entry)
     return {**counts, "next": best}
 
 
+def order_reason(order: str) -> str:
+    """Why the images come in ``order``, in one sentence: the measured result, or that ``--conf`` chose it."""
+    if order == DEFAULT_ORDER:
+        return DEFAULT_ORDER_REASON
+    return (f"{order} was chosen with --conf {ORDER_CONF}; the default, {DEFAULT_ORDER}, is the order measured best: "
+            f"{DEFAULT_ORDER_REASON}")
+
+
 class MostSuspicious(Strategy):
-    """Serve the labelled image with the most negative influence review score.
+    """Serve the labelled image ranked first by the review order (rank 1 = most suspicious) not yet reviewed.
 
     An image whose label was saved again after it was scored counts as reviewed and is skipped
     until the next scoring run, so an annotator walks down the list by saving labels. When
@@ -59,7 +68,7 @@ class MostSuspicious(Strategy):
     """
 
     def __init__(self):
-        super().__init__("Most suspicious label first (influence review score, most negative first)")
+        super().__init__("Most suspicious label first (the review order's rank, robustmri.review.orders)")
 
     def __call__(self, request, datastore: Datastore):
         progress = review_progress(datastore)
@@ -69,9 +78,11 @@ class MostSuspicious(Strategy):
             logger.info("most_suspicious: %s (%s)", message, progress)
             raise HTTPException(status_code=409, detail={"message": message, "progress": progress})
         image_id, entry = best
-        logger.info("review next: rank %d of %d (%d pending, %d reviewed)", entry["rank"], entry["of"],
+        order = entry.get("order", UNRECORDED_ORDER)
+        logger.info("review next: rank %d of %d by %s (%d pending, %d reviewed)", entry["rank"], entry["of"], order,
                     progress["pending"], progress["reviewed"])
-        return {"id": image_id, "influence_score": entry["score"], "rank": entry["rank"], "of": entry["of"],
-                "percentile": entry.get("percentile", percentile(entry["rank"], entry["of"])), "label": entry["label"],
-                "explanation": EXPLANATION, **progress}
-
+        return {"id": image_id, "score": entry["score"], "influence_score": entry["score"], "rank": entry["rank"],
+                "of": entry["of"], "percentile": entry.get("percentile", percentile(entry["rank"], entry["of"])),
+                "label": entry["label"], "predicted": entry.get("predicted"),
+                "probabilities": entry.get("probabilities"), "order": order, "order_reason": order_reason(order), "explanation": ORDERS[order].explanation,
+                **progress}

@@ -1,4 +1,4 @@
-"""Scoring method: influence review score of every labelled image, stored in its image info."""
+"""Scoring method: the review order's score and rank of every labelled image, stored in its image info."""
 
 import logging
 import os
@@ -8,7 +8,14 @@ import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from robustmri.review.label_review import LabelFileError, LabelledImage, read_label_file, score_labelled_images
+from robustmri.review.label_review import (
+    LabelFileError,
+    LabelledImage,
+    labelled_review_order,
+    read_label_file,
+    score_labelled_images,
+)
+from robustmri.review.orders import DEFAULT_ORDER, ReviewOrderError
 
 from lib.bundle import INFER_CONFIG, TRAIN_CONFIG, class_names, load_network, read_config
 
@@ -16,6 +23,19 @@ logger = logging.getLogger(__name__)
 
 #: Key of the per-image entry in the datastore's image info.
 INFO_KEY = "influence_review"
+#: ``--conf`` key naming the review order (robustmri.review.orders); the default is the measured one.
+ORDER_CONF = "review_order"
+
+
+def configured_order(conf: dict) -> str:
+    """The review order ``--conf review_order`` names (default: the measured one), checked: an unknown name or
+    one that needs a validation set is a one-line error naming the usable ones."""
+    name = str(conf.get(ORDER_CONF, DEFAULT_ORDER)).strip()
+    try:
+        labelled_review_order(name)
+    except ReviewOrderError as err:
+        raise ValueError(f"--conf {ORDER_CONF}: {err}") from None
+    return name
 
 
 def percentile(rank: int, of: int) -> float:
@@ -39,17 +59,20 @@ def labelled_images(datastore: Datastore, names) -> tuple[list[LabelledImage], l
 
 
 class InfluenceReviewScoring(ScoringMethod):
-    """Self-influence of each labelled image under the current model (robustmri.review.label_review).
+    """Every labelled image ranked by the review order (``--conf review_order``, robustmri.review.label_review).
 
     The network, its checkpoint and the trained spatial size come from the bundle's
-    inference.json, the damping from isp.json, the config the app trains with (``influence_damping``,
-    the setting ISR, ISP and the audit share; ``--conf influence_damping`` overrides it). Both are read at each
-    run, so a retrained model or an edited bundle is used without a restart.
+    inference.json, the damping (of the ``self_influence`` order) from isp.json, the config the app trains
+    with (``influence_damping``, the setting ISR, ISP and the audit share; ``--conf influence_damping``
+    overrides it). Both are read at each run, so a retrained model or an edited bundle is used without a
+    restart. Each image's info gets the order's ``score``, ``rank``, ``of``, ``percentile``, the given
+    ``label``, the ``order``, and the model's ``predicted`` class and ``probabilities``.
     """
 
     def __init__(self, bundle_path: str, conf: dict):
-        super().__init__("Influence review: self-influence of every labelled image with the current model; "
-                         "most negative = label most suspicious")
+        self.order = configured_order(conf)
+        super().__init__(f"Label review: every labelled image ranked by the {self.order!r} order with the current "
+                         "model; rank 1 = label most suspicious")
         self.bundle_path = bundle_path
         self.conf = dict(conf)
 
@@ -64,16 +87,18 @@ class InfluenceReviewScoring(ScoringMethod):
         names = class_names(parser)
         items, skipped = labelled_images(datastore, names)
         if len(items) < 2:
-            logger.warning("influence review: %d usable labelled image(s); nothing scored", len(items))
-            return {"scored": 0, "skipped": skipped}
+            logger.warning("label review: %d usable labelled image(s); nothing scored", len(items))
+            return {"scored": 0, "skipped": skipped, "order": self.order}
         result = score_labelled_images(network, items, int(parser.get_parsed_content("spatial_size")), damping,
-                                       device, preprocess=parser.get_parsed_content("preprocess"))
+                                       device, preprocess=parser.get_parsed_content("preprocess"), order=self.order)
         now = int(time.time())
         model_ts = int(os.path.getmtime(parser.get_parsed_content("checkpoint")))
         total = len(result["scores"])
         infos = {image_id: {INFO_KEY: {
             "score": entry["score"], "rank": entry["rank"], "of": total, "percentile": percentile(entry["rank"], total),
-            "label": names[entry["label"]], "damping": damping, "model_ts": model_ts, "ts": now}}
+            "label": names[entry["label"]], "order": self.order, "predicted": names[entry["predicted"]],
+            "probabilities": dict(zip(names, entry["probabilities"])), "damping": damping, "model_ts": model_ts,
+            "ts": now}}
             for image_id, entry in result["scores"].items()}
         if hasattr(datastore, "update_image_infos"):  # lib.datastore: one write for all images
             datastore.update_image_infos(infos)
@@ -82,6 +107,6 @@ class InfluenceReviewScoring(ScoringMethod):
                 datastore.update_image_info(image_id, info)
         skipped += result["skipped"]
         order = sorted(result["scores"].items(), key=lambda kv: kv[1]["rank"])
-        return {"scored": total, "skipped": skipped, "damping": damping,
+        return {"scored": total, "skipped": skipped, "damping": damping, "order": self.order,
                 "most_suspicious": [{"id": i, "score": e["score"], "rank": e["rank"], "percentile": percentile(e["rank"], total)}
                                 for i, e in order[:10]]}
