@@ -81,7 +81,9 @@ def make_bundle(folder: str, spatial_size: int, padding: int) -> str:
 
 
 def call(url: str, method: str = "GET", timeout: float = 3600, raw: bool = False):
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    # the app refuses a state-changing request without X-Requested-With (apps/monailabel/README.md)
+    headers = {} if method == "GET" else {"X-Requested-With": "robustmri"}
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
     return body if raw else json.loads(body.decode())
@@ -151,7 +153,8 @@ def python_times(base: str, reviews: int) -> list[float]:
                 f"\r\nContent-Type: application/json\r\n\r\n{json.dumps(label)}\r\n--{boundary}--\r\n").encode()
         urllib.request.urlopen(urllib.request.Request(
             f"{base}/datastore/label?image={image_id}&tag=final", method="PUT", data=body,
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}), timeout=600).read()
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "X-Requested-With": "robustmri"}),
+            timeout=600).read()
     return times
 
 
