@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from robustmri.bench.machine import describe_machine
+from robustmri.bench.machine import describe_machine, run_provenance
 from robustmri.bench.profiles import (
     LEGACY_RECIPE,
     METHOD_OUTPUTS,
@@ -234,7 +234,7 @@ class Benchmark:
                       "data_fingerprint": fingerprint, "epochs": snapshots["epochs"], "n_val": len(data.val),
                       "val_accuracy": correct.mean(axis=1).tolist(), "val_loss": loss.mean(axis=1).tolist(),
                       "ema_decay": ema_decay, "ema_val_accuracy": ema_accuracy,
-                      "rules": rules, "train_s": time.perf_counter() - start,
+                      "rules": rules, "train_s": time.perf_counter() - start, **run_provenance(),
                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             shutil.rmtree(os.path.dirname(snapshots_path), ignore_errors=True)
             with open(records_path, "a") as handle:
@@ -414,6 +414,7 @@ class Benchmark:
                 "wrong_training_labels": trained["wrong_training_labels"],
                 "timings": {"train_s": train_s, "influence_s": influence.get("total_s"),
                             "n2v_s": (n2v.get("train_s", 0) + n2v.get("denoise_s", 0)) if n2v else None},
+                **run_provenance(),
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def _shifts(self, network, checkpoint: str, data, workflow, run: dict, context: dict, out: str):

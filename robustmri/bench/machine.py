@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -19,23 +20,38 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _git(*args: str) -> str | None:
+    """``git <args>`` in the package's folder (its checkout), or None outside a checkout or without git."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    try:
+        done = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """The code a measurement ran: the package version and, in a git checkout, its commit and whether files
-    differed from it (``commit`` None outside a checkout or without git)."""
+    """The code a measurement ran, asked once per process: the package version and, in a git checkout, the
+    commit, ``git describe --always --dirty`` (``-dirty``: tracked files differed from it) and whether they did
+    (``commit``, ``describe`` and ``modified`` None outside a checkout or without git)."""
     from robustmri import __version__
 
-    folder = os.path.dirname(os.path.abspath(__file__))
+    commit = _git("rev-parse", "HEAD")
+    describe = _git("describe", "--always", "--dirty", "--abbrev=12") if commit else None
+    return {"robustmri": __version__, "commit": commit, "describe": describe,
+            "modified": describe.endswith("-dirty") if describe else None}
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"robustmri": __version__, "commit": commit, "modified": bool(status) if status is not None else None}
+def run_provenance() -> dict:
+    """What each run record carries about the code: ``commit`` (git describe, ``-dirty`` when modified; None
+    outside a checkout) and the versions of robustmri, torch and MONAI."""
+    import monai
+    import torch
+
+    code = code_version()
+    return {"commit": code["describe"],
+            "versions": {"robustmri": code["robustmri"], "torch": torch.__version__, "monai": monai.__version__}}
 
 
 def describe_machine() -> dict:

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from robustmri.bench.machine import run_provenance
 from robustmri.bench.report import aggregate, markdown_tables, read_runs, validation_swing
 
 from conftest import ROOT
@@ -74,6 +75,8 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     # same seed: same patient split and the same noisy pixels for every method
     assert len({r["data_fingerprint"] for r in runs}) == 1
     by_method = {r["method"]: r for r in runs}
+    # every record names the code that made it (robustmri.bench.machine.run_provenance)
+    assert all(r["commit"] == run_provenance()["commit"] and r["versions"]["monai"] for r in runs)
     assert by_method["isp"]["timings"]["influence_s"] > 0 and by_method["naive"]["timings"]["influence_s"] is None
     for run in runs:
         # all three branched from one naive prefix of influence_epoch = 1 epoch; the history is whole
@@ -165,6 +168,7 @@ def test_checkpoint_selection_study_on_tuning_seeds(tmp_path):
     assert set(record["rules"]) == {"last", "best_accuracy", "lowest_loss", "best_accuracy_late", "ema"}
     assert record["rules"]["ema"]["epochs"] is None and record["ema_decay"] == 0.99
     assert len(record["ema_val_accuracy"]) == 2
+    assert record["versions"] == run_provenance()["versions"]
     assert record["rules"]["last"]["epochs"] == [1, 1]  # 0-based: the second epoch, on both halves
     assert not {"test", "test_by_p"} & set(record)  # nothing evaluated on the test split
     assert "Decision:" in (out / "selection.md").read_text()

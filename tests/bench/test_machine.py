@@ -4,28 +4,41 @@ import re
 import shutil
 import subprocess
 
+import monai
 import pytest
+import torch
 
 from robustmri import __version__
-from robustmri.bench.machine import code_version, describe_machine
+from robustmri.bench import machine
 
 from conftest import ROOT
 
 
+def _git(*args):
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+
 def test_the_code_version_names_the_checkouts_commit():
-    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                                                     capture_output=True).returncode != 0:
+    if shutil.which("git") is None or not _git("rev-parse", "HEAD"):
         pytest.skip("not a git checkout")
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    version = code_version()
+    machine.code_version.cache_clear()
+    version = machine.code_version()
     assert version["robustmri"] == __version__
-    assert version["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", version["commit"])
-    assert isinstance(version["modified"], bool)
-    assert describe_machine()["code"]["commit"] == head
+    assert version["commit"] == _git("rev-parse", "HEAD") and re.fullmatch(r"[0-9a-f]{40}", version["commit"])
+    # git describe of that commit, "-dirty" exactly when tracked files differ from it
+    assert version["describe"] == _git("describe", "--always", "--dirty", "--abbrev=12")
+    assert version["modified"] == bool(_git("status", "--porcelain", "--untracked-files=no"))
+    assert machine.describe_machine()["code"] == version
+    assert machine.run_provenance() == {"commit": version["describe"], "versions": {
+        "robustmri": __version__, "torch": torch.__version__, "monai": monai.__version__}}
 
 
 def test_outside_a_checkout_the_commit_is_unknown(monkeypatch):
-    from robustmri.bench import machine
-
     monkeypatch.setenv("PATH", "")  # no git to ask
-    assert machine.code_version() == {"robustmri": __version__, "commit": None, "modified": None}
+    machine.code_version.cache_clear()
+    try:
+        assert machine.code_version() == {"robustmri": __version__, "commit": None, "describe": None,
+                                          "modified": None}
+        assert machine.run_provenance()["commit"] is None
+    finally:
+        machine.code_version.cache_clear()
