@@ -7,6 +7,8 @@ import os
 import platform
 import subprocess
 
+from robustmri.engine.model_metadata import code_version as checkout_version
+
 
 def cpu_name() -> str:
     """The CPU model from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` reports."""
@@ -20,27 +22,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _git(*args: str) -> str | None:
-    """``git <args>`` in the package's folder (its checkout), or None outside a checkout or without git."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-    try:
-        done = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """The code a measurement ran, asked once per process: the package version and, in a git checkout, the
-    commit, ``git describe --always --dirty`` (``-dirty``: tracked files differed from it) and whether they did
-    (``commit``, ``describe`` and ``modified`` None outside a checkout or without git)."""
-    from robustmri import __version__
-
-    commit = _git("rev-parse", "HEAD")
-    describe = _git("describe", "--always", "--dirty", "--abbrev=12") if commit else None
-    return {"robustmri": __version__, "commit": commit, "describe": describe,
-            "modified": describe.endswith("-dirty") if describe else None}
+    """The code a measurement ran, asked once per process: the checkout's version, commit and whether tracked
+    files differed from it (:func:`robustmri.engine.model_metadata.code_version`, as a trained model records
+    them), and ``git describe --always --dirty`` (``-dirty``: they did); None outside a checkout or without git."""
+    checkout = checkout_version()
+    describe = None
+    if checkout["git_commit"]:
+        folder = os.path.dirname(os.path.abspath(__file__))
+        try:
+            done = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty", "--abbrev=12"],
+                                  capture_output=True, text=True, timeout=30)
+            describe = done.stdout.strip() if done.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"robustmri": checkout["robustmri_version"], "commit": checkout["git_commit"], "describe": describe,
+            "modified": checkout["git_dirty"]}
 
 
 def run_provenance() -> dict:
