@@ -46,6 +46,9 @@ class ProtocolData:
     label_noise: dict | None = None  # counts of flipped training labels, when simulated
     #: the test split again with other shares of noisy images (``test_noise_fractions``), keyed by the share
     test_at: dict[float, list[dict]] = field(default_factory=dict)
+    #: the test split at those shares under other noise models (``test_noises``): ``{noise: {share: items}}``;
+    #: how a model trained on clean images fares on the noisy test images of noisy-trained runs
+    test_under: dict[str, dict[float, list[dict]]] = field(default_factory=dict)
     #: the settings the protocol was built with (no paths), for the model's provenance record:
     #: ``data_kind`` ("synthetic" or "folder"), seed, split fractions, noise, ... (:func:`build_protocol`)
     settings: dict = field(default_factory=dict)
@@ -92,6 +95,7 @@ def build_protocol(
     imbalance: dict | None = None,
     test_noise_fractions=(),
     preprocess: str = DEFAULT_PREPROCESS,
+    test_noises=(),
 ) -> ProtocolData:
     """Load (or generate), split by patient and add the protocol's fixed noise.
 
@@ -101,11 +105,15 @@ def build_protocol(
     Both are seeded by ``seed`` and leave validation and test untouched. ``test_noise_fractions``:
     the same test split with these shares of noisy images too (``data.test_at[p]``; each image's
     noise is the same realisation in every variant), for evaluating one model at several shares.
+    ``test_noises``: those variants again under each of these noise models (``data.test_under[noise][p]``),
+    with the very pixels a run trained on that noise is tested on (same seed, same ``sigma``).
     Items carry ``group``, the index of their patient group (no identifier), for grouped statistics.
     ``preprocess``: how raw slices become network inputs (:data:`robustmri.data.preprocessing.PREPROCESSING`),
     before any noise is added; the embedded synthetic slices go through it too, as raw slices.
     """
     _check_options(noise, test_noise_fraction, test_noise_fractions, on_error)
+    for other in test_noises:
+        _check_options(other, test_noise_fraction, test_noise_fractions, on_error)
     spatial_size = int(spatial_size)
     dataset_dir = resolve_dataset_dir(dataset_dir)
     raw = _raw_slices(dataset_dir, spatial_size, preprocess, seed, synthetic_patients, class_names, on_error,
@@ -133,6 +141,12 @@ def build_protocol(
     for share in test_noise_fractions:
         noisy_at = _choose_noisy(indices["test"], float(share), seed)
         data.test_at[float(share)] = [item(i, i in noisy_at) for i in indices["test"]]
+    for other in test_noises:
+        other_item = _item_maker(raw, other, sigma, seed)
+        data.test_under[other] = {}
+        for share in test_noise_fractions:
+            noisy_at = _choose_noisy(indices["test"], float(share), seed)
+            data.test_under[other][float(share)] = [other_item(i, i in noisy_at) for i in indices["test"]]
     if simulate_labels:
         data.label_noise = {"kind": label_noise, "requested_rate": float(label_noise_rate),
                             **noisy_label_record(data.train)}

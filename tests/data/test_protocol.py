@@ -32,6 +32,26 @@ def test_noise_is_fixed_per_seed_and_sample():
     assert [i["id"] for i in a.train] == [i["id"] for i in clean.train]  # same split whatever the noise
 
 
+def test_clean_training_is_tested_on_the_very_pixels_of_each_noisy_run():
+    """``test_noises``: a model trained on clean images meets exactly the noisy test images that the runs
+    trained on each noise are tested on (the headroom is a paired difference)."""
+    shares = (0.0, 0.5, 1.0)
+    clean = _tiny(noise="none", test_noise_fractions=shares, test_noises=("gaussian", "rician"))
+    assert all(not item["noisy"] for item in clean.train + clean.test)
+    assert sorted(clean.test_under) == ["gaussian", "rician"]
+    for noise in ("gaussian", "rician"):
+        noisy = _tiny(noise=noise, test_noise_fractions=shares)
+        for share in shares:
+            mine, theirs = clean.test_under[noise][share], noisy.test_at[share]
+            assert [i["id"] for i in mine] == [i["id"] for i in theirs]
+            assert [i["noisy"] for i in mine] == [i["noisy"] for i in theirs]
+            assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(mine, theirs))
+        assert sum(i["noisy"] for i in clean.test_under[noise][1.0]) == len(clean.test)
+    assert _tiny(noise="gaussian").test_under == {}
+    with pytest.raises(ValueError, match="noise must be one of"):
+        _tiny(noise="none", test_noises=("speckle",))
+
+
 def test_splits_disjoint_by_patient_on_synthetic():
     data = _tiny()
     ids = {name: {i["id"] for i in data.split(name)} for name in ("train", "val", "test")}
