@@ -148,6 +148,18 @@ def test_denoise_protocol_trains_saves_and_reuses(tmp_path):
         assert not np.allclose(after[0]["image"], before[0]["image"])
     assert all(np.array_equal(item["image"], image) for item, image in zip(data.train, original))  # input untouched
 
+    # the test split's variants (shares of noisy images, other noises) get the same front end as the test split:
+    # a model trained on denoised images is evaluated on denoised images only
+    variants = tiny_protocol()
+    variants.test_at = {1.0: variants.test, 0.0: variants.val}
+    variants.test_under = {"rician": {1.0: variants.val}}
+    front = denoise_protocol(variants, str(path), str(tmp_path / "eval4"), reuse=True)
+    for before, after in [(variants.test, front.test_at[1.0]), (variants.val, front.test_at[0.0]),
+                          (variants.val, front.test_under["rician"][1.0])]:
+        assert [i["id"] for i in after] == [i["id"] for i in before]
+        assert not np.allclose(after[0]["image"], before[0]["image"])
+    assert all(np.allclose(a["image"], b["image"], atol=1e-6) for a, b in zip(front.test_at[1.0], front.test))
+
     again = denoise_protocol(data, str(path), str(tmp_path / "eval2"), reuse="true")
     assert json.loads((tmp_path / "eval2" / "n2v_summary.json").read_text())["reused"] is True
     assert all(np.allclose(a["image"], b["image"], atol=1e-6) for a, b in zip(again.test, denoised.test))
