@@ -160,7 +160,7 @@ def paired_table(runs: list[dict], baseline: str = "naive", checkpoint: str = "l
     header = ["method"]
     for noise, p in columns:
         header += [f"{noise}, p={p}", f"{noise}, p={p}: Δ vs {baseline}"]
-    rows = []
+    rows, spreads = [], {}
     for method in methods:
         row = [method]
         for noise, p in columns:
@@ -178,7 +178,11 @@ def paired_table(runs: list[dict], baseline: str = "naive", checkpoint: str = "l
                 interval = "" if diff["ci"] is None else \
                     f" [{_signed(100 * diff['ci'][0])}, {_signed(100 * diff['ci'][1])}]"
                 row.append(f"{_signed(100 * diff['mean'])}{interval}, {diff['positive']}/{diff['n']}")
+                if diff["std"] is not None:
+                    spreads.setdefault((noise, p), []).append((diff["std"], diff["n"]))
         rows.append(row)
+    rows.append(["minimum detectable effect"] + [
+        cell for noise, p in columns for cell in ("", _detectable(spreads.get((noise, p), [])))])
     checkpoint_words = "last-epoch" if checkpoint == "last" else "best-validation" if checkpoint == "best" \
         else checkpoint
     legend = (f"Test {metric.replace('_', ' ')} in %, {checkpoint_words} checkpoint. Columns are the training "
@@ -187,8 +191,34 @@ def paired_table(runs: list[dict], baseline: str = "naive", checkpoint: str = "l
               f"difference with {baseline} trained on the same noise and seed (same patient split, same noisy "
               f"pixels), in points: the mean over seeds, its 95 % CI (paired t interval over seeds, n − 1 "
               f"degrees of freedom; none with one seed) and k/n, the seeds where the method beat {baseline}. "
-              f"{MISSING}: no runs.")
+              f"The last row is the design's minimum detectable effect in points: the true paired difference a "
+              f"two-sided paired t test at 5 % detects with 80 % power, from the root mean square of the column's "
+              f"paired SDs and its fewest seeds. {MISSING}: no runs.")
     return legend + "\n\n" + _table(header, rows)
+
+
+def _detectable(spreads: list[tuple[float, int]]) -> str:
+    """The minimum detectable effect (points) of one column from its methods' (paired SD, seeds)."""
+    if not spreads:
+        return MISSING
+    std = math.sqrt(float(np.mean([sd ** 2 for sd, _ in spreads])))
+    return f"{100 * minimum_detectable_effect(std, min(n for _, n in spreads)):.1f}"
+
+
+def headroom_table(runs: list[dict], checkpoint: str = "best", metric: str = "accuracy") -> str:
+    """Markdown: naive training on clean images against naive training on each noise, tested on the same noisy
+    test images (``test_by_noise`` of the clean runs, :data:`robustmri.bench.benchmark.HEADROOM_NOISES`), paired
+    by seed: the Δ columns are the headroom, what training on noisy images costs at each share p of noisy test
+    images. Empty without clean-trained naive runs."""
+    clean = [r for r in runs if r["method"] == "naive" and r["noise"] == "none" and "test_by_noise" in r
+             and not r.get("label_noise_rate")]
+    if not clean:
+        return ""
+    rows = [{**r, "method": "naive, clean-trained", "noise": noise, "test_by_p": by_tag}
+            for r in clean for noise, by_tag in r["test_by_noise"].items()]
+    noisy = [r for r in runs if r["method"] == "naive" and r["noise"] in {x["noise"] for x in rows}
+             and not r.get("label_noise_rate")]
+    return paired_table(noisy + rows, baseline="naive", checkpoint=checkpoint, metric=metric)
 
 
 def run_interval_table(runs: list[dict], checkpoint: str = "last", p: str = "1") -> str:

@@ -142,6 +142,32 @@ def test_paired_table_cells_by_hand():
     assert "share of noisy test images" in legend and "paired t interval" in legend and "k/n" in legend
 
 
+def test_paired_table_states_each_columns_minimum_detectable_effect():
+    table = paired_table(_table_runs())
+    # gaussian p=1: one paired SD, 3 points over 3 seeds: (t(0.975, 2) + t(0.8, 2)) * 3 / sqrt(3)
+    # = (4.3027 + 1.0607) * 1.7321 = 9.29; p=0 has no pair, rician one seed: no SD
+    assert "| minimum detectable effect |  | – |  | 9.3 |  | – |" in table
+    assert "minimum detectable effect in points" in table.split("\n\n")[0]
+
+
+def test_headroom_pairs_clean_training_with_each_noise_on_the_same_test_images():
+    from robustmri.bench.stats import headroom_table
+
+    runs = [_record("naive", "gaussian", s, {"1": a}, checkpoint="best") for s, a in enumerate([0.80, 0.82, 0.84])]
+    runs += [_record("naive", "rician", 0, {"1": 0.70}, checkpoint="best")]
+    runs += [_record("isp", "gaussian", 0, {"1": 0.99}, checkpoint="best")]  # not naive: never in the headroom
+    for seed, (gauss, rice) in enumerate([(0.85, 0.75), (0.86, 0.74), (0.90, 0.73)]):
+        clean = _record("naive", "none", seed, {"1": 0.95}, checkpoint="best")
+        clean["test_by_noise"] = {"gaussian": {"best": {"1": {"accuracy": gauss}}},
+                                  "rician": {"best": {"1": {"accuracy": rice}}}}
+        runs.append(clean)
+    table = headroom_table(runs, checkpoint="best")
+    # gaussian: clean-trained 85, 86, 90 against 80, 82, 84: +5, +4, +6 -> +5.0, sd 1, half 4.3027 / sqrt(3) = 2.48
+    assert "| naive, clean-trained | 87.0 ± 2.6 (3) | +5.0 [+2.5, +7.5], 3/3 | 74.0 ± 1.0 (3) | +5.0, 1/1 |" in table
+    assert "| isp" not in table and "none, p=" not in table
+    assert headroom_table([r for r in runs if r["noise"] != "none"]) == ""
+
+
 def test_paired_table_other_checkpoint_and_baseline():
     runs = _table_runs() + [_record("naive", "gaussian", 0, {"1": 0.5}, checkpoint="best")]
     table = paired_table(runs, baseline="isp", checkpoint="best")
