@@ -55,7 +55,7 @@ from robustmri.bench.runs import (
 )
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table
 from robustmri.bench.shifts import mean_over_shifts, shift_figure, shift_tables, shifted_test_sets, summary_table
-from robustmri.bench.stats import grouped_bootstrap_ci, paired_table, run_interval_table, stability
+from robustmri.bench.stats import grouped_bootstrap_ci, headroom_table, paired_table, run_interval_table, stability
 from robustmri.data.label_noise import noisy_label_record
 from robustmri.data.protocol import build_protocol
 from robustmri.engine.workflow import execute, inject_protocol, load_workflow, protocol_arguments
@@ -63,6 +63,9 @@ from robustmri.evaluation.checkpoints import evaluate_checkpoints_on
 from robustmri.outputs import read_json, write_json
 
 logger = logging.getLogger("benchmark")
+
+#: The noises a model trained on clean images (``--noises none``) is also tested under, at every ``eval_p``.
+HEADROOM_NOISES = ("gaussian", "rician")
 
 
 class Benchmark:
@@ -156,6 +159,10 @@ class Benchmark:
         if any("test_by_p" in run for run in runs):  # paired comparisons against naive training
             paired = "\n\n".join([f"#### Paired against naive training, {tag} checkpoint\n\n"
                                     + paired_table(runs, baseline="naive", checkpoint=tag) for tag in ("last", "best")]
+                                   + [f"#### Headroom: naive trained on clean images (rows `naive, clean-trained`) "
+                                      f"against naive trained on each noise, on the same noisy test images, {tag} "
+                                      f"checkpoint; Δ is the headroom\n\n" + headroom_table(runs, checkpoint=tag)
+                                      for tag in ("last", "best") if headroom_table(runs, checkpoint=tag)]
                                    + weight_average_tables(runs)
                                    + ["#### Naive training's stability\n\n```\n"
                                       + json.dumps(stability(runs), indent=1) + "\n```",
@@ -264,7 +271,9 @@ class Benchmark:
 
     def _data(self, workflow, run: dict, context: dict):
         """The protocol data for this run's arguments, built once (one data set in memory at a time)."""
-        arguments = {**protocol_arguments(workflow), "test_noise_fractions": context["eval_p"]}
+        arguments = {**protocol_arguments(workflow), "test_noise_fractions": context["eval_p"],
+                     # clean training is evaluated on every noise's test images: the headroom of each noise
+                     "test_noises": HEADROOM_NOISES if run["noise"] == "none" and context["eval_p"] else ()}
         key = json.dumps(arguments, sort_keys=True, default=str)
         cache = context["data"]
         if key not in cache:
@@ -378,16 +387,13 @@ class Benchmark:
             if branch_best <= prefix["best_val"]:
                 checkpoints["best"] = prefix["best"]
             train_s = None if train_s is None or prefix["train_s"] is None else train_s + prefix["train_s"]
-        reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names)
-        by_p = {tag: {} for tag in checkpoints}
-        groups = {share: np.array([item["group"] for item in items]) for share, items in data.test_at.items()}
-        for share, items in data.test_at.items():
-            for tag, report in evaluate_checkpoints_on(network, checkpoints, items, data.class_names,
-                                                       with_correct=True).items():
-                low, high = grouped_bootstrap_ci(report.pop("correct"), groups[share], seed=run["seed"])
-                by_p[tag][f"{share:g}"] = {"accuracy": report["accuracy"],
-                                           "balanced_accuracy": report["balanced_accuracy"],
-                                           "accuracy_ci95": [low, high], "n": report["n"]}
+        # the test split as the method predicts it (test-time noise matching, ...); validation stayed plain
+        inferer = workflow.parser.get_parsed_content("test_inferer") if "test_inferer" in workflow.parser else None
+        reports = evaluate_checkpoints_on(network, checkpoints, data.test, data.class_names, inferer=inferer)
+        by_p = _by_share(network, checkpoints, data.test_at, data.class_names, run["seed"], inferer)
+        # a model trained on clean images, on the noisy test images of the runs trained on each noise
+        by_noise = {noise: _by_share(network, checkpoints, variants, data.class_names, run["seed"], inferer)
+                    for noise, variants in data.test_under.items()}
         by_shift = self._shifts(network, checkpoints["last"], data, workflow, run, context, out)
         outputs = {name: read_json(os.path.join(output_dir, name)) for name in METHOD_OUTPUTS
                    if os.path.isfile(os.path.join(output_dir, name))}
@@ -406,6 +412,7 @@ class Benchmark:
                                                  "per_class")}
                          for tag, r in reports.items()},
                 "test_by_p": by_p,
+                **({"test_by_noise": by_noise} if by_noise else {}),
                 **({"test_by_shift": by_shift[0]["test"], "val_by_shift": by_shift[0]["val"],
                     "shift_excluded": by_shift[1],
                     "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
@@ -551,6 +558,21 @@ def weight_average_tables(runs: list[dict]) -> list[str]:
         tables.append(f"#### {method}: weight average (the model) against the raw last-epoch weights\n\n"
                       + paired_table(raw + mine, baseline=f"{method}_raw", checkpoint="last"))
     return tables
+
+
+def _by_share(network, checkpoints: dict[str, str], variants: dict[float, list[dict]], class_names,
+              seed: int, inferer=None) -> dict[str, dict[str, dict]]:
+    """``{checkpoint tag: {p: accuracy, balanced accuracy, patient-grouped bootstrap interval, n}}`` on each
+    variant of the test split (``{p: items}``), predicted through ``inferer`` (None: the network alone)."""
+    by_p = {tag: {} for tag in checkpoints}
+    for share, items in variants.items():
+        groups = np.array([item["group"] for item in items])
+        for tag, report in evaluate_checkpoints_on(network, checkpoints, items, class_names, with_correct=True,
+                                                   inferer=inferer).items():
+            low, high = grouped_bootstrap_ci(report.pop("correct"), groups, seed=seed)
+            by_p[tag][f"{share:g}"] = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
+                                       "accuracy_ci95": [low, high], "n": report["n"]}
+    return by_p
 
 
 def _synthetic_raw(workflow, data):

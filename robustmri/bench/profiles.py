@@ -38,6 +38,10 @@ VARIANTS = {
     "isp_linf_harmful": ("isp", {**ISP_LINF, "isp_orientation": "harmful"}),
     # ... and along a random sign (no influence signal)
     "isp_linf_control": ("isp", {**ISP_LINF, "isp_control": True}),
+    # test-time noise matching's control: the same K-view averaging with left-right flips only, no noise
+    "naive_tta_control": ("naive_tta", {"naive_tta_perturbation": "flip"}),
+    # test-time noise matching with BatchNorm normalising by the statistics of the test batch of views
+    "naive_tta_bn": ("naive_tta", {"naive_tta_batch_norm": "test_batch"}),
     # ISR's weights, randomly reassigned among the training samples (no influence signal)
     "isr_control": ("isr", {**PINNED["isr"], "isr_control": True}),
     # ISR weighting harmful samples up (the paper's text) instead of helpful ones (the released code)
@@ -67,9 +71,10 @@ METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method 
 METHOD_OUTPUTS = tuple(dict.fromkeys(method.summary for method in registry().values() if method.summary))
 PAPER_METHODS = in_family("noisy images")
 #: Methods that train plainly up to the influence epoch: runs of one seed and noise share that prefix.
-PREFIX_BASES = ("naive", "isr", "isp")
-#: Option prefixes that act only from the influence epoch on (a variant changing only these can branch).
-AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_")
+PREFIX_BASES = ("naive", "isr", "isp", "naive_tta")
+#: Option prefixes that act only from the influence epoch on (a variant changing only these can branch);
+#: ``naive_tta_`` acts at test time only.
+AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_", "naive_tta_")
 #: Recipes: bundle overlays merged after the method's config (``recipe`` in a profile).
 RECIPES = {"product": [], "paper": ["paper_recipe.json"]}
 

@@ -16,12 +16,14 @@ from robustmri.networks import eval_mode
 
 @torch.no_grad()
 def predict_items(model: nn.Module, items: list[dict], batch_size: int = 64, device="cpu",
-                  positions=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [N, C], given labels [N] and ids [N] of ``items`` (or of ``positions`` in it), model in eval mode."""
+                  positions=None, inferer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N, C], given labels [N] and ids [N] of ``items`` (or of ``positions`` in it), model in eval mode;
+    ``inferer``: a MONAI ``Inferer`` called as ``inferer(images, model)`` instead of ``model(images)``."""
     logits, labels, ids = [], [], []
     with eval_mode(model):
         for batch in item_batches(items, batch_size, positions):
-            logits.append(model(batch["image"].to(device)).float().cpu())
+            images = batch["image"].to(device)
+            logits.append((model(images) if inferer is None else inferer(images, model)).float().cpu())
             labels.append(batch["label"])
             ids.append(batch["id"])
     if not logits:

@@ -86,14 +86,15 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
 
 
 def evaluate_checkpoints_on(network: torch.nn.Module, checkpoints: dict[str, str], items: list[dict],
-                            class_names, with_correct: bool = False) -> dict[str, dict]:
+                            class_names, with_correct: bool = False, inferer=None) -> dict[str, dict]:
     """Classification report per checkpoint tag on ``items`` (e.g. a run's own test split), in process;
-    ``with_correct`` adds ``correct``, whether each item was classified right (in the order of ``items``)."""
+    ``with_correct`` adds ``correct``, whether each item was classified right (in the order of ``items``);
+    ``inferer``: how the test split is predicted (the bundle's ``test_inferer``; None: the network alone)."""
     device = next(network.parameters()).device
     reports = {}
     for tag, path in checkpoints.items():
         load_weights(network, path, device)
-        logits, labels, _ = predict_items(network, items, device=device)
+        logits, labels, _ = predict_items(network, items, device=device, inferer=inferer)
         reports[tag] = classification_report(labels.numpy(), torch.softmax(logits, dim=1).numpy(), class_names)
         if with_correct:
             reports[tag]["correct"] = (logits.argmax(1) == labels).numpy()

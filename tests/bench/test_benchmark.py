@@ -116,6 +116,18 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     added = read_runs(str(out / "runs.jsonl"))[-1]
     assert added["method"] == "isp_linf" and added["history"][0] == by_method["naive"]["history"][0]
 
+    clean = _benchmark("run", "--profile", "smoke", "--out", str(out), "--noises", "none", "--seeds", "1",
+                       "--methods", "naive")  # naive on clean images: tested on every noise's test images too
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    record = read_runs(str(out / "runs.jsonl"))[-1]
+    assert (record["method"], record["noise"]) == ("naive", "none")
+    assert sorted(record["test_by_noise"]) == ["gaussian", "rician"]
+    for by_tag in record["test_by_noise"].values():
+        assert sorted(by_tag) == sorted(record["test_by_p"]) and sorted(by_tag["best"]) == ["0", "1"]
+        assert by_tag["best"]["0"] == record["test_by_p"]["best"]["0"]  # p = 0: the same clean test images
+    assert "Headroom: naive trained on clean images" in (out / "results.md").read_text()
+    assert "naive, clean-trained" in (out / "results.md").read_text()
+
     changed = _benchmark(*args, "--epochs", "3")  # another protocol must not be mixed into this table
     assert changed.returncode != 0 and "another protocol" in changed.stderr
 
