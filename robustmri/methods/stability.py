@@ -82,7 +82,8 @@ def check_noise(noise: str, sigma: float) -> None:
         raise ValueError(f"stability_sigma must be > 0, got {sigma}")
 
 
-def noisy_copy(images: torch.Tensor, noise: str, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def noisy_copy(images: torch.Tensor, noise: str, sigma: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh noisy copy of ``images`` (in [0, 1]), clipped to [0, 1]: Gaussian x + sigma n or Rician
     |x + sigma n1 + i sigma n2| (:mod:`robustmri.data.noise`'s models). Draws are made on the CPU from
     ``generator`` (so they do not depend on the device) and moved to the images' device."""

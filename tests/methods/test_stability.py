@@ -111,7 +111,8 @@ def test_rician_copy_follows_the_rician_moments():
     zero = noisy_copy(torch.zeros(4, 1, 64, 64), "rician", SIGMA, generator)
     n = zero.numel()
     # magnitude of pure complex noise: Rayleigh, mean sigma sqrt(pi / 2), sd sigma sqrt(2 - pi / 2)
-    assert abs(zero.mean().item() - SIGMA * math.sqrt(math.pi / 2)) < 4 * SIGMA * math.sqrt(2 - math.pi / 2) / math.sqrt(n)
+    standard_error = SIGMA * math.sqrt(2 - math.pi / 2) / math.sqrt(n)
+    assert abs(zero.mean().item() - SIGMA * math.sqrt(math.pi / 2)) < 4 * standard_error
     grey = noisy_copy(torch.full((4, 1, 64, 64), 0.5), "rician", SIGMA, generator)
     # E[x'^2] = x^2 + 2 sigma^2 for any x (no clipping at 0.5 +- 4 sigma)
     assert (grey ** 2).mean().item() == pytest.approx(0.25 + 2 * SIGMA ** 2, rel=5e-3)
@@ -347,6 +348,7 @@ def test_the_config_refuses_stability_training_on_clean_images_and_builds_its_co
 
 def _workflow(folder, data=None, resume=False, kill_at=None):
     from conftest import BUNDLE
+    from helpers import kill_at_iteration
     from robustmri.engine.workflow import inject_protocol, load_workflow
 
     overrides = {"spatial_size": 32, "network_padding": 2, "synthetic_patients": 30, "batch_size": 8, "dataset_dir": "",
@@ -355,10 +357,8 @@ def _workflow(folder, data=None, resume=False, kill_at=None):
     workflow = load_workflow(BUNDLE, ["stability.json"], overrides, drop_handlers=("ProgressBar",))
     if data is not None:
         inject_protocol(workflow, data)
-    if kill_at is not None:  # SIGKILL to this very process when that iteration completes
-        workflow.parser["initialize"] = [*workflow.parser["initialize"],
-                                         f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED"
-                                         f"(once={kill_at}), lambda engine: os.kill(os.getpid(), 9))"]
+    if kill_at is not None:
+        kill_at_iteration(workflow, kill_at)
     return workflow
 
 
@@ -367,9 +367,9 @@ def test_a_stability_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted
     """Killed in the middle of epoch 3 (the second with copies), resumed: the same weights, history and next
     noise draws as a run never interrupted, because the copies' generator is saved with the run."""
     import json
-    import multiprocessing
     import signal
 
+    from helpers import killed_in_a_child
     from robustmri.data.protocol import build_protocol
     from robustmri.engine.workflow import execute, protocol_arguments
 
@@ -379,14 +379,8 @@ def test_a_stability_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted
     per_epoch = state["iteration"] // 3
     assert per_epoch >= 2
 
-    child = multiprocessing.get_context("fork").Process(
-        target=lambda: execute(_workflow(tmp_path / "cut", data, kill_at=2 * per_epoch + per_epoch // 2)))
-    child.start()
-    child.join(120)
-    if child.is_alive():
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-    assert child.exitcode == -signal.SIGKILL
+    code = killed_in_a_child(lambda: execute(_workflow(tmp_path / "cut", data, kill_at=2 * per_epoch + per_epoch // 2)))
+    assert code == -signal.SIGKILL
     saved = torch.load(tmp_path / "cut" / "models" / "training_state.pt", weights_only=True)
     assert saved["epoch"] == 2 and "generator" in saved["handlers"]["StabilityHandler#0"]
     assert not (tmp_path / "cut" / "models" / "model.pt").exists()
