@@ -178,3 +178,25 @@ def assert_close(a, b, rtol: float = 1e-5) -> None:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     scale = b.abs().max().clamp_min(1e-30)
     assert ((a - b).abs().max() / scale) <= rtol, float((a - b).abs().max() / scale)
+
+
+def kill_at_iteration(workflow, iteration: int) -> None:
+    """Make ``workflow``'s trainer SIGKILL its own process when ``iteration`` (1-based, global) completes."""
+    workflow.parser["initialize"] = [*workflow.parser["initialize"],
+                                     f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED"
+                                     f"(once={iteration}), lambda engine: os.kill(os.getpid(), 9))"]
+
+
+def killed_in_a_child(run, timeout: float = 120) -> int:
+    """``run()`` in a forked child (the modules already imported, so no start-up cost); its exit code.
+    The child is killed by its PID if it outlives ``timeout``."""
+    import multiprocessing
+    import signal
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    return child.exitcode

@@ -13,7 +13,9 @@ from robustmri.methods import in_family, registry
 
 #: The benchmark's isr and isp are the authors' released forms, whatever the bundle's defaults become.
 PINNED = {"isr": {"isr_emphasis": "helpful"},
-          "isp": {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0}}
+          "isp": {"isp_direction": "gradient", "isp_step": 0.1, "isp_ratio": 1.0},
+          # stability training branches, like ISR and ISP, from the naive prefix of influence_epoch epochs
+          "stability": {"stability_start_epoch": "@influence_epoch"}}
 #: The authors' LiSSA settings (robustmri.influence.solvers.LissaSolver defaults: effective damping 2.5).
 LISSA = {"influence_solver": "lissa", "influence_solver_args": {}}
 #: ISP's budgeted form, 2 grey levels per pixel (L-inf), chosen before any run of this benchmark (not tuned).
@@ -63,6 +65,8 @@ VARIANTS = {
     "naive_head_aug": ("naive", SITE["head_aug"]),
     "isr_head_aug": ("isr", {**PINNED["isr"], **SITE["head_aug"]}),
     "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
+    # stability training's consistency term between an image and a random flip of it, no noise (same budget)
+    "stability_control": ("stability", {**PINNED["stability"], "stability_perturbation": "flip"}),
 }
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
 METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},
@@ -71,10 +75,10 @@ METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method 
 METHOD_OUTPUTS = tuple(dict.fromkeys(method.summary for method in registry().values() if method.summary))
 PAPER_METHODS = in_family("noisy images")
 #: Methods that train plainly up to the influence epoch: runs of one seed and noise share that prefix.
-PREFIX_BASES = ("naive", "isr", "isp", "naive_tta")
+PREFIX_BASES = ("naive", "isr", "isp", "naive_tta", "stability")
 #: Option prefixes that act only from the influence epoch on (a variant changing only these can branch);
-#: ``naive_tta_`` acts at test time only.
-AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_", "naive_tta_")
+#: ``naive_tta_`` acts at test time only, ``stability_`` from its pinned start epoch.
+AFTER_PREFIX_OPTIONS = ("isr_", "isp_", "influence_", "naive_tta_", "stability_")
 #: Recipes: bundle overlays merged after the method's config (``recipe`` in a profile).
 RECIPES = {"product": [], "paper": ["paper_recipe.json"]}
 

@@ -18,7 +18,7 @@ that was killed (the bundle's ``resume`` option, ``training_state_path``). Besid
 holds the state of every attached handler that keeps some (the :class:`Resumable` protocol:
 the influence step's "done" flag, ISR's and PIE's sample weights, ISP's perturbed images, the
 training history, AT's random generator, ALR's peer network and relabelled labels, MW-Net's
-weight net, PINT's teacher) and the validation's best metric so far, with the
+weight net, PINT's teacher, stability training's noise generator) and the validation's best metric so far, with the
 best-model saver's record, so a resumed run ends exactly as an uninterrupted one. It also holds
 the precision the run trains in (a resumed run goes on in it rather than deciding again) and
 the settings that make the run the one it is (:meth:`ModelMetadataWriter.run_settings
@@ -337,7 +337,7 @@ def resume_problem(engine: Engine, state: dict) -> str | None:
     unsupported = unresumable_handlers(engine)
     if unsupported:
         return (f"the state of {', '.join(unsupported)} is not saved (resume supports naive training, ISR, ISP, AT, "
-                "N2V, ALR, MW-Net, PIE, PINT and the label audit)")
+                "N2V, ALR, MW-Net, PIE, PINT, stability training and the label audit)")
     handlers, saved_handlers = resumable_handlers(engine), state.get("handlers", {})
     if set(handlers) != set(saved_handlers):
         return (f"it was written by a run with other handlers ({sorted(saved_handlers)}) than this one "
@@ -384,7 +384,8 @@ def restore_run_state(engine: Engine, state: dict, path: str = "training state")
     unsupported = unresumable_handlers(engine)
     if unsupported:
         raise ValueError(f"{path}: cannot resume: the state of {', '.join(unsupported)} is not saved (resume "
-                         "supports naive training, ISR, ISP, AT, N2V, ALR, MW-Net, PIE, PINT and the label audit)")
+                         "supports naive training, ISR, ISP, AT, N2V, ALR, MW-Net, PIE, PINT, stability training "
+                         "and the label audit)")
     handlers = resumable_handlers(engine)
     saved = state.get("handlers", {})
     if set(handlers) != set(saved):

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from helpers import TINY, output_dirs
+from helpers import TINY, kill_at_iteration, killed_in_a_child, output_dirs
 from conftest import BUNDLE, ROOT
 
 pytestmark = pytest.mark.slow  # every test trains, kills and resumes bundle runs in subprocesses
@@ -172,24 +172,8 @@ def _method_workflow(tmp_path, method, folder, data, resume=False, kill_at=None)
     if data is not None:
         inject_protocol(workflow, data)
     if kill_at is not None:  # SIGKILL to this very process when that iteration completes
-        workflow.parser["initialize"] = [*workflow.parser["initialize"],
-                                         f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED"
-                                         f"(once={kill_at}), lambda engine: os.kill(os.getpid(), 9))"]
+        kill_at_iteration(workflow, kill_at)
     return workflow
-
-
-def _killed_in_a_child(run, timeout=120) -> int:
-    """``run()`` in a forked child (the modules already imported, so no start-up cost); its exit code.
-    The child is killed by its PID if it outlives ``timeout``."""
-    import multiprocessing
-
-    child = multiprocessing.get_context("fork").Process(target=run)
-    child.start()
-    child.join(timeout)
-    if child.is_alive():
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-    return child.exitcode
 
 
 def _method_final(folder, method):
@@ -216,7 +200,7 @@ def test_alr_mwnet_and_pint_killed_mid_epoch_and_resumed_end_like_an_uninterrupt
     models = tmp_path / "cut" / "models"
     for k, killed_in_epoch in enumerate(KILLED_IN[method]):
         iteration = (killed_in_epoch - 1) * per_epoch + per_epoch // 2
-        code = _killed_in_a_child(lambda: execute(_method_workflow(tmp_path, method, "cut", data, resume=k > 0,
+        code = killed_in_a_child(lambda: execute(_method_workflow(tmp_path, method, "cut", data, resume=k > 0,
                                                                    kill_at=iteration)))
         assert code == -signal.SIGKILL
         state = torch.load(models / "training_state.pt", weights_only=True)
