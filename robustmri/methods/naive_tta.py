@@ -37,7 +37,7 @@ from robustmri.methods import Method
 logger = logging.getLogger(__name__)
 
 METHOD = Method(name="naive_tta", title="naive training, then test-time noise matching (K noisy views averaged)",
-                order=3, families=("noisy images",), summary=None,
+                order=11, families=("noisy images",), summary=None,
                 reference="test-time augmentation (e.g. Wang et al., Neurocomputing 2019) with the training noise law")
 
 #: K, the views averaged per test image: fixed before any run (not tuned).
