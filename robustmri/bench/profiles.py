@@ -59,6 +59,8 @@ VARIANTS = {
     "naive_head_aug": ("naive", SITE["head_aug"]),
     "isr_head_aug": ("isr", {**PINNED["isr"], **SITE["head_aug"]}),
     "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
+    # the denoise front end with a Gaussian blur matched in PSNR gain in place of non-local means
+    "denoise_control": ("denoise", {"denoise_filter": "blur"}),
 }
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
 METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},
