@@ -22,7 +22,7 @@ import fire
 import numpy as np
 
 from robustmri.data.protocol import build_protocol
-from robustmri.methods.denoise import measure, markdown
+from robustmri.methods.denoise import markdown, measure
 from robustmri.outputs import write_json
 
 

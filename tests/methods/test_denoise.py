@@ -214,3 +214,25 @@ def test_denoise_and_its_control_run_end_to_end(tmp_path):
     run_in_process("evaluating", ["configs/denoise.json", "configs/evaluate.json"], *TINY, *dirs)
     metrics = json.loads((tmp_path / "nlm" / "eval" / "test" / "best" / "metrics.json").read_text())
     assert metrics["n"] == summary["n_items"]["test"]
+
+
+def test_the_measurement_matches_the_blur_at_the_training_level_and_reports_every_level():
+    from robustmri.methods.denoise import markdown, measure
+
+    clean = np.stack([phantom(), phantom()[::-1]])
+    result = measure(clean, sigmas=(16 / 255, 32 / 255), seed=1)
+    rows = {(row["noise"], row["sigma_255"]): row for row in result["rows"]}
+    assert set(rows) == {(noise, sigma) for noise in ("gaussian", "rician") for sigma in (16.0, 32.0, 0.0)}
+    for noise in ("gaussian", "rician"):
+        matched, at_match = result["matched_blur_width"][noise], rows[(noise, 32.0)]
+        assert at_match["gain_nlm"] > 4.0 and at_match["blur_width"] == matched["width"]
+        # either the blur gains what NLM gains, or no width does and the control is the blur's best
+        if matched["matched"]:
+            assert at_match["gain_blur"] == pytest.approx(at_match["gain_nlm"], abs=0.05)
+        else:
+            assert at_match["gain_blur"] == pytest.approx(matched["peak_gain"])
+            assert matched["peak_gain"] < at_match["gain_nlm"]
+        assert rows[(noise, 16.0)]["sigma_hat_mean_255"] == pytest.approx(16.0, rel=0.1)
+        assert rows[(noise, 0.0)]["share_sigma_hat_zero"] == 1.0 and rows[(noise, 0.0)]["nlm_mean_abs_change_255"] == 0
+    table = markdown(result)
+    assert table.count("| gaussian |") == 3 and table.count("| rician |") == 3
