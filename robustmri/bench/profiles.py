@@ -67,6 +67,8 @@ VARIANTS = {
     "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
     # stability training's consistency term between an image and a random flip of it, no noise (same budget)
     "stability_control": ("stability", {**PINNED["stability"], "stability_perturbation": "flip"}),
+    # the denoise front end with a Gaussian blur matched in PSNR gain in place of non-local means
+    "denoise_control": ("denoise", {"denoise_filter": "blur"}),
 }
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
 METHODS = {**{name: (method.config_path, PINNED.get(name, {})) for name, method in registry().items()},

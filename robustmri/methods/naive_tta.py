@@ -31,7 +31,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from robustmri.data.noise_level import ESTIMABLE, add_complementary_noise, border_pixels, estimate_sigma
+from robustmri.data.noise_level import BACKGROUND_FRAME, ESTIMABLE, add_complementary_noise, image_sigma
 from robustmri.methods import Method
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,11 @@ class NoiseMatchingInferer(Inferer):
 
     ``noise``/``sigma``: the training images' noise law and level; ``seed`` seeds the draws (one stream
     per inferer, consumed in the order images come); ``background_width``: the frame where each image's
-    noise is estimated (:func:`robustmri.data.noise_level.border_pixels`).
+    noise is estimated (:data:`robustmri.data.noise_level.BACKGROUND_FRAME`).
     """
 
     def __init__(self, noise: str, sigma: float, views: int = DEFAULT_VIEWS, perturbation: str = "noise",
-                 batch_norm: str = "running", seed: int = 0, background_width: float = 0.08):
+                 batch_norm: str = "running", seed: int = 0, background_width: float = BACKGROUND_FRAME):
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"naive_tta_perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         if batch_norm not in BATCH_NORMS:
@@ -83,7 +83,7 @@ class NoiseMatchingInferer(Inferer):
             stacked = np.stack([np.where(flips[v][:, None, None, None], pixels[..., ::-1], pixels)
                                 for v in range(self.views)])
         else:
-            sigma_hat = np.array([estimate_sigma(border_pixels(image[0], self.background_width), self.noise)
+            sigma_hat = np.array([image_sigma(image[0], self.noise, self.background_width)
                                   for image in pixels])
             self.last_sigma_hat = sigma_hat
             stacked = np.stack([np.stack([add_complementary_noise(image, self.noise, float(s), self.sigma, self.rng)
