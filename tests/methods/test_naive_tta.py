@@ -138,3 +138,24 @@ def test_the_bundle_evaluates_the_test_split_with_the_test_inferer():
     assert plain["test_inferer"]["_target_"] == "SimpleInferer"
     # during training, validation (and so the best checkpoint) stays naive's
     assert parser["validate#inferer"]["_target_"] == "SimpleInferer"
+
+
+@pytest.mark.slow
+def test_naive_tta_trains_as_naive_and_evaluates_the_test_split_through_its_views(tmp_path):
+    from helpers import TINY, run_in_process
+
+    dirs = ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    run_in_process("training", "configs/naive_tta.json", "--epochs", "1", *TINY, *dirs)
+    assert (tmp_path / "models" / "model.pt").is_file()
+    # clean test images (p = 0): each is brought to the training noise level in 8 noisy views; a test image as
+    # noisy as training (p = 1) would get no noise, and its views would all equal it
+    clean = ["--test_noise_fraction", "0"]
+    run_in_process("evaluating", ["configs/naive_tta.json", "configs/evaluate.json"], *TINY, *dirs, *clean)
+    views = json.loads((tmp_path / "eval" / "test" / "best" / "metrics.json").read_text())
+    # the same checkpoint without the views: the plain evaluation differs
+    plain_dirs = [*dirs[:2], "--output_dir", str(tmp_path / "plain")]
+    run_in_process("evaluating", ["configs/naive_tta.json", "configs/evaluate.json"], *TINY, *plain_dirs, *clean,
+                   "--test_inferer", "$monai.inferers.SimpleInferer()")
+    plain = json.loads((tmp_path / "plain" / "test" / "best" / "metrics.json").read_text())
+    assert views["n"] == plain["n"] > 0
+    assert views["roc_auc_macro"] != plain["roc_auc_macro"]
