@@ -157,13 +157,17 @@ def test_headroom_pairs_clean_training_with_each_noise_on_the_same_test_images()
     runs += [_record("naive", "rician", 0, {"1": 0.70}, checkpoint="best")]
     runs += [_record("isp", "gaussian", 0, {"1": 0.99}, checkpoint="best")]  # not naive: never in the headroom
     for seed, (gauss, rice) in enumerate([(0.85, 0.75), (0.86, 0.74), (0.90, 0.73)]):
-        clean = _record("naive", "none", seed, {"1": 0.95}, checkpoint="best")
+        clean = _record("naive", "none", seed, {"0": 0.95, "1": 0.95}, checkpoint="best")
         clean["test_by_noise"] = {"gaussian": {"best": {"1": {"accuracy": gauss}}},
                                   "rician": {"best": {"1": {"accuracy": rice}}}}
         runs.append(clean)
     table = headroom_table(runs, checkpoint="best")
     # gaussian: clean-trained 85, 86, 90 against 80, 82, 84: +5, +4, +6 -> +5.0, sd 1, half 4.3027 / sqrt(3) = 2.48
     assert "| naive, clean-trained | 87.0 ± 2.6 (3) | +5.0 [+2.5, +7.5], 3/3 | 74.0 ± 1.0 (3) | +5.0, 1/1 |" in table
+    # on clean test images (95 %) against noisy-trained on noisy images: +15, +13, +11 -> +13.0, sd 2,
+    # half 4.3027 * 2 / sqrt(3) = 4.97
+    assert ("| naive, clean-trained, clean test images | 95.0 ± 0.0 (3) | +13.0 [+8.0, +18.0], 3/3 | 95.0 ± 0.0 (3) "
+            "| +25.0, 1/1 |") in table
     assert "| isp" not in table and "none, p=" not in table
     assert headroom_table([r for r in runs if r["noise"] != "none"]) == ""
 
