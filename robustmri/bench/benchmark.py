@@ -161,8 +161,8 @@ class Benchmark:
                                     + paired_table(runs, baseline="naive", checkpoint=tag) for tag in ("last", "best")]
                                    + [f"#### Headroom: naive trained on clean images (rows `naive, clean-trained`) "
                                       f"against naive trained on each noise, on the same noisy test images, {tag} "
-                                      f"checkpoint; Δ is the headroom\n\n" + headroom_table(runs, checkpoint=tag)
-                                      for tag in ("last", "best") if headroom_table(runs, checkpoint=tag)]
+                                      f"checkpoint; Δ is the headroom\n\n" + table
+                                      for tag in ("last", "best") if (table := headroom_table(runs, checkpoint=tag))]
                                    + weight_average_tables(runs)
                                    + ["#### Naive training's stability\n\n```\n"
                                       + json.dumps(stability(runs), indent=1) + "\n```",

@@ -138,15 +138,13 @@ def build_protocol(
                   "label_noise_rate": float(label_noise_rate), "imbalance": imbalance,
                   **({"synthetic_patients": int(synthetic_patients)} if dataset_dir is None else {})},
     )
-    for share in test_noise_fractions:
-        noisy_at = _choose_noisy(indices["test"], float(share), seed)
-        data.test_at[float(share)] = [item(i, i in noisy_at) for i in indices["test"]]
+    noisy_at = {float(share): _choose_noisy(indices["test"], float(share), seed) for share in test_noise_fractions}
+    for share, noisy in noisy_at.items():
+        data.test_at[share] = [item(i, i in noisy) for i in indices["test"]]
     for other in test_noises:
         other_item = _item_maker(raw, other, sigma, seed)
-        data.test_under[other] = {}
-        for share in test_noise_fractions:
-            noisy_at = _choose_noisy(indices["test"], float(share), seed)
-            data.test_under[other][float(share)] = [other_item(i, i in noisy_at) for i in indices["test"]]
+        data.test_under[other] = {share: [other_item(i, i in noisy) for i in indices["test"]]
+                                  for share, noisy in noisy_at.items()}
     if simulate_labels:
         data.label_noise = {"kind": label_noise, "requested_rate": float(label_noise_rate),
                             **noisy_label_record(data.train)}
