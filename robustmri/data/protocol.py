@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,6 +56,21 @@ class ProtocolData:
 
     def split(self, name: str) -> list[dict]:
         return getattr(self, name)
+
+    def with_front_end(self, front_end: Callable[[str, list[dict]], list[dict]]) -> "ProtocolData":
+        """A copy with ``front_end(name, items)`` applied to every split and every test variant.
+
+        A front end that changes images (a denoiser, a filter) must see the training split and every image
+        the model is evaluated on alike, or the comparison mixes processed and raw test images. ``name`` is
+        ``"train"``, ``"val"``, ``"test"``, ``"test_at_<share>"`` or ``"test_under_<noise>_<share>"``, for the
+        front end's own bookkeeping. ``self`` is not changed.
+        """
+        splits = {name: front_end(name, self.split(name)) for name in SPLIT_NAMES}
+        test_at = {share: front_end(f"test_at_{share:g}", items) for share, items in self.test_at.items()}
+        test_under = {noise: {share: front_end(f"test_under_{noise}_{share:g}", items)
+                              for share, items in by_share.items()}
+                      for noise, by_share in self.test_under.items()}
+        return replace(self, **splits, test_at=test_at, test_under=test_under)
 
     def summary(self) -> dict:
         """Counts only: safe to log (no file names, no patient ids)."""
@@ -111,9 +127,7 @@ def build_protocol(
     ``preprocess``: how raw slices become network inputs (:data:`robustmri.data.preprocessing.PREPROCESSING`),
     before any noise is added; the embedded synthetic slices go through it too, as raw slices.
     """
-    _check_options(noise, test_noise_fraction, test_noise_fractions, on_error)
-    for other in test_noises:
-        _check_options(other, test_noise_fraction, test_noise_fractions, on_error)
+    _check_options((noise, *test_noises), test_noise_fraction, test_noise_fractions, on_error)
     spatial_size = int(spatial_size)
     dataset_dir = resolve_dataset_dir(dataset_dir)
     raw = _raw_slices(dataset_dir, spatial_size, preprocess, seed, synthetic_patients, class_names, on_error,
@@ -152,10 +166,12 @@ def build_protocol(
     return data
 
 
-def _check_options(noise: str, test_noise_fraction: float, test_noise_fractions, on_error: str) -> None:
-    """Refuse option values the protocol cannot apply, before anything is read."""
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+def _check_options(noises, test_noise_fraction: float, test_noise_fractions, on_error: str) -> None:
+    """Refuse option values the protocol cannot apply (the training noise and every ``test_noises`` entry),
+    before anything is read."""
+    for noise in noises:
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
     if not 0.0 <= test_noise_fraction <= 1.0:
         raise ValueError(f"test_noise_fraction must lie in [0, 1], got {test_noise_fraction}")
     for share in test_noise_fractions:

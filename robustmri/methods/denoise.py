@@ -19,7 +19,7 @@ and a noisy one is filtered for its own level. The filter (``denoise_filter``):
   it, see :data:`MATCHED_BLUR_WIDTH`). It tells whether NLM's edge-preserving averaging matters, or any smoothing
   about as strong would do.
 
-:func:`denoise_protocol` filters the training, validation and test splits and every ``test_at`` variant alike;
+:func:`denoise_protocol` filters the training, validation and test splits and every test variant alike;
 the classifier is then trained exactly as the naive baseline. :func:`psnr_gain` and :func:`measure` are the
 measurement on clean validation slices the choice of the control's width rests on.
 """
@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -159,7 +158,7 @@ def psnr_gain(clean: np.ndarray, noisy: np.ndarray, denoised: np.ndarray) -> flo
 
 def denoise_protocol(data: ProtocolData, output_dir: str, noise: str, filter: str = "nlm",
                      blur_width: float | None = None) -> ProtocolData:
-    """Every image of ``data`` (train, val, test and each ``test_at`` variant) filtered alike; ``data`` unchanged.
+    """Every image of ``data`` (each split and every test variant) filtered alike; ``data`` unchanged.
 
     An image found in several splits or variants (the same noise realisation of a slice) is filtered once. Writes
     ``denoise_summary.json`` into ``output_dir``: the filter and its parameters, seconds per image and the mean
@@ -188,8 +187,7 @@ def denoise_protocol(data: ProtocolData, output_dir: str, noise: str, filter: st
             out.append({**item, "image": result.copy()})
         return out
 
-    splits = {name: filtered(name, data.split(name)) for name in ("train", "val", "test")}
-    test_at = {share: filtered(f"test_at_{share:g}", items) for share, items in data.test_at.items()}
+    result = data.with_front_end(filtered)
     seconds = time.perf_counter() - start
     width = MATCHED_BLUR_WIDTH[noise] if blur_width is None else float(blur_width)
     parameters = ({"patch_size": PATCH_SIZE, "patch_distance": PATCH_DISTANCE, "h_per_sigma": H_PER_SIGMA,
@@ -202,7 +200,7 @@ def denoise_protocol(data: ProtocolData, output_dir: str, noise: str, filter: st
     write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     logger.info("denoise (%s): %d images in %.1f s; mean sigma-hat %s", filter, len(done), seconds,
                 {name: round(value * 255, 1) for name, value in summary["mean_sigma_hat"].items()})
-    return replace(data, **splits, test_at=test_at)
+    return result
 
 
 # -- the measurement on clean validation slices -----------------------------------------------------

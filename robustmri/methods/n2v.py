@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -257,21 +256,21 @@ def denoise_protocol(data: ProtocolData, denoiser_path: str, output_dir: str, st
                     summary["train_s"], summary["final_masked_loss"], denoiser_path)
 
     start = time.perf_counter()
-    denoised = {name: _denoise_items(model, data.split(name), batch_size, device) for name in ("train", "val", "test")}
-    # every variant of the test split the model is evaluated on goes through the same front end
-    variants = {"test_at": {share: _denoise_items(model, items, batch_size, device)
-                            for share, items in data.test_at.items()},
-                "test_under": {noise: {share: _denoise_items(model, items, batch_size, device)
-                                       for share, items in by_share.items()}
-                               for noise, by_share in data.test_under.items()}}
+    counts: dict[str, int] = {}
+
+    def front_end(name: str, items: list[dict]) -> list[dict]:
+        counts[name] = len(items)
+        return _denoise_items(model, items, batch_size, device)
+
+    denoised = data.with_front_end(front_end)
     summary = {**summary, "reused": bool(reuse), "denoiser_path": os.path.abspath(denoiser_path),
                "denoise_s": time.perf_counter() - start,
-               "n_denoised": {name: len(items) for name, items in denoised.items()}}
+               "n_denoised": counts}
     write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     shown = min(n_examples, len(data.train))
-    plot_denoising_examples(train_images[:shown, 0].numpy(), _stack(denoised["train"][:shown])[:, 0].numpy(),
+    plot_denoising_examples(train_images[:shown, 0].numpy(), _stack(denoised.train[:shown])[:, 0].numpy(),
                             os.path.join(output_dir, EXAMPLES_FILE))
-    return replace(data, **denoised, **variants)
+    return denoised
 
 
 def _stack(items: list[dict]) -> torch.Tensor:

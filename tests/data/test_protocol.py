@@ -52,6 +52,29 @@ def test_clean_training_is_tested_on_the_very_pixels_of_each_noisy_run():
         _tiny(noise="none", test_noises=("speckle",))
 
 
+def test_a_front_end_sees_every_split_and_every_test_variant_once():
+    """Denoisers and filters go through ``with_front_end``: a variant it missed would evaluate a model trained on
+    processed images on raw ones."""
+    data = _tiny(noise="none", test_noise_fractions=(0.0, 1.0), test_noises=("gaussian",))
+    seen = []
+
+    def negate(name, items):
+        seen.append((name, len(items)))
+        return [{**item, "image": -item["image"]} for item in items]
+
+    out = data.with_front_end(negate)
+    assert sorted(name for name, _ in seen) == sorted(["train", "val", "test", "test_at_0", "test_at_1",
+                                                       "test_under_gaussian_0", "test_under_gaussian_1"])
+    pairs = [(data.train, out.train), (data.val, out.val), (data.test, out.test),
+             *[(data.test_at[p], out.test_at[p]) for p in data.test_at],
+             *[(data.test_under["gaussian"][p], out.test_under["gaussian"][p]) for p in data.test_under["gaussian"]]]
+    for before, after in pairs:
+        assert [i["id"] for i in before] == [i["id"] for i in after]
+        assert all(np.array_equal(a["image"], -b["image"]) for a, b in zip(before, after))
+        assert all(a["image"].min() >= 0 for a in before)  # the original is not changed
+    assert out.class_names == data.class_names and out.settings == data.settings
+
+
 def test_splits_disjoint_by_patient_on_synthetic():
     data = _tiny()
     ids = {name: {i["id"] for i in data.split(name)} for name in ("train", "val", "test")}

@@ -118,6 +118,33 @@ def test_rician_copy_follows_the_rician_moments():
     assert (grey ** 2).mean().item() == pytest.approx(0.25 + 2 * SIGMA ** 2, rel=5e-3)
 
 
+class _Replay:
+    """A numpy Generator stand-in whose ``normal`` hands out given standard-normal draws, scaled."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def normal(self, loc, scale, size):
+        draw = self.draws.pop(0)
+        assert draw.shape == tuple(size)
+        return loc + scale * draw
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rician"])
+def test_the_fresh_copy_is_the_protocols_noise_model_draw_for_draw(noise):
+    """The torch copy repeats the formulas of robustmri.data.noise (the fixed training draw); with the same
+    standard-normal draws both give the same image, so the two cannot drift apart."""
+    from robustmri.data.noise import apply_noise
+
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 1.1
+    images = images.clamp(0, 1)
+    copy = noisy_copy(images, noise, SIGMA, torch.Generator().manual_seed(4))
+    replay = torch.Generator().manual_seed(4)  # noisy_copy draws real then imaginary parts, whole batch at once
+    draws = [torch.randn(images.shape, generator=replay).numpy() for _ in range(1 if noise == "gaussian" else 2)]
+    expected = apply_noise(images.numpy().astype(np.float64), noise, SIGMA, _Replay(draws))
+    np.testing.assert_allclose(copy.numpy(), expected, atol=1e-6)
+
+
 def test_copies_are_reproducible_from_the_generator_and_leave_the_global_stream_alone():
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     before = torch.get_rng_state()
