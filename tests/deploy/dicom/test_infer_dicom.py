@@ -21,7 +21,16 @@ from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.runtime import OnnxClassifier
 
 from conftest import BUNDLE, FIGSHARE, ROOT
-from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
+from deploy_helpers import (
+    TINY_SIZE,
+    copy_pydicom_files,
+    export_tiny,
+    gradient_detector_data,
+    gradient_series,
+    run_infer_dicom,
+    signed_classifier,
+    test_keys,
+)
 
 pytestmark = pytest.mark.slow  # every test classifies with an exported ONNX model (module fixture) or runs the bundle
 
@@ -46,8 +55,8 @@ def model(tmp_path_factory):
     figshare = FIGSHARE if (FIGSHARE / "labels.csv").is_file() else None
     extra = [read_image(figshare / r["file"]) for r in first_rows(figshare)] if figshare else []
     network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(extra=extra),
-                                           target_acceptance=1.0)
-    return network, OnnxClassifier(onnx_file, device="cpu")
+                                           target_acceptance=1.0, signed=True)
+    return network, signed_classifier(onnx_file)
 
 
 def reference_probabilities(network, images) -> np.ndarray:
@@ -221,9 +230,7 @@ def test_missing_slice_gives_no_result_unless_allowed(tmp_path, model, allow_inc
         assert not summary["skipped_series"]
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_dicom.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+run_script = run_infer_dicom  # signed models: the script checks their signature with the test key
 
 
 def test_script_prints_a_summary_without_identifiers(tmp_path, model):
