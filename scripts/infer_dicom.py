@@ -186,9 +186,8 @@ def _run(inputs, model, output_dir, modalities, series_description, image_type, 
               f"result(s), {summary['n_series_abstained']} abstained, {skipped} file(s) skipped; summary: "
               f"{os.path.join(output_dir, 'summary.json')}")
     if not summary["n_series_classified"]:
-        print("no study gave a result; the reasons are in " + os.path.join(output_dir, "summary.json"),
-              file=sys.stderr)
-        sys.exit(1)
+        _fail(f"no study was answered ({summary['status']}); the reasons are in "
+              + os.path.join(output_dir, "summary.json"), EXIT_NO_RESULT)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ ReferencedFrameNumber lists the frames used.
 **UIDs.** The SR's StudyInstanceUID is the source study's. Its SeriesInstanceUID and SOPInstanceUID
 are derived (:func:`sr_uids`) from what identifies the answer: the source StudyInstanceUID, the
 model's integrity digest, the series rule's digest and, for a series-level answer, the source
-SeriesInstanceUID, with pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` (a 2.25 UID from
-a UUID made of their sha512: valid, and the same inputs always give the same UID). A rerun on the
+SeriesInstanceUID, as UUID-derived UIDs (``2.25.``, from a name-based UUID of those values: valid,
+and the same inputs always give the same UID). A rerun on the
 same study with the same model and rule therefore writes the same instance, which a PACS stores
 as a replacement instead of a second result; another model or rule gives another instance.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import uuid
 
 from robustmri import __version__
 from robustmri.outputs import write_atomic
@@ -37,6 +38,7 @@ TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDat
 WRITTEN_EMPTY = ("ReferringPhysicianName",)
 #: Version tag of what :func:`sr_uids` hashes (changing the inputs' order or kind must change the tag).
 UID_SCHEME = "robustmri-sr-uid-1"
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, UID_SCHEME)
 DISCLAIMER = ("Research software, NOT FOR CLINICAL USE. Unverified output of an automatic classifier "
               "trained on 2D T1 contrast-enhanced slices that contain a tumour; it does not detect "
               "whether a tumour is present.")
@@ -111,17 +113,20 @@ def sr_uids(study_instance_uid: str, model_digest: str, rule_digest: str,
             series_instance_uid: str | None = None) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SR answering a study (or, given ``series_instance_uid``, a
     series) with a model (its integrity digest) and a series rule (its digest): the same inputs, the same UIDs."""
-    from pydicom.uid import generate_uid
-
     for name, value in (("study_instance_uid", study_instance_uid), ("model_digest", model_digest),
                         ("rule_digest", rule_digest)):
         if not value:
             raise ValueError(f"sr_uids needs a {name}: without it a rerun could not be told from another answer")
-    sources = [UID_SCHEME, "study", str(study_instance_uid), str(model_digest), str(rule_digest)]
-    if series_instance_uid:
-        sources = sources[:1] + ["series", str(study_instance_uid), str(series_instance_uid)] + sources[3:]
-    return (str(generate_uid(prefix=None, entropy_srcs=sources + ["SeriesInstanceUID"])),
-            str(generate_uid(prefix=None, entropy_srcs=sources + ["SOPInstanceUID"])))
+    level = ["series", str(series_instance_uid)] if series_instance_uid else ["study"]
+    sources = [str(study_instance_uid), str(model_digest), str(rule_digest), *level]
+    return _derived_uid(sources + ["SeriesInstanceUID"]), _derived_uid(sources + ["SOPInstanceUID"])
+
+
+def _derived_uid(sources: list[str]) -> str:
+    """A UUID-derived UID (``2.25.<integer of the UUID>``, DICOM PS3.5 B.2) of a name-based UUID (RFC 4122
+    version 5) of ``sources``: valid and deterministic. pydicom's ``generate_uid(prefix=None, entropy_srcs=...)``
+    ignores its sources and returns a random UUID, and with a prefix joins them without a separator."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(10).join(sources)).int}"
 
 
 def new_instance(sop_class_uid: str, sop_uid: str | None = None):

@@ -29,7 +29,7 @@ from deploy_helpers import (
     gradient_series,
     run_infer_dicom,
     signed_classifier,
-    test_keys,
+    signing_keys,
 )
 
 pytestmark = pytest.mark.slow  # every test classifies with an exported ONNX model (module fixture) or runs the bundle
@@ -251,7 +251,7 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     copy_pydicom_files(tmp_path / "ct", "CT_small.dcm")
     result = run_script(tmp_path / "ct", "--model", classifier.model_file, "--output_dir", tmp_path / "out2",
                         "--json_summary")
-    assert result.returncode == 1 and "no study gave a result" in result.stderr
+    assert result.returncode == 1 and "no study was answered (no_result)" in result.stderr
     assert "Modality 'CT'" in json.loads(result.stdout)["skipped_series"][0]["reason"]
 
 

@@ -31,7 +31,7 @@ from deploy_helpers import (
     gradient_series,
     rewrite_metadata,
     signed_classifier,
-    test_keys,
+    signing_keys,
     tiny_network,
 )
 
@@ -146,7 +146,7 @@ def trained(data, tmp_path_factory) -> OnnxClassifier:
     onnx_file = tmp_path_factory.mktemp("trained") / "model.onnx"
     export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE, preprocess=data.settings["preprocess"],
                 ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0],
-                signing_key=test_keys()[0])
+                signing_key=signing_keys()[0])
     return signed_classifier(onnx_file)
 
 
