@@ -265,15 +265,21 @@ def test_bundle_exports_and_classifies_dicom(tmp_path):
     torch.manual_seed(0)
     torch.save(PaperCNN(spatial_size=32, padding=2).state_dict(), tmp_path / "model.pt")
     dirs = ["--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "eval")]
-    bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs)
+    bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs,
+           "--signing_key", signing_keys()[0])
     assert (tmp_path / "model.onnx").is_file()
     heads = generate_slices(n_patients=1, size=96, seed=11, slices_per_patient=(4, 4))["images"]  # unseen patient
     write_mr_series(tmp_path / "dicom" / "heads", list(np.rint(heads * 400)), series_number=1)
     write_mr_series(tmp_path / "dicom" / "gradients", gradient_series(3), series_number=2)
-    bundle("run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
-           *network_args, *dirs, "--dicom_inputs", str(tmp_path / "dicom"))
+    infer = ["run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
+             *network_args, *dirs, "--dicom_inputs", str(tmp_path / "dicom")]
+    refused = bundle(*infer, check=False)  # signed by default: no public key given, the model is refused
+    assert refused.returncode != 0 and "allow_unsigned" in refused.stdout + refused.stderr
+    assert not (tmp_path / "eval" / "dicom" / "summary.json").exists()
+    bundle(*infer, "--model_public_key", signing_keys()[1])
     summary = json.loads((tmp_path / "eval" / "dicom" / "summary.json").read_text())
     assert summary["model"]["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert summary["model"]["signature"] == "verified"
     detector = summary["model"]["ood_detector"]  # fitted on the synthetic training split, calibrated on its validation
     assert detector["target_acceptance"] == 0.95 and detector["n_train"] > 0
     by_slices = {entry["n_slices"] + entry["n_not_assessable"]: entry for entry in summary["series"]}
