@@ -87,10 +87,11 @@ def read_json(path: str | os.PathLike, missing=None):
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Tight layout, save as PNG atomically (:func:`write_atomic`, folder created if needed) and close the figure."""
+    """Tight layout, save (PNG unless the name says another format) atomically (:func:`write_atomic`, folder created if needed) and close the figure."""
     fig.tight_layout()
     try:
-        write_atomic(path, lambda handle: fig.savefig(handle, dpi=dpi, format="png"))
+        kind = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"  # as savefig reads a name
+        write_atomic(path, lambda handle: fig.savefig(handle, dpi=dpi, format=kind))
     finally:
         plt.close(fig)
 

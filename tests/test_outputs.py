@@ -102,3 +102,11 @@ def test_unserialisable_payload_writes_nothing(tmp_path):
 def test_written_files_have_ordinary_permissions(tmp_path):
     path = write_json(tmp_path / "a.json", {"a": 1})
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~outputs._UMASK
+
+
+def test_a_figure_is_written_whole_and_closed(tmp_path):
+    fig, axis = outputs.plt.subplots()
+    axis.plot([0, 1], [1, 0])
+    outputs.save_figure(fig, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not outputs.plt.fignum_exists(fig.number) and os.listdir(tmp_path) == ["curve.png"]

@@ -216,6 +216,27 @@ def test_an_output_path_that_cannot_be_written_is_status_3_before_any_work(tmp_p
     assert ("not a folder" if case == "a file" else "not writable") in line
 
 
+def test_a_read_only_output_folder_fails_before_the_scan(tmp_path, classifier, monkeypatch):
+    """Read-only as a mounted file system reports it (tests may run as root, who could write after a chmod)."""
+    from robustmri.deploy.dicom import study
+
+    write_mr_series(tmp_path / "in", gradient_series(3))
+    (tmp_path / "out").mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "probe"))
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned before the output folder was checked")
+
+    monkeypatch.setattr(study.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(study, "scan_folders", no_scan)
+    with pytest.raises(OutputError) as raised:
+        infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)
+    assert raised.value.strerror == "the output folder is not writable (EROFS: Read-only file system)"
+    assert os.listdir(tmp_path / "out") == []
+
+
 # -- exit statuses and option types ------------------------------------------------------------------------------
 
 
