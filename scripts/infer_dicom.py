@@ -53,8 +53,10 @@ from robustmri.deploy.dicom.selection import SeriesSelection
 from robustmri.deploy.dicom.study import (
     EXIT_NO_RESULT,
     EXIT_OUTPUT,
+    EXIT_STATUS,
     EXIT_USAGE,
     OUTPUTS,
+    STATUS_OK,
     DicomInputError,
     OutputError,
     check_output_dir,
@@ -185,9 +187,9 @@ def _run(inputs, model, output_dir, modalities, series_description, image_type, 
         print(f"{summary['n_files']} file(s), {summary['n_studies']} study(ies), {summary['n_series_classified']} "
               f"result(s), {summary['n_series_abstained']} abstained, {skipped} file(s) skipped; summary: "
               f"{os.path.join(output_dir, 'summary.json')}")
-    if not summary["n_series_classified"]:
+    if summary["status"] != STATUS_OK:  # the exit status agrees with the summary's status
         _fail(f"no study was answered ({summary['status']}); the reasons are in "
-              + os.path.join(output_dir, "summary.json"), EXIT_NO_RESULT)
+              + os.path.join(output_dir, "summary.json"), EXIT_STATUS.get(summary["status"], EXIT_NO_RESULT))
 
 
 if __name__ == "__main__":

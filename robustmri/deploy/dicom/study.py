@@ -11,6 +11,11 @@ classified, and when it abstains: :mod:`robustmri.deploy.dicom.classify`.
 Bad input never aborts other series: unusable files and series are listed with their reason
 in ``summary.json`` and in the log. Reports and logs carry no PatientName, PatientID or
 PatientBirthDate; file paths that contain one are redacted (:mod:`robustmri.deploy.dicom.report`).
+
+Outputs cannot tear or lie (:func:`infer_dicom`): atomic files, the output folder checked writable
+before any work and locked for the run, ``summary.json`` a ``"running"`` marker from the start and
+the run's manifest at the end, SR UIDs that a rerun repeats; :data:`EXIT_STATUS` maps a summary's
+status to the exit status of the scripts that run it (:class:`OutputError`: :data:`EXIT_OUTPUT`).
 """
 
 from __future__ import annotations

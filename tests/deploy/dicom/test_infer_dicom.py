@@ -4,8 +4,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,8 @@ from robustmri.data.preprocessing import preprocess_minmax
 from robustmri.data.readers import read_image
 from robustmri.deploy.dicom.classify import AGGREGATION_RULE
 from robustmri.deploy.dicom.study import infer_dicom
-from robustmri.deploy.onnx.runtime import OnnxClassifier
 
-from conftest import BUNDLE, FIGSHARE, ROOT
+from conftest import BUNDLE, FIGSHARE
 from deploy_helpers import (
     TINY_SIZE,
     copy_pydicom_files,
