@@ -142,7 +142,8 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
         times, stages = [], []
         for repeat in range(repeats + 1):  # the first run warms the file cache and onnxruntime
             start = time.perf_counter()
-            summary = infer_dicom(series_dir, classifier, os.path.join(tmp, f"out{repeat}"), progress=False)
+            summary = infer_dicom(series_dir, classifier, os.path.join(tmp, f"out{repeat}"), progress=False,
+                                  allow_unsigned=True)  # a measurement of a model exported just now
             elapsed = time.perf_counter() - start
             assert summary["n_series_classified"] == 1, summary
             if repeat:

@@ -1,6 +1,11 @@
 """Tiny exported models and DICOM folders for the deployment tests."""
 
+import functools
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +63,37 @@ def gradient_detector_data(seeds=range(5), n: int = 5, extra=()):
     return accepting_detector_data(prepared)
 
 
-def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95):
+@functools.lru_cache(maxsize=None)
+def signing_keys() -> tuple[str, str]:
+    """(private, public) PEM files of one Ed25519 key pair for the whole test session: models that DICOM inference
+    accepts are signed (it refuses unsigned ones by default), with this key."""
+    from robustmri.deploy.onnx.trust import write_key_pair
+
+    folder = tempfile.mkdtemp(prefix="robustmri-test-keys-")
+    private, public = os.path.join(folder, "signing.pem"), os.path.join(folder, "signing.pub.pem")
+    write_key_pair(private, public)
+    return private, public
+
+
+def signed_classifier(onnx_file, **kwargs):
+    """``OnnxClassifier`` of a model exported with ``signed=True``, its signature verified with :func:`signing_keys`."""
+    from robustmri.deploy.onnx.runtime import OnnxClassifier
+
+    return OnnxClassifier(onnx_file, device="cpu", public_key=signing_keys()[1], **kwargs)
+
+
+def run_infer_dicom(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``scripts/infer_dicom.py`` with ``args`` and the public key of :func:`signing_keys` (models from
+    ``export_tiny(signed=True)`` pass its signature check), its output captured."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "infer_dicom.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args), "--public_key", signing_keys()[1]],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, target_acceptance: float = 0.95,
+                signed: bool = False):
     """Save a tiny checkpoint, export it (min-max preprocessing, as its detector data); return (network, checkpoint,
-    onnx file, export result).
+    onnx file, export result). ``signed``: signed with :func:`signing_keys` (load it with :func:`signed_classifier`).
 
     ``ood``: ``(ood_train, ood_validation)`` for the detector (default :func:`synthetic_detector_data`);
     ``False`` exports without a detector.
@@ -74,7 +107,7 @@ def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, tar
     ood_train, ood_validation = (None, None) if ood is False else (ood or synthetic_detector_data())
     result = export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, model_version="9.9.9",
                          preprocess="minmax", parity_images=parity_images, ood_train=ood_train, ood_validation=ood_validation,
-                         target_acceptance=target_acceptance)
+                         target_acceptance=target_acceptance, signing_key=signing_keys()[0] if signed else None)
     return network, checkpoint, onnx_file, result
 
 

@@ -7,6 +7,7 @@ caller can either stop with a clear message or count and report a skip.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -153,8 +154,7 @@ def dicom_pixels(ds, path: str, frame: int | None = None,
         pixels = pixel_array(ds, index=None if frame is None else frame - 1)
     except Exception as err:  # truncated data, bad lengths, decoder failures
         where = "" if frame is None else f" of frame {frame}"
-        raise ImageReadError(path, f"cannot decode pixel data{where} ({type(err).__name__}: "
-                                   f"{first_line(err)})") from err
+        raise ImageReadError(path, f"cannot decode pixel data{where} ({safe_detail(err)})") from err
     try:
         if rescale is not None:
             slope, intercept = rescale
@@ -162,11 +162,25 @@ def dicom_pixels(ds, path: str, frame: int | None = None,
         else:
             values = apply_modality_lut(pixels, ds)
     except Exception as err:
-        raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({first_line(err)})") from err
+        raise ImageReadError(path, f"invalid RescaleSlope/RescaleIntercept or Modality LUT ({safe_detail(err)})") from err
     values = np.asarray(values, dtype=np.float32)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         values = -values
     return values
+
+
+def safe_detail(err: BaseException) -> str:
+    """What a report may say about an exception: its class name, the errno's name for an OS error, and its
+    message's first line only when that holds no path separator (messages of I/O errors name the file,
+    and a folder may be named after the patient)."""
+    name = type(err).__name__
+    if isinstance(err, OSError):
+        code = errno.errorcode.get(err.errno) if err.errno else None
+        return f"{name} {code}" if code else name
+    text = first_line(err)
+    if text == name or "/" in text or "\\" in text or os.sep in text:
+        return name
+    return f"{name}: {text[:200]}"
 
 
 def first_line(err: BaseException) -> str:

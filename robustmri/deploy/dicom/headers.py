@@ -12,13 +12,15 @@ attributes. The series rules apply to frames exactly as to single-frame files.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+import stat
 
 import numpy as np
 
-from robustmri.data.readers import ImageReadError, as_path_list, first_line
+from robustmri.data.readers import ImageReadError, as_path_list, safe_detail
 from robustmri.deploy.dicom.integrity import integrity_problem
 from robustmri.deploy.dicom.policy import IDENTITY_ATTRIBUTES
 from robustmri.deploy.dicom.series import PIXEL_DATA_TAG, DicomSeries, DicomSlice, ScanResult, SkippedFile, as_strings
@@ -29,10 +31,19 @@ logger = logging.getLogger(__name__)
 DEFER_SIZE = "16 KB"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: At most this many bytes are parsed to find where a file's header ends (pydicom stops before the
+#: pixel data) before the file is read with its pixel data deferred. A corrupt file (say, hundreds of
+#: MB of zeros after a valid 'DICM' prefix) would otherwise be parsed element by element to its end,
+#: for minutes; real headers, Enhanced MR with a functional group per frame included, are far smaller.
+HEADER_LIMIT_BYTES = 4 * 1024 * 1024
+NOT_REGULAR = "not a regular file (named pipe, socket or device): not opened"
 
 
 def list_files(folders) -> tuple[list[str], list[SkippedFile]]:
-    """Every regular file under the folders (DICOM files often have no suffix); empty folders as skips."""
+    """Every regular file under the folders (DICOM files often have no suffix); empty folders as skips.
+
+    Named pipes, sockets and devices are skipped without being opened (reading a pipe would wait
+    for a writer forever); they count among the files found."""
     files, skipped = [], []
     for folder in as_path_list(folders):
         if os.path.isfile(folder):
@@ -43,8 +54,21 @@ def list_files(folders) -> tuple[list[str], list[SkippedFile]]:
         found = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
         if not found:
             skipped.append(SkippedFile(folder, "empty folder: no files"))
-        files += found
+        for path in found:
+            if _is_regular(path):
+                files.append(path)
+            else:
+                skipped.append(SkippedFile(path, NOT_REGULAR))
     return files, skipped
+
+
+def _is_regular(path: str) -> bool:
+    """Whether ``path`` is a regular file (or a link to one); a file that vanished counts as regular, and its
+    read then says why it is skipped."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def read_header(path: str):
@@ -53,13 +77,34 @@ def read_header(path: str):
     from pydicom.errors import InvalidDicomError
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageReadError(path, NOT_REGULAR)
+        _check_header_size(path)
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    except ImageReadError:
+        raise
     except InvalidDicomError as err:
-        raise ImageReadError(path, "not a DICOM Part 10 file: no 'DICM' prefix or file meta information "
-                                   f"({first_line(err)})") from err
+        raise ImageReadError(path, "not a DICOM Part 10 file: no 'DICM' prefix or file meta information") from err
+    except OSError as err:
+        raise ImageReadError(path, f"cannot read the file ({safe_detail(err)})") from err
     except Exception as err:  # pydicom raises many types for corrupt files
-        raise ImageReadError(path, f"unreadable DICOM file ({type(err).__name__}: {first_line(err)})") from err
+        raise ImageReadError(path, f"unreadable DICOM file ({safe_detail(err)})") from err
     return ds
+
+
+def _check_header_size(path: str) -> None:
+    """ImageReadError when a file larger than :data:`HEADER_LIMIT_BYTES` has no pixel data element within its
+    first :data:`HEADER_LIMIT_BYTES` (a corrupt file, or a header too large to be an image's)."""
+    import pydicom
+
+    if os.path.getsize(path) <= HEADER_LIMIT_BYTES:
+        return  # parsing the whole file is bounded by the limit already
+    with open(path, "rb") as handle:
+        prefix = io.BytesIO(handle.read(HEADER_LIMIT_BYTES))
+    pydicom.dcmread(prefix, stop_before_pixels=True)  # InvalidDicomError when not DICOM
+    if prefix.tell() >= HEADER_LIMIT_BYTES:  # read to the end of the prefix without reaching the pixel data
+        raise ImageReadError(path, f"no pixel data within the first {HEADER_LIMIT_BYTES // (1024 * 1024)} MB: "
+                                   "a corrupt file or a header too large to parse")
 
 
 def identifiers_of(ds) -> set[str]:

@@ -21,12 +21,17 @@ is missing, differs, whose covered keys differ from the keys present, or that la
 :data:`OUTPUT_AFFECTING_KEYS`. The digest detects any change made after export; it does not stop
 someone who rewrites the model *and* recomputes the digest. A signature does:
 
-**Signature** (optional, Ed25519): the exporter's private key signs the bytes
+**Signature** (Ed25519; required by hospital inference, below): the exporter's private key signs the bytes
 ``SIGNATURE_CONTEXT + integrity_sha256`` (hex, ASCII); the metadata carries ``signature`` (base64),
 ``signature_algorithm`` ("ed25519") and ``signing_key_fingerprint`` (sha256 of the raw 32-byte
 public key, hex). Given a public key, the runtime refuses an unsigned model, one signed by another
 key, and a wrong signature. Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public), as
 ``scripts/model_keys.py`` or ``openssl genpkey -algorithm ed25519`` write them.
+
+**Signed by default.** Hospital inference (:func:`check_signed`, called by DICOM inference) refuses
+a model whose signature was not verified on load (unsigned, or no public key given) unless
+``allow_unsigned`` is set; a demo model is exempt, as it is refused unless explicitly allowed and
+then marked DEMO MODEL everywhere.
 
 **Demo models.** A model trained on the embedded synthetic set carries ``demo_model: "true"``;
 :func:`check_demo_model` refuses it for DICOM inference unless explicitly allowed, and
@@ -75,6 +80,16 @@ class ModelIntegrityError(ModelMetadataError):
 
 class DemoModelError(ValueError):
     """A demo model (trained on the embedded synthetic set) was given to clinical-style inference."""
+
+
+class UnsignedModelError(ModelIntegrityError):
+    """A model whose signature was not verified (unsigned, or no public key given) was given to hospital inference."""
+
+
+#: How to get past :func:`check_signed` (said by its refusal).
+SIGNING_HINT = ("sign the model at export (python scripts/model_keys.py generate, then scripts/export_onnx.py "
+                "--signing_key model_signing.pem) and give the public key (--public_key model_signing.pub.pem; "
+                "the bundle's model_public_key), or pass --allow_unsigned (allow_unsigned) to run it unsigned")
 
 
 def canonical_json(value) -> str:
@@ -295,6 +310,17 @@ def check_demo_model(model: dict, allow_demo_model: bool = False) -> None:
         raise DemoModelError(f"{model.get('file', 'the model')}: a demo model (trained on the embedded synthetic set, "
                              "not on real MRI) is refused for DICOM inference; train on a real data set, or pass "
                              "allow_demo_model (--allow_demo_model) to run it anyway, marked DEMO MODEL")
+
+
+def check_signed(model: dict, allow_unsigned: bool = False) -> None:
+    """Refuse a model whose signature was not verified on load (``model``: :meth:`OnnxClassifier.describe`), unless
+    ``allow_unsigned``: hospital inference is signed by default. A demo model is exempt (it passed
+    :func:`check_demo_model`, so it was allowed, and every output says DEMO MODEL)."""
+    if model.get("signature") == "verified" or model.get("demo_model") or as_flag(allow_unsigned, "allow_unsigned"):
+        return
+    state = model.get("signature") or "not checked"
+    raise UnsignedModelError(f"{os.path.basename(str(model.get('file', 'the model')))}: signature {state}: an "
+                             f"unsigned model, or one whose signature was not checked, is refused; {SIGNING_HINT}")
 
 
 def provenance_summary(provenance: dict | None) -> str:

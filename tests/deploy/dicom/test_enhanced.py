@@ -21,7 +21,7 @@ from robustmri.deploy.dicom.series import PIXEL_DATA_TAG
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.runtime import OnnxClassifier
 
-from deploy_helpers import export_tiny, gradient_detector_data, gradient_series
+from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, signed_classifier
 
 N = 6
 TILTED = ["1.0", "0.0", "0.0", "0.0", f"{np.cos(0.4):.6f}", f"{np.sin(0.4):.6f}"]
@@ -31,8 +31,8 @@ TILTED = ["1.0", "0.0", "0.0", "0.0", f"{np.cos(0.4):.6f}", f"{np.sin(0.4):.6f}"
 def classifier(tmp_path_factory):
     # a detector that accepts the gradient slices these tests write: their subject is reading frames, not the detector
     _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(n=N),
-                                     target_acceptance=1.0)
-    return OnnxClassifier(onnx_file, device="cpu")
+                                     target_acceptance=1.0, signed=True)
+    return signed_classifier(onnx_file)
 
 
 def shuffled(n=N, seed=0):

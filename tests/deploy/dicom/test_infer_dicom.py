@@ -4,8 +4,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,18 @@ from robustmri.data.preprocessing import preprocess_minmax
 from robustmri.data.readers import read_image
 from robustmri.deploy.dicom.classify import AGGREGATION_RULE
 from robustmri.deploy.dicom.study import infer_dicom
-from robustmri.deploy.onnx.runtime import OnnxClassifier
 
-from conftest import BUNDLE, FIGSHARE, ROOT
-from deploy_helpers import TINY_SIZE, copy_pydicom_files, export_tiny, gradient_detector_data, gradient_series
+from conftest import BUNDLE, FIGSHARE
+from deploy_helpers import (
+    TINY_SIZE,
+    copy_pydicom_files,
+    export_tiny,
+    gradient_detector_data,
+    gradient_series,
+    run_infer_dicom,
+    signed_classifier,
+    signing_keys,
+)
 
 pytestmark = pytest.mark.slow  # every test classifies with an exported ONNX model (module fixture) or runs the bundle
 
@@ -46,8 +52,8 @@ def model(tmp_path_factory):
     figshare = FIGSHARE if (FIGSHARE / "labels.csv").is_file() else None
     extra = [read_image(figshare / r["file"]) for r in first_rows(figshare)] if figshare else []
     network, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), ood=gradient_detector_data(extra=extra),
-                                           target_acceptance=1.0)
-    return network, OnnxClassifier(onnx_file, device="cpu")
+                                           target_acceptance=1.0, signed=True)
+    return network, signed_classifier(onnx_file)
 
 
 def reference_probabilities(network, images) -> np.ndarray:
@@ -221,9 +227,7 @@ def test_missing_slice_gives_no_result_unless_allowed(tmp_path, model, allow_inc
         assert not summary["skipped_series"]
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_dicom.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+run_script = run_infer_dicom  # signed models: the script checks their signature with the test key
 
 
 def test_script_prints_a_summary_without_identifiers(tmp_path, model):
@@ -244,7 +248,7 @@ def test_script_prints_a_summary_without_identifiers(tmp_path, model):
     copy_pydicom_files(tmp_path / "ct", "CT_small.dcm")
     result = run_script(tmp_path / "ct", "--model", classifier.model_file, "--output_dir", tmp_path / "out2",
                         "--json_summary")
-    assert result.returncode == 1 and "no study gave a result" in result.stderr
+    assert result.returncode == 1 and "no study was answered (no_result)" in result.stderr
     assert "Modality 'CT'" in json.loads(result.stdout)["skipped_series"][0]["reason"]
 
 
@@ -258,15 +262,21 @@ def test_bundle_exports_and_classifies_dicom(tmp_path):
     torch.manual_seed(0)
     torch.save(PaperCNN(spatial_size=32, padding=2).state_dict(), tmp_path / "model.pt")
     dirs = ["--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "eval")]
-    bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs)
+    bundle("run", "exporting", "--config_file", "['configs/train.json','configs/export.json']", *TINY, *dirs,
+           "--signing_key", signing_keys()[0])
     assert (tmp_path / "model.onnx").is_file()
     heads = generate_slices(n_patients=1, size=96, seed=11, slices_per_patient=(4, 4))["images"]  # unseen patient
     write_mr_series(tmp_path / "dicom" / "heads", list(np.rint(heads * 400)), series_number=1)
     write_mr_series(tmp_path / "dicom" / "gradients", gradient_series(3), series_number=2)
-    bundle("run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
-           *network_args, *dirs, "--dicom_inputs", str(tmp_path / "dicom"))
+    infer = ["run", "dicom_inference", "--config_file", "['configs/train.json','configs/infer_dicom.json']",
+             *network_args, *dirs, "--dicom_inputs", str(tmp_path / "dicom")]
+    refused = bundle(*infer, check=False)  # signed by default: no public key given, the model is refused
+    assert refused.returncode != 0 and "allow_unsigned" in refused.stdout + refused.stderr
+    assert not (tmp_path / "eval" / "dicom" / "summary.json").exists()
+    bundle(*infer, "--model_public_key", signing_keys()[1])
     summary = json.loads((tmp_path / "eval" / "dicom" / "summary.json").read_text())
     assert summary["model"]["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert summary["model"]["signature"] == "verified"
     detector = summary["model"]["ood_detector"]  # fitted on the synthetic training split, calibrated on its validation
     assert detector["target_acceptance"] == 0.95 and detector["n_train"] > 0
     by_slices = {entry["n_slices"] + entry["n_not_assessable"]: entry for entry in summary["series"]}

@@ -17,7 +17,7 @@ from robustmri.deploy.dicom.series import PIXEL_DATA_TAG
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.runtime import OnnxClassifier
 
-from deploy_helpers import export_tiny
+from deploy_helpers import export_tiny, signed_classifier
 
 SIZE, PER_SERIES = 512, 4
 PIXEL_BYTES = SIZE * SIZE * 2  # uint16 per slice, far above DEFER_SIZE: deferred when scanned
@@ -25,8 +25,8 @@ PIXEL_BYTES = SIZE * SIZE * 2  # uint16 per slice, far above DEFER_SIZE: deferre
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
-    return OnnxClassifier(onnx_file, device="cpu")
+    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), signed=True)
+    return signed_classifier(onnx_file)
 
 
 def write_series(folder, n_series):

@@ -11,7 +11,7 @@ from robustmri.bench.dicom_fixtures import write_enhanced_mr, write_mr_series
 from robustmri.deploy.dicom.sr import BASIC_TEXT_SR_STORAGE, write_sr
 from robustmri.deploy.dicom.study import infer_dicom
 
-from deploy_helpers import export_tiny, gradient_series, pydicom_file
+from deploy_helpers import export_tiny, gradient_series, pydicom_file, signed_classifier
 
 SOURCE = pydicom_file("MR_small.dcm")
 
@@ -85,8 +85,8 @@ def test_multi_frame_instance_referenced_once_with_its_frames(tmp_path):
 def classifier(tmp_path_factory):
     from robustmri.deploy.onnx.runtime import OnnxClassifier
 
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"))
-    return OnnxClassifier(onnx_file, device="cpu")
+    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), signed=True)
+    return signed_classifier(onnx_file)
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) is not installed")

@@ -25,7 +25,15 @@ from robustmri.deploy.onnx.ood import RIDGE, MahalanobisDetector, ScoredClassifi
 from robustmri.deploy.onnx.runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
 
 from conftest import ROOT
-from deploy_helpers import TINY_SIZE, export_tiny, gradient_series, rewrite_metadata, tiny_network
+from deploy_helpers import (
+    TINY_SIZE,
+    export_tiny,
+    gradient_series,
+    rewrite_metadata,
+    signed_classifier,
+    signing_keys,
+    tiny_network,
+)
 
 
 def independent_score(features, labels, queries, ridge=RIDGE):
@@ -137,8 +145,9 @@ def trained(data, tmp_path_factory) -> OnnxClassifier:
     """The trained tiny network exported with its detector (training split) and threshold (validation split)."""
     onnx_file = tmp_path_factory.mktemp("trained") / "model.onnx"
     export_onnx(trained_tiny_network(data), onnx_file, CLASS_NAMES, TINY_SIZE, preprocess=data.settings["preprocess"],
-                ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0])
-    return OnnxClassifier(onnx_file, device="cpu")
+                ood_train=split_arrays(data, "train"), ood_validation=split_arrays(data, "val")[0],
+                signing_key=signing_keys()[0])
+    return signed_classifier(onnx_file)
 
 
 @pytest.mark.slow
@@ -227,7 +236,8 @@ def test_a_model_without_detector_is_refused_by_dicom_inference(tmp_path, caplog
     assert classifier.describe()["ood_detector"] is None
     write_mr_series(tmp_path / "in", gradient_series(3))
     with pytest.raises(ModelMetadataError, match="no out-of-distribution detector .* re-export it"):
-        infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)  # ... DICOM inference refuses it
+        infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False,
+                    allow_unsigned=True)  # ... DICOM inference refuses it
     assert not (tmp_path / "out").exists()
     (series,) = scan_folders([tmp_path / "in"], progress=False).series
     with pytest.raises(ModelMetadataError, match="cannot vouch for its inputs"):

@@ -26,6 +26,7 @@ from robustmri.deploy.onnx.trust import (
     TRUST_KEYS,
     DemoModelError,
     ModelIntegrityError,
+    UnsignedModelError,
     key_fingerprint,
     load_public_key,
     verify_model,
@@ -421,7 +422,7 @@ def test_a_real_model_cites_its_verified_digest_in_the_sr(tmp_path, models):
     _, onnx_file, _ = models
     classifier = OnnxClassifier(onnx_file, device="cpu")
     write_mr_series(tmp_path / "in", gradient_series(3))
-    summary = infer_dicom([tmp_path / "in"], classifier, tmp_path / "out", progress=False)
+    summary = infer_dicom([tmp_path / "in"], classifier, tmp_path / "out", progress=False, allow_unsigned=True)
     sr = pydicom.dcmread(tmp_path / "out" / summary["series"][0]["sr_file"])
     assert "DEMO MODEL" not in sr.ContentSequence[0].TextValue + sr.ContentSequence[1].TextValue
     assert f"integrity sha256 {_props(onnx_file)['integrity_sha256']} (verified on load), signature unsigned" in \
@@ -506,3 +507,55 @@ def test_bundle_trains_evaluates_exports_signed_and_refuses_the_demo_model(tmp_p
     assert summary["n_series_classified"] + summary["n_series_abstained"] == 1  # an answer, with the notice
     assert summary["model"]["notice"] == DEMO_MODEL_NOTICE
     assert summary["model"]["signature"] == "verified"
+
+
+# -- signed by default -------------------------------------------------------------------------------------------
+
+
+def test_dicom_inference_refuses_an_unsigned_model_unless_allowed(tmp_path, models, keys):
+    _, onnx_file, signed = models
+    write_mr_series(tmp_path / "in", gradient_series(3))
+    for model, public_key in [(onnx_file, None), (signed, None)]:  # unsigned; signed but no key to check it
+        with pytest.raises(UnsignedModelError) as error:
+            infer_dicom([tmp_path / "in"], OnnxClassifier(model, device="cpu", public_key=public_key),
+                        tmp_path / "out", progress=False)
+        assert "--allow_unsigned" in _one_line(error) and "model_keys.py" in _one_line(error)
+        assert not (tmp_path / "out").exists()  # refused before any work
+    summary = infer_dicom([tmp_path / "in"], OnnxClassifier(onnx_file, device="cpu"), tmp_path / "unsigned",
+                          progress=False, allow_unsigned="true")
+    assert summary["model"]["signature"] == "unsigned (no public key given)" and summary["series"]
+    summary = infer_dicom([tmp_path / "in"], OnnxClassifier(signed, device="cpu", public_key=keys[0] / "a.pub.pem"),
+                          tmp_path / "signed", progress=False)
+    assert summary["model"]["signature"] == "verified" and summary["series"]
+
+
+def test_script_is_signed_by_default(tmp_path, models, keys):
+    """The finding: a model re-digested after its class names were swapped and its demo flag cleared was accepted
+    when no key was given. Now: refused without a verified signature (status 2, one line), accepted with the right key
+    or --allow_unsigned, refused with another key."""
+    _, onnx_file, signed = models
+    write_mr_series(tmp_path / "in", gradient_series(3))
+    names = list(CLASS_NAMES)
+    names[0], names[1] = names[1], names[0]
+    resealed = rewrite_metadata(onnx_file, tmp_path / "resealed.onnx", reseal=True, class_names=json.dumps(names),
+                                demo_model="false")
+    script = [sys.executable, str(ROOT / "scripts" / "infer_dicom.py"), str(tmp_path / "in"), "--device", "cpu",
+              "--quiet"]
+
+    def run(name, *args):
+        return subprocess.run([*script, "--output_dir", str(tmp_path / name), *args], capture_output=True, text=True,
+                              timeout=120)
+
+    for name, args in [("resealed", ["--model", resealed]), ("unsigned", ["--model", onnx_file]),
+                       ("nokey", ["--model", signed]),
+                       ("wrongkey", ["--model", signed, "--public_key", keys[0] / "b.pub.pem"])]:
+        result = run(name, *map(str, args))
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("infer_dicom: ")]
+        assert line.startswith("infer_dicom: model refused: ") and "Traceback" not in result.stderr
+        assert ("signed by another key" if name == "wrongkey" else "--allow_unsigned") in line
+        assert not (tmp_path / name / "summary.json").exists()
+    assert run("allowed", "--model", str(onnx_file), "--allow_unsigned").returncode == 0
+    result = run("signed", "--model", str(signed), "--public_key", str(keys[0] / "a.pub.pem"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "signed" / "summary.json").read_text())["model"]["signature"] == "verified"
