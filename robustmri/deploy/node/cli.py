@@ -24,6 +24,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 
 from robustmri.deploy.dicom.study import EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, check_output_dir, OutputError
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     calling = args.calling_ae or [destination.ae_title]
     if any(not aet or len(aet) > 16 for aet in calling + [args.ae_title]):
         _fail("AE titles must have 1 to 16 characters")
+    classifier = load_classifier(args.model, args.public_key, args.allow_demo_model, args.allow_unsigned,
+                                 args.device, args.threads)
     try:
         check_output_dir(args.work_dir)
         queue = StudyQueue(args.work_dir, max_bytes=max_bytes)
@@ -150,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"work folder: {err.strerror}", EXIT_OUTPUT)
     except sqlite3.Error as err:
         _fail(f"work folder: cannot open its queue ({type(err).__name__})", EXIT_OUTPUT)
-    classifier = load_classifier(args.model, args.public_key, args.allow_demo_model, args.allow_unsigned,
-                                 args.device, args.threads)
     return serve(queue, classifier, host, port, args, destination, calling)
 
 
@@ -165,7 +166,8 @@ def serve(queue: StudyQueue, classifier, host: str, port: int, args, destination
 
     def stop(signum, _frame):
         logger.info("signal %d: stopping (the step in hand is finished, pending studies stay queued)", signum)
-        worker.stop.set()
+        # from another thread: Event.set() here could wait on the lock that the interrupted Event.wait() holds
+        threading.Thread(target=worker.stop.set, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
