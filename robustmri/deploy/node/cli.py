@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         destination = Destination.parse(args.destination)
         host, port = parse_listen(args.listen)
-        max_bytes = parse_size(args.max_work_bytes)
     except ValueError as err:
         _fail(str(err))
+    try:
+        max_bytes = parse_size(args.max_work_bytes)
+    except ValueError as err:
+        _fail(f"--max_work_bytes: {err} (e.g. 500M, 20G)")
     if args.study_timeout < 0 or args.threads < 0:
         _fail("--study_timeout and --threads must not be negative")
     calling = args.calling_ae or [destination.ae_title]

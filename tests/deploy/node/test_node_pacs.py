@@ -251,15 +251,22 @@ def test_kill_9_after_receipt_then_restart_gives_exactly_one_sr(tmp_path, model,
     assert len(orthanc.srs(study_uid)) == len(srs) == 1
 
 
-@NEEDS_PACS
-def test_a_result_ready_while_the_pacs_is_down_is_delivered_when_it_returns(tmp_path, model, nodes):
+def _answered_while_the_pacs_is_down(tmp_path, model, nodes, seed: int):
+    """A node whose destination port has no PACS yet, holding one answered study after a failed delivery attempt:
+    (node, study UID, the node's port, the PACS's port)."""
     node_port, pacs_port = free_port(), free_port()
     node = nodes(Node(tmp_path / "node", model, pacs_port, node_port))
-    study_uid = write_study(tmp_path / "study", seed=2)
+    study_uid = write_study(tmp_path / "study", seed=seed)
     assert storescu(tmp_path / "study", node.port).returncode == 0
     waiting = wait_for(lambda: (s := node.studies().get(study_uid)) and s.state == "answered" and s.attempts >= 1
                        and s, STUDY_S, "a failed delivery attempt while the PACS is down")
     assert waiting.n_sr == 1
+    return node, study_uid, node_port, pacs_port
+
+
+@NEEDS_PACS
+def test_a_result_ready_while_the_pacs_is_down_is_delivered_when_it_returns(tmp_path, model, nodes):
+    node, study_uid, node_port, pacs_port = _answered_while_the_pacs_is_down(tmp_path, model, nodes, seed=2)
     orthanc = nodes(Orthanc(tmp_path / "orthanc", node_port, pacs_port))
     srs = _one_sr(orthanc, study_uid, node)
     assert len(srs) == 1 and srs[0]["StudyInstanceUID"] == study_uid
@@ -268,12 +275,7 @@ def test_a_result_ready_while_the_pacs_is_down_is_delivered_when_it_returns(tmp_
 
 @NEEDS_PACS
 def test_kill_9_while_a_result_awaits_delivery_then_restart_delivers_it_once(tmp_path, model, nodes):
-    node_port, pacs_port = free_port(), free_port()
-    node = nodes(Node(tmp_path / "node", model, pacs_port, node_port))
-    study_uid = write_study(tmp_path / "study", seed=4)
-    assert storescu(tmp_path / "study", node.port).returncode == 0
-    wait_for(lambda: (s := node.studies().get(study_uid)) and s.state == "answered" and s.attempts >= 1,
-             STUDY_S, "a failed delivery attempt while the PACS is down")
+    node, study_uid, node_port, pacs_port = _answered_while_the_pacs_is_down(tmp_path, model, nodes, seed=4)
     node.kill()
     orthanc = nodes(Orthanc(tmp_path / "orthanc", node_port, pacs_port))
     restarted = nodes(Node(tmp_path / "node2", model, pacs_port, node_port, work_dir=node.work_dir))
@@ -358,3 +360,24 @@ def test_an_unsigned_model_is_refused_at_start_with_one_line(tmp_path):
         result.stderr.splitlines()[-1:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists()  # refused before the work folder is touched
+
+
+@pytest.mark.parametrize("case", ["busy_port", "bad_size", "bad_destination", "no_queue"])
+def test_bad_options_and_a_busy_port_are_one_line_with_their_status(tmp_path, model, case):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        options = {"busy_port": ["--listen", f"127.0.0.1:{busy.getsockname()[1]}"],
+                   "bad_size": ["--max_work_bytes", "lots"],
+                   "bad_destination": ["--destination", "PACS-at-127.0.0.1"],
+                   "no_queue": ["--status"]}[case]
+        result = subprocess.run([sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(model),
+                                 "--public_key", signing_keys()[1], "--destination", f"{PACS_AET}@127.0.0.1:1",
+                                 "--work_dir", str(tmp_path / "work"), *options],
+                                capture_output=True, text=True, timeout=120)
+    expected = {"busy_port": (3, "cannot listen on"), "bad_size": (2, "--max_work_bytes: not a size"),
+                "bad_destination": (2, "--destination must be AET@HOST:PORT"),
+                "no_queue": (2, "no node queue in the work folder")}[case]
+    assert (result.returncode, result.stderr.splitlines()[-1].startswith(f"robustmri-node: {expected[1]}")) == \
+        (expected[0], True), result.stderr
+    assert "Traceback" not in result.stderr
