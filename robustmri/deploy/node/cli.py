@@ -9,8 +9,10 @@ signed by default: a model whose Ed25519 signature was not verified with ``--pub
 ``--allow_unsigned``; a demo model is refused unless ``--allow_demo_model``). Only the calling AE titles in
 ``--calling_ae`` (default: the destination's) may associate. A study is complete ``--study_timeout`` seconds
 after its last instance; its SR goes to ``--destination`` by C-STORE, retried with capped exponential back-off
-while the destination is unreachable. SIGTERM (or Ctrl-C): stop accepting, finish the step in hand, exit 0;
-studies not delivered stay in the work folder and a restart resumes them.
+while the destination is unreachable. ``--tls_cert``, ``--tls_key`` and ``--tls_ca`` (together): both links over
+TLS, mutual (each side's certificate checked against the CA; the destination's also against its host name).
+SIGTERM (or Ctrl-C): stop accepting, finish the step in hand, exit 0; studies not delivered stay in the work
+folder and a restart resumes them.
 
 Exit status: 0 stopped by SIGTERM/SIGINT (or ``--status`` printed); 2 usage (a bad option, a refused model);
 3 the work folder cannot be used or the port cannot be bound. One line on stderr, never a traceback.
@@ -30,6 +32,7 @@ import time
 from robustmri.deploy.dicom.study import EXIT_OK, EXIT_OUTPUT, EXIT_USAGE, check_output_dir, OutputError
 from robustmri.deploy.node.queue import DATABASE, StudyQueue
 from robustmri.deploy.node.sender import Destination
+from robustmri.deploy.node.tls import tls_files
 
 logger = logging.getLogger("robustmri.deploy.node")
 
@@ -79,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_work_bytes", default="20G",
                         help="size cap of the received instances (e.g. 500M, 20G; default %(default)s): beyond it "
                              "C-STORE is refused with 0xA700 (out of resources)")
+    parser.add_argument("--tls_cert", default="", help="the node's certificate (PEM): TLS on both links")
+    parser.add_argument("--tls_key", default="", help="the node's private key (PEM)")
+    parser.add_argument("--tls_ca", default="", help="CA certificates (PEM) that the peers' certificates chain to")
     parser.add_argument("--device", default="cpu", help="onnxruntime device: cpu, cuda or auto (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--status", action="store_true", help="print the work folder's queue and exit")
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         _fail(str(err))
     try:
+        tls = tls_files(args.tls_cert, args.tls_key, args.tls_ca)
+    except ValueError as err:
+        _fail(str(err))
+    try:
         max_bytes = parse_size(args.max_work_bytes)
     except ValueError as err:
         _fail(f"--max_work_bytes: {err} (e.g. 500M, 20G)")
@@ -156,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"work folder: {err.strerror}", EXIT_OUTPUT)
     except sqlite3.Error as err:
         _fail(f"work folder: cannot open its queue ({type(err).__name__})", EXIT_OUTPUT)
-    return serve(queue, classifier, host, port, args, destination, calling)
+    return serve(queue, classifier, host, port, args, destination, calling, tls)
 
 
 def serve(queue: StudyQueue, classifier, host: str, port: int, args, destination: Destination,
-          calling: list[str]) -> int:
+          calling: list[str], tls=None) -> int:
     from robustmri.deploy.node.scp import start_server
     from robustmri.deploy.node.worker import Worker
 
     worker = Worker(queue, classifier, destination, args.ae_title, args.study_timeout,
-                    allow_demo_model=args.allow_demo_model, allow_unsigned=args.allow_unsigned)
+                    allow_demo_model=args.allow_demo_model, allow_unsigned=args.allow_unsigned, tls=tls)
 
     def stop(signum, _frame):
         logger.info("signal %d: stopping (the step in hand is finished, pending studies stay queued)", signum)
@@ -175,13 +185,13 @@ def serve(queue: StudyQueue, classifier, host: str, port: int, args, destination
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server = start_server(queue, host, port, args.ae_title, calling)
+        server = start_server(queue, host, port, args.ae_title, calling, tls)
     except OSError as err:
         _fail(f"cannot listen on {host}:{port} ({os.strerror(err.errno) if err.errno else type(err).__name__})",
               EXIT_OUTPUT)
     pending = [s for s in queue.studies() if s.state != "delivered"]
-    logger.info("listening on %s:%d as %s (calling AE titles %s); destination %s; %d study(ies) pending",
-                host, port, args.ae_title, ",".join(calling), destination, len(pending))
+    logger.info("listening on %s:%d as %s (calling AE titles %s%s); destination %s; %d study(ies) pending",
+                host, port, args.ae_title, ",".join(calling), ", TLS" if tls else "", destination, len(pending))
     try:
         worker.run()
     finally:

@@ -133,7 +133,8 @@ class StudyQueue:
         with self._lock:
             held = self._db.execute("SELECT n_bytes FROM instances WHERE study_key=? AND instance_key=?",
                                     (study_key, instance_key)).fetchone()
-            if self.max_bytes is not None and self._used_bytes() - (held[0] if held else 0) + len(data) > self.max_bytes:
+            after = self._used_bytes() - (held[0] if held else 0) + len(data)
+            if self.max_bytes is not None and after > self.max_bytes:
                 raise QueueFull(f"the work folder's size cap ({self.max_bytes} bytes of received instances) is reached")
             folder = self.study_folder(study_key)
             os.makedirs(folder, exist_ok=True)

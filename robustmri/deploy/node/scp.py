@@ -42,8 +42,9 @@ def store_handler(queue: StudyQueue):
     return handle
 
 
-def start_server(queue: StudyQueue, host: str, port: int, ae_title: str, calling_aes: list[str]):
-    """Listen on ``host:port`` in background threads; the pynetdicom server (``shutdown()`` stops it)."""
+def start_server(queue: StudyQueue, host: str, port: int, ae_title: str, calling_aes: list[str], tls=None):
+    """Listen on ``host:port`` in background threads; the pynetdicom server (``shutdown()`` stops it).
+    ``tls``: a :class:`.tls.TlsFiles` (every association over TLS, the caller's certificate required), or None."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
@@ -54,4 +55,5 @@ def start_server(queue: StudyQueue, host: str, port: int, ae_title: str, calling
     ae.require_called_aet = True
     handlers = [(evt.EVT_C_STORE, store_handler(queue)),
                 (evt.EVT_CONN_OPEN, lambda event: logger.info("association from %s:%s", *event.address))]
-    return ae.start_server((host, port), block=False, evt_handlers=handlers)
+    return ae.start_server((host, port), block=False, evt_handlers=handlers,
+                           ssl_context=tls.server_context() if tls else None)

@@ -36,15 +36,17 @@ class Destination:
         aet, at, address = text.partition("@")
         host, colon, port = address.rpartition(":")
         if not (at and colon and aet and host and port.isdigit() and 0 < int(port) < 65536 and len(aet) <= 16):
-            raise ValueError(f"--destination must be AET@HOST:PORT (an AE title of at most 16 characters), got {text!r}")
+            raise ValueError("--destination must be AET@HOST:PORT (an AE title of at most 16 characters), "
+                             f"got {text!r}")
         return cls(aet, host, int(port))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def send(files: list[str], destination: Destination, calling_ae: str, timeout: float = 30.0) -> bool:
+def send(files: list[str], destination: Destination, calling_ae: str, timeout: float = 30.0, tls=None) -> bool:
     """C-STORE every file in ``files`` to ``destination`` in one association; True when each was stored.
+    ``tls``: a :class:`.tls.TlsFiles` (the destination's certificate checked against its CA and host name), or None.
     Network errors, a rejected association or a failure status are logged (without patient data) and give False."""
     from pydicom import dcmread
     from pynetdicom import AE
@@ -55,7 +57,8 @@ def send(files: list[str], destination: Destination, calling_ae: str, timeout: f
     for sop_class in sorted({ds.SOPClassUID for ds in datasets}):
         ae.add_requested_context(sop_class)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                               tls_args=(tls.client_context(), destination.host) if tls else None)
     except (OSError, RuntimeError) as err:
         logger.warning("destination %s: cannot associate (%s)", destination, type(err).__name__)
         return False

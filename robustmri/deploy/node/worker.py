@@ -27,10 +27,11 @@ class Worker:
 
     def __init__(self, queue: StudyQueue, classifier, destination: Destination, calling_ae: str,
                  study_timeout: float, allow_demo_model: bool = False, allow_unsigned: bool = False,
-                 poll: float = 0.2):
+                 poll: float = 0.2, tls=None):
         self.queue, self.classifier, self.destination, self.calling_ae = queue, classifier, destination, calling_ae
         self.study_timeout, self.poll = study_timeout, poll
         self.allow_demo_model, self.allow_unsigned = allow_demo_model, allow_unsigned
+        self.tls = tls
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -84,7 +85,7 @@ class Worker:
 
     def deliver(self, study: Study) -> None:
         files = self.sr_files(study)
-        if not files or send(files, self.destination, self.calling_ae):
+        if not files or send(files, self.destination, self.calling_ae, tls=self.tls):
             if self.queue.mark_delivered(study):
                 logger.info("study %s delivered: %d SR(s) stored by %s", study.study_uid, len(files),
                             self.destination)

@@ -2,8 +2,9 @@
 gives exactly one SR in the PACS, under resends, a kill -9, a PACS that is down, and a burst; unknown calling AE
 titles are refused; a study refused for integrity gives no SR."""
 
+import datetime
+import ipaddress
 import json
-import os
 import shutil
 import signal
 import socket
@@ -15,6 +16,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.deploy.node.queue import DATABASE, DELIVERED, StudyQueue
@@ -51,15 +56,22 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
 class Orthanc:
     """Orthanc on loopback ports with a temporary configuration (PACS's AE title, the node as its one modality)."""
 
-    def __init__(self, folder: Path, node_port: int, dicom_port: int | None = None):
+    def __init__(self, folder: Path, node_port: int, dicom_port: int | None = None, tls: dict | None = None):
         self.folder, self.dicom_port, self.http_port = folder, dicom_port or free_port(), free_port()
         folder.mkdir(parents=True, exist_ok=True)
-        # authentication off only because it listens on 127.0.0.1 alone (RemoteAccessAllowed false)
-        config = {"Name": "robustmri-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        # HTTP authentication off only because HTTP answers 127.0.0.1 alone (RemoteAccessAllowed false); Orthanc 1.10
+        # cannot bind its DICOM port to loopback, so it stores only from the node's AE title on 127.0.0.1
+        config = {"Name": "robustmri-test", "StorageDirectory": str(folder / "db"),
+                  "IndexDirectory": str(folder / "db"),
                   "DicomAet": PACS_AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomCheckModalityHost": True,
                   "DicomAlwaysAllowStore": False, "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
                   "Plugins": []}
+        if tls:  # the PACS's own certificate and key, the CA its peers' certificates chain to; the node over TLS
+            config.update(DicomTlsEnabled=True, DicomTlsCertificate=tls["cert"], DicomTlsPrivateKey=tls["key"],
+                          DicomTlsTrustedCertificates=tls["ca"], DicomTlsRemoteCertificateRequired=True,
+                          DicomModalities={"node": {"AET": NODE_AET, "Host": "127.0.0.1", "Port": node_port,
+                                                    "UseDicomTls": True}})
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.process = None
 
@@ -112,13 +124,13 @@ class Node:
     """``robustmri-node`` as a subprocess (``python -m robustmri.deploy.node.cli``), its log in its work folder."""
 
     def __init__(self, folder: Path, model: Path, destination_port: int, port: int | None = None,
-                 study_timeout: float = 1.0, work_dir: Path | None = None):
+                 study_timeout: float = 1.0, work_dir: Path | None = None, extra: tuple = ()):
         self.folder, self.port = folder, port or free_port()
         self.work_dir = work_dir or folder / "work"
         self.args = [sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(model),
                      "--public_key", signing_keys()[1], "--listen", f"127.0.0.1:{self.port}",
                      "--ae_title", NODE_AET, "--destination", f"{PACS_AET}@127.0.0.1:{destination_port}",
-                     "--work_dir", str(self.work_dir), "--study_timeout", str(study_timeout)]
+                     "--work_dir", str(self.work_dir), "--study_timeout", str(study_timeout), *extra]
         self.process = None
 
     def start(self) -> "Node":
@@ -169,10 +181,42 @@ class Node:
         self.log.close()
 
 
-def storescu(folder: Path, port: int, calling: str = PACS_AET) -> subprocess.CompletedProcess:
-    """Every DICOM file under ``folder`` to the node, as the PACS would send a study (one association)."""
-    return subprocess.run(["storescu", "-aet", calling, "-aec", NODE_AET, "+sd", "+r", "127.0.0.1", str(port),
-                           str(folder)], capture_output=True, text=True, timeout=120)
+def storescu(folder: Path, port: int, calling: str = PACS_AET, tls: dict | None = None) -> subprocess.CompletedProcess:
+    """Every DICOM file under ``folder`` to the node, as the PACS would send a study (one association);
+    ``tls``: over TLS with that certificate and key, the node's certificate checked against the CA."""
+    secure = ["+tls", tls["key"], tls["cert"], "+cf", tls["ca"]] if tls else []
+    return subprocess.run(["storescu", *secure, "-aet", calling, "-aec", NODE_AET, "+sd", "+r", "127.0.0.1",
+                           str(port), str(folder)], capture_output=True, text=True, timeout=120)
+
+
+def certificates(folder: Path) -> tuple[dict, dict]:
+    """A test CA and two certificates it signs for 127.0.0.1 (the PACS's, the node's): PEM file paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "robustmri test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    found = []
+    for name in ("pacs", "node"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False).sign(ca_key, hashes.SHA256()))
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                               serialization.PrivateFormat.TraditionalOpenSSL,
+                                                               serialization.NoEncryption()))
+        found.append({"cert": str(folder / f"{name}.pem"), "key": str(folder / f"{name}.key"),
+                      "ca": str(folder / "ca.pem")})
+    return found[0], found[1]
 
 
 def write_study(folder: Path, seed: int = 0, n: int = 4, **kwargs) -> str:
@@ -204,7 +248,8 @@ def nodes(tmp_path):
 
 
 def _one_sr(orthanc: Orthanc, study_uid: str, node: Node):
-    wait_for(lambda: orthanc.srs(study_uid), STUDY_S, f"an SR of the study in Orthanc; node log:\n{node.log_text()[-3000:]}")
+    wait_for(lambda: orthanc.srs(study_uid), STUDY_S,
+             f"an SR of the study in Orthanc; node log:\n{node.log_text()[-3000:]}")
     return orthanc.srs(study_uid)
 
 
@@ -300,6 +345,22 @@ def test_sigterm_exits_0_and_leaves_pending_studies_that_a_restart_delivers(tmp_
     restarted = nodes(Node(tmp_path / "node2", model, orthanc.dicom_port, node_port, work_dir=node.work_dir))
     wait_for(lambda: all(restarted.delivered(uid) for uid in uids), STUDY_S, "the 5 studies delivered")
     assert [len(orthanc.srs(uid)) for uid in uids] == [1] * 5
+
+
+@NEEDS_PACS
+def test_over_tls_a_study_gets_its_sr_and_a_plain_connection_is_refused(tmp_path, model, nodes):
+    pacs_tls, node_tls = certificates(tmp_path / "certs")
+    node_port = free_port()
+    orthanc = nodes(Orthanc(tmp_path / "orthanc", node_port, tls=pacs_tls))
+    node = nodes(Node(tmp_path / "node", model, orthanc.dicom_port, node_port,
+                      extra=("--tls_cert", node_tls["cert"], "--tls_key", node_tls["key"], "--tls_ca", node_tls["ca"])))
+    study_uid = write_study(tmp_path / "study", seed=5)
+    assert storescu(tmp_path / "study", node.port).returncode != 0  # not TLS: no association
+    assert node.studies() == {}
+    sent = storescu(tmp_path / "study", node.port, tls=pacs_tls)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(_one_sr(orthanc, study_uid, node)) == 1
+    assert "TLS" in node.log_text()
 
 
 @NEEDS_PACS

@@ -140,7 +140,8 @@ def test_sizes_and_listen_addresses_parse():
 
 
 def _event(dataset):
-    return SimpleNamespace(dataset=dataset, encoded_dataset=lambda include_meta: b"DICM" + dataset.SOPInstanceUID.encode())
+    encoded = b"DICM" + dataset.SOPInstanceUID.encode()
+    return SimpleNamespace(dataset=dataset, encoded_dataset=lambda include_meta: encoded)
 
 
 def test_the_store_handler_writes_before_success_and_refuses_when_full_or_unidentified(tmp_path):
