@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_work_bytes", default="20G",
                         help="size cap of the received instances (e.g. 500M, 20G; default %(default)s): beyond it "
                              "C-STORE is refused with 0xA700 (out of resources)")
+    parser.add_argument("--keep_delivered", type=float, default=None,
+                        help="seconds to keep a delivered study's instances and results (default: kept until removed)")
     parser.add_argument("--tls_cert", default="", help="the node's certificate (PEM): TLS on both links")
     parser.add_argument("--tls_key", default="", help="the node's private key (PEM)")
     parser.add_argument("--tls_ca", default="", help="CA certificates (PEM) that the peers' certificates chain to")
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         max_bytes = parse_size(args.max_work_bytes)
     except ValueError as err:
         _fail(f"--max_work_bytes: {err} (e.g. 500M, 20G)")
-    if args.study_timeout < 0 or args.threads < 0:
-        _fail("--study_timeout and --threads must not be negative")
+    if args.study_timeout < 0 or args.threads < 0 or (args.keep_delivered or 0) < 0:
+        _fail("--study_timeout, --keep_delivered and --threads must not be negative")
     calling = args.calling_ae or [destination.ae_title]
     if any(not aet or len(aet) > 16 for aet in calling + [args.ae_title]):
         _fail("AE titles must have 1 to 16 characters")
@@ -175,7 +177,8 @@ def serve(queue: StudyQueue, classifier, host: str, port: int, args, destination
     from robustmri.deploy.node.worker import Worker
 
     worker = Worker(queue, classifier, destination, args.ae_title, args.study_timeout,
-                    allow_demo_model=args.allow_demo_model, allow_unsigned=args.allow_unsigned, tls=tls)
+                    allow_demo_model=args.allow_demo_model, allow_unsigned=args.allow_unsigned, tls=tls,
+                    keep_delivered=args.keep_delivered)
 
     def stop(signum, _frame):
         logger.info("signal %d: stopping (the step in hand is finished, pending studies stay queued)", signum)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -31,6 +32,8 @@ RECEIVING, READY, ANSWERED, DELIVERED, FAILED = "receiving", "ready", "answered"
 STATES = (RECEIVING, READY, ANSWERED, DELIVERED, FAILED)
 DATABASE = "queue.sqlite3"
 INCOMING, RESULTS = "incoming", "results"
+#: Prefix of a purged study's folders while they are removed (renamed first, so no later instance lands in them).
+PURGING = ".purging-"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -108,6 +111,13 @@ class StudyQueue:
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on the disk before the C-STORE is acknowledged
         with self._db:
             self._db.executescript(_SCHEMA)
+        self._remove_purged()  # what a purge killed midway left
+
+    def _remove_purged(self) -> None:
+        for folder in (INCOMING, RESULTS):
+            for name in os.listdir(os.path.join(self.work_dir, folder)):
+                if name.startswith(PURGING):
+                    shutil.rmtree(os.path.join(self.work_dir, folder, name), ignore_errors=True)
 
     def close(self) -> None:
         self._db.close()
@@ -192,6 +202,24 @@ class StudyQueue:
         """Keep the study ``answered``, its next delivery attempt ``delay`` seconds from now."""
         now = time.time() if now is None else now
         return self._set(study, ANSWERED, now, attempts=study.attempts + 1, next_attempt=now + delay)
+
+    def purge_delivered(self, older_than: float, now: float | None = None) -> int:
+        """Remove the studies delivered at least ``older_than`` seconds ago (their instances, results and rows);
+        how many. Under the queue's lock, so no instance of such a study is stored meanwhile; a study sent again
+        later is a new study (answered on the instances then received)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            keys = [row[0] for row in self._db.execute("SELECT study_key FROM studies WHERE state=? AND updated<=?",
+                                                       (DELIVERED, now - older_than))]
+            for study_key in keys:
+                for folder in (self.study_folder(study_key), self.result_folder(study_key)):
+                    if os.path.isdir(folder):  # renamed first: its rows then go, and a kill leaves only the trash
+                        os.rename(folder, os.path.join(os.path.dirname(folder), PURGING + study_key))
+                with self._db:
+                    self._db.execute("DELETE FROM instances WHERE study_key=?", (study_key,))
+                    self._db.execute("DELETE FROM studies WHERE study_key=?", (study_key,))
+            self._remove_purged()
+        return len(keys)
 
     def studies(self) -> list[Study]:
         """Every study with its instance count and bytes, oldest first."""

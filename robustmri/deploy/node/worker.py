@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import threading
+import time
 
 from robustmri.deploy.dicom.study import DicomInputError, OutputError, infer_dicom
 from robustmri.deploy.node.queue import Study, StudyQueue
@@ -27,11 +28,11 @@ class Worker:
 
     def __init__(self, queue: StudyQueue, classifier, destination: Destination, calling_ae: str,
                  study_timeout: float, allow_demo_model: bool = False, allow_unsigned: bool = False,
-                 poll: float = 0.2, tls=None):
+                 poll: float = 0.2, tls=None, keep_delivered: float | None = None):
         self.queue, self.classifier, self.destination, self.calling_ae = queue, classifier, destination, calling_ae
         self.study_timeout, self.poll = study_timeout, poll
         self.allow_demo_model, self.allow_unsigned = allow_demo_model, allow_unsigned
-        self.tls = tls
+        self.tls, self.keep_delivered, self._purged = tls, keep_delivered, 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -52,6 +53,11 @@ class Worker:
         if study is not None:
             self.deliver(study)
             return True
+        if self.keep_delivered is not None and time.monotonic() - self._purged >= 1.0:  # idle: retention
+            self._purged = time.monotonic()
+            purged = self.queue.purge_delivered(self.keep_delivered)
+            if purged:
+                logger.info("removed %d study(ies) delivered over %.0f s ago", purged, self.keep_delivered)
         return False
 
     def answer(self, study: Study) -> None:

@@ -364,6 +364,19 @@ def test_over_tls_a_study_gets_its_sr_and_a_plain_connection_is_refused(tmp_path
 
 
 @NEEDS_PACS
+def test_keep_delivered_removes_a_delivered_study_from_the_work_folder(tmp_path, model, nodes):
+    node_port = free_port()
+    orthanc = nodes(Orthanc(tmp_path / "orthanc", node_port))
+    node = nodes(Node(tmp_path / "node", model, orthanc.dicom_port, node_port, extra=("--keep_delivered", "0")))
+    study_uid = write_study(tmp_path / "study", seed=6)
+    assert storescu(tmp_path / "study", node.port).returncode == 0
+    assert len(_one_sr(orthanc, study_uid, node)) == 1
+    wait_for(lambda: node.studies() == {} and not any((node.work_dir / "incoming").iterdir())
+             and not any((node.work_dir / "results").iterdir()), STUDY_S, "the delivered study removed")
+    assert "removed 1 study(ies)" in node.log_text()
+
+
+@NEEDS_PACS
 def test_an_unknown_calling_ae_title_is_refused(tmp_path, model, nodes):
     node = nodes(Node(tmp_path / "node", model, free_port()))
     write_study(tmp_path / "study", seed=3)

@@ -157,3 +157,37 @@ def test_the_store_handler_writes_before_success_and_refuses_when_full_or_uniden
     no_study.SOPInstanceUID = "1.2.3.3"
     assert handle(_event(no_study)) == scp.CANNOT_UNDERSTAND
     assert [s.n_instances for s in queue.studies()] == [1]
+
+
+def _delivered(queue, study_uid, sop_uids, now):
+    for sop in sop_uids:
+        queue.add_instance(study_uid, sop, b"x", now=now)
+    queue.promote_complete(timeout=1, now=now + 5)
+    study = queue.next_ready()
+    os.makedirs(queue.result_folder(study.study_key), exist_ok=True)
+    queue.mark_answered(study, 1, "ok", now=now + 5)
+    queue.mark_delivered(queue.next_due(now=now + 5), now=now + 6)
+    return study.study_key
+
+
+def test_purge_removes_only_studies_delivered_long_enough_ago_with_their_files(tmp_path):
+    queue = StudyQueue(tmp_path)
+    old = _delivered(queue, "1.2.3", ["1.2.3.1", "1.2.3.2"], now=0.0)
+    recent = _delivered(queue, "1.2.4", ["1.2.4.1"], now=100.0)
+    queue.add_instance("1.2.5", "1.2.5.1", b"x", now=0.0)  # never delivered: never purged
+    assert queue.purge_delivered(older_than=50, now=110.0) == 1
+    assert sorted(s.study_uid for s in queue.studies()) == ["1.2.4", "1.2.5"]
+    assert not os.path.exists(queue.study_folder(old)) and not os.path.exists(queue.result_folder(old))
+    assert os.path.isdir(queue.study_folder(recent)) and os.path.isdir(queue.result_folder(recent))
+    assert queue.used_bytes() == 2
+    assert sorted(os.listdir(tmp_path / "incoming")) == sorted([recent, key("1.2.5")])  # no trash left
+
+
+def test_a_purge_killed_midway_leaves_trash_that_the_next_open_removes(tmp_path):
+    queue = StudyQueue(tmp_path)
+    trash = tmp_path / "incoming" / ".purging-abc"
+    trash.mkdir()
+    (trash / "x.dcm").write_bytes(b"x")
+    StudyQueue(tmp_path)
+    assert not trash.exists()
+    assert queue.studies() == []
