@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.deploy.node.queue import DATABASE, DELIVERED, StudyQueue
 
-from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, signing_keys
+from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, rewrite_metadata, signing_keys
 
 pytestmark = pytest.mark.slow  # an exported model, Orthanc and node processes
 
@@ -124,11 +124,11 @@ class Node:
     """``robustmri-node`` as a subprocess (``python -m robustmri.deploy.node.cli``), its log in its work folder."""
 
     def __init__(self, folder: Path, model: Path, destination_port: int, port: int | None = None,
-                 study_timeout: float = 1.0, work_dir: Path | None = None, extra: tuple = ()):
+                 study_timeout: float = 1.0, work_dir: Path | None = None, extra: tuple = (), signed: bool = True):
         self.folder, self.port = folder, port or free_port()
         self.work_dir = work_dir or folder / "work"
         self.args = [sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(model),
-                     "--public_key", signing_keys()[1], "--listen", f"127.0.0.1:{self.port}",
+                     *(["--public_key", signing_keys()[1]] if signed else []), "--listen", f"127.0.0.1:{self.port}",
                      "--ae_title", NODE_AET, "--destination", f"{PACS_AET}@127.0.0.1:{destination_port}",
                      "--work_dir", str(self.work_dir), "--study_timeout", str(study_timeout), *extra]
         self.process = None
@@ -455,3 +455,22 @@ def test_bad_options_and_a_busy_port_are_one_line_with_their_status(tmp_path, mo
     assert (result.returncode, result.stderr.splitlines()[-1].startswith(f"robustmri-node: {expected[1]}")) == \
         (expected[0], True), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@NEEDS_PACS
+def test_a_demo_model_is_refused_unless_allowed_and_then_its_sr_says_demo_model(tmp_path, model, nodes):
+    provenance = {"schema": "robustmri-provenance-1", "demo_model": True,
+                  "data": {"kind": "synthetic", "name": "embedded synthetic set"}}
+    demo = rewrite_metadata(model, tmp_path / "demo.onnx", reseal=True, demo_model="true",
+                            model_version="0.4.0+demo", provenance=json.dumps(provenance))
+    node_port = free_port()
+    refused = Node(tmp_path / "refused", demo, free_port(), node_port, signed=False)
+    result = subprocess.run(refused.args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith("robustmri-node: model refused")
+    orthanc = nodes(Orthanc(tmp_path / "orthanc", node_port))
+    node = nodes(Node(tmp_path / "node", demo, orthanc.dicom_port, node_port, extra=("--allow_demo_model",),
+                      signed=False))
+    study_uid = write_study(tmp_path / "study", seed=7)
+    assert storescu(tmp_path / "study", node.port).returncode == 0
+    [sr] = _one_sr(orthanc, study_uid, node)
+    assert "DEMO MODEL" in json.dumps(sr)  # the SR's text, as Orthanc stored it
