@@ -5,7 +5,8 @@ What a study yields is what ``infer_dicom`` writes into its result folder: a stu
 or abstained (the model cannot vouch for its slices), has one SR, which is sent; a study that gives no result
 (refused for integrity, e.g. two patients under one SeriesInstanceUID; no series matching the series rule; no
 readable instance) has no SR, only ``summary.json`` with the reason, and nothing is sent: the study is
-``delivered`` with 0 SRs and its outcome (``no_result``) is in the queue (``robustmri-node --status``).
+``delivered`` with 0 SRs and its outcome (``no_result``; ``no_input`` when its folder held no file) is in the
+queue (``robustmri-node --status``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Worker:
         except DicomInputError:
             outcome, n_sr = "no_input", 0
         except Exception as err:  # kept as failed, for the operator; the other studies go on
-            logger.exception("study %s: inference failed (%s)", study.study_uid, type(err).__name__)
+            # the error's type only: its message or traceback could quote header values (names, IDs)
+            logger.error("study %s: inference failed (%s)", study.study_uid, type(err).__name__)
             self.queue.mark_failed(study, f"failed: {type(err).__name__}")
             return
         else:
