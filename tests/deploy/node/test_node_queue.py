@@ -1,18 +1,23 @@
-"""The node's durable queue, its back-off and its option parsing, without a network or a model."""
+"""The node's durable queue, its worker's failure paths, its back-off and its option parsing, without a PACS or a
+model (fast)."""
 
 import os
+import socket
 import sqlite3
+import time
 from types import SimpleNamespace
 
 import pydicom
 import pytest
 
+from robustmri.deploy.dicom.sr import BASIC_TEXT_SR_STORAGE, new_instance
 from robustmri.deploy.node import scp
 from robustmri.deploy.node.cli import parse_listen, parse_size
 from robustmri.deploy.node.queue import (
     ANSWERED,
     DATABASE,
     DELIVERED,
+    FAILED,
     READY,
     RECEIVING,
     QueueFull,
@@ -20,6 +25,7 @@ from robustmri.deploy.node.queue import (
     key,
 )
 from robustmri.deploy.node.sender import Destination, backoff
+from robustmri.deploy.node.worker import Worker
 
 
 def _state(queue, study_uid):
@@ -191,3 +197,43 @@ def test_a_purge_killed_midway_leaves_trash_that_the_next_open_removes(tmp_path)
     StudyQueue(tmp_path)
     assert not trash.exists()
     assert queue.studies() == []
+
+
+class _BrokenClassifier:
+    def describe(self):
+        raise RuntimeError("header value TESTPATIENT^ALICE")  # what an error message could quote
+
+
+def test_an_inference_error_fails_the_study_and_logs_its_type_only(tmp_path, caplog):
+    queue = StudyQueue(tmp_path / "work")
+    queue.add_instance("1.2.3", "1.2.3.1", b"x", now=0.0)
+    worker = Worker(queue, _BrokenClassifier(), Destination("PACS", "127.0.0.1", 1), "ROBUSTMRI", study_timeout=0)
+    with caplog.at_level("INFO"):
+        assert worker.step()
+    study = _state(queue, "1.2.3")
+    assert (study.state, study.outcome) == (FAILED, "failed: RuntimeError")
+    assert "RuntimeError" in caplog.text and "TESTPATIENT" not in caplog.text
+    queue.add_instance("1.2.3", "1.2.3.2", b"y")  # a new instance retries it
+    assert _state(queue, "1.2.3").state == RECEIVING
+
+
+def test_a_destination_that_cannot_be_reached_keeps_the_study_answered_with_back_off(tmp_path):
+    queue = StudyQueue(tmp_path / "work")
+    queue.add_instance("1.2.3", "1.2.3.1", b"x", now=0.0)
+    queue.promote_complete(timeout=1, now=5.0)
+    study = queue.next_ready()
+    sr = new_instance(BASIC_TEXT_SR_STORAGE)
+    sr.StudyInstanceUID = "1.2.3"
+    os.makedirs(queue.result_folder(study.study_key))
+    sr.save_as(os.path.join(queue.result_folder(study.study_key), "1.2.3.sr.dcm"), enforce_file_format=True)
+    queue.mark_answered(study, 1, "ok")
+    with socket.socket() as closed:  # a port with nothing listening
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    worker = Worker(queue, None, Destination("PACS", "127.0.0.1", port), "ROBUSTMRI", study_timeout=1)
+    started = time.time()
+    assert worker.step()
+    study = _state(queue, "1.2.3")
+    assert (study.state, study.attempts) == (ANSWERED, 1)
+    assert started + backoff(0) <= study.next_attempt <= time.time() + backoff(0)
+    assert not worker.step()  # not due yet: nothing to do
