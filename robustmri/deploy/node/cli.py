@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         max_bytes = parse_size(args.max_work_bytes)
     except ValueError as err:
         _fail(f"--max_work_bytes: {err} (e.g. 500M, 20G)")
-    if args.study_timeout < 0 or args.threads < 0 or (args.keep_delivered or 0) < 0:
-        _fail("--study_timeout, --keep_delivered and --threads must not be negative")
+    if not (args.study_timeout >= 0 and args.threads >= 0 and (args.keep_delivered or 0) >= 0):  # NaN too
+        _fail("--study_timeout, --keep_delivered and --threads must be numbers >= 0")
     calling = args.calling_ae or [destination.ae_title]
     if any(not aet or len(aet) > 16 for aet in calling + [args.ae_title]):
         _fail("AE titles must have 1 to 16 characters")

@@ -436,7 +436,7 @@ def test_an_unsigned_model_is_refused_at_start_with_one_line(tmp_path):
     assert not (tmp_path / "work").exists()  # refused before the work folder is touched
 
 
-@pytest.mark.parametrize("case", ["busy_port", "bad_size", "bad_destination", "no_queue"])
+@pytest.mark.parametrize("case", ["busy_port", "bad_size", "bad_destination", "no_queue", "nan_timeout"])
 def test_bad_options_and_a_busy_port_are_one_line_with_their_status(tmp_path, model, case):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -444,14 +444,15 @@ def test_bad_options_and_a_busy_port_are_one_line_with_their_status(tmp_path, mo
         options = {"busy_port": ["--listen", f"127.0.0.1:{busy.getsockname()[1]}"],
                    "bad_size": ["--max_work_bytes", "lots"],
                    "bad_destination": ["--destination", "PACS-at-127.0.0.1"],
-                   "no_queue": ["--status"]}[case]
+                   "no_queue": ["--status"], "nan_timeout": ["--study_timeout", "nan"]}[case]
         result = subprocess.run([sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(model),
                                  "--public_key", signing_keys()[1], "--destination", f"{PACS_AET}@127.0.0.1:1",
                                  "--work_dir", str(tmp_path / "work"), *options],
                                 capture_output=True, text=True, timeout=120)
     expected = {"busy_port": (3, "cannot listen on"), "bad_size": (2, "--max_work_bytes: not a size"),
                 "bad_destination": (2, "--destination must be AET@HOST:PORT"),
-                "no_queue": (2, "no node queue in the work folder")}[case]
+                "no_queue": (2, "no node queue in the work folder"),
+                "nan_timeout": (2, "--study_timeout, --keep_delivered and --threads must be numbers >= 0")}[case]
     assert (result.returncode, result.stderr.splitlines()[-1].startswith(f"robustmri-node: {expected[1]}")) == \
         (expected[0], True), result.stderr
     assert "Traceback" not in result.stderr
