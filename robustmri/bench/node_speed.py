@@ -58,6 +58,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_record(model: str | Path) -> dict:
+    """What identifies the model measured: its file's SHA-256 and the integrity digest, version and demo flag its
+    metadata carries (the digest the node checks and derives the SR UIDs from)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    return {"file": Path(model).name, "sha256": file_sha256(model), "integrity_sha256": props.get("integrity_sha256"),
+            "model_version": props.get("model_version"), "demo_model": props.get("demo_model")}
+
+
 def measure_node(model: str | Path, folder: str | Path, images: list[np.ndarray], model_options: tuple = (),
                  study_timeout: float = 2.0, repeats: int = 5, burst: int = 20, study_wait_s: float = 600,
                  burst_wait_s: float = 3600, series: str = "") -> dict:
@@ -110,7 +120,7 @@ def measure_node(model: str | Path, folder: str | Path, images: list[np.ndarray]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": describe_machine(),
-        "model": {"file": model.name, "sha256": file_sha256(model)},
+        "model": model_record(model),
         "series": series or f"{n_files} slices of {images[0].shape[0]} x {images[0].shape[1]}",
         "study_timeout_s": study_timeout,
         "latency_s": {"repeats": repeats, "median": round(statistics.median(latencies), 3),

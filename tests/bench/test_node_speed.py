@@ -39,6 +39,7 @@ def test_measure_node_times_every_study_to_its_one_sr(tmp_path, model):
     assert burst["studies"] == 2 and burst["seconds"] > study_timeout
     assert burst["studies_per_hour"] == pytest.approx(2 * 3600 / burst["seconds"], rel=0.01)
     assert report["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert report["model"]["model_version"] == "9.9.9" and len(report["model"]["integrity_sha256"]) == 64
     assert report["study_timeout_s"] == study_timeout and report["machine"]["cpu_count"] >= 1
     table = markdown_table(report)
     assert f"| studies per hour | {burst['studies_per_hour']} |" in table
