@@ -135,11 +135,13 @@ def measure_node(model: str | Path, folder: str | Path, images: list[np.ndarray]
 def markdown_table(report: dict) -> str:
     """The report's numbers as a markdown table."""
     latency, burst = report["latency_s"], report["burst"]
+    outcomes = ", ".join(f"{name} {count}" for name, count in sorted(report["outcomes"].items()))
     rows = [("series", report["series"]), ("study timeout (s), subtracted", report["study_timeout_s"]),
             (f"latency, last instance -> SR in Orthanc (s), median of {latency['repeats']}", latency["median"]),
             ("latency min / max (s)", f"{latency['min']} / {latency['max']}"),
             ("first study, not counted (s)", latency["warmup"]),
             (f"burst of {burst['studies']} studies, first send -> last SR (s)", burst["seconds"]),
             ("studies per hour", burst["studies_per_hour"]),
+            ("studies' outcomes (warm-up, single, burst)", outcomes),
             ("machine", f"{report['machine']['cpu']}, {report['machine']['cpu_count']} logical CPU(s)")]
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])

@@ -58,6 +58,12 @@ def _stop(process: subprocess.Popen, signal_number: int = signal.SIGTERM, timeou
             process.wait(timeout=30)
 
 
+def _exited(name: str, process: subprocess.Popen, log: str) -> str:
+    """Why a process stopped before it was up: its status and last log line first (the reason), then its log's end."""
+    last = (log.strip().splitlines() or ["(no output)"])[-1]
+    return f"{name} exited with status {process.returncode}: {last}\n{log[-3000:]}"
+
+
 class Orthanc:
     """Orthanc on loopback ports with a temporary configuration (PACS's AE title, the node as its one modality)."""
 
@@ -69,7 +75,8 @@ class Orthanc:
         config = {"Name": "robustmri-test", "StorageDirectory": str(self.folder / "db"),
                   "IndexDirectory": str(self.folder / "db"),
                   "DicomAet": PACS_AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomCheckModalityHost": True,
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+                  "DicomCheckModalityHost": True,
                   "DicomAlwaysAllowStore": False, "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
                   "Plugins": []}
         if tls:  # the PACS's own certificate and key, the CA its peers' certificates chain to; the node over TLS
@@ -89,7 +96,8 @@ class Orthanc:
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+            log = (self.folder / "orthanc.log").read_text(errors="replace")
+            raise RuntimeError(_exited("Orthanc", self.process, log))
         try:
             return self.get("/system")["DicomAet"] == PACS_AET
         except OSError:
@@ -149,7 +157,7 @@ class Node:
 
     def _listening(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"the node exited: {self.log_text()[-3000:]}")
+            raise RuntimeError(_exited("the node", self.process, self.log_text()))
         with socket.socket() as s:
             s.settimeout(1)
             return s.connect_ex(("127.0.0.1", self.port)) == 0

@@ -43,6 +43,7 @@ def test_measure_node_times_every_study_to_its_one_sr(tmp_path, model):
     assert report["study_timeout_s"] == study_timeout and report["machine"]["cpu_count"] >= 1
     table = markdown_table(report)
     assert f"| studies per hour | {burst['studies_per_hour']} |" in table
+    assert "| studies' outcomes (warm-up, single, burst) | ok 5 |" in table
 
 
 def test_the_script_refuses_a_missing_model_with_one_line(tmp_path):
