@@ -15,7 +15,6 @@ A benchmark, not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from robustmri import CLASS_NAMES
-from robustmri.bench.dicom_fixtures import write_mr_series
+from robustmri.bench.dicom_fixtures import series_images, write_mr_series
 from robustmri.bench.machine import cpu_name
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.export import export_onnx
@@ -51,25 +50,6 @@ def _rate(run, batch: int, min_seconds: float, warmup: int = 3) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds and calls >= 3:
             return calls * batch / elapsed
-
-
-def _series_images(n: int, size: int, dataset_dir: str) -> tuple[list[np.ndarray], str]:
-    labels = os.path.join(dataset_dir, "labels.csv")
-    if os.path.isfile(labels):
-        from PIL import Image
-
-        from robustmri.data.readers import read_image
-
-        with open(labels) as handle:
-            rows = [row for row in csv.DictReader(handle) if row["label_name"] == "glioma"][:n]
-        images = [read_image(os.path.join(dataset_dir, row["file"])) for row in rows]
-        images = [np.asarray(Image.fromarray(i).resize((size, size))) if i.shape != (size, size) else i
-                  for i in images]
-        return [np.rint(i) for i in images], f"figshare glioma slices ({dataset_dir})"
-    from robustmri.data.synthetic import generate_slices
-
-    data = generate_slices(n_patients=n, size=size, seed=0)
-    return [np.rint(i * 1000) for i in data["images"][:n]], "embedded synthetic phantom"
 
 
 def _detector_data(images, spatial_size: int) -> dict:
@@ -105,7 +85,7 @@ def main(checkpoint: str = "", spatial_size: int = 256, network_padding: int = 0
             torch.save(network.state_dict(), ckpt)
         onnx_file = os.path.join(tmp, "model.onnx")
         parity = np.random.default_rng(0).random((32, 1, spatial_size, spatial_size), dtype=np.float32)
-        images, source = _series_images(n_slices, image_size, dataset_dir)
+        images, source = series_images(n_slices, image_size, dataset_dir)
         export = export_onnx(network, onnx_file, CLASS_NAMES, spatial_size, checkpoint=ckpt, parity_images=parity,
                              preprocess="minmax", **_detector_data(images, spatial_size))
         report["parity_random_images"] = export["parity"]

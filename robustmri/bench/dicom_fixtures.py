@@ -9,6 +9,7 @@ patient identifiers are fictitious values chosen by the caller.
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 
@@ -234,3 +235,24 @@ def write_enhanced_mr(path: str | os.PathLike, images, patient: FictitiousPatien
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def series_images(n: int, size: int, dataset_dir: str | os.PathLike = "") -> tuple[list[np.ndarray], str]:
+    """``n`` slices of ``size`` x ``size`` for a benchmark series, and where they came from: the first ``n`` figshare
+    glioma slices when ``dataset_dir`` holds the data set's ``labels.csv``, else the embedded synthetic phantom."""
+    labels = os.path.join(dataset_dir, "labels.csv") if dataset_dir else ""
+    if labels and os.path.isfile(labels):
+        from PIL import Image
+
+        from robustmri.data.readers import read_image
+
+        with open(labels) as handle:
+            rows = [row for row in csv.DictReader(handle) if row["label_name"] == "glioma"][:n]
+        images = [read_image(os.path.join(dataset_dir, row["file"])) for row in rows]
+        images = [np.asarray(Image.fromarray(i).resize((size, size))) if i.shape != (size, size) else i
+                  for i in images]
+        return [np.rint(i) for i in images], f"figshare glioma slices ({os.path.basename(os.fspath(dataset_dir))})"
+    from robustmri.data.synthetic import generate_slices
+
+    data = generate_slices(n_patients=n, size=size, seed=0)
+    return [np.rint(i * 1000) for i in data["images"][:n]], "embedded synthetic phantom"

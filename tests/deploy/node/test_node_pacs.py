@@ -5,13 +5,10 @@ titles are refused; a study refused for integrity gives no SR."""
 import datetime
 import ipaddress
 import json
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -21,172 +18,33 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from robustmri.bench import pacs
 from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
-from robustmri.deploy.node.queue import DATABASE, DELIVERED, StudyQueue
+from robustmri.bench.pacs import PACS_AET, Orthanc, free_port, pacs_tools_missing, storescu
 
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, rewrite_metadata, signing_keys
 
 pytestmark = pytest.mark.slow  # an exported model, Orthanc and node processes
 
-NEEDS_PACS = pytest.mark.skipif(not (shutil.which("Orthanc") and shutil.which("storescu")),
+NEEDS_PACS = pytest.mark.skipif(bool(pacs_tools_missing()),
                                 reason="needs Orthanc and dcmtk's storescu (Debian packages orthanc, dcmtk)")
-NODE_AET, PACS_AET = "ROBUSTMRI", "PACS"
-#: Bounds of every wait (seconds): a process starting, a study answered and delivered, a burst of 20.
-START_S, STUDY_S, BURST_S = 60, 60, 150
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: Bounds of every wait (seconds): a study answered and delivered, a burst of 20.
+STUDY_S, BURST_S = 60, 150
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.25):
-    """``condition()``'s first truthy value within ``timeout`` seconds; a clear failure otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """:func:`robustmri.bench.pacs.wait_for`, a timeout reported as the test's failure."""
+    try:
+        return pacs.wait_for(condition, timeout, what, interval)
+    except TimeoutError as error:
+        pytest.fail(str(error))
 
 
-class Orthanc:
-    """Orthanc on loopback ports with a temporary configuration (PACS's AE title, the node as its one modality)."""
+class Node(pacs.Node):
+    """The node with a model signed by the tests' key (``signed``: its public key given)."""
 
-    def __init__(self, folder: Path, node_port: int, dicom_port: int | None = None, tls: dict | None = None):
-        self.folder, self.dicom_port, self.http_port = folder, dicom_port or free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        # HTTP authentication off only because HTTP answers 127.0.0.1 alone (RemoteAccessAllowed false); Orthanc 1.10
-        # cannot bind its DICOM port to loopback, so it stores only from the node's AE title on 127.0.0.1
-        config = {"Name": "robustmri-test", "StorageDirectory": str(folder / "db"),
-                  "IndexDirectory": str(folder / "db"),
-                  "DicomAet": PACS_AET, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "DicomCheckModalityHost": True,
-                  "DicomAlwaysAllowStore": False, "DicomModalities": {"node": [NODE_AET, "127.0.0.1", node_port]},
-                  "Plugins": []}
-        if tls:  # the PACS's own certificate and key, the CA its peers' certificates chain to; the node over TLS
-            config.update(DicomTlsEnabled=True, DicomTlsCertificate=tls["cert"], DicomTlsPrivateKey=tls["key"],
-                          DicomTlsTrustedCertificates=tls["ca"], DicomTlsRemoteCertificateRequired=True,
-                          DicomModalities={"node": {"AET": NODE_AET, "Host": "127.0.0.1", "Port": node_port,
-                                                    "UseDicomTls": True}})
-        (folder / "orthanc.json").write_text(json.dumps(config))
-        self.process = None
-
-    def start(self) -> "Orthanc":
-        self.log = open(self.folder / "orthanc.log", "ab")
-        self.process = subprocess.Popen(["Orthanc", str(self.folder / "orthanc.json")], stdout=self.log,
-                                        stderr=subprocess.STDOUT)
-        wait_for(lambda: self._up(), START_S, "Orthanc's HTTP port")
-        return self
-
-    def _up(self) -> bool:
-        assert self.process.poll() is None, f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}"
-        try:
-            return self.get("/system")["DicomAet"] == PACS_AET
-        except OSError:
-            return False
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.load(response)
-
-    def post(self, path: str, body: dict):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-
-    def srs(self, study_uid: str) -> list[pydicom.Dataset]:
-        """The SR instances of the study held by Orthanc (their tags)."""
-        found = self.post("/tools/find", {"Level": "Instance", "Expand": True,
-                                          "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}})
-        return [self.get(f"/instances/{item['ID']}/simplified-tags") for item in found]
-
-    def n_instances(self) -> int:
-        return self.get("/statistics")["CountInstances"]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        if self.process:
-            self.log.close()
-
-
-class Node:
-    """``robustmri-node`` as a subprocess (``python -m robustmri.deploy.node.cli``), its log in its work folder."""
-
-    def __init__(self, folder: Path, model: Path, destination_port: int, port: int | None = None,
-                 study_timeout: float = 1.0, work_dir: Path | None = None, extra: tuple = (), signed: bool = True):
-        self.folder, self.port = folder, port or free_port()
-        self.work_dir = work_dir or folder / "work"
-        self.args = [sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(model),
-                     *(["--public_key", signing_keys()[1]] if signed else []), "--listen", f"127.0.0.1:{self.port}",
-                     "--ae_title", NODE_AET, "--destination", f"{PACS_AET}@127.0.0.1:{destination_port}",
-                     "--work_dir", str(self.work_dir), "--study_timeout", str(study_timeout), *extra]
-        self.process = None
-
-    def start(self) -> "Node":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.folder / "node.log", "ab")
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._listening, START_S, "the node's port")
-        return self
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None, f"the node exited: {self.log_text()[-3000:]}"
-        with socket.socket() as s:
-            s.settimeout(1)
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def log_text(self) -> str:
-        return (self.folder / "node.log").read_text(errors="replace")
-
-    def studies(self) -> dict:
-        """The queue as the node left it on disk: study UID -> its row."""
-        if not (self.work_dir / DATABASE).exists():
-            return {}
-        queue = StudyQueue(self.work_dir, read_only=True)
-        try:
-            return {s.study_uid: s for s in queue.studies()}
-        finally:
-            queue.close()
-
-    def delivered(self, study_uid: str, generation: int = 1):
-        study = self.studies().get(study_uid)
-        return study if study and study.state == DELIVERED and study.generation >= generation else None
-
-    def stop(self) -> int:
-        """SIGTERM, and its exit status (the node must stop within the bound)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=START_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        self.log.close()
-        return self.process.returncode
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: nothing of the node runs after it
-        self.process.wait(timeout=30)
-        self.log.close()
-
-
-def storescu(folder: Path, port: int, calling: str = PACS_AET, tls: dict | None = None) -> subprocess.CompletedProcess:
-    """Every DICOM file under ``folder`` to the node, as the PACS would send a study (one association);
-    ``tls``: over TLS with that certificate and key, the node's certificate checked against the CA."""
-    secure = ["+tls", tls["key"], tls["cert"], "+cf", tls["ca"]] if tls else []
-    return subprocess.run(["storescu", *secure, "-aet", calling, "-aec", NODE_AET, "+sd", "+r", "127.0.0.1",
-                           str(port), str(folder)], capture_output=True, text=True, timeout=120)
+    def __init__(self, *args, extra: tuple = (), signed: bool = True, **kwargs):
+        super().__init__(*args, extra=(*(["--public_key", signing_keys()[1]] if signed else []), *extra), **kwargs)
 
 
 def certificates(folder: Path) -> tuple[dict, dict]:
