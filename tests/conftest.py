@@ -38,3 +38,11 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``forks_training`` run first (the others keep their order). Their forked child trains, and some
+    earlier tests (exporting a signed model with its detector, then running the DICOM node against Orthanc) leave
+    the test process in a state where a forked child's backward pass fails with "Unable to handle autograd's
+    threading in combination with fork-based multiprocessing" (the cause is not found yet)."""
+    items.sort(key=lambda item: item.get_closest_marker("forks_training") is None)

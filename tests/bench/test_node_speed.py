@@ -3,6 +3,7 @@
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,18 +19,36 @@ NEEDS_PACS = pytest.mark.skipif(bool(pacs_tools_missing()),
                                 reason="needs Orthanc and dcmtk's storescu (Debian packages orthanc, dcmtk)")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), signed=True, ood=gradient_detector_data(),
-                                     target_acceptance=1.0)
-    return onnx_file
+def _measured_in_a_child(folder, **kwargs) -> tuple[dict, bytes]:
+    """A tiny signed model exported and measure_node(...) run in a forked child; the report (JSON) and the model's
+    bytes back. Run in the test process itself, the two leave that process in a state where a later test's
+    training in a forked child fails ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"; the cause is not found yet), so they run apart."""
+    import json
+    import multiprocessing
+
+    out = folder / "report.json"
+
+    def run():
+        (folder / "model").mkdir()
+        _, _, onnx_file, _ = export_tiny(folder / "model", signed=True, ood=gradient_detector_data(),
+                                         target_acceptance=1.0)
+        report = measure_node(onnx_file, folder, gradient_series(4), ("--public_key", signing_keys()[1]), **kwargs)
+        out.write_text(json.dumps({"report": report, "model": str(onnx_file)}))
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(timeout=600)
+    assert child.exitcode == 0, f"export or measure_node failed in its child (exit {child.exitcode})"
+    result = json.loads(out.read_text())
+    return result["report"], Path(result["model"]).read_bytes()
 
 
 @NEEDS_PACS
-def test_measure_node_times_every_study_to_its_one_sr(tmp_path, model):
+def test_measure_node_times_every_study_to_its_one_sr(tmp_path):
     study_timeout = 0.5
-    report = measure_node(model, tmp_path, gradient_series(4), ("--public_key", signing_keys()[1]),
-                          study_timeout=study_timeout, repeats=2, burst=2, study_wait_s=60, burst_wait_s=120)
+    report, model_bytes = _measured_in_a_child(tmp_path, study_timeout=study_timeout, repeats=2, burst=2,
+                                               study_wait_s=60, burst_wait_s=120)
     latency, burst = report["latency_s"], report["burst"]
     assert report["outcomes"] == {"ok": 5}  # the warm-up, 2 single studies, a burst of 2: all answered
     assert latency["repeats"] == len(latency["values"]) == 2
@@ -38,7 +57,7 @@ def test_measure_node_times_every_study_to_its_one_sr(tmp_path, model):
     # a burst of 2 cannot end before one study's wait for further instances has passed
     assert burst["studies"] == 2 and burst["seconds"] > study_timeout
     assert burst["studies_per_hour"] == pytest.approx(2 * 3600 / burst["seconds"], rel=0.01)
-    assert report["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert report["model"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
     assert report["model"]["model_version"] == "9.9.9" and len(report["model"]["integrity_sha256"]) == 64
     assert report["study_timeout_s"] == study_timeout and report["machine"]["cpu_count"] >= 1
     table = markdown_table(report)

@@ -185,6 +185,7 @@ def _method_final(folder, method):
             "summary": json.loads((folder / "eval" / registry()[method].summary).read_text())}
 
 
+@pytest.mark.forks_training
 @pytest.mark.parametrize("method", ["alr", "mwnet", "pint"])
 def test_alr_mwnet_and_pint_killed_mid_epoch_and_resumed_end_like_an_uninterrupted_run(tmp_path, method):
     from robustmri.data.protocol import build_protocol

@@ -390,6 +390,7 @@ def _workflow(folder, data=None, resume=False, kill_at=None):
 
 
 @pytest.mark.slow
+@pytest.mark.forks_training
 def test_a_stability_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(tmp_path):
     """Killed in the middle of epoch 3 (the second with copies), resumed: the same weights, history and next
     noise draws as a run never interrupted, because the copies' generator is saved with the run."""

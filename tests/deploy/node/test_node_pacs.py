@@ -22,7 +22,7 @@ from robustmri.bench import pacs
 from robustmri.bench.dicom_fixtures import FictitiousPatient, write_mr_series
 from robustmri.bench.pacs import PACS_AET, Orthanc, free_port, pacs_tools_missing, storescu
 
-from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, rewrite_metadata, signing_keys
+from deploy_helpers import exported_apart, gradient_detector_data, gradient_series, rewrite_metadata, signing_keys
 
 pytestmark = pytest.mark.slow  # an exported model, Orthanc and node processes
 
@@ -86,9 +86,8 @@ def write_study(folder: Path, seed: int = 0, n: int = 4, **kwargs) -> str:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A signed tiny model whose detector accepts the gradient series (so studies are answered, not abstained)."""
-    _, _, onnx_file, _ = export_tiny(tmp_path_factory.mktemp("model"), signed=True, ood=gradient_detector_data(),
-                                     target_acceptance=1.0)
-    return onnx_file
+    return exported_apart(tmp_path_factory.mktemp("model"), signed=True, ood=gradient_detector_data(),
+                          target_acceptance=1.0)
 
 
 @pytest.fixture()
@@ -281,7 +280,7 @@ def test_two_patients_under_one_series_uid_give_no_class_and_no_sr(tmp_path, mod
 
 
 def test_an_unsigned_model_is_refused_at_start_with_one_line(tmp_path):
-    _, _, onnx_file, _ = export_tiny(tmp_path, ood=gradient_detector_data(), target_acceptance=1.0)
+    onnx_file = exported_apart(tmp_path, ood=gradient_detector_data(), target_acceptance=1.0)
     result = subprocess.run([sys.executable, "-m", "robustmri.deploy.node.cli", "--model", str(onnx_file),
                              "--destination", f"{PACS_AET}@127.0.0.1:{free_port()}", "--work_dir",
                              str(tmp_path / "work"), "--listen", f"127.0.0.1:{free_port()}"],
