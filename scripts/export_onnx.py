@@ -26,7 +26,7 @@ the checkpoint, with the bundle's test metrics of this checkpoint from ``--eval_
 ``bundle/eval``) and an integrity digest that every load verifies; ``--signing_key`` (an Ed25519
 private key, PEM: ``scripts/model_keys.py``) signs it.
 
-The out-of-distribution detector (``robustmri.deploy.onnx.ood``, the ``ood_score`` output) is fitted on the
+The out-of-distribution detector (``robustmri.abstention.mahalanobis``, the ``ood_score`` output) is fitted on the
 protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
 (``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
 (0.5) is the abstention rule written beside it. They need the data the model was trained on (by default; ``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
@@ -43,7 +43,8 @@ import os
 import fire
 
 from robustmri.deploy.onnx.export_checkpoint import export_checkpoint, monai_logs_to_stderr
-from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
+from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
+from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 

@@ -38,16 +38,14 @@ from robustmri import __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
 from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.dicom.series_rule import SeriesRule
-from robustmri.deploy.onnx.ood import (
+from robustmri.abstention.mahalanobis import (
     DETECTOR_NAME,
-    SERIES_MAX_NOT_ASSESSABLE,
     TARGET_ACCEPTANCE,
-    ScoredClassifier,
     calibrate_threshold,
-    describe_abstention_rule,
     describe_detector,
     fit_detector,
 )
+from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, ScoredClassifier, describe_abstention_rule
 from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
 from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)

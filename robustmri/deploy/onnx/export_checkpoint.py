@@ -24,7 +24,8 @@ from robustmri.deploy.onnx.export import (
     split_arrays,
     split_images,
 )
-from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, TARGET_ACCEPTANCE
+from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
+from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE
 from robustmri.engine.model_metadata import data_provenance, metadata_path, read_trained
 from robustmri.engine.workflow import load_workflow
 from robustmri.evaluation.checkpoints import load_weights

@@ -14,6 +14,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from robustmri import CLASS_NAMES
+from robustmri.abstention.mahalanobis import RIDGE, MahalanobisDetector, calibrate_threshold, fit_detector
 from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.protocol import build_protocol
 from robustmri.data.synthetic import generate_slices
@@ -21,7 +22,7 @@ from robustmri.deploy.dicom.classify import classify_series
 from robustmri.deploy.dicom.headers import scan_folders
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.export import OOD_METADATA_KEYS, export_onnx, split_arrays
-from robustmri.deploy.onnx.ood import RIDGE, MahalanobisDetector, ScoredClassifier, calibrate_threshold, fit_detector
+from robustmri.deploy.onnx.ood import ScoredClassifier
 from robustmri.deploy.onnx.runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
 
 from conftest import ROOT
