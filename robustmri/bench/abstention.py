@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 #: The home splits scored as evaluated, and re-rendered under the shifts.
 SPLITS = ("validation", "test")
 _PROTOCOL_SPLIT = {"validation": "val", "test": "test"}
+#: The coverage at which each score's risk is also reported (the product's threshold accepts 95 % of validation).
+RISK_COVERAGE = 0.95
 #: Defaults of the protocol settings when the checkpoint recorded none (the bundle's own defaults).
 PROTOCOL_DEFAULTS = {"noise": "gaussian", "seed": 0, "synthetic_patients": 300}
 
@@ -107,8 +109,8 @@ def score_sets(network, sets: dict[str, dict], train: tuple[np.ndarray, np.ndarr
                members=(), progress: bool = True) -> tuple[dict[str, dict], dict[str, dict]]:
     """Fit each score on ``train`` (images, labels), its reference on the ``validation`` set; score every set.
 
-    Returns ``(rows, values)``: ``rows[set]`` = n, accuracy, oracle AURC and per score its AURC and excess
-    AURC; ``values[set]`` = ``{"correct": [N], score name: [N]}`` for the curves (the ensemble's own
+    Returns ``(rows, values)``: ``rows[set]`` = n, accuracy, oracle AURC and per score its AURC, excess
+    AURC and risk at :data:`RISK_COVERAGE`; ``values[set]`` = ``{"correct": [N], score name: [N]}`` for the curves (the ensemble's own
     ``ensemble_correct``). ``members``: further networks of an ensemble with ``network``."""
     outputs = {name: network_outputs(network, entry["images"]) for name, entry in
                tqdm(sets.items(), desc="network outputs", unit="set", disable=not progress)}
@@ -142,7 +144,8 @@ def score_sets(network, sets: dict[str, dict], train: tuple[np.ndarray, np.ndarr
                 continue
             answers = values[name]["ensemble_correct" if score_name.startswith("ensemble_") else "correct"]
             curve = risk_coverage_curve(score_values, answers)
-            row["scores"][score_name] = {"aurc": curve.aurc, "excess_aurc": curve.aurc - oracle_aurc(answers)}
+            row["scores"][score_name] = {"aurc": curve.aurc, "excess_aurc": curve.aurc - oracle_aurc(answers),
+                                         "risk_at_95": curve.risk_at(RISK_COVERAGE)}
         rows[name] = row
     return rows, values
 

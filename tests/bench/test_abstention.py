@@ -77,6 +77,8 @@ def test_aurc_equals_this_tests_own_computation(report, trained, data):
     assert row["accuracy"] == pytest.approx(correct.mean())
     energy = (-torch.logsumexp(logits, 1)).numpy()
     assert row["scores"]["energy"]["aurc"] == pytest.approx(aurc(energy, correct), abs=1e-9)
+    accepted = np.argsort(energy)[:int(np.ceil(0.95 * len(energy)))]  # no ties among these float energies
+    assert row["scores"]["energy"]["risk_at_95"] == pytest.approx(1 - correct[accepted].mean())
     softmax = (1 - torch.softmax(logits, 1).max(1).values).numpy()
     assert row["scores"]["max_softmax"]["aurc"] == pytest.approx(aurc(softmax, correct), abs=1e-9)
     # identical members: no disagreement anywhere, so the score is constant and its AURC is the error rate
@@ -101,6 +103,25 @@ def test_the_choice_is_made_on_shifted_validation_only(report):
     chosen = result["choice"]["score"]
     assert result["choice"]["test"] == result["sets"]["test"]["scores"][chosen]
     assert f"Chosen: **{chosen}**" in (out / "abstention_bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_protocol_comes_from_the_checkpoints_provenance(trained, data, tmp_path):
+    """Without --seed and --synthetic_patients the bench scores the splits the checkpoint was trained on."""
+    from robustmri.engine.model_metadata import METADATA_FILE, data_provenance
+
+    network, _ = trained
+    checkpoint = write_trained(tmp_path / "models", network, TINY_SIZE, 2)
+    record = json.loads((tmp_path / "models" / METADATA_FILE).read_text())
+    recorded = {"seed": SEED, "noise": "gaussian", "synthetic_patients": PATIENTS}
+    record["provenance"] = {"data": {**data_provenance(data), "synthetic_patients": PATIENTS}, "protocol": recorded}
+    (tmp_path / "models" / METADATA_FILE).write_text(json.dumps(record))
+    result = bench_abstention(str(BUNDLE), str(checkpoint), str(tmp_path / "out"), dataset_dir="", shifts=(),
+                              scores=["energy"], progress=False)
+    assert result["protocol"] == recorded and result["scores"] == ["energy"]
+    assert set(result["sets"]) == {"validation", "test"} and result["choice"]["by"].endswith("on the validation sets")
+    assert result["sets"]["test"]["n"] == len(data.split("test")) and result["n_train"] == len(data.split("train"))
+    assert not (tmp_path / "out" / "risk_coverage_shifted_test.png").exists()
 
 
 def test_unknown_names_are_refused(tmp_path):
