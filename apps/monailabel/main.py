@@ -50,7 +50,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.random import Random
 
-from robustmri import __version__
+from robustmri import INTENDED_USE, __version__
 from robustmri.review.label_review import LABEL_SUFFIX
 
 from lib import security, server
@@ -86,10 +86,14 @@ class RobustMRIApp(MONAILabelApp):
             raise FileNotFoundError(f"--conf tracking_settings {self.tracking_settings}: no such file")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="robustmri",
                          description="Brain tumour type (meningioma, glioma, pituitary) from a 2D MRI slice, "
-                                     "with label review (wrong labels first). Research only, not for clinical use.",
+                                     f"with label review (wrong labels first). {INTENDED_USE}",
                          version=__version__, labels=list(self.class_names))
         # scoring is a full feature pass and solve: run it after training, not after every request
         self._auto_update_scoring = False
+
+    def info(self):
+        # /info/ is what a client (the review page, a viewer's plug-in) reads first: it states the intended use
+        return {**super().info(), "intended_use": INTENDED_USE}
 
     def server_mode(self, mode: bool):
         super().server_mode(mode)

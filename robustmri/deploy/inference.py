@@ -4,7 +4,8 @@ The bundle's ``inference.json`` is a standard MONAI infer workflow: ``dataset`` 
 :func:`file_items`, ``preprocessing`` is :class:`robustmri.data.transforms.LoadPreprocessd`
 (which marks unreadable files instead of stopping), ``evaluator`` runs the network and
 :class:`PredictionsWriter`, among its ``handlers``, writes one JSON file: the class and
-probabilities of every readable file, and every other file with its reason.
+probabilities of every readable file, and every other file with its reason, under the intended use
+(``intended_use``: :data:`robustmri.INTENDED_USE`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import torch
 from ignite.engine import Engine
 
+from robustmri import INTENDED_USE
 from robustmri.data.readers import as_path_list, has_image_suffix
 from robustmri.data.transforms import ERROR_KEY
 from robustmri.engine.collect import RunCollector
@@ -80,6 +82,7 @@ class PredictionsWriter(RunCollector):
     def write(self, engine: Engine) -> None:
         self.summary = {"n_classified": len(self._predictions), "n_failed": len(self._errors),
                         "predictions": self._predictions, "errors": self._errors}
+        self.summary["intended_use"] = INTENDED_USE  # one top-level key for the whole output, not one per file
         write_json(self.output_file, self.summary)
         for error in self._errors:
             logger.warning("not classified: %s (%s)", error["file"], error["error"])

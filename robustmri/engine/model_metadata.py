@@ -49,7 +49,7 @@ import subprocess
 
 from ignite.engine import Engine, Events
 
-from robustmri import __version__
+from robustmri import INTENDED_USE, __version__
 from robustmri.data.preprocessing import DEFAULT_PREPROCESS, DESCRIPTIONS, LEGACY_PREPROCESS, check_preprocess
 from robustmri.outputs import read_json, write_json
 
@@ -174,7 +174,8 @@ def metadata_path(checkpoint_or_dir: str | os.PathLike) -> str:
 def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padding: int, network,
                    class_names, data=None, bundle_version: str = "", ema_decay: float | None = None,
                    preprocess: str = DEFAULT_PREPROCESS) -> dict:
-    """The bundle metadata with the trained input shape, and a ``trained_with`` record."""
+    """The bundle metadata with the trained input shape, the intended use (:data:`robustmri.INTENDED_USE`, whatever
+    ``bundle_metadata`` says), and a ``trained_with`` record."""
     metadata = copy.deepcopy(dict(bundle_metadata or {}))
     spatial_size = int(spatial_size)
     for tensor in metadata.get("network_data_format", {}).get("inputs", {}).values():
@@ -183,6 +184,7 @@ def model_metadata(bundle_metadata: dict | None, spatial_size: int, network_padd
     from robustmri.influence.adapter import unwrap  # a DistributedDataParallel network: the module inside
 
     network_type = type(unwrap(network))
+    metadata["intended_use"] = INTENDED_USE
     metadata["trained_with"] = {
         "spatial_size": spatial_size,
         "network_padding": int(network_padding),

@@ -12,6 +12,7 @@ import os
 import torch
 from ignite.engine import Engine, Events
 
+from robustmri import INTENDED_USE
 from robustmri.engine.distributed import is_main_process
 from robustmri.engine.model_metadata import file_sha256, metadata_path, read_trained
 from robustmri.engine.predictions import predict_items
@@ -59,7 +60,8 @@ class LoadWeights:
 
 def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[str, str],
                          report: ClassificationReportHandler, output_dir: str) -> dict:
-    """Run ``evaluator`` once per checkpoint; write ``summary.json``; return the reports by tag.
+    """Run ``evaluator`` once per checkpoint; write ``summary.json`` (by tag, and ``intended_use``); return the reports
+    by tag.
 
     A missing checkpoint is reported and skipped; if none exists the call fails.
     """
@@ -81,7 +83,7 @@ def evaluate_checkpoints(evaluator, network: torch.nn.Module, checkpoints: dict[
     write_json(os.path.join(output_dir, "summary.json"),
                {tag: {k: r[k] for k in ("checkpoint", "checkpoint_sha256", "n", "accuracy", "macro_f1",
                                         "roc_auc_macro")}
-                for tag, r in results.items()})
+                for tag, r in results.items()} | {"intended_use": INTENDED_USE})
     return results
 
 

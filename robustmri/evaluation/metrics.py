@@ -8,6 +8,7 @@ import os
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
+from robustmri import INTENDED_USE
 from robustmri.outputs import write_json
 
 
@@ -55,10 +56,11 @@ def classification_report(labels, probabilities, class_names) -> dict:
 
 
 def write_report(report: dict, output_dir: str, stem: str = "metrics") -> dict[str, str]:
-    """Write ``<stem>.json``, ``<stem>_per_class.csv`` and ``<stem>_confusion.csv``; return their paths."""
+    """Write ``<stem>.json`` (the report and ``intended_use``), ``<stem>_per_class.csv`` and ``<stem>_confusion.csv``;
+    return their paths."""
     paths = {key: os.path.join(output_dir, f"{stem}{suffix}") for key, suffix in
              (("json", ".json"), ("per_class", "_per_class.csv"), ("confusion", "_confusion.csv"))}
-    write_json(paths["json"], report)
+    write_json(paths["json"], {**report, "intended_use": INTENDED_USE})
     with open(paths["per_class"], "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", "precision", "recall", "f1", "support", "roc_auc"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from robustmri import INTENDED_USE
 from robustmri.data.preprocessing import PREPROCESSING
 from robustmri.data.readers import read_image
 from robustmri.engine.workflow import execute, load_workflow
@@ -223,6 +224,22 @@ def test_infer_task_raises_on_an_unreadable_image_and_matches_the_bundle_with_a_
     assert result["probabilities"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match=rf"^{studies / BROKEN}: cannot classify \(not a readable image"):
         task({"image": str(studies / BROKEN), "device": "cpu"})
+
+
+@pytest.mark.monailabel
+def test_app_info_the_model_and_its_answers_state_the_intended_use(tmp_path, app_lib):
+    """/info/ (the app's info, what the review page shows), the model's info and an infer result."""
+    from monailabel.utils.others.class_utils import get_class_of_subclass_from_file
+
+    app_class = get_class_of_subclass_from_file("main", os.path.join(APP, "main.py"), "MONAILabelApp")  # as served
+    studies = _make_studies(tmp_path / "studies")
+    bundle = _make_bundle(tmp_path / "bundle")
+    app = app_class(str(tmp_path / "app"), str(studies), {"bundle_path": str(bundle)})
+    info = app.info()
+    assert info["intended_use"] == INTENDED_USE and INTENDED_USE in info["description"]
+    assert info["models"]["brain_tumour"]["intended_use"] == INTENDED_USE
+    _, result = app._infers["brain_tumour"]({"image": str(studies / "case01.png"), "device": "cpu"})
+    assert result["intended_use"] == INTENDED_USE and result["class"] in CLASS_NAMES
 
 
 @pytest.mark.monailabel

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from robustmri import INTENDED_USE
 from robustmri.review.orders import DEFAULT_ORDER, DEFAULT_ORDER_REASON, ORDERS
 
 pytest.importorskip("monailabel", reason="MONAI Label is the optional [label] extra")
@@ -198,6 +199,7 @@ def test_an_annotator_reviews_undoes_and_goes_back_in_the_browser(tmp_path):
             assert _shown(driver) is None and not driver.find_element(By.ID, "review").is_displayed()
             assert "no labelled image has been scored yet" in driver.find_element(By.ID, "message").text
             assert driver.find_element(By.ID, "accuracy").text == "model: not trained here yet (no validation accuracy)"
+            assert driver.find_element(By.ID, "intended-use").text == f"Intended use: {INTENDED_USE}"
             assert driver.find_element(By.ID, "train").is_displayed()
             _screenshot(driver, "monailabel_review_page_before_scoring.png")
 

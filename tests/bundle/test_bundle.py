@@ -7,6 +7,7 @@ import torch
 
 from conftest import BUNDLE, MONAI_SCHEMA_SHA256
 from helpers import TINY, bundle, gradient_image, output_dirs, write_png
+from robustmri import INTENDED_USE
 from robustmri.data.protocol import build_protocol
 from robustmri.engine.predictions import predict_items
 from robustmri.evaluation.checkpoints import load_weights
@@ -43,10 +44,10 @@ def test_evaluation_reports_best_and_last_at_the_size_the_model_was_trained_with
     # no --spatial_size / --network_padding: evaluate.json reads them beside the checkpoint (trained_model.json)
     bundle("run", "evaluating", "--config_file", CONFIGS["evaluate"], "--synthetic_patients", "30", *dirs)
     summary = json.loads((out / "eval" / "test" / "summary.json").read_text())
-    assert set(summary) == {"best", "last"}
+    assert set(summary) == {"best", "last", "intended_use"} and summary["intended_use"] == INTENDED_USE
     for tag in ("best", "last"):
         metrics = json.loads((out / "eval" / "test" / tag / "metrics.json").read_text())
-        assert metrics["n"] == summary[tag]["n"] > 0
+        assert metrics["n"] == summary[tag]["n"] > 0 and metrics["intended_use"] == INTENDED_USE
         assert sum(map(sum, metrics["confusion_matrix"]["counts"])) == metrics["n"]
         assert (out / "eval" / "test" / tag / "metrics_per_class.csv").is_file()
     # what was evaluated is the checkpoint itself: model.pt loaded by hand gives the same confusion matrix and ROC-AUC
@@ -74,7 +75,7 @@ def test_inference_on_files_reads_the_size_the_model_was_trained_with(trained, t
     bundle("run", "inference", "--config_file", CONFIGS["inference"], "--synthetic_patients", "30", *dirs,
            "--input_files", str(tmp_path / "in"), "--output_file", str(result_file))
     result = json.loads(result_file.read_text())
-    assert result["n_classified"] == 1 and result["n_failed"] == 1
+    assert result["n_classified"] == 1 and result["n_failed"] == 1 and result["intended_use"] == INTENDED_USE
     prediction = result["predictions"][0]
     assert prediction["file"] == str(good) and prediction["class"] in ("meningioma", "glioma", "pituitary")
     assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
@@ -92,6 +93,14 @@ def test_metadata_passes_monais_published_schema_which_checks_every_tensor(monai
     (tmp_path / "meta.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="'value_range' is a required property"):
         verify_metadata(meta_file=str(tmp_path / "meta.json"), **schema)
+
+
+@pytest.mark.slow
+def test_metadata_states_the_library_intended_use_and_training_copies_it(trained):
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["intended_use"] == INTENDED_USE and "does not detect tumours" in meta["description"]
+    out, _ = trained
+    assert json.loads((out / "models" / "model_metadata.json").read_text())["intended_use"] == INTENDED_USE
 
 
 def test_metadata_version_is_in_changelog_and_is_the_library_version_it_requires():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from robustmri import CLASS_NAMES
+from robustmri import CLASS_NAMES, INTENDED_USE
 from robustmri.data.preprocessing import DESCRIPTIONS
 from robustmri.data.protocol import DATA_ENV
 from robustmri.engine.model_metadata import (METADATA_FILE, SETTINGS, evaluation_dataset_dir, model_metadata,
@@ -34,6 +34,14 @@ def test_the_record_names_the_preprocessing_and_describes_it(tmp_path):
     assert trained_setting(checkpoint, "preprocess", "head") == "head"
     with pytest.raises(ValueError, match="unknown preprocessing 'square'"):
         model_metadata(None, 32, 2, PaperCNN(spatial_size=32, padding=2), CLASS_NAMES, preprocess="square")
+
+
+def test_the_record_states_the_intended_use_whatever_the_bundle_metadata_says(tmp_path):
+    _write(tmp_path)  # no bundle metadata at all
+    assert json.loads((tmp_path / METADATA_FILE).read_text())["intended_use"] == INTENDED_USE
+    stale = model_metadata({"intended_use": "Research only."}, 32, 2, PaperCNN(spatial_size=32, padding=2),
+                           CLASS_NAMES)
+    assert stale["intended_use"] == INTENDED_USE
 
 
 def test_records_and_checkpoints_from_before_the_option_mean_minmax(tmp_path):

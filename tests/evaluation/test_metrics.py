@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from robustmri import INTENDED_USE
 from robustmri.evaluation.metrics import classification_report, write_report
 
 NAMES = ("meningioma", "glioma", "pituitary")
@@ -21,7 +22,9 @@ def test_report_against_hand_counts(tmp_path):
     assert report["macro_f1"] == pytest.approx(np.mean(f1))
     assert report["balanced_accuracy"] == pytest.approx(np.mean([1 / 2, 2 / 3, 1]))  # recalls by hand
     paths = write_report(report, str(tmp_path))
-    assert json.load(open(paths["json"]))["accuracy"] == pytest.approx(4 / 6)
+    written = json.load(open(paths["json"]))
+    assert written["accuracy"] == pytest.approx(4 / 6) and written["intended_use"] == INTENDED_USE
+    assert "intended_use" not in report  # the file states it; the report in memory stays the metrics
     assert open(paths["confusion"]).read().splitlines()[1] == "meningioma,1,1,0"
 
 

@@ -1,5 +1,6 @@
 // The annotator's review loop against the app's own REST API (no build step, no dependencies):
-//   GET  /info/                                   class names, the model, its validation accuracy (train_stats)
+//   GET  /info/                                   class names, the model, its validation accuracy (train_stats),
+//                                                 the intended use (shown at the foot of the page)
 //   GET  /review/whoami                           who is signed in and what the role allows (absent: all allowed)
 //   POST /activelearning/most_suspicious          next image (409 with what to do when there is none)
 //   GET  /datastore/label?label=<id>&tag=final    its current label file (the patient group is kept on save)
@@ -149,6 +150,7 @@ async function loadInfo() {
   const info = await response.json();
   state.classes = info.labels || [];
   state.model = Object.keys(info.models || {})[0] || null;
+  $("intended-use").textContent = info.intended_use ? "Intended use: " + info.intended_use : "";
   showAccuracy(info);
 }
 

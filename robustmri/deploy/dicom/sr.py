@@ -4,7 +4,8 @@ The document belongs to the source study (of the Patient and General Study modul
 attributes the IOD requires are copied, :data:`PATIENT_MODULE` and :data:`STUDY_MODULE`; the referring
 physician's name is written empty, nothing free-text is copied), is a new series and instance, references every source image
 (evidence sequence and IMAGE content items), and says plainly that it is an unverified
-research result: VerificationFlag UNVERIFIED, SeriesDescription "... NOT FOR CLINICAL USE".
+research result: VerificationFlag UNVERIFIED, SeriesDescription "... NOT FOR CLINICAL USE", and a Comment that
+states the intended use (:data:`DISCLAIMER`).
 A multi-frame image is referenced once: one evidence entry, and one IMAGE item whose
 ReferencedFrameNumber lists the frames used.
 
@@ -23,7 +24,7 @@ import datetime
 import os
 import uuid
 
-from robustmri import __version__
+from robustmri import INTENDED_USE, __version__
 from robustmri.outputs import write_atomic
 
 BASIC_TEXT_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -39,9 +40,9 @@ WRITTEN_EMPTY = ("ReferringPhysicianName",)
 #: Version tag of what :func:`sr_uids` hashes (changing the inputs' order or kind must change the tag).
 UID_SCHEME = "robustmri-sr-uid-1"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, UID_SCHEME)
-DISCLAIMER = ("Research software, NOT FOR CLINICAL USE. Unverified output of an automatic classifier "
-              "trained on 2D T1 contrast-enhanced slices that contain a tumour; it does not detect "
-              "whether a tumour is present.")
+#: The SR's Comment: what the result is not, then the intended use (:data:`robustmri.INTENDED_USE`), word for word.
+DISCLAIMER = ("Research software, NOT FOR CLINICAL USE. Unverified output of an automatic classifier trained on 2D "
+              f"T1 contrast-enhanced slices that contain a tumour. Intended use: {INTENDED_USE}")
 
 
 def code(value: str, scheme: str, meaning: str):

@@ -32,6 +32,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+from robustmri import INTENDED_USE
 from robustmri.data.readers import as_path_list
 from robustmri.deploy.dicom.classify import AGGREGATION_RULE, EXAMINED, SeriesNotClassified, classify_series
 from robustmri.deploy.dicom.headers import scan_folders
@@ -215,7 +216,7 @@ def infer_dicom(inputs, classifier, output_dir: str | os.PathLike, selection: Se
         # an older summary must not make the folder look complete while this run writes (or after it is killed)
         _write_output(lambda: write_json(os.path.join(run.output_dir, SUMMARY_FILE), {
             "status": STATUS_RUNNING, "reason": RUNNING_REASON, "run": run.manifest.record(),
-            "n_series_classified": 0, "not_for_clinical_use": True}))
+            "n_series_classified": 0, "not_for_clinical_use": True, "intended_use": INTENDED_USE}))
         scan = _scan(inputs, run, progress)
         redact = Redactor(scan.identifiers)
         _, rejected = select_series(scan.series, selection)
@@ -377,6 +378,7 @@ def _write_reports(series: DicomSeries, record: dict, study: dict, run: _Run, re
     record["series_rule"] = run.series_rule
     record["model"] = run.model
     record["not_for_clinical_use"] = True
+    record["intended_use"] = INTENDED_USE
     if run.write_sr_files:
         finding, details = sr_text(record, run.model)
         details = details + study_lines(record, run.rule, run.rule_source, run.output)
@@ -436,6 +438,7 @@ def _summary(inputs, scan: ScanResult, studies: list[dict], classified: list[dic
         "skipped_files": skipped_summary,
         "seconds": round(time.perf_counter() - started, 4),
         "not_for_clinical_use": True,
+        "intended_use": INTENDED_USE,
     }
     if run.include_paths:
         summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
@@ -473,7 +476,7 @@ def write_no_input_summary(output_dir, reason: str, inputs=(), include_paths: bo
                            extra: dict | None = None) -> str:
     """``summary.json`` of a run that could not start (status ``no_input``); its path."""
     summary = {"status": STATUS_NO_INPUT, "reason": reason, **(extra or {}), "n_series_classified": 0,
-               "not_for_clinical_use": True}
+               "not_for_clinical_use": True, "intended_use": INTENDED_USE}
     if include_paths:
         summary["inputs"] = [os.path.abspath(p) for p in as_path_list(inputs)]
     path = os.path.join(check_output_dir(output_dir), SUMMARY_FILE)

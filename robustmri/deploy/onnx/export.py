@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 import torch
 
-from robustmri import __version__
+from robustmri import INTENDED_USE, __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
 from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.dicom.series_rule import SeriesRule
@@ -216,7 +216,7 @@ def _metadata(network: torch.nn.Module, class_names: list[str], spatial_size: in
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else "",
         "network": _describe(network),
         "exported_by": f"robustmri {__version__}, torch {torch.__version__}",
-        "intended_use": "Research only. Not for clinical use.",
+        "intended_use": INTENDED_USE,
         "demo_model": demo,
         "provenance": canonical_json(provenance) if provenance else "null",
     }
@@ -240,7 +240,7 @@ def _trace_and_save(model: torch.nn.Module, detector, output_file: str, class_na
         if detector is not None:
             metadata.update(calibrate(raw_file))
     del proto.metadata_props[:]
-    proto.doc_string = f"robustmri classifier ({', '.join(class_names)}); research only, not for clinical use"
+    proto.doc_string = f"robustmri classifier ({', '.join(class_names)}). {INTENDED_USE}"
     onnx.checker.check_model(proto, full_check=True)
     metadata.update(integrity_fields(proto, metadata, signing_key))  # over the graph as saved, metadata last
     for key, value in metadata.items():

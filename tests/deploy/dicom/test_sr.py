@@ -1,15 +1,17 @@
 """The Basic Text SR read back with pydicom: what it copies, what is new, what it references and says;
 and checked by dciodvfy (dicom3tools) when it is installed."""
 
+import json
 import shutil
 import subprocess
 
 import pydicom
 import pytest
 
+from robustmri import INTENDED_USE
 from robustmri.bench.dicom_fixtures import write_enhanced_mr, write_mr_series
 from robustmri.deploy.dicom.sr import BASIC_TEXT_SR_STORAGE, write_sr
-from robustmri.deploy.dicom.study import infer_dicom
+from robustmri.deploy.dicom.study import DicomInputError, infer_dicom
 
 from deploy_helpers import export_tiny, gradient_series, pydicom_file, signed_classifier
 
@@ -45,6 +47,19 @@ def test_sr_is_unverified_and_says_not_for_clinical_use(tmp_path):
     assert texts["Procedure Description"] == "Model: test\nAggregation: mean"
     assert "NOT FOR CLINICAL USE" in texts["Comment"]
     assert sr.ValueType == "CONTAINER" and sr.ConceptNameCodeSequence[0].CodeValue == "18748-4"
+
+
+def comment_of(sr) -> str:
+    """The TextValue of the SR's one Comment item (its content tree read back with pydicom)."""
+    (comment,) = [item for item in sr.ContentSequence if item.ValueType == "TEXT"
+                  and item.ConceptNameCodeSequence[0].CodeMeaning == "Comment"]
+    return comment.TextValue
+
+
+def test_sr_states_the_intended_use_word_for_word(tmp_path):
+    _, _, sr = make_sr(tmp_path)
+    assert "does not detect tumours" in INTENDED_USE and "known to contain" in INTENDED_USE
+    assert INTENDED_USE in comment_of(sr)
 
 
 def test_sr_references_the_source_series_and_images(tmp_path):
@@ -106,3 +121,18 @@ def test_sr_passes_dciodvfy_without_error_or_warning(tmp_path, classifier, form)
     assert lines and lines[0].strip() == "BasicTextSR", lines  # the IOD dciodvfy checked it against
     problems = [line for line in lines if line.startswith(("Error", "Warning"))]
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow  # classifies with an exported ONNX model
+def test_every_dicom_output_states_the_intended_use(tmp_path, classifier):
+    """The SR, the per-study JSON and summary.json of a run, and summary.json of a run without input."""
+    write_mr_series(tmp_path / "in", gradient_series(5))
+    summary = infer_dicom(tmp_path / "in", classifier, tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["intended_use"] == INTENDED_USE
+    (series,) = summary["series"]
+    assert json.loads((tmp_path / "out" / series["report_file"]).read_text())["intended_use"] == INTENDED_USE
+    assert INTENDED_USE in comment_of(pydicom.dcmread(tmp_path / "out" / series["sr_file"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomInputError):
+        infer_dicom(tmp_path / "empty", classifier, tmp_path / "none", progress=False)
+    assert json.loads((tmp_path / "none" / "summary.json").read_text())["intended_use"] == INTENDED_USE

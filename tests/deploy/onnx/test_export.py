@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from robustmri import CLASS_NAMES
+from robustmri import CLASS_NAMES, INTENDED_USE
 from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.data.protocol import build_protocol
 from robustmri.deploy.onnx.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
@@ -64,7 +64,7 @@ def test_metadata_says_what_inference_needs(exported):
     assert meta["intensity_normalisation"] == INTENSITY_NORMALISATION
     assert meta["model_version"] == "9.9.9"
     assert meta["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert "not for clinical use" in meta["intended_use"].lower()
+    assert meta["intended_use"] == INTENDED_USE and INTENDED_USE in onnx.load(onnx_file).doc_string
     assert meta["ood_detector"] == "mahalanobis_tied_penultimate" and float(meta["ood_target_acceptance"]) == 0.95
     assert "higher = more out of distribution" in meta["ood_detector_description"]
     assert float(meta["ood_series_max_not_assessable"]) == 0.5 and "more than 50%" in meta["ood_abstention_rule"]

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import torch
 
-from robustmri import CLASS_NAMES
+from robustmri import CLASS_NAMES, INTENDED_USE
 from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.protocol import build_protocol
 from robustmri.deploy.dicom.study import infer_dicom
@@ -467,7 +467,7 @@ def test_export_script_signs_and_copies_the_provenance(tmp_path, monkeypatch, ke
     checkpoint = _train_record(tmp_path / "models", data, network)
     write_json(tmp_path / "eval" / "test" / "summary.json", {"last": {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "n": 12, "accuracy": 0.5,
-        "macro_f1": 0.4, "roc_auc_macro": 0.7}})
+        "macro_f1": 0.4, "roc_auc_macro": 0.7}, "intended_use": INTENDED_USE})  # as evaluation writes it
     onnx_file = tmp_path / "models" / "model.onnx"
     export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(onnx_file), parity_split="none",
                 signing_key=str(keys[0] / "a.pem"), eval_dir=str(tmp_path / "eval"))

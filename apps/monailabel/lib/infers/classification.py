@@ -7,6 +7,8 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from robustmri import INTENDED_USE
+
 from lib.bundle import INFER_CONFIG, class_names, read_config
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class ClassificationInfer(BundleInferTask):
         if self.valid:
             self.class_names = class_names(self.bundle_config)
 
+    def info(self) -> Dict[str, Any]:
+        return {**super().info(), "intended_use": INTENDED_USE}
+
     def _load_bundle_config(self, path, config):
         parser = read_config(path, INFER_CONFIG, self.app_conf)
         raise_on_unreadable(parser)
@@ -66,4 +71,5 @@ class ClassificationInfer(BundleInferTask):
             "probabilities": dict(zip(self.class_names, probabilities)),
             "prediction": [{"idx": k, "label": name, "score": p}
                            for k, (name, p) in enumerate(zip(self.class_names, probabilities))],
+            "intended_use": INTENDED_USE,
         }

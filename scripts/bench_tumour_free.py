@@ -1,0 +1,53 @@
+"""Measure what a model does with tumour-free brain MR slices: the share given a tumour type, the share refused.
+
+    python scripts/bench_tumour_free.py --checkpoint bundle/models/model.pt --out docs/benchmarks/tumour_free
+    python scripts/bench_tumour_free.py --model model.onnx --out docs/benchmarks/tumour_free_onnx
+
+``--checkpoint``: the model as file inference and MONAI Label apply it (its preprocessing from
+``model_metadata.json``; refusals only where an abstention state lies beside it); ``--model``: an exported
+ONNX model as DICOM inference applies it (refusals by its detector). The sets and their licences:
+:mod:`robustmri.bench.tumour_free` (the synthetic generator's tumour-free heads, ``--n_synthetic`` of them,
+and the brain volumes nibabel ships as test data; ``--public false`` leaves those out). Writes
+``tumour_free.json`` and ``tumour_free.md`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import sys
+
+import fire
+
+from robustmri.bench.tumour_free import CheckpointModel, OnnxModel, markdown, measure_tumour_free, tumour_free_sets
+from robustmri.options import as_flag
+from robustmri.outputs import write_json
+
+BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
+
+
+def main(checkpoint: str = "", model: str = "", out: str = "docs/benchmarks/tumour_free", n_synthetic: int = 200,
+         public: bool = True, bundle_dir: str = BUNDLE) -> dict:
+    """Classify the tumour-free sets with one model; write the JSON and the table."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if bool(checkpoint) == bool(model):
+        raise SystemExit("give exactly one of --checkpoint (a .pt, as file inference applies it) and --model "
+                         "(an exported .onnx, as DICOM inference applies it)")
+    measured = CheckpointModel(checkpoint, bundle_dir) if checkpoint else OnnxModel(model)
+    report = measure_tumour_free(measured, tumour_free_sets(n_synthetic, public=as_flag(public, "public")))
+    report.update(command="python scripts/bench_tumour_free.py " + " ".join(sys.argv[1:]),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), {platform.platform()}")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "tumour_free.json"), report)
+    table = markdown(report)
+    with open(os.path.join(out, "tumour_free.md"), "w") as handle:
+        handle.write(table)
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda result: None)
