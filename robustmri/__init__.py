@@ -25,10 +25,10 @@ CLASS_NAMES = ("meningioma", "glioma", "pituitary")
 #: What the model is for, stated in every output (DICOM SR, every JSON the product writes, the model metadata, MONAI
 #: Label, the docs): defined once here so that no output can drift from another.
 INTENDED_USE = (
-    "Classifies the tumour type (meningioma, glioma or pituitary tumour) of a T1-weighted contrast-enhanced brain "
-    "MRI slice or series that is already known to contain one of these tumours. It does not detect tumours: an image without a tumour is still "
-    "given one of the three types unless the model flags it as not assessable, so an answer never means that a "
-    "tumour is present. Research software, not for clinical use."
+    "Classifies the tumour type (meningioma, glioma or pituitary tumour) of a T1-weighted contrast-enhanced "
+    "brain MRI slice or series that is already known to contain one of these tumours. It does not detect "
+    "tumours: an image without a tumour is still given one of the three types unless the model flags it as "
+    "not assessable, so an answer never means that a tumour is present. Research software, not for clinical use."
 )
 
 __version__ = "0.9.0"
