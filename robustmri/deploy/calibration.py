@@ -6,9 +6,9 @@ re-estimated on that site's own slices (the bundle's ``calibrating`` run id, ``c
 1. **BatchNorm statistics** (:func:`adapt_batchnorm`): every BatchNorm layer's running mean and
    variance are reset and recomputed from the site images as a cumulative average over batches
    (momentum None; BatchNorm layers alone in train mode, so dropout and the like stay off; no
-   gradients; the images in a seeded random order), as ``torch.optim.swa_utils.update_bn`` does. Weights and biases are not touched.
-   ``num_batches_tracked`` ends as the number of calibration batches (what the cumulative average
-   counted), and each layer's momentum is put back.
+   gradients; the images in a seeded random order), as ``torch.optim.swa_utils.update_bn`` does.
+   Weights and biases are not touched. ``num_batches_tracked`` ends as the number of calibration
+   batches (what the cumulative average counted), and each layer's momentum is put back.
 2. **The abstention state** (:func:`fit_site_abstention`): the Mahalanobis score's class means and
    tied covariance (:mod:`robustmri.abstention.mahalanobis`) are refitted on the *adapted* network's
    penultimate features of the site images, with the adapted model's predicted classes as
@@ -88,8 +88,9 @@ CROSS_FIT_RULE = (f"{CROSS_FIT_FOLDS}-fold cross-fitting: the images are split i
                   "threshold is the smallest score that accepts target_acceptance of these out-of-fold scores; the "
                   "detector written is refitted on all the images")
 BATCHNORM_RULE = ("running mean and variance reset and recomputed as the cumulative average over the calibration "
-                  "batches (the images in a seeded random order) of each batch's statistics (momentum None, BatchNorm layers in train mode, no gradients); "
-                  "weights and biases unchanged; num_batches_tracked = the number of batches")
+                  "batches (the images in a seeded random order) of each batch's statistics (momentum None, "
+                  "BatchNorm layers in train mode, no gradients); weights and biases unchanged; "
+                  "num_batches_tracked = the number of batches")
 
 
 def batchnorm_layers(network: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
