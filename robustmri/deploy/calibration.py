@@ -207,7 +207,7 @@ def read_site_images(dataloader) -> tuple[torch.Tensor, list[str], list[dict]]:
 def _summarise_unreadable(unreadable: list[dict], total: int) -> None:
     if not unreadable:
         return
-    reasons = collections.Counter(item["error"] for item in unreadable)
+    reasons = collections.Counter(item["error"].split(" (")[0] for item in unreadable)  # the details name the file
     logger.warning("%d of %d input file(s) could not be read and are left out: %s", len(unreadable), total,
                    "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()))
     for item in unreadable:
@@ -255,6 +255,28 @@ def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: di
     return write_json(site_meta, {**_without_calibrations(content), CALIBRATION_KEY: record})
 
 
+def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
+                      target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
+                      batch_size: int = 64, seed: int = 0) -> dict:
+    """Calibrate ``network`` in place to site images [N, 1, S, S] held in memory, prepared as the model was trained
+    (module docstring: BatchNorm statistics, then the abstention fitted on the adapted network).
+
+    ``groups`` [N] (e.g. each image's folder) keep images together in the cross-fitting folds; None:
+    image by image. Returns :func:`fit_site_abstention`'s result with ``pseudo_labels`` [N],
+    ``batches`` and ``batchnorm_layers``. What :func:`calibrate_site` does to files, for callers that
+    hold the images (a benchmark's renderings).
+    """
+    images = torch.as_tensor(images).float()
+    # files come sorted by path, often one patient's slices after another: batches in path order would each hold
+    # one patient, and the average of their variances would miss the variation between patients
+    shuffled = images[torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))]
+    batches = adapt_batchnorm(network, shuffled, batch_size)
+    features, predicted = _features_and_predictions(network, images, batch_size)
+    groups = list(groups) if groups is not None else [""] * len(images)
+    fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images, seed=seed)
+    return {**fit, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
+
+
 def site_checkpoint_path(checkpoint: str, output_dir: str | None = None) -> str:
     """Where :func:`calibrate_site` writes: ``model_site.pt`` in ``output_dir``, or beside ``checkpoint``."""
     folder = output_dir if output_dir else os.path.dirname(os.path.abspath(checkpoint))
@@ -291,18 +313,12 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         raise ValueError(f"{len(files)} readable site image(s), fewer than the {min_images} calibration needs "
                          "(BatchNorm statistics from a handful of slices are noise)")
 
-    # files come sorted by path, often one patient's slices after another: batches in path order would each hold
-    # one patient, and the average of their variances would miss the variation between patients
-    shuffled = images[torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))]
-    batches = adapt_batchnorm(network, shuffled, batch_size)
-    layers = len(batchnorm_layers(network))
-    features, predicted = _features_and_predictions(network, images, batch_size)
-    fit = fit_site_abstention(features, predicted, len(class_names), [os.path.dirname(f) for f in files],
-                              target_acceptance, min_class_images, seed=seed)
+    fit = calibrate_network(network, images, len(class_names), [os.path.dirname(f) for f in files],
+                            target_acceptance, min_class_images, batch_size, seed)
 
     write_bytes(site, _state_dict_bytes(network))
     site_sha = file_sha256(site)
-    today = datetime.date.today().isoformat()
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     digest = inputs_digest(files)
     source = {"kind": SITE_IMAGES, "n": len(files), "sha256": digest, "date": today}
     detector = fit["detector"]
@@ -312,7 +328,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
                             acceptance=fit["acceptance"], checkpoint_sha256=site_sha, fitted_on=dict(source),
                             calibrated_on=dict(source), settings={"ridge": detector.ridge})
     state_file = save_state(state, site)
-    counts = np.bincount(predicted, minlength=len(class_names))
+    counts = np.bincount(fit["pseudo_labels"], minlength=len(class_names))
     record = {
         "file": os.path.basename(site), "sha256": site_sha, "date": today,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -321,7 +337,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
                    "digest_rule": INPUT_DIGEST_RULE},
         "adapted": ["BatchNorm running statistics", "abstention: Mahalanobis class means, tied covariance, threshold"],
         "not_adapted": "every weight and bias",
-        "batchnorm": {"layers": layers, "batches": batches, "batch_size": int(batch_size),
+        "batchnorm": {"layers": fit["batchnorm_layers"], "batches": fit["batches"], "batch_size": int(batch_size),
                       "rule": BATCHNORM_RULE},
         "abstention": {"file": os.path.basename(state_file), "score": state.score, "threshold": state.threshold,
                        "target_acceptance": state.target_acceptance, "cross_fitted_acceptance": state.acceptance,
@@ -334,12 +350,13 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     write_site_metadata(checkpoint, site, record)
     logger.info("calibrated %s on %d site image(s) (%d unreadable): %d BatchNorm layer(s) adapted, abstention "
                 "threshold %.4g accepting %.1f %% of the site images out of fold (target %.0f %%); pseudo-labels %s "
-                "-> %s", os.path.basename(checkpoint), len(files), len(unreadable), layers, state.threshold,
-                100 * state.acceptance, 100 * target_acceptance, record["abstention"]["pseudo_labels"], site)
+                "-> %s", os.path.basename(checkpoint), len(files), len(unreadable), fit["batchnorm_layers"],
+                state.threshold, 100 * state.acceptance, 100 * target_acceptance, record["abstention"]["pseudo_labels"],
+                site)
     return record
 
 
 __all__ = ["BATCHNORM_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
-           "MIN_SITE_IMAGES", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm",
-           "batchnorm_layers", "calibrate_site", "fit_site_abstention", "fold_assignment", "inputs_digest",
+           "MIN_SITE_IMAGES", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
+           "calibrate_network", "calibrate_site", "fit_site_abstention", "fold_assignment", "inputs_digest",
            "read_site_images", "site_checkpoint_path", "write_site_metadata"]

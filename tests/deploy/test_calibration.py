@@ -23,6 +23,7 @@ from robustmri.deploy.calibration import (
     SITE_IMAGES,
     adapt_batchnorm,
     batchnorm_layers,
+    calibrate_network,
     calibrate_site,
     fit_site_abstention,
     fold_assignment,
@@ -231,6 +232,18 @@ def test_calibration_writes_model_site_with_only_batchnorm_statistics_changed(ca
     network.load_state_dict(adapted)  # a plain state_dict that loads like any checkpoint
 
 
+def test_the_in_memory_calibration_is_the_one_the_files_get(calibrated):
+    root, checkpoint, files, record = calibrated
+    images = torch.stack([image for batch in site_loader(root / "site")
+                          for image, error in zip(batch["image"], batch["error"]) if not error])
+    assert len(images) == len(files)
+    network = tiny_network()
+    network.load_state_dict(loaded(checkpoint))
+    fit = calibrate_network(network, images, 3, [str(root / "site")] * len(files), min_class_images=5, batch_size=32)
+    assert all(torch.equal(v, loaded(root / "models" / "model_site.pt")[k]) for k, v in network.state_dict().items())
+    assert fit["threshold"] == record["abstention"]["threshold"] and fit["batches"] == record["batchnorm"]["batches"]
+
+
 def test_calibration_is_recorded_beside_the_source_without_paths(calibrated):
     root, checkpoint, files, record = calibrated
     site = root / "models" / "model_site.pt"
@@ -299,7 +312,7 @@ def test_calibration_into_another_folder_copies_the_metadata_with_its_calibratio
                        output_dir=str(other), min_images=100, min_class_images=5)
 
 
-def test_calibration_refuses_its_own_output_too_few_images_and_no_readable_image(calibrated, tmp_path):
+def test_calibration_refuses_its_own_output_too_few_images_and_no_readable_image(calibrated, tmp_path, caplog):
     root, _, _, _ = calibrated
     site = root / "models" / "model_site.pt"
     with pytest.raises(ValueError, match="would be overwritten"):
@@ -309,9 +322,11 @@ def test_calibration_refuses_its_own_output_too_few_images_and_no_readable_image
                        min_images=200)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"nothing")
-    with pytest.raises(ValueError, match="none of the 1 input file"):
+    (tmp_path / "broken" / "b.png").write_bytes(b"nothing either")
+    with pytest.raises(ValueError, match="none of the 2 input file"):
         calibrate_site(tiny_network(), str(root / "models" / "model.pt"), site_loader(tmp_path / "broken"),
                        CLASS_NAMES)
+    assert "2 of 2 input file(s) could not be read and are left out: 2 x not a readable image" in caplog.text
     bare = tmp_path / "bare"
     bare.mkdir()
     torch.save(tiny_network().state_dict(), bare / "model.pt")
