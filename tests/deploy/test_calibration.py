@@ -30,6 +30,7 @@ from robustmri.deploy.calibration import (
     inputs_digest,
 )
 from robustmri.deploy.inference import file_items
+from robustmri.deploy.onnx.export import checkpoint_provenance
 from robustmri.engine.model_metadata import (
     METADATA_FILE,
     TRAINING_DATA_FILE,
@@ -37,6 +38,7 @@ from robustmri.engine.model_metadata import (
     model_metadata,
     read_calibration,
     trained_setting,
+    training_provenance,
 )
 from robustmri.networks import PaperCNN
 from robustmri.outputs import write_json
@@ -196,7 +198,12 @@ def trained_model(folder, network: nn.Module | None = None, preprocess: str = "m
     folder.mkdir(parents=True, exist_ok=True)
     network = network if network is not None else tiny_network()
     torch.save(network.state_dict(), folder / "model.pt")
-    write_json(folder / METADATA_FILE, model_metadata(None, TINY_SIZE, 2, network, CLASS_NAMES, preprocess=preprocess))
+    content = model_metadata(None, TINY_SIZE, 2, network, CLASS_NAMES, preprocess=preprocess)
+    content["provenance"] = training_provenance()
+    content["provenance"]["training"].update(completed=True, final_checkpoint={
+        "file": "model.pt", "sha256": file_sha256(folder / "model.pt")})
+    content["provenance"]["metrics"]["validation"] = {"n": 10, "last_epoch": {"val_accuracy": 0.5}}
+    write_json(folder / METADATA_FILE, content)
     write_json(folder / TRAINING_DATA_FILE, {"dataset_dir": None})
     return folder / "model.pt"
 
@@ -259,6 +266,11 @@ def test_calibration_is_recorded_beside_the_source_without_paths(calibrated):
     # every setting the deployment configs read is the source's
     for key in ("spatial_size", "network_padding", "preprocess"):
         assert trained_setting(str(site), key, None) == trained_setting(str(checkpoint), key, None)
+    # export takes the training run's provenance for it, marked as not that run's final model
+    provenance = checkpoint_provenance(site)
+    assert provenance["checkpoint"] == {"file": "model_site.pt", "sha256": file_sha256(site), "bound": False,
+                                        "selection": provenance["checkpoint"]["selection"]}
+    assert "validation" not in provenance["metrics"] and checkpoint_provenance(checkpoint)["checkpoint"]["bound"]
 
 
 def test_the_abstention_state_is_tied_to_model_site_and_accepts_the_target_share_of_new_site_images(calibrated,
