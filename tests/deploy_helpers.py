@@ -112,22 +112,14 @@ def export_tiny(tmp_path: Path, seed: int = 0, parity_images=None, ood=None, tar
 
 
 def exported_apart(tmp_path: Path, **kwargs) -> Path:
-    """:func:`export_tiny` (``kwargs`` as there) in a forked child; the ONNX file. Fitting a detector in the test
-    process itself leaves it in a state where a later test's training in a forked child fails ("Unable to handle
-    autograd's threading in combination with fork-based multiprocessing"; the cause is not found yet), so a module
-    fixture that only needs the file exports apart."""
-    import multiprocessing
+    """:func:`export_tiny` (``kwargs`` as there) in a forked child (:func:`helpers.killed_in_a_child`, which says
+    why); the ONNX file."""
+    from helpers import killed_in_a_child
 
     signing_keys()  # made here, so the child signs with the very key the tests then give the node
-
-    def run():
-        export_tiny(tmp_path, **kwargs)
-
-    child = multiprocessing.get_context("fork").Process(target=run)
-    child.start()
-    child.join(timeout=600)
+    exit_code = killed_in_a_child(lambda: export_tiny(tmp_path, **kwargs), timeout=600)
     onnx_file = tmp_path / "model.onnx"
-    assert child.exitcode == 0 and onnx_file.is_file(), f"the export failed in its child (exit {child.exitcode})"
+    assert exit_code == 0 and onnx_file.is_file(), f"the export failed in its child (exit {exit_code})"
     return onnx_file
 
 

@@ -189,7 +189,12 @@ def kill_at_iteration(workflow, iteration: int) -> None:
 
 def killed_in_a_child(run, timeout: float = 120) -> int:
     """``run()`` in a forked child (the modules already imported, so no start-up cost); its exit code.
-    The child is killed by its PID if it outlives ``timeout``."""
+    The child is killed by its PID if it outlives ``timeout``.
+
+    Also the one way tests keep work apart from the test process: fitting an ONNX detector in the test process
+    leaves it in a state where a later test's training in a forked child fails ("Unable to handle autograd's
+    threading in combination with fork-based multiprocessing"; the cause is not found yet), so tests that export
+    a detector for a module fixture do it in a child (:func:`deploy_helpers.exported_apart`)."""
     import multiprocessing
     import signal
 

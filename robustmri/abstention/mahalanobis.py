@@ -94,9 +94,12 @@ class MahalanobisDetector:
 
 
 @torch.no_grad()
-def extract_features(network: nn.Module, images: np.ndarray, batch_size: int = 64,
-                     progress: bool = False) -> np.ndarray:
-    """Penultimate features [N, d] (float64) of ``images`` [N, 1, H, W] through ``FinalLayer``, on the CPU."""
+def network_outputs(network: nn.Module, images: np.ndarray, batch_size: int = 64,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(features [N, d], logits [N, C])``, float64, of ``images`` [N, 1, H, W] in one pass through ``FinalLayer``.
+
+    Runs on the network's own device, in eval mode; the scores of :mod:`robustmri.abstention.scores` read
+    one or both."""
     adapter = FinalLayer(network)
     adapter.network.eval()
     device = next(adapter.network.parameters()).device
@@ -106,11 +109,18 @@ def extract_features(network: nn.Module, images: np.ndarray, batch_size: int = 6
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="detector features", unit="batch")
-    chunks = []
+    features, logits = [], []
     for start in starts:
-        features, _ = adapter(torch.from_numpy(images[start:start + batch_size]).to(device))
-        chunks.append(features.double().cpu().numpy())
-    return np.concatenate(chunks)
+        batch_features, batch_logits = adapter(torch.from_numpy(images[start:start + batch_size]).to(device))
+        features.append(batch_features.double().cpu().numpy())
+        logits.append(batch_logits.double().cpu().numpy())
+    return np.concatenate(features), np.concatenate(logits)
+
+
+def extract_features(network: nn.Module, images: np.ndarray, batch_size: int = 64,
+                     progress: bool = False) -> np.ndarray:
+    """Penultimate features [N, d] (float64) of ``images`` [N, 1, H, W] through ``FinalLayer``."""
+    return network_outputs(network, images, batch_size, progress)[0]
 
 
 def fit_detector(network: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int,

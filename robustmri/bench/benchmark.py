@@ -54,7 +54,14 @@ from robustmri.bench.runs import (
     run_key,
 )
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table
-from robustmri.bench.shifts import mean_over_shifts, shift_figure, shift_tables, shifted_test_sets, summary_table
+from robustmri.bench.shifts import (
+    mean_over_shifts,
+    shift_figure,
+    shift_tables,
+    shifted_test_sets,
+    summary_table,
+    synthetic_raw_images,
+)
 from robustmri.bench.stats import grouped_bootstrap_ci, headroom_table, paired_table, run_interval_table, stability
 from robustmri.data.label_noise import noisy_label_record
 from robustmri.data.protocol import build_protocol
@@ -577,13 +584,8 @@ def _by_share(network, checkpoints: dict[str, str], variants: dict[float, list[d
 
 def _synthetic_raw(workflow, data):
     """The raw embedded synthetic slices by id (the protocol's generator, same arguments), or None for real data."""
-    if not str(data.source).startswith("embedded synthetic"):
-        return None
-    from robustmri.data.synthetic import generate_slices
-
     value = workflow.parser.get_parsed_content  # the protocol node itself is the built data by now
-    return generate_slices(n_patients=int(value("synthetic_patients")), size=int(value("spatial_size")),
-                           seed=int(value("seed")))["images"]
+    return synthetic_raw_images(data, value("synthetic_patients"), value("spatial_size"), value("seed"))
 
 
 def _dataset_name(dataset_dir: str | None) -> str:

@@ -136,6 +136,16 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(S
     return sets, excluded
 
 
+def synthetic_raw_images(data, synthetic_patients: int, spatial_size: int, seed: int):
+    """The raw embedded synthetic slices by item id (the protocol's generator, same arguments), or None for data
+    read from files: the ``raw_images`` of :func:`shifted_test_sets`."""
+    if not str(data.source).startswith("embedded synthetic"):
+        return None
+    from robustmri.data.synthetic import generate_slices
+
+    return generate_slices(n_patients=int(synthetic_patients), size=int(spatial_size), seed=int(seed))["images"]
+
+
 # --- tables -------------------------------------------------------------------------------
 
 

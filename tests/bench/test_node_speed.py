@@ -12,6 +12,7 @@ from robustmri.bench.node_speed import markdown_table, measure_node
 from robustmri.bench.pacs import pacs_tools_missing
 
 from deploy_helpers import export_tiny, gradient_detector_data, gradient_series, signing_keys
+from helpers import killed_in_a_child
 
 pytestmark = pytest.mark.slow  # an exported model, Orthanc and node processes
 
@@ -20,12 +21,9 @@ NEEDS_PACS = pytest.mark.skipif(bool(pacs_tools_missing()),
 
 
 def _measured_in_a_child(folder, **kwargs) -> tuple[dict, bytes]:
-    """A tiny signed model exported and measure_node(...) run in a forked child; the report (JSON) and the model's
-    bytes back. Run in the test process itself, the two leave that process in a state where a later test's
-    training in a forked child fails ("Unable to handle autograd's threading in combination with fork-based
-    multiprocessing"; the cause is not found yet), so they run apart."""
+    """A tiny signed model exported and measure_node(...) run in a forked child (:func:`helpers.killed_in_a_child`
+    says why); the report (JSON) and the model's bytes back."""
     import json
-    import multiprocessing
 
     out = folder / "report.json"
 
@@ -36,10 +34,8 @@ def _measured_in_a_child(folder, **kwargs) -> tuple[dict, bytes]:
         report = measure_node(onnx_file, folder, gradient_series(4), ("--public_key", signing_keys()[1]), **kwargs)
         out.write_text(json.dumps({"report": report, "model": str(onnx_file)}))
 
-    child = multiprocessing.get_context("fork").Process(target=run)
-    child.start()
-    child.join(timeout=600)
-    assert child.exitcode == 0, f"export or measure_node failed in its child (exit {child.exitcode})"
+    exit_code = killed_in_a_child(run, timeout=600)
+    assert exit_code == 0, f"export or measure_node failed in its child (exit {exit_code})"
     result = json.loads(out.read_text())
     return result["report"], Path(result["model"]).read_bytes()
 
