@@ -50,7 +50,7 @@ from robustmri.abstention.mahalanobis import (
     TARGET_ACCEPTANCE,
     MahalanobisDetector,
     calibrate_threshold,
-    extract_features,
+    network_outputs,
 )
 from robustmri.data.transforms import ERROR_KEY
 from robustmri.engine.model_metadata import (
@@ -63,7 +63,7 @@ from robustmri.engine.model_metadata import (
     metadata_path,
 )
 from robustmri.evaluation.checkpoints import load_weights
-from robustmri.influence.adapter import find_final_linear, unwrap
+from robustmri.influence.adapter import unwrap
 from robustmri.outputs import read_json, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
@@ -214,15 +214,6 @@ def _summarise_unreadable(unreadable: list[dict], total: int) -> None:
         logger.info("not used: %s (%s)", item["file"], item["error"])
 
 
-@torch.no_grad()
-def _features_and_predictions(network: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
-    features = extract_features(network, images.numpy(), batch_size=batch_size)
-    _, layer = find_final_linear(unwrap(network))
-    logits = layer(torch.from_numpy(features).to(layer.weight))
-    return features, logits.argmax(1).cpu().numpy()
-
-
 def _state_dict_bytes(network: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in unwrap(network).state_dict().items()}, buffer)
@@ -271,7 +262,8 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     # one patient, and the average of their variances would miss the variation between patients
     shuffled = images[torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))]
     batches = adapt_batchnorm(network, shuffled, batch_size)
-    features, predicted = _features_and_predictions(network, images, batch_size)
+    features, logits = network_outputs(network, images.numpy(), batch_size)
+    predicted = logits.argmax(1)
     groups = list(groups) if groups is not None else [""] * len(images)
     fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images, seed=seed)
     return {**fit, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
