@@ -224,6 +224,17 @@ def _without_calibrations(content: dict) -> dict:
     return {k: v for k, v in content.items() if k not in (CALIBRATION_KEY, CALIBRATIONS_KEY)}
 
 
+def check_output_folder(source_checkpoint: str, site_checkpoint: str) -> None:
+    """Refuse a folder other than the source's that holds another model's ``model_metadata.json`` (one that
+    differs from the source's in more than its calibrations): writing there would mix two models."""
+    source_meta, site_meta = metadata_path(source_checkpoint), metadata_path(site_checkpoint)
+    if os.path.abspath(source_meta) == os.path.abspath(site_meta) or not os.path.isfile(site_meta):
+        return
+    if _without_calibrations(read_json(site_meta)) != _without_calibrations(read_json(source_meta)):
+        raise FileExistsError(f"{os.path.dirname(site_meta)} holds another model's {METADATA_FILE}: choose an empty "
+                              "output_dir")
+
+
 def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: dict) -> str:
     """Record the calibration in ``model_metadata.json`` (:func:`robustmri.engine.model_metadata.read_calibration`).
 
@@ -237,9 +248,7 @@ def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: di
     if os.path.abspath(source_meta) == os.path.abspath(site_meta):
         content.setdefault(CALIBRATIONS_KEY, {})[os.path.basename(site_checkpoint)] = record
         return write_json(site_meta, content)
-    if os.path.isfile(site_meta) and _without_calibrations(read_json(site_meta)) != _without_calibrations(content):
-        raise FileExistsError(f"{os.path.dirname(site_meta)} holds another model's {METADATA_FILE}: choose an empty "
-                              "output_dir")
+    check_output_folder(source_checkpoint, site_checkpoint)
     training_data = os.path.join(os.path.dirname(source_meta), TRAINING_DATA_FILE)
     if os.path.isfile(training_data):
         write_json(os.path.join(os.path.dirname(site_meta), TRAINING_DATA_FILE), read_json(training_data))
@@ -295,6 +304,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     if not os.path.isfile(metadata_path(checkpoint)):
         raise FileNotFoundError(f"no {METADATA_FILE} beside {checkpoint}: calibration needs the record of how it was "
                                 "trained (input size, preprocessing)")
+    check_output_folder(checkpoint, site)  # before anything is written there
 
     images, files, unreadable = read_site_images(dataloader)
     total = len(files) + len(unreadable)
@@ -350,5 +360,5 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
 
 __all__ = ["BATCHNORM_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
            "MIN_SITE_IMAGES", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
-           "calibrate_network", "calibrate_site", "fit_site_abstention", "fold_assignment", "inputs_digest",
-           "read_site_images", "site_checkpoint_path", "write_site_metadata"]
+           "calibrate_network", "calibrate_site", "check_output_folder", "fit_site_abstention", "fold_assignment",
+           "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]

@@ -322,6 +322,7 @@ def test_calibration_into_another_folder_copies_the_metadata_with_its_calibratio
     with pytest.raises(FileExistsError, match="another model's model_metadata.json"):
         calibrate_site(tiny_network(), str(checkpoint), site_loader(root / "site"), CLASS_NAMES,
                        output_dir=str(other), min_images=100, min_class_images=5)
+    assert sorted(p.name for p in other.iterdir()) == ["model.pt", METADATA_FILE, TRAINING_DATA_FILE]
 
 
 def test_calibration_refuses_its_own_output_too_few_images_and_no_readable_image(calibrated, tmp_path, caplog):
