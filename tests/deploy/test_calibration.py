@@ -316,6 +316,12 @@ def test_calibration_into_another_folder_copies_the_metadata_with_its_calibratio
     # the same images and settings give the same weights wherever they are written
     assert all(torch.equal(v, loaded(root / "models" / "model_site.pt")[k])
                for k, v in loaded(out / "model_site.pt").items())
+    # weights replaced after calibration: the record and the state describe other weights
+    torch.save(tiny_network(seed=7).state_dict(), out / "model_site.pt")
+    with pytest.raises(ValueError, match="records a calibration of other weights than model_site.pt"):
+        read_calibration(out / "model_site.pt")
+    with pytest.raises(ValueError, match="fitted for other weights"):
+        load_state(out / "model_site.pt", file_sha256(out / "model_site.pt"))
     # a folder holding another model's metadata is not overwritten
     other = tmp_path / "other"
     trained_model(other, preprocess="head")
