@@ -47,6 +47,8 @@ WORKFLOWS = {
     "inference.json": (TRAIN, part("trained_model"), part("inference")),
     "export.json": (TRAIN, part("trained_model"), part("inference"), part("export")),
     "infer_dicom.json": (TRAIN, part("trained_model"), part("inference"), part("infer_dicom")),
+    # reads the site's files as file inference does
+    "calibrate.json": (TRAIN, part("trained_model"), part("inference"), part("calibrate")),
     # an overlay: listed after the training config of the model it evaluates
     "evaluate.json": (part("trained_model"), part("evaluate")),
 }

@@ -35,6 +35,17 @@ metrics):
   holds, and the best validation metric with its epoch); export adds ``test`` from the bundle's
   evaluation when it evaluated this very checkpoint (matched by sha256);
 - ``demo_model``: true for a model trained on the embedded synthetic set.
+
+A checkpoint calibrated to a site (the bundle's ``calibrating``, :mod:`robustmri.deploy.calibration`)
+is read like any other: its folder's ``model_metadata.json`` holds the same ``trained_with`` and
+``provenance`` (those of the training run; export marks the calibrated file unbound to it). The
+calibration itself (:func:`read_calibration`) is recorded as ``calibrations[<file name>]`` when
+the calibrated checkpoint lies beside its source (``models/model_site.pt`` beside ``models/model.pt``),
+or as ``calibration`` in the copy of the source's metadata written into another folder
+(``--output_dir``): ``file``, ``sha256``, ``date``, ``source_checkpoint`` (``file``, ``sha256``),
+``images`` (``n``, ``n_unreadable``, ``sha256`` of the inputs and its rule), ``adapted``,
+``batchnorm``, ``abstention`` (threshold, target and cross-fitted acceptance, pseudo-label counts),
+``code``. No paths.
 """
 
 from __future__ import annotations
@@ -58,6 +69,10 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "model_metadata.json"
 #: Beside it, local only: the folder the training data were read from (:func:`write_training_data`).
 TRAINING_DATA_FILE = "training_data.json"
+#: The calibration of the checkpoint a copied record sits beside (``--output_dir``), and those of checkpoints
+#: beside the source, by file name (module docstring).
+CALIBRATION_KEY = "calibration"
+CALIBRATIONS_KEY = "calibrations"
 #: The settings that shape the network and its input, recorded under ``trained_with``.
 SETTINGS = ("spatial_size", "network_padding", "preprocess")
 #: Settings that records written before they existed lack, with the value those models were trained with.
@@ -328,6 +343,27 @@ def read_trained(checkpoint_or_dir: str | os.PathLike) -> dict | None:
     record = {**LEGACY_SETTINGS, **record}
     # a model is never fed images prepared differently from its training
     check_preprocess(record["preprocess"], record.get("preprocess_description"), source=path)
+    return record
+
+
+def read_calibration(checkpoint: str | os.PathLike) -> dict | None:
+    """The site calibration recorded for ``checkpoint`` (module docstring), or None for an uncalibrated one.
+
+    A record whose ``sha256`` is not the file's describes other weights (the file was replaced or
+    recalibrated elsewhere): ``ValueError``.
+    """
+    checkpoint = os.fspath(checkpoint)
+    path = metadata_path(checkpoint)
+    if not os.path.isfile(path):
+        return None
+    content, name = read_json(path), os.path.basename(checkpoint)
+    record = content.get(CALIBRATION_KEY)
+    if not (isinstance(record, dict) and record.get("file") == name):
+        record = (content.get(CALIBRATIONS_KEY) or {}).get(name)
+    if not isinstance(record, dict):
+        return None
+    if record.get("sha256") != file_sha256(checkpoint):
+        raise ValueError(f"{path} records a calibration of other weights than {name}: recalibrate")
     return record
 
 

@@ -61,15 +61,16 @@ def test_the_macro_check_finds_the_old_way_of_extending_a_config():
                                                                      "%train.json#network_def"]
 
 
-#: (config, workflow type): plain training, every method of the registry, and inference
+#: (config, workflow type): plain training, every method of the registry, inference and site calibration
 PROPERTY_CHECKS = list(dict.fromkeys(
-    [("train.json", "train")] + [(m.config, "train") for m in METHODS.values()] + [("inference.json", "infer")]))
+    [("train.json", "train")] + [(m.config, "train") for m in METHODS.values()]
+    + [("inference.json", "infer"), ("calibrate.json", "infer")]))
 
 
 @pytest.mark.parametrize("config, workflow_type", PROPERTY_CHECKS, ids=[c for c, _ in PROPERTY_CHECKS])
 def test_monai_finds_every_required_property_and_no_wrong_optional_id(config, workflow_type, tmp_path):
     overrides = as_kwargs([*TINY, *NOISY, *EVERY_METHOD, *output_dirs(tmp_path)])
-    if workflow_type == "infer":  # inference.json's initialize loads the checkpoint: an untrained one of this size
+    if workflow_type == "infer":  # an inference workflow loads the checkpoint: an untrained one of this size
         (tmp_path / "models").mkdir()
         network = PaperCNN(in_channels=1, num_classes=3, spatial_size=overrides["spatial_size"],
                            padding=overrides["network_padding"])

@@ -101,7 +101,7 @@ def documented_runs() -> list[tuple[str, list[str]]]:
 RUNS = list(dict.fromkeys(
     [("training", (method.config_path,)) for method in registry().values()]
     + [("inference", ("configs/inference.json",)), ("exporting", ("configs/export.json",)),
-       ("dicom_inference", ("configs/infer_dicom.json",))]
+       ("dicom_inference", ("configs/infer_dicom.json",)), ("calibrating", ("configs/calibrate.json",))]
     + [("evaluating", (method.config_path, "configs/evaluate.json")) for method in registry().values()]
     + [(run_id, tuple(files)) for run_id, files in documented_runs()]))
 
