@@ -396,7 +396,8 @@ def family_shifts(size: int) -> dict[str, FamilyShift]:
         FamilyShift(REFERENCE, "none", "reference", identity, "the slice itself"),
         # framing: windows and padding on the frame, never on the intensities
         FamilyShift("frame_pad_0.1", "framing", IN_RANGE, frame_pad(0.1, 0.1, centred=True),
-                    "background padding of 10 % of each side, centred", {"scale": (snug[0], snug[0]), "aspect": (1.0, 1.0)}),
+                    "background padding of 10 % of each side, centred",
+                    {"scale": (snug[0], snug[0]), "aspect": (1.0, 1.0)}),
         FamilyShift("frame_crop_0.9", "framing", IN_RANGE, frame_crop(0.9, centred=True),
                     "a centred square window of 90 % of the frame", {"scale": (1 / 0.9, 1 / 0.9),
                                                                         "aspect": (1.0, 1.0)}),

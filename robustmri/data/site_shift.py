@@ -173,7 +173,7 @@ def bias_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def bias(amplitude: float):
-    """:func:`bias_field` with the field scaled to +-``amplitude`` (a fraction, below 1) at its extreme within the head."""
+    """:func:`bias_field` scaled to +-``amplitude`` (a fraction, below 1) at its extreme within the head."""
     if not 0.0 <= float(amplitude) < 1.0:
         raise ValueError(f"bias amplitude must lie in [0, 1), got {amplitude!r}")
 
