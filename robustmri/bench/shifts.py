@@ -67,10 +67,13 @@ def catalog_shifts(catalog: str, size: int) -> list[str]:
     raise ValueError(f"unknown shift catalogue {catalog!r}; valid: {', '.join(CATALOGS)}")
 
 
-def _render(raw: np.ndarray, shift: str, item_id: int, catalog: str, size: int) -> np.ndarray:
+def _render(raw: np.ndarray, shift: str, item_id: int, catalog: str, size: int, preprocess: str) -> np.ndarray:
+    """One rendering; in ``families`` the sizes are those of ``preprocess``'s training pixel, in ``site`` the
+    rendering is the same for every preprocessing."""
     if catalog == "site":
         return render_shift(raw, shift, seed=_shift_seed(item_id, shift))
-    return render_family_shift(raw, shift, size, seed=[int(item_id), family_shifts(size)[shift].stream])
+    return render_family_shift(raw, shift, size, seed=[int(item_id), family_shifts(size)[shift].stream],
+                               preprocess=preprocess)
 
 
 def _render_item(args) -> tuple[int, dict | None, str | None]:
@@ -101,9 +104,11 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
     try:
         out = {}
         for shift in shifts:
-            stage = shift
-            shifted = _render(raw, shift, item["id"], catalog, size)
+            shifted = None
             for name in preprocesses:
+                if shifted is None or catalog != "site":
+                    stage = shift
+                    shifted = _render(raw, shift, item["id"], catalog, size, name)
                 stage = f"{shift}, then {name}"
                 out[(name, shift)] = preprocessing_by_name(name)(shifted, size)
         result = (index, out, None)

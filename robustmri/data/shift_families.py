@@ -15,12 +15,15 @@ preprocessing uses to undo it. Here every shift carries
   :func:`severity_under` recomputes the severity from a :class:`SiteShiftAugmentation`'s ranges,
   and a test holds the tags to the defaults: widening the augmentation without re-tagging fails it.
 
-Sizes are stated at the training size ``size``: a shift acting on ``S`` training pixels acts on
-``S * max(H, W) / size`` pixels of the raw ``H x W`` slice (:func:`native_per_training_pixel`,
-the factor of min-max preprocessing's resize of the whole frame). The head preprocessing crops
-the frame to the head before resizing, so it enlarges each such length (by the frame over the
-head's side, about 1.1 to 1.5 on figshare): blur, resolution loss and motion are then at least as
-strong as stated.
+Sizes and noise levels are stated as the network sees them, at the training size ``size`` after the
+preprocessing ``preprocess`` (:func:`training_geometry`): a length of ``S`` training pixels is
+``S * side / size`` raw pixels, ``side`` the raw square the preprocessing resizes (the head
+preprocessing's window around the head, the product's; min-max's whole frame), and a noise sigma is a
+fraction of the raw intensity span that the preprocessing maps to [0, 1] (the head's 1st-99th
+percentiles; min-max's range), as the training noise is. Only this sizing reads the head detector; where
+it finds no head the head preprocessing cannot prepare the slice either. Rendered once for the head
+preprocessing, a blur of 2 px is about 2 px at its input; min-max, resizing the larger frame, sees it
+smaller by the head window's share of the frame.
 
 Framing here never looks at the intensities: every window and padding is defined on the image
 frame (its shape and a random offset), so it is independent of
@@ -47,6 +50,14 @@ import numpy as np
 from PIL import Image
 
 from robustmri.data.augmentation import FAMILIES, SiteShiftAugmentation
+from robustmri.data.preprocessing import (
+    DEFAULT_PREPROCESS,
+    HEAD_CROP_MARGIN,
+    HEAD_PERCENTILES,
+    PREPROCESSING,
+    head_mask,
+    square_head_window,
+)
 from robustmri.data.site_shift import _check, _range, bias, bias_field, fov_loose, gamma, identity, rotate
 
 #: The unshifted reference.
@@ -74,16 +85,29 @@ TISSUE_EXPONENT = (0.5, 2.0)
 TISSUE_WIDTH_FACTOR = (0.5, 2.0)
 #: Pixels above this fraction of the raw range (from the minimum) are the foreground whose quantiles cut the bands.
 TISSUE_FOREGROUND = 0.05
-#: Rician noise levels: sigma as a fraction of the slice's raw range, per training pixel. The noisy protocol
-#: trains with Gaussian noise of sigma 32/255 = 0.125 of the min-max range: these are a lower and a higher level.
+#: Rician noise levels: sigma per training pixel in units of the network's input. The noisy protocol trains with
+#: Gaussian noise of sigma 32/255 = 0.125 on the prepared images: these are a lower and a higher level.
 RICIAN_SIGMAS = (0.05, 0.2)
 #: ``skull_cut`` keeps a square window of this share of the frame's shorter side: a zoom of 1 / 0.6 = 1.67.
 SKULL_CUT_KEEP = 0.6
 
 
-def native_per_training_pixel(image: np.ndarray, size: int) -> float:
-    """Raw pixels per training pixel: min-max preprocessing resizes the whole ``H x W`` frame to ``size``."""
-    return max(image.shape) / float(size)
+def training_geometry(image: np.ndarray, size: int, preprocess: str) -> tuple[float, float]:
+    """``(raw pixels per training pixel, raw intensity per unit of the network's input)`` of ``image`` prepared
+    by ``preprocess`` at ``size``: the head preprocessing's square window and 1st-99th percentiles of the head
+    (:func:`robustmri.data.preprocessing.preprocess_head`), or min-max's whole frame and range."""
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
+    image = _check(image)
+    if preprocess == "minmax":
+        low, high = _range(image)
+        return max(image.shape) / float(size), high - low
+    mask = head_mask(image)
+    _, _, side = square_head_window(mask, HEAD_CROP_MARGIN)
+    low, high = np.percentile(image[mask].astype(np.float64), HEAD_PERCENTILES)
+    if not high > low:
+        raise ValueError("no contrast inside the head")
+    return side / float(size), float(high - low)
 
 
 # ---------------------------------------------------------------------- framing on the frame
@@ -147,14 +171,14 @@ def frame_pad_scale(rows: float, cols: float) -> tuple[float, float]:
 # ---------------------------------------------------------------------- resolution, at the training size
 
 
-def blur_at(sigma: float, size: int):
-    """A Gaussian blur of ``sigma`` pixels at the training size ``size``: ``sigma * max(H, W) / size`` raw pixels."""
+def blur_at(sigma: float, size: int, preprocess: str = DEFAULT_PREPROCESS):
+    """A Gaussian blur of ``sigma`` pixels at the training size (:func:`training_geometry`)."""
 
     def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         from scipy import ndimage
 
         image = _check(image)
-        native = sigma * native_per_training_pixel(image, size)
+        native = sigma * training_geometry(image, size, preprocess)[0]
         return ndimage.gaussian_filter(image.astype(np.float64), sigma=native, mode="nearest").astype(np.float32)
 
     shift.__name__ = f"blur_{sigma:g}px"
@@ -162,16 +186,16 @@ def blur_at(sigma: float, size: int):
     return shift
 
 
-def downsample_at(factor: float, size: int):
-    """Resolution lost by ``factor`` at the training size: the slice reduced (bilinear, antialiased) to
-    ``size / factor`` pixels across its longer side, then enlarged back to its own shape (bilinear)."""
+def downsample_at(factor: float, size: int, preprocess: str = DEFAULT_PREPROCESS):
+    """Resolution lost by ``factor`` at the training size: the slice reduced (bilinear, antialiased) by
+    ``factor`` training pixels a pixel (:func:`training_geometry`), then enlarged back to its own shape (bilinear)."""
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor!r}")
 
     def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         image = _check(image)
         height, width = image.shape
-        step = factor * native_per_training_pixel(image, size)
+        step = factor * training_geometry(image, size, preprocess)[0]
         small = Image.fromarray(image).resize((max(1, round(width / step)), max(1, round(height / step))),
                                               Image.BILINEAR)
         return np.asarray(small.resize((width, height), Image.BILINEAR), dtype=np.float32)
@@ -184,34 +208,36 @@ def downsample_at(factor: float, size: int):
 # ---------------------------------------------------------------------- artefacts (k-space)
 
 
-def _kept_band(length: int, kept: int) -> np.ndarray:
-    """Whether each of ``length`` DFT frequencies (numpy's order) lies within ``|k| <= kept // 2`` cycles."""
+def kept_band(length: int, cycles: int) -> np.ndarray:
+    """Whether each of ``length`` DFT frequencies (numpy's order) lies within ``|k| <= cycles`` per field of view."""
     frequencies = np.fft.fftfreq(length) * length
-    return np.abs(frequencies) <= kept // 2
+    return np.abs(frequencies) <= cycles
 
 
-def gibbs_ringing(size: int, kept: float = GIBBS_KEPT):
-    """Gibbs ringing: k-space truncated to a band of ``kept * size`` lines along each axis.
+def gibbs_ringing(size: int, preprocess: str = DEFAULT_PREPROCESS, kept: float = GIBBS_KEPT):
+    """Gibbs ringing: k-space truncated to ``kept`` of the training size's lines along each axis.
 
     An MR image is the inverse Fourier transform of the k-space lines acquired; acquiring fewer
     lines and reconstructing without a window cuts the spectrum sharply, which convolves the image
-    with a sinc and draws ripples parallel to every sharp edge (the skull, the ventricles). The
-    band ``|k| <= floor(kept * size / 2)`` cycles per field of view on each axis is symmetric, so
+    with a sinc and draws ripples parallel to every sharp edge (the skull, the ventricles). An axis of
+    ``L`` raw pixels spans ``L / p`` training pixels (``p`` of :func:`training_geometry`); the band
+    ``|k| <= floor(kept * L / (2 p))`` cycles per field of view keeps ``kept`` of them and is symmetric, so
     the truncated image of a real slice is real; it is returned as it is (a magnitude
     reconstruction would fold the undershoots below the background up again)."""
 
     def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         image = _check(image)
-        lines = max(1, int(round(kept * size)))
+        pixel = training_geometry(image, size, preprocess)[0]
+        rows, cols = (kept_band(length, int(math.floor(kept * length / (2.0 * pixel)))) for length in image.shape)
         spectrum = np.fft.fft2(image.astype(np.float64))
-        band = np.outer(_kept_band(image.shape[0], lines), _kept_band(image.shape[1], lines))
+        band = np.outer(rows, cols)
         return np.fft.ifft2(spectrum * band).real.astype(np.float32)
 
     shift.__name__ = "gibbs_ringing"
     return shift
 
 
-def motion_kspace(image: np.ndarray, rng: np.random.Generator, size: int,
+def motion_kspace(image: np.ndarray, rng: np.random.Generator, size: int, preprocess: str = DEFAULT_PREPROCESS,
                   translation: float = MOTION_TRANSLATION) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """The k-space of ``image - min`` acquired while the head moved: ``(kspace, corrupted rows, (dy, dx))``.
 
@@ -224,7 +250,7 @@ def motion_kspace(image: np.ndarray, rng: np.random.Generator, size: int,
     height, width = image.shape
     onset = rng.uniform(*MOTION_ONSET)
     angle = rng.uniform(0.0, 2.0 * math.pi)
-    length = translation * native_per_training_pixel(image, size)
+    length = translation * training_geometry(image, size, preprocess)[0]
     dy, dx = int(round(length * math.sin(angle))), int(round(length * math.cos(angle)))
     if dy == 0 and dx == 0:
         dx = 1
@@ -238,13 +264,13 @@ def motion_kspace(image: np.ndarray, rng: np.random.Generator, size: int,
     return spectrum, corrupted, (dy, dx)
 
 
-def motion(size: int):
+def motion(size: int, preprocess: str = DEFAULT_PREPROCESS):
     """Motion during the acquisition: the k-space rows acquired after the head moved carry the phase of the
     translation (:func:`motion_kspace`), and the magnitude image shows the ghosts and blurring this makes."""
 
     def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         image = _check(image)
-        spectrum, _, _ = motion_kspace(image, rng, size)
+        spectrum, _, _ = motion_kspace(image, rng, size, preprocess)
         return (float(image.min()) + np.abs(np.fft.ifft2(spectrum))).astype(np.float32)
 
     shift.__name__ = "motion"
@@ -296,27 +322,28 @@ def tissue_contrast(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (low + (high - low) * mapped).astype(np.float32)
 
 
-def rician(sigma: float, size: int):
-    """Rician noise of ``sigma`` (a fraction of the slice's raw range) per training pixel.
+def rician(sigma: float, size: int, preprocess: str = DEFAULT_PREPROCESS):
+    """Rician noise of ``sigma`` per training pixel, in units of the network's input (:func:`training_geometry`:
+    the intensity span the preprocessing maps to [0, 1]), as the training noise is stated.
 
     A magnitude image is ``|x + n_re + i n_im|`` with independent Gaussian noise of the same sigma in
     both channels: Rician, about Gaussian where the signal is well above sigma, a Rayleigh floor of mean
     ``sigma * sqrt(pi / 2)`` in the background. So that the level holds at the training size (white noise at
-    the raw resolution would be averaged away by the resize), the slice is reduced to the training size's
-    grid (bilinear, antialiased; ``size`` pixels across its longer side), the noise is added there to
-    ``image - min``, and the result is enlarged back to the slice's shape (bilinear)."""
+    the raw resolution would be averaged away by the resize), the slice is reduced to the training pixels'
+    grid (bilinear, antialiased), the noise is added there to ``image - min``, and the result is enlarged
+    back to the slice's shape (bilinear)."""
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
 
     def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         image = _check(image)
-        low, high = _range(image)
+        low = float(image.min())
         height, width = image.shape
-        scale = native_per_training_pixel(image, size)
-        grid = (max(1, round(width / scale)), max(1, round(height / scale)))
+        pixel, unit = training_geometry(image, size, preprocess)
+        grid = (max(1, round(width / pixel)), max(1, round(height / pixel)))
         small = np.asarray(Image.fromarray((image - low).astype(np.float32)).resize(grid, Image.BILINEAR),
                            dtype=np.float64)
-        level = sigma * (high - low)
+        level = sigma * unit
         noisy = np.hypot(small + level * rng.standard_normal(small.shape), level * rng.standard_normal(small.shape))
         back = Image.fromarray(noisy.astype(np.float32)).resize((width, height), Image.BILINEAR)
         return (low + np.asarray(back, dtype=np.float64)).astype(np.float32)
@@ -384,11 +411,14 @@ def severity_under(shift: FamilyShift, augmentation: SiteShiftAugmentation | Non
 
 
 @functools.lru_cache(maxsize=8)
-def family_shifts(size: int) -> dict[str, FamilyShift]:
-    """The bench's shifts for the training size ``size``, by name (the reference ``none`` first)."""
+def family_shifts(size: int, preprocess: str = DEFAULT_PREPROCESS) -> dict[str, FamilyShift]:
+    """The bench's shifts for the training size ``size`` and the preprocessing ``preprocess`` that prepares
+    their renderings (which sets the training pixel, :func:`training_geometry`), by name (``none`` first)."""
     size = int(size)
     if size < 8:
         raise ValueError(f"size must be at least 8 training pixels, got {size}")
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocess!r}; valid: {', '.join(PREPROCESSING)}")
     loose = frame_pad_scale(0.4, 0.4), frame_pad_scale(0.6, 0.6)
     wide = frame_pad_scale(0.0, 0.5)
     snug = frame_pad_scale(0.1, 0.1)
@@ -425,32 +455,52 @@ def family_shifts(size: int) -> dict[str, FamilyShift]:
         FamilyShift("bias_0.4", "bias_field", OUT_OF_RANGE, bias(0.4), "+-40 % within the head",
                     {"bias_amplitude": (0.4, 0.4)}),
         # blur and resolution at the training size
-        FamilyShift("blur_0.8px", "blur", IN_RANGE, blur_at(0.8, size), "sigma 0.8 px at the training size",
+        FamilyShift("blur_0.8px", "blur", IN_RANGE, blur_at(0.8, size, preprocess), "sigma 0.8 px at the training size",
                     {"blur_sigma": (0.8, 0.8)}),
-        FamilyShift("blur_2px", "blur", OUT_OF_RANGE, blur_at(2.0, size), "sigma 2 px at the training size",
+        FamilyShift("blur_2px", "blur", OUT_OF_RANGE, blur_at(2.0, size, preprocess), "sigma 2 px at the training size",
                     {"blur_sigma": (2.0, 2.0)}),
-        FamilyShift("downsample_1.5x", "resolution", IN_RANGE, downsample_at(1.5, size),
+        FamilyShift("downsample_1.5x", "resolution", IN_RANGE, downsample_at(1.5, size, preprocess),
                     "resolution / 1.5 at the training size", {"downsample": (1.5, 1.5)}),
-        FamilyShift("downsample_3x", "resolution", OUT_OF_RANGE, downsample_at(3.0, size),
+        FamilyShift("downsample_3x", "resolution", OUT_OF_RANGE, downsample_at(3.0, size, preprocess),
                     "resolution / 3 at the training size", {"downsample": (3.0, 3.0)}),
         # families the augmentation does not have
-        FamilyShift("gibbs_ringing", "artefact", NEW_FAMILY, gibbs_ringing(size),
+        FamilyShift("gibbs_ringing", "artefact", NEW_FAMILY, gibbs_ringing(size, preprocess),
                     f"k-space truncated to {GIBBS_KEPT:g} of the training size's lines"),
-        FamilyShift("motion", "artefact", NEW_FAMILY, motion(size),
+        FamilyShift("motion", "artefact", NEW_FAMILY, motion(size, preprocess),
                     f"a {MOTION_TRANSLATION:g} px translation after {MOTION_ONSET[0]:g} to {MOTION_ONSET[1]:g} of "
                     "the phase-encode lines"),
         FamilyShift("tissue_contrast", "tissue_contrast", NEW_FAMILY, tissue_contrast,
                     f"{TISSUE_BANDS} intensity bands, each with its own curve"),
-        *(FamilyShift(f"rician_{sigma:g}", "noise", NEW_FAMILY, rician(sigma, size),
-                      f"Rician noise, sigma {sigma:g} of the raw range per training pixel") for sigma in RICIAN_SIGMAS),
+        *(FamilyShift(f"rician_{sigma:g}", "noise", NEW_FAMILY, rician(sigma, size, preprocess),
+                      f"Rician noise, sigma {sigma:g} of the input's range per training pixel")
+          for sigma in RICIAN_SIGMAS),
     ]
     return {shift.name: shift for shift in shifts}
 
 
-def render_family_shift(image: np.ndarray, name: str, size: int, seed) -> np.ndarray:
-    """The raw slice ``image`` under the shift ``name`` of :func:`family_shifts` for ``size``, drawn with
-    ``numpy.random.default_rng(seed)``; ``ValueError`` naming the valid shifts for an unknown name."""
-    shifts = family_shifts(size)
+def render_family_shift(image: np.ndarray, name: str, size: int, seed,
+                        preprocess: str = DEFAULT_PREPROCESS) -> np.ndarray:
+    """The raw slice ``image`` under the shift ``name`` of :func:`family_shifts` for ``size`` and ``preprocess``,
+    drawn with ``numpy.random.default_rng(seed)``; ``ValueError`` naming the valid shifts for an unknown name."""
+    shifts = family_shifts(size, preprocess)
     if name not in shifts:
         raise ValueError(f"unknown shift {name!r}; valid names: {', '.join(shifts)}")
     return shifts[name].render(_check(image), np.random.default_rng(seed))
+
+
+def family_examples_figure(image: np.ndarray, path, size: int, preprocess: str = "head", seed: int = 0):
+    """Write one PNG of ``image`` under every shift of :func:`family_shifts` as the network sees it: prepared by
+    ``preprocess`` at the training size ``size`` (window [0, 1]); titles: name, family, severity. Returns the path."""
+    from pathlib import Path
+
+    from robustmri.data.preprocessing import preprocessing_by_name
+    from robustmri.outputs import image_grid
+
+    prepare = preprocessing_by_name(preprocess)
+    shifts = family_shifts(size, preprocess)
+    panels = [prepare(render_family_shift(image, name, size, [seed, shift.stream], preprocess), size)
+              for name, shift in shifts.items()]
+    titles = [f"{name}\n{shift.family}, {shift.severity}" for name, shift in shifts.items()]
+    image_grid(panels, titles, path, ncols=6, suptitle=f"shift families as the network sees them ({preprocess}, "
+               f"{size} px, seed {seed})", vmin=0.0, vmax=1.0, title_fontsize=8, panel_size=(2.6, 2.9))
+    return Path(path)

@@ -222,16 +222,19 @@ def test_honest_shift_profile_trains_without_a_family_and_reports_by_severity(tm
     out = tmp_path / "shift2"
     result = _benchmark("run", "--profile", "shift2_cpu", "--out", str(out), "--seeds", "1",
                         "--methods", "naive_head_aug,naive_head_aug_minus_rotation", "--spatial_size", "32",
-                        "--epochs", "1", "--synthetic_patients", "12", "--batch_size", "8", "--keep_checkpoints", "True")
+                        "--epochs", "1", "--synthetic_patients", "12", "--batch_size", "8",
+                        "--keep_checkpoints", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = read_runs(str(out / "runs.jsonl"))
     assert [r["method"] for r in runs] == ["naive_head_aug", "naive_head_aug_minus_rotation"]
     assert [r["overrides"].get("augment_exclude") for r in runs] == [None, ["rotation"]]
     for run in runs:
-        assert run["shift_catalog"] == "families" and run["preprocess"] == "head" and run["branched_after_epoch"] is None
+        assert run["shift_catalog"] == "families" and run["preprocess"] == "head"
+        assert run["branched_after_epoch"] is None
         for split in ("val", "test"):
             assert list(run[f"{split}_by_shift"]) == list(family_shifts(32))
-            assert {s["n"] for s in run[f"{split}_by_shift"].values()} == {run["n"][split] - run["shift_excluded"][split]}
+            rendered = run["n"][split] - run["shift_excluded"][split]
+            assert {s["n"] for s in run[f"{split}_by_shift"].values()} == {rendered}
         assert run["test_by_shift"]["none"]["accuracy"] == run["test_by_p"]["last"]["0"]["accuracy"]
         # the model's own record says what its augmentation left out
         metadata = json.loads((out / "runs" / f"{run['method']}__gaussian__p1__seed0" / "models"

@@ -117,7 +117,8 @@ def test_the_families_catalogue_renders_each_shift_with_its_own_stream(protocol)
     for k, item in enumerate(items):
         for shift in ("motion", "rotate_20"):
             expected = preprocess_minmax(render_family_shift(read_image(item["file"]), shift, 24,
-                                                             [item["id"], family_shifts(24)[shift].stream]), 24)
+                                                             [item["id"], family_shifts(24)[shift].stream],
+                                                             preprocess="minmax"), 24)
             np.testing.assert_array_equal(sets["minmax"][shift][k]["image"][0], expected)
     with pytest.raises(ValueError, match=r"unknown shift\(s\) \['motion'\] in catalogue 'site'"):
         shifted_test_sets(items, 24, ["minmax"], shifts=["motion"], progress=False)

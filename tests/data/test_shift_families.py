@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from robustmri.data.augmentation import FAMILIES, SiteShiftAugmentation
@@ -20,18 +21,19 @@ from robustmri.data.shift_families import (
     SEVERITIES,
     TISSUE_BANDS,
     downsample_at,
+    family_examples_figure,
     family_shifts,
     frame_crop,
     frame_pad,
     gibbs_ringing,
     motion,
     motion_kspace,
-    native_per_training_pixel,
     render_family_shift,
     rician,
     severity_under,
     tissue_contrast,
     tissue_curve,
+    training_geometry,
 )
 from robustmri.data.site_shift import bias, bias_field, rotate, rotate_10
 from robustmri.data.synthetic import generate_slices
@@ -174,9 +176,11 @@ def test_skull_cut_always_cuts_the_head():
 
 
 def test_blur_is_two_pixels_at_the_training_size(synthetic):
-    """Prepared for the network, the blurred slice is closest to the prepared slice blurred by 2 px."""
-    prepared = preprocess_minmax(synthetic, SIZE).astype(np.float64)
-    rendered = preprocess_minmax(render_family_shift(synthetic, "blur_2px", SIZE, 0), SIZE).astype(np.float64)
+    """Prepared for the network, the blurred slice is closest to the prepared slice blurred by 2 px (min-max,
+    whose resize is the same for both; the head preprocessing's training pixel is checked below)."""
+    name, prepare = "minmax", preprocess_minmax
+    prepared = prepare(synthetic, SIZE).astype(np.float64)
+    rendered = prepare(render_family_shift(synthetic, "blur_2px", SIZE, 0, preprocess=name), SIZE).astype(np.float64)
     rendered = (rendered - rendered.min()) / (rendered.max() - rendered.min())
     errors = {}
     for sigma in (1.0, 1.5, 2.0, 2.5, 3.0):
@@ -196,16 +200,31 @@ def test_downsampling_at_the_training_size_removes_what_the_factor_says():
     amplitude = lambda image: np.abs(np.fft.rfft(resize((image - 50.0) / 100.0, SIZE).mean(axis=0)))[SIZE // 4]  # noqa
     rng = np.random.default_rng(0)
     reference = amplitude(grating)
-    assert amplitude(downsample_at(1.5, SIZE)(grating, rng)) > 0.3 * reference
-    assert amplitude(downsample_at(3.0, SIZE)(grating, rng)) < 0.15 * reference
-    assert native_per_training_pixel(grating, SIZE) == 4.0
+    assert amplitude(downsample_at(1.5, SIZE, "minmax")(grating, rng)) > 0.3 * reference
+    assert amplitude(downsample_at(3.0, SIZE, "minmax")(grating, rng)) < 0.15 * reference
+    assert training_geometry(grating, SIZE, "minmax") == (4.0, 100.0)
+
+
+def test_the_training_pixel_and_unit_are_the_preprocessings():
+    """The head preprocessing's training pixel is its square window around the head over the size, and its unit the
+    head's 1st-99th percentile span: checked against the analytic head of the synthetic ellipse."""
+    image, mask = ellipse_head()
+    pixel, unit = training_geometry(image, SIZE, "head")
+    rows, cols = np.nonzero(mask)
+    longer = max(np.ptp(rows), np.ptp(cols)) + 1
+    assert pixel * SIZE == pytest.approx(longer * 1.1, rel=0.05)  # 5 % margin on each side
+    low, high = np.percentile(image[mask], [1, 99])
+    assert unit == pytest.approx(high - low, rel=0.1)  # the detected head is not exactly the analytic one
+    assert training_geometry(image, SIZE, "minmax") == (200 / SIZE, float(image.max() - image.min()))
+    with pytest.raises(ValueError, match="unknown preprocessing 'zscore'"):
+        training_geometry(image, SIZE, "zscore")
 
 
 # ---------------------------------------------------------------------- artefacts
 
 
 def test_gibbs_ringing_keeps_exactly_the_band_of_k_space(synthetic):
-    out = gibbs_ringing(SIZE)(synthetic, np.random.default_rng(0)).astype(np.float64)
+    out = gibbs_ringing(SIZE, "minmax")(synthetic, np.random.default_rng(0)).astype(np.float64)
     kept = round(0.6 * SIZE) // 2  # 9 cycles per field of view
     k = np.abs(np.fft.fftfreq(128) * 128)
     band = (k[:, None] <= kept) & (k[None, :] <= kept)
@@ -218,7 +237,7 @@ def test_gibbs_ringing_keeps_exactly_the_band_of_k_space(synthetic):
 
 
 def test_motion_is_a_phase_error_on_the_lines_after_the_movement(synthetic):
-    spectrum, corrupted, (dy, dx) = motion_kspace(synthetic, np.random.default_rng(4), SIZE)
+    spectrum, corrupted, (dy, dx) = motion_kspace(synthetic, np.random.default_rng(4), SIZE, "minmax")
     clean = np.fft.fft2(synthetic.astype(np.float64) - synthetic.min())
     moved = np.fft.fft2(np.roll(synthetic.astype(np.float64) - synthetic.min(), (dy, dx), axis=(0, 1)))
     scale = np.abs(clean).max()
@@ -230,7 +249,7 @@ def test_motion_is_a_phase_error_on_the_lines_after_the_movement(synthetic):
     assert 0.25 * 128 <= corrupted.sum() <= 0.45 * 128 and ky[corrupted].min() > 0
     assert set(ky[corrupted]) == set(np.arange(ky[corrupted].min(), 64))
     assert math.hypot(dy, dx) == pytest.approx(MOTION_TRANSLATION * 4, abs=1.0)
-    out = motion(SIZE)(synthetic, np.random.default_rng(4))
+    out = motion(SIZE, "minmax")(synthetic, np.random.default_rng(4))
     assert np.allclose(out, synthetic.min() + np.abs(np.fft.ifft2(spectrum)), atol=1e-3)
 
 
@@ -267,7 +286,7 @@ def test_rician_noise_has_its_level_at_the_training_size():
     image[:, native // 2:] = 600.0
     image[0, 0] = 1000.0  # the range: 1000
     for sigma in (0.05, 0.2):
-        out = rician(sigma, SIZE)(image, np.random.default_rng(1))
+        out = rician(sigma, SIZE, "minmax")(image, np.random.default_rng(1))
         prepared = np.asarray(preprocess_minmax(np.concatenate([out, [[0.0] * native]]), SIZE), np.float64)
         prepared *= (out.max() - 0.0) / 1000.0  # back to units of the original range (the minimum stays 0)
         background, tissue = prepared[2:-2, 2:SIZE // 2 - 2], prepared[2:-2, SIZE // 2 + 2:-2]
@@ -285,3 +304,11 @@ def test_the_factories_reproduce_the_first_benchs_shifts(synthetic):
                           bias_field(synthetic, np.random.default_rng(3)))
     with pytest.raises(ValueError, match="bias amplitude"):
         bias(1.5)
+
+
+@pytest.mark.slow
+def test_family_examples_figure(tmp_path, ellipse):
+    path = family_examples_figure(ellipse, tmp_path / "figures" / "families.png", SIZE)
+    assert path == tmp_path / "figures" / "families.png" and path.stat().st_size > 10_000
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > png.height > 300
