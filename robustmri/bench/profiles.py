@@ -131,13 +131,15 @@ PROFILES = {
     # site-shift augmentation), the same without augmentation, and the product minus each augmentation family in
     # turn (LEAVE_OUT), all naive training, nothing branched; shift_cpu's protocol otherwise (48 px, 12 epochs,
     # Gaussian training noise, 5 seeds). Runtime on the 2-core CPU machine alone, estimated from shift_cpu's 49.9
-    # min (300 epochs and 14 x 2 renderings per slice): 40 runs x 12 epochs = 480 epochs at about 8 s with their
-    # evaluations, about 65 min, plus the renderings (23 shifts, one preprocessing, 3,064 slices once: about
-    # 10 to 15 min), so about 80 min.
+    # min (300 epochs, 80 to 150 s of renderings per seed): 40 runs x 12 epochs = 480 epochs at about 8 s with
+    # their evaluations, about 65 min, plus the renderings, which cost a slice about what shift_cpu's did
+    # (measured side by side: 23 shifts for the head preprocessing against 14 for two), about 10 min: about
+    # 75 to 80 min.
     "shift2_cpu": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                    "eval_shifts": ["head"], "shift_catalog": "families",
                    "methods": ["naive_head_aug", "naive_head", *LEAVE_OUT],
-                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12}},
+                   # influence_epoch: shift_cpu's, for a method with an influence step added with --methods
+                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
               "methods": ["naive", "isp", "isp_linf_control"],
               "config": {"spatial_size": 32, "network_padding": 2, "epochs": 2, "influence_epoch": 1, "n2v_steps": 5,
