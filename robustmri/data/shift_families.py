@@ -15,6 +15,26 @@ preprocessing uses to undo it. Here every shift carries
   :func:`severity_under` recomputes the severity from a :class:`SiteShiftAugmentation`'s ranges,
   and a test holds the tags to the defaults: widening the augmentation without re-tagging fails it.
 
+The default augmentation's ranges (fields of :class:`SiteShiftAugmentation`) and the shifts on each side:
+
+================  =====================================================  =======================  ======================
+family            augmentation field: default range                      in-range                 out-of-range
+================  =====================================================  =======================  ======================
+framing           ``scale`` U[0.85, 1.15], ``aspect`` log-U[0.8, 1.25]   frame_pad_0.1 (0.91),    fov_loose (0.63-0.71),
+                                                                         frame_crop_0.9 (1.11)    frame_pad_wide (0.82,
+                                                                                                  aspect 1.5), skull_cut
+                                                                                                  (1.67)
+rotation          ``rotation_degrees`` 10: U[-10, 10] degrees            rotate_10                rotate_20
+intensity_curve   ``gamma`` log-U[0.67, 1.5], ``contrast`` U[0.7, 1.3]   gamma_0.7, gamma_1.5     gamma_0.5, gamma_2
+bias_field        ``bias_amplitude`` 0.2: amplitude U[0, 0.2]            bias_field (0.2)         bias_0.4
+blur              ``blur_sigma`` U[0, 1] training px                     blur_0.8px               blur_2px
+resolution        ``downsample`` U[1, 2]                                 downsample_1.5x          downsample_3x
+================  =====================================================  =======================  ======================
+
+New families: ``gibbs_ringing`` and ``motion`` (artefact), ``tissue_contrast``, ``rician_0.05`` and
+``rician_0.2`` (noise). The first bench's framing built on the head detector (``fov_tight``,
+``non_square_*``) is not here: the head preprocessing undoes it by construction.
+
 Sizes and noise levels are stated as the network sees them, at the training size ``size`` after the
 preprocessing ``preprocess`` (:func:`training_geometry`): a length of ``S`` training pixels is
 ``S * side / size`` raw pixels, ``side`` the raw square the preprocessing resizes (the head
