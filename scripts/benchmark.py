@@ -6,6 +6,7 @@
     python scripts/benchmark.py methods                                                             # what can run
     python scripts/benchmark.py select --dataset_dir /data/figshare-brain-tumor --out bench/selection  # tuning seeds
     python scripts/benchmark.py run --profile shift_cpu --dataset_dir /data/figshare-brain-tumor --out bench/shift
+    python scripts/benchmark.py run --profile shift2_cpu --dataset_dir /data/figshare-brain-tumor --out bench/shift2
 
 The command line of :class:`robustmri.bench.benchmark.Benchmark` over this repository's ``bundle/``
 (methods, variants and profiles: :mod:`robustmri.bench.profiles`). Running the same command again

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from robustmri.bench.machine import describe_machine, run_provenance
 from robustmri.bench.profiles import (
+    LEAVE_OUT,
     LEGACY_RECIPE,
     METHOD_OUTPUTS,
     METHODS,
@@ -55,6 +56,7 @@ from robustmri.bench.runs import (
 )
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table
 from robustmri.bench.shifts import (
+    family_tables,
     mean_over_shifts,
     shift_figure,
     shift_tables,
@@ -65,6 +67,7 @@ from robustmri.bench.shifts import (
 from robustmri.bench.stats import grouped_bootstrap_ci, headroom_table, paired_table, run_interval_table, stability
 from robustmri.data.label_noise import noisy_label_record
 from robustmri.data.protocol import build_protocol
+from robustmri.data.shift_families import family_shifts
 from robustmri.engine.workflow import execute, inject_protocol, load_workflow, protocol_arguments
 from robustmri.evaluation.checkpoints import evaluate_checkpoints_on
 from robustmri.outputs import read_json, write_json
@@ -107,6 +110,7 @@ class Benchmark:
         eval_p = [float(p) for p in settings.get("eval_p", [])]
         protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
                     **({"eval_shifts": settings["eval_shifts"]} if settings.get("eval_shifts") else {}),
+                    **({"shift_catalog": settings["shift_catalog"]} if settings.get("shift_catalog") else {}),
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
         host = describe_machine()
@@ -122,7 +126,8 @@ class Benchmark:
                     len(planned) - len(todo), host)
         common = _common_config(config, dataset_dir, device)
         context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
-                   "data": {}, "prefix": {}, "eval_shifts": list(settings.get("eval_shifts", [])), "shift_sets": {}}
+                   "data": {}, "prefix": {}, "eval_shifts": list(settings.get("eval_shifts", [])), "shift_sets": {},
+                   "shift_catalog": settings.get("shift_catalog", "site")}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
         failed = []
@@ -175,7 +180,18 @@ class Benchmark:
                                       + json.dumps(stability(runs), indent=1) + "\n```",
                                       "#### Each run, last checkpoint, p = 1\n\n" + run_interval_table(runs)])
             markdown = f"{markdown}\n\n{paired}\n"
-        if any("test_by_shift" in run for run in runs):
+        catalog = info.get("protocol", {}).get("shift_catalog", "site")
+        if catalog == "families" and any("test_by_shift" in run for run in runs):
+            shifts = family_shifts(int(info["protocol"]["spatial_size"]))
+            markdown += ("\n\n#### Site shifts by family and severity\n\n"
+                         "Severity against the product's augmentation ranges (robustmri.data.shift_families); "
+                         "a family left out of a configuration's training is a new family to it.\n\n"
+                         "##### Test split\n\n" + family_tables(runs, shifts, LEAVE_OUT)
+                         + "\n\n##### Validation split\n\n"
+                         + family_tables(runs, shifts, LEAVE_OUT, key="val_by_shift")
+                         + "\n\n##### Every shift, test split\n\n" + shift_tables(runs) + "\n")
+            shift_figure(runs, os.path.join(out, "shift_accuracy.png"))
+        elif any("test_by_shift" in run for run in runs):
             noises = list(dict.fromkeys(r["noise"] for r in runs if "val_by_shift" in r))
             choice = "\n".join(f"- {noise}: " + ", ".join(
                 f"{m} {v:.1f}" for m in dict.fromkeys(r["method"] for r in runs)
@@ -421,7 +437,7 @@ class Benchmark:
                 "test_by_p": by_p,
                 **({"test_by_noise": by_noise} if by_noise else {}),
                 **({"test_by_shift": by_shift[0]["test"], "val_by_shift": by_shift[0]["val"],
-                    "shift_excluded": by_shift[1],
+                    "shift_excluded": by_shift[1], "shift_catalog": context["shift_catalog"],
                     "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
                 "history": history,
                 "method_outputs": outputs,
@@ -448,8 +464,11 @@ class Benchmark:
                 if len(context["shift_sets"]) >= len(SHIFT_SPLITS):  # one seed's splits in memory at a time
                     context["shift_sets"].clear()
                 start = time.perf_counter()
+                catalog = context["shift_catalog"]
+                # the first bench's cache folder stays where its records expect it
+                cache = os.path.join(out, "shifted", *([] if catalog == "site" else [catalog]), f"{size}px")
                 context["shift_sets"][key] = shifted_test_sets(items, size, context["eval_shifts"], workers=2,
-                                                               cache_dir=os.path.join(out, "shifted", f"{size}px"),
+                                                               cache_dir=cache, catalog=catalog,
                                                                raw_images=_synthetic_raw(workflow, data))
                 logger.info("site-shift %s sets for seed %s: %d slices, %d left out, %.0f s", split, run["seed"],
                             len(items), len(context["shift_sets"][key][1]), time.perf_counter() - start)

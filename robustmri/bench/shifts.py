@@ -1,12 +1,14 @@
 """The site-shift test bench: the test split re-rendered under controlled site shifts, and its tables.
 
 Each test slice is read again from its file (raw intensities, before any preprocessing),
-re-rendered under every shift of :data:`robustmri.data.site_shift.SHIFTS` and prepared by
+re-rendered under every shift of a catalogue (:data:`CATALOGS`: ``site``, the first bench's
+:data:`robustmri.data.site_shift.SHIFTS`; ``families``, the honest bench's
+:func:`robustmri.data.shift_families.family_shifts`, tagged by family and severity) and prepared by
 each preprocessing asked for, exactly as deployment would prepare a slice from another site.
 A shift's realisation depends only on the slice's id and the shift (seeded with
-``[id, index of the shift in SHIFTS]``), so a slice looks the same in every seed's test split and for every
-preprocessing. The shifted slices are clean (no training noise): the bench measures the
-change of site, the noise protocol is measured elsewhere.
+``[id, index of the shift in SHIFTS]``, or ``[id, the shift's stream]`` in ``families``), so a slice looks
+the same in every seed's test split and for every preprocessing. The shifted slices are clean (no
+training noise): the bench measures the change of site, the noise protocol is measured elsewhere.
 
 A slice that a shift or a preprocessing cannot render (e.g. no head found) is left out of
 every shifted set, for every preprocessing, and counted: all accuracies of one seed are then
@@ -32,12 +34,15 @@ from tqdm.auto import tqdm
 from robustmri.bench.stats import _signed, _table, paired_difference
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.readers import ImageReadError, read_image
+from robustmri.data.shift_families import SEVERITIES, family_shifts, render_family_shift
 from robustmri.data.site_shift import SHIFTS, render_shift
 
 logger = logging.getLogger(__name__)
 
 #: The unshifted reference, against which every shift's drop is measured.
 REFERENCE = "none"
+#: The shift catalogues a bench renders: the first bench's shifts and the honest bench's tagged families.
+CATALOGS = ("site", "families")
 
 
 def _raw(item: dict, raw_image: np.ndarray | None) -> np.ndarray:
@@ -53,12 +58,30 @@ def _shift_seed(item_id: int, shift: str) -> list[int]:
     return [int(item_id), list(SHIFTS).index(shift)]
 
 
+def catalog_shifts(catalog: str, size: int) -> list[str]:
+    """The names of the shifts of ``catalog`` (one of :data:`CATALOGS`) at the training size ``size``."""
+    if catalog == "site":
+        return list(SHIFTS)
+    if catalog == "families":
+        return list(family_shifts(size))
+    raise ValueError(f"unknown shift catalogue {catalog!r}; valid: {', '.join(CATALOGS)}")
+
+
+def _render(raw: np.ndarray, shift: str, item_id: int, catalog: str, size: int, preprocess: str) -> np.ndarray:
+    """One rendering; in ``families`` the sizes are those of ``preprocess``'s training pixel, in ``site`` the
+    rendering is the same for every preprocessing."""
+    if catalog == "site":
+        return render_shift(raw, shift, seed=_shift_seed(item_id, shift))
+    return render_family_shift(raw, shift, size, seed=[int(item_id), family_shifts(size)[shift].stream],
+                               preprocess=preprocess)
+
+
 def _render_item(args) -> tuple[int, dict | None, str | None]:
     """Every (preprocessing, shift) of one item: ``(index, {(preprocess, shift): [S, S]}, None)`` or a reason.
 
     With a cache folder, an item's renderings are kept there (one ``.npz`` per slice, named by its id
     and a digest of its raw pixels) and read back by later seeds whose splits hold the same slice."""
-    index, item, size, preprocesses, shifts, cache_dir, raw_image = args
+    index, item, size, preprocesses, shifts, cache_dir, raw_image, catalog = args
     try:
         raw = _raw(item, raw_image)
     except ImageReadError as err:
@@ -81,9 +104,11 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
     try:
         out = {}
         for shift in shifts:
-            stage = shift
-            shifted = render_shift(raw, shift, seed=_shift_seed(item["id"], shift))
+            shifted = None
             for name in preprocesses:
+                if shifted is None or catalog != "site":
+                    stage = shift
+                    shifted = _render(raw, shift, item["id"], catalog, size, name)
                 stage = f"{shift}, then {name}"
                 out[(name, shift)] = preprocessing_by_name(name)(shifted, size)
         result = (index, out, None)
@@ -99,8 +124,8 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
     return result
 
 
-def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(SHIFTS), workers: int = 1,
-                      progress: bool = True, cache_dir: str | None = None, raw_images=None
+def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=None, workers: int = 1,
+                      progress: bool = True, cache_dir: str | None = None, raw_images=None, catalog: str = "site"
                       ) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
     """``({preprocess: {shift: items}}, excluded)``: ``items`` (protocol test items) re-rendered.
 
@@ -108,15 +133,21 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=tuple(S
     ``noisy`` False. ``excluded``: ``(id, reason)`` of the items left out of every set.
     ``cache_dir``: keep each slice's renderings there (for one data set and input size only).
     ``raw_images``: the raw slice of each item id (a mapping or an array indexed by id), for items
-    without a file; by default each item's ``file`` is read.
+    without a file; by default each item's ``file`` is read. ``catalog``: where the ``shifts`` (default:
+    all of it) come from, one of :data:`CATALOGS` (a cache folder holds one catalogue's renderings).
     """
+    known = catalog_shifts(catalog, size)
+    shifts = known if shifts is None else list(shifts)
+    unknown = [shift for shift in shifts if shift not in known]
+    if unknown:
+        raise ValueError(f"unknown shift(s) {unknown} in catalogue {catalog!r}; valid: {', '.join(known)}")
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-    preprocesses, shifts = list(preprocesses), list(shifts)
+    preprocesses = list(preprocesses)
     if REFERENCE not in shifts:
         shifts = [REFERENCE] + shifts
     jobs = [(i, item, int(size), preprocesses, shifts, cache_dir,
-             None if raw_images is None else raw_images[int(item["id"])]) for i, item in enumerate(items)]
+             None if raw_images is None else raw_images[int(item["id"])], catalog) for i, item in enumerate(items)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(_render_item, jobs, chunksize=8), total=len(jobs), desc="site shifts",
@@ -284,3 +315,85 @@ def shift_figure(runs: list[dict], path: str, noise: str | None = None) -> str |
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(figure, path)
     return path
+
+
+# --- the honest bench's tables: by severity, and leave-one-family-out ---------------------------
+
+
+def _mean_accuracy_by_seed(runs: list[dict], method: str, noise: str, shifts: list[str],
+                           key: str = "test_by_shift") -> dict[int, float]:
+    """Per seed, the accuracy (%) averaged over ``shifts``; only seeds that have every one of them."""
+    by_shift = [_accuracy_by_seed(runs, method, noise, shift, key) for shift in shifts]
+    seeds = set.intersection(*(set(values) for values in by_shift)) if by_shift else set()
+    return {seed: float(np.mean([values[seed] for values in by_shift])) for seed in sorted(seeds)}
+
+
+def _change_cell(runs: list[dict], method: str, noise: str, shifts: list[str], key: str) -> str:
+    """Accuracy under ``shifts`` (averaged per seed), and in brackets its paired change against the unshifted split."""
+    values = _mean_accuracy_by_seed(runs, method, noise, shifts, key)
+    if not values:
+        return "–"
+    arr = np.array(list(values.values()))
+    reference = _accuracy_by_seed(runs, method, noise, REFERENCE, key)
+    return f"{arr.mean():.1f} ({_cell(paired_difference(values, reference))})"
+
+
+def family_tables(runs: list[dict], shifts: dict, leave_out: dict[str, tuple[str, str]],
+                  key: str = "test_by_shift") -> str:
+    """Markdown: the honest bench's results by severity, and leave-one-family-out.
+
+    ``shifts``: the catalogue (:func:`robustmri.data.shift_families.family_shifts`), for each shift's family and
+    severity; ``leave_out``: ``{configuration: (the full configuration, the family it trains without)}``.
+
+    1. One table per severity (in-range, out-of-range, new family), rows the shifts of that severity and a last
+       row averaging them per seed, columns the configurations that leave nothing out: accuracy %, mean over
+       seeds, and in brackets the paired change against the unshifted split of the same models (mean, 95 % t
+       interval over seeds, k/n seeds where the shifted split scored higher).
+    2. Left out: for each configuration trained without a family, each shift of that family (to this model a
+       family it never saw) and their average: the full configuration's change, the left-out configuration's
+       change, and the paired difference left-out − full on the shifted split and on the unshifted one.
+    """
+    runs = [r for r in runs if r.get(key)]
+    if not runs:
+        return "No run has site-shift results."
+    split = "validation" if key.startswith("val") else "test"
+    rendered = set.intersection(*(set(r[key]) for r in runs))
+    parts = []
+    for noise in dict.fromkeys(r["noise"] for r in runs):
+        mine = [r for r in runs if r["noise"] == noise]
+        methods = [m for m in dict.fromkeys(r["method"] for r in mine) if m not in leave_out]
+        for severity in SEVERITIES:
+            names = [name for name, shift in shifts.items() if shift.severity == severity and name in rendered]
+            if not names:
+                continue
+            rows = [[f"`{name}`", shifts[name].family, shifts[name].description]
+                    + [_change_cell(mine, method, noise, [name], key) for method in methods] for name in names]
+            rows.append([f"**mean of {len(names)}**", "", ""]
+                        + [_change_cell(mine, method, noise, names, key) for method in methods])
+            parts.append(f"**{severity.capitalize()}** shifts, {split} split (training noise {noise}): accuracy % "
+                         "(mean over seeds) and, in brackets, the paired change against the unshifted split of the "
+                         "same models: mean [95 % CI] k/n seeds where the shifted split scored higher.\n\n"
+                         + _table(["shift", "family", "rendering", *methods], rows))
+        rows = []
+        for method, (full, family) in leave_out.items():
+            if not any(r["method"] == method for r in mine) or not any(r["method"] == full for r in mine):
+                continue
+            names = [name for name, shift in shifts.items() if shift.family == family and name in rendered]
+            for label, group in [*((f"`{name}` ({shifts[name].severity})", [name]) for name in names),
+                                 (f"**mean of {len(names)}**", names)]:
+                difference = paired_difference(_mean_accuracy_by_seed(mine, method, noise, group, key),
+                                               _mean_accuracy_by_seed(mine, full, noise, group, key))
+                rows.append([f"`{method}`", family, label, _change_cell(mine, full, noise, group, key),
+                             _change_cell(mine, method, noise, group, key), _cell(difference)])
+            reference = paired_difference(_accuracy_by_seed(mine, method, noise, REFERENCE, key),
+                                          _accuracy_by_seed(mine, full, noise, REFERENCE, key))
+            rows.append([f"`{method}`", family, f"`{REFERENCE}` (unshifted)", "", "", _cell(reference)])
+        if rows:
+            parts.append(f"**Left out**, {split} split (training noise {noise}): each configuration trained with the "
+                         "augmentation minus one family, on that family's shifts; accuracy % and the paired change "
+                         "against the unshifted split for the full configuration and the one without the family, and "
+                         "the paired difference without − full, points: mean [95 % CI] k/n seeds where the one "
+                         "without the family scored higher.\n\n"
+                         + _table(["configuration", "family left out", "shift", "full: accuracy (change)",
+                                   "without the family: accuracy (change)", "without − full"], rows))
+    return "\n\n".join(parts)

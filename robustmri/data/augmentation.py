@@ -29,6 +29,11 @@ at once. The components, in the order they are applied:
 
 An augmented sample is clipped to [0, 1] at the end; a sample left alone comes back
 bit-identical.
+
+The components group into families (:data:`FAMILIES`), the unit a site-shift bench tests:
+``exclude`` switches whole families off (training "the augmentation minus the family tested",
+the bench's leave-one-family-out). An excluded component is still drawn and then dropped, so
+every other component of every sample takes exactly the values it takes without ``exclude``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ STREAM = 7919
 FOREGROUND = 0.05
 #: The components, in the order they are applied (geometry counts three: rotation, scale, aspect).
 COMPONENTS = ("rotation", "scale", "aspect", "downsample", "blur", "bias", "contrast", "gamma")
+#: Families of components, by the name a shift of that family carries (robustmri.data.shift_catalog); ``exclude``
+#: takes these names.
+FAMILIES = {"framing": ("scale", "aspect"), "rotation": ("rotation",), "resolution": ("downsample",),
+            "blur": ("blur",), "bias_field": ("bias",), "intensity_curve": ("contrast", "gamma")}
 #: Number of coefficients of the bias field's quadratic (x, y, x^2, y^2, xy).
 BIAS_TERMS = 5
 
@@ -69,6 +78,20 @@ def _pair(name: str, value, low_bound: float, *, inclusive: bool, upper: float |
     if upper is not None and high > upper:
         raise ValueError(f"{name} must be <= {upper:g}, got {value!r}")
     return low, high
+
+
+def check_exclude(value) -> tuple[str, ...]:
+    """``value`` (None, a family name, a comma-separated string of them or a sequence) as a tuple of
+    :data:`FAMILIES` names in their canonical order; ``ValueError`` naming the valid ones otherwise."""
+    if value is None:
+        return ()
+    names = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
+    names = [name for name in names if name != ""]
+    unknown = [name for name in names if not isinstance(name, str) or name not in FAMILIES]
+    if unknown:
+        raise ValueError(f"augment_exclude: unknown augmentation famil{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{', '.join(map(repr, unknown))}; valid: {', '.join(FAMILIES)}")
+    return tuple(family for family in FAMILIES if family in names)
 
 
 def _unit(name: str, value) -> float:
@@ -110,6 +133,8 @@ class SiteShiftAugmentation:
     blur_sigma: tuple[float, float] = (0.0, 1.0)
     #: Resolution loss: down by this factor, then back up (bilinear), uniform; 1 is the identity.
     downsample: tuple[float, float] = (1.0, 2.0)
+    #: Families of :data:`FAMILIES` never applied (a name, a comma-separated string or a list; empty: none).
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -135,6 +160,7 @@ class SiteShiftAugmentation:
         if not 0.0 <= degrees <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees!r}")
         set_("rotation_degrees", degrees)
+        set_("exclude", check_exclude(self.exclude))
 
     # ------------------------------------------------------------------ parameters
 
@@ -167,6 +193,8 @@ class SiteShiftAugmentation:
             rng = np.random.default_rng([int(seed), int(epoch), int(sample), STREAM])
             augmented = rng.random() < self.prob
             takes = dict(zip(COMPONENTS, (rng.random(len(COMPONENTS)) < self.component_prob) & augmented))
+            for family in self.exclude:  # after the draw, so that the other components' values do not move
+                takes.update(dict.fromkeys(FAMILIES[family], False))
             values = {
                 "rotation": rng.uniform(-self.rotation_degrees, self.rotation_degrees),
                 "scale": rng.uniform(*self.scale),

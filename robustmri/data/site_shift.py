@@ -149,10 +149,7 @@ def contrast_low(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (median + LOW_CONTRAST_FACTOR * (image.astype(np.float64) - median)).astype(np.float32)
 
 
-def bias_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A smooth multiplicative field, as a receive coil's sensitivity: a random quadratic polynomial of
-    position over the head's bounding box (held at the box's edge beyond it), centred and scaled to
-    +-20 % at its extreme within the head, applied to the intensities above the slice's minimum."""
+def _bias_field(image: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
     image = _check(image)
     low = float(image.min())
     mask = head_mask(image)
@@ -164,8 +161,28 @@ def bias_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     poly = np.tensordot(rng.normal(size=len(terms)), terms, axes=1)
     poly -= poly[mask].mean()
     poly /= np.abs(poly[mask]).max()
-    field = 1.0 + BIAS_AMPLITUDE * poly
+    field = 1.0 + amplitude * poly
     return (low + (image.astype(np.float64) - low) * field).astype(np.float32)
+
+
+def bias_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smooth multiplicative field, as a receive coil's sensitivity: a random quadratic polynomial of
+    position over the head's bounding box (held at the box's edge beyond it), centred and scaled to
+    +-20 % at its extreme within the head, applied to the intensities above the slice's minimum."""
+    return _bias_field(image, rng, BIAS_AMPLITUDE)
+
+
+def bias(amplitude: float):
+    """:func:`bias_field` scaled to +-``amplitude`` (a fraction, below 1) at its extreme within the head."""
+    if not 0.0 <= float(amplitude) < 1.0:
+        raise ValueError(f"bias amplitude must lie in [0, 1), got {amplitude!r}")
+
+    def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return _bias_field(image, rng, float(amplitude))
+
+    shift.__name__ = f"bias_{amplitude:g}"
+    shift.__doc__ = f"The bias field of ``bias_field`` at +-{100 * amplitude:g} % within the head."
+    return shift
 
 
 def blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -184,14 +201,29 @@ def downsample_2x(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(small.resize((width, height), Image.BILINEAR), dtype=np.float32)
 
 
-def rotate_10(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A 10 degree in-plane rotation about the slice's centre, same shape and scale, background filled in."""
+def _rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     from scipy import ndimage
 
     image = _check(image)
-    rotated = ndimage.rotate(image.astype(np.float64), ROTATION_DEGREES, reshape=False, order=1,
+    rotated = ndimage.rotate(image.astype(np.float64), degrees, reshape=False, order=1,
                              mode="constant", cval=float(image.min()))
     return rotated.astype(np.float32)
+
+
+def rotate_10(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 10 degree in-plane rotation about the slice's centre, same shape and scale, background filled in."""
+    return _rotate(image, ROTATION_DEGREES)
+
+
+def rotate(degrees: float):
+    """An in-plane rotation by ``degrees`` (counter-clockwise as displayed), as :func:`rotate_10`."""
+
+    def shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return _rotate(image, float(degrees))
+
+    shift.__name__ = f"rotate_{degrees:g}"
+    shift.__doc__ = f"A {degrees:g} degree in-plane rotation about the slice's centre, background filled in."
+    return shift
 
 
 gamma_07 = gamma(0.7)

@@ -214,6 +214,39 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
     assert (out / "shift_accuracy.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_honest_shift_profile_trains_without_a_family_and_reports_by_severity(tmp_path):
+    """shift2_cpu at its tiniest: the product's configuration and the one without rotation augmentation, one seed."""
+    from robustmri.data.shift_families import family_shifts
+
+    out = tmp_path / "shift2"
+    result = _benchmark("run", "--profile", "shift2_cpu", "--out", str(out), "--seeds", "1",
+                        "--methods", "naive_head_aug,naive_head_aug_minus_rotation", "--spatial_size", "32",
+                        "--epochs", "1", "--synthetic_patients", "12", "--batch_size", "8",
+                        "--keep_checkpoints", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = read_runs(str(out / "runs.jsonl"))
+    assert [r["method"] for r in runs] == ["naive_head_aug", "naive_head_aug_minus_rotation"]
+    assert [r["overrides"].get("augment_exclude") for r in runs] == [None, ["rotation"]]
+    for run in runs:
+        assert run["shift_catalog"] == "families" and run["preprocess"] == "head"
+        assert run["branched_after_epoch"] is None
+        for split in ("val", "test"):
+            assert list(run[f"{split}_by_shift"]) == list(family_shifts(32))
+            rendered = run["n"][split] - run["shift_excluded"][split]
+            assert {s["n"] for s in run[f"{split}_by_shift"].values()} == {rendered}
+        assert run["test_by_shift"]["none"]["accuracy"] == run["test_by_p"]["last"]["0"]["accuracy"]
+        # the model's own record says what its augmentation left out
+        metadata = json.loads((out / "runs" / f"{run['method']}__gaussian__p1__seed0" / "models"
+                               / "model_metadata.json").read_text())
+        assert metadata["provenance"]["recipe"]["augment_exclude"] == run["overrides"].get("augment_exclude", [])
+    assert (out / "shifted" / "families" / "32px").is_dir()
+    report = (out / "results.md").read_text()
+    for heading in ("**In-range** shifts", "**Out-of-range** shifts", "**New family** shifts", "**Left out**"):
+        assert report.count(heading) == 2, heading  # test and validation split
+    assert "| `naive_head_aug_minus_rotation` | rotation | `rotate_20` (out-of-range) |" in report
+
+
 #: Runs the benchmark command given after ``--`` with one run killed by SIGKILL, at a training iteration
 #: (``train``, 1-based and global) or when its checkpoints are first evaluated (``evaluate``).
 KILLING_DRIVER = """

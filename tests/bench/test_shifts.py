@@ -6,10 +6,18 @@ from PIL import Image
 
 from robustmri import CLASS_NAMES
 from robustmri.bench import shifts as shifts_module
-from robustmri.bench.shifts import REFERENCE, shift_tables, shifted_test_sets, summary_table, worst_drop
+from robustmri.bench.shifts import (
+    REFERENCE,
+    family_tables,
+    shift_tables,
+    shifted_test_sets,
+    summary_table,
+    worst_drop,
+)
 from robustmri.data.preprocessing import preprocess_head, preprocess_minmax
 from robustmri.data.protocol import build_protocol
 from robustmri.data.readers import read_image
+from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.data.site_shift import SHIFTS, render_shift
 from robustmri.data.synthetic import generate_slices
 
@@ -99,3 +107,53 @@ def test_synthetic_items_take_their_raw_slices_and_unshifted_is_the_protocols(tm
             np.testing.assert_array_equal(sets["head"][REFERENCE][k]["image"], item["image"])  # not prepared twice
     with pytest.raises(Exception):
         shifts_module._raw(data.test[0], None)  # no file and no raw image: an error, not a guess
+
+
+def test_the_families_catalogue_renders_each_shift_with_its_own_stream(protocol):
+    items = protocol.test[:3]
+    sets, excluded = shifted_test_sets(items, 24, ["minmax"], shifts=["motion", "rotate_20"], progress=False,
+                                       catalog="families")
+    assert not excluded and list(sets["minmax"]) == [REFERENCE, "motion", "rotate_20"]
+    for k, item in enumerate(items):
+        for shift in ("motion", "rotate_20"):
+            expected = preprocess_minmax(render_family_shift(read_image(item["file"]), shift, 24,
+                                                             [item["id"], family_shifts(24)[shift].stream],
+                                                             preprocess="minmax"), 24)
+            np.testing.assert_array_equal(sets["minmax"][shift][k]["image"][0], expected)
+    with pytest.raises(ValueError, match=r"unknown shift\(s\) \['motion'\] in catalogue 'site'"):
+        shifted_test_sets(items, 24, ["minmax"], shifts=["motion"], progress=False)
+    with pytest.raises(ValueError, match="unknown shift catalogue 'other'"):
+        shifted_test_sets(items, 24, ["minmax"], progress=False, catalog="other")
+
+
+def test_family_tables_against_a_hand_computation():
+    accuracies = {  # seed: (none, rotate_10, rotate_20, tissue_contrast)
+        "naive_head_aug": {0: (0.80, 0.79, 0.70, 0.70), 1: (0.84, 0.83, 0.80, 0.74), 2: (0.82, 0.81, 0.78, 0.72)},
+        "naive_head_aug_minus_rotation": {0: (0.81, 0.75, 0.60, 0.70), 1: (0.83, 0.79, 0.70, 0.70),
+                                          2: (0.80, 0.78, 0.68, 0.70)}}
+    runs = [_run(method, seed, dict(zip(("none", "rotate_10", "rotate_20", "tissue_contrast"), values)))
+            for method, seeds in accuracies.items() for seed, values in seeds.items()]
+    leave_out = {"naive_head_aug_minus_rotation": ("naive_head_aug", "rotation")}
+    text = family_tables(runs, family_shifts(48), leave_out)
+    sections = text.split("\n\n**")
+    assert [section.lstrip("*").split("**")[0] for section in sections] == [
+        "In-range", "Out-of-range", "New family", "Left out"]
+    # severity tables: the full configuration only (the left-out one has its own table)
+    assert "| `rotate_10` | rotation | 10 degrees | 81.0 (−1.0 [−1.0, −1.0] 0/3) |" in sections[0]
+    assert "naive_head_aug_minus_rotation" not in sections[0]
+    # rotate_20: 70, 80, 78 against 80, 84, 82: drops -10, -4, -4 -> mean -6.0, std 3.464, t(0.975, 2) = 4.303:
+    # half width 8.6
+    assert "| `rotate_20` | rotation | 20 degrees | 76.0 (−6.0 [−14.6, +2.6] 0/3) |" in sections[1]
+    assert "| **mean of 1** |  |  | 72.0 (−10.0 [−10.0, −10.0] 0/3) |" in sections[2]
+    # left out, rotate_10: without rotation 75, 79, 78 against 81, 83, 80: -6, -4, -2 -> -4.0, std 2, half 5.0;
+    # without - full: -4, -4, -3 -> -3.67, std 0.577, half 1.43
+    assert ("| `naive_head_aug_minus_rotation` | rotation | `rotate_10` (in-range) | 81.0 (−1.0 [−1.0, −1.0] 0/3) "
+            "| 77.3 (−4.0 [−9.0, +1.0] 0/3) | −3.7 [−5.1, −2.2] 0/3 |") in sections[3]
+    # rotate_20: 60, 70, 68: changes -21, -13, -12 -> -15.3, std 4.93, half 12.3; without - full: -10 each
+    assert "| 66.0 (−15.3 [−27.6, −3.1] 0/3) | −10.0 [−10.0, −10.0] 0/3 |" in sections[3]
+    # the mean of the two, per seed: full 74.5, 81.5, 79.5 (changes -5.5, -2.5, -2.5: -3.5, std 1.73, half 4.3)
+    assert "| **mean of 2** | 78.5 (−3.5 [−7.8, +0.8] 0/3) |" in sections[3]
+    # unshifted, without - full: +1, -1, -2 -> -0.67, std 1.53, half 3.8
+    assert "| `none` (unshifted) |  |  | −0.7 [−4.5, +3.1] 1/3 |" in sections[3]
+    assert family_tables([{"method": "naive", "noise": "gaussian", "seed": 0}], family_shifts(48), {}) == (
+        "No run has site-shift results.")

@@ -10,9 +10,17 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from robustmri.data.augmentation import SiteShiftAugmentation, augmentation_examples_figure, bias_field
+from robustmri.data.augmentation import (
+    COMPONENTS,
+    FAMILIES,
+    SiteShiftAugmentation,
+    augmentation_examples_figure,
+    bias_field,
+    check_exclude,
+)
 from robustmri.data.in_memory import InMemoryDataset
 
+from conftest import BUNDLE
 from helpers import axes_ratio
 
 #: Every sample augmented, every component taken: the whole pipeline runs on every sample.
@@ -266,3 +274,93 @@ def test_augmentation_examples_figure(tmp_path):
     assert path == tmp_path / "figures" / "augmentation.png" and path.stat().st_size > 10_000
     with Image.open(path) as png:
         assert png.format == "PNG" and png.width > 300
+
+
+# ---------------------------------------------------------------------- families and augment_exclude
+
+
+def _reference_draw(seed, epoch, sample, prob=0.5, component_prob=0.5):
+    """The per-sample draw as the module states it, written out again independently (the stream
+    ``[seed, epoch, id, 7919]``, one uniform for ``augmented``, one per component for taking it, then
+    the values in component order with the defaults' ranges, then the bias coefficients)."""
+    rng = np.random.default_rng([seed, epoch, sample, 7919])
+    augmented = rng.random() < prob
+    takes = (rng.random(8) < component_prob) & augmented
+    rotation = rng.uniform(-10.0, 10.0)
+    scale = rng.uniform(0.85, 1.15)
+    aspect = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
+    downsample, blur = rng.uniform(1.0, 2.0), rng.uniform(0.0, 1.0)
+    bias, contrast = rng.uniform(0.0, 0.2), rng.uniform(0.7, 1.3)
+    gamma = np.exp(rng.uniform(np.log(0.67), np.log(1.5)))
+    coefficients = rng.normal(size=5)
+    identity = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0)
+    values = [v if t else i for v, t, i in zip((rotation, scale, aspect, downsample, blur, bias, contrast, gamma),
+                                               takes, identity)]
+    return augmented, values, coefficients if takes[5] else np.zeros(5)
+
+
+def test_the_default_augmentations_draws_are_unchanged():
+    """``exclude`` is new: by default (and with an empty one) every sample's draw is the one written out above."""
+    keys = ("rotation", "scale", "aspect", "downsample", "blur_sigma", "bias_amplitude", "contrast", "gamma")
+    ids = list(range(60))
+    for augmentation in (SiteShiftAugmentation(), SiteShiftAugmentation(exclude=[]), SiteShiftAugmentation(exclude="")):
+        assert augmentation.exclude == ()
+        params = augmentation.draw(4, 1, ids)
+        for row, sample in enumerate(ids):
+            augmented, values, coefficients = _reference_draw(4, 1, sample)
+            assert params["augmented"][row] == augmented
+            assert [params[key][row] for key in keys] == pytest.approx(values, rel=1e-12, abs=0)
+            assert np.array_equal(params["bias_coefficients"][row], coefficients)
+    assert params["augmented"].any() and (params["gamma"] != 1).any()  # the check above saw augmented samples
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_excluding_a_family_removes_its_components_and_keeps_every_other_draw(family):
+    keys = {"rotation": "rotation", "scale": "scale", "aspect": "aspect", "downsample": "downsample",
+            "blur": "blur_sigma", "bias": "bias_amplitude", "contrast": "contrast", "gamma": "gamma"}
+    identity = {"rotation": 0.0, "blur_sigma": 0.0, "bias_amplitude": 0.0}
+    ids = range(200)
+    full = EVERYTHING.draw(2, 3, ids)
+    without = SiteShiftAugmentation(prob=1.0, component_prob=1.0, exclude=family).draw(2, 3, ids)
+    assert without["augmented"].all()
+    for component, key in keys.items():
+        if component in FAMILIES[family]:
+            assert np.all(without[key] == identity.get(key, 1.0)) and np.any(full[key] != identity.get(key, 1.0))
+        else:
+            assert np.array_equal(without[key], full[key])
+    removed_bias = "bias" in FAMILIES[family]
+    assert np.array_equal(without["bias_coefficients"], np.zeros_like(full["bias_coefficients"]) if removed_bias
+                          else full["bias_coefficients"])
+    # applied: an image under the excluded family's augmentation equals the image under the other components alone
+    images = _smooth_batch(6, 24, seed=3)
+    without = {key: value[:6] for key, value in without.items()}
+    other = {key: value[:6].copy() for key, value in full.items()}
+    for component in FAMILIES[family]:
+        other[keys[component]][:] = identity.get(keys[component], 1.0)
+        if component == "bias":
+            other["bias_coefficients"][:] = 0.0
+    assert torch.equal(SiteShiftAugmentation(exclude=family).apply(images, without),
+                       SiteShiftAugmentation().apply(images, other))
+
+
+def test_every_component_belongs_to_exactly_one_family():
+    members = [component for components in FAMILIES.values() for component in components]
+    assert sorted(members) == sorted(COMPONENTS)
+
+
+def test_exclude_takes_names_lists_and_comma_strings_and_refuses_unknown_families():
+    assert SiteShiftAugmentation(exclude="blur, rotation").exclude == ("rotation", "blur")
+    assert SiteShiftAugmentation(exclude=["intensity_curve"]).exclude == ("intensity_curve",)
+    assert check_exclude(None) == ()
+    with pytest.raises(ValueError, match="augment_exclude: unknown augmentation family 'gamma'; valid: framing"):
+        SiteShiftAugmentation(exclude=["gamma"])
+    assert SiteShiftAugmentation(exclude=["blur"]).describe()["exclude"] == ["blur"]
+
+
+def test_the_bundle_passes_augment_exclude_to_the_training_dataset():
+    from robustmri.engine.workflow import load_workflow
+
+    for overrides, expected in (({}, ()), ({"augment_exclude": ["rotation", "framing"]}, ("framing", "rotation"))):
+        workflow = load_workflow(BUNDLE, ["train.json"], overrides)
+        workflow.parser["train#dataset#data"] = []
+        assert workflow.parser.get_parsed_content("train#dataset#site_shift").exclude == expected
