@@ -214,3 +214,10 @@ def write_abstention_state(checkpoint, network: nn.Module, spatial_size: int, pr
                           preprocess=preprocess)
     state = fit_state(network.eval(), *protocol_arrays(data, "train"), protocol_arrays(data, "val")[0], checkpoint)
     return save_state(state, checkpoint)
+
+
+def train_tiny_bundle(folder, *extra) -> Path:
+    """Train ``configs/train.json`` for one epoch on the tiny embedded set (:data:`TINY`) into ``folder``, in process;
+    the checkpoint ``folder/models/model.pt`` (with what training writes beside it)."""
+    run_in_process("training", "configs/train.json", *TINY, "--epochs", "1", *output_dirs(folder), *extra)
+    return Path(folder) / "models" / "model.pt"
