@@ -1,5 +1,6 @@
 """FitAbstention: the abstention state written beside model.pt when training completes, and recorded."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -79,3 +80,16 @@ def test_no_state_when_training_stopped_early_and_none_on_other_ranks(tmp_path, 
     handler.attach(rank0)
     rank0.run([0], max_epochs=1)
     assert load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint)).fitted_on["n"] == len(data.train)
+
+
+def test_a_protocol_without_a_validation_split_keeps_the_model_and_writes_no_state(tmp_path, caplog):
+    network = PaperCNN(spatial_size=32, padding=2)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    data = build_protocol(None, spatial_size=32, synthetic_patients=12, preprocess="minmax")
+    data = dataclasses.replace(data, val=[])
+    engine = Engine(lambda engine, batch: None)
+    FitAbstention(network, data, str(checkpoint)).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert load_state(checkpoint) is None and checkpoint.is_file()
+    assert "no abstention state for model.pt: the protocol's 'val' split is empty" in caplog.text
