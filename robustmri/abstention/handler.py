@@ -55,10 +55,10 @@ class FitAbstention:
         try:
             train_images, train_labels = protocol_arrays(self.data, self.train_split)
             validation_images, _ = protocol_arrays(self.data, self.validation_split)
-        except ValueError as error:  # e.g. no validation split: the trained model is kept, without a state
+            state = fit_state(unwrap(self.network), train_images, train_labels, validation_images, self.checkpoint,
+                              self.target_acceptance)
+        except ValueError as error:  # no validation split, a class without training slices: the model is kept
             logger.error("no abstention state for %s: %s; inference and export refuse a checkpoint without one",
                          os.path.basename(self.checkpoint), error)
             return
-        state = fit_state(unwrap(self.network), train_images, train_labels, validation_images, self.checkpoint,
-                          self.target_acceptance)
         save_and_record(state, self.checkpoint)  # atomic: a reader sees the previous state file or this one

@@ -82,14 +82,19 @@ def test_no_state_when_training_stopped_early_and_none_on_other_ranks(tmp_path, 
     assert load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint)).fitted_on["n"] == len(data.train)
 
 
-def test_a_protocol_without_a_validation_split_keeps_the_model_and_writes_no_state(tmp_path, caplog):
+@pytest.mark.parametrize("drop, reason", [
+    ("val", "the protocol's 'val' split is empty"),
+    ("pituitary", "every class needs training slices for the detector"),  # few labels, as in the label app
+])
+def test_data_the_state_cannot_be_fitted_on_keep_the_model_and_write_no_state(tmp_path, caplog, drop, reason):
     network = PaperCNN(spatial_size=32, padding=2)
     checkpoint = tmp_path / "model.pt"
     torch.save(network.state_dict(), checkpoint)
     data = build_protocol(None, spatial_size=32, synthetic_patients=12, preprocess="minmax")
-    data = dataclasses.replace(data, val=[])
+    data = (dataclasses.replace(data, val=[]) if drop == "val" else
+            dataclasses.replace(data, train=[item for item in data.train if item["label"] != 2]))
     engine = Engine(lambda engine, batch: None)
     FitAbstention(network, data, str(checkpoint)).attach(engine)
     engine.run([0], max_epochs=1)
     assert load_state(checkpoint) is None and checkpoint.is_file()
-    assert "no abstention state for model.pt: the protocol's 'val' split is empty" in caplog.text
+    assert f"no abstention state for model.pt: {reason}" in caplog.text

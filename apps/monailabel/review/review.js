@@ -274,6 +274,10 @@ function showAssessable(prediction) {
   const rule = prediction.abstention || {};
   line.className = "";
   line.title = "";
+  if (rule.error) {
+    line.textContent = "Assessable: not judged (" + rule.error + ")";
+    return;
+  }
   if (prediction.assessable === undefined || prediction.abstention_score === undefined) {
     line.textContent = prediction.error ? "" : "Assessable: checking with the model…";
     return;

@@ -48,6 +48,8 @@ class ClassificationInfer(BundleInferTask):
     prepared image; the result holds ``assessable``, ``abstention_score`` and ``abstention`` (score
     name, threshold, where it was calibrated), and a not-assessable image gets ``"class": null``
     and a ``reason`` (its probabilities stay, for the annotator to see what the network computed).
+    Where no state can be had (a model trained here on too few labels to fit it: a class without
+    training images), ``assessable`` is null and ``abstention`` holds the ``error``.
     """
 
     def __init__(self, path: str, conf: Dict[str, str], **kwargs):
@@ -84,7 +86,15 @@ class ClassificationInfer(BundleInferTask):
 
     def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
         data = super().run_inferer(data, convert_to_batch, device)
-        state = self.abstention_state(data)
+        try:
+            state = self.abstention_state(data)
+        except (FileNotFoundError, ValueError) as error:
+            # e.g. trained here on too few labels to fit it (a class without training images): the annotator
+            # still sees the class, marked as not judged, with the reason
+            logger.error("no abstention state: %s", error)
+            data["assessable"], data["abstention_score"] = None, None
+            data["abstention"] = {"error": f"no abstention state: {error}"}
+            return data
         image = torch.as_tensor(data[self.input_key])
         score = float(scores_of(state, self._get_network(device, data), image[None] if convert_to_batch else image)[0])
         data["abstention_score"], data["assessable"] = score, bool(state.accepts([score])[0])
@@ -101,9 +111,9 @@ class ClassificationInfer(BundleInferTask):
             raise ValueError(f"{self.bundle_config_path}: the network gives {len(probabilities)} outputs for "
                              f"{len(self.class_names)} class_names")
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        assessable = bool(data.get("assessable", True))
+        assessable = data.get("assessable")
         result = {
-            "class": self.class_names[best] if assessable else None,
+            "class": self.class_names[best] if assessable is not False else None,
             "probabilities": dict(zip(self.class_names, probabilities)),
             "prediction": [{"idx": k, "label": name, "score": p}
                            for k, (name, p) in enumerate(zip(self.class_names, probabilities))],
@@ -111,6 +121,6 @@ class ClassificationInfer(BundleInferTask):
             "abstention_score": data.get("abstention_score"),
             "abstention": data.get("abstention"),
         }
-        if not assessable:
+        if assessable is False:
             result["reason"] = NOT_ASSESSABLE
         return None, result
