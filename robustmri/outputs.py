@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["image_grid", "plt", "read_json", "save_figure", "write_atomic", "write_bytes", "write_json"]
+__all__ = ["image_grid", "locked", "plt", "read_json", "save_figure", "write_atomic", "write_bytes", "write_json"]
 
 #: Suffix of the temporary files of :func:`write_atomic` (each also has a unique random part).
 PARTIAL_SUFFIX = ".partial"
@@ -53,6 +53,27 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.remove(temporary)
         raise
     return path
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``, blocking) for the ``with`` block.
+
+    For a file that two runs may both find missing and both compute (an abstention state fitted on
+    first use): the second waits, then finds the first's file whole (:func:`write_atomic`) instead of
+    computing it again. The lock is released when the block ends or the process dies; the empty lock
+    file stays.
+    """
+    import fcntl
+
+    lock_file = f"{os.fspath(path)}.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> str:

@@ -26,10 +26,12 @@ the checkpoint, with the bundle's test metrics of this checkpoint from ``--eval_
 ``bundle/eval``) and an integrity digest that every load verifies; ``--signing_key`` (an Ed25519
 private key, PEM: ``scripts/model_keys.py``) signs it.
 
-The out-of-distribution detector (``robustmri.abstention.mahalanobis``, the ``ood_score`` output) is fitted on the
-protocol's training split (``--ood_train_split``) and its threshold calibrated on the validation split
-(``--ood_validation_split``) to accept ``--target_acceptance`` of it (0.95); ``--series_max_not_assessable``
-(0.5) is the abstention rule written beside it. They need the data the model was trained on (by default; ``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
+The out-of-distribution detector (``robustmri.abstention.mahalanobis``, the ``ood_score`` output) is the checkpoint's
+abstention state (``model_abstention.pt`` beside ``model.pt``, written when training ended or by a site
+calibration), exported as is with its threshold; ``--series_max_not_assessable`` (0.5) is the abstention rule written
+beside it. A checkpoint without a state gets one first, fitted on the protocol's training split
+(``--ood_train_split``), its threshold calibrated on the validation split (``--ood_validation_split``) to accept
+``--target_acceptance`` of it (0.95), and saved beside the checkpoint. They need the data the model was trained on (by default; ``--seed``, ``--noise`` and ``--synthetic_patients`` default to what the checkpoint's training recorded in
 ``model_metadata.json``, and a warning says when the loaded splits differ from the recorded fingerprint). ``--ood_train_split none`` exports without a detector: DICOM
 inference refuses such a model.
 """

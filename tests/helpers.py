@@ -205,3 +205,24 @@ def killed_in_a_child(run, timeout: float = 120) -> int:
         os.kill(child.pid, signal.SIGKILL)
         child.join()
     return child.exitcode
+
+
+def write_abstention_state(checkpoint, network: nn.Module, spatial_size: int, preprocess: str = "minmax",
+                           patients: int = 30, seed: int = 0):
+    """Fit ``network``'s abstention state on a small embedded synthetic set and save it beside ``checkpoint`` (the
+    state a checkpoint that training wrote has): for tests whose checkpoint was saved by hand."""
+    from robustmri.abstention.fit import fit_state, protocol_arrays
+    from robustmri.abstention.state import save_state
+    from robustmri.data.protocol import build_protocol
+
+    data = build_protocol(None, spatial_size=spatial_size, synthetic_patients=patients, seed=seed,
+                          preprocess=preprocess)
+    state = fit_state(network.eval(), *protocol_arrays(data, "train"), protocol_arrays(data, "val")[0], checkpoint)
+    return save_state(state, checkpoint)
+
+
+def train_tiny_bundle(folder, *extra) -> Path:
+    """Train ``configs/train.json`` for one epoch on the tiny embedded set (:data:`TINY`) into ``folder``, in process;
+    the checkpoint ``folder/models/model.pt`` (with what training writes beside it)."""
+    run_in_process("training", "configs/train.json", *TINY, "--epochs", "1", *output_dirs(folder), *extra)
+    return Path(folder) / "models" / "model.pt"

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from robustmri import outputs
-from robustmri.outputs import read_json, write_bytes, write_json
+from robustmri.outputs import locked, read_json, write_bytes, write_json
 
 
 def _write_many(path: str, writer: int, n: int, errors) -> None:
@@ -110,3 +110,23 @@ def test_a_figure_is_written_whole_and_closed(tmp_path):
     outputs.save_figure(fig, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not outputs.plt.fignum_exists(fig.number) and os.listdir(tmp_path) == ["curve.png"]
+
+
+def test_a_second_holder_of_the_lock_waits_for_the_first(tmp_path):
+    """``locked``: the second run to reach a missing file waits until the first has written it, then sees it."""
+    target, order, held = tmp_path / "state.pt", [], threading.Event()
+
+    def first():
+        with locked(target):
+            held.set()
+            threading.Event().wait(0.3)  # the first run computing the file
+            write_bytes(target, b"state")
+            order.append("first wrote")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(5)
+    with locked(target):  # a separate open file: blocks while the first holds the lock
+        order.append(f"second sees {target.read_bytes()!r}")
+    thread.join(5)
+    assert order == ["first wrote", "second sees b'state'"]

@@ -5,8 +5,8 @@ recipe keeps an average; the checkpoint-selection study on tuning seeds chose th
 best-validation epoch (``docs/results.md``). MONAI's ``CheckpointSaver(save_final=True)`` would
 also write its file when training fails part-way; a deployable name must never hold a
 half-trained model, so this handler writes only on completion of every epoch, atomically
-(write, then rename), as a plain ``state_dict`` (what :func:`robustmri.evaluation.checkpoints.load_weights`
-and MONAI's ``CheckpointLoader`` read).
+(write, then rename), as a plain ``state_dict`` (what :func:`load_weights` and MONAI's ``CheckpointLoader``
+read).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from robustmri.engine.distributed import is_main_process
+from robustmri.engine.model_metadata import metadata_path, read_trained
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +45,21 @@ class SaveFinalModel:
         torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, partial)
         os.replace(partial, self.path)
         logger.info("trained model saved: %s", self.path)
+
+
+def load_weights(network: torch.nn.Module, path: str, device="cpu") -> torch.nn.Module:
+    """Load a state dict saved by the bundle (plain, or wrapped as ``{"model": ...}``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found; train first "
+                                "(python -m monai.bundle run training --config_file configs/train.json)")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        trained = read_trained(path)
+        hint = (f"; it was trained with spatial_size {trained['spatial_size']} and network_padding "
+                f"{trained['network_padding']} ({metadata_path(path)})" if trained else "")
+        raise RuntimeError(f"{path}: checkpoint does not fit the configured network{hint} ({err})") from err
+    return network

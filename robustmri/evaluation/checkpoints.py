@@ -13,32 +13,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from robustmri import INTENDED_USE
+from robustmri.engine.checkpoint import load_weights  # noqa: F401  (importable here, where it was first)
 from robustmri.engine.distributed import is_main_process
-from robustmri.engine.model_metadata import file_sha256, metadata_path, read_trained
+from robustmri.engine.model_metadata import file_sha256
 from robustmri.engine.predictions import predict_items
 from robustmri.evaluation.metrics import classification_report
 from robustmri.evaluation.report import ClassificationReportHandler
 from robustmri.outputs import write_json
 
 logger = logging.getLogger(__name__)
-
-
-def load_weights(network: torch.nn.Module, path: str, device="cpu") -> torch.nn.Module:
-    """Load a state dict saved by the bundle (plain, or wrapped as ``{"model": ...}``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found; train first "
-                                "(python -m monai.bundle run training --config_file configs/train.json)")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        trained = read_trained(path)
-        hint = (f"; it was trained with spatial_size {trained['spatial_size']} and network_padding "
-                f"{trained['network_padding']} ({metadata_path(path)})" if trained else "")
-        raise RuntimeError(f"{path}: checkpoint does not fit the configured network{hint} ({err})") from err
-    return network
 
 
 class LoadWeights:

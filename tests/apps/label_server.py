@@ -31,6 +31,7 @@ from robustmri.outputs import write_json
 from robustmri.review.label_review import write_label_file
 
 from conftest import ROOT
+from helpers import write_abstention_state
 
 REPO = str(ROOT)
 APP = os.path.join(REPO, "apps", "monailabel")
@@ -52,8 +53,9 @@ def make_studies(studies, n=12):
 
 
 def make_bundle(bundle, network=None, network_def=None, padding=2, preprocess="minmax"):
-    """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json, as training
-    writes it (so the app must take spatial size and padding from there); ``network_def`` replaces train.json's."""
+    """The repository's configs and an untrained 64 px checkpoint with its model_metadata.json and abstention state, as
+    training writes them (so the app must take spatial size and padding from there); ``network_def`` replaces
+    train.json's."""
     shutil.copytree(os.path.join(REPO, "bundle", "configs"), bundle / "configs")
     if network_def is not None:  # as a user would: edit train.json, then regenerate the configs built on it
         from robustmri.engine.configs import write
@@ -67,6 +69,7 @@ def make_bundle(bundle, network=None, network_def=None, padding=2, preprocess="m
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
     write_json(str(bundle / "models" / METADATA_FILE), model_metadata({}, 64, padding, network, CLASS_NAMES,
                                                                       preprocess=preprocess))
+    write_abstention_state(bundle / "models" / "model.pt", network, 64, preprocess)
     return bundle
 
 

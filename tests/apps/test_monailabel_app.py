@@ -267,6 +267,34 @@ def test_infer_task_prepares_images_with_the_models_preprocessing(tmp_path, app_
 
 
 @pytest.mark.monailabel
+def test_infer_task_says_whether_the_image_is_assessable_and_gives_no_class_when_not(tmp_path, app_lib):
+    from lib.infers.classification import ClassificationInfer
+    from robustmri.abstention.fit import scores_of
+    from robustmri.abstention.state import load_state
+
+    studies = _make_studies(tmp_path / "studies")
+    noise = studies / "noise.png"  # far from any training slice
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(noise)
+    bundle = _make_bundle(tmp_path / "bundle")
+    state = load_state(bundle / "models" / "model.pt")
+    task = ClassificationInfer(str(bundle), {})
+    _, study = task({"image": str(studies / "case03.png"), "device": "cpu"})
+    _, far = task({"image": str(noise), "device": "cpu"})
+    for result in (study, far):
+        assert result["abstention"]["score"] == "mahalanobis" and result["abstention"]["threshold"] == state.threshold
+        assert result["assessable"] == (result["abstention_score"] <= state.threshold)
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)  # kept either way
+    assert study["assessable"] and study["class"] in CLASS_NAMES and "reason" not in study
+    assert not far["assessable"] and far["class"] is None and far["reason"].startswith("not assessable")
+    # the score is the state's score of the image as the task prepares it
+    data = {"image": str(noise)}
+    for transform in task.pre_transforms(data):
+        data = transform(data)
+    expected = scores_of(state, task._get_network("cpu", None), torch.as_tensor(data["image"])[None])[0]
+    assert far["abstention_score"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.monailabel
 def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
     from robustmri.influence import DEFAULT_DAMPING, self_influence_scores
     from robustmri.review.label_review import load_images

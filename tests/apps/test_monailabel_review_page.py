@@ -12,6 +12,7 @@ Set ``ROBUSTMRI_SCREENSHOTS=<folder>`` to keep the page's screenshots (docs/imag
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -222,6 +223,11 @@ def test_an_annotator_reviews_undoes_and_goes_back_in_the_browser(tmp_path):
                 assert driver.find_element(By.ID, "order").text == f"Order: {DEFAULT_ORDER.replace('_', ' ')}."
                 assert driver.find_element(By.ID, "order").get_attribute("title") == DEFAULT_ORDER_REASON
                 _check_disagreement(driver, current)
+                # scoring stored no abstention score: the page asks the model after showing the image
+                WebDriverWait(driver, WAIT_S).until(lambda d: "assessable: abstention score" in d.find_element(
+                    By.ID, "assessable").text.lower())
+                assert re.fullmatch(r"(Assessable: abstention score [\d.]+ ≤|Not assessable: abstention score "
+                                    r"[\d.]+ >) threshold [\d.]+.*", driver.find_element(By.ID, "assessable").text)
                 assert driver.find_element(By.ID, "pending").text == str(12 - step)
                 assert driver.find_element(By.ID, "reviewed").text == str(step)
                 assert float(body.get_attribute("data-shown-ms")) > 0

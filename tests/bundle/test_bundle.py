@@ -75,9 +75,14 @@ def test_inference_on_files_reads_the_size_the_model_was_trained_with(trained, t
     bundle("run", "inference", "--config_file", CONFIGS["inference"], "--synthetic_patients", "30", *dirs,
            "--input_files", str(tmp_path / "in"), "--output_file", str(result_file))
     result = json.loads(result_file.read_text())
-    assert result["n_classified"] == 1 and result["n_failed"] == 1 and result["intended_use"] == INTENDED_USE
+    assert result["n_assessable"] + result["n_not_assessable"] == 1 and result["n_failed"] == 1
+    assert result["intended_use"] == INTENDED_USE
     prediction = result["predictions"][0]
-    assert prediction["file"] == str(good) and prediction["class"] in ("meningioma", "glioma", "pituitary")
+    # scored by the abstention state training wrote beside the model: a class only when assessable
+    assert result["abstention"]["threshold"] > 0 and (out / "models" / "model_abstention.pt").is_file()
+    assert prediction["assessable"] == (prediction["abstention_score"] <= result["abstention"]["threshold"])
+    assert prediction["file"] == str(good) and prediction["class"] in (
+        ("meningioma", "glioma", "pituitary") if prediction["assessable"] else (None,))
     assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
     assert "not a readable image" in result["errors"][0]["error"]
 

@@ -14,7 +14,7 @@ from robustmri.methods import registry
 from robustmri.networks import PaperCNN
 
 from conftest import BUNDLE, ROOT
-from helpers import EVERY_METHOD, NOISY, TINY, as_kwargs, output_dirs, run_in_process
+from helpers import EVERY_METHOD, NOISY, TINY, as_kwargs, output_dirs, run_in_process, write_abstention_state
 
 CONFIGS = BUNDLE / "configs"
 METHODS = registry()
@@ -75,6 +75,7 @@ def test_monai_finds_every_required_property_and_no_wrong_optional_id(config, wo
         network = PaperCNN(in_channels=1, num_classes=3, spatial_size=overrides["spatial_size"],
                            padding=overrides["network_padding"])
         torch.save(network.state_dict(), tmp_path / "models" / "model.pt")
+        write_abstention_state(tmp_path / "models" / "model.pt", network, overrides["spatial_size"], "head")
     workflow = ConfigWorkflow(config_file=str(CONFIGS / config), workflow_type=workflow_type, logging_file=False,
                               bundle_root=str(BUNDLE), **overrides)
     workflow.initialize()

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from robustmri import CLASS_NAMES
+from robustmri.abstention.fit import fit_state
+from robustmri.abstention.state import save_state
 from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.preprocessing import DESCRIPTIONS, PREPROCESSING
 from robustmri.data.protocol import build_protocol
@@ -70,8 +72,9 @@ def deployed(request, dataset, tmp_path_factory):
     checkpoint = write_trained(models, network, TINY_SIZE, preprocess=name)
     onnx_file = models / "model.onnx"
     ood_train, ood_validation = accepting_detector_data(np.stack(list(training.values())))  # 9 slices: too few to fit
-    export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, preprocess=name,
-                ood_train=ood_train, ood_validation=ood_validation, target_acceptance=1.0)
+    state = fit_state(network, *ood_train, ood_validation, checkpoint, target_acceptance=1.0)
+    save_state(state, checkpoint)  # the state training writes beside the model, which file inference applies
+    export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, preprocess=name, abstention=state)
     return name, training, network, models, onnx_file
 
 

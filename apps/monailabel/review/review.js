@@ -8,7 +8,8 @@
 //   GET  /datastore/image/info?image=<id>         its review score, and the model's prediction when scoring stored it
 //   GET  /review/image?image=<id>                 the image as PNG, at its source resolution
 //   GET  /review/history?image=<id>&tag=final     every save of its label (who, when, old -> new)
-//   POST /infer/<model>?image=<id>&output=json    the model's probabilities, when scoring did not store them
+//   POST /infer/<model>?image=<id>&output=json    the model's probabilities, when scoring did not store them, and
+//                                                 whether the image is assessable (abstention score vs threshold)
 //   PUT  /datastore/label?image=<id>&tag=final    save the label with unsure and note (the server adds who)
 //   POST /train/<model>, POST /scoring/<method>   start training or scoring; GET /train/, /scoring/ their status
 // Every request that changes something carries X-Requested-With, which a cross-origin page cannot send
@@ -226,6 +227,13 @@ async function show(id, started) {
   state.group = labelFile && labelFile.group !== undefined ? labelFile.group : null;
   state.saved = { unsure: labelInfo.unsure === true, note: typeof labelInfo.note === "string" ? labelInfo.note : "" };
   await render(prediction, history.history || [], image);
+  if (prediction.assessable === undefined && review.probabilities && state.model) {
+    // stored probabilities carry no abstention score: ask the model, after the image is on screen
+    api("POST", "infer/" + encodeURIComponent(state.model) + query + "&output=json")
+      .then((r) => r.ok ? r.json() : null)
+      .then((inferred) => { if (inferred && document.body.dataset.imageId === id) showAssessable(inferred); })
+      .catch(() => {});
+  }
   if (started !== undefined) {
     const shownMs = performance.now() - started;
     document.body.dataset.shownMs = shownMs.toFixed(0);
@@ -235,7 +243,7 @@ async function show(id, started) {
 }
 
 function predictedClass(prediction) {
-  if (prediction.error || !prediction.probabilities) return null;
+  if (prediction.error || !prediction.probabilities || prediction.assessable === false) return null;
   return state.classes.reduce((best, name) =>
     best === null || prediction.probabilities[name] > prediction.probabilities[best] ? name : best, null);
 }
@@ -246,7 +254,8 @@ function showDisagreement(prediction) {
   banner.textContent = "";
   if (predicted === null) {
     banner.className = "unknown";
-    banner.textContent = "Label " + state.label + "; model: " + (prediction.error || "no prediction");
+    banner.textContent = "Label " + state.label + "; model: " + (prediction.error ||
+      (prediction.assessable === false ? "not assessable, no class (its probabilities below)" : "no prediction"));
     return;
   }
   const p = percent(prediction.probabilities[predicted]);
@@ -259,6 +268,35 @@ function showDisagreement(prediction) {
     banner.append("Label ", strong(state.label), ", model says ", strong(predicted + " " + p));
   }
   banner.dataset.predicted = predicted;
+}
+
+// Whether the model can vouch for this image: its abstention score against the checkpoint's threshold.
+function showAssessable(prediction) {
+  const line = $("assessable");
+  const rule = prediction.abstention || {};
+  line.className = "";
+  line.title = "";
+  if (rule.error) {
+    line.textContent = "Assessable: not judged (" + rule.error + ")";
+    return;
+  }
+  if (prediction.assessable === undefined || prediction.abstention_score === undefined) {
+    line.textContent = prediction.error ? "" : "Assessable: checking with the model…";
+    return;
+  }
+  const score = Number(prediction.abstention_score).toFixed(1);
+  const threshold = rule.threshold === undefined ? "?" : Number(rule.threshold).toFixed(1);
+  if (prediction.assessable) {
+    line.className = "assessable";
+    line.textContent = "Assessable: abstention score " + score + " ≤ threshold " + threshold;
+  } else {
+    line.className = "not-assessable";
+    line.textContent = "Not assessable: abstention score " + score + " > threshold " + threshold +
+      "; the image is unlike the training images and the model gives no class";
+  }
+  const where = rule.calibrated_on || {};
+  line.title = (rule.score || "") + " score; threshold calibrated on " + (where.kind || "?") + " (" +
+    (where.n === undefined ? "?" : where.n) + " images, " + (where.date || "?") + ")";
 }
 
 function showHistory(lines) {
@@ -298,6 +336,7 @@ function render(prediction, history, imageBlob) {
   $("note").value = state.saved.note;
   $("queue").hidden = state.backIndex === null;
   showDisagreement(prediction);
+  showAssessable(prediction);
   const predicted = predictedClass(prediction);
   const rows = $("probabilities").querySelector("tbody");
   rows.textContent = "";

@@ -1,11 +1,11 @@
 """Export a trained classifier to ONNX with what deployment needs to reproduce training.
 
 The exported graph takes ``image`` [N, 1, H, W] float32 in [0, 1] and returns ``pred``,
-class probabilities [N, C] (softmax included, so no runtime has to know it), and, when training and
-validation images are given, ``ood_score`` [N]: the out-of-distribution score of
-:mod:`robustmri.deploy.onnx.ood` (higher = more out of distribution), fitted on the training split, with
-its threshold calibrated on the validation split and written with the abstention rule into the metadata
-(:data:`OOD_METADATA_KEYS`). The model's
+class probabilities [N, C] (softmax included, so no runtime has to know it), and, with the checkpoint's
+abstention state (:mod:`robustmri.abstention`: fitted on the training split, its threshold calibrated on the
+validation split or on a site's images), ``ood_score`` [N]: the out-of-distribution score of
+:mod:`robustmri.deploy.onnx.ood` (higher = more out of distribution), its threshold and where it was
+calibrated written with the abstention rule into the metadata (:data:`OOD_METADATA_KEYS`). The model's
 metadata carries the class names, the spatial size, the preprocessing (its name, ``preprocess``, and
 its exact description, ``intensity_normalisation``: the head preprocessing cannot be written as
 ONNX operators, so the runtime applies it by name with the library's one implementation), the model
@@ -38,13 +38,9 @@ from robustmri import INTENDED_USE, __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
 from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.dicom.series_rule import SeriesRule
-from robustmri.abstention.mahalanobis import (
-    DETECTOR_NAME,
-    TARGET_ACCEPTANCE,
-    calibrate_threshold,
-    describe_detector,
-    fit_detector,
-)
+from robustmri.abstention.fit import detector_of, fit_state, protocol_arrays
+from robustmri.abstention.mahalanobis import DETECTOR_NAME, TARGET_ACCEPTANCE, describe_detector
+from robustmri.abstention.state import AbstentionState
 from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, ScoredClassifier, describe_abstention_rule
 from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
 from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
@@ -63,7 +59,7 @@ SCORE_PARITY_RTOL = 1e-3
 #: every metadata key, these included.
 OOD_METADATA_KEYS = ("ood_detector", "ood_detector_description", "ood_threshold", "ood_target_acceptance",
                      "ood_validation_acceptance", "ood_n_train", "ood_n_validation", "ood_series_max_not_assessable",
-                     "ood_abstention_rule")
+                     "ood_abstention_rule", "ood_fitted_on", "ood_calibrated_on")
 #: Metadata keys every export must write because they change the output or how it is read (class names,
 #: size, preprocessing, provenance, ...); the integrity digest covers them and every other metadata key.
 #: One tuple, :data:`robustmri.deploy.onnx.trust.OUTPUT_AFFECTING_KEYS`, so that the torch-free runtime
@@ -106,11 +102,7 @@ def split_images(data, split: str | None) -> np.ndarray | None:
 
 def split_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images [N, 1, H, W] float32, labels [N] int64)`` of one split of the protocol (the detector's data)."""
-    items = data.split(split)
-    if not items:
-        raise ValueError(f"the protocol's {split!r} split is empty: the OOD detector needs its images")
-    return (np.stack([item["image"] for item in items]).astype(np.float32),
-            np.asarray([int(item["label"]) for item in items], dtype=np.int64))
+    return protocol_arrays(data, split)
 
 
 def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_names, spatial_size: int,
@@ -121,7 +113,7 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
                 target_acceptance: float = TARGET_ACCEPTANCE,
                 series_max_not_assessable: float = SERIES_MAX_NOT_ASSESSABLE,
                 series_rule: SeriesRule | dict | None = None, provenance: dict | None = None,
-                signing_key: str | os.PathLike | None = None) -> dict:
+                signing_key: str | os.PathLike | None = None, abstention: AbstentionState | None = None) -> dict:
     """Export ``network`` (logits out) to ``output_file`` and check it; return what was written and measured.
 
     ``checkpoint`` is the file the weights came from (its sha256 goes into the metadata);
@@ -135,40 +127,47 @@ def export_onnx(network: torch.nn.Module, output_file: str | os.PathLike, class_
     a :class:`ParityError` is raised when they disagree beyond :data:`PARITY_ATOL` or on a class
     (or on the OOD score beyond :data:`SCORE_PARITY_RTOL`).
 
-    ``ood_train`` (training images [N, 1, H, W] and labels [N], :func:`split_arrays`) and
-    ``ood_validation`` (validation images, or ``(images, labels)``) add the OOD detector: fitted on
-    the training features, its threshold the validation score quantile accepting
-    ``target_acceptance`` of the validation slices (computed with ONNX Runtime on the exported graph,
-    so it is the score the runtime sees), and the abstention rule ``series_max_not_assessable``. Without
-    them the model has no ``ood_score`` output, and DICOM inference refuses it.
+    ``abstention`` (the checkpoint's :class:`~robustmri.abstention.state.AbstentionState`, e.g. from
+    :func:`robustmri.abstention.fit.ensure_state`) adds the OOD detector as the state holds it: its class means
+    and precision factor in the graph (float32), its threshold, acceptance and where they were fitted and
+    calibrated (``ood_fitted_on``, ``ood_calibrated_on``: a site-calibrated state travels with its threshold) in the
+    metadata, with the abstention rule ``series_max_not_assessable``; the parity check also compares the graph's
+    float32 score with the state's float64 score. ``ood_train`` (training images [N, 1, H, W] and labels [N],
+    :func:`split_arrays`) and ``ood_validation`` (validation images, or ``(images, labels)``) instead fit such a
+    state here (:func:`robustmri.abstention.fit.fit_state`, ``target_acceptance``), not saved. Without either
+    the model has no ``ood_score`` output, and DICOM inference refuses it.
     """
     spatial_size = int(spatial_size)
     class_names = [str(name) for name in class_names]
-    series_rule = _checked_options(preprocess, series_rule, ood_train, ood_validation, series_max_not_assessable)
+    series_rule = _checked_options(preprocess, series_rule, ood_train, ood_validation, series_max_not_assessable,
+                                   abstention, checkpoint)
     network = copy.deepcopy(network).cpu().eval()
     _check_output_size(network, spatial_size, class_names)
-    model, detector = _exported_model(network, ood_train, len(class_names))
+    if abstention is None and ood_train is not None:
+        validation = ood_validation[0] if isinstance(ood_validation, tuple) else ood_validation
+        abstention = fit_state(network, *ood_train, validation, checkpoint, target_acceptance)
+    model = _exported_model(network, abstention)
     with torch.no_grad():
         model(torch.zeros(2, 1, spatial_size, spatial_size))  # FinalLayer's one-time check runs before tracing
     metadata = _metadata(network, class_names, spatial_size, preprocess, series_rule, model_version, checkpoint,
                          provenance)
+    if abstention is not None:
+        metadata.update(_abstention_metadata(abstention, series_max_not_assessable))
     output_file = os.fspath(output_file)
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-    opset = _trace_and_save(model, detector, output_file, class_names, spatial_size, metadata, opset_version,
-                            signing_key, lambda raw_file: _calibrate(raw_file, detector, ood_validation,
-                                                                     target_acceptance, series_max_not_assessable,
-                                                                     batch_size))
+    opset = _trace_and_save(model, abstention is not None, output_file, class_names, spatial_size, metadata,
+                            opset_version, signing_key)
     result = {"onnx_file": os.path.abspath(output_file), "opset": opset, "metadata": metadata,
-              "ood_detector": detector is not None}
+              "ood_detector": abstention is not None}
     logger.info("exported %s (opset %d, %d classes, %d x %d)", output_file, opset, len(class_names),
                 spatial_size, spatial_size)
     if parity_images is not None:
-        result["parity"] = check_parity(output_file, model, parity_images, batch_size)
+        result["parity"] = check_parity(output_file, model, parity_images, batch_size, state=abstention)
     return result
 
 
-def _checked_options(preprocess: str, series_rule, ood_train, ood_validation,
-                     series_max_not_assessable: float) -> SeriesRule:
+def _checked_options(preprocess: str, series_rule, ood_train, ood_validation, series_max_not_assessable: float,
+                     abstention: AbstentionState | None, checkpoint) -> SeriesRule:
     """Refuse inconsistent export options; the series rule as a :class:`SeriesRule`."""
     check_preprocess(preprocess)
     if not isinstance(series_rule, SeriesRule):
@@ -176,6 +175,11 @@ def _checked_options(preprocess: str, series_rule, ood_train, ood_validation,
     if (ood_train is None) != (ood_validation is None):
         raise ValueError("give both ood_train (training images and labels) and ood_validation (validation images) "
                          "for the OOD detector, or neither")
+    if abstention is not None and ood_train is not None:
+        raise ValueError("give the abstention state or ood_train and ood_validation to fit one, not both")
+    if abstention is not None and checkpoint and abstention.checkpoint_sha256 != file_sha256(checkpoint):
+        raise ValueError(f"the abstention state was fitted for other weights than {os.path.basename(checkpoint)}: "
+                         "refit it (robustmri.abstention.fit.ensure_state)")
     if not 0.0 <= float(series_max_not_assessable) < 1.0:
         raise ValueError(f"series_max_not_assessable must be in [0, 1), got {series_max_not_assessable}")
     return series_rule
@@ -190,16 +194,30 @@ def _check_output_size(network: torch.nn.Module, spatial_size: int, class_names:
                          f"class_names {class_names} do not match it")
 
 
-def _exported_model(network: torch.nn.Module, ood_train, num_classes: int):
-    """``(model, detector)``: the network with its OOD detector fitted on ``ood_train`` (probabilities and
-    scores out), or, without training images, the network with softmax and no detector."""
-    if ood_train is None:
-        logger.warning("exporting without an OOD detector (no training and validation images given): DICOM "
-                       "inference refuses such a model")
-        return ProbabilityHead(network).eval(), None
-    train_images, train_labels = ood_train
-    detector = fit_detector(network, train_images, train_labels, num_classes, progress=len(train_images) > 512)
-    return ScoredClassifier(network, detector).eval(), detector
+def _exported_model(network: torch.nn.Module, state: AbstentionState | None) -> torch.nn.Module:
+    """The network with the state's OOD detector (probabilities and scores out), or, without a state, the
+    network with softmax and no detector."""
+    if state is None:
+        logger.warning("exporting without an OOD detector (no abstention state, no training and validation images "
+                       "given): DICOM inference refuses such a model")
+        return ProbabilityHead(network).eval()
+    return ScoredClassifier(network, detector_of(state)).eval()
+
+
+def _abstention_metadata(state: AbstentionState, max_share: float) -> dict[str, str]:
+    """The detector's metadata (:data:`OOD_METADATA_KEYS`) from the abstention state."""
+    detector = detector_of(state)
+    logger.info("OOD detector: fitted on %d training slice(s); threshold %.4g accepts %.1f %% of %d %s slice(s) "
+                "(target %.1f %%)", detector.n_train, state.threshold, 100 * state.acceptance,
+                int(state.calibrated_on.get("n", 0)), state.calibrated_on.get("kind", "calibration"),
+                100 * state.target_acceptance)
+    return {"ood_detector": DETECTOR_NAME, "ood_detector_description": describe_detector(detector.ridge),
+            "ood_threshold": repr(float(state.threshold)), "ood_target_acceptance": repr(float(state.target_acceptance)),
+            "ood_validation_acceptance": repr(float(state.acceptance)), "ood_n_train": str(detector.n_train),
+            "ood_n_validation": str(int(state.calibrated_on.get("n", 0))),
+            "ood_series_max_not_assessable": repr(float(max_share)),
+            "ood_abstention_rule": describe_abstention_rule(max_share),
+            "ood_fitted_on": canonical_json(state.fitted_on), "ood_calibrated_on": canonical_json(state.calibrated_on)}
 
 
 def _metadata(network: torch.nn.Module, class_names: list[str], spatial_size: int, preprocess: str,
@@ -222,23 +240,21 @@ def _metadata(network: torch.nn.Module, class_names: list[str], spatial_size: in
     }
 
 
-def _trace_and_save(model: torch.nn.Module, detector, output_file: str, class_names: list[str], spatial_size: int,
-                    metadata: dict[str, str], opset_version: int | None, signing_key, calibrate) -> int:
-    """Trace ``model`` to ONNX, add the detector's calibration (``calibrate(raw_file)``, with a detector), the
-    metadata and its integrity fields, check and save it; the opset written."""
+def _trace_and_save(model: torch.nn.Module, scored: bool, output_file: str, class_names: list[str], spatial_size: int,
+                    metadata: dict[str, str], opset_version: int | None, signing_key) -> int:
+    """Trace ``model`` to ONNX (``scored``: with the ``ood_score`` output), add the metadata and its integrity
+    fields, check and save it; the opset written."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         raw_file = os.path.join(tmp, "raw.onnx")
         batch = torch.export.Dim("batch", min=1)
         # A batch of 2 for tracing so that the batch axis is not specialised to 1.
-        output_names = [OUTPUT_NAME] if detector is None else [OUTPUT_NAME, SCORE_NAME]
+        output_names = [OUTPUT_NAME, SCORE_NAME] if scored else [OUTPUT_NAME]
         torch.onnx.export(model, (torch.rand(2, 1, spatial_size, spatial_size),), raw_file, dynamo=True,
                           input_names=[INPUT_NAME], output_names=output_names, opset_version=opset_version,
                           dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, verbose=False)
         proto = onnx.load(raw_file)
-        if detector is not None:
-            metadata.update(calibrate(raw_file))
     del proto.metadata_props[:]
     proto.doc_string = f"robustmri classifier ({', '.join(class_names)}). {INTENDED_USE}"
     onnx.checker.check_model(proto, full_check=True)
@@ -247,31 +263,6 @@ def _trace_and_save(model: torch.nn.Module, detector, output_file: str, class_na
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, output_file)
     return max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-
-
-def _calibrate(onnx_file: str, detector, validation, target_acceptance: float, max_share: float,
-               batch_size: int) -> dict:
-    """The detector's metadata: threshold from the exported graph's scores of the validation images."""
-    import onnxruntime
-
-    images = validation[0] if isinstance(validation, tuple) else validation
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
-        raise ValueError(f"OOD validation images must be a non-empty [N, 1, H, W] array, got shape {images.shape}")
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(onnx_file, sess_options=options, providers=["CPUExecutionProvider"])
-    scores = np.concatenate([session.run([SCORE_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
-                             for i in range(0, len(images), batch_size)])
-    threshold, acceptance = calibrate_threshold(scores, target_acceptance)
-    logger.info("OOD detector: fitted on %d training slice(s); threshold %.4g accepts %.1f %% of %d validation "
-                "slice(s) (target %.1f %%)", detector.n_train, threshold, 100 * acceptance, len(images),
-                100 * target_acceptance)
-    return {"ood_detector": DETECTOR_NAME, "ood_detector_description": describe_detector(detector.ridge),
-            "ood_threshold": repr(threshold), "ood_target_acceptance": repr(float(target_acceptance)),
-            "ood_validation_acceptance": repr(acceptance), "ood_n_train": str(detector.n_train),
-            "ood_n_validation": str(len(images)), "ood_series_max_not_assessable": repr(float(max_share)),
-            "ood_abstention_rule": describe_abstention_rule(max_share)}
 
 
 #: The test metrics copied from the bundle's evaluation (``<eval_dir>/test/summary.json``).
@@ -329,12 +320,16 @@ def checkpoint_provenance(checkpoint: str | os.PathLike, eval_dir: str | os.Path
 
 
 def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: np.ndarray,
-                 batch_size: int = 32, atol: float = PARITY_ATOL, score_rtol: float = SCORE_PARITY_RTOL) -> dict:
+                 batch_size: int = 32, atol: float = PARITY_ATOL, score_rtol: float = SCORE_PARITY_RTOL,
+                 state: AbstentionState | None = None) -> dict:
     """Compare ONNX Runtime (CPU) with PyTorch on ``images``; raise :class:`ParityError` beyond ``atol``.
 
     ``model`` must output probabilities (wrap a logits network in :class:`ProbabilityHead`), or
     ``(probabilities, ood_score)`` (:class:`~robustmri.deploy.onnx.ood.ScoredClassifier`): then the score
-    must agree within ``score_rtol * max(1, |score|)``.
+    must agree within ``score_rtol * max(1, |score|)``, and, with ``state`` (the abstention state the graph
+    holds), so must the graph's float32 score and the state's float64 score of the same features
+    (``ood_state_max_rel_diff``; ``ood_state_decisions_differ`` counts images on which the two fall on
+    different sides of the threshold, which only an image scoring within that difference of it can).
     """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1] != 1 or len(images) == 0:
@@ -342,6 +337,8 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
     classifier = OnnxClassifier(onnx_file, device="cpu")
     model = model.cpu().eval()
     max_diff, mismatches, score_diff, scored = 0.0, 0, 0.0, False
+    state_diff, decisions = 0.0, 0
+    detector = detector_of(state) if state is not None else None
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -355,6 +352,11 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
                                       f"{SCORE_NAME!r} output")
                 relative = np.abs(got_score - expected_score) / np.maximum(1.0, np.abs(expected_score))
                 score_diff = max(score_diff, float(relative.max()))
+                if detector is not None:  # the float64 reference: the state's own score of these features
+                    reference = detector.score(model.final_layer(torch.from_numpy(chunk))[0].double().numpy())
+                    relative = np.abs(got_score - reference) / np.maximum(1.0, np.abs(reference))
+                    state_diff = max(state_diff, float(relative.max()))
+                    decisions += int((state.accepts(got_score) != state.accepts(reference)).sum())
             else:
                 expected = expected.numpy()
                 got = classifier.predict(chunk)
@@ -365,6 +367,9 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
     if scored:
         report.update(ood_score_max_rel_diff=score_diff, ood_score_rtol=score_rtol)
         passed = passed and score_diff <= score_rtol
+        if detector is not None:
+            report.update(ood_state_max_rel_diff=state_diff, ood_state_decisions_differ=decisions)
+            passed = passed and state_diff <= score_rtol
     report["passed"] = bool(passed)
     logger.info("ONNX parity on %d image(s): max |dp| = %.3g, %d class mismatch(es)%s", report["n"], max_diff,
                 mismatches, f", OOD score max relative difference {score_diff:.3g}" if scored else "")
@@ -372,7 +377,9 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
         raise ParityError(f"{onnx_file}: ONNX Runtime differs from PyTorch on {report['n']} image(s): "
                           f"max |dp| = {max_diff:.3g} (limit {atol:g}), {mismatches} different class(es)"
                           + (f", OOD score relative difference {score_diff:.3g} (limit {score_rtol:g})"
-                             if scored else ""))
+                             if scored else "")
+                          + (f", float64 state score relative difference {state_diff:.3g}" if detector is not None
+                             else ""))
     return report
 
 

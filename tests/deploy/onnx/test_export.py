@@ -334,7 +334,7 @@ def test_script_fits_the_detector_on_the_recorded_training_splits(tmp_path, monk
 
 def test_export_reads_the_data_set_the_model_was_trained_on_unless_told_otherwise(tmp_path, monkeypatch, caplog):
     """The detector is fitted on the training run's splits: the recorded folder by default, not the embedded set."""
-    import robustmri.deploy.onnx.export_checkpoint as export_module
+    import robustmri.engine.trained_model as trained_module
     from robustmri.engine.model_metadata import TRAINING_DATA_FILE
 
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
@@ -352,8 +352,71 @@ def test_export_reads_the_data_set_the_model_was_trained_on_unless_told_otherwis
         seen.append(kwargs)
         raise RuntimeError("stop after the config")
 
-    monkeypatch.setattr(export_module, "export_config", stop)
+    monkeypatch.setattr(trained_module, "trained_config", stop)  # what export_checkpoint rebuilds the model with
     for given in (None, ""):
         with pytest.raises(RuntimeError, match="stop after the config"):
             export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), dataset_dir=given)
     assert "dataset_dir" not in seen[0] and seen[1]["dataset_dir"] == ""
+
+
+@pytest.mark.slow
+def test_export_carries_the_checkpoints_state_with_its_threshold_and_where_it_was_calibrated(tmp_path):
+    """A state as a site calibration leaves it (another threshold, calibrated on site images) travels into the
+    model as is: no refit, its threshold and calibration record in the metadata, the float32 graph checked
+    against the float64 state."""
+    import dataclasses
+
+    from deploy_helpers import synthetic_detector_data
+    from robustmri.abstention.fit import fit_state, scores_of
+
+    network = tiny_network()
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    (train_images, train_labels), validation = synthetic_detector_data()
+    fitted = fit_state(network, train_images, train_labels, validation, checkpoint)
+    site = dataclasses.replace(fitted, threshold=fitted.threshold * 1.5, acceptance=0.97, calibrated_on={
+        "kind": "site images", "n": 12, "sha256": "ab" * 32, "date": "2026-01-02"})
+    onnx_file = tmp_path / "model.onnx"
+    result = export_onnx(network, onnx_file, CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint, preprocess="minmax",
+                         parity_images=validation, abstention=site)
+    meta = _metadata(onnx_file)
+    assert float(meta["ood_threshold"]) == site.threshold != fitted.threshold
+    assert json.loads(meta["ood_calibrated_on"]) == site.calibrated_on
+    assert json.loads(meta["ood_fitted_on"]) == fitted.fitted_on
+    assert (meta["ood_n_validation"], float(meta["ood_validation_acceptance"])) == ("12", 0.97)
+    classifier = OnnxClassifier(onnx_file, device="cpu")
+    assert classifier.ood_threshold == site.threshold
+    _, scores = classifier.predict_with_scores(validation)
+    np.testing.assert_allclose(scores, scores_of(site, network, validation), rtol=1e-3)  # float32 against float64
+    assert result["parity"]["passed"] and 0 <= result["parity"]["ood_state_max_rel_diff"] <= 1e-3
+    with pytest.raises(ValueError, match="fitted for other weights than model.pt"):
+        export_onnx(network, tmp_path / "other.onnx", CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint,
+                    preprocess="minmax", abstention=dataclasses.replace(site, checkpoint_sha256="0" * 64))
+
+
+@pytest.mark.slow
+def test_export_checkpoint_uses_the_saved_state_and_fits_one_only_when_missing(tmp_path, monkeypatch):
+    import dataclasses
+
+    import robustmri.abstention.fit as fit_module
+    from robustmri.abstention.state import abstention_path, load_state, save_state
+    from helpers import write_abstention_state
+
+    monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
+    network = _bundle_paper_cnn()
+    checkpoint = write_trained(tmp_path / "models", network, TINY_SIZE, network_padding=2)
+    write_abstention_state(checkpoint, network, TINY_SIZE)
+    state = dataclasses.replace(load_state(checkpoint), threshold=123.5)
+    save_state(state, checkpoint)
+    fit_state = fit_module.fit_state
+    monkeypatch.setattr(fit_module, "fit_state", lambda *a, **k: pytest.fail("refitted a saved state"))
+    export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "saved.onnx"), synthetic_patients=20,
+                      parity_split="none")
+    assert float(_metadata(tmp_path / "saved.onnx")["ood_threshold"]) == 123.5
+    # without a state, export fits it (today's behaviour) and saves it beside the checkpoint for every other path
+    monkeypatch.setattr(fit_module, "fit_state", fit_state)
+    os.remove(abstention_path(checkpoint))
+    export_checkpoint(BUNDLE, checkpoint=str(checkpoint), output=str(tmp_path / "fitted.onnx"), synthetic_patients=20,
+                      parity_split="none")
+    fitted = load_state(checkpoint)
+    assert fitted is not None and float(_metadata(tmp_path / "fitted.onnx")["ood_threshold"]) == fitted.threshold

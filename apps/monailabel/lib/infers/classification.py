@@ -1,6 +1,7 @@
-"""Infer task: class and probabilities of one study image, with the bundle's inference.json."""
+"""Infer task: class, probabilities and assessability of one study image, with the bundle's inference.json."""
 
 import logging
+import os
 from typing import Any, Callable, Dict, Sequence
 
 import torch
@@ -8,6 +9,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 
 from robustmri import INTENDED_USE
+from robustmri.abstention.fit import describe_state, ensure_state, scores_of
+from robustmri.deploy.inference import NOT_ASSESSABLE
 
 from lib.bundle import INFER_CONFIG, class_names, read_config
 
@@ -39,6 +42,15 @@ class ClassificationInfer(BundleInferTask):
     post-transforms ``postprocessing`` (softmax). MONAI Label infers "classification" only from
     a bundle folder name containing it, so the type is given here; the writer turns the
     probabilities into class names.
+
+    Abstention, as in the bundle's file inference: the checkpoint's abstention state
+    (``models/model_abstention.pt``, fitted when training ended, or fitted on first use from the
+    training data the checkpoint records; :func:`robustmri.abstention.fit.ensure_state`) scores the
+    prepared image; the result holds ``assessable``, ``abstention_score`` and ``abstention`` (score
+    name, threshold, where it was calibrated), and a not-assessable image gets ``"class": null``
+    and a ``reason`` (its probabilities stay, for the annotator to see what the network computed).
+    Where no state can be had (a model trained here on too few labels to fit it: a class without
+    training images), ``assessable`` is null and ``abstention`` holds the ``error``.
     """
 
     def __init__(self, path: str, conf: Dict[str, str], **kwargs):
@@ -56,6 +68,43 @@ class ClassificationInfer(BundleInferTask):
         raise_on_unreadable(parser)
         return parser
 
+    def checkpoint(self, data=None) -> str:
+        """The checkpoint the network of this request was loaded from (a valid ``model_filename`` of the request, as
+        MONAI Label's ``_get_network`` chooses it, else ``models/model.pt``)."""
+        name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
+        name = name if isinstance(name, str) or not name else name[0]
+        if name:
+            chosen = os.path.join(os.path.dirname(self.path[0]), name)
+            if os.path.exists(chosen):
+                return chosen
+        return self.get_path()
+
+    def abstention_state(self, data=None):
+        """The abstention state of the request's checkpoint, read (or fitted) again when the checkpoint changes
+        (training, an upload)."""
+        checkpoint = self.checkpoint(data)
+        stamp = (checkpoint, os.stat(checkpoint).st_mtime_ns)
+        if getattr(self, "_abstention", (None, None))[0] != stamp:
+            self._abstention = (stamp, ensure_state(checkpoint, bundle_dir=self.bundle_path))
+        return self._abstention[1]
+
+    def run_inferer(self, data: Dict[str, Any], convert_to_batch=True, device="cuda"):
+        data = super().run_inferer(data, convert_to_batch, device)
+        try:
+            state = self.abstention_state(data)
+        except (FileNotFoundError, ValueError) as error:
+            # e.g. trained here on too few labels to fit it (a class without training images): the annotator
+            # still sees the class, marked as not judged, with the reason
+            logger.error("no abstention state: %s", error)
+            data["assessable"], data["abstention_score"] = None, None
+            data["abstention"] = {"error": f"no abstention state: {error}"}
+            return data
+        image = torch.as_tensor(data[self.input_key])
+        score = float(scores_of(state, self._get_network(device, data), image[None] if convert_to_batch else image)[0])
+        data["abstention_score"], data["assessable"] = score, bool(state.accepts([score])[0])
+        data["abstention"] = describe_state(state)
+        return data
+
     def post_transforms(self, data=None) -> Sequence[Callable]:
         post = super().post_transforms(data)  # the base class unpacks a Compose, not a single transform
         return list(post) if isinstance(post, (list, tuple)) else [post]
@@ -66,10 +115,17 @@ class ClassificationInfer(BundleInferTask):
             raise ValueError(f"{self.bundle_config_path}: the network gives {len(probabilities)} outputs for "
                              f"{len(self.class_names)} class_names")
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        return None, {
-            "class": self.class_names[best],
+        assessable = data.get("assessable")
+        result = {
+            "class": self.class_names[best] if assessable is not False else None,
             "probabilities": dict(zip(self.class_names, probabilities)),
             "prediction": [{"idx": k, "label": name, "score": p}
                            for k, (name, p) in enumerate(zip(self.class_names, probabilities))],
             "intended_use": INTENDED_USE,
+            "assessable": assessable,
+            "abstention_score": data.get("abstention_score"),
+            "abstention": data.get("abstention"),
         }
+        if assessable is False:
+            result["reason"] = NOT_ASSESSABLE
+        return None, result
