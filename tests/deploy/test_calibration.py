@@ -377,7 +377,11 @@ def test_the_calibrating_run_id_writes_model_site_that_file_inference_reads_like
     run_in_process("inference", "configs/inference.json", "--checkpoint", str(out / "model_site.pt"),
                    "--input_files", str(tmp_path / "site"), "--output_dir", str(tmp_path / "eval"))
     predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
-    assert predictions["n_classified"] == record["images"]["n"] and predictions["n_failed"] == 1
+    assert predictions["n_assessable"] + predictions["n_not_assessable"] == record["images"]["n"]
+    assert predictions["n_failed"] == 1
+    site_state = load_state(out / "model_site.pt", file_sha256(out / "model_site.pt"))  # applied, not refitted
+    assert predictions["abstention"]["calibrated_on"]["kind"] == "site images"
+    assert predictions["abstention"]["threshold"] == site_state.threshold
     with pytest.raises(Exception) as caught:  # MONAI wraps the error of the expression it evaluates
         run_in_process("calibrating", "configs/calibrate.json", "--ckpt_dir", str(tmp_path / "models"),
                        "--input_files", str(tmp_path / "site"))
