@@ -57,7 +57,7 @@ def test_images_unlike_the_training_slices_are_not_assessable_and_get_no_class(m
     network, checkpoint, inputs, files = model
     state = load_state(checkpoint)
     result = _infer(checkpoint, inputs, tmp_path / "predictions.json")
-    assert list(result)[0] == "abstention"  # the score and its threshold once, at the top
+    assert list(result)[:2] == ["intended_use", "abstention"]  # both once, at the top
     assert result["abstention"]["score"] == "mahalanobis" and result["abstention"]["threshold"] == state.threshold
     assert result["abstention"]["calibrated_on"] == state.calibrated_on
     by_name = {name: next(p for p in result["predictions"] if p["file"] == str(file)) for name, file in files.items()}
