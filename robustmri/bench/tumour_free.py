@@ -141,16 +141,9 @@ class CheckpointModel:
         self._torch = torch
         sha256 = file_sha256(checkpoint)
         self.state = load_state(checkpoint, checkpoint_sha256=sha256)
-        self._detector = None
-        if self.state is not None:
-            if self.state.score != "mahalanobis":
-                raise ValueError(f"the abstention state beside {os.path.basename(checkpoint)} uses the score "
-                                 f"{self.state.score!r}; this measurement applies 'mahalanobis' only")
-            from robustmri.abstention.mahalanobis import RIDGE, MahalanobisDetector
-
-            self._detector = MahalanobisDetector(
-                means=self.state.arrays["means"], precision_factor=self.state.arrays["precision_factor"],
-                ridge=float(self.state.settings.get("ridge", RIDGE)), n_train=int(self.state.fitted_on.get("n", 0)))
+        if self.state is not None and self.state.score != "mahalanobis":
+            raise ValueError(f"the abstention state beside {os.path.basename(checkpoint)} uses the score "
+                             f"{self.state.score!r}; this measurement applies 'mahalanobis' only")
         self.abstention = (None if self.state is None else
                            f"abstention state {self.state.score}, threshold {self.state.threshold:.6g}")
         trained = read_trained(checkpoint) or {}
@@ -164,14 +157,14 @@ class CheckpointModel:
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(probabilities [N, C], assessable [N] bool or None without an abstention state)`` of prepared images."""
-        from robustmri.abstention.mahalanobis import extract_features
+        from robustmri.abstention.fit import scores_of
 
         with self._torch.no_grad():
             logits = self.network(self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
         probabilities = self._torch.softmax(logits.float(), dim=1).numpy()
-        if self._detector is None:
+        if self.state is None:
             return probabilities, None
-        return probabilities, self.state.accepts(self._detector.score(extract_features(self.network, images)))
+        return probabilities, self.state.accepts(scores_of(self.state, self.network, images))
 
 
 def measure_set(model, image_set: ImageSet, batch_size: int = 64) -> dict:
