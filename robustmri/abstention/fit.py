@@ -50,13 +50,18 @@ PROGRESS_FROM = 512
 RULE = "assessable when abstention_score <= threshold (higher = less assessable); a not-assessable image gets no class"
 
 
+def item_arrays(items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [N, 1, H, W] float32, labels [N] int64)`` of prepared items (``image``, ``label``)."""
+    return (np.stack([item["image"] for item in items]).astype(np.float32),
+            np.asarray([int(item["label"]) for item in items], dtype=np.int64))
+
+
 def protocol_arrays(data, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(images [N, 1, H, W] float32, labels [N] int64)`` of one split of a :class:`robustmri.data.protocol.ProtocolData`."""
+    """:func:`item_arrays` of one split of a :class:`robustmri.data.protocol.ProtocolData`."""
     items = data.split(split)
     if not items:
         raise ValueError(f"the protocol's {split!r} split is empty: the abstention score needs its images")
-    return (np.stack([item["image"] for item in items]).astype(np.float32),
-            np.asarray([int(item["label"]) for item in items], dtype=np.int64))
+    return item_arrays(items)
 
 
 def inputs_sha256(*arrays: np.ndarray) -> str:

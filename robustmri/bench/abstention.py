@@ -30,6 +30,7 @@ import numpy as np
 from scipy.special import softmax
 from tqdm.auto import tqdm
 
+from robustmri.abstention.fit import item_arrays
 from robustmri.abstention.mahalanobis import network_outputs
 from robustmri.abstention.scores import ensemble_scores, score_by_name
 from robustmri.bench.machine import describe_machine
@@ -77,11 +78,6 @@ def _network(bundle_dir: str, checkpoint: str, data_options: dict):
     return config, load_weights(network, checkpoint).eval()
 
 
-def _arrays(items: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.stack([item["image"] for item in items]).astype(np.float32),
-            np.asarray([int(item["label"]) for item in items], dtype=np.int64))
-
-
 def image_sets(data, size: int, preprocess: str, shifts, raw_images=None, workers: int = 1,
                cache_dir: str | None = None, progress: bool = True) -> tuple[dict[str, dict], dict[str, int]]:
     """``({set name: {"split", "shift", "images", "labels"}}, {split: slices left out of its shifted sets})``."""
@@ -90,7 +86,7 @@ def image_sets(data, size: int, preprocess: str, shifts, raw_images=None, worker
         items = data.split(_PROTOCOL_SPLIT[split])
         if not items:
             raise ValueError(f"the protocol's {split} split is empty: nothing to measure abstention on")
-        images, labels = _arrays(items)
+        images, labels = item_arrays(items)
         sets[split] = {"split": split, "shift": None, "images": images, "labels": labels}
         if not shifts:
             continue
@@ -100,7 +96,7 @@ def image_sets(data, size: int, preprocess: str, shifts, raw_images=None, worker
         excluded[split] = len(left_out)
         for shift, shifted in rendered[preprocess].items():
             if shifted:
-                images, labels = _arrays(shifted)
+                images, labels = item_arrays(shifted)
                 sets[f"{split} / {shift}"] = {"split": split, "shift": shift, "images": images, "labels": labels}
     return sets, excluded
 
@@ -257,7 +253,7 @@ def bench_abstention(bundle_dir: str, checkpoint: str, out: str, dataset_dir: st
     raw = synthetic_raw_images(data, protocol["synthetic_patients"], size, protocol["seed"])
     sets, excluded = image_sets(data, size, preprocess, shifts, raw_images=raw, workers=workers,
                                 cache_dir=cache_dir, progress=progress)
-    train = _arrays(data.split("train"))
+    train = item_arrays(data.split("train"))
     rows, values = score_sets(network, sets, train, scores, members=members, progress=progress)
     summary, choice = summarise(rows)
     report = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -55,6 +55,12 @@ from robustmri.bench.runs import (
     run_key,
 )
 from robustmri.bench.selection import cross_selection, per_epoch_outcomes, selection_table
+from robustmri.bench.shift_measures import (
+    abstention_by_shift,
+    abstention_tables,
+    calibrated_by_shift,
+    calibration_tables,
+)
 from robustmri.bench.shifts import (
     family_tables,
     mean_over_shifts,
@@ -111,6 +117,7 @@ class Benchmark:
         protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
                     **({"eval_shifts": settings["eval_shifts"]} if settings.get("eval_shifts") else {}),
                     **({"shift_catalog": settings["shift_catalog"]} if settings.get("shift_catalog") else {}),
+                    **({"shift_measures": settings["shift_measures"]} if settings.get("shift_measures") else {}),
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
         host = describe_machine()
@@ -127,7 +134,8 @@ class Benchmark:
         common = _common_config(config, dataset_dir, device)
         context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
                    "data": {}, "prefix": {}, "eval_shifts": list(settings.get("eval_shifts", [])), "shift_sets": {},
-                   "shift_catalog": settings.get("shift_catalog", "site")}
+                   "shift_catalog": settings.get("shift_catalog", "site"),
+                   "shift_measures": list(settings.get("shift_measures", []))}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
         failed = []
@@ -190,6 +198,9 @@ class Benchmark:
                          + "\n\n##### Validation split\n\n"
                          + family_tables(runs, shifts, LEAVE_OUT, key="val_by_shift")
                          + "\n\n##### Every shift, test split\n\n" + shift_tables(runs) + "\n")
+            if any(run.get("calibrated_by_shift") or run.get("abstention_by_shift") for run in runs):
+                markdown += ("\n\n#### Site calibration under the shifts\n\n" + calibration_tables(runs, shifts)
+                             + "\n\n#### Abstention under the shifts\n\n" + abstention_tables(runs) + "\n")
             shift_figure(runs, os.path.join(out, "shift_accuracy.png"))
         elif any("test_by_shift" in run for run in runs):
             noises = list(dict.fromkeys(r["noise"] for r in runs if "val_by_shift" in r))
@@ -437,7 +448,7 @@ class Benchmark:
                 "test_by_p": by_p,
                 **({"test_by_noise": by_noise} if by_noise else {}),
                 **({"test_by_shift": by_shift[0]["test"], "val_by_shift": by_shift[0]["val"],
-                    "shift_excluded": by_shift[1], "shift_catalog": context["shift_catalog"],
+                    "shift_excluded": by_shift[1], "shift_catalog": context["shift_catalog"], **by_shift[2],
                     "preprocess": workflow.parser.get_parsed_content("preprocess")} if by_shift else {}),
                 "history": history,
                 "method_outputs": outputs,
@@ -450,13 +461,15 @@ class Benchmark:
     def _shifts(self, network, checkpoint: str, data, workflow, run: dict, context: dict, out: str):
         """The model ``checkpoint`` on the validation and the test split under every site shift, prepared with
         the run's own preprocessing: ``{split: {shift: {accuracy, balanced_accuracy, n}}}`` and the count of
-        slices left out per split, or None when the profile asks for none. The validation results are what
-        a choice between configurations may use; the test results are only reported."""
+        slices left out per split, and for the profile's ``shift_measures`` methods the site calibration and
+        abstention scores per shift (:mod:`robustmri.bench.shift_measures`; ``{}`` for other methods), or None
+        when the profile asks for no shift. The validation results are what a choice between configurations
+        may use; the test results are only reported."""
         if not context["eval_shifts"]:
             return None
         size = int(workflow.parser.get_parsed_content("spatial_size"))
         preprocess = workflow.parser.get_parsed_content("preprocess")
-        results, excluded_counts = {}, {}
+        results, excluded_counts, rendered = {}, {}, {}
         for split in SHIFT_SPLITS:
             items = data.split(split)
             key = (split, size, tuple(int(item["id"]) for item in items))
@@ -476,13 +489,23 @@ class Benchmark:
             if preprocess not in sets:
                 raise ValueError(f"the profile renders the shifted splits for {sorted(sets)}, not for the run's "
                                  f"preprocessing {preprocess!r}")
-            results[split] = {}
+            results[split], rendered[split] = {}, sets[preprocess]
             for shift, shifted in sets[preprocess].items():
                 report = evaluate_checkpoints_on(network, {"last": checkpoint}, shifted, data.class_names)["last"]
                 results[split][shift] = {"accuracy": report["accuracy"],
                                          "balanced_accuracy": report["balanced_accuracy"], "n": report["n"]}
             excluded_counts[split] = len(excluded)
-        return results, excluded_counts
+        measures = {}
+        if run["method"] in context["shift_measures"]:
+            start = time.perf_counter()
+            measures["calibrated_by_shift"], measures["calibration_skipped"] = calibrated_by_shift(
+                network, checkpoint, rendered["val"], rendered["test"], data.class_names)
+            measures["abstention_by_shift"] = abstention_by_shift(
+                network, checkpoint, data.split("train"), {"validation": data.split("val"), "test": data.split("test")},
+                {"validation": rendered["val"], "test": rendered["test"]})
+            logger.info("%s: site calibration and abstention scores under %d shifts, %.0f s", run_key(run),
+                        len(rendered["test"]), time.perf_counter() - start)
+        return results, excluded_counts, measures
 
     # -- bookkeeping --------------------------------------------------------------------
 

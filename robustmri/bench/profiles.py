@@ -138,6 +138,9 @@ PROFILES = {
     "shift2_cpu": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                    "eval_shifts": ["head"], "shift_catalog": "families",
                    "methods": ["naive_head_aug", "naive_head", *LEAVE_OUT],
+                   # site calibration and every abstention score under each shift, for the configurations that
+                   # leave nothing out (robustmri.bench.shift_measures; about a minute a run)
+                   "shift_measures": ["naive_head_aug", "naive_head"],
                    # influence_epoch: shift_cpu's, for a method with an influence step added with --methods
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from robustmri.abstention.scores import SCORES
 from robustmri.bench.machine import run_provenance
 from robustmri.bench.report import aggregate, markdown_tables, read_runs, validation_swing
 
@@ -240,8 +241,18 @@ def test_honest_shift_profile_trains_without_a_family_and_reports_by_severity(tm
         metadata = json.loads((out / "runs" / f"{run['method']}__gaussian__p1__seed0" / "models"
                                / "model_metadata.json").read_text())
         assert metadata["provenance"]["recipe"]["augment_exclude"] == run["overrides"].get("augment_exclude", [])
+    # site calibration and the abstention scores per shift for the full configuration only (the profile's
+    # shift_measures)
+    measured, left_out = runs
+    assert "calibrated_by_shift" not in left_out and "abstention_by_shift" not in left_out
+    # a tiny validation split may leave too few images per predicted class to calibrate: skipped with a reason
+    assert set(measured["calibrated_by_shift"]) | set(measured["calibration_skipped"]) == set(family_shifts(32))
+    assert all(isinstance(reason, str) and reason for reason in measured["calibration_skipped"].values())
+    assert measured["abstention_by_shift"]["choice"] in SCORES
+    assert {f"test / {shift}" for shift in family_shifts(32)} <= set(measured["abstention_by_shift"]["sets"])
     assert (out / "shifted" / "families" / "32px").is_dir()
     report = (out / "results.md").read_text()
+    assert "#### Abstention under the shifts" in report
     for heading in ("**In-range** shifts", "**Out-of-range** shifts", "**New family** shifts", "**Left out**"):
         assert report.count(heading) == 2, heading  # test and validation split
     assert "| `naive_head_aug_minus_rotation` | rotation | `rotate_20` (out-of-range) |" in report
