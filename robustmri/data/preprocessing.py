@@ -1,10 +1,13 @@
 """The preprocessing used by training, evaluation and inference: raw 2-D intensities to the network's input.
 
-Two preprocessings exist, by name (:data:`PREPROCESSING`; the bundle option ``preprocess``):
+Three preprocessings exist, by name (:data:`PREPROCESSING`; the bundle option ``preprocess``):
 
 - ``minmax``: per-image min-max scaling, then a square resize (:func:`preprocess_minmax`);
 - ``head``: the head found first, cropped keeping its aspect ratio, intensities scaled by the
-  head's own percentiles, then the resize (:func:`preprocess_head`).
+  head's own percentiles, then the resize (:func:`preprocess_head`);
+- ``head_landmarks``: ``head``'s crop, then the head's intensity histogram standardised by
+  landmarks (Nyúl and Udupa's piecewise-linear mapping to a standard scale), then the resize
+  (:func:`preprocess_head_landmarks`): a site's contrast curve is undone, not only its scale.
 
 A trained model records the name it was trained with (``model_metadata.json``, the ONNX
 metadata, together with the exact description of :data:`DESCRIPTIONS`), and every deployed
@@ -92,6 +95,19 @@ HEAD_NORMALISATION = (
     "bounding box plus 5 % of its longer side on every side, padded with the image minimum to a square centred "
     "on the box; 1st-99th percentile of the head's pixels to [0, 1], clipped; then bilinear resize (antialiased)"
 )
+
+#: Landmarks of :func:`standardise_landmarks_in_head`: percentiles of the head's intensities (Nyúl and Udupa's
+#: deciles, with the 1st and 99th percentiles as the ends, as :data:`HEAD_PERCENTILES`).
+LANDMARK_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
+#: The standard scale the landmarks are mapped to: evenly spaced on [0, 1]. Fixed, not learned from a training
+#: set as in Nyúl and Udupa, so that a model carries no site-dependent state and every deployed path applies the
+#: same function by name.
+LANDMARK_SCALE = tuple(float(v) for v in np.linspace(0.0, 1.0, len(LANDMARK_PERCENTILES)))
+#: Describes :func:`preprocess_head_landmarks` exactly.
+HEAD_LANDMARKS_NORMALISATION = HEAD_NORMALISATION.replace(
+    "1st-99th percentile of the head's pixels to [0, 1], clipped",
+    "the head's pixels' percentiles 1, 10, 20, ..., 90, 99 mapped piecewise-linearly to 0, 0.1, ..., 1 "
+    "(landmark histogram standardisation), clipped")
 
 
 def _as_finite_2d(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -275,6 +291,44 @@ def standardise_in_head(image: np.ndarray, mask: np.ndarray, low: float = 1.0, h
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
+def standardise_landmarks_in_head(image: np.ndarray, mask: np.ndarray,
+                                  percentiles=LANDMARK_PERCENTILES, scale=LANDMARK_SCALE) -> np.ndarray:
+    """Map the ``percentiles`` of the pixels inside ``mask`` piecewise-linearly onto ``scale``; clip to its ends.
+
+    Nyúl and Udupa's landmark standardisation with a fixed standard scale: between two landmarks the map
+    is linear, so the order of intensities is kept while each site's contrast curve (a gamma, a different
+    T1 weighting) is brought to one histogram shape. Landmarks that coincide (a flat stretch of the
+    histogram) are separated by a negligible step so the map stays increasing. Returns float32; raises
+    ``ValueError`` for percentiles and scale that do not match or do not increase, a mask that does not
+    fit or is empty, and a head without contrast.
+    """
+    image = _as_finite_2d(image)
+    mask = _check_mask(mask, image.shape)
+    percentiles, scale = np.asarray(percentiles, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+    if percentiles.shape != scale.shape or len(percentiles) < 2:
+        raise ValueError(f"percentiles and scale must be two sequences of the same length >= 2, got "
+                         f"{len(percentiles)} and {len(scale)}")
+    if np.any(np.diff(percentiles) <= 0) or np.any(np.diff(scale) <= 0) or percentiles[0] < 0 or percentiles[-1] > 100:
+        raise ValueError("percentiles (within [0, 100]) and scale must be strictly increasing")
+    landmarks = np.percentile(image[mask].astype(np.float64), percentiles)
+    span = landmarks[-1] - landmarks[0]
+    if not span > 0:
+        raise ValueError(f"no contrast inside the head (percentiles {percentiles[0]:g} and {percentiles[-1]:g} are "
+                         f"both {landmarks[0]:g})")
+    # ties between inner landmarks: a step of 1e-9 of the span per landmark keeps np.interp's abscissae increasing
+    landmarks = np.maximum.accumulate(landmarks + np.arange(len(landmarks)) * 1e-9 * span)
+    return np.interp(image.astype(np.float64), landmarks, scale).astype(np.float32)
+
+
+def _head_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's square crop of ``image`` and of its mask (:func:`head_mask`, :func:`square_head_window`)."""
+    image = _as_finite_2d(image)
+    mask = head_mask(image)
+    top, left, side = square_head_window(mask, HEAD_CROP_MARGIN)
+    return (extract_window(image, top, left, side, side, fill=image.min()),
+            extract_window(mask, top, left, side, side, fill=False))
+
+
 def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
     """Raw 2-D intensities to a [0, 1] ``size`` x ``size`` input framed and scaled by the head.
 
@@ -282,19 +336,23 @@ def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
     with :data:`HEAD_PERCENTILES`, then :func:`resize`; :data:`HEAD_NORMALISATION` says it in words.
     Raises ``ValueError`` when no head is found (as :func:`preprocess_minmax` does for a constant image).
     """
-    image = _as_finite_2d(image)
-    mask = head_mask(image)
-    top, left, side = square_head_window(mask, HEAD_CROP_MARGIN)
-    cropped = extract_window(image, top, left, side, side, fill=image.min())
-    cropped_mask = extract_window(mask, top, left, side, side, fill=False)
+    cropped, cropped_mask = _head_crop(image)
     return resize(standardise_in_head(cropped, cropped_mask, *HEAD_PERCENTILES), size)
 
 
+def preprocess_head_landmarks(image: np.ndarray, size: int) -> np.ndarray:
+    """:func:`preprocess_head` with :func:`standardise_landmarks_in_head` in place of the two-percentile scaling;
+    :data:`HEAD_LANDMARKS_NORMALISATION` says it in words."""
+    cropped, cropped_mask = _head_crop(image)
+    return resize(standardise_landmarks_in_head(cropped, cropped_mask), size)
+
+
 #: Preprocessing by name: ``fn(raw_image, size) -> float32 [size, size] in [0, 1]``.
-PREPROCESSING = {"minmax": preprocess_minmax, "head": preprocess_head}
+PREPROCESSING = {"minmax": preprocess_minmax, "head": preprocess_head, "head_landmarks": preprocess_head_landmarks}
 #: What each preprocessing does, in words: written beside a trained model and into its ONNX export, and
 #: compared on loading, so that a model is never fed images prepared by a changed function.
-DESCRIPTIONS = {"minmax": INTENSITY_NORMALISATION, "head": HEAD_NORMALISATION}
+DESCRIPTIONS = {"minmax": INTENSITY_NORMALISATION, "head": HEAD_NORMALISATION,
+                "head_landmarks": HEAD_LANDMARKS_NORMALISATION}
 #: The preprocessing of models whose records predate the choice (they were all trained with min-max scaling).
 LEGACY_PREPROCESS = "minmax"
 

@@ -1,5 +1,5 @@
 """Tests for the head-based preprocessing (robustmri.data.preprocessing: head_mask, crop_to_head,
-standardise_in_head, preprocess_head and the registry by name).
+standardise_in_head, preprocess_head, the landmark standardisation and the registry by name).
 
 The synthetic head is an ellipse placed off-centre in a non-square slice, so framing and
 aspect ratio are known exactly; one real figshare slice checks the mask where the data exist.
@@ -12,20 +12,26 @@ import pytest
 
 from robustmri.data.preprocessing import (
     HEAD_CROP_MARGIN,
+    HEAD_LANDMARKS_NORMALISATION,
     HEAD_MASK_CLOSING,
     HEAD_MASK_WORKING_SIZE,
     HEAD_NORMALISATION,
     HEAD_PERCENTILES,
     HEAD_THRESHOLD_FRACTION,
     INTENSITY_NORMALISATION,
+    LANDMARK_PERCENTILES,
+    LANDMARK_SCALE,
     PREPROCESSING,
+    check_preprocess,
     crop_to_head,
     head_mask,
     preprocess_head,
+    preprocess_head_landmarks,
     preprocess_minmax,
     preprocessing_by_name,
     scale_intensity,
     standardise_in_head,
+    standardise_landmarks_in_head,
 )
 from robustmri.data.readers import read_image
 
@@ -208,11 +214,60 @@ def test_preprocess_head_is_invariant_to_a_linear_intensity_change():
     np.testing.assert_allclose(preprocess_head(0.5 * image + 1000.0, 48), preprocess_head(image, 48), atol=1e-4)
 
 
+def test_landmark_standardisation_is_the_piecewise_linear_map_by_hand():
+    # head pixels 0..1000: the p-th percentile is 10 p, so the landmarks are 10, 100, 200, ..., 900, 990
+    image = np.arange(1001, dtype=np.float64).reshape(7, 143)
+    out = standardise_landmarks_in_head(image, np.ones(image.shape, dtype=bool))
+    assert out.dtype == np.float32
+    expected = {0: 0.0, 10: 0.0, 55: 0.05, 100: 0.1, 150: 0.15, 500: 0.5, 945: 0.95, 990: 1.0, 1000: 1.0}
+    for value, mapped in expected.items():  # between 10 and 100: 0 + (v - 10) / 90 x 0.1; 900 to 990 alike
+        assert out.reshape(-1)[value] == pytest.approx(mapped, abs=1e-6), value
+    assert LANDMARK_PERCENTILES[0] == 1.0 and LANDMARK_PERCENTILES[-1] == 99.0
+    assert LANDMARK_SCALE == pytest.approx(np.linspace(0, 1, 11))
+
+
+def test_landmark_standardisation_undoes_a_contrast_curve_that_two_percentiles_do_not():
+    image, mask = ellipse_head()
+    curved = 255.0 * (image / 255.0) ** 2.0  # another site's contrast curve: a gamma of 2
+    landmarks = np.abs(standardise_landmarks_in_head(curved, mask) - standardise_landmarks_in_head(image, mask))[mask]
+    two_point = np.abs(standardise_in_head(curved, mask) - standardise_in_head(image, mask))[mask]
+    assert landmarks.mean() < 0.25 * two_point.mean()
+    assert landmarks.mean() < 0.02
+
+
+def test_landmark_standardisation_handles_ties_and_refuses_bad_arguments():
+    image = np.zeros((20, 20))
+    image[:, 12:] = np.linspace(1.0, 2.0, 8)  # 60 % of the head at one value: six landmarks tie at 0
+    out = standardise_landmarks_in_head(image, np.ones(image.shape, dtype=bool))
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    assert np.all(np.diff(out[0]) >= 0)  # the order of intensities is kept
+    mask = np.ones((4, 4), dtype=bool)
+    with pytest.raises(ValueError, match="no contrast inside the head"):
+        standardise_landmarks_in_head(np.full((4, 4), 3.0), mask)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        standardise_landmarks_in_head(np.arange(16.0).reshape(4, 4), mask, (1, 50, 40), (0, 0.5, 1))
+    with pytest.raises(ValueError, match="same length"):
+        standardise_landmarks_in_head(np.arange(16.0).reshape(4, 4), mask, (1, 99), (0, 0.5, 1))
+
+
+def test_preprocess_head_landmarks_frames_like_head_and_is_invariant_to_a_monotone_curve():
+    image, truth = ellipse_head()
+    out = preprocess_head_landmarks(image, 64)
+    assert out.shape == (64, 64) and out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0
+    # the same crop: both map the head's pixels above its 1st percentile, and only those, above 0
+    np.testing.assert_array_equal(out > 1e-6, preprocess_head(image, 64) > 1e-6)
+    np.testing.assert_allclose(preprocess_head_landmarks(0.5 * image + 1000.0, 48), preprocess_head_landmarks(image, 48),
+                               atol=1e-4)
+    check_preprocess("head_landmarks", HEAD_LANDMARKS_NORMALISATION)
+    assert "percentiles 1, 10, 20, ..., 90, 99 mapped piecewise-linearly" in HEAD_LANDMARKS_NORMALISATION
+
+
 def test_registry_by_name():
-    assert PREPROCESSING == {"minmax": preprocess_minmax, "head": preprocess_head}
+    assert PREPROCESSING == {"minmax": preprocess_minmax, "head": preprocess_head,
+                             "head_landmarks": preprocess_head_landmarks}
     assert preprocessing_by_name("head") is preprocess_head
     assert preprocessing_by_name("minmax") is preprocess_minmax
-    with pytest.raises(ValueError, match=r"'square'.*valid names: head, minmax"):
+    with pytest.raises(ValueError, match=r"'square'.*valid names: head, head_landmarks, minmax"):
         preprocessing_by_name("square")
 
 
