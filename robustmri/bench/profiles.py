@@ -27,7 +27,8 @@ ISP_LINF = {"isp_budget": 2.0 / 255.0, "isp_norm": "linf"}
 SITE = {"minmax": {"preprocess": "minmax", "augment_site_shift_prob": 0.0},
         "aug": {"preprocess": "minmax", "augment_site_shift_prob": 0.5},
         "head": {"preprocess": "head", "augment_site_shift_prob": 0.0},
-        "head_aug": {"preprocess": "head", "augment_site_shift_prob": 0.5}}
+        "head_aug": {"preprocess": "head", "augment_site_shift_prob": 0.5},
+        "head_landmarks_aug": {"preprocess": "head_landmarks", "augment_site_shift_prob": 0.5}}
 #: Variants: a registered method with options changed. Every ISP / ISR variant runs beside a
 #: control with the same budget and no influence signal (``*_control``).
 VARIANTS = {
@@ -66,6 +67,10 @@ VARIANTS = {
     "naive_head_aug": ("naive", SITE["head_aug"]),
     "isr_head_aug": ("isr", {**PINNED["isr"], **SITE["head_aug"]}),
     "isp_linf_head_aug": ("isp", {**ISP_LINF, **SITE["head_aug"]}),
+    # levers of the honest shift bench: landmark histogram standardisation in place of the head's two percentiles,
+    # and the product's configuration at 128 px (run on its own: about 7 times the pixels of the bench's 48 px)
+    "naive_head_landmarks_aug": ("naive", SITE["head_landmarks_aug"]),
+    "naive_head_aug_128": ("naive", {**SITE["head_aug"], "spatial_size": 128}),
     # stability training's consistency term between an image and a random flip of it, no noise (same budget)
     "stability_control": ("stability", {**PINNED["stability"], "stability_perturbation": "flip"}),
     # the denoise front end with a Gaussian blur matched in PSNR gain in place of non-local means
@@ -136,11 +141,12 @@ PROFILES = {
     # (measured side by side: 23 shifts for the head preprocessing against 14 for two), about 10 min: about
     # 75 to 80 min.
     "shift2_cpu": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
-                   "eval_shifts": ["head"], "shift_catalog": "families",
-                   "methods": ["naive_head_aug", "naive_head", *LEAVE_OUT],
-                   # site calibration and every abstention score under each shift, for the configurations that
-                   # leave nothing out (robustmri.bench.shift_measures; about a minute a run)
-                   "shift_measures": ["naive_head_aug", "naive_head"],
+                   "eval_shifts": ["head", "head_landmarks"], "shift_catalog": "families",
+                   "methods": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", *LEAVE_OUT],
+                   # site calibration (test-time BatchNorm adaptation with the abstention refitted) and every
+                   # abstention score under each shift, for the configurations that leave nothing out
+                   # (robustmri.bench.shift_measures; about a minute a run)
+                   "shift_measures": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug"],
                    # influence_epoch: shift_cpu's, for a method with an influence step added with --methods
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],

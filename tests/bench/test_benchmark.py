@@ -217,20 +217,23 @@ def test_site_shift_profile_branches_per_preprocessing_and_evaluates_every_shift
 
 @pytest.mark.slow
 def test_honest_shift_profile_trains_without_a_family_and_reports_by_severity(tmp_path):
-    """shift2_cpu at its tiniest: the product's configuration and the one without rotation augmentation, one seed."""
+    """shift2_cpu at its tiniest: the product's configuration, the landmark standardisation lever and the product
+    without rotation augmentation, one seed."""
     from robustmri.data.shift_families import family_shifts
 
     out = tmp_path / "shift2"
     result = _benchmark("run", "--profile", "shift2_cpu", "--out", str(out), "--seeds", "1",
-                        "--methods", "naive_head_aug,naive_head_aug_minus_rotation", "--spatial_size", "32",
+                        "--methods", "naive_head_aug,naive_head_landmarks_aug,naive_head_aug_minus_rotation",
+                        "--spatial_size", "32",
                         "--epochs", "1", "--synthetic_patients", "12", "--batch_size", "8",
                         "--keep_checkpoints", "True")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = read_runs(str(out / "runs.jsonl"))
-    assert [r["method"] for r in runs] == ["naive_head_aug", "naive_head_aug_minus_rotation"]
-    assert [r["overrides"].get("augment_exclude") for r in runs] == [None, ["rotation"]]
+    assert [r["method"] for r in runs] == ["naive_head_aug", "naive_head_landmarks_aug", "naive_head_aug_minus_rotation"]
+    assert [r["overrides"].get("augment_exclude") for r in runs] == [None, None, ["rotation"]]
+    assert [r["preprocess"] for r in runs] == ["head", "head_landmarks", "head"]
     for run in runs:
-        assert run["shift_catalog"] == "families" and run["preprocess"] == "head"
+        assert run["shift_catalog"] == "families"
         assert run["branched_after_epoch"] is None
         for split in ("val", "test"):
             assert list(run[f"{split}_by_shift"]) == list(family_shifts(32))
@@ -243,13 +246,16 @@ def test_honest_shift_profile_trains_without_a_family_and_reports_by_severity(tm
         assert metadata["provenance"]["recipe"]["augment_exclude"] == run["overrides"].get("augment_exclude", [])
     # site calibration and the abstention scores per shift for the full configuration only (the profile's
     # shift_measures)
-    measured, left_out = runs
+    *measured, left_out = runs
     assert "calibrated_by_shift" not in left_out and "abstention_by_shift" not in left_out
-    # a tiny validation split may leave too few images per predicted class to calibrate: skipped with a reason
-    assert set(measured["calibrated_by_shift"]) | set(measured["calibration_skipped"]) == set(family_shifts(32))
-    assert all(isinstance(reason, str) and reason for reason in measured["calibration_skipped"].values())
-    assert measured["abstention_by_shift"]["choice"] in SCORES
-    assert {f"test / {shift}" for shift in family_shifts(32)} <= set(measured["abstention_by_shift"]["sets"])
+    for run in measured:
+        # a tiny validation split may leave too few images per predicted class to calibrate: skipped with a reason
+        assert set(run["calibrated_by_shift"]) | set(run["calibration_skipped"]) == set(family_shifts(32))
+        assert all(isinstance(reason, str) and reason for reason in run["calibration_skipped"].values())
+        assert run["abstention_by_shift"]["choice"] in SCORES
+        assert {f"test / {shift}" for shift in family_shifts(32)} <= set(run["abstention_by_shift"]["sets"])
+    # both preprocessings see the same slices: what one cannot render is left out of both
+    assert runs[0]["test_by_shift"]["none"]["n"] == runs[1]["test_by_shift"]["none"]["n"]
     assert (out / "shifted" / "families" / "32px").is_dir()
     report = (out / "results.md").read_text()
     assert "#### Abstention under the shifts" in report
