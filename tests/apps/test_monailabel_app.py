@@ -295,6 +295,60 @@ def test_infer_task_says_whether_the_image_is_assessable_and_gives_no_class_when
 
 
 @pytest.mark.monailabel
+def test_infer_task_serves_the_site_checkpoint_named_by_conf_and_says_when_it_is_stale(tmp_path, app_lib, caplog):
+    """``--conf checkpoint model_site.pt``: the calibrated weights, its abstention state and its record are served."""
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose, EnsureTyped
+
+    from lib.infers.classification import ClassificationInfer
+    from robustmri.abstention.state import load_state
+    from robustmri.data.transforms import LoadPreprocessd
+    from robustmri.deploy.calibration import calibrate_site
+    from robustmri.deploy.inference import file_items
+
+    studies = _make_studies(tmp_path / "studies", n=40)
+    bundle = _make_bundle(tmp_path / "bundle")
+    models = bundle / "models"
+    loader = DataLoader(Dataset(file_items(str(studies)), transform=Compose([
+        LoadPreprocessd(keys="image", spatial_size=64, preprocess="minmax", on_error="mark"),
+        EnsureTyped(keys="image", track_meta=False)])), batch_size=16)
+    calibrate_site(PaperCNN(spatial_size=64, padding=2), str(models / "model.pt"), loader, CLASS_NAMES, min_images=30,
+                   min_class_images=3)
+    site_state = load_state(models / "model_site.pt")
+
+    served = ClassificationInfer(str(bundle), {"checkpoint": "model_site.pt"})
+    info = served.info()
+    assert info["checkpoint"] == "model_site.pt"
+    assert info["calibration"]["images"] == 40 and info["calibration"]["source_current"] is True
+    _, result = served({"image": str(studies / "case03.png"), "device": "cpu"})
+    assert result["abstention"]["threshold"] == site_state.threshold  # the site's state, not model.pt's
+    # the probabilities are those of the calibrated weights
+    site_network = PaperCNN(spatial_size=64, padding=2)
+    site_network.load_state_dict(torch.load(models / "model_site.pt", weights_only=True))
+    data = {"image": str(studies / "case03.png")}
+    for transform in served.pre_transforms(data):
+        data = transform(data)
+    with torch.no_grad():
+        expected = torch.softmax(site_network.eval()(torch.as_tensor(data["image"])[None]), 1)[0]
+    assert list(result["probabilities"].values()) == pytest.approx(expected.tolist(), abs=1e-6)
+    home = ClassificationInfer(str(bundle), {})
+    assert home.info()["checkpoint"] == "model.pt" and home.info()["calibration"] is None
+    _, home_result = home({"image": str(studies / "case03.png"), "device": "cpu"})
+    assert home_result["probabilities"] != result["probabilities"]
+
+    # training (or an upload) replaces model.pt: the site checkpoint now holds older weights, and says so
+    torch.manual_seed(7)
+    torch.save(PaperCNN(spatial_size=64, padding=2).state_dict(), models / "model.pt")
+    with caplog.at_level("WARNING"):
+        stale = ClassificationInfer(str(bundle), {"checkpoint": "model_site.pt"})
+    assert stale.info()["calibration"]["source_current"] is False
+    assert "calibrate again" in caplog.text
+    for name, error in (("../model.pt", ValueError), ("model_site", ValueError), ("missing.pt", FileNotFoundError)):
+        with pytest.raises(error, match="--conf checkpoint"):
+            ClassificationInfer(str(bundle), {"checkpoint": name})
+
+
+@pytest.mark.monailabel
 def test_review_scores_use_the_bundles_influence_damping(tmp_path, app_lib):
     from robustmri.influence import DEFAULT_DAMPING, self_influence_scores
     from robustmri.review.label_review import load_images

@@ -8,7 +8,10 @@ config the train task runs. Every read gets the same overrides, made here and no
 (:func:`bundle_overrides`):
 
 - ``bundle_root``: the bundle folder (``--conf bundle_path``);
-- ``spatial_size`` and ``network_padding`` as the checkpoint ``models/model.pt`` was trained
+- ``checkpoint``: the checkpoint the tasks serve and score with, ``models/model.pt``, or the file
+  of ``models/`` named by ``--conf checkpoint`` (:func:`served_checkpoint`; e.g. ``model_site.pt``,
+  written by the bundle's ``calibrating`` run for this site); training always writes ``model.pt``;
+- ``spatial_size`` and ``network_padding`` as that checkpoint was trained
   (``models/model_metadata.json``, read with ``trained_setting``, the function inference.json
   calls itself), ``train.json``'s defaults when nothing is recorded;
 - the ``--conf`` values of :data:`CONF_OVERRIDES`: an explicit value always wins.
@@ -17,6 +20,7 @@ config the train task runs. Every read gets the same overrides, made here and no
 from __future__ import annotations
 
 import os
+import re
 
 from monai.bundle import ConfigParser
 
@@ -25,8 +29,13 @@ from robustmri.evaluation.checkpoints import load_weights
 
 INFER_CONFIG = "inference.json"
 TRAIN_CONFIG = "isp.json"
-#: The checkpoint the tasks serve, train from and score with (``models/``, as MONAI Label expects).
+#: The checkpoint training writes, and the one the tasks serve and score with unless ``--conf checkpoint`` names
+#: another (``models/``, as MONAI Label expects).
 CHECKPOINT = "model.pt"
+#: ``--conf`` key: the file of ``models/`` to serve and score with (e.g. ``model_site.pt``).
+SERVED_CONF = "checkpoint"
+#: A checkpoint file name in ``models/``: no folder part, ``.pt``.
+CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}\.pt")
 #: ``--conf`` keys that override the bundle id of the same name, and their type.
 CONF_OVERRIDES = {"spatial_size": int, "network_padding": int, "influence_damping": float}
 
@@ -51,17 +60,37 @@ def conf_overrides(conf: dict) -> dict:
     return overrides
 
 
-def trained_settings(bundle_dir: str) -> dict:
-    """``spatial_size``, ``network_padding`` and ``preprocess`` of ``models/model.pt`` (train.json's defaults
-    without a checkpoint; the preprocessing is never a ``--conf`` option: a model is fed as it was trained)."""
-    checkpoint = os.path.join(bundle_dir, "models", CHECKPOINT)
+def served_checkpoint(bundle_dir: str, conf: dict) -> str:
+    """The path of the checkpoint the tasks serve: ``models/<--conf checkpoint>``, default ``models/model.pt``.
+
+    A name with a folder part or another suffix is refused in one line (nothing outside ``models/`` is ever
+    loaded); a named file that does not exist is refused too, since serving ``model.pt`` instead would
+    silently drop the site's calibration."""
+    name = conf.get(SERVED_CONF) or CHECKPOINT
+    if not isinstance(name, str) or not CHECKPOINT_FILE.fullmatch(name):
+        raise ValueError(f"--conf {SERVED_CONF} must be a .pt file name in the bundle's models/ folder "
+                         f"(e.g. model_site.pt), got {name!r}")
+    path = os.path.join(bundle_dir, "models", name)
+    if name != CHECKPOINT and not os.path.isfile(path):
+        raise FileNotFoundError(f"--conf {SERVED_CONF} {name}: no such file in {os.path.join(bundle_dir, 'models')}")
+    return path
+
+
+def trained_settings(bundle_dir: str, checkpoint: str | None = None) -> dict:
+    """``spatial_size``, ``network_padding`` and ``preprocess`` of ``checkpoint`` (default ``models/model.pt``;
+    train.json's defaults without a checkpoint; the preprocessing is never a ``--conf`` option: a model is fed as
+    it was trained)."""
+    checkpoint = checkpoint or os.path.join(bundle_dir, "models", CHECKPOINT)
     defaults = ConfigParser.load_config_file(config_path(bundle_dir, "train.json"))
     return {key: trained_setting(checkpoint, key, defaults[key]) for key in SETTINGS}
 
 
 def bundle_overrides(bundle_dir: str, conf: dict) -> dict:
-    """The overrides of every config the app reads or runs: bundle root, trained settings, ``--conf``."""
-    return {"bundle_root": bundle_dir, **trained_settings(bundle_dir), **conf_overrides(conf)}
+    """The overrides of every config the app reads or runs: bundle root, served checkpoint, trained settings,
+    ``--conf``."""
+    checkpoint = served_checkpoint(bundle_dir, conf)
+    return {"bundle_root": bundle_dir, SERVED_CONF: checkpoint, **trained_settings(bundle_dir, checkpoint),
+            **conf_overrides(conf)}
 
 
 def read_config(bundle_dir: str, name: str, conf: dict, extra: dict | None = None) -> ConfigParser:

@@ -11,8 +11,9 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from robustmri import INTENDED_USE
 from robustmri.abstention.fit import describe_state, ensure_state, scores_of
 from robustmri.deploy.inference import NOT_ASSESSABLE
+from robustmri.engine.model_metadata import file_sha256, read_calibration
 
-from lib.bundle import INFER_CONFIG, class_names, read_config
+from lib.bundle import INFER_CONFIG, class_names, read_config, served_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,39 @@ class ClassificationInfer(BundleInferTask):
                          post_filter=None, load_strict=True, **kwargs)
         if self.valid:
             self.class_names = class_names(self.bundle_config)
+            # MONAI Label serves models/model.pt; --conf checkpoint names another file of models/ (lib.bundle)
+            self.path = [served_checkpoint(path, conf)]
+            # a request without model_filename gets the first of MONAI Label's list (shortest name first): the
+            # served one must lead it, or model.pt would answer after all
+            served = os.path.basename(self.path[0])
+            names = list(self._config.get("model_filename") or [])
+            self._config["model_filename"] = [served] + [name for name in names if name != served]
+            self._warn_if_stale()
+
+    def calibration(self) -> Dict[str, Any] | None:
+        """The served checkpoint's site calibration in brief, or None: when, on how many images, and whether it
+        was calibrated from the ``model.pt`` there now (training or an upload replaces ``model.pt``, never the
+        calibrated file, which then holds the older weights until it is calibrated again)."""
+        served = self.get_path()
+        record = read_calibration(served) if served and os.path.isfile(served) else None
+        if record is None:
+            return None
+        source = os.path.join(os.path.dirname(served), record["source_checkpoint"]["file"])
+        current = os.path.isfile(source) and file_sha256(source) == record["source_checkpoint"]["sha256"]
+        return {"file": record["file"], "date": record["date"], "images": record["images"]["n"],
+                "source_checkpoint": record["source_checkpoint"]["file"], "source_current": current}
+
+    def _warn_if_stale(self) -> None:
+        calibration = self.calibration()
+        if calibration and not calibration["source_current"]:
+            logger.warning("%s was calibrated from an earlier %s (trained or uploaded since): it serves the older "
+                           "weights; calibrate again (configs/calibrate.json)", calibration["file"],
+                           calibration["source_checkpoint"])
 
     def info(self) -> Dict[str, Any]:
-        return {**super().info(), "intended_use": INTENDED_USE}
+        served = self.get_path(validate=False)
+        return {**super().info(), "intended_use": INTENDED_USE,
+                "checkpoint": os.path.basename(served) if served else None, "calibration": self.calibration()}
 
     def _load_bundle_config(self, path, config):
         parser = read_config(path, INFER_CONFIG, self.app_conf)
