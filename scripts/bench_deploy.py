@@ -32,7 +32,7 @@ from robustmri.bench.machine import cpu_name
 from robustmri.deploy.dicom.study import infer_dicom
 from robustmri.deploy.onnx.export import export_onnx
 from robustmri.deploy.onnx.runtime import CUDA, OnnxClassifier
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 from robustmri.networks import PaperCNN
 
 FIGSHARE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared",

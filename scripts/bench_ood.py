@@ -52,9 +52,10 @@ from robustmri.data.preprocessing import head_mask
 from robustmri.data.readers import read_image
 from robustmri.data.synthetic import generate_slices
 from robustmri.deploy.onnx.export import bundle_version, export_onnx, file_sha256, split_arrays
-from robustmri.deploy.onnx.export_checkpoint import check_trained_network, export_config, monai_logs_to_stderr
+from robustmri.deploy.onnx.export_checkpoint import monai_logs_to_stderr
 from robustmri.deploy.onnx.runtime import OnnxClassifier
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
+from robustmri.engine.trained_model import check_trained_network, trained_config
 from robustmri.outputs import image_grid, write_json
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
@@ -193,7 +194,7 @@ def main(checkpoint: str, dataset_dir: str = "", out: str = "docs/benchmarks/ood
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     monai_logs_to_stderr()
-    config = export_config(BUNDLE, checkpoint, dataset_dir=dataset_dir, noise=noise, seed=seed,
+    config = trained_config(BUNDLE, checkpoint, dataset_dir=dataset_dir, noise=noise, seed=seed,
                            synthetic_patients=synthetic_patients)
     data = config.get_parsed_content("data")
     os.makedirs(out, exist_ok=True)

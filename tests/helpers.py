@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from scipy.spatial.distance import cdist
 import torch
 from PIL import Image
 from torch import nn
@@ -226,3 +227,13 @@ def train_tiny_bundle(folder, *extra) -> Path:
     the checkpoint ``folder/models/model.pt`` (with what training writes beside it)."""
     run_in_process("training", "configs/train.json", *TINY, "--epochs", "1", *output_dirs(folder), *extra)
     return Path(folder) / "models" / "model.pt"
+
+
+def independent_mahalanobis(features, labels, queries, ridge=1e-3):
+    """Lee et al.'s score written out with numpy and scipy: pooled covariance, scipy's Mahalanobis distance."""
+    classes = sorted(set(labels.tolist()))
+    pooled = sum(np.cov(features[labels == c].T, bias=True) * (labels == c).sum() for c in classes) / len(features)
+    pooled = pooled + ridge * np.trace(pooled) / len(pooled) * np.eye(len(pooled))
+    inverse = np.linalg.pinv(pooled)
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    return (cdist(queries, means, metric="mahalanobis", VI=inverse) ** 2).min(1)

@@ -37,15 +37,15 @@ from robustmri.bench.machine import describe_machine
 from robustmri.bench.shifts import REFERENCE, shifted_test_sets, synthetic_raw_images
 from robustmri.bench.stats import _table
 from robustmri.data.site_shift import SHIFTS
-from robustmri.deploy.onnx.export_checkpoint import (
+from robustmri.engine.checkpoint import load_weights
+from robustmri.engine.model_metadata import file_sha256
+from robustmri.engine.trained_model import (
     check_trained_network,
-    export_config,
     recorded_protocol,
     recorded_provenance,
+    trained_config,
     warn_if_other_data,
 )
-from robustmri.engine.model_metadata import file_sha256
-from robustmri.evaluation.checkpoints import load_weights
 from robustmri.evaluation.risk_coverage import oracle_aurc, risk_coverage_curve, risk_coverage_figure
 from robustmri.outputs import write_atomic, write_json
 
@@ -72,7 +72,7 @@ def _protocol(checkpoint: str, given: dict) -> dict:
 
 def _network(bundle_dir: str, checkpoint: str, data_options: dict):
     """``(config, network in eval mode)`` of ``checkpoint`` as the bundle rebuilds it."""
-    config = export_config(bundle_dir, checkpoint, **data_options)
+    config = trained_config(bundle_dir, checkpoint, **data_options)
     network = config.get_parsed_content("network_def")
     check_trained_network(network, checkpoint)
     return config, load_weights(network, checkpoint).eval()

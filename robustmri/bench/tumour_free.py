@@ -125,12 +125,12 @@ class CheckpointModel:
 
         from robustmri.abstention import load_state
         from robustmri.data.preprocessing import preprocessing_by_name
-        from robustmri.deploy.onnx.export_checkpoint import check_trained_network, export_config
+        from robustmri.engine.checkpoint import load_weights
         from robustmri.engine.model_metadata import file_sha256, read_trained
-        from robustmri.evaluation.checkpoints import load_weights
+        from robustmri.engine.trained_model import check_trained_network, trained_config
 
         checkpoint = os.fspath(checkpoint)
-        config = export_config(bundle_dir, checkpoint)
+        config = trained_config(bundle_dir, checkpoint)
         network = config.get_parsed_content("network_def")
         check_trained_network(network, checkpoint)
         self.network = load_weights(network, checkpoint).eval()
@@ -157,14 +157,17 @@ class CheckpointModel:
 
     def classify(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(probabilities [N, C], assessable [N] bool or None without an abstention state)`` of prepared images."""
-        from robustmri.abstention.fit import scores_of
+        from scipy.special import softmax
 
-        with self._torch.no_grad():
-            logits = self.network(self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        probabilities = self._torch.softmax(logits.float(), dim=1).numpy()
+        from robustmri.abstention.fit import detector_of
+        from robustmri.abstention.mahalanobis import network_outputs
+
+        # one pass gives both the answer and the features the abstention scores (as scores_of computes them)
+        features, logits = network_outputs(self.network, np.ascontiguousarray(images, dtype=np.float32))
+        probabilities = softmax(logits, axis=1)
         if self.state is None:
             return probabilities, None
-        return probabilities, self.state.accepts(scores_of(self.state, self.network, images))
+        return probabilities, self.state.accepts(detector_of(self.state).score(features))
 
 
 def measure_set(model, image_set: ImageSet, batch_size: int = 64) -> dict:

@@ -62,7 +62,7 @@ from robustmri.engine.model_metadata import (
     file_sha256,
     metadata_path,
 )
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 from robustmri.influence.adapter import unwrap
 from robustmri.outputs import read_json, write_bytes, write_json
 

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from robustmri import INTENDED_USE
-from robustmri.engine.checkpoint import load_weights  # noqa: F401  (importable here, where it was first)
+from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.distributed import is_main_process
 from robustmri.engine.model_metadata import file_sha256
 from robustmri.engine.predictions import predict_items

@@ -10,7 +10,7 @@ from helpers import TINY, bundle, gradient_image, output_dirs, write_png
 from robustmri import INTENDED_USE
 from robustmri.data.protocol import build_protocol
 from robustmri.engine.predictions import predict_items
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 from robustmri.evaluation.metrics import classification_report
 from robustmri.networks import PaperCNN
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import MONAI_SCHEMA_SHA256
 from helpers import bundle, output_dirs
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 from robustmri.networks import PaperCNN
 
 #: The training configs of ``make demo`` (the Makefile's DEMO_CONFIGS).

@@ -18,7 +18,7 @@ from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
 from robustmri.data.protocol import build_protocol
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 from robustmri.influence import self_influence_scores
 
 from helpers import NOISY, TINY, output_dirs, run_in_process

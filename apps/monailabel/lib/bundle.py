@@ -25,7 +25,7 @@ import re
 from monai.bundle import ConfigParser
 
 from robustmri.engine.model_metadata import SETTINGS, trained_setting
-from robustmri.evaluation.checkpoints import load_weights
+from robustmri.engine.checkpoint import load_weights
 
 INFER_CONFIG = "inference.json"
 TRAIN_CONFIG = "isp.json"

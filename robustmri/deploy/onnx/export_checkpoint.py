@@ -27,15 +27,7 @@ from robustmri.deploy.onnx.export import (
 from robustmri.abstention.fit import ensure_state
 from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
 from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE
-from robustmri.engine.trained_model import (  # noqa: F401  (check_trained_network, parse_network_def, ...: importable here)
-    check_trained_network,
-    parse_network_def,
-    recorded_protocol,
-    recorded_provenance,
-    trained_config,
-    trained_model,
-    warn_if_other_data,
-)
+from robustmri.engine.trained_model import trained_model
 
 logger = logging.getLogger("export_onnx")
 
@@ -49,8 +41,6 @@ def monai_logs_to_stderr() -> None:
                     handler.setStream(sys.stderr)
 
 
-#: The name export has always used for :func:`robustmri.engine.trained_model.trained_config`.
-export_config = trained_config
 
 
 def export_checkpoint(bundle_dir: str | os.PathLike, checkpoint: str, output: str, spatial_size: int | None = None,

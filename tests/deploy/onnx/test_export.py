@@ -16,13 +16,8 @@ from robustmri import CLASS_NAMES, INTENDED_USE
 from robustmri.data.preprocessing import INTENSITY_NORMALISATION
 from robustmri.data.protocol import build_protocol
 from robustmri.deploy.onnx.export import ParityError, ProbabilityHead, check_parity, export_onnx, split_images
-from robustmri.deploy.onnx.export_checkpoint import (
-    export_checkpoint,
-    export_config,
-    parse_network_def,
-    recorded_protocol,
-    recorded_provenance,
-)
+from robustmri.deploy.onnx.export_checkpoint import export_checkpoint
+from robustmri.engine.trained_model import parse_network_def, recorded_protocol, recorded_provenance, trained_config
 from robustmri.deploy.onnx.runtime import CPU, CUDA, ModelMetadataError, OnnxClassifier, choose_providers
 from robustmri.networks import PaperCNN
 
@@ -166,7 +161,7 @@ def test_reported_provider_is_the_one_that_runs(exported, monkeypatch, caplog):
     assert "not usable" in caplog.text
 
 
-def test_export_config_reuses_train_json():
+def test_trained_config_reuses_train_json():
     """The deployment workflows' own parts set only their ids: the generated configs take the rest from train.json."""
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     for name in ("export.json", "infer_dicom.json"):
@@ -231,9 +226,9 @@ def test_script_rebuilds_the_network_as_trained_without_size_arguments(tmp_path,
 def test_script_sizes_given_on_the_command_line_win(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAIN_TUMOR_DATA", "")
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE, network_padding=2)
-    config = export_config(BUNDLE, str(checkpoint))
+    config = trained_config(BUNDLE, str(checkpoint))
     assert config.get_parsed_content("spatial_size") == TINY_SIZE and config.get_parsed_content("network_padding") == 2
-    config = export_config(BUNDLE, str(checkpoint), spatial_size=48, network_padding=3)
+    config = trained_config(BUNDLE, str(checkpoint), spatial_size=48, network_padding=3)
     assert config.get_parsed_content("spatial_size") == 48 and config.get_parsed_content("network_padding") == 3
     network = config.get_parsed_content("network_def")
     assert isinstance(network, PaperCNN) and network.encoder[0].padding == (3, 3)
@@ -341,9 +336,9 @@ def test_export_reads_the_data_set_the_model_was_trained_on_unless_told_otherwis
     checkpoint = write_trained(tmp_path / "models", _bundle_paper_cnn(), TINY_SIZE)
     site = str(tmp_path / "site")
     (tmp_path / "models" / TRAINING_DATA_FILE).write_text(json.dumps({"dataset_dir": site}))
-    assert export_config(BUNDLE, str(checkpoint)).get_parsed_content("protocol#dataset_dir") == site
+    assert trained_config(BUNDLE, str(checkpoint)).get_parsed_content("protocol#dataset_dir") == site
     with caplog.at_level(logging.WARNING, logger="robustmri.engine.model_metadata"):
-        assert export_config(BUNDLE, str(checkpoint), dataset_dir="").get_parsed_content("protocol#dataset_dir") == ""
+        assert trained_config(BUNDLE, str(checkpoint), dataset_dir="").get_parsed_content("protocol#dataset_dir") == ""
     assert f"was trained on {site} but this run uses the embedded synthetic set" in caplog.text
 
     seen = []

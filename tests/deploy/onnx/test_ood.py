@@ -11,10 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from scipy.spatial.distance import cdist
 
 from robustmri import CLASS_NAMES
-from robustmri.abstention.mahalanobis import RIDGE, MahalanobisDetector, calibrate_threshold, fit_detector
+from robustmri.abstention.mahalanobis import fit_detector
 from robustmri.bench.dicom_fixtures import write_mr_series
 from robustmri.data.protocol import build_protocol
 from robustmri.data.synthetic import generate_slices
@@ -26,6 +25,7 @@ from robustmri.deploy.onnx.ood import ScoredClassifier
 from robustmri.deploy.onnx.runtime import DETECTOR_KEYS, ModelMetadataError, OnnxClassifier
 
 from conftest import ROOT
+from helpers import independent_mahalanobis as independent_score
 from deploy_helpers import (
     TINY_SIZE,
     export_tiny,
@@ -35,32 +35,6 @@ from deploy_helpers import (
     signing_keys,
     tiny_network,
 )
-
-
-def independent_score(features, labels, queries, ridge=RIDGE):
-    """Lee et al.'s score written out with numpy and scipy: pooled covariance, scipy's Mahalanobis distance."""
-    classes = sorted(set(labels.tolist()))
-    pooled = sum(np.cov(features[labels == c].T, bias=True) * (labels == c).sum() for c in classes) / len(features)
-    pooled = pooled + ridge * np.trace(pooled) / len(pooled) * np.eye(len(pooled))
-    inverse = np.linalg.pinv(pooled)
-    means = np.stack([features[labels == c].mean(0) for c in classes])
-    return (cdist(queries, means, metric="mahalanobis", VI=inverse) ** 2).min(1)
-
-
-def test_score_equals_an_independent_computation():
-    rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1, 2], [40, 70, 30])
-    features = rng.normal(size=(140, 12)) @ rng.normal(size=(12, 12)) + 3.0 * labels[:, None]
-    features[:, 5] = 0.0  # a dead unit: the ridge keeps the covariance invertible
-    detector = MahalanobisDetector.fit(features, labels, 3)
-    queries = np.concatenate([rng.normal(size=(10, 12)), rng.normal(size=(5, 12)) * 10])
-    queries[:5, 5] = 1.0  # the dead unit lit: far out of distribution
-    expected = independent_score(features, labels, queries)
-    np.testing.assert_allclose(detector.score(queries), expected, rtol=1e-9)
-    np.testing.assert_allclose(detector.score(features), independent_score(features, labels, features), rtol=1e-9)
-    assert detector.n_train == 140 and detector.score(queries[:5]).min() > detector.score(features).max()
-    with pytest.raises(ValueError, match="every class needs training slices"):
-        MahalanobisDetector.fit(features[:100], labels[:100], 3)
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +99,6 @@ def test_threshold_is_the_validation_quantile(data, exported):
     test_scores = classifier.predict_with_scores(split_arrays(data, "test")[0])[1]  # never used for the threshold
     assert not np.isin(classifier.ood_threshold, test_scores)
     assert set(OOD_METADATA_KEYS) <= set(result["metadata"]) and set(DETECTOR_KEYS) <= set(OOD_METADATA_KEYS)
-
-
-@pytest.mark.parametrize("n, target, k", [(20, 0.95, 19), (7, 0.95, 7), (100, 0.9, 90), (3, 1.0, 3), (10, 0.01, 1)])
-def test_calibrate_threshold_accepts_the_target_within_one_slice(n, target, k):
-    scores = np.random.default_rng(n).permutation(np.arange(n, dtype=np.float64) * 1.5)
-    threshold, acceptance = calibrate_threshold(scores, target)
-    assert threshold == 1.5 * (k - 1) and acceptance == k / n and target <= acceptance < target + 1 / n
 
 
 def trained_tiny_network(data, epochs: int = 6) -> torch.nn.Module:
