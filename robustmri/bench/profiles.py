@@ -71,6 +71,9 @@ VARIANTS = {
     # and the product's configuration at 128 px (run on its own: about 7 times the pixels of the bench's 48 px)
     "naive_head_landmarks_aug": ("naive", SITE["head_landmarks_aug"]),
     "naive_head_aug_128": ("naive", {**SITE["head_aug"], "spatial_size": 128}),
+    # ... and broader MR-realistic augmentation: the MR acquisition components on half of the samples as well
+    # (the bench's artefact, tissue-contrast and noise shifts are then families this configuration trains on)
+    "naive_head_mr_aug": ("naive", {**SITE["head_aug"], "augment_mr_prob": 0.5}),
     # stability training's consistency term between an image and a random flip of it, no noise (same budget)
     "stability_control": ("stability", {**PINNED["stability"], "stability_perturbation": "flip"}),
     # the denoise front end with a Gaussian blur matched in PSNR gain in place of non-local means
@@ -142,11 +145,12 @@ PROFILES = {
     # 75 to 80 min.
     "shift2_cpu": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                    "eval_shifts": ["head", "head_landmarks"], "shift_catalog": "families",
-                   "methods": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", *LEAVE_OUT],
+                   "methods": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", "naive_head_mr_aug",
+                               *LEAVE_OUT],
                    # site calibration (test-time BatchNorm adaptation with the abstention refitted) and every
                    # abstention score under each shift, for the configurations that leave nothing out
                    # (robustmri.bench.shift_measures; about a minute a run)
-                   "shift_measures": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug"],
+                   "shift_measures": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", "naive_head_mr_aug"],
                    # influence_epoch: shift_cpu's, for a method with an influence step added with --methods
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],

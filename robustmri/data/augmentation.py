@@ -27,6 +27,22 @@ at once. The components, in the order they are applied:
    :data:`FOREGROUND`), then clipped to [0, 1];
 6. ``gamma``: ``x -> x ** g``.
 
+MR acquisition components (``mr_prob``, off by default; a lever of the shift bench, not the
+product's augmentation until it is measured), drawn from their own stream
+``default_rng([seed, epoch, id, 7927])`` so that every site-shift component of every sample
+keeps its value whether they are on or not, and applied after the six above, each with
+probability ``component_prob`` in a sample drawn with probability ``mr_prob``:
+
+7. ``ringing``: Gibbs ringing, the magnitude of the image with k-space truncated to a central
+   share ``ringing_kept`` along the rows, the columns or both;
+8. ``ghosting``: motion ghosts, every ``period``-th k-space line along one axis taken from the
+   image translated by ``ghosting_shift`` of its side along that axis (2 to 4), the magnitude;
+9. ``tissue_curve``: a different contrast per tissue, a random increasing piecewise-linear
+   curve through :data:`TISSUE_KNOTS` sorted uniform knots, blended with the identity by
+   ``tissue_strength``;
+10. ``noise``: Rician noise of sigma ``noise_sigma`` (the magnitude of the image plus complex
+    Gaussian noise).
+
 An augmented sample is clipped to [0, 1] at the end; a sample left alone comes back
 bit-identical.
 
@@ -60,6 +76,14 @@ FAMILIES = {"framing": ("scale", "aspect"), "rotation": ("rotation",), "resoluti
             "blur": ("blur",), "bias_field": ("bias",), "intensity_curve": ("contrast", "gamma")}
 #: Number of coefficients of the bias field's quadratic (x, y, x^2, y^2, xy).
 BIAS_TERMS = 5
+#: Salt of the MR acquisition components' stream (``mr_prob``), distinct from the site shifts'.
+MR_STREAM = 7927
+#: The MR acquisition components, in the order they are applied (after :data:`COMPONENTS`).
+MR_COMPONENTS = ("ringing", "ghosting", "tissue_curve", "noise")
+#: Their families, named as the shift bench's new families (robustmri.data.shift_families.NEW_FAMILIES).
+MR_FAMILIES = {"artefact": ("ringing", "ghosting"), "tissue_contrast": ("tissue_curve",), "noise": ("noise",)}
+#: Inner knots of the ``tissue_curve`` component.
+TISSUE_KNOTS = 4
 
 
 def _pair(name: str, value, low_bound: float, *, inclusive: bool, upper: float | None = None) -> tuple[float, float]:
@@ -87,11 +111,12 @@ def check_exclude(value) -> tuple[str, ...]:
         return ()
     names = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value)
     names = [name for name in names if name != ""]
-    unknown = [name for name in names if not isinstance(name, str) or name not in FAMILIES]
+    valid = {**FAMILIES, **MR_FAMILIES}
+    unknown = [name for name in names if not isinstance(name, str) or name not in valid]
     if unknown:
         raise ValueError(f"augment_exclude: unknown augmentation famil{'y' if len(unknown) == 1 else 'ies'} "
-                         f"{', '.join(map(repr, unknown))}; valid: {', '.join(FAMILIES)}")
-    return tuple(family for family in FAMILIES if family in names)
+                         f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+    return tuple(family for family in valid if family in names)
 
 
 def _unit(name: str, value) -> float:
@@ -133,8 +158,19 @@ class SiteShiftAugmentation:
     blur_sigma: tuple[float, float] = (0.0, 1.0)
     #: Resolution loss: down by this factor, then back up (bilinear), uniform; 1 is the identity.
     downsample: tuple[float, float] = (1.0, 2.0)
-    #: Families of :data:`FAMILIES` never applied (a name, a comma-separated string or a list; empty: none).
+    #: Families of :data:`FAMILIES` or :data:`MR_FAMILIES` never applied (a name, a comma-separated string or a
+    #: list; empty: none).
     exclude: tuple[str, ...] = ()
+    #: Probability that a sample takes the MR acquisition components at all in an epoch (0: off).
+    mr_prob: float = 0.0
+    #: Share of k-space kept along each truncated axis by ``ringing``, uniform.
+    ringing_kept: tuple[float, float] = (0.4, 0.8)
+    #: Translation of the ghosting copy, as a share of the image side, uniform (sign drawn too).
+    ghosting_shift: tuple[float, float] = (0.02, 0.08)
+    #: Blend of the random tissue curve with the identity (0: identity, 1: the curve), uniform.
+    tissue_strength: tuple[float, float] = (0.1, 0.5)
+    #: Sigma of the Rician noise, image units, uniform.
+    noise_sigma: tuple[float, float] = (0.0, 0.08)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -161,6 +197,11 @@ class SiteShiftAugmentation:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees!r}")
         set_("rotation_degrees", degrees)
         set_("exclude", check_exclude(self.exclude))
+        set_("mr_prob", _unit("mr_prob", self.mr_prob))
+        set_("ringing_kept", _pair("ringing_kept", self.ringing_kept, 0.0, inclusive=False, upper=1.0))
+        set_("ghosting_shift", _pair("ghosting_shift", self.ghosting_shift, 0.0, inclusive=True, upper=0.5))
+        set_("tissue_strength", _pair("tissue_strength", self.tissue_strength, 0.0, inclusive=True, upper=1.0))
+        set_("noise_sigma", _pair("noise_sigma", self.noise_sigma, 0.0, inclusive=True, upper=1.0))
 
     # ------------------------------------------------------------------ parameters
 
@@ -185,7 +226,10 @@ class SiteShiftAugmentation:
             "bias_coefficients": np.zeros((n, BIAS_TERMS)),
             "contrast": np.ones(n),
             "gamma": np.ones(n),
+            **_mr_identity(n),
         }
+        if self.mr_prob > 0.0:
+            self._draw_mr(params, seed, epoch, ids)
         if self.prob == 0.0:
             return params
         log_uniform = lambda rng, pair: math.exp(rng.uniform(math.log(pair[0]), math.log(pair[1])))  # noqa: E731
@@ -194,7 +238,7 @@ class SiteShiftAugmentation:
             augmented = rng.random() < self.prob
             takes = dict(zip(COMPONENTS, (rng.random(len(COMPONENTS)) < self.component_prob) & augmented))
             for family in self.exclude:  # after the draw, so that the other components' values do not move
-                takes.update(dict.fromkeys(FAMILIES[family], False))
+                takes.update(dict.fromkeys(FAMILIES.get(family, ()), False))
             values = {
                 "rotation": rng.uniform(-self.rotation_degrees, self.rotation_degrees),
                 "scale": rng.uniform(*self.scale),
@@ -214,6 +258,30 @@ class SiteShiftAugmentation:
             if takes["bias"]:
                 params["bias_coefficients"][row] = coefficients
         return params
+
+    def _draw_mr(self, params: dict, seed: int, epoch: int, ids: Sequence[int]) -> None:
+        """The MR acquisition components of :meth:`draw`, from their own stream, into ``params``."""
+        excluded = {component for family in self.exclude for component in MR_FAMILIES.get(family, ())}
+        for row, sample in enumerate(ids):
+            rng = np.random.default_rng([int(seed), int(epoch), int(sample), MR_STREAM])
+            augmented = rng.random() < self.mr_prob
+            takes = {name: bool(take) and augmented and name not in excluded
+                     for name, take in zip(MR_COMPONENTS, rng.random(len(MR_COMPONENTS)) < self.component_prob)}
+            kept, ringing_axis = rng.uniform(*self.ringing_kept), int(rng.integers(3))
+            shift = rng.uniform(*self.ghosting_shift) * (1.0 if rng.random() < 0.5 else -1.0)
+            period, ghosting_axis = int(rng.integers(2, 5)), int(rng.integers(2))
+            knots, strength = np.sort(rng.uniform(size=TISSUE_KNOTS)), rng.uniform(*self.tissue_strength)
+            sigma, noise_seed = rng.uniform(*self.noise_sigma), int(rng.integers(2**31 - 1))
+            params["augmented"][row] |= augmented
+            if takes["ringing"]:
+                params["ringing_kept"][row], params["ringing_axis"][row] = kept, ringing_axis
+            if takes["ghosting"]:
+                params["ghosting_shift"][row], params["ghosting_period"][row] = shift, period
+                params["ghosting_axis"][row] = ghosting_axis
+            if takes["tissue_curve"]:
+                params["tissue_strength"][row], params["tissue_knots"][row] = strength, knots
+            if takes["noise"]:
+                params["noise_sigma"][row], params["noise_seed"][row] = sigma, noise_seed
 
     # ------------------------------------------------------------------ application
 
@@ -264,20 +332,22 @@ class SiteShiftAugmentation:
             rows = changed.nonzero().flatten()
             out[rows] = out[rows].clamp(0.0, 1.0) ** gamma[rows].to(out.dtype).view(-1, 1, 1, 1)
             touched |= changed
+        touched |= _apply_mr(out, params)
         if touched.any():
             out[touched] = out[touched].clamp(0.0, 1.0)
         return out
 
     def __call__(self, images: torch.Tensor, seed: int, epoch: int, ids: Sequence[int]) -> torch.Tensor:
-        """``apply(images, draw(seed, epoch, ids))``; ``images`` itself when ``prob`` is 0."""
-        if self.prob == 0.0:
+        """``apply(images, draw(seed, epoch, ids))``; ``images`` itself when ``prob`` and ``mr_prob`` are 0."""
+        if self.prob == 0.0 and self.mr_prob == 0.0:
             return images
         return self.apply(images, self.draw(seed, epoch, ids))
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict (ranges as lists), for logs and run metadata."""
         settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
-        return {"name": "site_shift", "stream": STREAM, "components": list(COMPONENTS),
+        return {"name": "site_shift", "stream": STREAM, "components": list(COMPONENTS), "mr_stream": MR_STREAM,
+                "mr_components": list(MR_COMPONENTS),
                 **{key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}}
 
 
@@ -360,6 +430,89 @@ def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (mean + factor.to(images.dtype).view(-1, 1, 1, 1) * (images - mean)).clamp(0.0, 1.0)
 
 
+def _mr_identity(n: int) -> dict[str, np.ndarray]:
+    """The MR components' parameters at their identity (a component with these values is not applied)."""
+    return {"ringing_kept": np.ones(n), "ringing_axis": np.zeros(n, dtype=np.int64), "ghosting_shift": np.zeros(n),
+            "ghosting_period": np.zeros(n, dtype=np.int64), "ghosting_axis": np.zeros(n, dtype=np.int64),
+            "tissue_strength": np.zeros(n), "tissue_knots": np.zeros((n, TISSUE_KNOTS)),
+            "noise_sigma": np.zeros(n), "noise_seed": np.zeros(n, dtype=np.int64)}
+
+
+def _apply_mr(out: torch.Tensor, params: dict) -> torch.Tensor:
+    """Apply the MR components of ``params`` to ``out`` in place; the rows touched (bool [N])."""
+    n = out.shape[0]
+    touched = torch.zeros(n, dtype=torch.bool)
+    if "ringing_kept" not in params:  # parameters drawn before the MR components existed
+        return touched
+    for row in range(n):
+        image = original = out[row]
+        if params["ringing_kept"][row] < 1.0:
+            image = ringing(image, float(params["ringing_kept"][row]), int(params["ringing_axis"][row]))
+        if params["ghosting_shift"][row] != 0.0:
+            image = ghosting(image, float(params["ghosting_shift"][row]), int(params["ghosting_period"][row]),
+                             int(params["ghosting_axis"][row]))
+        if params["tissue_strength"][row] > 0.0:
+            image = tissue_curve(image, params["tissue_knots"][row], float(params["tissue_strength"][row]))
+        if params["noise_sigma"][row] > 0.0:
+            image = rician(image, float(params["noise_sigma"][row]), int(params["noise_seed"][row]))
+        if image is not original:
+            out[row] = image
+            touched[row] = True
+    return touched
+
+
+def _centred_lines(length: int, kept: float) -> torch.Tensor:
+    """Bool [length]: the k-space lines (unshifted FFT order) within the central share ``kept`` of frequencies."""
+    frequencies = torch.fft.fftfreq(length).abs()  # cycles per pixel, 0 to 0.5
+    return frequencies <= 0.5 * kept
+
+
+def ringing(image: torch.Tensor, kept: float, axis: int) -> torch.Tensor:
+    """Gibbs ringing of one ``[C, H, W]`` image: k-space truncated to the central share ``kept`` of frequencies along
+    the rows (``axis`` 0), the columns (1) or both (2); the magnitude of the inverse transform."""
+    spectrum = torch.fft.fft2(image.double())
+    height, width = image.shape[-2:]
+    mask = torch.ones(height, width, dtype=torch.bool)
+    if axis in (0, 2):
+        mask &= _centred_lines(height, kept)[:, None]
+    if axis in (1, 2):
+        mask &= _centred_lines(width, kept)[None, :]
+    return torch.fft.ifft2(spectrum * mask).abs().to(image.dtype)
+
+
+def ghosting(image: torch.Tensor, shift: float, period: int, axis: int) -> torch.Tensor:
+    """Motion ghosts of one ``[C, H, W]`` image: every ``period``-th k-space line along ``axis`` (0: rows, 1:
+    columns) acquired while the head sat ``shift`` x the side further along that axis (a phase ramp); the
+    magnitude of the inverse transform. Ghost copies appear at multiples of side / period."""
+    spectrum = torch.fft.fft2(image.double())
+    length = image.shape[-2 + axis]
+    frequencies = torch.fft.fftfreq(length, dtype=torch.float64)
+    ramp = torch.exp(-2j * math.pi * frequencies * shift * length)
+    lines = (torch.arange(length) % period) == 0
+    factor = torch.where(lines, ramp, torch.ones_like(ramp))
+    factor = factor[:, None] if axis == 0 else factor[None, :]
+    return torch.fft.ifft2(spectrum * factor).abs().to(image.dtype)
+
+
+def tissue_curve(image: torch.Tensor, knots, strength: float) -> torch.Tensor:
+    """One image's intensities through the increasing piecewise-linear curve from (0, 0) to (1, 1) through
+    ``len(knots)`` evenly spaced abscissae with the sorted ``knots`` as ordinates, blended with the identity by
+    ``strength``: each intensity band (tissue) gets its own contrast, the order of intensities is kept."""
+    knots = np.sort(np.asarray(knots, dtype=np.float64))
+    xs = np.linspace(0.0, 1.0, len(knots) + 2)
+    ys = xs + strength * (np.concatenate([[0.0], knots, [1.0]]) - xs)
+    values = image.clamp(0.0, 1.0).double().numpy()
+    return torch.from_numpy(np.interp(values, xs, ys)).to(image.dtype)
+
+
+def rician(image: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """The magnitude of one image plus complex Gaussian noise of ``sigma`` per channel (Rician noise), drawn from
+    ``numpy.random.default_rng(seed)``."""
+    real, imaginary = np.random.default_rng(seed).standard_normal((2, *image.shape))
+    noisy = np.hypot(image.double().numpy() + sigma * real, sigma * imaginary)
+    return torch.from_numpy(noisy).to(image.dtype)
+
+
 # ---------------------------------------------------------------------- picture
 
 
@@ -395,7 +548,11 @@ def _summary(params: dict, row: int) -> str:
     for key, label, identity in (("rotation", "rot", 0.0), ("scale", "scale", 1.0), ("aspect", "aspect", 1.0),
                                  ("downsample", "down", 1.0), ("blur_sigma", "blur", 0.0),
                                  ("bias_amplitude", "bias", 0.0), ("contrast", "contrast", 1.0),
-                                 ("gamma", "gamma", 1.0)):
+                                 ("gamma", "gamma", 1.0), ("ringing_kept", "ringing", 1.0),
+                                 ("ghosting_shift", "ghost", 0.0), ("tissue_strength", "tissue", 0.0),
+                                 ("noise_sigma", "noise", 0.0)):
+        if key not in params:
+            continue
         value = float(params[key][row])
         if value != identity:
             parts.append(f"{label} {value:.2f}")

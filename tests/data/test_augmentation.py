@@ -13,10 +13,16 @@ from scipy import ndimage
 from robustmri.data.augmentation import (
     COMPONENTS,
     FAMILIES,
+    MR_COMPONENTS,
+    MR_FAMILIES,
     SiteShiftAugmentation,
     augmentation_examples_figure,
     bias_field,
     check_exclude,
+    ghosting,
+    rician,
+    ringing,
+    tissue_curve,
 )
 from robustmri.data.in_memory import InMemoryDataset
 
@@ -364,3 +370,102 @@ def test_the_bundle_passes_augment_exclude_to_the_training_dataset():
         workflow = load_workflow(BUNDLE, ["train.json"], overrides)
         workflow.parser["train#dataset#data"] = []
         assert workflow.parser.get_parsed_content("train#dataset#site_shift").exclude == expected
+
+
+# ---------------------------------------------------------------------- MR acquisition components
+
+MR_KEYS = ("ringing_kept", "ghosting_shift", "tissue_strength", "noise_sigma")
+SITE_KEYS = ("augmented", "rotation", "scale", "aspect", "downsample", "blur_sigma", "bias_amplitude",
+             "bias_coefficients", "contrast", "gamma")
+
+
+def test_the_mr_components_have_their_own_stream_and_leave_the_site_draws_alone():
+    ids = list(range(80))
+    site = SiteShiftAugmentation().draw(3, 2, ids)
+    both = SiteShiftAugmentation(mr_prob=0.5).draw(3, 2, ids)
+    for key in SITE_KEYS[1:]:
+        assert np.array_equal(site[key], both[key]), key
+    assert np.array_equal(site["augmented"] | both["augmented"], both["augmented"])
+    assert all((both[key] != (1.0 if key == "ringing_kept" else 0.0)).any() for key in MR_KEYS)
+    assert all((site[key] == (1.0 if key == "ringing_kept" else 0.0)).all() for key in MR_KEYS)  # off by default
+    alone = SiteShiftAugmentation(mr_prob=0.5).draw(3, 2, [ids[17]])  # a sample's draw is its own
+    assert all(np.array_equal(alone[key][0], both[key][17]) for key in MR_KEYS + ("tissue_knots", "noise_seed"))
+
+
+def test_ringing_is_the_truncated_spectrum_by_numpy_and_keeping_everything_is_nothing():
+    image = _smooth_batch(1, 24, seed=5)[0]
+    np.testing.assert_allclose(ringing(image, 1.0, 2).numpy(), image.numpy(), atol=1e-6)
+    spectrum = np.fft.fft2(image.numpy().astype(np.float64))
+    keep = np.abs(np.fft.fftfreq(24)) <= 0.5 * 0.5
+    expected = np.abs(np.fft.ifft2(spectrum * keep[:, None]))  # rows truncated to the central half
+    np.testing.assert_allclose(ringing(image, 0.5, 0).numpy(), expected, atol=1e-6)
+    assert not np.allclose(expected, image.numpy(), atol=1e-3)
+
+
+def test_ghosting_takes_every_periodth_line_from_the_translated_image():
+    image = _disk(24, radius=5.0)[0]
+    shift = 3 / 24  # three pixels: the translated copy is np.roll's
+    spectrum = np.fft.fft2(image.numpy().astype(np.float64))
+    moved = np.fft.fft2(np.roll(image.numpy().astype(np.float64), 3, axis=-2))
+    lines = np.arange(24) % 3 == 0
+    expected = np.abs(np.fft.ifft2(np.where(lines[:, None], moved, spectrum)))
+    np.testing.assert_allclose(ghosting(image, shift, 3, 0).numpy(), expected, atol=1e-6)
+    assert ghosting(image, 0.0, 3, 1).sub(image).abs().max() < 1e-6
+
+
+def test_the_tissue_curve_by_hand():
+    image = torch.tensor([[[0.0, 0.3, 0.5, 0.9, 1.0]]])
+    np.testing.assert_allclose(tissue_curve(image, [0.2, 0.4, 0.6, 0.8], 1.0).numpy(), image.numpy(), atol=1e-7)
+    # knots at abscissae 0, 0.2, ..., 1 and ordinates 0, 0.1, 0.1, 0.1, 0.1, 1: 0.9 -> 0.1 + 0.5 x 0.9 = 0.55
+    curved = tissue_curve(image, [0.1, 0.1, 0.1, 0.1], 1.0)[0, 0].numpy()
+    np.testing.assert_allclose(curved, [0.0, 0.1, 0.1, 0.55, 1.0], atol=1e-7)
+    half = tissue_curve(image, [0.1, 0.1, 0.1, 0.1], 0.5)[0, 0].numpy()  # halfway to the identity
+    np.testing.assert_allclose(half, 0.5 * (curved + image[0, 0].numpy()), atol=1e-7)
+
+
+def test_rician_noise_has_the_rayleigh_mean_on_a_dark_background():
+    dark = torch.zeros(1, 128, 128)
+    noisy = rician(dark, 0.1, seed=0).numpy()
+    assert noisy.mean() == pytest.approx(0.1 * np.sqrt(np.pi / 2), rel=0.02)
+    assert np.array_equal(noisy, rician(dark, 0.1, seed=0).numpy())  # the seed fixes it
+
+
+@pytest.mark.parametrize("family", list(MR_FAMILIES))
+def test_excluding_an_mr_family_drops_its_components_and_keeps_the_others(family):
+    ids = range(120)
+    full = SiteShiftAugmentation(prob=1.0, component_prob=1.0, mr_prob=1.0).draw(1, 0, ids)
+    without = SiteShiftAugmentation(prob=1.0, component_prob=1.0, mr_prob=1.0, exclude=family).draw(1, 0, ids)
+    by_component = dict(zip(MR_COMPONENTS, MR_KEYS))
+    for component, key in by_component.items():
+        identity = 1.0 if key == "ringing_kept" else 0.0
+        if component in MR_FAMILIES[family]:
+            assert (without[key] == identity).all() and (full[key] != identity).any()
+        else:
+            assert np.array_equal(without[key], full[key])
+    for key in SITE_KEYS:
+        assert np.array_equal(without[key], full[key])
+
+
+def test_every_mr_component_belongs_to_exactly_one_family_and_the_bundle_passes_the_option():
+    from robustmri.engine.workflow import load_workflow
+
+    assert sorted(c for members in MR_FAMILIES.values() for c in members) == sorted(MR_COMPONENTS)
+    workflow = load_workflow(BUNDLE, ["train.json"], {"augment_mr_prob": 0.5})
+    workflow.parser["train#dataset#data"] = []
+    assert workflow.parser.get_parsed_content("train#dataset#site_shift").mr_prob == 0.5
+    with pytest.raises(ValueError, match="mr_prob must lie in"):
+        SiteShiftAugmentation(mr_prob=1.5)
+    with pytest.raises(ValueError, match="ringing_kept"):
+        SiteShiftAugmentation(ringing_kept=(0.5, 1.5))
+
+
+def test_mr_augmented_images_stay_in_the_unit_interval_and_unaugmented_ones_are_untouched():
+    images = _smooth_batch(40, 24, seed=9) * 1.2 - 0.1  # noisy training images leave [0, 1]
+    augmentation = SiteShiftAugmentation(prob=0.0, mr_prob=0.5)
+    params = augmentation.draw(0, 0, range(40))
+    out = augmentation(images, 0, 0, range(40))
+    assert params["augmented"].any() and not params["augmented"].all()
+    assert torch.equal(out[~torch.from_numpy(params["augmented"])], images[~torch.from_numpy(params["augmented"])])
+    touched = torch.from_numpy(params["augmented"]) & (out != images).flatten(1).any(1)
+    assert touched.any() and out[touched].min() >= 0.0 and out[touched].max() <= 1.0
+
