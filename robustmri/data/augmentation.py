@@ -35,8 +35,9 @@ probability ``component_prob`` in a sample drawn with probability ``mr_prob``:
 
 7. ``ringing``: Gibbs ringing, the magnitude of the image with k-space truncated to a central
    share ``ringing_kept`` along the rows, the columns or both;
-8. ``ghosting``: motion ghosts, every ``period``-th k-space line along one axis taken from the
-   image translated by ``ghosting_shift`` of its side along that axis (2 to 4), the magnitude;
+8. ``ghosting``: motion ghosts, every ``period``-th k-space line along one axis (``period`` 4 to 8:
+   ghosts of about 1 / period of the image's intensity) taken from the image translated by
+   ``ghosting_shift`` of its side along that axis, the magnitude;
 9. ``tissue_curve``: a different contrast per tissue, a random increasing piecewise-linear
    curve through :data:`TISSUE_KNOTS` sorted uniform knots, blended with the identity by
    ``tissue_strength``;
@@ -84,6 +85,9 @@ MR_COMPONENTS = ("ringing", "ghosting", "tissue_curve", "noise")
 MR_FAMILIES = {"artefact": ("ringing", "ghosting"), "tissue_contrast": ("tissue_curve",), "noise": ("noise",)}
 #: Inner knots of the ``tissue_curve`` component.
 TISSUE_KNOTS = 4
+#: Smallest and largest period of the ``ghosting`` lines (uniform integers): every 2nd line would make two
+#: half-intensity copies, far beyond an ordinary motion artefact.
+GHOSTING_PERIODS = (4, 8)
 
 
 def _pair(name: str, value, low_bound: float, *, inclusive: bool, upper: float | None = None) -> tuple[float, float]:
@@ -164,9 +168,9 @@ class SiteShiftAugmentation:
     #: Probability that a sample takes the MR acquisition components at all in an epoch (0: off).
     mr_prob: float = 0.0
     #: Share of k-space kept along each truncated axis by ``ringing``, uniform.
-    ringing_kept: tuple[float, float] = (0.4, 0.8)
+    ringing_kept: tuple[float, float] = (0.5, 0.9)
     #: Translation of the ghosting copy, as a share of the image side, uniform (sign drawn too).
-    ghosting_shift: tuple[float, float] = (0.02, 0.08)
+    ghosting_shift: tuple[float, float] = (0.02, 0.06)
     #: Blend of the random tissue curve with the identity (0: identity, 1: the curve), uniform.
     tissue_strength: tuple[float, float] = (0.1, 0.5)
     #: Sigma of the Rician noise, image units, uniform.
@@ -269,7 +273,7 @@ class SiteShiftAugmentation:
                      for name, take in zip(MR_COMPONENTS, rng.random(len(MR_COMPONENTS)) < self.component_prob)}
             kept, ringing_axis = rng.uniform(*self.ringing_kept), int(rng.integers(3))
             shift = rng.uniform(*self.ghosting_shift) * (1.0 if rng.random() < 0.5 else -1.0)
-            period, ghosting_axis = int(rng.integers(2, 5)), int(rng.integers(2))
+            period, ghosting_axis = int(rng.integers(GHOSTING_PERIODS[0], GHOSTING_PERIODS[1] + 1)), int(rng.integers(2))
             knots, strength = np.sort(rng.uniform(size=TISSUE_KNOTS)), rng.uniform(*self.tissue_strength)
             sigma, noise_seed = rng.uniform(*self.noise_sigma), int(rng.integers(2**31 - 1))
             params["augmented"][row] |= augmented
@@ -521,8 +525,9 @@ def augmentation_examples_figure(image, path: str | os.PathLike, seed: int = 0,
     """Write one PNG of ``image`` (``[H, W]`` or ``[1, H, W]`` in [0, 1]) and ``count`` augmented draws.
 
     The draws are those of samples ``0 .. count - 1`` at epoch 0 under ``augmentation`` forced to
-    augment every sample (default: :class:`SiteShiftAugmentation` with ``prob=1``); each panel's
-    title names the components it took. All panels share the window [0, 1]. Returns the path.
+    augment every sample (default: :class:`SiteShiftAugmentation` with ``prob=1``; one with ``mr_prob``
+    above 0 is forced to ``mr_prob=1`` and keeps its ``prob``, so ``prob=0`` shows the MR components alone);
+    each panel's title names the components it took. All panels share the window [0, 1]. Returns the path.
     """
     from robustmri.outputs import image_grid
 
@@ -531,13 +536,16 @@ def augmentation_examples_figure(image, path: str | os.PathLike, seed: int = 0,
         array = array[0]
     if array.ndim != 2:
         raise ValueError(f"image must be [H, W] or [1, H, W], got shape {np.shape(image)}")
-    augmentation = dataclasses.replace(augmentation or SiteShiftAugmentation(), prob=1.0)
+    augmentation = augmentation or SiteShiftAugmentation()
+    mr = augmentation.mr_prob > 0
+    augmentation = dataclasses.replace(augmentation, **({"mr_prob": 1.0} if mr else {"prob": 1.0}))
     ids = list(range(count))
     params = augmentation.draw(seed, 0, ids)
     batch = torch.from_numpy(np.repeat(array[None, None], count, axis=0))
     shifted = augmentation.apply(batch, params)[:, 0].numpy()
     image_grid([array, *shifted], ["original", *(_summary(params, row) for row in range(count))], path, ncols=4,
-               suptitle=f"site-shift augmentation (seed {seed}, samples 0-{count - 1}, epoch 0)", vmin=0.0, vmax=1.0,
+               suptitle=f"{'MR acquisition' if mr and augmentation.prob == 0 else 'site-shift'} augmentation "
+                        f"(seed {seed}, samples 0-{count - 1}, epoch 0)", vmin=0.0, vmax=1.0,
                title_fontsize=7, panel_size=(3.0, 3.3))
     return Path(path)
 

@@ -280,6 +280,9 @@ def test_augmentation_examples_figure(tmp_path):
     assert path == tmp_path / "figures" / "augmentation.png" and path.stat().st_size > 10_000
     with Image.open(path) as png:
         assert png.format == "PNG" and png.width > 300
+    mr = augmentation_examples_figure(image, tmp_path / "mr.png", seed=1,
+                                      augmentation=SiteShiftAugmentation(prob=0.0, mr_prob=0.5, component_prob=0.7))
+    assert mr.stat().st_size > 10_000 and mr.read_bytes() != path.read_bytes()
 
 
 # ---------------------------------------------------------------------- families and augment_exclude
