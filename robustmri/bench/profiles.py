@@ -135,14 +135,14 @@ PROFILES = {
                   "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     # The honest site-shift bench: every model also evaluated on the validation and test splits re-rendered under
     # each shift of robustmri.data.shift_families (``shift_catalog``), tagged in-range, out-of-range or new family,
-    # with the head preprocessing (the product's). Configurations: the product's (head preprocessing and the
-    # site-shift augmentation), the same without augmentation, and the product minus each augmentation family in
-    # turn (LEAVE_OUT), all naive training, nothing branched; shift_cpu's protocol otherwise (48 px, 12 epochs,
+    # with the head preprocessing (the product's) and the landmark lever's. Configurations: the product's (head
+    # preprocessing and the site-shift augmentation), the same without augmentation, two levers (landmark
+    # standardisation; MR-realistic augmentation), and the product minus each augmentation family in turn
+    # (LEAVE_OUT), all naive training, nothing branched; shift_cpu's protocol otherwise (48 px, 12 epochs,
     # Gaussian training noise, 5 seeds). Runtime on the 2-core CPU machine alone, estimated from shift_cpu's 49.9
-    # min (300 epochs, 80 to 150 s of renderings per seed): 40 runs x 12 epochs = 480 epochs at about 8 s with
-    # their evaluations, about 65 min, plus the renderings, which cost a slice about what shift_cpu's did
-    # (measured side by side: 23 shifts for the head preprocessing against 14 for two), about 10 min: about
-    # 75 to 80 min.
+    # min (300 epochs, 80 to 150 s of renderings per seed): 50 runs x 12 epochs = 600 epochs at about 8 s with
+    # their evaluations, about 80 min, the renderings for two preprocessings, about 20 min, and the site
+    # calibration and abstention scores of 20 runs, about 20 min: about 2 hours; the first measurement will say.
     "shift2_cpu": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
                    "eval_shifts": ["head", "head_landmarks"], "shift_catalog": "families",
                    "methods": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", "naive_head_mr_aug",
