@@ -117,7 +117,6 @@ class Benchmark:
         protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
                     **({"eval_shifts": settings["eval_shifts"]} if settings.get("eval_shifts") else {}),
                     **({"shift_catalog": settings["shift_catalog"]} if settings.get("shift_catalog") else {}),
-                    **({"shift_measures": settings["shift_measures"]} if settings.get("shift_measures") else {}),
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
         host = describe_machine()
