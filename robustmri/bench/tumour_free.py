@@ -204,6 +204,70 @@ def measure_tumour_free(model, sets: list[ImageSet], batch_size: int = 64) -> di
             "rows": [measure_set(model, image_set, batch_size) for image_set in sets]}
 
 
+def refusal_by_score(checkpoint: str | os.PathLike, bundle_dir: str | os.PathLike, sets: list[ImageSet],
+                     scores=None, target_acceptance: float | None = None, dataset_dir: str | None = None,
+                     **protocol) -> dict:
+    """What each abstention score of :data:`robustmri.abstention.scores.SCORES` would do with the sets, were it the
+    checkpoint's: fitted on the checkpoint's training split (its reference on the validation split), its threshold
+    accepting ``target_acceptance`` of the validation split (the product's rule, default 95 %), then the share of
+    each set given a tumour type (accepted, of all its slices: an unpreparable one gets none) and the share of the
+    test split accepted. ``dataset_dir`` and ``protocol`` (``synthetic_patients``, ``seed``, ``noise``): the
+    protocol the checkpoint was trained on, as :func:`robustmri.engine.trained_model.trained_model` rebuilds it."""
+    from robustmri.abstention.fit import protocol_arrays
+    from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE, calibrate_threshold, network_outputs
+    from robustmri.abstention.scores import SCORES, score_by_name
+    from robustmri.engine.trained_model import trained_model
+
+    target_acceptance = TARGET_ACCEPTANCE if target_acceptance is None else float(target_acceptance)
+    model = CheckpointModel(checkpoint, bundle_dir)
+    _, network, data = trained_model(bundle_dir, os.fspath(checkpoint), dataset_dir=dataset_dir, **protocol)
+    split_outputs = {}
+    for split in ("train", "val", "test"):
+        images, labels = protocol_arrays(data, split)
+        split_outputs[split] = (*network_outputs(network, images), labels)
+    set_outputs = {}
+    for image_set in sets:
+        prepared = []
+        for image in image_set.images:
+            try:
+                prepared.append(model.prepare(image))
+            except ValueError:  # counted as given no type, as in measure_set
+                continue
+        set_outputs[image_set.name] = (network_outputs(network, np.stack(prepared)) if prepared else None,
+                                       len(image_set.images))
+    train_features, train_logits, train_labels = split_outputs["train"]
+    val_features, val_logits, _ = split_outputs["val"]
+    results = {}
+    for name in scores or SCORES:
+        score = score_by_name(name)
+        params = score.fit(train_features, train_logits, train_labels, reference=(val_features, val_logits))
+        threshold, acceptance = calibrate_threshold(score.score(params, val_features, val_logits), target_acceptance)
+        test_features, test_logits, _ = split_outputs["test"]
+        given = {}
+        for set_name, (outputs, n) in set_outputs.items():
+            accepted = 0 if outputs is None else int((score.score(params, *outputs) <= threshold).sum())
+            given[set_name] = accepted / n if n else None
+        results[name] = {"threshold": float(threshold), "validation_acceptance": float(acceptance),
+                         "test_acceptance": float((score.score(params, test_features, test_logits) <= threshold).mean()),
+                         "given_tumour_type_share": given}
+    return {"target_acceptance": target_acceptance, "fitted_on": "the checkpoint's training split (reference: "
+            "validation)", "n": {split: int(len(values[2])) for split, values in split_outputs.items()},
+            "scores": results}
+
+
+def refusal_markdown(report: dict) -> str:
+    """:func:`refusal_by_score`'s report as a table: one row per score."""
+    sets = list(next(iter(report["scores"].values()))["given_tumour_type_share"])
+    lines = [f"Each score fitted on the training split, threshold accepting {100 * report['target_acceptance']:.0f} % "
+             "of validation; share of each set given a tumour type, and of the test split accepted.", "",
+             "| score | " + " | ".join(f"{name}: given a type" for name in sets) + " | test accepted |",
+             "| --- |" + " --- |" * (len(sets) + 1)]
+    for name, row in report["scores"].items():
+        lines.append(f"| {name} | " + " | ".join(_pct(row["given_tumour_type_share"][s]) for s in sets)
+                     + f" | {_pct(row['test_acceptance'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 

@@ -19,6 +19,8 @@ from robustmri.bench.tumour_free import (
     OnnxModel,
     markdown,
     measure_tumour_free,
+    refusal_by_score,
+    refusal_markdown,
     synthetic_tumour_free_heads,
     tumour_free_sets,
 )
@@ -111,6 +113,33 @@ def test_a_checkpoints_mahalanobis_state_refuses_the_slices_scoring_above_its_th
     assert report["has_abstention"] and (row["n_given_tumour_type"], row["n_not_assessable"]) == (5, 7)
 
 
+def test_each_score_refuses_at_the_products_rule_as_computed_by_hand(checkpoint):
+    from scipy.special import logsumexp
+
+    from robustmri.abstention.fit import protocol_arrays
+    from robustmri.engine.trained_model import trained_model
+
+    path, network = checkpoint
+    heads, prepared = prepared_heads()
+    report = refusal_by_score(path, BUNDLE, [heads], scores=["energy", "max_softmax"], dataset_dir="",
+                              synthetic_patients=30)
+    assert list(report["scores"]) == ["energy", "max_softmax"] and report["target_acceptance"] == 0.95
+    # energy by hand: -logsumexp of the logits; the threshold is the k-th smallest validation score, k = ceil(0.95 n)
+    _, _, data = trained_model(BUNDLE, str(path), dataset_dir="", synthetic_patients=30)
+    with torch.no_grad():
+        energy = lambda images: -logsumexp(network(torch.from_numpy(images)).double().numpy(), axis=1)  # noqa: E731
+        validation = np.sort(energy(protocol_arrays(data, "val")[0]))
+        threshold = validation[int(np.ceil(0.95 * len(validation))) - 1]
+        given = (energy(prepared.astype(np.float32)) <= threshold).mean()
+        test = (energy(protocol_arrays(data, "test")[0]) <= threshold).mean()
+    row = report["scores"]["energy"]
+    assert row["threshold"] == pytest.approx(threshold, rel=1e-9)
+    assert row["given_tumour_type_share"][heads.name] == pytest.approx(given)
+    assert row["test_acceptance"] == pytest.approx(test)
+    table = refusal_markdown(report)
+    assert f"| energy | {100 * given:.1f} % | {100 * test:.1f} % |" in table
+
+
 @pytest.mark.slow  # exports an ONNX model with its detector
 def test_an_onnx_model_is_measured_with_its_detector(tmp_path):
     _, _, onnx_file, _ = export_tiny(tmp_path)
@@ -151,3 +180,6 @@ def test_script_writes_the_table_and_json(checkpoint, tmp_path):
     neither = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tumour_free.py")], capture_output=True,
                              text=True, timeout=120)
     assert neither.returncode != 0 and "give exactly one of --checkpoint" in neither.stderr
+    onnx_scores = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tumour_free.py"), "--model", "m.onnx",
+                                  "--scores", "true"], capture_output=True, text=True, timeout=120)
+    assert onnx_scores.returncode != 0 and "--scores needs --checkpoint" in onnx_scores.stderr
