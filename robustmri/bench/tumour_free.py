@@ -170,14 +170,20 @@ class CheckpointModel:
         return probabilities, self.state.accepts(detector_of(self.state).score(features))
 
 
-def measure_set(model, image_set: ImageSet, batch_size: int = 64) -> dict:
-    """One set's row: how many slices were given a tumour type, refused as not assessable, or not preparable."""
+def prepare_set(model, image_set: ImageSet) -> tuple[list[np.ndarray], int]:
+    """The set's slices as ``model`` prepares them, and how many it cannot prepare."""
     prepared, unpreparable = [], 0
     for image in image_set.images:
         try:
             prepared.append(model.prepare(image))
         except ValueError:  # no head found, or a constant slice: no class, as in every deployed path
             unpreparable += 1
+    return prepared, unpreparable
+
+
+def measure_set(model, image_set: ImageSet, batch_size: int = 64) -> dict:
+    """One set's row: how many slices were given a tumour type, refused as not assessable, or not preparable."""
+    prepared, unpreparable = prepare_set(model, image_set)
     n = len(image_set.images)
     probabilities = np.zeros((0, len(model.class_names)))
     assessable = np.zeros(0, dtype=bool)
@@ -227,12 +233,7 @@ def refusal_by_score(checkpoint: str | os.PathLike, bundle_dir: str | os.PathLik
         split_outputs[split] = (*network_outputs(network, images), labels)
     set_outputs = {}
     for image_set in sets:
-        prepared = []
-        for image in image_set.images:
-            try:
-                prepared.append(model.prepare(image))
-            except ValueError:  # counted as given no type, as in measure_set
-                continue
+        prepared, _ = prepare_set(model, image_set)  # an unpreparable slice is given no type, as in measure_set
         set_outputs[image_set.name] = (network_outputs(network, np.stack(prepared)) if prepared else None,
                                        len(image_set.images))
     train_features, train_logits, train_labels = split_outputs["train"]
