@@ -320,6 +320,13 @@ def standardise_landmarks_in_head(image: np.ndarray, mask: np.ndarray,
     return np.interp(image.astype(np.float64), landmarks, scale).astype(np.float32)
 
 
+def head_window(image: np.ndarray) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square the head preprocessings crop from ``image`` (in its pixels), so that a
+    position in the raw slice can be found in the network's input (pixel ``(i, j)`` of a ``size`` input is centred on
+    ``(top + (i + 0.5) * side / size, left + (j + 0.5) * side / size)``)."""
+    return square_head_window(head_mask(_as_finite_2d(image)), HEAD_CROP_MARGIN)
+
+
 def _head_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The head's square crop of ``image`` and of its mask (:func:`head_mask`, :func:`square_head_window`)."""
     image = _as_finite_2d(image)
