@@ -28,7 +28,9 @@ def main(dataset_dir: str, out: str = "docs/benchmarks/presence", size: int = 64
          seeds: str = "0,1,2", sensitivity: float = SENSITIVITY, n_synthetic: int = 200, public: bool = True) -> dict:
     """Train one presence network per seed on the folder's training split; write the JSON and the table."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    seed_list = [int(s) for s in str(seeds).replace(" ", "").split(",") if s != ""]
+    # fire reads "0,1,2" as a tuple and "0" as an int
+    parts = seeds if isinstance(seeds, (list, tuple)) else str(seeds).replace(" ", "").split(",")
+    seed_list = [int(s) for s in parts if str(s) != ""]
     if not seed_list:
         raise SystemExit("--seeds: give at least one seed, for example 0,1,2")
     try:

@@ -174,3 +174,24 @@ def test_measure_presence_end_to_end_on_a_boxed_synthetic_folder(tmp_path):
     assert 0.0 < row["test_tumour_slices_called_present"] <= 1.0
     table = markdown(report)
     assert "heads called tumour-bearing" in table and "| 0 |" in table
+
+
+def test_bench_presence_command_writes_its_record(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    _boxed_folder(tmp_path / "data", n_patients=40)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_presence.py"), "--dataset_dir",
+                             str(tmp_path / "data"), "--out", str(out), "--size", "32", "--epochs", "1", "--seeds",
+                             "0,1", "--n_synthetic", "3", "--public", "false"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "presence.json").read_text())
+    assert [row["seed"] for row in report["rows"]] == [0, 1] and report["dataset_dir"] == "DATA"
+    assert "commit" in report["code"] and "| mean |" in (out / "presence.md").read_text()
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_presence.py"), "--dataset_dir",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "not found" in missing.stderr.strip().splitlines()[-1]
