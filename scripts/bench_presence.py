@@ -9,19 +9,15 @@ one logit per cell, from scratch per seed; the threshold from the validation spl
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import platform
 import sys
 
 import fire
 
-from robustmri.bench.machine import code_version
+from robustmri.bench.machine import write_measurement
 from robustmri.bench.presence import SENSITIVITY, markdown, measure_presence
 from robustmri.bench.tumour_free import tumour_free_sets
 from robustmri.options import as_flag
-from robustmri.outputs import write_json
 
 
 def main(dataset_dir: str, out: str = "docs/benchmarks/presence", size: int = 64, grid: int = 4, epochs: int = 12,
@@ -39,16 +35,8 @@ def main(dataset_dir: str, out: str = "docs/benchmarks/presence", size: int = 64
                                   tumour_free=tumour_free_sets(n_synthetic, public=as_flag(public, "public")))
     except ValueError as error:
         raise SystemExit(f"bench_presence: {error}")
-    report.update(command="python scripts/bench_presence.py " + " ".join(sys.argv[1:]), code=code_version(),
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), {platform.platform()}")
     report["dataset_dir"] = "DATA"  # no local path in a committed record
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "presence.json"), report)
-    table = markdown(report)
-    with open(os.path.join(out, "presence.md"), "w") as handle:
-        handle.write(table)
-    print(table)
+    write_measurement(out, "presence", report, markdown(report), "bench_presence.py", sys.argv[1:])
     return report
 
 

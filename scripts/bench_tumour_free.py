@@ -14,14 +14,13 @@ and the brain volumes nibabel ships as test data; ``--public false`` leaves thos
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import platform
 import sys
 
 import fire
 
+from robustmri.bench.machine import write_measurement
 from robustmri.bench.tumour_free import (
     CheckpointModel,
     OnnxModel,
@@ -32,7 +31,6 @@ from robustmri.bench.tumour_free import (
     tumour_free_sets,
 )
 from robustmri.options import as_flag
-from robustmri.outputs import write_json
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
@@ -53,15 +51,8 @@ def main(checkpoint: str = "", model: str = "", out: str = "docs/benchmarks/tumo
     report = measure_tumour_free(measured, sets)
     if as_flag(scores, "scores"):
         report["by_score"] = refusal_by_score(checkpoint, bundle_dir, sets, dataset_dir=dataset_dir)
-    report.update(command="python scripts/bench_tumour_free.py " + " ".join(sys.argv[1:]),
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), {platform.platform()}")
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "tumour_free.json"), report)
     table = markdown(report) + ("\n" + refusal_markdown(report["by_score"]) if "by_score" in report else "")
-    with open(os.path.join(out, "tumour_free.md"), "w") as handle:
-        handle.write(table)
-    print(table)
+    write_measurement(out, "tumour_free", report, table, "bench_tumour_free.py", sys.argv[1:])
     return report
 
 

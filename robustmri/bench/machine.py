@@ -59,3 +59,21 @@ def describe_machine() -> dict:
     return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "code": code_version()}
+
+
+def write_measurement(out: str | os.PathLike, stem: str, report: dict, table: str, script: str,
+                      argv: list[str]) -> None:
+    """Stamp a measurement's report with its command, date, machine and code, write ``stem.json`` and the table
+    as ``stem.md`` into ``out``, and print the table (what each ``scripts/bench_*.py`` leaves behind)."""
+    import datetime
+
+    from robustmri.outputs import write_json
+
+    report.update(command=f"python scripts/{script} " + " ".join(argv), code=code_version(),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  machine=f"{platform.machine()}, {os.cpu_count()} CPU(s), {platform.platform()}")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, f"{stem}.json"), report)
+    with open(os.path.join(out, f"{stem}.md"), "w") as handle:
+        handle.write(table)
+    print(table)

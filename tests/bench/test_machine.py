@@ -42,3 +42,14 @@ def test_outside_a_checkout_the_commit_is_unknown(monkeypatch):
         assert machine.run_provenance()["commit"] is None
     finally:
         machine.code_version.cache_clear()
+
+
+def test_write_measurement_stamps_and_writes_both_files(tmp_path, capsys):
+    import json
+
+    report = {"rows": [1]}
+    machine.write_measurement(tmp_path / "out", "thing", report, "| a |\n", "bench_thing.py", ["--x", "1"])
+    written = json.loads((tmp_path / "out" / "thing.json").read_text())
+    assert written["rows"] == [1] and written["command"] == "python scripts/bench_thing.py --x 1"
+    assert written["code"] == machine.code_version() and written["date"].endswith("UTC") and "CPU(s)" in written["machine"]
+    assert (tmp_path / "out" / "thing.md").read_text() == "| a |\n" and "| a |" in capsys.readouterr().out
