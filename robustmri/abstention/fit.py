@@ -1,7 +1,8 @@
 """Fit a checkpoint's abstention state, score images with it, and make sure every checkpoint has one.
 
-- :func:`fit_state`: the Mahalanobis score (:mod:`robustmri.abstention.mahalanobis`) fitted on the
-  network's features of the training split, its threshold the validation score quantile that
+- :func:`fit_state`: an abstention score by name (:mod:`robustmri.abstention.scores`; the product's is the
+  Mahalanobis score, :mod:`robustmri.abstention.mahalanobis`) fitted on the network's features and logits of
+  the training split, its threshold the validation score quantile that
   accepts ``target_acceptance`` of the validation slices (:func:`~robustmri.abstention.mahalanobis.calibrate_threshold`);
 - :func:`scores_of`: the state's score of images (higher = less assessable; assessable iff
   ``score <= state.threshold``);
@@ -31,8 +32,9 @@ from robustmri.abstention.mahalanobis import (
     TARGET_ACCEPTANCE,
     MahalanobisDetector,
     calibrate_threshold,
-    extract_features,
+    network_outputs,
 )
+from robustmri.abstention.scores import AbstentionScore, build_score
 from robustmri.abstention.state import AbstentionState, abstention_path, load_state, save_state
 from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.model_metadata import file_sha256, metadata_path, recorded_dataset_dir
@@ -86,13 +88,16 @@ def _num_classes(network: nn.Module) -> int:
 
 def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, validation_images: np.ndarray,
               checkpoint: str | os.PathLike | None, target_acceptance: float = TARGET_ACCEPTANCE,
-              ridge: float = RIDGE, progress: bool | None = None) -> AbstentionState:
-    """The Mahalanobis state of ``network`` (whose weights are ``checkpoint``'s), one no-grad feature pass over
-    the training images [N, 1, H, W] (with their labels) and the validation images.
+              ridge: float = RIDGE, progress: bool | None = None, score: str = MAHALANOBIS) -> AbstentionState:
+    """The state of the abstention score called ``score`` (:data:`robustmri.abstention.scores.SCORES`) for
+    ``network`` (whose weights are ``checkpoint``'s): one no-grad pass over the training images [N, 1, H, W]
+    (with their labels) fits it, one over the validation images sets its threshold (and is the reference of a
+    score that ranks on held-out data, :class:`~robustmri.abstention.scores.CdfMean`).
 
     ``checkpoint``: the file the weights are saved in (its sha256 ties the state to them; None: not saved,
     an empty sha256). ``progress``: a progress bar (default: more than :data:`PROGRESS_FROM` images).
     """
+    strategy = build_score(score, ridge)
     train_images = np.asarray(train_images, dtype=np.float32)
     train_labels = np.asarray(train_labels).astype(np.int64).reshape(-1)
     validation_images = np.asarray(validation_images, dtype=np.float32)
@@ -100,14 +105,18 @@ def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.nda
         progress = len(train_images) + len(validation_images) > PROGRESS_FROM
     was_training = network.training
     try:
-        train_features = extract_features(network, train_images, progress=progress)
-        validation_features = extract_features(network, validation_images, progress=progress)
+        train_features, train_logits = network_outputs(network, train_images, progress=progress)
+        validation_features, validation_logits = network_outputs(network, validation_images, progress=progress)
     finally:
         network.train(was_training)
-    detector = MahalanobisDetector.fit(train_features, train_labels, _num_classes(network), ridge)
-    threshold, acceptance = calibrate_threshold(detector.score(validation_features), target_acceptance)
+    if train_logits.shape[1] != _num_classes(network):
+        raise ValueError(f"the network gives {train_logits.shape[1]} logits but its final layer has "
+                         f"{_num_classes(network)} outputs")
+    arrays = strategy.fit(train_features, train_logits, train_labels, reference=(validation_features, validation_logits))
+    threshold, acceptance = calibrate_threshold(strategy.score(arrays, validation_features, validation_logits),
+                                                target_acceptance)
     return AbstentionState(
-        score=MAHALANOBIS, arrays={"means": detector.means, "precision_factor": detector.precision_factor},
+        score=strategy.name, arrays=arrays,
         threshold=threshold, target_acceptance=float(target_acceptance), acceptance=acceptance,
         checkpoint_sha256=file_sha256(checkpoint) if checkpoint else "",
         fitted_on=inputs_record("training split", train_images, train_labels),
@@ -131,10 +140,15 @@ def scores_of(state: AbstentionState, network: nn.Module, images, batch_size: in
     images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     was_training = network.training
     try:
-        features = extract_features(network, images, batch_size=batch_size, progress=progress)
+        features, logits = network_outputs(network, images, batch_size=batch_size, progress=progress)
     finally:
         network.train(was_training)
-    return detector_of(state).score(features)
+    return strategy_of(state).score(state.arrays, features, logits)
+
+
+def strategy_of(state: AbstentionState) -> AbstentionScore:
+    """The strategy a state was fitted with (its name and ridge), which scores with ``state.arrays``."""
+    return build_score(state.score, float(state.settings.get("ridge", RIDGE)))
 
 
 def describe_state(state: AbstentionState) -> dict:

@@ -151,6 +151,16 @@ SCORES: dict[str, AbstentionScore] = {score.name: score for score in (
     Mahalanobis(), MaxSoftmax(), Energy(), CdfMean((Mahalanobis(), MaxSoftmax())))}
 
 
+def build_score(name: str, ridge: float = RIDGE) -> AbstentionScore:
+    """A fresh strategy called ``name``, its Mahalanobis part (alone or in a combination) with ``ridge``."""
+    template = score_by_name(name)
+    if isinstance(template, Mahalanobis):
+        return Mahalanobis(ridge)
+    if isinstance(template, CdfMean):
+        return CdfMean(tuple(Mahalanobis(ridge) if isinstance(c, Mahalanobis) else c for c in template.components))
+    return template
+
+
 def score_by_name(name: str) -> AbstentionScore:
     """The strategy called ``name`` in :data:`SCORES`; ``ValueError`` naming the valid ones otherwise."""
     try:

@@ -56,6 +56,62 @@ def test_fit_state_is_the_detector_fitted_on_the_training_features_and_calibrate
     assert scores_of(state, network, torch.from_numpy(images)).tolist() == scores.tolist()  # tensors too
 
 
+def _independent_by_name(name, network, train_images, train_labels, validation, images):
+    """Each score written out from the network's own forward pass: softmax and logsumexp by hand, the CDF as a
+    count of reference scores at or below."""
+    from robustmri.abstention.mahalanobis import network_outputs
+
+    def one(kind, features, logits, train_f, val_f, val_l):
+        if kind == "mahalanobis":
+            return _independent_score(train_f, train_labels, features)
+        if kind == "max_softmax":
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            return 1.0 - (e / e.sum(1, keepdims=True)).max(1)
+        if kind == "energy":
+            m = logits.max(1)
+            return -(m + np.log(np.exp(logits - m[:, None]).sum(1)))
+        raise AssertionError(kind)
+
+    train_f, _ = network_outputs(network, train_images)
+    val_f, val_l = network_outputs(network, validation)
+    f, l = network_outputs(network, images)
+    if "+" not in name:
+        return one(name, f, l, train_f, val_f, val_l)
+    cdfs = []
+    for kind in name.split("+"):
+        reference = one(kind, val_f, val_l, train_f, val_f, val_l)
+        values = one(kind, f, l, train_f, val_f, val_l)
+        cdfs.append((reference[None, :] <= values[:, None]).mean(1))
+    return np.mean(cdfs, axis=0)
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax"])
+def test_fit_state_by_name_scores_as_written_out_and_accepts_its_share(tmp_path, name):
+    network = tiny_network()
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    (train_images, train_labels), validation = synthetic_detector_data()
+    state = fit_state(network, train_images, train_labels, validation, checkpoint, target_acceptance=0.9, score=name)
+    assert state.score == name
+    # slices outside the CDF's reference (a reference slice ties with itself, and the tie may break either way
+    # between two float computations of the same score)
+    images = np.concatenate([train_images[:8], np.random.default_rng(1).random((3, 1, TINY_SIZE, TINY_SIZE),
+                                                                               dtype=np.float32)])
+    scores = scores_of(state, network, images)
+    expected = _independent_by_name(name, network, train_images, train_labels, validation, images)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-12)
+    assert state.accepts(scores_of(state, network, validation)).mean() == state.acceptance >= 0.9
+    # the state survives its file and scores the same from it
+    save_state(state, checkpoint)
+    np.testing.assert_array_equal(scores_of(load_state(checkpoint), network, images), scores)
+
+
+def test_fit_state_refuses_an_unknown_score(tmp_path):
+    (train_images, train_labels), validation = synthetic_detector_data()
+    with pytest.raises(ValueError, match="unknown abstention score 'entropy'; valid names: mahalanobis"):
+        fit_state(tiny_network(), train_images, train_labels, validation, None, score="entropy")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return train_tiny_bundle(tmp_path_factory.mktemp("run"))
