@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 from robustmri.abstention.mahalanobis import (
+    DETECTOR_NAME,
     RIDGE,
     TARGET_ACCEPTANCE,
     MahalanobisDetector,
     calibrate_threshold,
+    describe_detector,
     network_outputs,
 )
-from robustmri.abstention.scores import AbstentionScore, build_score
+from robustmri.abstention.scores import AbstentionScore, CdfMean, build_score
 from robustmri.abstention.state import AbstentionState, abstention_path, load_state, save_state
 from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.model_metadata import file_sha256, metadata_path, recorded_dataset_dir
@@ -149,6 +151,40 @@ def scores_of(state: AbstentionState, network: nn.Module, images, batch_size: in
 def strategy_of(state: AbstentionState) -> AbstentionScore:
     """The strategy a state was fitted with (its name and ridge), which scores with ``state.arrays``."""
     return build_score(state.score, float(state.settings.get("ridge", RIDGE)))
+
+
+#: What each score is, for the model's metadata (the Mahalanobis score's own sentence is
+#: :func:`robustmri.abstention.mahalanobis.describe_detector`).
+SCORE_DESCRIPTIONS = {
+    "max_softmax": "1 minus the largest softmax probability (Hendrycks and Gimpel, ICLR 2017)",
+    "energy": "minus the log-sum-exp of the logits, the free energy at temperature 1 (Liu et al., NeurIPS 2020)",
+}
+
+
+def describe_score(state: AbstentionState) -> tuple[str, str]:
+    """``(name, one sentence)`` of a state's score for the model's metadata; the sign is stated in both."""
+    if state.score == MAHALANOBIS:  # the name exported models have carried since the detector was added
+        return DETECTOR_NAME, describe_detector(float(state.settings.get("ridge", RIDGE)))
+    strategy = strategy_of(state)
+    if isinstance(strategy, CdfMean):
+        parts = "; ".join(describe_detector(float(state.settings.get("ridge", RIDGE))) if c.name == MAHALANOBIS
+                          else f"{c.name}: {SCORE_DESCRIPTIONS[c.name]}" for c in strategy.components)
+        what = (f"mean of the empirical CDFs of {', '.join(c.name for c in strategy.components)}, each CDF the share "
+                f"of the validation split's scores at or below the slice's ({parts})")
+    else:
+        what = SCORE_DESCRIPTIONS[state.score]
+    return state.score, (f"{what}; fitted on the training split; higher = less assessable; a slice scoring above "
+                         "ood_threshold is not assessable")
+
+
+def tie_step(state: AbstentionState) -> float:
+    """How far a score may move when one of its values ties with a reference value in one float precision and not
+    the other: one reference step per component of a rank score (:class:`CdfMean`), nothing for the others."""
+    strategy = strategy_of(state)
+    if not isinstance(strategy, CdfMean):
+        return 0.0
+    sizes = [len(state.arrays[f"{c.name}.cdf_reference"]) for c in strategy.components]
+    return float(sum(1.0 / n for n in sizes) / len(sizes))
 
 
 def describe_state(state: AbstentionState) -> dict:

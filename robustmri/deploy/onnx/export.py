@@ -38,10 +38,10 @@ from robustmri import INTENDED_USE, __version__
 from robustmri.data.preprocessing import DESCRIPTIONS, check_preprocess
 from robustmri.deploy.dicom.series_rule import METADATA_KEY as SERIES_RULE_KEY
 from robustmri.deploy.dicom.series_rule import SeriesRule
-from robustmri.abstention.fit import detector_of, fit_state, protocol_arrays
-from robustmri.abstention.mahalanobis import DETECTOR_NAME, TARGET_ACCEPTANCE, describe_detector
+from robustmri.abstention.fit import describe_score, fit_state, protocol_arrays, strategy_of, tie_step
+from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
 from robustmri.abstention.state import AbstentionState
-from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, ScoredClassifier, describe_abstention_rule
+from robustmri.deploy.onnx.ood import SERIES_MAX_NOT_ASSESSABLE, ScoredClassifier, describe_abstention_rule, graph_score
 from robustmri.deploy.onnx.runtime import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, OnnxClassifier
 from robustmri.deploy.onnx.trust import OUTPUT_AFFECTING_KEYS, canonical_json, integrity_fields
 from robustmri.engine.model_metadata import file_sha256, metadata_path  # noqa: F401  (file_sha256: kept importable)
@@ -201,19 +201,20 @@ def _exported_model(network: torch.nn.Module, state: AbstentionState | None) -> 
         logger.warning("exporting without an OOD detector (no abstention state, no training and validation images "
                        "given): DICOM inference refuses such a model")
         return ProbabilityHead(network).eval()
-    return ScoredClassifier(network, detector_of(state)).eval()
+    return ScoredClassifier(network, graph_score(state.score, state.arrays)).eval()
 
 
 def _abstention_metadata(state: AbstentionState, max_share: float) -> dict[str, str]:
     """The detector's metadata (:data:`OOD_METADATA_KEYS`) from the abstention state."""
-    detector = detector_of(state)
-    logger.info("OOD detector: fitted on %d training slice(s); threshold %.4g accepts %.1f %% of %d %s slice(s) "
-                "(target %.1f %%)", detector.n_train, state.threshold, 100 * state.acceptance,
+    n_train = int(state.fitted_on.get("n", 0))
+    logger.info("OOD detector %s: fitted on %d training slice(s); threshold %.4g accepts %.1f %% of %d %s slice(s) "
+                "(target %.1f %%)", state.score, n_train, state.threshold, 100 * state.acceptance,
                 int(state.calibrated_on.get("n", 0)), state.calibrated_on.get("kind", "calibration"),
                 100 * state.target_acceptance)
-    return {"ood_detector": DETECTOR_NAME, "ood_detector_description": describe_detector(detector.ridge),
+    name, description = describe_score(state)
+    return {"ood_detector": name, "ood_detector_description": description,
             "ood_threshold": repr(float(state.threshold)), "ood_target_acceptance": repr(float(state.target_acceptance)),
-            "ood_validation_acceptance": repr(float(state.acceptance)), "ood_n_train": str(detector.n_train),
+            "ood_validation_acceptance": repr(float(state.acceptance)), "ood_n_train": str(n_train),
             "ood_n_validation": str(int(state.calibrated_on.get("n", 0))),
             "ood_series_max_not_assessable": repr(float(max_share)),
             "ood_abstention_rule": describe_abstention_rule(max_share),
@@ -338,7 +339,10 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
     model = model.cpu().eval()
     max_diff, mismatches, score_diff, scored = 0.0, 0, 0.0, False
     state_diff, decisions = 0.0, 0
-    detector = detector_of(state) if state is not None else None
+    strategy = strategy_of(state) if state is not None else None
+    # a rank score (an empirical CDF) moves by a whole reference step when a score ties with a reference score
+    # in one float precision and not in the other: one such step per component is allowed
+    score_rtol = score_rtol + tie_step(state) if state is not None else score_rtol
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -352,8 +356,9 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
                                       f"{SCORE_NAME!r} output")
                 relative = np.abs(got_score - expected_score) / np.maximum(1.0, np.abs(expected_score))
                 score_diff = max(score_diff, float(relative.max()))
-                if detector is not None:  # the float64 reference: the state's own score of these features
-                    reference = detector.score(model.final_layer(torch.from_numpy(chunk))[0].double().numpy())
+                if strategy is not None:  # the float64 reference: the state's own score of these features
+                    features, logits = model.final_layer(torch.from_numpy(chunk))
+                    reference = strategy.score(state.arrays, features.double().numpy(), logits.double().numpy())
                     relative = np.abs(got_score - reference) / np.maximum(1.0, np.abs(reference))
                     state_diff = max(state_diff, float(relative.max()))
                     decisions += int((state.accepts(got_score) != state.accepts(reference)).sum())
@@ -367,7 +372,7 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
     if scored:
         report.update(ood_score_max_rel_diff=score_diff, ood_score_rtol=score_rtol)
         passed = passed and score_diff <= score_rtol
-        if detector is not None:
+        if strategy is not None:
             report.update(ood_state_max_rel_diff=state_diff, ood_state_decisions_differ=decisions)
             passed = passed and state_diff <= score_rtol
     report["passed"] = bool(passed)
@@ -378,7 +383,7 @@ def check_parity(onnx_file: str | os.PathLike, model: torch.nn.Module, images: n
                           f"max |dp| = {max_diff:.3g} (limit {atol:g}), {mismatches} different class(es)"
                           + (f", OOD score relative difference {score_diff:.3g} (limit {score_rtol:g})"
                              if scored else "")
-                          + (f", float64 state score relative difference {state_diff:.3g}" if detector is not None
+                          + (f", float64 state score relative difference {state_diff:.3g}" if strategy is not None
                              else ""))
     return report
 

@@ -241,3 +241,31 @@ def test_detector_output_and_metadata_come_together(exported, tmp_path):
 def test_export_needs_both_detector_splits(tmp_path, data):
     with pytest.raises(ValueError, match="give both ood_train"):
         export_onnx(tiny_network(), tmp_path / "m.onnx", CLASS_NAMES, TINY_SIZE, ood_train=split_arrays(data, "train"))
+
+
+@pytest.mark.parametrize("name", ["max_softmax", "energy", "mahalanobis+max_softmax"])
+def test_the_exported_graph_computes_the_states_score_by_name(data, tmp_path, name):
+    from robustmri.abstention.fit import fit_state, scores_of
+    from robustmri.abstention.mahalanobis import DETECTOR_NAME
+
+    network = tiny_network(0)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    (train_images, train_labels), validation = split_arrays(data, "train"), split_arrays(data, "val")[0]
+    state = fit_state(network, train_images, train_labels, validation, checkpoint, score=name)
+    test_images = split_arrays(data, "test")[0]
+    result = export_onnx(network, tmp_path / "model.onnx", CLASS_NAMES, TINY_SIZE, checkpoint=checkpoint,
+                         preprocess="minmax", parity_images=np.concatenate([validation, test_images]),
+                         abstention=state)
+    classifier = OnnxClassifier(tmp_path / "model.onnx", device="cpu")
+    assert classifier.detector["name"] == name != DETECTOR_NAME
+    assert "higher = less assessable" in classifier.detector["description"]
+    assert classifier.ood_threshold == pytest.approx(state.threshold, rel=1e-12)
+    # the float32 graph scores unseen slices as the float64 state does (a CDF may move one reference step on a tie)
+    expected = scores_of(state, network, test_images)
+    _, scores = classifier.predict_with_scores(test_images)
+    step = 1.0 / len(validation) if "+" in name else 0.0
+    assert np.abs(scores - expected).max() <= 1e-4 * np.maximum(1.0, np.abs(expected)).max() + step
+    differ = classifier.is_assessable(scores) != state.accepts(expected)
+    assert np.all(np.abs(expected[differ] - state.threshold) <= step + 1e-4)  # only a slice at the threshold may
+    assert result["parity"]["passed"] and result["metadata"]["ood_detector"] == name
