@@ -15,8 +15,9 @@ import os
 from ignite.engine import Engine, Events
 from torch import nn
 
-from robustmri.abstention.fit import fit_state, protocol_arrays, save_and_record
+from robustmri.abstention.fit import MAHALANOBIS, fit_state, protocol_arrays, save_and_record
 from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
+from robustmri.abstention.scores import score_by_name
 from robustmri.engine.distributed import is_main_process
 from robustmri.influence.adapter import unwrap
 
@@ -28,16 +29,18 @@ class FitAbstention:
 
     ``network`` holds the weights saved to ``checkpoint`` (the bundle's ``@ema.model``, what
     ``SaveFinalModel`` saves); ``data`` is the protocol trained on (``@data``): the score is fitted on its
-    ``train_split`` and the threshold accepts ``target_acceptance`` of its ``validation_split``.
+    ``train_split`` and the threshold accepts ``target_acceptance`` of its ``validation_split``. ``score``: the
+    abstention score by name (:data:`robustmri.abstention.scores.SCORES`; the bundle's ``abstention_score``).
     """
 
     def __init__(self, network: nn.Module, data, checkpoint: str, target_acceptance: float = TARGET_ACCEPTANCE,
-                 train_split: str = "train", validation_split: str = "val"):
+                 train_split: str = "train", validation_split: str = "val", score: str = MAHALANOBIS):
         if not 0.0 < float(target_acceptance) <= 1.0:
             raise ValueError(f"abstention target_acceptance must be in (0, 1], got {target_acceptance}")
         self.network, self.data, self.checkpoint = network, data, os.fspath(checkpoint)
         self.target_acceptance = float(target_acceptance)
         self.train_split, self.validation_split = train_split, validation_split
+        self.score = score_by_name(score).name  # an unknown name fails when the config is parsed, not after training
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -56,7 +59,7 @@ class FitAbstention:
             train_images, train_labels = protocol_arrays(self.data, self.train_split)
             validation_images, _ = protocol_arrays(self.data, self.validation_split)
             state = fit_state(unwrap(self.network), train_images, train_labels, validation_images, self.checkpoint,
-                              self.target_acceptance)
+                              self.target_acceptance, score=self.score)
         except ValueError as error:  # no validation split, a class without training slices: the model is kept
             logger.error("no abstention state for %s: %s; inference and export refuse a checkpoint without one",
                          os.path.basename(self.checkpoint), error)

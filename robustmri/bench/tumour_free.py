@@ -6,7 +6,7 @@ measures how often, for a model as the product applies it:
 
 - a checkpoint (``model.pt``, as file inference and MONAI Label apply it): prepared by the preprocessing it was
   trained with, classified, and, where an abstention state lies beside it (:mod:`robustmri.abstention.state`,
-  the Mahalanobis score), not assessable slices refused;
+  its score by name, the product's Mahalanobis by default), not assessable slices refused;
 - an exported ONNX model (as DICOM inference applies it): prepared by the preprocessing in its metadata,
   refused where its ``ood_score`` is above its threshold (a model without a detector refuses nothing).
 
@@ -141,9 +141,6 @@ class CheckpointModel:
         self._torch = torch
         sha256 = file_sha256(checkpoint)
         self.state = load_state(checkpoint, checkpoint_sha256=sha256)
-        if self.state is not None and self.state.score != "mahalanobis":
-            raise ValueError(f"the abstention state beside {os.path.basename(checkpoint)} uses the score "
-                             f"{self.state.score!r}; this measurement applies 'mahalanobis' only")
         self.abstention = (None if self.state is None else
                            f"abstention state {self.state.score}, threshold {self.state.threshold:.6g}")
         trained = read_trained(checkpoint) or {}
@@ -159,15 +156,15 @@ class CheckpointModel:
         """``(probabilities [N, C], assessable [N] bool or None without an abstention state)`` of prepared images."""
         from scipy.special import softmax
 
-        from robustmri.abstention.fit import detector_of
+        from robustmri.abstention.fit import strategy_of
         from robustmri.abstention.mahalanobis import network_outputs
 
-        # one pass gives both the answer and the features the abstention scores (as scores_of computes them)
+        # one pass gives both the answer and the features and logits the abstention scores (as scores_of does)
         features, logits = network_outputs(self.network, np.ascontiguousarray(images, dtype=np.float32))
         probabilities = softmax(logits, axis=1)
         if self.state is None:
             return probabilities, None
-        return probabilities, self.state.accepts(detector_of(self.state).score(features))
+        return probabilities, self.state.accepts(strategy_of(self.state).score(self.state.arrays, features, logits))
 
 
 def prepare_set(model, image_set: ImageSet) -> tuple[list[np.ndarray], int]:

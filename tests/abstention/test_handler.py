@@ -98,3 +98,21 @@ def test_data_the_state_cannot_be_fitted_on_keep_the_model_and_write_no_state(tm
     engine.run([0], max_epochs=1)
     assert load_state(checkpoint) is None and checkpoint.is_file()
     assert f"no abstention state for model.pt: {reason}" in caplog.text
+
+
+def test_the_handler_fits_the_score_it_is_given_and_refuses_an_unknown_one_at_once(tmp_path):
+    from robustmri.abstention.fit import scores_of
+
+    network = PaperCNN(spatial_size=32, padding=2)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(network.state_dict(), checkpoint)
+    data = build_protocol(None, spatial_size=32, synthetic_patients=12, preprocess="minmax")
+    engine = Engine(lambda engine, batch: None)
+    FitAbstention(network, data, str(checkpoint), score="energy").attach(engine)
+    engine.run([0], max_epochs=1)
+    state = load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint))
+    validation, _ = protocol_arrays(data, "val")
+    assert state.score == "energy" and state.arrays == {}
+    assert state.threshold == calibrate_threshold(scores_of(state, network, validation), 0.95)[0]
+    with pytest.raises(ValueError, match="unknown abstention score 'softmax'"):
+        FitAbstention(network, data, str(checkpoint), score="softmax")
