@@ -18,7 +18,10 @@ re-estimated on that site's own slices (the bundle's ``calibrating`` run id, ``c
    threshold accepts ``target_acceptance`` of the site images, estimated without in-sample
    optimism by :data:`CROSS_FIT_FOLDS`-fold cross-fitting (:data:`CROSS_FIT_RULE`): each image is
    scored by a detector fitted on the other folds, the threshold is the target quantile of these
-   out-of-fold scores, and the detector written is refitted on all the images.
+   out-of-fold scores, and the detector written is refitted on all the images. The site keeps the
+   model's abstention score (``abstention_score``): for ``max_softmax`` or ``energy``, which have nothing
+   to fit, only the threshold is set, the target quantile of the site images' scores on the adapted
+   network (:data:`QUANTILE_RULE`); a combination of scores is refused (:data:`CALIBRATED_SCORES`).
 
 :func:`calibrate_site` does both and writes ``model_site.pt`` (a plain ``state_dict``, atomically)
 beside the source checkpoint or in ``output_dir``, its ``model_site_abstention.pt``
@@ -44,7 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustmri.abstention import AbstentionState, save_state
+from robustmri.abstention import AbstentionState, load_state, save_state
+from robustmri.abstention.scores import build_score
 from robustmri.abstention.mahalanobis import (
     RIDGE,
     TARGET_ACCEPTANCE,
@@ -87,6 +91,12 @@ CROSS_FIT_RULE = (f"{CROSS_FIT_FOLDS}-fold cross-fitting: the images are split i
                   "image; a seeded permutation); each image is scored by a detector fitted on the other folds; the "
                   "threshold is the smallest score that accepts target_acceptance of these out-of-fold scores; the "
                   "detector written is refitted on all the images")
+#: The threshold rule of a score with nothing to fit (max_softmax, energy): no fold is needed.
+QUANTILE_RULE = ("the score has nothing to fit, so the threshold is the smallest score that accepts target_acceptance "
+                 "of the site images' scores on the adapted network")
+#: The abstention scores site calibration refits (the state's score is kept; a combination is refused).
+CALIBRATED_SCORES = ("mahalanobis", "max_softmax", "energy")
+
 BATCHNORM_RULE = ("running mean and variance reset and recomputed as the cumulative average over the calibration "
                   "batches (the images in a seeded random order) of each batch's statistics (momentum None, "
                   "BatchNorm layers in train mode, no gradients); weights and biases unchanged; "
@@ -257,15 +267,21 @@ def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: di
 
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
                       target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
-                      batch_size: int = 64, seed: int = 0) -> dict:
+                      batch_size: int = 64, seed: int = 0, score: str = "mahalanobis") -> dict:
     """Calibrate ``network`` in place to site images [N, 1, S, S] held in memory, prepared as the model was trained
     (module docstring: BatchNorm statistics, then the abstention fitted on the adapted network).
 
     ``groups`` [N] (e.g. each image's folder) keep images together in the cross-fitting folds; None:
-    image by image. Returns :func:`fit_site_abstention`'s result with ``pseudo_labels`` [N],
+    image by image. ``score``: the abstention score to refit (:data:`CALIBRATED_SCORES`; the source state's).
+    Returns :func:`fit_site_abstention`'s result (for a score with nothing to fit: its threshold and acceptance,
+    :data:`QUANTILE_RULE`) with ``score``, ``arrays`` and ``settings`` (the new state's), ``pseudo_labels`` [N],
     ``batches`` and ``batchnorm_layers``. What :func:`calibrate_site` does to files, for callers that
     hold the images (a benchmark's renderings).
     """
+    if score not in CALIBRATED_SCORES:
+        raise ValueError(f"site calibration refits the abstention scores {', '.join(CALIBRATED_SCORES)}; this "
+                         f"checkpoint's state uses {score!r}, whose reference scores would need the site's labels: "
+                         "calibrate a checkpoint whose abstention_score is one of those")
     images = torch.as_tensor(images).float()
     # files come sorted by path, often one patient's slices after another: batches in path order would each hold
     # one patient, and the average of their variances would miss the variation between patients
@@ -274,8 +290,16 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     features, logits = network_outputs(network, images.numpy(), batch_size)
     predicted = logits.argmax(1)
     groups = list(groups) if groups is not None else [""] * len(images)
-    fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images, seed=seed)
-    return {**fit, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
+    if score == "mahalanobis":
+        fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images,
+                                  seed=seed)
+        fit.update(arrays={"means": fit["detector"].means, "precision_factor": fit["detector"].precision_factor},
+                   settings={"ridge": fit["detector"].ridge}, rule=CROSS_FIT_RULE)
+    else:
+        threshold, acceptance = calibrate_threshold(build_score(score).score({}, features, logits), target_acceptance)
+        fit = {"detector": None, "classes": [], "threshold": threshold, "acceptance": acceptance,
+               "fold_groups": None, "arrays": {}, "settings": {"ridge": RIDGE}, "rule": QUANTILE_RULE}
+    return {**fit, "score": score, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
 
 
 def site_checkpoint_path(checkpoint: str, output_dir: str | None = None) -> str:
@@ -305,6 +329,11 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         raise FileNotFoundError(f"no {METADATA_FILE} beside {checkpoint}: calibration needs the record of how it was "
                                 "trained (input size, preprocessing)")
     check_output_folder(checkpoint, site)  # before anything is written there
+    source_state = load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint))
+    score = source_state.score if source_state is not None else "mahalanobis"  # the site keeps the model's score
+    if score not in CALIBRATED_SCORES:
+        raise ValueError(f"{os.path.basename(checkpoint)}'s abstention score {score!r} cannot be refitted without "
+                         f"labels; site calibration refits {', '.join(CALIBRATED_SCORES)}")
 
     images, files, unreadable = read_site_images(dataloader)
     total = len(files) + len(unreadable)
@@ -316,19 +345,17 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
                          "(BatchNorm statistics from a handful of slices are noise)")
 
     fit = calibrate_network(network, images, len(class_names), [os.path.dirname(f) for f in files],
-                            target_acceptance, min_class_images, batch_size, seed)
+                            target_acceptance, min_class_images, batch_size, seed, score=score)
 
     write_bytes(site, _state_dict_bytes(network))
     site_sha = file_sha256(site)
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     digest = inputs_digest(files)
     source = {"kind": SITE_IMAGES, "n": len(files), "sha256": digest, "date": today}
-    detector = fit["detector"]
-    state = AbstentionState(score="mahalanobis", arrays={"means": detector.means,
-                                                         "precision_factor": detector.precision_factor},
+    state = AbstentionState(score=fit["score"], arrays=fit["arrays"],
                             threshold=fit["threshold"], target_acceptance=float(target_acceptance),
                             acceptance=fit["acceptance"], checkpoint_sha256=site_sha, fitted_on=dict(source),
-                            calibrated_on=dict(source), settings={"ridge": detector.ridge})
+                            calibrated_on=dict(source), settings=fit["settings"])
     state_file = save_state(state, site)
     counts = np.bincount(fit["pseudo_labels"], minlength=len(class_names))
     record = {
@@ -337,13 +364,15 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         "source_checkpoint": {"file": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint)},
         "images": {"n": len(files), "n_unreadable": len(unreadable), "sha256": digest,
                    "digest_rule": INPUT_DIGEST_RULE},
-        "adapted": ["BatchNorm running statistics", "abstention: Mahalanobis class means, tied covariance, threshold"],
+        "adapted": ["BatchNorm running statistics",
+                    "abstention: Mahalanobis class means, tied covariance, threshold" if score == "mahalanobis"
+                    else f"abstention: the {score} score's threshold (it has nothing else to fit)"],
         "not_adapted": "every weight and bias",
         "batchnorm": {"layers": fit["batchnorm_layers"], "batches": fit["batches"], "batch_size": int(batch_size),
                       "rule": BATCHNORM_RULE},
         "abstention": {"file": os.path.basename(state_file), "score": state.score, "threshold": state.threshold,
                        "target_acceptance": state.target_acceptance, "cross_fitted_acceptance": state.acceptance,
-                       "rule": CROSS_FIT_RULE, "fold_groups": fit["fold_groups"],
+                       "rule": fit["rule"], "fold_groups": fit["fold_groups"],
                        "pseudo_labels": {str(name): int(n) for name, n in zip(class_names, counts)},
                        "classes_with_centre": [str(class_names[c]) for c in fit["classes"]],
                        "min_class_images": int(min_class_images)},
@@ -358,7 +387,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     return record
 
 
-__all__ = ["BATCHNORM_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
-           "MIN_SITE_IMAGES", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
+__all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
+           "MIN_SITE_IMAGES", "QUANTILE_RULE", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
            "calibrate_network", "calibrate_site", "check_output_folder", "fit_site_abstention", "fold_assignment",
            "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]

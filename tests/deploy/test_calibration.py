@@ -389,3 +389,39 @@ def test_the_calibrating_run_id_writes_model_site_that_file_inference_reads_like
     while causes[-1].__cause__ is not None:
         causes.append(causes[-1].__cause__)
     assert "fewer than the 100 calibration needs" in str(causes[-1])
+
+
+def _state_beside(checkpoint, score: str, arrays=None) -> None:
+    from robustmri.abstention import AbstentionState, save_state
+
+    save_state(AbstentionState(score=score, arrays=arrays or {}, threshold=1.0, target_acceptance=0.95,
+                               acceptance=0.95, checkpoint_sha256=file_sha256(checkpoint)), checkpoint)
+
+
+def test_the_site_keeps_the_models_score_and_a_parameter_free_one_gets_only_its_threshold(tmp_path):
+    from robustmri.abstention.fit import scores_of
+    from robustmri.deploy.calibration import QUANTILE_RULE
+
+    checkpoint = trained_model(tmp_path / "models")
+    _state_beside(checkpoint, "energy")
+    write_site(tmp_path / "site", 120, seed=12)
+    record = calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                            min_images=100, batch_size=32)
+    site = tmp_path / "models" / "model_site.pt"
+    state = load_state(site, checkpoint_sha256=file_sha256(site))
+    assert state.score == "energy" == record["abstention"]["score"] and state.arrays == {}
+    assert record["abstention"]["rule"] == QUANTILE_RULE and "energy score's threshold" in record["adapted"][1]
+    network = tiny_network()
+    network.load_state_dict(loaded(site))
+    images = torch.cat([batch["image"] for batch in site_loader(tmp_path / "site")]).numpy()
+    assert state.threshold == calibrate_threshold(scores_of(state, network, images), 0.95)[0]
+
+
+def test_a_combined_score_is_refused_before_anything_is_written(tmp_path):
+    checkpoint = trained_model(tmp_path / "models")
+    _state_beside(checkpoint, "mahalanobis+max_softmax")
+    write_site(tmp_path / "site", 120, seed=12)
+    with pytest.raises(ValueError, match="'mahalanobis\\+max_softmax' cannot be refitted without labels"):
+        calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                       min_images=100, batch_size=32)
+    assert not (tmp_path / "models" / "model_site.pt").exists()
