@@ -41,7 +41,7 @@ from robustmri.abstention.state import AbstentionState, abstention_path, load_st
 from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.model_metadata import file_sha256, metadata_path, recorded_dataset_dir
 from robustmri.engine.trained_model import trained_model
-from robustmri.influence.adapter import FinalLayer, unwrap
+from robustmri.influence.adapter import unwrap
 from robustmri.outputs import locked, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def inputs_record(kind: str, *arrays: np.ndarray) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
 
 
-def _num_classes(network: nn.Module) -> int:
-    return int(FinalLayer(network).layer.out_features)
-
-
 def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, validation_images: np.ndarray,
               checkpoint: str | os.PathLike | None, target_acceptance: float = TARGET_ACCEPTANCE,
               ridge: float = RIDGE, progress: bool | None = None, score: str = MAHALANOBIS) -> AbstentionState:
@@ -111,9 +107,6 @@ def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.nda
         validation_features, validation_logits = network_outputs(network, validation_images, progress=progress)
     finally:
         network.train(was_training)
-    if train_logits.shape[1] != _num_classes(network):
-        raise ValueError(f"the network gives {train_logits.shape[1]} logits but its final layer has "
-                         f"{_num_classes(network)} outputs")
     arrays = strategy.fit(train_features, train_logits, train_labels, reference=(validation_features, validation_logits))
     threshold, acceptance = calibrate_threshold(strategy.score(arrays, validation_features, validation_logits),
                                                 target_acceptance)

@@ -265,6 +265,13 @@ def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: di
     return write_json(site_meta, {**_without_calibrations(content), CALIBRATION_KEY: record})
 
 
+def check_calibrated_score(score: str, checkpoint_name: str = "the checkpoint") -> None:
+    """Refuse, before any work, a score site calibration cannot refit (:data:`CALIBRATED_SCORES`)."""
+    if score not in CALIBRATED_SCORES:
+        raise ValueError(f"{checkpoint_name}'s abstention score {score!r} cannot be refitted without labels; site "
+                         f"calibration refits {', '.join(CALIBRATED_SCORES)}")
+
+
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
                       target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
                       batch_size: int = 64, seed: int = 0, score: str = "mahalanobis") -> dict:
@@ -278,10 +285,7 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     ``batches`` and ``batchnorm_layers``. What :func:`calibrate_site` does to files, for callers that
     hold the images (a benchmark's renderings).
     """
-    if score not in CALIBRATED_SCORES:
-        raise ValueError(f"site calibration refits the abstention scores {', '.join(CALIBRATED_SCORES)}; this "
-                         f"checkpoint's state uses {score!r}, whose reference scores would need the site's labels: "
-                         "calibrate a checkpoint whose abstention_score is one of those")
+    check_calibrated_score(score)
     images = torch.as_tensor(images).float()
     # files come sorted by path, often one patient's slices after another: batches in path order would each hold
     # one patient, and the average of their variances would miss the variation between patients
@@ -331,9 +335,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     check_output_folder(checkpoint, site)  # before anything is written there
     source_state = load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint))
     score = source_state.score if source_state is not None else "mahalanobis"  # the site keeps the model's score
-    if score not in CALIBRATED_SCORES:
-        raise ValueError(f"{os.path.basename(checkpoint)}'s abstention score {score!r} cannot be refitted without "
-                         f"labels; site calibration refits {', '.join(CALIBRATED_SCORES)}")
+    check_calibrated_score(score, os.path.basename(checkpoint))
 
     images, files, unreadable = read_site_images(dataloader)
     total = len(files) + len(unreadable)
@@ -389,5 +391,5 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
 
 __all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
            "MIN_SITE_IMAGES", "QUANTILE_RULE", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
-           "calibrate_network", "calibrate_site", "check_output_folder", "fit_site_abstention", "fold_assignment",
+           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "fit_site_abstention", "fold_assignment",
            "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]
