@@ -84,6 +84,19 @@ def inputs_record(kind: str, *arrays: np.ndarray) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
 
 
+def fit_outputs(strategy: AbstentionScore, train: tuple[np.ndarray, np.ndarray], train_labels: np.ndarray,
+                validation: tuple[np.ndarray, np.ndarray],
+                target_acceptance: float = TARGET_ACCEPTANCE) -> tuple[dict[str, np.ndarray], float, float]:
+    """The product's rule on network outputs already computed: ``strategy`` fitted on the training
+    ``(features, logits)`` with their labels (the validation outputs its reference, for a score that ranks on
+    held-out data), its threshold the validation score quantile accepting ``target_acceptance``.
+    Returns ``(arrays, threshold, acceptance)``; :func:`fit_state` and the benchmarks that compare scores on one
+    model's outputs share it, so a bench measures exactly what the product would fit."""
+    arrays = strategy.fit(*train, train_labels, reference=validation)
+    threshold, acceptance = calibrate_threshold(strategy.score(arrays, *validation), target_acceptance)
+    return arrays, float(threshold), float(acceptance)
+
+
 def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.ndarray, validation_images: np.ndarray,
               checkpoint: str | os.PathLike | None, target_acceptance: float = TARGET_ACCEPTANCE,
               ridge: float = RIDGE, progress: bool | None = None, score: str = MAHALANOBIS) -> AbstentionState:
@@ -107,9 +120,8 @@ def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.nda
         validation_features, validation_logits = network_outputs(network, validation_images, progress=progress)
     finally:
         network.train(was_training)
-    arrays = strategy.fit(train_features, train_logits, train_labels, reference=(validation_features, validation_logits))
-    threshold, acceptance = calibrate_threshold(strategy.score(arrays, validation_features, validation_logits),
-                                                target_acceptance)
+    arrays, threshold, acceptance = fit_outputs(strategy, (train_features, train_logits), train_labels,
+                                                (validation_features, validation_logits), target_acceptance)
     return AbstentionState(
         score=strategy.name, arrays=arrays,
         threshold=threshold, target_acceptance=float(target_acceptance), acceptance=acceptance,

@@ -265,7 +265,7 @@ def measure_presence(dataset_dir: str | os.PathLike, size: int = 64, grid: int =
                      seeds: Sequence[int] = (0, 1, 2), sensitivity: float = SENSITIVITY, tumour_free=None) -> dict:
     """The measurement (module docstring) over ``seeds``; ``tumour_free``: the :class:`ImageSet` list (default
     :func:`robustmri.bench.tumour_free.tumour_free_sets`)."""
-    from robustmri.bench.tumour_free import tumour_free_sets
+    from robustmri.bench.tumour_free import prepare_set, tumour_free_sets
     from robustmri.data.preprocessing import preprocess_head
 
     if not 0 < sensitivity < 1:
@@ -273,12 +273,8 @@ def measure_presence(dataset_dir: str | os.PathLike, size: int = 64, grid: int =
     data = prepare_boxed(dataset_dir, size)
     prepared = []
     for image_set in (tumour_free_sets() if tumour_free is None else tumour_free):
-        images = []
-        for image in image_set.images:
-            try:
-                images.append(preprocess_head(np.asarray(image, dtype=np.float32), size))
-            except ValueError:  # no head: such a slice gets no class in any path, so it is not counted here
-                pass
+        # a slice with no head gets no class in any path, so it is not counted here
+        images, _ = prepare_set(lambda image: preprocess_head(np.asarray(image, dtype=np.float32), size), image_set)
         prepared.append((image_set.name, np.stack(images) if images else np.zeros((0, size, size), np.float32)))
     rows = [measure_seed(data, int(seed), grid, epochs, sensitivity, prepared) for seed in seeds]
     return {"settings": {"size": size, "grid": grid, "epochs": epochs, "sensitivity": sensitivity,

@@ -27,6 +27,7 @@ counted as ``unpreparable``. The sets (:func:`tumour_free_sets`), nothing downlo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,12 +168,12 @@ class CheckpointModel:
         return probabilities, self.state.accepts(strategy_of(self.state).score(self.state.arrays, features, logits))
 
 
-def prepare_set(model, image_set: ImageSet) -> tuple[list[np.ndarray], int]:
-    """The set's slices as ``model`` prepares them, and how many it cannot prepare."""
+def prepare_set(prepare: Callable[[np.ndarray], np.ndarray], image_set: ImageSet) -> tuple[list[np.ndarray], int]:
+    """The set's slices as ``prepare`` (a model's own preparation) makes them, and how many it cannot prepare."""
     prepared, unpreparable = [], 0
     for image in image_set.images:
         try:
-            prepared.append(model.prepare(image))
+            prepared.append(prepare(image))
         except ValueError:  # no head found, or a constant slice: no class, as in every deployed path
             unpreparable += 1
     return prepared, unpreparable
@@ -180,7 +181,7 @@ def prepare_set(model, image_set: ImageSet) -> tuple[list[np.ndarray], int]:
 
 def measure_set(model, image_set: ImageSet, batch_size: int = 64) -> dict:
     """One set's row: how many slices were given a tumour type, refused as not assessable, or not preparable."""
-    prepared, unpreparable = prepare_set(model, image_set)
+    prepared, unpreparable = prepare_set(model.prepare, image_set)
     n = len(image_set.images)
     probabilities = np.zeros((0, len(model.class_names)))
     assessable = np.zeros(0, dtype=bool)
@@ -216,8 +217,8 @@ def refusal_by_score(checkpoint: str | os.PathLike, bundle_dir: str | os.PathLik
     each set given a tumour type (accepted, of all its slices: an unpreparable one gets none) and the share of the
     test split accepted. ``dataset_dir`` and ``protocol`` (``synthetic_patients``, ``seed``, ``noise``): the
     protocol the checkpoint was trained on, as :func:`robustmri.engine.trained_model.trained_model` rebuilds it."""
-    from robustmri.abstention.fit import protocol_arrays
-    from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE, calibrate_threshold, network_outputs
+    from robustmri.abstention.fit import fit_outputs, protocol_arrays
+    from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE, network_outputs
     from robustmri.abstention.scores import SCORES, score_by_name
     from robustmri.engine.trained_model import trained_model
 
@@ -230,7 +231,7 @@ def refusal_by_score(checkpoint: str | os.PathLike, bundle_dir: str | os.PathLik
         split_outputs[split] = (*network_outputs(network, images), labels)
     set_outputs = {}
     for image_set in sets:
-        prepared, _ = prepare_set(model, image_set)  # an unpreparable slice is given no type, as in measure_set
+        prepared, _ = prepare_set(model.prepare, image_set)  # an unpreparable slice is given no type, as in measure_set
         set_outputs[image_set.name] = (network_outputs(network, np.stack(prepared)) if prepared else None,
                                        len(image_set.images))
     train_features, train_logits, train_labels = split_outputs["train"]
@@ -238,8 +239,8 @@ def refusal_by_score(checkpoint: str | os.PathLike, bundle_dir: str | os.PathLik
     results = {}
     for name in scores or SCORES:
         score = score_by_name(name)
-        params = score.fit(train_features, train_logits, train_labels, reference=(val_features, val_logits))
-        threshold, acceptance = calibrate_threshold(score.score(params, val_features, val_logits), target_acceptance)
+        params, threshold, acceptance = fit_outputs(score, (train_features, train_logits), train_labels,
+                                                    (val_features, val_logits), target_acceptance)
         test_features, test_logits, _ = split_outputs["test"]
         given = {}
         for set_name, (outputs, n) in set_outputs.items():
