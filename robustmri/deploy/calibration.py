@@ -21,7 +21,11 @@ re-estimated on that site's own slices (the bundle's ``calibrating`` run id, ``c
    out-of-fold scores, and the detector written is refitted on all the images. The site keeps the
    model's abstention score (``abstention_score``): for ``max_softmax`` or ``energy``, which have nothing
    to fit, only the threshold is set, the target quantile of the site images' scores on the adapted
-   network (:data:`QUANTILE_RULE`); a combination of scores is refused (:data:`CALIBRATED_SCORES`).
+   network (:data:`QUANTILE_RULE`). A combination of scores (:class:`~robustmri.abstention.scores.CdfMean`)
+   ranks each component on the site's own images, as the home state ranks on held-out validation slices:
+   its Mahalanobis part is refitted as above and ranked on its out-of-fold scores, a part with nothing to
+   fit on its scores of every site image, and the threshold is the target quantile of the combined
+   out-of-fold score (:data:`COMBINATION_RULE`). Ranks need no labels, only held-out scores.
 
 :func:`calibrate_site` does both and writes ``model_site.pt`` (a plain ``state_dict``, atomically)
 beside the source checkpoint or in ``output_dir``, its ``model_site_abstention.pt``
@@ -48,7 +52,7 @@ import torch
 from torch import nn
 
 from robustmri.abstention import AbstentionState, load_state, save_state
-from robustmri.abstention.scores import build_score
+from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score, empirical_cdf
 from robustmri.abstention.mahalanobis import (
     RIDGE,
     TARGET_ACCEPTANCE,
@@ -94,8 +98,13 @@ CROSS_FIT_RULE = (f"{CROSS_FIT_FOLDS}-fold cross-fitting: the images are split i
 #: The threshold rule of a score with nothing to fit (max_softmax, energy): no fold is needed.
 QUANTILE_RULE = ("the score has nothing to fit, so the threshold is the smallest score that accepts target_acceptance "
                  "of the site images' scores on the adapted network")
-#: The abstention scores site calibration refits (the state's score is kept; a combination is refused).
-CALIBRATED_SCORES = ("mahalanobis", "max_softmax", "energy")
+#: The threshold rule of a combination of scores (:class:`~robustmri.abstention.scores.CdfMean`).
+COMBINATION_RULE = (f"each component ranked on the site images: the Mahalanobis part refitted with pseudo-labels and "
+                    f"its empirical CDF taken on its {CROSS_FIT_FOLDS}-fold out-of-fold scores (as in its own "
+                    "cross-fitting), a part with nothing to fit on its scores of every site image; the threshold is the "
+                    "smallest combined out-of-fold score that accepts target_acceptance of the site images")
+#: The abstention scores site calibration refits (the state's score is kept): every registered score.
+CALIBRATED_SCORES = tuple(SCORES)
 
 BATCHNORM_RULE = ("running mean and variance reset and recomputed as the cumulative average over the calibration "
                   "batches (the images in a seeded random order) of each batch's statistics (momentum None, "
@@ -194,6 +203,36 @@ def fit_site_abstention(features: np.ndarray, pseudo_labels: np.ndarray, num_cla
             "fold_groups": "folder" if len(set(groups)) >= folds else "image"}
 
 
+def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.ndarray, pseudo_labels: np.ndarray,
+                         num_classes: int, groups: list[str], target_acceptance: float = TARGET_ACCEPTANCE,
+                         min_class_images: int = MIN_CLASS_IMAGES, folds: int = CROSS_FIT_FOLDS, seed: int = 0,
+                         ridge: float = RIDGE) -> dict:
+    """A combination of scores refitted on site outputs (:data:`COMBINATION_RULE`): the state's ``arrays`` as
+    :class:`~robustmri.abstention.scores.CdfMean` lays them out (each component's parameters and its
+    ``cdf_reference``), the threshold and out-of-fold acceptance, and what :func:`fit_site_abstention` reports
+    for its Mahalanobis part (``classes``, ``fold_groups``; none without one)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    arrays, held_out_scores, fit = {}, [], {"detector": None, "classes": [], "fold_groups": None}
+    for component in strategy.components:
+        if isinstance(component, Mahalanobis):
+            fit = fit_site_abstention(features, pseudo_labels, num_classes, groups, target_acceptance,
+                                      min_class_images, folds, seed, ridge)
+            own = {"means": fit["detector"].means, "precision_factor": fit["detector"].precision_factor}
+            scores = fit["out_of_fold_scores"]
+        elif component.fit(features, logits, pseudo_labels) == {}:  # nothing to fit: every image is held out
+            own, scores = {}, component.score({}, features, logits)
+        else:
+            raise ValueError(f"site calibration cannot refit the {component.name!r} part of {strategy.name!r}")
+        arrays.update({f"{component.name}.{key}": value for key, value in own.items()})
+        arrays[f"{component.name}.cdf_reference"] = np.sort(scores)
+        held_out_scores.append(scores)
+    combined = np.mean([empirical_cdf(arrays[f"{c.name}.cdf_reference"], v)
+                        for c, v in zip(strategy.components, held_out_scores)], axis=0)
+    threshold, acceptance = calibrate_threshold(combined, target_acceptance)
+    return {**fit, "threshold": threshold, "acceptance": acceptance, "out_of_fold_scores": combined,
+            "arrays": arrays, "settings": {"ridge": float(ridge)}, "rule": COMBINATION_RULE}
+
+
 def inputs_digest(files: list[str]) -> str:
     """:data:`INPUT_DIGEST_RULE` of ``files``."""
     return hashlib.sha256("\n".join(sorted(file_sha256(f) for f in files)).encode()).hexdigest()
@@ -268,8 +307,8 @@ def write_site_metadata(source_checkpoint: str, site_checkpoint: str, record: di
 def check_calibrated_score(score: str, checkpoint_name: str = "the checkpoint") -> None:
     """Refuse, before any work, a score site calibration cannot refit (:data:`CALIBRATED_SCORES`)."""
     if score not in CALIBRATED_SCORES:
-        raise ValueError(f"{checkpoint_name}'s abstention score {score!r} cannot be refitted without labels; site "
-                         f"calibration refits {', '.join(CALIBRATED_SCORES)}")
+        raise ValueError(f"{checkpoint_name}'s abstention score {score!r} is not one site calibration refits "
+                         f"({', '.join(CALIBRATED_SCORES)})")
 
 
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
@@ -294,7 +333,11 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     features, logits = network_outputs(network, images.numpy(), batch_size)
     predicted = logits.argmax(1)
     groups = list(groups) if groups is not None else [""] * len(images)
-    if score == "mahalanobis":
+    strategy = build_score(score)
+    if isinstance(strategy, CdfMean):
+        fit = fit_site_combination(strategy, features, logits, predicted, num_classes, groups, target_acceptance,
+                                   min_class_images, seed=seed)
+    elif score == "mahalanobis":
         fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images,
                                   seed=seed)
         fit.update(arrays={"means": fit["detector"].means, "precision_factor": fit["detector"].precision_factor},
@@ -304,6 +347,16 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
         fit = {"detector": None, "classes": [], "threshold": threshold, "acceptance": acceptance,
                "fold_groups": None, "arrays": {}, "settings": {"ridge": RIDGE}, "rule": QUANTILE_RULE}
     return {**fit, "score": score, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
+
+
+def _adapted_abstention(score: str) -> str:
+    """What calibration refitted of the abstention score called ``score``, in words (the record's ``adapted``)."""
+    if score == "mahalanobis":
+        return "abstention: Mahalanobis class means, tied covariance, threshold"
+    if isinstance(build_score(score), CdfMean):
+        return (f"abstention: the {score} score's components ranked on the site images (Mahalanobis class means "
+                "and tied covariance refitted where it has that part), threshold")
+    return f"abstention: the {score} score's threshold (it has nothing else to fit)"
 
 
 def site_checkpoint_path(checkpoint: str, output_dir: str | None = None) -> str:
@@ -366,9 +419,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         "source_checkpoint": {"file": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint)},
         "images": {"n": len(files), "n_unreadable": len(unreadable), "sha256": digest,
                    "digest_rule": INPUT_DIGEST_RULE},
-        "adapted": ["BatchNorm running statistics",
-                    "abstention: Mahalanobis class means, tied covariance, threshold" if score == "mahalanobis"
-                    else f"abstention: the {score} score's threshold (it has nothing else to fit)"],
+        "adapted": ["BatchNorm running statistics", _adapted_abstention(score)],
         "not_adapted": "every weight and bias",
         "batchnorm": {"layers": fit["batchnorm_layers"], "batches": fit["batches"], "batch_size": int(batch_size),
                       "rule": BATCHNORM_RULE},
@@ -389,7 +440,8 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     return record
 
 
-__all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
+__all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "COMBINATION_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
            "MIN_SITE_IMAGES", "QUANTILE_RULE", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
-           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "fit_site_abstention", "fold_assignment",
+           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "fit_site_abstention", "fit_site_combination",
+           "fold_assignment",
            "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]

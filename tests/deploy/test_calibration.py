@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -417,11 +418,51 @@ def test_the_site_keeps_the_models_score_and_a_parameter_free_one_gets_only_its_
     assert state.threshold == calibrate_threshold(scores_of(state, network, images), 0.95)[0]
 
 
-def test_a_combined_score_is_refused_before_anything_is_written(tmp_path):
+def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
+    from scipy.special import softmax
+
+    from robustmri.abstention.fit import scores_of
+    from robustmri.abstention.mahalanobis import network_outputs
+    from robustmri.deploy.calibration import COMBINATION_RULE, fit_site_abstention
+
     checkpoint = trained_model(tmp_path / "models")
     _state_beside(checkpoint, "mahalanobis+max_softmax")
     write_site(tmp_path / "site", 120, seed=12)
-    with pytest.raises(ValueError, match="'mahalanobis\\+max_softmax' cannot be refitted without labels"):
+    record = calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                            min_images=100, batch_size=32)
+    site = tmp_path / "models" / "model_site.pt"
+    state = load_state(site, checkpoint_sha256=file_sha256(site))
+    assert state.score == "mahalanobis+max_softmax" == record["abstention"]["score"]
+    assert record["abstention"]["rule"] == COMBINATION_RULE and "components ranked" in record["adapted"][1]
+    network = tiny_network()
+    network.load_state_dict(loaded(site))
+    batches = list(site_loader(tmp_path / "site"))
+    images = torch.cat([batch["image"] for batch in batches]).numpy()
+    groups = [os.path.dirname(f) for batch in batches for f in batch["file"]]
+    features, logits = network_outputs(network, images, 32)  # calibration's batches: the same floats
+    # the max-softmax part ranks on every site image's 1 - max p, computed here from the logits
+    max_softmax = 1.0 - softmax(logits.astype(np.float64), axis=1).max(axis=1)
+    np.testing.assert_allclose(state.arrays["max_softmax.cdf_reference"], np.sort(max_softmax), rtol=1e-6, atol=1e-9)
+    # the Mahalanobis part is the site's own refit, ranked on its out-of-fold scores
+    maha = fit_site_abstention(features, logits.argmax(1), len(CLASS_NAMES), groups)
+    np.testing.assert_allclose(state.arrays["mahalanobis.means"], maha["detector"].means, rtol=1e-6)
+    np.testing.assert_allclose(state.arrays["mahalanobis.cdf_reference"], np.sort(maha["out_of_fold_scores"]),
+                               rtol=1e-6)
+    # the threshold accepts the target share of the combined out-of-fold scores, by hand: mean of the two ranks
+    ranks = [np.searchsorted(np.sort(ref), values, side="right") / len(ref) for ref, values in
+             ((maha["out_of_fold_scores"], maha["out_of_fold_scores"]), (max_softmax, max_softmax))]
+    combined = np.mean(ranks, axis=0)
+    assert np.mean(combined <= state.threshold) >= 0.95 > np.mean(combined < state.threshold) - 1e-12
+    assert state.acceptance == pytest.approx(np.mean(combined <= state.threshold))
+    # and the state applies like any other: the site's own images, scored in-sample, are accepted at least as often
+    assert np.mean(scores_of(state, network, images) <= state.threshold) >= state.acceptance - 0.05
+
+
+def test_an_unknown_score_is_refused_before_anything_is_written(tmp_path):
+    checkpoint = trained_model(tmp_path / "models")
+    _state_beside(checkpoint, "mahalanobis+energy")
+    write_site(tmp_path / "site", 120, seed=12)
+    with pytest.raises(ValueError, match="'mahalanobis\\+energy' is not one site calibration refits"):
         calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
                        min_images=100, batch_size=32)
     assert not (tmp_path / "models" / "model_site.pt").exists()
