@@ -455,7 +455,19 @@ def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
     assert np.mean(combined <= state.threshold) >= 0.95 > np.mean(combined < state.threshold) - 1e-12
     assert state.acceptance == pytest.approx(np.mean(combined <= state.threshold))
     # and the state applies like any other: the site's own images, scored in-sample, are accepted at least as often
-    assert np.mean(scores_of(state, network, images) <= state.threshold) >= state.acceptance - 0.05
+    expected = scores_of(state, network, images)
+    assert np.mean(expected <= state.threshold) >= state.acceptance - 0.05
+    # the exported graph carries the site's combination: its threshold, and its score within one reference step
+    from robustmri.deploy.onnx.export import export_onnx
+    from robustmri.deploy.onnx.runtime import OnnxClassifier
+
+    result = export_onnx(network, tmp_path / "site.onnx", CLASS_NAMES, TINY_SIZE, checkpoint=site, preprocess="minmax",
+                         parity_images=images, abstention=state)
+    classifier = OnnxClassifier(tmp_path / "site.onnx", device="cpu")
+    assert result["parity"]["passed"] and classifier.detector["name"] == "mahalanobis+max_softmax"
+    assert classifier.ood_threshold == pytest.approx(state.threshold, rel=1e-12)
+    _, exported = classifier.predict_with_scores(images)
+    assert np.abs(exported - expected).max() <= 1e-4 + 1.0 / len(images)
 
 
 def test_an_unknown_score_is_refused_before_anything_is_written(tmp_path):
