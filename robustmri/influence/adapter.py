@@ -126,6 +126,10 @@ class FinalLayer:
         features, output, weight, bias = captured[0]
         if not self._checked:
             self._check(features, output, logits, weight, bias)
+        if torch.is_tensor(features) and features.is_floating_point() and features.dtype != logits.dtype:
+            # a forward under bf16/fp16 autocast (robustmri.engine.precision) hands the layer low-precision inputs
+            # and casts only its output back: the features leave in the logits' dtype too
+            features = features.to(logits.dtype)
         return features, logits
 
     def _check(self, features, output, logits, weight, bias) -> None:
@@ -144,9 +148,11 @@ class FinalLayer:
             raise FinalLayerError(f"the input of {name} has shape {shape}; influence needs one feature vector per "
                                   "image ([N, d])")
         with torch.no_grad():
-            recomputed = nn.functional.linear(features, weight, bias)
+            # in the wider of the two dtypes: under autocast the features are bf16 (or fp16), the weights float32
+            wide = torch.promote_types(features.dtype, weight.dtype)
+            recomputed = nn.functional.linear(features.to(wide), weight.to(wide), None if bias is None else bias.to(wide))
             same = (logits.shape == output.shape == recomputed.shape
-                    and _close(logits, recomputed, features, weight, bias))
+                    and _close(logits, recomputed, features, weight, bias, output))
         if not same:
             raise FinalLayerError(f"the output of {network} is not the output of its last linear layer "
                                   f"{self.layer_name!r} (something follows it, e.g. a softmax): influence needs the "
@@ -155,16 +161,23 @@ class FinalLayer:
 
 
 def _close(logits: torch.Tensor, recomputed: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor | None) -> bool:
-    """Equal up to the rounding of one matrix product run twice (its terms' magnitudes set the scale)."""
+           bias: torch.Tensor | None, output: torch.Tensor | None = None) -> bool:
+    """Equal up to the rounding of one matrix product run twice (its terms' magnitudes set the scale).
+
+    A layer that ran in a low precision (its input or ``output`` bf16 or fp16, under autocast) rounded its
+    weights and its output to that precision: at most about one unit of it of each term's sum, so the
+    tolerance is 4 units of the low precision over the terms' largest sum (float32 alone: unchanged)."""
     if not logits.is_floating_point():
         return False
     eps = max(torch.finfo(logits.dtype).eps, torch.finfo(recomputed.dtype).eps)
-    terms = features.abs().to(weight.dtype) @ weight.abs().T  # sum_k |h_k w_ck|: what rounding is relative to
+    low = max(torch.finfo(t.dtype).eps for t in (features, output, logits) if torch.is_tensor(t) and t.is_floating_point())
+    wide = torch.promote_types(features.dtype, weight.dtype)
+    terms = features.abs().to(wide) @ weight.abs().to(wide).T  # sum_k |h_k w_ck|: what rounding is relative to
     if bias is not None:
-        terms = terms + bias.abs()
+        terms = terms + bias.abs().to(wide)
     finite = terms[torch.isfinite(terms)]
-    tolerance = 16 * eps * math.sqrt(features.shape[1]) * (float(finite.max()) if finite.numel() else 0.0)
+    tolerance = (max(16 * eps * math.sqrt(features.shape[1]), 4 * low)
+                 * (float(finite.max()) if finite.numel() else 0.0))
     recomputed = recomputed.to(logits.dtype)
     same = ((logits - recomputed).abs() <= tolerance) | (logits == recomputed) | (logits.isnan() & recomputed.isnan())
     return bool(same.all())  # a diverged network's NaN logits are still its final layer's output
