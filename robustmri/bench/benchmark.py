@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from robustmri.bench.machine import describe_machine, run_provenance
 from robustmri.bench.profiles import (
+    BENCHMARK_PRECISION,
     LEAVE_OUT,
     LEGACY_RECIPE,
     METHOD_OUTPUTS,
@@ -513,6 +514,8 @@ class Benchmark:
         previous = read_json(os.path.join(out, "protocol.json"), missing={}).get("protocol")
         if previous and "recipe_settings" in previous:  # settings recorded since: earlier runs had the legacy value
             previous = {**previous, "recipe_settings": {**LEGACY_RECIPE, **previous["recipe_settings"]}}
+        if previous and "precision" not in previous:  # recorded before the protocol named it: every such run was fp32
+            previous = {**previous, "precision": BENCHMARK_PRECISION}
         if previous and os.path.isfile(os.path.join(out, records)) and previous != protocol:
             changed = {k: (previous.get(k), protocol.get(k)) for k in set(previous) | set(protocol)
                        if previous.get(k) != protocol.get(k)}
@@ -547,7 +550,8 @@ def _start(bundle_dir: str, profile: str, methods, device, dataset_dir, out: str
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     _log_to(os.path.join(out, "benchmark.log"))
-    return settings, methods, device, dataset_dir, out, {**settings["config"], **overrides}
+    return settings, methods, device, dataset_dir, out, {"precision": BENCHMARK_PRECISION, **settings["config"],
+                                                         **overrides}
 
 
 def _check_branching(profile: str, methods, config: dict) -> None:

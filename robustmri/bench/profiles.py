@@ -195,3 +195,8 @@ RECIPE_SETTINGS = ("optimizer#_target_", "learning_rate", "weight_decay", "lr_sc
                    "augment_flip_prob", "ema_decay", "preprocess", "augment_site_shift_prob")
 #: Recipe settings added after records were first kept, with the value every earlier record was trained with.
 LEGACY_RECIPE = {"preprocess": "minmax", "augment_site_shift_prob": 0.0}
+#: The training precision of every benchmark run unless ``--precision`` says otherwise. The bundle's ``auto`` decides
+#: by the processor (bf16 on a CPU with AVX512-BF16 where it measures faster, fp32 without), so two machines would
+#: train one protocol differently; the protocol records the precision, and a folder's runs share it. Runs recorded
+#: before the protocol named it trained in fp32 (each record's own ``precision`` says so).
+BENCHMARK_PRECISION = "fp32"

@@ -104,11 +104,20 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     assert "naive: weight average (the model) against the raw last-epoch weights" in (out / "results.md").read_text()
     protocol = json.loads((out / "protocol.json").read_text())["protocol"]
     assert protocol["recipe_settings"]["ema_decay"] == 0.99 and protocol["recipe_settings"]["learning_rate"] == 0.002
+    # one precision for the folder, whatever the processor would choose with the bundle's auto
+    assert protocol["precision"] == "fp32" and all(r["precision"] == "fp32" for r in runs)
 
     second = _benchmark(*args)  # resume: nothing left to do
     assert second.returncode == 0, second.stderr[-3000:]
     assert read_runs(str(out / "runs.jsonl")) == runs
     assert "3 runs planned, 3 already done" in (out / "benchmark.log").read_text()
+    bf16 = _benchmark(*args, "--precision", "bf16")  # runs of another precision never join these
+    assert bf16.returncode != 0 and "another protocol" in bf16.stderr and "precision" in bf16.stderr
+    saved = json.loads((out / "protocol.json").read_text())
+    del saved["protocol"]["precision"]  # as written before the protocol named it: those runs were fp32
+    (out / "protocol.json").write_text(json.dumps(saved))
+    legacy = _benchmark(*args)
+    assert legacy.returncode == 0, legacy.stderr[-3000:]
 
     more = _benchmark(*args, "--methods", "naive,isp,isp_linf_control,isp_linf")  # one more method, later
     assert more.returncode == 0, more.stderr[-3000:]
