@@ -120,10 +120,11 @@ class Benchmark:
                     **({"shift_catalog": settings["shift_catalog"]} if settings.get("shift_catalog") else {}),
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
+        runs_path = os.path.join(out, "runs.jsonl")
+        _check_same_precision(read_runs(runs_path), config["precision"], runs_path)
         host = describe_machine()
         self._save_protocol(out, protocol, host)
 
-        runs_path = os.path.join(out, "runs.jsonl")
         done = {run_key(r) for r in read_runs(runs_path)}
         noises = as_list(noises) or settings.get("noises", ["gaussian", "rician"])
         rates = [float(r) for r in (as_list(label_noise_rates) or settings.get("label_noise_rates", [0.0]))]
@@ -526,6 +527,18 @@ class Benchmark:
     def _save_protocol(out: str, protocol: dict, host: dict, **finished) -> None:
         """``protocol.json``: the protocol and machine at the start; wall time and date added at the end."""
         write_json(os.path.join(out, "protocol.json"), {"protocol": protocol, "machine": host, **finished})
+
+
+def _check_same_precision(runs: list[dict], precision: str, path: str) -> None:
+    """Refuse to resume a folder holding a run trained in another precision than its protocol's: that run would
+    count as done and be paired with the others (a record without one was trained before records named it, in fp32).
+    ``auto`` lets each run choose, so nothing is checked."""
+    if precision == "auto":
+        return
+    other = [run_key(r) for r in runs if (r.get("precision") or BENCHMARK_PRECISION) != precision]
+    if other:
+        raise UsageError(f"{path} holds {len(other)} run(s) trained in another precision than the protocol's "
+                         f"{precision} (first: {other[0]}); remove those lines to run them again in {precision}")
 
 
 def _start(bundle_dir: str, profile: str, methods, device, dataset_dir, out: str, overrides: dict, run: bool = False):

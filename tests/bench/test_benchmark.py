@@ -12,6 +12,7 @@ import pytest
 from robustmri.abstention.scores import SCORES
 from robustmri.bench.machine import run_provenance
 from robustmri.bench.report import aggregate, markdown_tables, read_runs, validation_swing
+from robustmri.bench.runs import run_key
 
 from conftest import ROOT
 
@@ -118,6 +119,13 @@ def test_benchmark_end_to_end_and_resume(tmp_path):
     (out / "protocol.json").write_text(json.dumps(saved))
     legacy = _benchmark(*args)
     assert legacy.returncode == 0, legacy.stderr[-3000:]
+    records = (out / "runs.jsonl").read_text()
+    lines = records.splitlines(keepends=True)
+    stray = {**json.loads(lines[-1]), "precision": "bf16"}  # e.g. left by a run before the protocol named one
+    (out / "runs.jsonl").write_text("".join(lines[:-1]) + json.dumps(stray) + "\n")
+    mixed = _benchmark(*args)  # it would count as done and be paired with fp32 runs
+    assert mixed.returncode != 0 and "another precision" in mixed.stderr and run_key(stray) in mixed.stderr
+    (out / "runs.jsonl").write_text(records)
 
     more = _benchmark(*args, "--methods", "naive,isp,isp_linf_control,isp_linf")  # one more method, later
     assert more.returncode == 0, more.stderr[-3000:]
