@@ -121,11 +121,12 @@ class Benchmark:
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
         runs_path = os.path.join(out, "runs.jsonl")
-        _check_same_precision(read_runs(runs_path), config["precision"], runs_path)
+        recorded = read_runs(runs_path)
+        _check_same_precision(recorded, config["precision"], runs_path)
         host = describe_machine()
         self._save_protocol(out, protocol, host)
 
-        done = {run_key(r) for r in read_runs(runs_path)}
+        done = {run_key(r) for r in recorded}
         noises = as_list(noises) or settings.get("noises", ["gaussian", "rician"])
         rates = [float(r) for r in (as_list(label_noise_rates) or settings.get("label_noise_rates", [0.0]))]
         planned = plan_runs(methods, noises, as_list(test_noise_fractions), seeds, rates)
