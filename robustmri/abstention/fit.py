@@ -36,7 +36,7 @@ from robustmri.abstention.mahalanobis import (
     describe_detector,
     network_outputs,
 )
-from robustmri.abstention.scores import AbstentionScore, CdfMean, build_score
+from robustmri.abstention.scores import AbstentionScore, CdfGate, CdfMean, build_score
 from robustmri.abstention.state import AbstentionState, abstention_path, load_state, save_state
 from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.model_metadata import file_sha256, metadata_path, recorded_dataset_dir
@@ -174,8 +174,14 @@ def describe_score(state: AbstentionState) -> tuple[str, str]:
     if isinstance(strategy, CdfMean):
         parts = "; ".join(describe_detector(float(state.settings.get("ridge", RIDGE))) if c.name == MAHALANOBIS
                           else f"{c.name}: {SCORE_DESCRIPTIONS[c.name]}" for c in strategy.components)
-        what = (f"mean of the empirical CDFs of {', '.join(c.name for c in strategy.components)}, each CDF the share "
-                f"of the validation split's scores at or below the slice's ({parts})")
+        if isinstance(strategy, CdfGate):
+            gate, rank = strategy.components
+            what = (f"the empirical CDF of {rank.name}, except that a slice whose {gate.name} CDF is above "
+                    f"{strategy.level:g} scores 1 plus that CDF (refused at any threshold below 1), each CDF the share "
+                    f"of the validation split's scores at or below the slice's ({parts})")
+        else:
+            what = (f"mean of the empirical CDFs of {', '.join(c.name for c in strategy.components)}, each CDF the "
+                    f"share of the validation split's scores at or below the slice's ({parts})")
     else:
         what = SCORE_DESCRIPTIONS[state.score]
     return state.score, (f"{what}; fitted on the training split; higher = less assessable; a slice scoring above "

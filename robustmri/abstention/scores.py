@@ -16,7 +16,10 @@ Strategies (:data:`SCORES`, :func:`score_by_name`):
 - ``energy``: ``-logsumexp_c(logits_c)``, the free energy at temperature 1 (Liu, Wang, Owens, Li,
   "Energy-based Out-of-distribution Detection", NeurIPS 2020), higher = less assessable;
 - ``mahalanobis+max_softmax``: the mean of the two scores' empirical CDFs, each CDF taken on a
-  reference set's scores (:class:`CdfMean`), so that two scores on unrelated scales weigh the same.
+  reference set's scores (:class:`CdfMean`), so that two scores on unrelated scales weigh the same;
+- ``mahalanobis_gate+max_softmax``: the maximum-softmax CDF orders the slices, and a slice less
+  familiar (Mahalanobis) than :data:`GATE_LEVEL` of the reference set is refused whatever its
+  softmax (:class:`CdfGate`): one score for wrong answers, one for images unlike the training slices.
 
 A small deep ensemble needs several networks, so it is not a fitted strategy of one checkpoint:
 :func:`ensemble_scores` scores the members' probabilities.
@@ -110,6 +113,12 @@ def empirical_cdf(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.searchsorted(reference, np.asarray(values, dtype=np.float64), side="right") / len(reference)
 
 
+#: The gate of :class:`CdfGate`: a slice whose gate score lies above this share of the reference set's is refused.
+#: Fixed before any measurement: the gate alone refuses about 1 % of ordinary slices, so the 95 % acceptance
+#: target is set by the ranking score.
+GATE_LEVEL = 0.99
+
+
 class CdfMean:
     """The mean of several scores' empirical CDFs (each in [0, 1], higher = less assessable).
 
@@ -137,18 +146,65 @@ class CdfMean:
             params[f"{component.name}.cdf_reference"] = np.sort(component.score(own, ref_features, ref_logits))
         return params
 
+    def combine(self, values: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
+        """The score from each component's ``values`` and its sorted ``references`` (in the order of
+        ``components``): the mean of the empirical CDFs."""
+        return np.mean([empirical_cdf(ref, v) for ref, v in zip(references, values)], axis=0)
+
     def score(self, params, features, logits) -> np.ndarray:
-        cdfs = []
+        values, references = [], []
         for component in self.components:
             prefix = f"{component.name}."
             own = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
-            cdfs.append(empirical_cdf(own.pop("cdf_reference"), component.score(own, features, logits)))
-        return np.mean(cdfs, axis=0)
+            references.append(own.pop("cdf_reference"))
+            values.append(component.score(own, features, logits))
+        return self.combine(values, references)
+
+
+def gate_cut(reference: np.ndarray, level: float = GATE_LEVEL) -> float:
+    """The gate score above which :class:`CdfGate` refuses: midway between the reference scores on either side of
+    ``level`` (the ``floor(level n)``-th and next smallest of ``n``), so that no reference slice's own score sits
+    on it (a float32 and a float64 score of that slice then fall on the same side); ``inf`` when ``level n`` is
+    beyond the last one."""
+    reference = np.sort(np.asarray(reference, dtype=np.float64).reshape(-1))
+    if not len(reference):
+        raise ValueError("a gate needs at least one reference score")
+    above = int(np.floor(level * len(reference)))
+    if above >= len(reference):
+        return float("inf")
+    return float(reference[above] if above == 0 else (reference[above - 1] + reference[above]) / 2)
+
+
+class CdfGate(CdfMean):
+    """A ranking score behind a gate: ``F_rank`` where the gate score is at most :func:`gate_cut` of its reference
+    (the ``level`` share of the reference set lies below it), else ``1 + F_gate``.
+
+    ``components`` is ``(gate, rank)``, fitted and ranked on the reference set as in :class:`CdfMean` (the same
+    parameters). Every gated slice scores above every ungated one (``1 + F_gate > 1 >= F_rank``), so a threshold
+    that accepts most of the reference set (the product's 95 %) refuses every gated slice, and among the others
+    the ranking score alone decides: the gate refuses images unlike the training slices (a far-away Mahalanobis
+    distance), the ranking score the slices the model is least sure of.
+    """
+
+    def __init__(self, components: tuple[AbstentionScore, AbstentionScore], level: float = GATE_LEVEL):
+        if len(components) != 2:
+            raise ValueError(f"a gate needs two scores (gate, rank), got {len(components)}")
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"the gate level must lie in (0, 1), got {level!r}")
+        super().__init__(components)
+        self.level = float(level)
+        self.name = f"{components[0].name}_gate+{components[1].name}"
+
+    def combine(self, values: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
+        (gate, rank), (gate_ref, rank_ref) = values, references
+        gated = np.asarray(gate, dtype=np.float64) > gate_cut(gate_ref, self.level)
+        return np.where(gated, 1.0 + empirical_cdf(gate_ref, gate), empirical_cdf(rank_ref, rank))
 
 
 #: Every strategy by name.
 SCORES: dict[str, AbstentionScore] = {score.name: score for score in (
-    Mahalanobis(), MaxSoftmax(), Energy(), CdfMean((Mahalanobis(), MaxSoftmax())))}
+    Mahalanobis(), MaxSoftmax(), Energy(), CdfMean((Mahalanobis(), MaxSoftmax())),
+    CdfGate((Mahalanobis(), MaxSoftmax())))}
 
 
 def build_score(name: str, ridge: float = RIDGE) -> AbstentionScore:
@@ -157,7 +213,8 @@ def build_score(name: str, ridge: float = RIDGE) -> AbstentionScore:
     if isinstance(template, Mahalanobis):
         return Mahalanobis(ridge)
     if isinstance(template, CdfMean):
-        return CdfMean(tuple(Mahalanobis(ridge) if isinstance(c, Mahalanobis) else c for c in template.components))
+        components = tuple(Mahalanobis(ridge) if isinstance(c, Mahalanobis) else c for c in template.components)
+        return CdfGate(components, template.level) if isinstance(template, CdfGate) else CdfMean(components)
     return template
 
 

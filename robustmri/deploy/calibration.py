@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from robustmri.abstention import AbstentionState, load_state, save_state
-from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score, empirical_cdf
+from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score
 from robustmri.abstention.mahalanobis import (
     RIDGE,
     TARGET_ACCEPTANCE,
@@ -226,8 +226,7 @@ def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.nda
         arrays.update({f"{component.name}.{key}": value for key, value in own.items()})
         arrays[f"{component.name}.cdf_reference"] = np.sort(scores)
         held_out_scores.append(scores)
-    combined = np.mean([empirical_cdf(arrays[f"{c.name}.cdf_reference"], v)
-                        for c, v in zip(strategy.components, held_out_scores)], axis=0)
+    combined = strategy.combine(held_out_scores, [arrays[f"{c.name}.cdf_reference"] for c in strategy.components])
     threshold, acceptance = calibrate_threshold(combined, target_acceptance)
     return {**fit, "threshold": threshold, "acceptance": acceptance, "out_of_fold_scores": combined,
             "arrays": arrays, "settings": {"ridge": float(ridge)}, "rule": COMBINATION_RULE}

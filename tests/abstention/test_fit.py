@@ -77,15 +77,21 @@ def _independent_by_name(name, network, train_images, train_labels, validation, 
     f, l = network_outputs(network, images)
     if "+" not in name:
         return one(name, f, l, train_f, val_f, val_l)
-    cdfs = []
+    cdfs, gate = [], None
     for kind in name.split("+"):
-        reference = one(kind, val_f, val_l, train_f, val_f, val_l)
-        values = one(kind, f, l, train_f, val_f, val_l)
+        reference = one(kind.removesuffix("_gate"), val_f, val_l, train_f, val_f, val_l)
+        values = one(kind.removesuffix("_gate"), f, l, train_f, val_f, val_l)
         cdfs.append((reference[None, :] <= values[:, None]).mean(1))
+        if kind.endswith("_gate"):  # refused above the midpoint of the reference scores around 99 % of them
+            ordered, m = np.sort(reference), int(0.99 * len(reference))
+            gate = values > (ordered[m - 1] + ordered[m]) / 2
+    if gate is not None:
+        return np.where(gate, 1.0 + cdfs[0], cdfs[1])
     return np.mean(cdfs, axis=0)
 
 
-@pytest.mark.parametrize("name", ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax"])
+@pytest.mark.parametrize("name", ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax",
+                                  "mahalanobis_gate+max_softmax"])
 def test_fit_state_by_name_scores_as_written_out_and_accepts_its_share(tmp_path, name):
     network = tiny_network()
     checkpoint = tmp_path / "model.pt"

@@ -11,6 +11,7 @@ from robustmri.abstention.scores import (
     AbstentionScore,
     empirical_cdf,
     ensemble_scores,
+    gate_cut,
     score_by_name,
 )
 
@@ -27,7 +28,8 @@ def fitted():
 
 
 def test_registry_and_interface():
-    assert list(SCORES) == ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax"]
+    assert list(SCORES) == ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax",
+                            "mahalanobis_gate+max_softmax"]
     for name, score in SCORES.items():
         assert isinstance(score, AbstentionScore) and score.name == name and score_by_name(name) is score
     with pytest.raises(ValueError, match=r"unknown abstention score 'softmax'; valid names: mahalanobis, max_softmax"):
@@ -90,6 +92,43 @@ def test_combination_is_the_mean_of_the_cdfs_on_the_reference(fitted):
     # no reference: the fit data's own scores
     np.testing.assert_allclose(combined.fit(features, logits, labels)["mahalanobis.cdf_reference"],
                                np.sort(score_by_name("mahalanobis").score(own, features, logits)))
+
+
+def test_gate_cut_by_hand():
+    reference = np.arange(1.0, 201.0)  # 200 scores 1..200: 99 % of them (198) lie at or below 198
+    assert gate_cut(reference, 0.99) == 198.5  # midway between the 198th and the 199th
+    assert gate_cut([5.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and gate_cut([4.0], 0.5) == 4.0
+    assert gate_cut([1.0, 2.0], 0.999) == 1.5 and gate_cut(np.arange(10.0), 0.99) == 8.5
+    with pytest.raises(ValueError, match="at least one"):
+        gate_cut([], 0.99)
+
+
+def test_gate_refuses_the_unfamiliar_whatever_the_softmax_and_ranks_the_rest_by_it(fitted):
+    features, logits, labels, queries, query_logits = fitted
+    gated = score_by_name("mahalanobis_gate+max_softmax")
+    assert gated.level == 0.99 and [c.name for c in gated.components] == ["mahalanobis", "max_softmax"]
+    params = gated.fit(features, logits, labels)
+    # the same parameters as the mean of the two CDFs: only the way they combine differs
+    assert sorted(params) == sorted(score_by_name("mahalanobis+max_softmax").fit(features, logits, labels))
+    maha_ref, soft_ref = params["mahalanobis.cdf_reference"], params["max_softmax.cdf_reference"]
+    own = score_by_name("mahalanobis").fit(features, logits, labels)
+    maha = score_by_name("mahalanobis").score(own, queries, query_logits)
+    soft = 1 - torch.softmax(torch.from_numpy(query_logits), 1).max(1).values.numpy()
+    ordered = np.sort(maha_ref)  # 130 reference scores: floor(0.99 * 130) = 128 at or below the cut
+    cut = (ordered[127] + ordered[128]) / 2
+    expected = [1 + (maha_ref <= m).mean() if m > cut else (soft_ref <= s).mean() for m, s in zip(maha, soft)]
+    scores = gated.score(params, queries, query_logits)
+    np.testing.assert_allclose(scores, expected, atol=1e-12)
+    # the far-away queries are gated (above every ungated score) even where the softmax is certain
+    assert scores[5:].min() > 1 >= scores[:5].max()
+    assert (soft[5:] < 0.5).any()
+    # on the reference itself the gate refuses the 2 of 130 above the cut, and the rest keep their softmax rank
+    on_reference = gated.score(params, features, logits)
+    own_maha = score_by_name("mahalanobis").score(own, features, logits)
+    own_soft = 1 - torch.softmax(torch.from_numpy(logits), 1).max(1).values.numpy()
+    assert set(np.flatnonzero(on_reference > 1)) == set(np.argsort(own_maha)[-2:])
+    np.testing.assert_allclose(on_reference[own_maha <= cut], [(soft_ref <= v).mean() for v in own_soft[own_maha <= cut]],
+                               atol=1e-12)
 
 
 def test_ensemble_scores_by_hand():

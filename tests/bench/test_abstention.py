@@ -62,7 +62,7 @@ def test_files_and_sets(report, data):
     assert result["sets"]["test"]["n"] == len(data.split("test")) and result["n_train"] == len(data.split("train"))
     assert result["excluded"] == {"validation": 0, "test": 0}
     assert result["scores"] == ["mahalanobis", "max_softmax", "energy", "mahalanobis+max_softmax",
-                                "ensemble_entropy", "ensemble_disagreement"]
+                                "mahalanobis_gate+max_softmax", "ensemble_entropy", "ensemble_disagreement"]
 
 
 @pytest.mark.slow

@@ -418,7 +418,8 @@ def test_the_site_keeps_the_models_score_and_a_parameter_free_one_gets_only_its_
     assert state.threshold == calibrate_threshold(scores_of(state, network, images), 0.95)[0]
 
 
-def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
+@pytest.mark.parametrize("name", ["mahalanobis+max_softmax", "mahalanobis_gate+max_softmax"])
+def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path, name):
     from scipy.special import softmax
 
     from robustmri.abstention.fit import scores_of
@@ -426,13 +427,13 @@ def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
     from robustmri.deploy.calibration import COMBINATION_RULE, fit_site_abstention
 
     checkpoint = trained_model(tmp_path / "models")
-    _state_beside(checkpoint, "mahalanobis+max_softmax")
+    _state_beside(checkpoint, name)
     write_site(tmp_path / "site", 120, seed=12)
     record = calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
                             min_images=100, batch_size=32)
     site = tmp_path / "models" / "model_site.pt"
     state = load_state(site, checkpoint_sha256=file_sha256(site))
-    assert state.score == "mahalanobis+max_softmax" == record["abstention"]["score"]
+    assert state.score == name == record["abstention"]["score"]
     assert record["abstention"]["rule"] == COMBINATION_RULE and "components ranked" in record["adapted"][1]
     network = tiny_network()
     network.load_state_dict(loaded(site))
@@ -448,10 +449,15 @@ def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
     np.testing.assert_allclose(state.arrays["mahalanobis.means"], maha["detector"].means, rtol=1e-6)
     np.testing.assert_allclose(state.arrays["mahalanobis.cdf_reference"], np.sort(maha["out_of_fold_scores"]),
                                rtol=1e-6)
-    # the threshold accepts the target share of the combined out-of-fold scores, by hand: mean of the two ranks
+    # the threshold accepts the target share of the combined out-of-fold scores, by hand: mean of the two ranks,
+    # or the softmax rank with the Mahalanobis part's top 1 % (above the midpoint around 99 %) put above it
     ranks = [np.searchsorted(np.sort(ref), values, side="right") / len(ref) for ref, values in
              ((maha["out_of_fold_scores"], maha["out_of_fold_scores"]), (max_softmax, max_softmax))]
     combined = np.mean(ranks, axis=0)
+    if "_gate" in name:
+        ordered, m = np.sort(maha["out_of_fold_scores"]), int(0.99 * len(max_softmax))
+        combined = np.where(maha["out_of_fold_scores"] > (ordered[m - 1] + ordered[m]) / 2, 1 + ranks[0], ranks[1])
+        assert (combined > 1).sum() == len(max_softmax) - m
     assert np.mean(combined <= state.threshold) >= 0.95 > np.mean(combined < state.threshold) - 1e-12
     assert state.acceptance == pytest.approx(np.mean(combined <= state.threshold))
     # and the state applies like any other: the site's own images, scored in-sample, are accepted at least as often
@@ -464,7 +470,7 @@ def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path):
     result = export_onnx(network, tmp_path / "site.onnx", CLASS_NAMES, TINY_SIZE, checkpoint=site, preprocess="minmax",
                          parity_images=images, abstention=state)
     classifier = OnnxClassifier(tmp_path / "site.onnx", device="cpu")
-    assert result["parity"]["passed"] and classifier.detector["name"] == "mahalanobis+max_softmax"
+    assert result["parity"]["passed"] and classifier.detector["name"] == name
     assert classifier.ood_threshold == pytest.approx(state.threshold, rel=1e-12)
     _, exported = classifier.predict_with_scores(images)
     assert np.abs(exported - expected).max() <= 1e-4 + 1.0 / len(images)

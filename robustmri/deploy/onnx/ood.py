@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robustmri.abstention.mahalanobis import MahalanobisDetector
-from robustmri.abstention.scores import SCORES, CdfMean, score_by_name
+from robustmri.abstention.scores import SCORES, CdfGate, CdfMean, gate_cut, score_by_name
 from robustmri.influence.adapter import FinalLayer
 
 #: Abstention rule: a series with more than this share of not-assessable slices gets no tumour class.
@@ -62,20 +62,30 @@ class EnergyGraph(nn.Module):
 
 class CdfMeanGraph(nn.Module):
     """The mean of the components' empirical CDFs (:class:`robustmri.abstention.scores.CdfMean`): each CDF is the
-    share of its reference scores (a float32 buffer) at or below the slice's score."""
+    share of its reference scores (a float32 buffer) at or below the slice's score. With ``gate_level``, the
+    gated ranking of :class:`robustmri.abstention.scores.CdfGate` instead: ``1 + F_gate`` where the gate score is
+    above its cut (:func:`~robustmri.abstention.scores.gate_cut` at ``gate_level``), else ``F_rank`` (components
+    ``(gate, rank)``)."""
 
-    def __init__(self, components: list[nn.Module], references: list):
+    def __init__(self, components: list[nn.Module], references: list, gate_level: float | None = None):
         super().__init__()
         self.components = nn.ModuleList(components)
         for index, reference in enumerate(references):
             self.register_buffer(f"reference_{index}", torch.as_tensor(reference, dtype=torch.float32).reshape(-1))
+        # the gated ranking compares the raw gate score with its cut (robustmri.abstention.scores.gate_cut)
+        self.gated = gate_level is not None
+        if self.gated:
+            self.register_buffer("gate_cut", torch.tensor(gate_cut(references[0], gate_level), dtype=torch.float32))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        cdfs = []
+        cdfs, values = [], []
         for index, component in enumerate(self.components):
             reference = getattr(self, f"reference_{index}")
             value = component(features, logits)
+            values.append(value)
             cdfs.append((reference[None, :] <= value[:, None]).to(value.dtype).mean(1))
+        if self.gated:
+            return torch.where(values[0] > self.gate_cut, 1.0 + cdfs[0], cdfs[1])
         return torch.stack(cdfs).mean(0)
 
 
@@ -102,7 +112,7 @@ def graph_score(name: str, arrays: dict) -> nn.Module:
             own = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
             references.append(own.pop("cdf_reference"))
             components.append(_component_graph(component.name, own))
-        return CdfMeanGraph(components, references)
+        return CdfMeanGraph(components, references, strategy.level if isinstance(strategy, CdfGate) else None)
     return _component_graph(name, arrays)
 
 

@@ -243,7 +243,7 @@ def test_export_needs_both_detector_splits(tmp_path, data):
         export_onnx(tiny_network(), tmp_path / "m.onnx", CLASS_NAMES, TINY_SIZE, ood_train=split_arrays(data, "train"))
 
 
-@pytest.mark.parametrize("name", ["max_softmax", "energy", "mahalanobis+max_softmax"])
+@pytest.mark.parametrize("name", ["max_softmax", "energy", "mahalanobis+max_softmax", "mahalanobis_gate+max_softmax"])
 def test_the_exported_graph_computes_the_states_score_by_name(data, tmp_path, name):
     from robustmri.abstention.fit import fit_state, scores_of
     from robustmri.abstention.mahalanobis import DETECTOR_NAME
@@ -260,6 +260,7 @@ def test_the_exported_graph_computes_the_states_score_by_name(data, tmp_path, na
     classifier = OnnxClassifier(tmp_path / "model.onnx", device="cpu")
     assert classifier.detector["name"] == name != DETECTOR_NAME
     assert "higher = less assessable" in classifier.detector["description"]
+    assert ("scores 1 plus that CDF" in classifier.detector["description"]) == ("_gate" in name)
     assert classifier.ood_threshold == pytest.approx(state.threshold, rel=1e-12)
     # the float32 graph scores unseen slices as the float64 state does (a CDF may move one reference step on a tie)
     expected = scores_of(state, network, test_images)
