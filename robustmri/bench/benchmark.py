@@ -39,6 +39,7 @@ from robustmri.bench.profiles import (
     RECIPE_SETTINGS,
     RECIPES,
     SHIFT_COMPARISONS,
+    SHIFT_LEVERS,
     SHIFT_SPLITS,
     branchable,
     prefix_name,
@@ -64,6 +65,7 @@ from robustmri.bench.shift_measures import (
 )
 from robustmri.bench.shifts import (
     family_tables,
+    lever_table,
     mean_over_shifts,
     shift_figure,
     shift_tables,
@@ -179,8 +181,11 @@ class Benchmark:
                   f"- runs: {len(runs)}; wall time of the last invocation: {info.get('wall_s', 0) / 60:.1f} min\n\n")
         summary, markdown = write_report(runs, out, list(METHODS), header)
         if any("test_by_p" in run for run in runs):  # paired comparisons against naive training
+            # a profile without plain naive runs (the honest shift bench) has nothing to pair with naive
+            with_naive = any(run["method"] == "naive" for run in runs)
             paired = "\n\n".join([f"#### Paired against naive training, {tag} checkpoint\n\n"
-                                    + paired_table(runs, baseline="naive", checkpoint=tag) for tag in ("last", "best")]
+                                    + paired_table(runs, baseline="naive", checkpoint=tag)
+                                    for tag in ("last", "best") if with_naive]
                                    + [f"#### Headroom: naive trained on clean images (rows `naive, clean-trained`) "
                                       f"against naive trained on each noise, on the same noisy test images, {tag} "
                                       f"checkpoint; Δ is the headroom\n\n" + table
@@ -197,8 +202,10 @@ class Benchmark:
                          "Severity against the product's augmentation ranges (robustmri.data.shift_families); "
                          "a family left out of a configuration's training is a new family to it.\n\n"
                          "##### Test split\n\n" + family_tables(runs, shifts, LEAVE_OUT)
+                         + "\n\n" + lever_table(runs, shifts, SHIFT_LEVERS)
                          + "\n\n##### Validation split\n\n"
                          + family_tables(runs, shifts, LEAVE_OUT, key="val_by_shift")
+                         + "\n\n" + lever_table(runs, shifts, SHIFT_LEVERS, key="val_by_shift")
                          + "\n\n##### Every shift, test split\n\n" + shift_tables(runs) + "\n")
             if any(run.get("calibrated_by_shift") or run.get("abstention_by_shift") for run in runs):
                 markdown += ("\n\n#### Site calibration under the shifts\n\n" + calibration_tables(runs, shifts)

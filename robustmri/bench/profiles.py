@@ -82,6 +82,10 @@ VARIANTS = {
 #: Leave-one-family-out: the product's configuration trained with the site-shift augmentation minus one family
 #: (``augment_exclude``), for the honest shift bench: ``{variant: (the full configuration, the family left out)}``.
 LEAVE_OUT = {f"naive_head_aug_minus_{family}": ("naive_head_aug", family) for family in FAMILIES}
+#: The honest shift bench's levers, each against the configuration it changes: ``{lever: base}`` (the first, no
+#: site augmentation, is the augmentation's own contribution, with the sign turned).
+SHIFT_LEVERS = {"naive_head": "naive_head_aug", "naive_head_landmarks_aug": "naive_head_aug",
+                "naive_head_mr_aug": "naive_head_aug", "naive_head_aug_128": "naive_head_aug"}
 VARIANTS.update({variant: ("naive", {**SITE["head_aug"], "augment_exclude": [family]})
                  for variant, (_, family) in LEAVE_OUT.items()})
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.

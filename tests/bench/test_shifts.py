@@ -9,6 +9,7 @@ from robustmri.bench import shifts as shifts_module
 from robustmri.bench.shifts import (
     REFERENCE,
     family_tables,
+    lever_table,
     shift_tables,
     shifted_test_sets,
     summary_table,
@@ -157,3 +158,33 @@ def test_family_tables_against_a_hand_computation():
     assert "| `none` (unshifted) |  |  | −0.7 [−4.5, +3.1] 1/3 |" in sections[3]
     assert family_tables([{"method": "naive", "noise": "gaussian", "seed": 0}], family_shifts(48), {}) == (
         "No run has site-shift results.")
+
+
+def test_lever_table_against_a_hand_computation():
+    accuracies = {  # seed: (none, rotate_10, rotate_20, tissue_contrast), and the noisy home split
+        "naive_head_aug": {0: (0.80, 0.79, 0.70, 0.70, 0.78), 1: (0.84, 0.83, 0.80, 0.74, 0.80),
+                           2: (0.82, 0.81, 0.78, 0.72, 0.79)},
+        "naive_head_landmarks_aug": {0: (0.81, 0.80, 0.74, 0.72, 0.78), 1: (0.85, 0.82, 0.82, 0.74, 0.81),
+                                     2: (0.82, 0.82, 0.80, 0.76, 0.81)}}
+    runs = []
+    for method, seeds in accuracies.items():
+        for seed, values in seeds.items():
+            run = _run(method, seed, dict(zip(("none", "rotate_10", "rotate_20", "tissue_contrast"), values)))
+            run["test_by_p"] = {"last": {"1": {"accuracy": values[4]}}}
+            runs.append(run)
+    levers = {"naive_head_landmarks_aug": "naive_head_aug", "naive_head_mr_aug": "naive_head_aug"}  # one not run
+    text = lever_table(runs, family_shifts(48), levers)
+    assert text.startswith("**Levers**, test split (training noise gaussian)")
+    assert ("| lever | `none` (clean) | home, noisy (p = 1) | in-range (mean of 1) | out-of-range (mean of 1) "
+            "| new family (mean of 1) |") in text
+    # none: +1, +1, 0 -> +0.67, std 0.577, t(0.975, 2) = 4.303: half 1.43; p = 1: 0, +1, +2 -> +1.0, std 1, half 2.5;
+    # rotate_10: +1, -1, +1 -> +0.33, std 1.155, half 2.87; rotate_20: +4, +2, +2 -> +2.67, std 1.155;
+    # tissue_contrast: +2, 0, +4 -> +2.0, std 2, half 4.97
+    assert ("| `naive_head_landmarks_aug` − `naive_head_aug` | +0.7 [−0.8, +2.1] 2/3 | +1.0 [−1.5, +3.5] 2/3 "
+            "| +0.3 [−2.5, +3.2] 2/3 | +2.7 [−0.2, +5.5] 3/3 | +2.0 [−3.0, +7.0] 2/3 |") in text
+    # MDE, one lever per column: (t(0.975, 2) + t(0.8, 2)) * std / sqrt(3) = (4.303 + 1.061) * std / 1.732
+    assert "| minimum detectable effect | 1.8 | 3.1 | 3.6 | 3.6 | 6.2 |" in text
+    assert "naive_head_mr_aug" not in text
+    validation = lever_table([{**r, "val_by_shift": r["test_by_shift"]} for r in runs], family_shifts(48), levers,
+                             key="val_by_shift")
+    assert "validation split" in validation and "home, noisy" not in validation
