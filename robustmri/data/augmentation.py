@@ -75,6 +75,8 @@ COMPONENTS = ("rotation", "scale", "aspect", "downsample", "blur", "bias", "cont
 #: takes these names.
 FAMILIES = {"framing": ("scale", "aspect"), "rotation": ("rotation",), "resolution": ("downsample",),
             "blur": ("blur",), "bias_field": ("bias",), "intensity_curve": ("contrast", "gamma")}
+#: Salt of the translation's stream (``translation``): its own, so that switching it on moves no other draw.
+TRANSLATION_STREAM = 7933
 #: Number of coefficients of the bias field's quadratic (x, y, x^2, y^2, xy).
 BIAS_TERMS = 5
 #: Salt of the MR acquisition components' stream (``mr_prob``), distinct from the site shifts'.
@@ -156,6 +158,9 @@ class SiteShiftAugmentation:
     scale: tuple[float, float] = (0.85, 1.15)
     #: Width / height ratio of the (area-preserving) crop resized to the square, log-uniform.
     aspect: tuple[float, float] = (0.8, 1.25)
+    #: Largest shift of the content along each axis, a share of the image side, uniform in [-this, this] per axis
+    #: (family ``framing``; 0: off, the default). Drawn from its own stream for the augmented samples.
+    translation: float = 0.0
     #: Largest in-plane rotation, degrees; the angle is uniform in [-this, this] (positive: counter-clockwise).
     rotation_degrees: float = 10.0
     #: Gaussian blur sigma in pixels, uniform.
@@ -200,6 +205,13 @@ class SiteShiftAugmentation:
         if not 0.0 <= degrees <= 180.0:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees!r}")
         set_("rotation_degrees", degrees)
+        try:
+            translation = float(self.translation)
+        except (TypeError, ValueError):
+            raise ValueError(f"translation must be a number in [0, 0.5], got {self.translation!r}") from None
+        if not 0.0 <= translation <= 0.5:
+            raise ValueError(f"translation must lie in [0, 0.5] (a share of the image side), got {self.translation!r}")
+        set_("translation", translation)
         set_("exclude", check_exclude(self.exclude))
         set_("mr_prob", _unit("mr_prob", self.mr_prob))
         set_("ringing_kept", _pair("ringing_kept", self.ringing_kept, 0.0, inclusive=False, upper=1.0))
@@ -213,7 +225,8 @@ class SiteShiftAugmentation:
         """Per-sample parameters for ``ids``, each drawn from ``default_rng([seed, epoch, id, 7919])``.
 
         Returns arrays of length ``N = len(ids)``: ``augmented`` (bool), ``rotation`` (degrees),
-        ``scale``, ``aspect``, ``downsample``, ``blur_sigma``, ``bias_amplitude``,
+        ``scale``, ``aspect``, ``shift`` (``[N, 2]``: the content's shift right and down, shares of the
+        width and height; from its own stream, see ``translation``), ``downsample``, ``blur_sigma``, ``bias_amplitude``,
         ``bias_coefficients`` (``[N, 5]``), ``contrast``, ``gamma``. A component a sample does not
         take holds its identity value (0 degrees, factors 1, sigma 0, amplitude 0), so
         :meth:`apply` leaves it out. Every sample consumes the same draws whatever it takes.
@@ -224,6 +237,7 @@ class SiteShiftAugmentation:
             "rotation": np.zeros(n),
             "scale": np.ones(n),
             "aspect": np.ones(n),
+            "shift": np.zeros((n, 2)),
             "downsample": np.ones(n),
             "blur_sigma": np.zeros(n),
             "bias_amplitude": np.zeros(n),
@@ -261,6 +275,12 @@ class SiteShiftAugmentation:
                     params[key][row] = values[key]
             if takes["bias"]:
                 params["bias_coefficients"][row] = coefficients
+        if self.translation > 0.0 and "framing" not in self.exclude:
+            for row, sample in enumerate(ids):
+                rng = np.random.default_rng([int(seed), int(epoch), int(sample), TRANSLATION_STREAM])
+                take, shift = rng.random() < self.component_prob, rng.uniform(-self.translation, self.translation, 2)
+                if take and params["augmented"][row]:
+                    params["shift"][row] = shift
         return params
 
     def _draw_mr(self, params: dict, seed: int, epoch: int, ids: Sequence[int]) -> None:
@@ -305,15 +325,18 @@ class SiteShiftAugmentation:
         out = images.clone()
         as_tensor = lambda key: torch.as_tensor(np.asarray(params[key], dtype=np.float64))  # noqa: E731
         rotation, scale, aspect = as_tensor("rotation"), as_tensor("scale"), as_tensor("aspect")
+        # records drawn before the translation existed have no shift: none
+        shift = (torch.as_tensor(np.asarray(params["shift"], dtype=np.float64)).reshape(n, 2) if "shift" in params
+                 else torch.zeros(n, 2, dtype=torch.float64))
         downsample, sigma = as_tensor("downsample"), as_tensor("blur_sigma")
         amplitude, contrast, gamma = as_tensor("bias_amplitude"), as_tensor("contrast"), as_tensor("gamma")
         coefficients = torch.as_tensor(np.asarray(params["bias_coefficients"], dtype=np.float64)).reshape(n, -1)
         touched = torch.zeros(n, dtype=torch.bool)
 
-        geometry = (rotation != 0) | (scale != 1) | (aspect != 1)
+        geometry = (rotation != 0) | (scale != 1) | (aspect != 1) | (shift != 0).any(1)
         if geometry.any():
             rows = geometry.nonzero().flatten()
-            out[rows] = _affine(out[rows], rotation[rows], scale[rows], aspect[rows])
+            out[rows] = _affine(out[rows], rotation[rows], scale[rows], aspect[rows], shift[rows])
             touched |= geometry
         for row in (downsample > 1).nonzero().flatten().tolist():
             out[row] = _downsample(out[row], float(downsample[row]))
@@ -358,10 +381,12 @@ class SiteShiftAugmentation:
 # ---------------------------------------------------------------------- components
 
 
-def _affine(images: torch.Tensor, degrees: torch.Tensor, scale: torch.Tensor, aspect: torch.Tensor) -> torch.Tensor:
+def _affine(images: torch.Tensor, degrees: torch.Tensor, scale: torch.Tensor, aspect: torch.Tensor,
+            shift: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation (counter-clockwise as displayed, about the centre) of a crop of relative width
-    ``sqrt(aspect) / scale`` and height ``1 / (sqrt(aspect) * scale)`` resized to the whole image:
-    one ``affine_grid`` + bilinear ``grid_sample``, zeros outside the image."""
+    ``sqrt(aspect) / scale`` and height ``1 / (sqrt(aspect) * scale)`` resized to the whole image, then
+    the content moved by ``shift`` ``[N, 2]`` (right, down; shares of the width and height): one
+    ``affine_grid`` + bilinear ``grid_sample``, zeros outside the image."""
     height, width = images.shape[-2:]
     angle = torch.deg2rad(degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -373,6 +398,9 @@ def _affine(images: torch.Tensor, degrees: torch.Tensor, scale: torch.Tensor, as
     theta[:, 0, 1] = -sin * crop_h * height / width
     theta[:, 1, 0] = sin * crop_w * width / height
     theta[:, 1, 1] = cos * crop_h
+    if shift is not None:  # the output at x shows the input at x - shift; normalized coordinates span 2 per side
+        theta[:, 0, 2] = -2.0 * shift[:, 0]
+        theta[:, 1, 2] = -2.0 * shift[:, 1]
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -181,6 +181,39 @@ def test_scale_changes_a_centred_disks_area_by_its_square(scale):
     assert area(out) / area(disk) == pytest.approx(scale**2, rel=0.04)
 
 
+def test_translation_moves_the_content_by_its_share_of_each_side():
+    dot = torch.zeros(1, 1, 40, 20)
+    dot[0, 0, 10, 5] = 1.0
+    # right by 0.25 of the width (5 px), down by 0.1 of the height (4 px): exactly whole pixels, so exact
+    moved = SiteShiftAugmentation().apply(dot, _params(1, shift=[[0.25, 0.1]]))
+    assert moved[0, 0].argmax().item() == 14 * 20 + 10 and moved.max().item() == pytest.approx(1.0, abs=1e-5)
+    # content moved out of the frame is gone, the frame it leaves is background
+    edge = SiteShiftAugmentation().apply(dot, _params(1, shift=[[-0.3, 0.0]]))
+    assert edge.abs().sum().item() == 0.0
+
+
+def test_translation_has_its_own_stream_is_off_by_default_and_goes_with_framing():
+    ids = list(range(80))
+    plain = SiteShiftAugmentation().draw(3, 2, ids)
+    moved = SiteShiftAugmentation(translation=0.2).draw(3, 2, ids)
+    assert not plain["shift"].any()  # off by default
+    for key in SITE_KEYS:  # switching it on moves no other draw
+        assert np.array_equal(plain[key], moved[key]), key
+    # only augmented samples move, about component_prob of them, within the range
+    assert not moved["shift"][~moved["augmented"]].any()
+    share = (moved["shift"][moved["augmented"]] != 0).any(1).mean()
+    assert 0.3 < share < 0.7 and np.abs(moved["shift"]).max() <= 0.2
+    # the stream by hand: [seed, epoch, id, 7933], one uniform to take it, then the two shifts
+    for row in np.flatnonzero(moved["augmented"])[:5]:
+        rng = np.random.default_rng([3, 2, ids[row], 7933])
+        take, shift = rng.random() < 0.5, rng.uniform(-0.2, 0.2, 2)
+        assert np.array_equal(moved["shift"][row], shift if take else np.zeros(2))
+    assert not SiteShiftAugmentation(translation=0.2, exclude=["framing"]).draw(3, 2, ids)["shift"].any()
+    assert SiteShiftAugmentation(translation=0.2).describe()["translation"] == 0.2
+    with pytest.raises(ValueError, match="translation"):
+        SiteShiftAugmentation(translation=0.7)
+
+
 def test_aspect_squeezes_the_width_against_the_height():
     disk = _disk(64, radius=14.0)
     out = SiteShiftAugmentation().apply(disk, _params(1, aspect=1.25))
