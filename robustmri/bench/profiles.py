@@ -74,6 +74,10 @@ VARIANTS = {
     # ... and broader MR-realistic augmentation: the MR acquisition components on half of the samples as well
     # (the bench's artefact, tissue-contrast and noise shifts are then families this configuration trains on)
     "naive_head_mr_aug": ("naive", {**SITE["head_aug"], "augment_mr_prob": 0.5}),
+    # ... and wider framing: zoom up to 1.5 (the default stops at 1.15) and the content moved by up to 15 % of the
+    # side, the framing a cut skull gives (designed after the bench's skull_cut collapse: exploratory)
+    "naive_head_framing_aug": ("naive", {**SITE["head_aug"], "augment_scale": [0.85, 1.5],
+                                         "augment_translation": 0.15}),
     # stability training's consistency term between an image and a random flip of it, no noise (same budget)
     "stability_control": ("stability", {**PINNED["stability"], "stability_perturbation": "flip"}),
     # the denoise front end with a Gaussian blur matched in PSNR gain in place of non-local means
@@ -85,7 +89,8 @@ LEAVE_OUT = {f"naive_head_aug_minus_{family}": ("naive_head_aug", family) for fa
 #: The honest shift bench's levers, each against the configuration it changes: ``{lever: base}`` (the first, no
 #: site augmentation, is the augmentation's own contribution, with the sign turned).
 SHIFT_LEVERS = {"naive_head": "naive_head_aug", "naive_head_landmarks_aug": "naive_head_aug",
-                "naive_head_mr_aug": "naive_head_aug", "naive_head_aug_128": "naive_head_aug"}
+                "naive_head_mr_aug": "naive_head_aug", "naive_head_framing_aug": "naive_head_aug",
+                "naive_head_aug_128": "naive_head_aug"}
 VARIANTS.update({variant: ("naive", {**SITE["head_aug"], "augment_exclude": [family]})
                  for variant, (_, family) in LEAVE_OUT.items()})
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.

@@ -406,6 +406,13 @@ def test_the_bundle_passes_augment_exclude_to_the_training_dataset():
         workflow = load_workflow(BUNDLE, ["train.json"], overrides)
         workflow.parser["train#dataset#data"] = []
         assert workflow.parser.get_parsed_content("train#dataset#site_shift").exclude == expected
+    # the framing ranges too: the defaults, and a wider framing
+    for overrides, expected in (({}, ((0.85, 1.15), 0.0)),
+                                ({"augment_scale": [0.85, 1.5], "augment_translation": 0.15}, ((0.85, 1.5), 0.15))):
+        workflow = load_workflow(BUNDLE, ["train.json"], overrides)
+        workflow.parser["train#dataset#data"] = []
+        augmentation = workflow.parser.get_parsed_content("train#dataset#site_shift")
+        assert (augmentation.scale, augmentation.translation) == expected
 
 
 # ---------------------------------------------------------------------- MR acquisition components

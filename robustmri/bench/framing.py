@@ -1,0 +1,109 @@
+"""How a trained model's accuracy depends on framing: zoom and position of the prepared slice, and a cut skull.
+
+The honest shift bench's ``skull_cut`` (a random window of 0.6 of the frame) brings every configuration to about
+chance. This measurement separates what such a window does to the network's input: the test split prepared as
+the model prepares it, then (a) zoomed about its centre by a factor (the central ``1 / zoom`` of the prepared
+slice resized to the whole input, as the augmentation's ``scale`` does), (b) moved by a share of its side in a
+direction drawn per slice, the same for every share (background fills what it leaves), and (c) rendered as the
+bench's ``skull_cut`` (the window taken from the raw slice, then the model's own preprocessing). (a) and (b) act on the prepared input, so
+the preprocessing cannot undo them; (c) is what a site's small field of view would give.
+
+Every variant is deterministic: the direction of (b) is drawn from ``[slice id, 1]``, the window of (c) is the
+bench's own (``robustmri.data.shift_families``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from robustmri.data.preprocessing import preprocessing_by_name, resize
+from robustmri.data.readers import ImageReadError, read_image
+from robustmri.data.shift_families import render_family_shift
+from robustmri.engine.predictions import predict_items
+
+#: Zoom factors of (a): 1.15 is the edge of the default augmentation's ``scale``; 1.67 is ``skull_cut``'s.
+ZOOMS = (1.0, 1.15, 1.3, 1.5, 1.67)
+#: Shifts of (b), shares of the side.
+MOVES = (0.05, 0.1, 0.2)
+#: The bench's cut-skull shift.
+SKULL_CUT = "skull_cut"
+
+
+def centred_zoom(image: np.ndarray, zoom: float) -> np.ndarray:
+    """The central ``1 / zoom`` of a square prepared slice resized back to its size (``zoom`` >= 1)."""
+    if zoom < 1:
+        raise ValueError(f"zoom must be >= 1, got {zoom!r}")
+    size = image.shape[0]
+    kept = max(1, int(round(size / zoom)))
+    start = (size - kept) // 2
+    return resize(image[start:start + kept, start:start + kept], size)
+
+
+def direction(item_id: int) -> float:
+    """The direction (radians) in which slice ``item_id`` is moved: uniform, drawn from ``[item_id, 1]``."""
+    return float(np.random.default_rng([int(item_id), 1]).uniform(0.0, 2.0 * math.pi))
+
+
+def moved(image: np.ndarray, share: float, angle: float) -> np.ndarray:
+    """``image`` moved by ``share`` of its side in the direction ``angle`` (radians; 0 is to the right, pi / 2
+    down); background (0) fills what it leaves."""
+    size = image.shape[0]
+    rows, cols = (int(round(share * size * f)) for f in (math.sin(angle), math.cos(angle)))
+    out = np.zeros_like(image)
+    source = image[max(0, -rows):size - max(0, rows), max(0, -cols):size - max(0, cols)]
+    out[max(0, rows):max(0, rows) + source.shape[0], max(0, cols):max(0, cols) + source.shape[1]] = source
+    return out
+
+
+def variant_names() -> list[str]:
+    return [f"zoom {z:g}" for z in ZOOMS] + [f"move {m:g}" for m in MOVES] + [SKULL_CUT]
+
+
+def framing_variants(items: list[dict], size: int, preprocess: str, progress: bool = True
+                     ) -> tuple[dict[str, list[dict]], list[tuple[int, str]]]:
+    """``({variant: items}, skipped)``: each test item (with its raw ``file``) under every variant of
+    :func:`variant_names`, clean (``noisy`` False); a slice that cannot be read or prepared is skipped in every
+    variant, with its id and reason."""
+    prepare = preprocessing_by_name(preprocess)
+    sets = {name: [] for name in variant_names()}
+    skipped = []
+    for item in tqdm(items, desc="framing variants", unit="img", disable=not progress, leave=False):
+        try:
+            raw = read_image(item["file"])
+            prepared = prepare(raw, size)
+            cut = prepare(render_family_shift(raw, SKULL_CUT, size, [int(item["id"]), _skull_cut_stream(size)],
+                                              preprocess), size)
+        except (ImageReadError, ValueError, KeyError) as err:
+            skipped.append((int(item["id"]), getattr(err, "reason", str(err))))
+            continue
+        images = {f"zoom {z:g}": centred_zoom(prepared, z) for z in ZOOMS}
+        images.update({f"move {m:g}": moved(prepared, m, direction(item["id"])) for m in MOVES})
+        images[SKULL_CUT] = cut
+        for name, image in images.items():
+            sets[name].append({**item, "image": image[None].astype(np.float32), "noisy": False})
+    return sets, skipped
+
+
+def _skull_cut_stream(size: int) -> int:
+    from robustmri.data.shift_families import family_shifts
+
+    return family_shifts(size)[SKULL_CUT].stream
+
+
+def accuracy_by_variant(network: torch.nn.Module, sets: dict[str, list[dict]], class_names) -> dict[str, dict]:
+    """Per variant: accuracy, per-class recall and the share of each predicted class."""
+    device = next(network.parameters()).device
+    out = {}
+    for name, items in sets.items():
+        logits, labels, _ = predict_items(network, items, device=device)
+        predicted = logits.argmax(1).numpy()
+        labels = labels.numpy()
+        out[name] = {"n": int(len(labels)), "accuracy": float((predicted == labels).mean()),
+                     "recall": {c: float((predicted[labels == k] == k).mean()) if (labels == k).any() else None
+                                for k, c in enumerate(class_names)},
+                     "predicted_share": {c: float((predicted == k).mean()) for k, c in enumerate(class_names)}}
+    return out

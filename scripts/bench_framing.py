@@ -1,0 +1,102 @@
+"""How accuracy depends on framing: the test split zoomed, moved and cut, for one or two configurations.
+
+    python scripts/bench_framing.py --checkpoints RUN0/models/model.pt,RUN1/models/model.pt --out OUT
+    python scripts/bench_framing.py --checkpoints A0,A1 --baseline B0,B1 --names lever,product --out OUT
+
+Each checkpoint is evaluated on its own test split (rebuilt from the data and seed it was trained on,
+``robustmri.engine.trained_model``) under the variants of :mod:`robustmri.bench.framing`. ``--baseline``:
+checkpoints of another configuration, paired with ``--checkpoints`` by position (the same seeds): the table
+adds the paired difference per variant (95 % t interval over the pairs, pairs where the first scored higher).
+Writes ``framing.json``, ``framing.md`` and ``framing.png`` (accuracy against zoom and against shift) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import fire
+import numpy as np
+
+from robustmri.bench.framing import MOVES, ZOOMS, SKULL_CUT, accuracy_by_variant, framing_variants, variant_names
+from robustmri.bench.machine import write_measurement
+from robustmri.bench.stats import _signed, _table, paired_difference
+from robustmri.engine.trained_model import trained_model
+from robustmri.bench.runs import as_list
+
+BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
+
+
+def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None) -> dict:
+    config, network, data = trained_model(bundle_dir, checkpoint, dataset_dir=dataset_dir)
+    size, preprocess = int(config.get_parsed_content("spatial_size")), config.get_parsed_content("preprocess")
+    sets, skipped = framing_variants(data.split("test"), size, preprocess)
+    return {"checkpoint": checkpoint, "seed": int(config.get_parsed_content("seed")), "spatial_size": size,
+            "preprocess": preprocess, "skipped": skipped, "variants": accuracy_by_variant(network, sets, data.class_names)}
+
+
+def _figure(report: dict, path: str) -> None:
+    from robustmri.outputs import save_figure
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for name, runs in report["configurations"].items():
+        for axis, (xs, label) in zip(axes, ((ZOOMS, "zoom {:g}"), ((0.0, *MOVES), "move {:g}"))):
+            keys = ["zoom 1" if x == 0 else label.format(x) for x in xs]
+            values = np.array([[100 * run["variants"][k]["accuracy"] for k in keys] for run in runs])
+            axis.errorbar(xs, values.mean(0), yerr=values.std(0, ddof=1) if len(values) > 1 else None, marker="o",
+                          capsize=3, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+            cut = np.mean([100 * run["variants"][SKULL_CUT]["accuracy"] for run in runs])
+            axis.axhline(cut, linestyle=":", linewidth=1, color=axis.lines[-1].get_color())
+    axes[0].set_xlabel("zoom of the prepared slice about its centre")
+    axes[1].set_xlabel("shift of the prepared slice, share of its side")
+    axes[0].set_ylabel("test accuracy % (dotted: skull_cut)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy against framing (mean ± std over seeds)")
+    save_figure(fig, path)
+
+
+def main(checkpoints: str, out: str, baseline: str = "", names: str = "", dataset_dir: str | None = None,
+         bundle_dir: str = BUNDLE) -> dict:
+    """Measure ``--checkpoints`` (and ``--baseline``) under the framing variants; write the report into ``--out``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    groups = [as_list(checkpoints)] + ([as_list(baseline)] if baseline else [])
+    labels = as_list(names) or (["checkpoints", "baseline"][:len(groups)])
+    if len(labels) != len(groups):
+        raise SystemExit(f"--names needs {len(groups)} name(s), got {len(labels)}")
+    if baseline and len(groups[0]) != len(groups[1]):
+        raise SystemExit("--baseline needs as many checkpoints as --checkpoints (paired by position)")
+    missing = [c for group in groups for c in group if not os.path.isfile(c)]
+    if missing:
+        raise SystemExit(f"no checkpoint at {', '.join(missing)}")
+    report = {"configurations": {label: [_measure(c, bundle_dir, dataset_dir) for c in group]
+                                 for label, group in zip(labels, groups)}}
+    rows = []
+    for variant in variant_names():
+        row = [variant]
+        for label in labels:
+            values = [100 * run["variants"][variant]["accuracy"] for run in report["configurations"][label]]
+            row.append(f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else ""))
+        if baseline:
+            first, second = (report["configurations"][label] for label in labels)
+            difference = paired_difference(
+                {k: 100 * run["variants"][variant]["accuracy"] for k, run in enumerate(first)},
+                {k: 100 * run["variants"][variant]["accuracy"] for k, run in enumerate(second)})
+            ci = "" if difference["ci"] is None else f" [{_signed(difference['ci'][0])}, {_signed(difference['ci'][1])}]"
+            row.append(f"{_signed(difference['mean'])}{ci} {difference['positive']}/{difference['n']}")
+        rows.append(row)
+    header = ["variant", *(f"{label}: accuracy %" for label in labels)] + (
+        [f"{labels[0]} − {labels[1]}, points"] if baseline else [])
+    table = ("Test accuracy under framing variants (robustmri.bench.framing): zoom and move act on the prepared "
+             "input; skull_cut is the shift bench's window of 0.6 of the raw frame, then the model's "
+             "preprocessing.\n\n" + _table(header, rows) + "\n")
+    os.makedirs(out, exist_ok=True)
+    _figure(report, os.path.join(out, "framing.png"))
+    write_measurement(out, "framing", report, table, "bench_framing.py", sys.argv[1:])
+    return report
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda result: None)
