@@ -24,6 +24,7 @@ from robustmri.bench.machine import write_measurement
 from robustmri.bench.stats import _signed, _table, paired_difference
 from robustmri.engine.trained_model import trained_model
 from robustmri.bench.runs import as_list
+from robustmri.bench.shifts import synthetic_raw_images
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
@@ -31,8 +32,13 @@ BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__))
 def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None) -> dict:
     config, network, data = trained_model(bundle_dir, checkpoint, dataset_dir=dataset_dir)
     size, preprocess = int(config.get_parsed_content("spatial_size")), config.get_parsed_content("preprocess")
-    sets, skipped = framing_variants(data.split("test"), size, preprocess)
-    return {"checkpoint": checkpoint, "seed": int(config.get_parsed_content("seed")), "spatial_size": size,
+    seed = int(config.get_parsed_content("seed"))
+    raw = synthetic_raw_images(data, config.get_parsed_content("synthetic_patients"), size, seed)
+    sets, skipped = framing_variants(data.split("test"), size, preprocess, raw_images=raw)
+    if not any(sets.values()):
+        raise SystemExit(f"{checkpoint}: no test slice could be prepared ({len(skipped)} skipped, e.g. "
+                         f"{skipped[0][1] if skipped else 'an empty test split'})")
+    return {"checkpoint": checkpoint, "seed": seed, "spatial_size": size,
             "preprocess": preprocess, "skipped": skipped, "variants": accuracy_by_variant(network, sets, data.class_names)}
 
 

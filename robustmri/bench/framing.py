@@ -63,17 +63,19 @@ def variant_names() -> list[str]:
     return [f"zoom {z:g}" for z in ZOOMS] + [f"move {m:g}" for m in MOVES] + [SKULL_CUT]
 
 
-def framing_variants(items: list[dict], size: int, preprocess: str, progress: bool = True
+def framing_variants(items: list[dict], size: int, preprocess: str, progress: bool = True, raw_images=None
                      ) -> tuple[dict[str, list[dict]], list[tuple[int, str]]]:
-    """``({variant: items}, skipped)``: each test item (with its raw ``file``) under every variant of
-    :func:`variant_names`, clean (``noisy`` False); a slice that cannot be read or prepared is skipped in every
-    variant, with its id and reason."""
+    """``({variant: items}, skipped)``: each test item under every variant of :func:`variant_names`, clean
+    (``noisy`` False); its raw slice is read from its ``file``, or taken from ``raw_images`` (indexed by item id:
+    the embedded synthetic set, :func:`robustmri.bench.shifts.synthetic_raw_images`). A slice that cannot be read
+    or prepared is skipped in every variant, with its id and reason."""
     prepare = preprocessing_by_name(preprocess)
     sets = {name: [] for name in variant_names()}
     skipped = []
     for item in tqdm(items, desc="framing variants", unit="img", disable=not progress, leave=False):
         try:
-            raw = read_image(item["file"])
+            raw = (np.asarray(raw_images[int(item["id"])], dtype=np.float32) if raw_images is not None
+                   else read_image(item["file"]))
             prepared = prepare(raw, size)
             cut = prepare(render_family_shift(raw, SKULL_CUT, size, [int(item["id"]), _skull_cut_stream(size)],
                                               preprocess), size)

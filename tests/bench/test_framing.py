@@ -88,3 +88,32 @@ def test_accuracy_recall_and_predicted_shares(items):
     for row in result.values():
         assert row["n"] == 3 and row["accuracy"] == pytest.approx((labels == 1).mean())
         assert row["predicted_share"] == {CLASS_NAMES[0]: 0.0, CLASS_NAMES[1]: 1.0, CLASS_NAMES[2]: 0.0}
+
+
+@pytest.mark.slow  # trains nothing, but rebuilds a checkpoint's protocol and runs the script twice
+def test_script_writes_the_table_figure_and_pairs_by_position(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from deploy_helpers import write_trained
+    from robustmri.networks import PaperCNN
+
+    torch.manual_seed(0)
+    checkpoint = write_trained(tmp_path / "models", PaperCNN(spatial_size=32, padding=2).eval(), 32, preprocess="head")
+    command = [sys.executable, str(ROOT / "scripts" / "bench_framing.py"), "--checkpoints", str(checkpoint),
+               "--baseline", str(checkpoint), "--names", "a,b", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "framing.json").read_text())
+    runs = report["configurations"]["a"]
+    assert list(report["configurations"]) == ["a", "b"] and list(runs[0]["variants"]) == variant_names()
+    assert runs[0]["variants"]["zoom 1"]["n"] > 0 and report["command"].startswith("python scripts/bench_framing.py")
+    table = (tmp_path / "out" / "framing.md").read_text()
+    assert "| variant | a: accuracy % | b: accuracy % | a − b, points |" in table
+    assert table.count(" 0/1 |") == len(variant_names())  # the same checkpoint twice: no difference anywhere
+    assert (tmp_path / "out" / "framing.png").stat().st_size > 10_000
+    unpaired = subprocess.run(command[:4] + ["--baseline", f"{checkpoint},{checkpoint}", "--out", str(tmp_path / "x")],
+                              capture_output=True, text=True, timeout=120)
+    assert unpaired.returncode != 0 and "as many checkpoints" in unpaired.stderr
