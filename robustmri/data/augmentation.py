@@ -125,14 +125,19 @@ def check_exclude(value) -> tuple[str, ...]:
     return tuple(family for family in valid if family in names)
 
 
-def _unit(name: str, value) -> float:
+def _bounded(name: str, value, upper: float, interval: str, closed: bool = True) -> float:
+    """``value`` as a float in [0, upper] (``closed``) or [0, upper); ``ValueError`` naming ``name`` and ``interval``."""
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return value
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}") from None
+    if not (0.0 <= number <= upper if closed else 0.0 <= number < upper):
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number
+
+
+def _unit(name: str, value) -> float:
+    return _bounded(name, value, 1.0, "[0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,27 +196,9 @@ class SiteShiftAugmentation:
         set_("aspect", _pair("aspect", self.aspect, 0.0, inclusive=False))
         set_("blur_sigma", _pair("blur_sigma", self.blur_sigma, 0.0, inclusive=True, upper=20.0))
         set_("downsample", _pair("downsample", self.downsample, 1.0, inclusive=True, upper=16.0))
-        try:
-            amplitude = float(self.bias_amplitude)
-        except (TypeError, ValueError):
-            raise ValueError(f"bias_amplitude must be a number in [0, 1), got {self.bias_amplitude!r}") from None
-        if not 0.0 <= amplitude < 1.0:
-            raise ValueError(f"bias_amplitude must lie in [0, 1), got {self.bias_amplitude!r}")
-        set_("bias_amplitude", amplitude)
-        try:
-            degrees = float(self.rotation_degrees)
-        except (TypeError, ValueError):
-            raise ValueError(f"rotation_degrees must be a number in [0, 180], got {self.rotation_degrees!r}") from None
-        if not 0.0 <= degrees <= 180.0:
-            raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees!r}")
-        set_("rotation_degrees", degrees)
-        try:
-            translation = float(self.translation)
-        except (TypeError, ValueError):
-            raise ValueError(f"translation must be a number in [0, 0.5], got {self.translation!r}") from None
-        if not 0.0 <= translation <= 0.5:
-            raise ValueError(f"translation must lie in [0, 0.5] (a share of the image side), got {self.translation!r}")
-        set_("translation", translation)
+        set_("bias_amplitude", _bounded("bias_amplitude", self.bias_amplitude, 1.0, "[0, 1)", closed=False))
+        set_("rotation_degrees", _bounded("rotation_degrees", self.rotation_degrees, 180.0, "[0, 180]"))
+        set_("translation", _bounded("translation", self.translation, 0.5, "[0, 0.5] (a share of the image side)"))
         set_("exclude", check_exclude(self.exclude))
         set_("mr_prob", _unit("mr_prob", self.mr_prob))
         set_("ringing_kept", _pair("ringing_kept", self.ringing_kept, 0.0, inclusive=False, upper=1.0))

@@ -291,6 +291,7 @@ def test_augmented_images_stay_in_the_unit_interval():
     ("gamma", (0.0, 1.0)), ("gamma", 1.0), ("contrast", (-1.0, 1.0)), ("scale", (0.0, 1.0)),
     ("aspect", (float("nan"), 1.0)), ("blur_sigma", (-0.5, 1.0)), ("downsample", (0.5, 2.0)),
     ("bias_amplitude", 1.0), ("bias_amplitude", -0.1), ("rotation_degrees", -5.0), ("rotation_degrees", 270.0),
+    ("translation", 0.6), ("translation", "far"),
 ])
 def test_invalid_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
