@@ -176,9 +176,10 @@ def describe_score(state: AbstentionState) -> tuple[str, str]:
                           else f"{c.name}: {SCORE_DESCRIPTIONS[c.name]}" for c in strategy.components)
         if isinstance(strategy, CdfGate):
             gate, rank = strategy.components
-            what = (f"the empirical CDF of {rank.name}, except that a slice whose {gate.name} CDF is above "
-                    f"{strategy.level:g} scores 1 plus that CDF (refused at any threshold below 1), each CDF the share "
-                    f"of the validation split's scores at or below the slice's ({parts})")
+            what = (f"the empirical CDF of {rank.name}, except that a slice whose {gate.name} score lies above "
+                    f"{strategy.level:g} of the validation split's (midway between the two reference scores around "
+                    f"that share) scores 1 plus that score's CDF (refused at any threshold below 1), each CDF the "
+                    f"share of the validation split's scores at or below the slice's ({parts})")
         else:
             what = (f"mean of the empirical CDFs of {', '.join(c.name for c in strategy.components)}, each CDF the "
                     f"share of the validation split's scores at or below the slice's ({parts})")

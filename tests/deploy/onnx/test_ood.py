@@ -260,7 +260,7 @@ def test_the_exported_graph_computes_the_states_score_by_name(data, tmp_path, na
     classifier = OnnxClassifier(tmp_path / "model.onnx", device="cpu")
     assert classifier.detector["name"] == name != DETECTOR_NAME
     assert "higher = less assessable" in classifier.detector["description"]
-    assert ("scores 1 plus that CDF" in classifier.detector["description"]) == ("_gate" in name)
+    assert ("scores 1 plus that score's CDF" in classifier.detector["description"]) == ("_gate" in name)
     assert classifier.ood_threshold == pytest.approx(state.threshold, rel=1e-12)
     # the float32 graph scores unseen slices as the float64 state does (a CDF may move one reference step on a tie)
     expected = scores_of(state, network, test_images)
