@@ -19,12 +19,12 @@ import sys
 import fire
 import numpy as np
 
-from robustmri.bench.framing import MOVES, ZOOMS, SKULL_CUT, accuracy_by_variant, framing_variants, variant_names
+from robustmri.bench.framing import MOVES, SKULL_CUT, ZOOMS, accuracy_by_variant, framing_variants, variant_names
 from robustmri.bench.machine import write_measurement
-from robustmri.bench.stats import _signed, _table, paired_difference
-from robustmri.engine.trained_model import trained_model
 from robustmri.bench.runs import as_list
-from robustmri.bench.shifts import synthetic_raw_images
+from robustmri.bench.shifts import _cell, synthetic_raw_images
+from robustmri.bench.stats import _table, paired_difference
+from robustmri.engine.trained_model import trained_model
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
@@ -90,8 +90,7 @@ def main(checkpoints: str, out: str, baseline: str = "", names: str = "", datase
             difference = paired_difference(
                 {k: 100 * run["variants"][variant]["accuracy"] for k, run in enumerate(first)},
                 {k: 100 * run["variants"][variant]["accuracy"] for k, run in enumerate(second)})
-            ci = "" if difference["ci"] is None else f" [{_signed(difference['ci'][0])}, {_signed(difference['ci'][1])}]"
-            row.append(f"{_signed(difference['mean'])}{ci} {difference['positive']}/{difference['n']}")
+            row.append(_cell(difference))
         rows.append(row)
     header = ["variant", *(f"{label}: accuracy %" for label in labels)] + (
         [f"{labels[0]} − {labels[1]}, points"] if baseline else [])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from robustmri.data.preprocessing import preprocessing_by_name, resize
 from robustmri.data.readers import ImageReadError, read_image
-from robustmri.data.shift_families import render_family_shift
+from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.engine.predictions import predict_items
 
 #: Zoom factors of (a): 1.15 is the edge of the default augmentation's ``scale``; 1.67 is ``skull_cut``'s.
@@ -70,6 +70,7 @@ def framing_variants(items: list[dict], size: int, preprocess: str, progress: bo
     the embedded synthetic set, :func:`robustmri.bench.shifts.synthetic_raw_images`). A slice that cannot be read
     or prepared is skipped in every variant, with its id and reason."""
     prepare = preprocessing_by_name(preprocess)
+    stream = family_shifts(size)[SKULL_CUT].stream
     sets = {name: [] for name in variant_names()}
     skipped = []
     for item in tqdm(items, desc="framing variants", unit="img", disable=not progress, leave=False):
@@ -77,8 +78,7 @@ def framing_variants(items: list[dict], size: int, preprocess: str, progress: bo
             raw = (np.asarray(raw_images[int(item["id"])], dtype=np.float32) if raw_images is not None
                    else read_image(item["file"]))
             prepared = prepare(raw, size)
-            cut = prepare(render_family_shift(raw, SKULL_CUT, size, [int(item["id"]), _skull_cut_stream(size)],
-                                              preprocess), size)
+            cut = prepare(render_family_shift(raw, SKULL_CUT, size, [int(item["id"]), stream], preprocess), size)
         except (ImageReadError, ValueError, KeyError) as err:
             skipped.append((int(item["id"]), getattr(err, "reason", str(err))))
             continue
@@ -88,12 +88,6 @@ def framing_variants(items: list[dict], size: int, preprocess: str, progress: bo
         for name, image in images.items():
             sets[name].append({**item, "image": image[None].astype(np.float32), "noisy": False})
     return sets, skipped
-
-
-def _skull_cut_stream(size: int) -> int:
-    from robustmri.data.shift_families import family_shifts
-
-    return family_shifts(size)[SKULL_CUT].stream
 
 
 def accuracy_by_variant(network: torch.nn.Module, sets: dict[str, list[dict]], class_names) -> dict[str, dict]:

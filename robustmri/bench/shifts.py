@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm.auto import tqdm
 
-from robustmri.bench.stats import _signed, _table, minimum_detectable_effect, paired_difference
+from robustmri.bench.stats import _detectable, _signed, _table, paired_difference, reports_by_p
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.shift_families import SEVERITIES, family_shifts, render_family_shift
@@ -401,8 +401,8 @@ def family_tables(runs: list[dict], shifts: dict, leave_out: dict[str, tuple[str
 
 def _home_noisy_by_seed(runs: list[dict], method: str, noise: str) -> dict[int, float]:
     """Per seed, the accuracy (%) of ``model.pt`` on the noisy home test split (p = 1, the training condition)."""
-    return {int(r["seed"]): 100.0 * r["test_by_p"]["last"]["1"]["accuracy"] for r in runs
-            if r["method"] == method and r["noise"] == noise and "1" in r.get("test_by_p", {}).get("last", {})}
+    return {int(r["seed"]): 100.0 * report["accuracy"] for r in runs
+            if r["method"] == method and r["noise"] == noise and (report := reports_by_p(r, "last").get("1"))}
 
 
 def lever_table(runs: list[dict], shifts: dict, levers: dict[str, str], key: str = "test_by_shift") -> str:
@@ -444,9 +444,7 @@ def lever_table(runs: list[dict], shifts: dict, levers: dict[str, str], key: str
             rows.append([f"`{lever}` − `{base}`", *cells])
         if not rows:
             continue
-        rows.append(["minimum detectable effect", *(
-            f"{minimum_detectable_effect(math.sqrt(np.mean([sd ** 2 for sd, _ in col])), min(n for _, n in col)):.1f}"
-            if col else "–" for col in stds)])
+        rows.append(["minimum detectable effect", *(_detectable(col, scale=1.0) for col in stds)])
         parts.append(f"**Levers**, {split} split (training noise {noise}): accuracy of each lever minus the "
                      "configuration it changes, paired by seed (same patient split and initialisation), points: mean "
                      "[95 % CI] k/n seeds where the lever scored higher; a severity's column averages its shifts per "

@@ -197,12 +197,13 @@ def paired_table(runs: list[dict], baseline: str = "naive", checkpoint: str = "l
     return legend + "\n\n" + _table(header, rows)
 
 
-def _detectable(spreads: list[tuple[float, int]]) -> str:
-    """The minimum detectable effect (points) of one column from its methods' (paired SD, seeds)."""
+def _detectable(spreads: list[tuple[float, int]], scale: float = 100.0) -> str:
+    """The minimum detectable effect of one column from its methods' (paired SD, seeds), times ``scale`` (100: SDs
+    of fractions shown in points; 1: SDs already in points)."""
     if not spreads:
         return MISSING
     std = math.sqrt(float(np.mean([sd ** 2 for sd, _ in spreads])))
-    return f"{100 * minimum_detectable_effect(std, min(n for _, n in spreads)):.1f}"
+    return f"{scale * minimum_detectable_effect(std, min(n for _, n in spreads)):.1f}"
 
 
 def headroom_table(runs: list[dict], checkpoint: str = "best", metric: str = "accuracy") -> str:

@@ -312,9 +312,7 @@ class SiteShiftAugmentation:
         out = images.clone()
         as_tensor = lambda key: torch.as_tensor(np.asarray(params[key], dtype=np.float64))  # noqa: E731
         rotation, scale, aspect = as_tensor("rotation"), as_tensor("scale"), as_tensor("aspect")
-        # records drawn before the translation existed have no shift: none
-        shift = (torch.as_tensor(np.asarray(params["shift"], dtype=np.float64)).reshape(n, 2) if "shift" in params
-                 else torch.zeros(n, 2, dtype=torch.float64))
+        shift = as_tensor("shift").reshape(n, 2)
         downsample, sigma = as_tensor("downsample"), as_tensor("blur_sigma")
         amplitude, contrast, gamma = as_tensor("bias_amplitude"), as_tensor("contrast"), as_tensor("gamma")
         coefficients = torch.as_tensor(np.asarray(params["bias_coefficients"], dtype=np.float64)).reshape(n, -1)
