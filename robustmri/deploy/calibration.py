@@ -95,6 +95,18 @@ CROSS_FIT_RULE = (f"{CROSS_FIT_FOLDS}-fold cross-fitting: the images are split i
                   "image; a seeded permutation); each image is scored by a detector fitted on the other folds; the "
                   "threshold is the smallest score that accepts target_acceptance of these out-of-fold scores; the "
                   "detector written is refitted on all the images")
+#: How site calibration refits the Mahalanobis score (``site_refit``), by name: what each keeps of the model's own
+#: state (fitted on its training split) and how its threshold is set.
+SITE_REFITS = {
+    "full": ("class means and tied covariance refitted on the site images with the adapted model's predicted classes "
+             "as pseudo-labels; threshold by " + CROSS_FIT_RULE),
+    "means": ("class means refitted on the site images with the adapted model's predicted classes as pseudo-labels; "
+              "the tied covariance of the model's own state (fitted on its training split) kept; threshold by "
+              + CROSS_FIT_RULE),
+    "threshold": ("class means and tied covariance of the model's own state (fitted on its training split) kept; "
+                  "the threshold is the smallest score that accepts target_acceptance of the site images' scores on "
+                  "the adapted network (nothing is fitted on them, so no fold is needed)"),
+}
 #: The threshold rule of a score with nothing to fit (max_softmax, energy): no fold is needed.
 QUANTILE_RULE = ("the score has nothing to fit, so the threshold is the smallest score that accepts target_acceptance "
                  "of the site images' scores on the adapted network")
@@ -154,10 +166,11 @@ def adapt_batchnorm(network: nn.Module, images: torch.Tensor, batch_size: int = 
     return len(bounds)
 
 
-def _fit(features: np.ndarray, labels: np.ndarray, num_classes: int, min_class_images: int,
-         ridge: float) -> tuple[MahalanobisDetector, list[int]]:
+def _fit(features: np.ndarray, labels: np.ndarray, num_classes: int, min_class_images: int, ridge: float,
+         home: MahalanobisDetector | None = None) -> tuple[MahalanobisDetector, list[int]]:
     """The detector with a centre for each class of at least ``min_class_images`` pseudo-labels (and those classes);
-    the tied covariance is pooled over those classes' images."""
+    the tied covariance is pooled over those classes' images, or, given ``home``, is the model's own (its precision
+    factor and ridge kept: only the centres are refitted)."""
     counts = np.bincount(labels, minlength=num_classes)
     kept = [c for c in range(num_classes) if counts[c] >= min_class_images]
     if not kept:
@@ -165,6 +178,10 @@ def _fit(features: np.ndarray, labels: np.ndarray, num_classes: int, min_class_i
                          f"{counts.tolist()}): too few images to fit the abstention")
     rows = np.isin(labels, kept)
     remapped = np.searchsorted(np.asarray(kept), labels[rows])
+    if home is not None:
+        means = np.stack([features[labels == c].mean(axis=0) for c in kept])
+        return MahalanobisDetector(means=means, precision_factor=home.precision_factor, ridge=home.ridge,
+                                   n_train=int(rows.sum())), kept
     return MahalanobisDetector.fit(features[rows], remapped, len(kept), ridge), kept
 
 
@@ -182,32 +199,48 @@ def fold_assignment(groups: list[str], folds: int = CROSS_FIT_FOLDS, seed: int =
 
 def fit_site_abstention(features: np.ndarray, pseudo_labels: np.ndarray, num_classes: int, groups: list[str],
                         target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
-                        folds: int = CROSS_FIT_FOLDS, seed: int = 0, ridge: float = RIDGE) -> dict:
-    """The Mahalanobis detector refitted on site features [N, d] with pseudo-labels [N], and its cross-fitted
-    threshold (module docstring, 2): ``{"detector", "classes", "threshold", "acceptance", "out_of_fold_scores",
-    "folds", "fold_groups"}``; ``acceptance`` is the share of out-of-fold scores accepted."""
+                        folds: int = CROSS_FIT_FOLDS, seed: int = 0, ridge: float = RIDGE, refit: str = "full",
+                        home: MahalanobisDetector | None = None) -> dict:
+    """The Mahalanobis detector refitted on site features [N, d] with pseudo-labels [N] as ``refit`` says
+    (:data:`SITE_REFITS`; ``home``: the model's own detector, which ``means`` and ``threshold`` keep parts of), and
+    its threshold (module docstring, 2): ``{"detector", "classes", "threshold", "acceptance", "out_of_fold_scores",
+    "folds", "fold_groups", "rule"}``; ``acceptance`` is the share of the held-out scores accepted (``threshold``:
+    of every site image's score, nothing being fitted)."""
+    if refit not in SITE_REFITS:
+        raise ValueError(f"unknown site_refit {refit!r}; valid: {', '.join(SITE_REFITS)}")
+    if refit != "full" and home is None:
+        raise ValueError(f"site_refit {refit!r} keeps parts of the model's own Mahalanobis state: none was given")
     features = np.asarray(features, dtype=np.float64)
     pseudo_labels = np.asarray(pseudo_labels, dtype=np.int64).reshape(-1)
+    if refit == "threshold":
+        scores = home.score(features)
+        threshold, acceptance = calibrate_threshold(scores, target_acceptance)
+        return {"detector": home, "classes": list(range(len(home.means))), "threshold": threshold,
+                "acceptance": acceptance, "out_of_fold_scores": scores, "folds": 0, "fold_groups": None,
+                "rule": SITE_REFITS[refit]}
+    kept_home = home if refit == "means" else None
     fold = fold_assignment(groups, folds, seed)
     scores = np.empty(len(features))
     for k in range(folds):
         held_out = fold == k
         if not held_out.any():
             continue
-        detector, _ = _fit(features[~held_out], pseudo_labels[~held_out], num_classes, min_class_images, ridge)
+        detector, _ = _fit(features[~held_out], pseudo_labels[~held_out], num_classes, min_class_images, ridge,
+                           kept_home)
         scores[held_out] = detector.score(features[held_out])
     threshold, acceptance = calibrate_threshold(scores, target_acceptance)
-    detector, kept = _fit(features, pseudo_labels, num_classes, min_class_images, ridge)
+    detector, kept = _fit(features, pseudo_labels, num_classes, min_class_images, ridge, kept_home)
     return {"detector": detector, "classes": kept, "threshold": threshold, "acceptance": acceptance,
             "out_of_fold_scores": scores, "folds": folds,
-            "fold_groups": "folder" if len(set(groups)) >= folds else "image"}
+            "fold_groups": "folder" if len(set(groups)) >= folds else "image", "rule": SITE_REFITS[refit]}
 
 
 def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.ndarray, pseudo_labels: np.ndarray,
                          num_classes: int, groups: list[str], target_acceptance: float = TARGET_ACCEPTANCE,
                          min_class_images: int = MIN_CLASS_IMAGES, folds: int = CROSS_FIT_FOLDS, seed: int = 0,
-                         ridge: float = RIDGE) -> dict:
-    """A combination of scores refitted on site outputs (:data:`COMBINATION_RULE`): the state's ``arrays`` as
+                         ridge: float = RIDGE, refit: str = "full", home: MahalanobisDetector | None = None) -> dict:
+    """A combination of scores refitted on site outputs (:data:`COMBINATION_RULE`; its Mahalanobis part as ``refit``
+    says, with ``home`` the model's own, :func:`fit_site_abstention`): the state's ``arrays`` as
     :class:`~robustmri.abstention.scores.CdfMean` lays them out (each component's parameters and its
     ``cdf_reference``), the threshold and out-of-fold acceptance, and what :func:`fit_site_abstention` reports
     for its Mahalanobis part (``classes``, ``fold_groups``; none without one)."""
@@ -216,7 +249,7 @@ def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.nda
     for component in strategy.components:
         if isinstance(component, Mahalanobis):
             fit = fit_site_abstention(features, pseudo_labels, num_classes, groups, target_acceptance,
-                                      min_class_images, folds, seed, ridge)
+                                      min_class_images, folds, seed, ridge, refit, home)
             own = {"means": fit["detector"].means, "precision_factor": fit["detector"].precision_factor}
             scores = fit["out_of_fold_scores"]
         elif component.fit(features, logits, pseudo_labels) == {}:  # nothing to fit: every image is held out
@@ -229,7 +262,8 @@ def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.nda
     combined = strategy.combine(held_out_scores, [arrays[f"{c.name}.cdf_reference"] for c in strategy.components])
     threshold, acceptance = calibrate_threshold(combined, target_acceptance)
     return {**fit, "threshold": threshold, "acceptance": acceptance, "out_of_fold_scores": combined,
-            "arrays": arrays, "settings": {"ridge": float(ridge)}, "rule": COMBINATION_RULE}
+            "arrays": arrays, "settings": {"ridge": float(home.ridge if home is not None else ridge)},
+            "rule": COMBINATION_RULE if refit == "full" else f"{COMBINATION_RULE}; its Mahalanobis part: {SITE_REFITS[refit]}"}
 
 
 def inputs_digest(files: list[str]) -> str:
@@ -310,20 +344,46 @@ def check_calibrated_score(score: str, checkpoint_name: str = "the checkpoint") 
                          f"({', '.join(CALIBRATED_SCORES)})")
 
 
+def home_detector(state: AbstentionState) -> MahalanobisDetector:
+    """The Mahalanobis detector a model's own abstention state holds: the whole state for ``mahalanobis``, the
+    Mahalanobis part of a combination (:class:`~robustmri.abstention.scores.CdfMean`)."""
+    prefix = "" if state.score == "mahalanobis" else "mahalanobis."
+    if f"{prefix}means" not in state.arrays:
+        raise ValueError(f"the abstention score {state.score!r} has no Mahalanobis part to keep")
+    return MahalanobisDetector(means=np.asarray(state.arrays[f"{prefix}means"], dtype=np.float64),
+                               precision_factor=np.asarray(state.arrays[f"{prefix}precision_factor"], dtype=np.float64),
+                               ridge=float(state.settings.get("ridge", RIDGE)), n_train=int(state.fitted_on.get("n", 0)))
+
+
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
                       target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
-                      batch_size: int = 64, seed: int = 0, score: str = "mahalanobis") -> dict:
+                      batch_size: int = 64, seed: int = 0, score: str = "mahalanobis", refit: str = "full",
+                      home: AbstentionState | None = None) -> dict:
     """Calibrate ``network`` in place to site images [N, 1, S, S] held in memory, prepared as the model was trained
     (module docstring: BatchNorm statistics, then the abstention fitted on the adapted network).
 
     ``groups`` [N] (e.g. each image's folder) keep images together in the cross-fitting folds; None:
     image by image. ``score``: the abstention score to refit (:data:`CALIBRATED_SCORES`; the source state's).
+    ``refit``: how its Mahalanobis part is refitted (:data:`SITE_REFITS`); ``home``: the model's own state, which
+    every ``refit`` but ``full`` keeps parts of.
     Returns :func:`fit_site_abstention`'s result (for a score with nothing to fit: its threshold and acceptance,
     :data:`QUANTILE_RULE`) with ``score``, ``arrays`` and ``settings`` (the new state's), ``pseudo_labels`` [N],
     ``batches`` and ``batchnorm_layers``. What :func:`calibrate_site` does to files, for callers that
     hold the images (a benchmark's renderings).
     """
     check_calibrated_score(score)
+    if refit not in SITE_REFITS:
+        raise ValueError(f"unknown site_refit {refit!r}; valid: {', '.join(SITE_REFITS)}")
+    strategy = build_score(score)
+    has_mahalanobis = isinstance(strategy, Mahalanobis) or (
+        isinstance(strategy, CdfMean) and any(isinstance(c, Mahalanobis) for c in strategy.components))
+    kept = None
+    if has_mahalanobis and refit != "full":
+        if home is None or home.score != score:
+            raise ValueError(f"site_refit {refit!r} keeps parts of the model's own {score!r} abstention state, and "
+                             f"{'none was found' if home is None else 'it holds ' + repr(home.score)}: fit it first "
+                             "(evaluation or export fits it), or choose site_refit 'full'")
+        kept = home_detector(home)
     images = torch.as_tensor(images).float()
     # files come sorted by path, often one patient's slices after another: batches in path order would each hold
     # one patient, and the average of their variances would miss the variation between patients
@@ -332,20 +392,20 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     features, logits = network_outputs(network, images.numpy(), batch_size)
     predicted = logits.argmax(1)
     groups = list(groups) if groups is not None else [""] * len(images)
-    strategy = build_score(score)
     if isinstance(strategy, CdfMean):
         fit = fit_site_combination(strategy, features, logits, predicted, num_classes, groups, target_acceptance,
-                                   min_class_images, seed=seed)
+                                   min_class_images, seed=seed, refit=refit, home=kept)
     elif score == "mahalanobis":
         fit = fit_site_abstention(features, predicted, num_classes, groups, target_acceptance, min_class_images,
-                                  seed=seed)
+                                  seed=seed, refit=refit, home=kept)
         fit.update(arrays={"means": fit["detector"].means, "precision_factor": fit["detector"].precision_factor},
-                   settings={"ridge": fit["detector"].ridge}, rule=CROSS_FIT_RULE)
+                   settings={"ridge": fit["detector"].ridge})
     else:
-        threshold, acceptance = calibrate_threshold(build_score(score).score({}, features, logits), target_acceptance)
+        threshold, acceptance = calibrate_threshold(strategy.score({}, features, logits), target_acceptance)
         fit = {"detector": None, "classes": [], "threshold": threshold, "acceptance": acceptance,
                "fold_groups": None, "arrays": {}, "settings": {"ridge": RIDGE}, "rule": QUANTILE_RULE}
-    return {**fit, "score": score, "pseudo_labels": predicted, "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
+    return {**fit, "score": score, "refit": refit if has_mahalanobis else None, "pseudo_labels": predicted,
+            "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
 
 
 def _adapted_abstention(score: str) -> str:
