@@ -8,6 +8,7 @@ Every process is started on free 127.0.0.1 ports and stopped by its PID; every w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -24,9 +25,24 @@ NODE_AET, PACS_AET = "ROBUSTMRI", "PACS"
 START_S = 60
 
 
+def dcmtk_storescu() -> str | None:
+    """dcmtk's ``storescu`` on PATH, or None. pynetdicom installs a Python ``storescu`` with other options into a
+    virtual environment's ``bin``, which comes first on PATH once the environment is activated: it is skipped."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("storescu", path=folder) if folder else None
+        if found is None:
+            continue
+        with open(found, "rb") as handle:
+            first_line = handle.readline(200)
+        if not (first_line.startswith(b"#!") and b"python" in first_line):
+            return found
+    return None
+
+
 def pacs_tools_missing() -> list[str]:
-    """The programs a PACS round trip needs that are not on PATH (Orthanc, storescu)."""
-    return [name for name in ("Orthanc", "storescu") if not shutil.which(name)]
+    """The programs a PACS round trip needs that are not on PATH (Orthanc, dcmtk's storescu)."""
+    return [name for name, found in (("Orthanc", shutil.which("Orthanc")), ("storescu", dcmtk_storescu()))
+            if not found]
 
 
 def free_port() -> int:
@@ -196,5 +212,8 @@ def storescu(folder: Path, port: int, calling: str = PACS_AET, tls: dict | None 
     """Every DICOM file under ``folder`` to the node, as the PACS would send a study (one association);
     ``tls``: over TLS with that certificate and key, the node's certificate checked against the CA."""
     secure = ["+tls", tls["key"], tls["cert"], "+cf", tls["ca"]] if tls else []
-    return subprocess.run(["storescu", *secure, "-aet", calling, "-aec", NODE_AET, "+sd", "+r", "127.0.0.1",
+    program = dcmtk_storescu()
+    if program is None:
+        raise FileNotFoundError("dcmtk's storescu is not on PATH (apt-get install dcmtk)")
+    return subprocess.run([program, *secure, "-aet", calling, "-aec", NODE_AET, "+sd", "+r", "127.0.0.1",
                            str(port), str(folder)], capture_output=True, text=True, timeout=timeout)
