@@ -10,7 +10,8 @@ whole against the test renderings (confirmation). Writes ``site_threshold.json``
 ``--out``: per refit, the share accepted, its mean absolute deviation from the target (per shift, then
 averaged), the error among the accepted, the accepted and right, and the share of another contrast accepted;
 and each refit's deviation paired against ``full`` over the confirmation seeds (95 % t interval, seeds where
-the refit deviated less, minimum detectable effect). ``--cache_dir``: the bench's renderings (``<dir>/<size>px``).
+the refit deviated less, minimum detectable effect). ``--cache_dir``: the bench's renderings (``<dir>/<size>px``);
+``--shifts``: a comma-separated subset of the bench's shifts (default: all of them; ``none`` is always rendered).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from robustmri.engine.trained_model import trained_model
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
 
-def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, cache_dir: str | None, refits) -> dict:
+def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, cache_dir: str | None, refits,
+             shifts: list[str] | None) -> dict:
     config, network, data = trained_model(bundle_dir, checkpoint, dataset_dir=dataset_dir)
     size, preprocess = int(config.get_parsed_content("spatial_size")), config.get_parsed_content("preprocess")
     seed = int(config.get_parsed_content("seed"))
@@ -46,7 +48,7 @@ def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, cache_di
     raw = synthetic_raw_images(data, config.get_parsed_content("synthetic_patients"), size, seed)
     rendered = {}
     for split in ("val", "test"):
-        sets, _ = shifted_test_sets(data.split(split), size, [preprocess], workers=2, catalog="families",
+        sets, _ = shifted_test_sets(data.split(split), size, [preprocess], shifts, workers=2, catalog="families",
                                     cache_dir=os.path.join(cache_dir, f"{size}px") if cache_dir else None,
                                     raw_images=raw)
         rendered[split] = sets[preprocess]
@@ -83,7 +85,8 @@ def _rows(runs: list[dict], groups: list[tuple[str, list[str]]], checks, refits,
 
 
 def main(checkpoints: str, out: str, selection_seeds: str = "0,1,2,3,4", confirmation_seeds: str = "5,6,7,8,9",
-         refits: str = ",".join(SITE_REFITS), cache_dir: str | None = None, dataset_dir: str | None = None,
+         refits: str = ",".join(SITE_REFITS), shifts: str = "", cache_dir: str | None = None,
+         dataset_dir: str | None = None,
          bundle_dir: str = BUNDLE, target_acceptance: float = TARGET_ACCEPTANCE) -> dict:
     """Measure every refit on ``--checkpoints``; write the report into ``--out``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -94,12 +97,12 @@ def main(checkpoints: str, out: str, selection_seeds: str = "0,1,2,3,4", confirm
     unknown = [r for r in refits if r not in SITE_REFITS]
     if unknown:
         raise SystemExit(f"unknown refit(s) {unknown}; valid: {', '.join(SITE_REFITS)}")
-    runs = [_measure(c, bundle_dir, dataset_dir, cache_dir, refits) for c in paths]
+    runs = [_measure(c, bundle_dir, dataset_dir, cache_dir, refits, as_list(shifts) or None) for c in paths]
     report = {"refits": {r: SITE_REFITS[r] for r in refits}, "target_acceptance": target_acceptance, "runs": runs}
     selection = [run for run in runs if run["seed"] in {int(s) for s in as_list(selection_seeds)}]
     confirmation = [run for run in runs if run["seed"] in {int(s) for s in as_list(confirmation_seeds)}]
     catalog = family_shifts(runs[0]["spatial_size"])
-    shifted = [name for name in catalog if name != REFERENCE]
+    shifted = [name for name in catalog if name != REFERENCE and name in runs[0]["shifts"]]
     groups = [(f"`{REFERENCE}` (home)", [REFERENCE])] + [
         (f"{severity} ({len(names)})", names) for severity in SEVERITIES
         if (names := [n for n in shifted if catalog[n].severity == severity])] + [(f"all shifted ({len(shifted)})", shifted)]

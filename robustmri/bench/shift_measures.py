@@ -5,7 +5,8 @@ For a trained model and one seed's validation and test splits re-rendered under 
 
 - :func:`calibrated_by_shift`: the site calibration of the bundle's ``calibrating`` run
   (:func:`robustmri.deploy.calibration.calibrate_network`: BatchNorm statistics, then the abstention
-  refitted with a cross-fitted threshold) done on the shift's *validation* renderings, used as that
+  refitted as the product's ``site_refit`` says, from the model's own state beside the checkpoint) done on the
+  shift's *validation* renderings, used as that
   site's unlabelled images (their labels are never read), then the calibrated model on the shift's
   *test* renderings: its accuracy, and the share of those slices the calibrated threshold accepts
   with the accuracy on them. The ``none`` shift (the clean re-rendering) is calibration at home.
@@ -26,6 +27,7 @@ import torch
 from scipy.special import softmax
 
 from robustmri.abstention.fit import item_arrays
+from robustmri.abstention.state import load_state
 from robustmri.abstention.mahalanobis import network_outputs
 from robustmri.abstention.scores import SCORES
 from robustmri.bench.abstention import score_sets, summarise
@@ -46,6 +48,7 @@ def calibrated_by_shift(network: torch.nn.Module, checkpoint: str, validation: d
     and ``{shift: reason}`` for the shifts that could not be calibrated (fewer than 2 validation images, no test
     slice, or a calibration refused, e.g. no class predicted for enough images to fit the abstention)."""
     device = next(network.parameters()).device
+    home = load_state(checkpoint)  # the model's own abstention, which the product's site refit keeps parts of
     results, skipped = {}, {}
     try:
         for shift, calibration_items in validation.items():
@@ -56,7 +59,7 @@ def calibrated_by_shift(network: torch.nn.Module, checkpoint: str, validation: d
             load_weights(network, checkpoint, device)
             images, _ = item_arrays(calibration_items)  # the site's images; their labels are not read
             try:
-                fit = calibrate_network(network, torch.from_numpy(images), len(class_names), seed=seed)
+                fit = calibrate_network(network, torch.from_numpy(images), len(class_names), seed=seed, home=home)
             except ValueError as err:  # one shift the calibration refuses must not lose the others
                 skipped[shift] = str(err)
                 continue

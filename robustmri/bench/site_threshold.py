@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from robustmri.abstention.fit import item_arrays
 from robustmri.abstention.mahalanobis import network_outputs
 from robustmri.abstention.state import AbstentionState
-from robustmri.deploy.calibration import SITE_REFITS, calibrate_network
+from robustmri.deploy.calibration import MIN_CLASS_IMAGES, SITE_REFITS, calibrate_network
 from robustmri.engine.checkpoint import load_weights
 
 #: The check sets of one shift: calibrated on the first, checked on the second.
@@ -65,13 +65,14 @@ def _check(network, fit: dict, images: np.ndarray, labels: np.ndarray | None) ->
 
 def site_threshold_checks(network: torch.nn.Module, checkpoint: str, home: AbstentionState,
                           validation: dict[str, list[dict]], test: dict[str, list[dict]], other_contrast: np.ndarray,
-                          num_classes: int, refits=tuple(SITE_REFITS), seed: int = 0, progress: bool = True) -> dict:
+                          num_classes: int, refits=tuple(SITE_REFITS), seed: int = 0,
+                          min_class_images: int = MIN_CLASS_IMAGES, progress: bool = True) -> dict:
     """``{shift: {check: {refit: result}}}`` (module docstring) for every shift in both ``validation`` and ``test``
     (``{shift: items}``, the model's own preparation), and ``{shift: reason}`` of the checks a calibration refused.
 
     ``home``: the model's own abstention state (the Mahalanobis score); ``other_contrast``: prepared slices of
-    another contrast [M, 1, S, S]; ``seed``: the halves' permutation and the calibration's batch order. The
-    network is left with the checkpoint's weights."""
+    another contrast [M, 1, S, S]; ``seed``: the halves' permutation and the calibration's batch order;
+    ``min_class_images``: as the calibration's. The network is left with the checkpoint's weights."""
     if home.score != "mahalanobis":
         raise ValueError(f"this measurement applies the Mahalanobis score; the model's state holds {home.score!r}")
     device = next(network.parameters()).device
@@ -89,8 +90,8 @@ def site_threshold_checks(network: torch.nn.Module, checkpoint: str, home: Abste
                 for refit in refits:
                     load_weights(network, checkpoint, device)
                     try:
-                        fit = calibrate_network(network, torch.from_numpy(images), num_classes, seed=seed,
-                                                refit=refit, home=home)
+                        fit = calibrate_network(network, torch.from_numpy(images), num_classes,
+                                                min_class_images=min_class_images, seed=seed, refit=refit, home=home)
                     except ValueError as err:  # one refused calibration must not lose the others
                         refused[f"{shift} / {check} / {refit}"] = str(err)
                         continue

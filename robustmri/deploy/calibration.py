@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from robustmri.abstention import AbstentionState, load_state, save_state
+from robustmri.abstention.state import abstention_path
 from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score
 from robustmri.abstention.mahalanobis import (
     RIDGE,
@@ -107,6 +108,8 @@ SITE_REFITS = {
                   "the threshold is the smallest score that accepts target_acceptance of the site images' scores on "
                   "the adapted network (nothing is fitted on them, so no fold is needed)"),
 }
+#: The product's site refit (``site_refit``).
+DEFAULT_SITE_REFIT = "threshold"
 #: The threshold rule of a score with nothing to fit (max_softmax, energy): no fold is needed.
 QUANTILE_RULE = ("the score has nothing to fit, so the threshold is the smallest score that accepts target_acceptance "
                  "of the site images' scores on the adapted network")
@@ -357,7 +360,7 @@ def home_detector(state: AbstentionState) -> MahalanobisDetector:
 
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
                       target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
-                      batch_size: int = 64, seed: int = 0, score: str = "mahalanobis", refit: str = "full",
+                      batch_size: int = 64, seed: int = 0, score: str = "mahalanobis", refit: str = DEFAULT_SITE_REFIT,
                       home: AbstentionState | None = None) -> dict:
     """Calibrate ``network`` in place to site images [N, 1, S, S] held in memory, prepared as the model was trained
     (module docstring: BatchNorm statistics, then the abstention fitted on the adapted network).
@@ -408,13 +411,18 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
             "batches": batches, "batchnorm_layers": len(batchnorm_layers(network))}
 
 
-def _adapted_abstention(score: str) -> str:
+#: What each site refit adapts of the Mahalanobis score, in words (the record's ``adapted``).
+REFITTED = {"full": "Mahalanobis class means, tied covariance", "means": "Mahalanobis class means",
+            "threshold": "nothing of the Mahalanobis score itself"}
+
+
+def _adapted_abstention(score: str, refit: str = "full") -> str:
     """What calibration refitted of the abstention score called ``score``, in words (the record's ``adapted``)."""
     if score == "mahalanobis":
-        return "abstention: Mahalanobis class means, tied covariance, threshold"
+        return f"abstention: {REFITTED[refit]}, threshold"
     if isinstance(build_score(score), CdfMean):
-        return (f"abstention: the {score} score's components ranked on the site images (Mahalanobis class means "
-                "and tied covariance refitted where it has that part), threshold")
+        return (f"abstention: the {score} score's components ranked on the site images ({REFITTED[refit]} "
+                "refitted where it has that part), threshold")
     return f"abstention: the {score} score's threshold (it has nothing else to fit)"
 
 
@@ -426,13 +434,19 @@ def site_checkpoint_path(checkpoint: str, output_dir: str | None = None) -> str:
 
 def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names, output_dir: str | None = None,
                    target_acceptance: float = TARGET_ACCEPTANCE, min_images: int = MIN_SITE_IMAGES,
-                   min_class_images: int = MIN_CLASS_IMAGES, batch_size: int = 64, seed: int = 0) -> dict:
+                   min_class_images: int = MIN_CLASS_IMAGES, batch_size: int = 64, seed: int = 0,
+                   site_refit: str = DEFAULT_SITE_REFIT, abstention: AbstentionState | None = None) -> dict:
     """Calibrate ``checkpoint`` to a site's unlabelled images (module docstring); the calibration record.
 
     ``network``: the configured network (``checkpoint`` is loaded into it); ``dataloader``: file
     inference's (items ``{"image", "file", "error"}``); ``output_dir``: where ``model_site.pt`` goes
-    (None or "": beside ``checkpoint``).
+    (None or "": beside ``checkpoint``); ``site_refit``: how much of the model's Mahalanobis abstention is
+    refitted (:data:`SITE_REFITS`; all but ``full`` need the model's own abstention state); ``abstention``: that
+    state when the caller has it (the bundle's ``@abstention``, which loads it from beside the checkpoint or fits
+    it on the training data), else the one beside ``checkpoint`` is read.
     """
+    if site_refit not in SITE_REFITS:
+        raise ValueError(f"unknown site_refit {site_refit!r}; valid: {', '.join(SITE_REFITS)}")
     checkpoint = os.fspath(checkpoint)
     site = site_checkpoint_path(checkpoint, output_dir)
     if os.path.isfile(checkpoint) and os.path.exists(site) and os.path.samefile(site, checkpoint):
@@ -445,8 +459,16 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         raise FileNotFoundError(f"no {METADATA_FILE} beside {checkpoint}: calibration needs the record of how it was "
                                 "trained (input size, preprocessing)")
     check_output_folder(checkpoint, site)  # before anything is written there
-    source_state = load_state(checkpoint, checkpoint_sha256=file_sha256(checkpoint))
+    source_state = abstention if abstention is not None else load_state(checkpoint,
+                                                                        checkpoint_sha256=file_sha256(checkpoint))
+    if source_state is not None and source_state.checkpoint_sha256 != file_sha256(checkpoint):
+        raise ValueError(f"the abstention state given was fitted for other weights than {os.path.basename(checkpoint)}")
     score = source_state.score if source_state is not None else "mahalanobis"  # the site keeps the model's score
+    if source_state is None and site_refit != "full":
+        raise FileNotFoundError(
+            f"{os.path.basename(checkpoint)} has no abstention state ({os.path.basename(abstention_path(checkpoint))}), "
+            f"which site_refit {site_refit!r} keeps parts of: copy it from where the model was trained, let evaluation "
+            "or export fit it, or choose site_refit 'full'")
     check_calibrated_score(score, os.path.basename(checkpoint))
 
     images, files, unreadable = read_site_images(dataloader)
@@ -459,7 +481,8 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
                          "(BatchNorm statistics from a handful of slices are noise)")
 
     fit = calibrate_network(network, images, len(class_names), [os.path.dirname(f) for f in files],
-                            target_acceptance, min_class_images, batch_size, seed, score=score)
+                            target_acceptance, min_class_images, batch_size, seed, score=score, refit=site_refit,
+                            home=source_state)
 
     write_bytes(site, _state_dict_bytes(network))
     site_sha = file_sha256(site)
@@ -478,13 +501,13 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         "source_checkpoint": {"file": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint)},
         "images": {"n": len(files), "n_unreadable": len(unreadable), "sha256": digest,
                    "digest_rule": INPUT_DIGEST_RULE},
-        "adapted": ["BatchNorm running statistics", _adapted_abstention(score)],
+        "adapted": ["BatchNorm running statistics", _adapted_abstention(score, fit["refit"] or "full")],
         "not_adapted": "every weight and bias",
         "batchnorm": {"layers": fit["batchnorm_layers"], "batches": fit["batches"], "batch_size": int(batch_size),
                       "rule": BATCHNORM_RULE},
         "abstention": {"file": os.path.basename(state_file), "score": state.score, "threshold": state.threshold,
                        "target_acceptance": state.target_acceptance, "cross_fitted_acceptance": state.acceptance,
-                       "rule": fit["rule"], "fold_groups": fit["fold_groups"],
+                       "site_refit": fit["refit"], "rule": fit["rule"], "fold_groups": fit["fold_groups"],
                        "pseudo_labels": {str(name): int(n) for name, n in zip(class_names, counts)},
                        "classes_with_centre": [str(class_names[c]) for c in fit["classes"]],
                        "min_class_images": int(min_class_images)},
@@ -500,7 +523,8 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
 
 
 __all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "COMBINATION_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
-           "MIN_SITE_IMAGES", "QUANTILE_RULE", "SITE_CHECKPOINT", "SITE_IMAGES", "adapt_batchnorm", "batchnorm_layers",
+           "MIN_SITE_IMAGES", "QUANTILE_RULE", "REFITTED", "SITE_CHECKPOINT", "SITE_IMAGES", "SITE_REFITS",
+           "DEFAULT_SITE_REFIT", "home_detector", "adapt_batchnorm", "batchnorm_layers",
            "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "fit_site_abstention", "fit_site_combination",
            "fold_assignment",
            "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]

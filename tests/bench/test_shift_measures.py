@@ -16,6 +16,7 @@ from robustmri.bench.shift_measures import (
 )
 from robustmri.data.shift_families import family_shifts
 from robustmri.data.synthetic import generate_slices
+from robustmri.abstention.state import load_state
 from robustmri.deploy.calibration import calibrate_network
 
 from deploy_helpers import TINY_SIZE, tiny_network
@@ -30,9 +31,16 @@ def items(seed: int, n: int = 30, gamma: float = 1.0, labels=None) -> list[dict]
 
 @pytest.fixture()
 def model(tmp_path):
+    """A tiny model with its abstention state beside it, as training leaves it."""
+    from robustmri.abstention import save_state
+    from robustmri.abstention.fit import fit_state
+
     network = tiny_network()
     path = tmp_path / "model.pt"
     torch.save(network.state_dict(), path)
+    train = items(12, n=60)
+    images = np.stack([item["image"] for item in train])
+    save_state(fit_state(network, images, np.array([item["label"] for item in train]), images[:20], str(path)), path)
     return network, str(path)
 
 
@@ -49,7 +57,7 @@ def test_calibration_uses_the_shift_validation_images_only_and_leaves_the_checkp
     # by hand: a copy calibrated on the dark validation images, predicting the dark test images
     reference = copy.deepcopy(network)
     val_images = torch.from_numpy(np.stack([item["image"] for item in validation["dark"]]))
-    fit = calibrate_network(reference, val_images, len(CLASS_NAMES))
+    fit = calibrate_network(reference, val_images, len(CLASS_NAMES), home=load_state(checkpoint))
     test_images = torch.from_numpy(np.stack([item["image"] for item in test["dark"]]))
     labels = np.array([item["label"] for item in test["dark"]])
     with torch.no_grad():

@@ -14,7 +14,7 @@ from monai.transforms import Compose, EnsureTyped
 from torch import nn
 
 from robustmri import CLASS_NAMES
-from robustmri.abstention import abstention_path, load_state
+from robustmri.abstention import abstention_path, load_state, save_state
 from robustmri.abstention.mahalanobis import MahalanobisDetector, calibrate_threshold, extract_features
 from robustmri.data.synthetic import generate_slices
 from robustmri.data.transforms import LoadPreprocessd
@@ -153,6 +153,36 @@ def test_a_class_predicted_for_too_few_images_gets_no_centre():
         fit_site_abstention(features, labels, 3, groups=[""] * len(features), min_class_images=400)
 
 
+def test_the_means_refit_keeps_the_models_covariance_and_refits_the_centres_by_hand():
+    features, labels = gaussian_site(300, 6, seed=4)
+    home = MahalanobisDetector.fit(*gaussian_site(500, 6, seed=5), 3)
+    fit = fit_site_abstention(features, labels, 3, groups=[""] * len(features), refit="means", home=home)
+    np.testing.assert_array_equal(fit["detector"].precision_factor, home.precision_factor)
+    np.testing.assert_allclose(fit["detector"].means, np.stack([features[labels == c].mean(0) for c in range(3)]))
+    # out of fold by hand: each fold scored by the centres of the other four, under the model's own covariance
+    fold = fold_assignment([""] * len(features), CROSS_FIT_FOLDS, 0)
+    held_out = fold == 0
+    centres = np.stack([features[~held_out & (labels == c)].mean(0) for c in range(3)])
+    projected, projected_centres = features[held_out] @ home.precision_factor, centres @ home.precision_factor
+    by_hand = ((projected[:, None] - projected_centres[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(fit["out_of_fold_scores"][held_out], by_hand)
+    assert fit["threshold"] == calibrate_threshold(fit["out_of_fold_scores"], 0.95)[0]
+
+
+def test_the_threshold_refit_keeps_the_models_detector_and_sets_only_the_quantile():
+    features, labels = gaussian_site(300, 6, seed=6)
+    home = MahalanobisDetector.fit(*gaussian_site(500, 6, seed=7), 3)
+    fit = fit_site_abstention(features, labels, 3, groups=[""] * len(features), refit="threshold", home=home)
+    assert fit["detector"] is home and fit["folds"] == 0 and fit["fold_groups"] is None
+    scores = np.sort(home.score(features))
+    assert fit["threshold"] == scores[int(np.ceil(0.95 * 300)) - 1]  # the 285th smallest of 300
+    assert fit["acceptance"] == pytest.approx(285 / 300)
+    with pytest.raises(ValueError, match="none was given"):
+        fit_site_abstention(features, labels, 3, groups=[""] * len(features), refit="means")
+    with pytest.raises(ValueError, match="unknown site_refit 'all'"):
+        fit_site_abstention(features, labels, 3, groups=[""] * len(features), refit="all", home=home)
+
+
 def test_folds_keep_a_folder_together_when_there_are_enough_folders():
     groups = [f"patient{k // 3}" for k in range(30)]  # ten folders of three slices
     fold = fold_assignment(groups, 5, seed=0)
@@ -194,11 +224,25 @@ def site_loader(folder, batch_size: int = 16) -> DataLoader:
     return DataLoader(Dataset(file_items(str(folder)), transform=transform), batch_size=batch_size, shuffle=False)
 
 
-def trained_model(folder, network: nn.Module | None = None, preprocess: str = "minmax"):
-    """``model.pt`` and the ``model_metadata.json`` (and training-data record) training writes beside it."""
+def home_state(network: nn.Module, checkpoint):
+    """The abstention state training fits beside ``checkpoint``: Mahalanobis on unshifted synthetic slices."""
+    from robustmri.abstention.fit import fit_state
+
+    data = generate_slices(n_patients=120, size=TINY_SIZE, seed=30, slices_per_patient=(1, 1))
+    images = data["images"][:, None].astype(np.float32)
+    state = fit_state(network, images[:90], data["labels"][:90], images[90:], checkpoint)
+    save_state(state, checkpoint)
+    return state
+
+
+def trained_model(folder, network: nn.Module | None = None, preprocess: str = "minmax", state: bool = True):
+    """``model.pt`` and the ``model_metadata.json`` (and training-data record) training writes beside it, and
+    with ``state`` its abstention state."""
     folder.mkdir(parents=True, exist_ok=True)
     network = network if network is not None else tiny_network()
     torch.save(network.state_dict(), folder / "model.pt")
+    if state:
+        home_state(network, folder / "model.pt")
     content = model_metadata(None, TINY_SIZE, 2, network, CLASS_NAMES, preprocess=preprocess)
     content["provenance"] = training_provenance()
     content["provenance"]["training"].update(completed=True, final_checkpoint={
@@ -247,7 +291,8 @@ def test_the_in_memory_calibration_is_the_one_the_files_get(calibrated):
     assert len(images) == len(files)
     network = tiny_network()
     network.load_state_dict(loaded(checkpoint))
-    fit = calibrate_network(network, images, 3, [str(root / "site")] * len(files), min_class_images=5, batch_size=32)
+    fit = calibrate_network(network, images, 3, [str(root / "site")] * len(files), min_class_images=5, batch_size=32,
+                            home=load_state(checkpoint))
     assert all(torch.equal(v, loaded(root / "models" / "model_site.pt")[k]) for k, v in network.state_dict().items())
     assert fit["threshold"] == record["abstention"]["threshold"] and fit["batches"] == record["batchnorm"]["batches"]
 
@@ -294,11 +339,12 @@ def test_the_abstention_state_is_tied_to_model_site_and_accepts_the_target_share
     detector = MahalanobisDetector(state.arrays["means"], state.arrays["precision_factor"], state.settings["ridge"], 0)
     accepted = float(np.mean(state.accepts(detector.score(extract_features(network, images.numpy())))))
     assert 0.90 <= accepted <= 0.995, accepted
-    # the same slices through the uncalibrated network are far less often accepted: the state is for model_site.pt
-    source_network = tiny_network()
-    source_network.load_state_dict(loaded(root / "models" / "model.pt"))
-    unadapted = float(np.mean(state.accepts(detector.score(extract_features(source_network, images.numpy())))))
-    assert unadapted < accepted - 0.2, (unadapted, accepted)
+    # the model's own state keeps its detector (the product's refit) but not its threshold, which the calibrated
+    # network's features of the site's slices leave far from the target
+    home = load_state(root / "models" / "model.pt")
+    np.testing.assert_array_equal(home.arrays["means"], state.arrays["means"])
+    at_home_threshold = float(np.mean(home.accepts(detector.score(extract_features(network, images.numpy())))))
+    assert abs(at_home_threshold - 0.95) > 0.2, (at_home_threshold, accepted)
 
 
 def test_calibration_into_another_folder_copies_the_metadata_with_its_calibration(calibrated, tmp_path):
@@ -325,7 +371,7 @@ def test_calibration_into_another_folder_copies_the_metadata_with_its_calibratio
         load_state(out / "model_site.pt", file_sha256(out / "model_site.pt"))
     # a folder holding another model's metadata is not overwritten
     other = tmp_path / "other"
-    trained_model(other, preprocess="head")
+    trained_model(other, preprocess="head", state=False)
     with pytest.raises(FileExistsError, match="another model's model_metadata.json"):
         calibrate_site(tiny_network(), str(checkpoint), site_loader(root / "site"), CLASS_NAMES,
                        output_dir=str(other), min_images=100, min_class_images=5)
@@ -430,7 +476,7 @@ def test_a_combined_score_is_ranked_on_the_site_images_out_of_fold(tmp_path, nam
     _state_beside(checkpoint, name)
     write_site(tmp_path / "site", 120, seed=12)
     record = calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
-                            min_images=100, batch_size=32)
+                            min_images=100, batch_size=32, site_refit="full")  # the site's own refit, ranked
     site = tmp_path / "models" / "model_site.pt"
     state = load_state(site, checkpoint_sha256=file_sha256(site))
     assert state.score == name == record["abstention"]["score"]
@@ -483,4 +529,37 @@ def test_an_unknown_score_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="'mahalanobis\\+energy' is not one site calibration refits"):
         calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
                        min_images=100, batch_size=32)
+    assert not (tmp_path / "models" / "model_site.pt").exists()
+
+
+def test_the_threshold_refit_writes_the_models_own_detector_with_the_sites_threshold(tmp_path):
+    from robustmri.abstention.fit import scores_of
+
+    checkpoint = trained_model(tmp_path / "models")
+    home = load_state(checkpoint)
+    write_site(tmp_path / "site", 120, seed=12)
+    record = calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                            min_images=100, batch_size=32)  # the product's refit
+    site = tmp_path / "models" / "model_site.pt"
+    state = load_state(site, checkpoint_sha256=file_sha256(site))
+    assert record["abstention"]["site_refit"] == "threshold"
+    assert record["adapted"][1] == "abstention: nothing of the Mahalanobis score itself, threshold"
+    for key in ("means", "precision_factor"):
+        np.testing.assert_array_equal(state.arrays[key], home.arrays[key])
+    network = tiny_network()
+    network.load_state_dict(loaded(site))
+    images = torch.cat([batch["image"] for batch in site_loader(tmp_path / "site")]).numpy()
+    assert state.threshold == calibrate_threshold(scores_of(state, network, images), 0.95)[0]
+    assert state.threshold != home.threshold
+
+
+def test_a_refit_that_keeps_the_models_state_refuses_a_checkpoint_without_one(tmp_path):
+    checkpoint = trained_model(tmp_path / "models", state=False)
+    write_site(tmp_path / "site", 120, seed=12)
+    with pytest.raises(FileNotFoundError, match="no abstention state .*site_refit 'means' keeps parts of"):
+        calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                       min_images=100, batch_size=32, site_refit="means")
+    with pytest.raises(ValueError, match="unknown site_refit 'some'"):
+        calibrate_site(tiny_network(seed=5), str(checkpoint), site_loader(tmp_path / "site"), CLASS_NAMES,
+                       site_refit="some")
     assert not (tmp_path / "models" / "model_site.pt").exists()
