@@ -44,7 +44,7 @@ the calibrated checkpoint lies beside its source (``models/model_site.pt`` besid
 or as ``calibration`` in the copy of the source's metadata written into another folder
 (``--output_dir``): ``file``, ``sha256``, ``date``, ``source_checkpoint`` (``file``, ``sha256``),
 ``images`` (``n``, ``n_unreadable``, ``sha256`` of the inputs and its rule), ``adapted``,
-``batchnorm``, ``abstention`` (threshold, target and cross-fitted acceptance, pseudo-label counts),
+``batchnorm``, ``abstention`` (site refit, threshold, target and held-out acceptance, pseudo-label counts),
 ``code``. No paths.
 """
 
