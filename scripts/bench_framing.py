@@ -8,6 +8,8 @@ Each checkpoint is evaluated on its own test split (rebuilt from the data and se
 checkpoints of another configuration, paired with ``--checkpoints`` by position (the same seeds): the table
 adds the paired difference per variant (95 % t interval over the pairs, pairs where the first scored higher).
 Writes ``framing.json``, ``framing.md`` and ``framing.png`` (accuracy against zoom and against shift) into ``--out``.
+``--guard true``: also what the deployed paths' framing check (``robustmri.data.preprocessing.check_framing``)
+refuses under every shift of the honest bench, and how accurate the refused and the kept slices are.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ import sys
 import fire
 import numpy as np
 
-from robustmri.bench.framing import MOVES, SKULL_CUT, ZOOMS, accuracy_by_variant, framing_variants, variant_names
+from robustmri.bench.framing import (
+    MOVES,
+    SKULL_CUT,
+    ZOOMS,
+    accuracy_by_variant,
+    framing_variants,
+    guard_by_shift,
+    variant_names,
+)
 from robustmri.bench.machine import write_measurement
 from robustmri.bench.runs import as_list
-from robustmri.bench.shifts import _cell, synthetic_raw_images
+from robustmri.bench.shifts import REFERENCE, _cell, synthetic_raw_images
 from robustmri.bench.stats import _table, paired_difference
+from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE
+from robustmri.data.shift_families import SEVERITIES, family_shifts
 from robustmri.engine.trained_model import trained_model
+from robustmri.options import as_flag
 
 BUNDLE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bundle"))
 
 
-def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None) -> dict:
+def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, guard: bool = False) -> dict:
     config, network, data = trained_model(bundle_dir, checkpoint, dataset_dir=dataset_dir)
     size, preprocess = int(config.get_parsed_content("spatial_size")), config.get_parsed_content("preprocess")
     seed = int(config.get_parsed_content("seed"))
@@ -38,8 +51,32 @@ def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None) -> dict:
     if not any(sets.values()):
         raise SystemExit(f"{checkpoint}: no test slice could be prepared ({len(skipped)} skipped, e.g. "
                          f"{skipped[0][1] if skipped else 'an empty test split'})")
-    return {"checkpoint": checkpoint, "seed": seed, "spatial_size": size,
-            "preprocess": preprocess, "skipped": skipped, "variants": accuracy_by_variant(network, sets, data.class_names)}
+    measured = {"checkpoint": checkpoint, "seed": seed, "spatial_size": size, "preprocess": preprocess,
+                "skipped": skipped, "variants": accuracy_by_variant(network, sets, data.class_names)}
+    if guard:
+        measured["guard"] = guard_by_shift(network, data.split("test"), size, preprocess,
+                                           list(family_shifts(size, preprocess)), raw_images=raw)
+    return measured
+
+
+def _guard_table(runs: list[dict], size: int) -> str:
+    """Markdown: what the framing check refuses, by group of shifts (mean over checkpoints of each group's mean)."""
+    catalog = family_shifts(size)
+    groups = [(f"`{REFERENCE}` (home)", [REFERENCE]), (f"`{SKULL_CUT}`", [SKULL_CUT])] + [
+        (f"{severity}, without `{SKULL_CUT}` ({len(names)})", names) for severity in SEVERITIES
+        if (names := [n for n, shift in catalog.items() if shift.severity == severity and n != SKULL_CUT])]
+    rows = []
+    for label, names in groups:
+        def mean(field):
+            per_run = [np.mean(values) for run in runs
+                       if (values := [run["guard"][n][field] for n in names if run["guard"][n][field] is not None])]
+            return f"{100 * np.mean(per_run):.1f}" if per_run else "–"
+        rows.append([label, mean("refused"), mean("accuracy"), mean("kept_accuracy"), mean("refused_accuracy")])
+    return (f"\nThe deployed paths' framing check (a head covering more than {100 * MAX_HEAD_BORDER_SHARE:.0f} % of "
+            "the image border is not classified) on the honest bench's test renderings, mean over checkpoints "
+            f"({len(runs)}): the share refused, and the accuracy of every prepared slice, of those kept and of those "
+            "refused (classified without the check).\n\n"
+            + _table(["shifts", "refused %", "accuracy, all %", "accuracy, kept %", "accuracy, refused %"], rows))
 
 
 def _figure(report: dict, path: str) -> None:
@@ -65,10 +102,11 @@ def _figure(report: dict, path: str) -> None:
 
 
 def main(checkpoints: str, out: str, baseline: str = "", names: str = "", dataset_dir: str | None = None,
-         bundle_dir: str = BUNDLE) -> dict:
+         bundle_dir: str = BUNDLE, guard: bool = False) -> dict:
     """Measure ``--checkpoints`` (and ``--baseline``) under the framing variants; write the report into ``--out``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     groups = [as_list(checkpoints)] + ([as_list(baseline)] if baseline else [])
+    guard = as_flag(guard, "guard")
     labels = as_list(names) or (["checkpoints", "baseline"][:len(groups)])
     if len(labels) != len(groups):
         raise SystemExit(f"--names needs {len(groups)} name(s), got {len(labels)}")
@@ -77,7 +115,7 @@ def main(checkpoints: str, out: str, baseline: str = "", names: str = "", datase
     missing = [c for group in groups for c in group if not os.path.isfile(c)]
     if missing:
         raise SystemExit(f"no checkpoint at {', '.join(missing)}")
-    report = {"configurations": {label: [_measure(c, bundle_dir, dataset_dir) for c in group]
+    report = {"configurations": {label: [_measure(c, bundle_dir, dataset_dir, guard) for c in group]
                                  for label, group in zip(labels, groups)}}
     rows = []
     for variant in variant_names():
@@ -97,6 +135,10 @@ def main(checkpoints: str, out: str, baseline: str = "", names: str = "", datase
     table = ("Test accuracy under framing variants (robustmri.bench.framing): zoom and move act on the prepared "
              "input; skull_cut is the shift bench's window of 0.6 of the raw frame, then the model's "
              "preprocessing.\n\n" + _table(header, rows) + "\n")
+    if guard:
+        for label in labels:
+            runs = report["configurations"][label]
+            table += f"\n**{label}**:\n" + _guard_table(runs, runs[0]["spatial_size"])
     os.makedirs(out, exist_ok=True)
     _figure(report, os.path.join(out, "framing.png"))
     write_measurement(out, "framing", report, table, "bench_framing.py", sys.argv[1:])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from robustmri.data.preprocessing import preprocessing_by_name, resize
+from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE, border_share, head_mask, preprocessing_by_name, resize
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.engine.predictions import predict_items
@@ -102,4 +102,67 @@ def accuracy_by_variant(network: torch.nn.Module, sets: dict[str, list[dict]], c
                      "recall": {c: float((predicted[labels == k] == k).mean()) if (labels == k).any() else None
                                 for k, c in enumerate(class_names)},
                      "predicted_share": {c: float((predicted == k).mean()) for k, c in enumerate(class_names)}}
+    return out
+
+
+def _guard_item(args) -> tuple[int, dict | None, str | None]:
+    """One slice under every shift: ``{shift: (border share or None, prepared [S, S] or None)}``."""
+    from robustmri.bench.shifts import _render
+
+    index, item, size, preprocess, shifts, raw_image = args
+    try:
+        raw = (np.asarray(raw_image, dtype=np.float32) if raw_image is not None else read_image(item["file"]))
+    except ImageReadError as err:
+        return index, None, err.reason
+    prepare, out = preprocessing_by_name(preprocess), {}
+    for shift in shifts:
+        try:
+            shifted = _render(raw, shift, item["id"], "families", size, preprocess)
+            out[shift] = (border_share(head_mask(shifted)), prepare(shifted, size))
+        except ValueError:  # no head found: no class in any path, whatever the framing
+            out[shift] = (None, None)
+    return index, out, None
+
+
+def guard_by_shift(network: torch.nn.Module, items: list[dict], size: int, preprocess: str, shifts,
+                   raw_images=None, max_border_share: float = MAX_HEAD_BORDER_SHARE, workers: int = 2,
+                   progress: bool = True) -> dict[str, dict]:
+    """What the deployed paths' framing check (:func:`robustmri.data.preprocessing.check_framing`) refuses under
+    every shift of the honest bench (``none`` included): each test item rendered raw (the bench's own draws),
+    its head's share of the image border, and its class from the preparation without the check, so that the
+    refused slices' accuracy is known. Per shift: ``{n, unpreparable, refused, accuracy, kept_accuracy,
+    refused_accuracy}`` (shares of the prepared slices; accuracies None where no slice is)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    shifts = list(shifts)
+    jobs = [(i, item, int(size), preprocess, shifts, None if raw_images is None else raw_images[int(item["id"])])
+            for i, item in enumerate(items)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_guard_item, jobs, chunksize=8), total=len(jobs), desc="framing check",
+                                unit="img", disable=not progress, leave=False))
+    else:
+        results = [_guard_item(job) for job in tqdm(jobs, desc="framing check", unit="img", disable=not progress,
+                                                      leave=False)]
+    device = next(network.parameters()).device
+    out = {}
+    for shift in shifts:
+        kept_items, shares, unpreparable = [], [], 0
+        for index, rendered, _ in results:
+            share, image = (None, None) if rendered is None else rendered[shift]
+            if image is None:
+                unpreparable += 1
+                continue
+            kept_items.append({**items[index], "image": image[None].astype(np.float32), "noisy": False})
+            shares.append(share)
+        row = {"n": len(kept_items), "unpreparable": unpreparable, "refused": None, "accuracy": None,
+               "kept_accuracy": None, "refused_accuracy": None}
+        if kept_items:
+            logits, labels, _ = predict_items(network, kept_items, device=device)
+            right = (logits.argmax(1) == labels).numpy()
+            refused = np.asarray(shares) > max_border_share
+            row.update(refused=float(refused.mean()), accuracy=float(right.mean()),
+                       kept_accuracy=float(right[~refused].mean()) if (~refused).any() else None,
+                       refused_accuracy=float(right[refused].mean()) if refused.any() else None)
+        out[shift] = row
     return out
