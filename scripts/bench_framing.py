@@ -26,6 +26,7 @@ from robustmri.bench.framing import (
     SKULL_CUT,
     ZOOMS,
     accuracy_by_variant,
+    border_shares,
     framing_variants,
     guard_by_shift,
     variant_names,
@@ -54,6 +55,7 @@ def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, guard: b
     measured = {"checkpoint": checkpoint, "seed": seed, "spatial_size": size, "preprocess": preprocess,
                 "skipped": skipped, "variants": accuracy_by_variant(network, sets, data.class_names)}
     if guard:
+        measured["training_border_shares"] = border_shares(data.split("train"), raw_images=raw)
         measured["guard"] = guard_by_shift(network, data.split("test"), size, preprocess,
                                            list(family_shifts(size, preprocess)), raw_images=raw)
     return measured
@@ -72,7 +74,11 @@ def _guard_table(runs: list[dict], size: int) -> str:
                        if (values := [run["guard"][n][field] for n in names if run["guard"][n][field] is not None])]
             return f"{100 * np.mean(per_run):.1f}" if per_run else "–"
         rows.append([label, mean("refused"), mean("accuracy"), mean("kept_accuracy"), mean("refused_accuracy")])
-    return (f"\nThe deployed paths' framing check (a head covering more than {100 * MAX_HEAD_BORDER_SHARE:.0f} % of "
+    shares = [run["training_border_shares"] for run in runs]
+    training = ("Training splits (as read, before augmentation): the head's largest share of the border "
+                + ", ".join(f"{share['max']:.2f}" for share in shares) + "; slices above the limit: "
+                + ", ".join(str(share["above_limit"]) for share in shares) + " (one value per checkpoint).\n")
+    return (training + f"\nThe deployed paths' framing check (a head covering more than {100 * MAX_HEAD_BORDER_SHARE:.0f} % of "
             "the image border is not classified) on the honest bench's test renderings, mean over checkpoints "
             f"({len(runs)}): the share refused, and the accuracy of every prepared slice, of those kept and of those "
             "refused (classified without the check).\n\n"

@@ -166,3 +166,30 @@ def guard_by_shift(network: torch.nn.Module, items: list[dict], size: int, prepr
                        refused_accuracy=float(right[refused].mean()) if refused.any() else None)
         out[shift] = row
     return out
+
+
+def _border_share_of(args) -> float | None:
+    item, raw_image = args
+    try:
+        raw = np.asarray(raw_image, dtype=np.float32) if raw_image is not None else read_image(item["file"])
+        return border_share(head_mask(raw))
+    except (ImageReadError, ValueError):  # unreadable or no head: no share
+        return None
+
+
+def border_shares(items: list[dict], raw_images=None, workers: int = 2, progress: bool = True) -> dict:
+    """The head's share of the image border over ``items`` as read (a training split: where the deployed limit
+    :data:`~robustmri.data.preprocessing.MAX_HEAD_BORDER_SHARE` comes from): ``{n, no_head, max, p99, median,
+    above_limit}``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(item, None if raw_images is None else raw_images[int(item["id"])]) for item in items]
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        shares = list(tqdm(pool.map(_border_share_of, jobs, chunksize=16), total=len(jobs), desc="border shares",
+                           unit="img", disable=not progress, leave=False))
+    found = np.asarray([share for share in shares if share is not None])
+    if not len(found):
+        return {"n": 0, "no_head": len(shares), "max": None, "p99": None, "median": None, "above_limit": 0}
+    return {"n": int(len(found)), "no_head": int(len(shares) - len(found)), "max": float(found.max()),
+            "p99": float(np.percentile(found, 99)), "median": float(np.median(found)),
+            "above_limit": int((found > MAX_HEAD_BORDER_SHARE).sum())}

@@ -351,8 +351,9 @@ def check_framing(mask: np.ndarray, max_border_share: float = MAX_HEAD_BORDER_SH
     the field of view (or a foreground that is no head), which the models cannot be trusted on."""
     share = border_share(mask)
     if share > max_border_share:
-        raise ValueError(f"head cut by the frame: it covers {100 * share:.0f} % of the image border (more than "
-                         f"{100 * max_border_share:.0f} %); the model needs the whole head in view")
+        raise ValueError(f"head cut by the frame (or no head): the head region covers {100 * share:.0f} % of the "
+                         f"image border (more than {100 * max_border_share:.0f} %); the model needs the whole head "
+                         "in view")
 
 
 def _head_crop(image: np.ndarray, max_border_share: float | None = None) -> tuple[np.ndarray, np.ndarray]:
