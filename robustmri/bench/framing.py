@@ -184,9 +184,12 @@ def border_shares(items: list[dict], raw_images=None, workers: int = 2, progress
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(item, None if raw_images is None else raw_images[int(item["id"])]) for item in items]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        shares = list(tqdm(pool.map(_border_share_of, jobs, chunksize=16), total=len(jobs), desc="border shares",
-                           unit="img", disable=not progress, leave=False))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            shares = list(tqdm(pool.map(_border_share_of, jobs, chunksize=16), total=len(jobs), desc="border shares",
+                               unit="img", disable=not progress, leave=False))
+    else:
+        shares = [_border_share_of(job) for job in jobs]
     found = np.asarray([share for share in shares if share is not None])
     if not len(found):
         return {"n": 0, "no_head": len(shares), "max": None, "p99": None, "median": None, "above_limit": 0}

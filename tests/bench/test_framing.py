@@ -11,13 +11,15 @@ from robustmri.bench.framing import (
     SKULL_CUT,
     ZOOMS,
     accuracy_by_variant,
+    border_shares,
     centred_zoom,
     direction,
     framing_variants,
+    guard_by_shift,
     moved,
     variant_names,
 )
-from robustmri.data.preprocessing import preprocess_head, resize
+from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE, border_share, head_mask, preprocess_head, resize
 from robustmri.data.readers import read_image
 from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.data.synthetic import generate_slices
@@ -88,6 +90,35 @@ def test_accuracy_recall_and_predicted_shares(items):
     for row in result.values():
         assert row["n"] == 3 and row["accuracy"] == pytest.approx((labels == 1).mean())
         assert row["predicted_share"] == {CLASS_NAMES[0]: 0.0, CLASS_NAMES[1]: 1.0, CLASS_NAMES[2]: 0.0}
+
+
+def test_the_framing_check_is_measured_per_shift_with_the_refused_slices_classified_by_hand(items):
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0]]).repeat(len(x), 1) + 0 * x.mean()
+
+    result = guard_by_shift(Constant(), items, 24, "head", ["none", SKULL_CUT], workers=1, progress=False)
+    assert set(result) == {"none", SKULL_CUT}
+    labels = np.array([item["label"] for item in items[:5]])
+    for shift, row in result.items():
+        assert row["n"] == 5 and row["unpreparable"] == 1  # the blank slice has no head
+        assert row["accuracy"] == pytest.approx((labels == 1).mean())
+    # by hand: the border share of each rendering, against the limit
+    shares = [border_share(head_mask(render_family_shift(read_image(item["file"]), SKULL_CUT, 24,
+                                                         [item["id"], family_shifts(24)[SKULL_CUT].stream], "head")))
+              for item in items[:5]]
+    refused = np.asarray(shares) > MAX_HEAD_BORDER_SHARE
+    assert result[SKULL_CUT]["refused"] == pytest.approx(refused.mean()) and result["none"]["refused"] == 0.0
+    assert refused.any()  # these cut heads run along the border
+    assert result[SKULL_CUT]["refused_accuracy"] == pytest.approx((labels[refused] == 1).mean())
+    summary = border_shares(items, workers=1, progress=False)
+    by_hand = [border_share(head_mask(read_image(item["file"]))) for item in items[:5]]
+    assert summary["n"] == 5 and summary["no_head"] == 1 and summary["max"] == pytest.approx(max(by_hand))
+    assert summary["above_limit"] == sum(share > MAX_HEAD_BORDER_SHARE for share in by_hand)
 
 
 @pytest.mark.slow  # trains nothing, but rebuilds a checkpoint's protocol and runs the script twice

@@ -46,8 +46,9 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     (:func:`~robustmri.deploy.dicom.integrity.completeness_problem`) is not classified unless
     ``allow_incomplete``; then the record has ``"complete": False`` and ``incomplete_reason``.
     A slice that cannot be decoded fails the series (``on_slice_error="fail"``, default: no
-    result from an incomplete series) or is left out and counted (``"skip"``). A constant slice
-    (no contrast, e.g. blank padding) is always left out and listed as excluded.
+    result from an incomplete series) or is left out and counted (``"skip"``). A slice the model's preprocessing
+    refuses (constant, e.g. blank padding; no head found; a head cut by the frame) is always left out, listed as
+    excluded with its reason, and does not vote.
 
     Every slice run through the model gets ``ood_score`` and ``assessable``; a not-assessable slice
     has status ``"not_assessable"`` (its probabilities kept for audit, no class) and does not vote.
@@ -113,7 +114,7 @@ def _prepare_slices(series: DicomSeries, classifier) -> tuple[list[dict], list[n
         except ImageReadError as err:
             row.update(status="error", reason=err.reason)
             continue
-        except ValueError as err:  # constant image
+        except ValueError as err:  # constant image, no head found, or a head cut by the frame
             row.update(status="excluded", reason=str(err))
             continue
         used.append(row)
