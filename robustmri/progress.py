@@ -21,3 +21,16 @@ def _draws() -> bool:
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, unit: str = "batch") -> tqdm:
     """``tqdm(iterable, ...)``, drawn only on an interactive terminal of rank 0, and cleared when done."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, disable=None if _draws() else True)
+
+
+def map_in_processes(function, jobs: list, workers: int = 1, desc: str = "", unit: str = "img", show: bool = True,
+                     chunksize: int = 8) -> list:
+    """``[function(job) for job in jobs]``, in ``workers`` processes when more than one (``function`` and the jobs
+    must pickle), in order, with a progress bar unless ``show`` is False."""
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(function, jobs, chunksize=chunksize), total=len(jobs), desc=desc, unit=unit,
+                             disable=not show, leave=False))
+    return [function(job) for job in tqdm(jobs, desc=desc, unit=unit, disable=not show, leave=False)]

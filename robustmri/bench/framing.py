@@ -24,6 +24,7 @@ from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE, border_share, he
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.engine.predictions import predict_items
+from robustmri.progress import map_in_processes
 
 #: Zoom factors of (a): 1.15 is the edge of the default augmentation's ``scale``; 1.67 is ``skull_cut``'s.
 ZOOMS = (1.0, 1.15, 1.3, 1.5, 1.67)
@@ -132,18 +133,10 @@ def guard_by_shift(network: torch.nn.Module, items: list[dict], size: int, prepr
     its head's share of the image border, and its class from the preparation without the check, so that the
     refused slices' accuracy is known. Per shift: ``{n, unpreparable, refused, accuracy, kept_accuracy,
     refused_accuracy}`` (shares of the prepared slices; accuracies None where no slice is)."""
-    from concurrent.futures import ProcessPoolExecutor
-
     shifts = list(shifts)
     jobs = [(i, item, int(size), preprocess, shifts, None if raw_images is None else raw_images[int(item["id"])])
             for i, item in enumerate(items)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_guard_item, jobs, chunksize=8), total=len(jobs), desc="framing check",
-                                unit="img", disable=not progress, leave=False))
-    else:
-        results = [_guard_item(job) for job in tqdm(jobs, desc="framing check", unit="img", disable=not progress,
-                                                      leave=False)]
+    results = map_in_processes(_guard_item, jobs, workers, desc="framing check", show=progress)
     device = next(network.parameters()).device
     out = {}
     for shift in shifts:
@@ -181,15 +174,8 @@ def border_shares(items: list[dict], raw_images=None, workers: int = 2, progress
     """The head's share of the image border over ``items`` as read (a training split: where the deployed limit
     :data:`~robustmri.data.preprocessing.MAX_HEAD_BORDER_SHARE` comes from): ``{n, no_head, max, p99, median,
     above_limit}``."""
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(item, None if raw_images is None else raw_images[int(item["id"])]) for item in items]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            shares = list(tqdm(pool.map(_border_share_of, jobs, chunksize=16), total=len(jobs), desc="border shares",
-                               unit="img", disable=not progress, leave=False))
-    else:
-        shares = [_border_share_of(job) for job in jobs]
+    shares = map_in_processes(_border_share_of, jobs, workers, desc="border shares", show=progress, chunksize=16)
     found = np.asarray([share for share in shares if share is not None])
     if not len(found):
         return {"n": 0, "no_head": len(shares), "max": None, "p99": None, "median": None, "above_limit": 0}

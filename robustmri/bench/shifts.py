@@ -26,16 +26,15 @@ import logging
 import math
 import os
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from robustmri.bench.stats import _detectable, _signed, _table, paired_difference, reports_by_p
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.shift_families import SEVERITIES, family_shifts, render_family_shift
 from robustmri.data.site_shift import SHIFTS, render_shift
+from robustmri.progress import map_in_processes
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +147,7 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=None, w
         shifts = [REFERENCE] + shifts
     jobs = [(i, item, int(size), preprocesses, shifts, cache_dir,
              None if raw_images is None else raw_images[int(item["id"])], catalog) for i, item in enumerate(items)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_render_item, jobs, chunksize=8), total=len(jobs), desc="site shifts",
-                                unit="img", disable=not progress, leave=False))
-    else:
-        results = [_render_item(job) for job in tqdm(jobs, desc="site shifts", unit="img", disable=not progress,
-                                                      leave=False)]
+    results = map_in_processes(_render_item, jobs, workers, desc="site shifts", show=progress)
     sets = {name: {shift: [] for shift in shifts} for name in preprocesses}
     excluded = []
     for index, rendered, reason in results:
