@@ -8,8 +8,9 @@ Each checkpoint is evaluated on its own test split (rebuilt from the data and se
 checkpoints of another configuration, paired with ``--checkpoints`` by position (the same seeds): the table
 adds the paired difference per variant (95 % t interval over the pairs, pairs where the first scored higher).
 Writes ``framing.json``, ``framing.md`` and ``framing.png`` (accuracy against zoom and against shift) into ``--out``.
-``--guard true``: also what the deployed paths' framing check (``robustmri.data.preprocessing.check_framing``)
-refuses under every shift of the honest bench, and how accurate the refused and the kept slices are.
+``--guard true``: also what a framing check (refuse a head covering more than ``MAX_HEAD_BORDER_SHARE`` of the
+image border, ``robustmri.bench.framing.guard_by_shift``) would refuse under every shift of the honest bench, and
+how accurate the refused and the kept slices are.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import fire
 import numpy as np
 
 from robustmri.bench.framing import (
+    MAX_HEAD_BORDER_SHARE,
     MOVES,
     SKULL_CUT,
     ZOOMS,
@@ -35,7 +37,6 @@ from robustmri.bench.machine import write_measurement
 from robustmri.bench.runs import as_list
 from robustmri.bench.shifts import REFERENCE, _cell, synthetic_raw_images
 from robustmri.bench.stats import _table, paired_difference
-from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE
 from robustmri.data.shift_families import SEVERITIES, family_shifts
 from robustmri.engine.trained_model import trained_model
 from robustmri.options import as_flag
@@ -78,7 +79,7 @@ def _guard_table(runs: list[dict], size: int) -> str:
     training = ("Training splits (as read, before augmentation): the head's largest share of the border "
                 + ", ".join(f"{share['max']:.2f}" for share in shares) + "; slices above the limit: "
                 + ", ".join(str(share["above_limit"]) for share in shares) + " (one value per checkpoint).\n")
-    return (training + f"\nThe deployed paths' framing check (a head covering more than {100 * MAX_HEAD_BORDER_SHARE:.0f} % of "
+    return (training + f"\nA framing check (a head covering more than {100 * MAX_HEAD_BORDER_SHARE:.0f} % of "
             "the image border is not classified) on the honest bench's test renderings, mean over checkpoints "
             f"({len(runs)}): the share refused, and the accuracy of every prepared slice, of those kept and of those "
             "refused (classified without the check).\n\n"

@@ -125,7 +125,7 @@ class CheckpointModel:
         import torch
 
         from robustmri.abstention import load_state
-        from robustmri.data.preprocessing import deployed_preprocessing
+        from robustmri.data.preprocessing import preprocessing_by_name
         from robustmri.engine.checkpoint import load_weights
         from robustmri.engine.model_metadata import file_sha256, read_trained
         from robustmri.engine.trained_model import check_trained_network, trained_config
@@ -137,7 +137,7 @@ class CheckpointModel:
         self.network = load_weights(network, checkpoint).eval()
         self.spatial_size = int(config.get_parsed_content("spatial_size"))
         self.preprocess = str(config.get_parsed_content("preprocess"))
-        self._prepare = deployed_preprocessing(self.preprocess)
+        self._prepare = preprocessing_by_name(self.preprocess)
         self.class_names = [str(name) for name in config.get_parsed_content("class_names")]
         self._torch = torch
         sha256 = file_sha256(checkpoint)

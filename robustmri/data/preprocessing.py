@@ -18,8 +18,6 @@ exactly as in training.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from PIL import Image
 
@@ -53,12 +51,10 @@ def preprocess_minmax(image: np.ndarray, size: int) -> np.ndarray:
     return resize(scale_intensity(image), size)
 
 
-def read_preprocessed(path: str, size: int, name: str = DEFAULT_PREPROCESS,
-                      deployed: bool = False) -> tuple[np.ndarray | None, str | None]:
+def read_preprocessed(path: str, size: int, name: str = DEFAULT_PREPROCESS) -> tuple[np.ndarray | None, str | None]:
     """``(image, None)``, or ``(None, reason)`` for an unreadable, constant or headless image: callers count it
-    and go on. ``name``: the preprocessing (:data:`PREPROCESSING`); ``deployed``: as a deployed path applies it
-    (:func:`deployed_preprocessing`: a head cut by the frame is refused too)."""
-    function = deployed_preprocessing(name) if deployed else preprocessing_by_name(name)
+    and go on. ``name``: the preprocessing (:data:`PREPROCESSING`)."""
+    function = preprocessing_by_name(name)
     try:
         return function(read_image(path), size), None
     except ImageReadError as err:
@@ -90,12 +86,6 @@ HEAD_MASK_MIN_FRACTION = 0.01
 HEAD_CROP_MARGIN = 0.05
 #: Percentiles of the head's intensities mapped to 0 and 1 by :func:`preprocess_head`.
 HEAD_PERCENTILES = (1.0, 99.0)
-#: Largest share of the image's border the head may cover in a deployed path (:func:`deployed_preprocessing`).
-#: A head cut by the field of view runs along the border, and the models read the head's size and position,
-#: which the head crop restores only for a whole head (a cut skull took every configuration of the honest
-#: shift bench to chance). The largest share among the 2,247 slices of the default training split (figshare,
-#: seed 0) is 0.37, rounded up to the next 0.05.
-MAX_HEAD_BORDER_SHARE = 0.40
 
 #: Describes :func:`preprocess_head` exactly, as :data:`INTENSITY_NORMALISATION` describes :func:`preprocess_minmax`.
 HEAD_NORMALISATION = (
@@ -337,53 +327,30 @@ def head_window(image: np.ndarray) -> tuple[int, int, int]:
     return square_head_window(head_mask(_as_finite_2d(image)), HEAD_CROP_MARGIN)
 
 
-def border_share(mask: np.ndarray) -> float:
-    """The share of the image's outermost pixels (its border ring) inside ``mask``."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2 or min(mask.shape) < 2:
-        raise ValueError(f"expected a 2-D mask of at least 2 x 2 pixels, got shape {mask.shape}")
-    ring = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
-    return float(ring.mean())
-
-
-def check_framing(mask: np.ndarray, max_border_share: float = MAX_HEAD_BORDER_SHARE) -> None:
-    """``ValueError`` when the head covers more than ``max_border_share`` of the image's border: a head cut by
-    the field of view (or a foreground that is no head), which the models cannot be trusted on."""
-    share = border_share(mask)
-    if share > max_border_share:
-        raise ValueError(f"head cut by the frame (or no head): the head region covers {100 * share:.0f} % of the "
-                         f"image border (more than {100 * max_border_share:.0f} %); the model needs the whole head "
-                         "in view")
-
-
-def _head_crop(image: np.ndarray, max_border_share: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The head's square crop of ``image`` and of its mask (:func:`head_mask`, :func:`square_head_window`);
-    with ``max_border_share``, :func:`check_framing` first."""
+def _head_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's square crop of ``image`` and of its mask (:func:`head_mask`, :func:`square_head_window`)."""
     image = _as_finite_2d(image)
     mask = head_mask(image)
-    if max_border_share is not None:
-        check_framing(mask, max_border_share)
     top, left, side = square_head_window(mask, HEAD_CROP_MARGIN)
     return (extract_window(image, top, left, side, side, fill=image.min()),
             extract_window(mask, top, left, side, side, fill=False))
 
 
-def preprocess_head(image: np.ndarray, size: int, max_border_share: float | None = None) -> np.ndarray:
+def preprocess_head(image: np.ndarray, size: int) -> np.ndarray:
     """Raw 2-D intensities to a [0, 1] ``size`` x ``size`` input framed and scaled by the head.
 
     :func:`head_mask`, :func:`crop_to_head` (the mask cropped alike), :func:`standardise_in_head`
     with :data:`HEAD_PERCENTILES`, then :func:`resize`; :data:`HEAD_NORMALISATION` says it in words.
-    Raises ``ValueError`` when no head is found (as :func:`preprocess_minmax` does for a constant image), and
-    with ``max_border_share`` (deployed paths, :func:`deployed_preprocessing`) when the head is cut by the frame.
+    Raises ``ValueError`` when no head is found (as :func:`preprocess_minmax` does for a constant image).
     """
-    cropped, cropped_mask = _head_crop(image, max_border_share)
+    cropped, cropped_mask = _head_crop(image)
     return resize(standardise_in_head(cropped, cropped_mask, *HEAD_PERCENTILES), size)
 
 
-def preprocess_head_landmarks(image: np.ndarray, size: int, max_border_share: float | None = None) -> np.ndarray:
+def preprocess_head_landmarks(image: np.ndarray, size: int) -> np.ndarray:
     """:func:`preprocess_head` with :func:`standardise_landmarks_in_head` in place of the two-percentile scaling;
     :data:`HEAD_LANDMARKS_NORMALISATION` says it in words."""
-    cropped, cropped_mask = _head_crop(image, max_border_share)
+    cropped, cropped_mask = _head_crop(image)
     return resize(standardise_landmarks_in_head(cropped, cropped_mask), size)
 
 
@@ -403,22 +370,6 @@ def preprocessing_by_name(name: str):
         return PREPROCESSING[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown preprocessing {name!r}; valid names: {', '.join(sorted(PREPROCESSING))}") from None
-
-
-#: The preprocessings that find the head, and so can tell a head cut by the frame (:func:`deployed_preprocessing`).
-HEAD_BASED = ("head", "head_landmarks")
-
-
-def deployed_preprocessing(name: str):
-    """The preprocessing called ``name`` as every deployed path applies it (file inference, calibration, ONNX and
-    DICOM inference, MONAI Label): a head-based one also refuses a head cut by the frame
-    (:data:`MAX_HEAD_BORDER_SHARE`, :func:`check_framing`). Training and evaluation on the protocol's splits use
-    :func:`preprocessing_by_name` alone: the refusal is about what the model is asked to vouch for, and the
-    training's own augmentation may crop."""
-    function = preprocessing_by_name(name)
-    if name not in HEAD_BASED:
-        return function
-    return functools.partial(function, max_border_share=MAX_HEAD_BORDER_SHARE)
 
 
 def check_preprocess(name: str, description: str | None = None, source: str = "the model") -> str:

@@ -24,9 +24,7 @@ class LoadPreprocessd(MapTransform):
     """Replace each path under ``keys`` by the network input, a float tensor [1, S, S].
 
     ``preprocess``: the preprocessing by name (:data:`robustmri.data.preprocessing.PREPROCESSING`),
-    the one the model was trained with (``inference.json`` reads it from ``model_metadata.json``), as deployed
-    paths apply it (:func:`robustmri.data.preprocessing.deployed_preprocessing`: a head cut by the frame is
-    not classified).
+    the one the model was trained with (``inference.json`` reads it from ``model_metadata.json``).
 
     ``on_error="raise"`` raises ``ValueError`` naming the file and the problem. ``"mark"``
     keeps a batch going: the image becomes zeros and ``item["error"]`` the reason (it is ""
@@ -47,7 +45,7 @@ class LoadPreprocessd(MapTransform):
         item.setdefault(ERROR_KEY, "")
         for key in self.key_iterator(item):
             path = str(item[key])
-            image, reason = read_preprocessed(path, self.spatial_size, self.preprocess, deployed=True)
+            image, reason = read_preprocessed(path, self.spatial_size, self.preprocess)
             if image is None:
                 if self.on_error == "raise":
                     raise ValueError(f"{path}: cannot classify ({reason})")

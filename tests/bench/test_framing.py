@@ -10,7 +10,9 @@ from robustmri.bench.framing import (
     MOVES,
     SKULL_CUT,
     ZOOMS,
+    MAX_HEAD_BORDER_SHARE,
     accuracy_by_variant,
+    border_share,
     border_shares,
     centred_zoom,
     direction,
@@ -19,7 +21,7 @@ from robustmri.bench.framing import (
     moved,
     variant_names,
 )
-from robustmri.data.preprocessing import MAX_HEAD_BORDER_SHARE, border_share, head_mask, preprocess_head, resize
+from robustmri.data.preprocessing import head_mask, preprocess_head, resize
 from robustmri.data.readers import read_image
 from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.data.synthetic import generate_slices
@@ -90,6 +92,18 @@ def test_accuracy_recall_and_predicted_shares(items):
     for row in result.values():
         assert row["n"] == 3 and row["accuracy"] == pytest.approx((labels == 1).mean())
         assert row["predicted_share"] == {CLASS_NAMES[0]: 0.0, CLASS_NAMES[1]: 1.0, CLASS_NAMES[2]: 0.0}
+
+
+def test_border_share_is_the_share_of_the_outer_ring_by_hand():
+    mask = np.zeros((10, 12), dtype=bool)
+    assert border_share(mask) == 0.0
+    mask[0, :] = True  # the top row: 12 of the ring's 2 * 12 + 2 * 8 = 40 pixels
+    assert border_share(mask) == pytest.approx(12 / 40)
+    mask[5, 0] = True  # one more on the left edge
+    assert border_share(mask) == pytest.approx(13 / 40)
+    assert border_share(np.ones((3, 3), dtype=bool)) == 1.0
+    with pytest.raises(ValueError, match="2-D mask"):
+        border_share(np.ones(5, dtype=bool))
 
 
 def test_the_framing_check_is_measured_per_shift_with_the_refused_slices_classified_by_hand(items):

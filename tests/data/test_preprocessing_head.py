@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from robustmri.data.preprocessing import (
-    HEAD_BASED,
     HEAD_CROP_MARGIN,
     HEAD_LANDMARKS_NORMALISATION,
     HEAD_MASK_CLOSING,
@@ -22,19 +21,14 @@ from robustmri.data.preprocessing import (
     INTENSITY_NORMALISATION,
     LANDMARK_PERCENTILES,
     LANDMARK_SCALE,
-    MAX_HEAD_BORDER_SHARE,
     PREPROCESSING,
-    border_share,
-    check_framing,
     check_preprocess,
     crop_to_head,
-    deployed_preprocessing,
     head_mask,
     preprocess_head,
     preprocess_head_landmarks,
     preprocess_minmax,
     preprocessing_by_name,
-    read_preprocessed,
     scale_intensity,
     standardise_in_head,
     standardise_landmarks_in_head,
@@ -298,50 +292,3 @@ def test_head_mask_on_a_real_slice(figshare_dir):
     assert (bright & ~mask).sum() < 0.02 * bright.sum()
     out = preprocess_head(image, 64)
     assert out.shape == (64, 64) and 0.0 <= out.min() and out.max() <= 1.0
-
-
-# -- the deployed paths' framing check ------------------------------------------------------------------------------
-
-
-def test_border_share_is_the_share_of_the_outer_ring_by_hand():
-    mask = np.zeros((10, 12), dtype=bool)
-    assert border_share(mask) == 0.0
-    mask[0, :] = True  # the top row: 12 of the ring's 2 * 12 + 2 * 8 = 40 pixels
-    assert border_share(mask) == pytest.approx(12 / 40)
-    mask[5, 0] = True  # one more on the left edge
-    assert border_share(mask) == pytest.approx(13 / 40)
-    assert border_share(np.ones((3, 3), dtype=bool)) == 1.0
-    with pytest.raises(ValueError, match="2-D mask"):
-        border_share(np.ones(5, dtype=bool))
-
-
-def cut_head():
-    """:func:`ellipse_head` seen through a window that cuts it at the top, left and right: a small field of view."""
-    image, mask = ellipse_head(shape=(160, 200), centre=(80.0, 100.0), axes=(60.0, 45.0))
-    return image[35:150, 65:135], mask[35:150, 65:135]
-
-
-def test_a_head_cut_by_the_frame_is_refused_where_the_model_is_deployed_only(tmp_path):
-    from PIL import Image
-
-    whole, _ = ellipse_head()
-    cut, truth = cut_head()
-    assert border_share(truth) > MAX_HEAD_BORDER_SHARE >= border_share(head_mask(whole))
-    message = (r"head cut by the frame \(or no head\): the head region covers \d+ % of the image border "
-               r"\(more than 40 %\)")
-    with pytest.raises(ValueError, match=message):
-        check_framing(head_mask(cut))
-    check_framing(head_mask(whole))  # a whole head passes
-    for name in HEAD_BASED:
-        with pytest.raises(ValueError, match="head cut by the frame"):
-            deployed_preprocessing(name)(cut, 32)
-        # training and evaluation prepare it as before; on a whole head the deployed path is the same function
-        np.testing.assert_array_equal(deployed_preprocessing(name)(whole, 32), preprocessing_by_name(name)(whole, 32))
-        assert preprocessing_by_name(name)(cut, 32).shape == (32, 32)
-    assert deployed_preprocessing("minmax") is preprocess_minmax  # no head, no framing to check
-    path = str(tmp_path / "cut.png")
-    Image.fromarray(np.clip(cut, 0, 255).astype(np.uint8)).save(path)
-    image, reason = read_preprocessed(path, 32, "head", deployed=True)
-    assert image is None and reason.startswith("head cut by the frame")
-    image, reason = read_preprocessed(path, 32, "head")
-    assert reason is None and image.shape == (32, 32)

@@ -145,28 +145,3 @@ def test_a_model_whose_preprocessing_changed_is_refused(deployed, tmp_path):
     tampered = rewrite_metadata(onnx_file, tmp_path / "tampered.onnx", intensity_normalisation=description + " (x)")
     with pytest.raises(ModelIntegrityError, match="metadata changed after export"):
         OnnxClassifier(tampered, device="cpu")
-
-
-@pytest.mark.slow
-def test_every_deployed_path_refuses_a_head_cut_by_the_frame_that_training_would_prepare(deployed, tmp_path):
-    """The framing check (robustmri.data.preprocessing.check_framing) in file inference's transform and the ONNX
-    runtime, for the head-based preprocessings; min-max has no head to check."""
-    from robustmri.data.preprocessing import HEAD_BASED
-    from robustmri.data.transforms import LoadPreprocessd
-
-    from helpers import ellipse_head
-
-    name, _, _, _, onnx_file = deployed
-    image, _ = ellipse_head(shape=(160, 200), centre=(80.0, 100.0), axes=(60.0, 45.0))
-    cut = np.clip(image[35:150, 65:135], 0, 255).astype(np.uint8)  # a window that cuts the head on three sides
-    path = tmp_path / "cut.png"
-    Image.fromarray(cut).save(path)
-    item = LoadPreprocessd(keys="image", spatial_size=TINY_SIZE, preprocess=name, on_error="mark")({"image": str(path)})
-    classifier = OnnxClassifier(onnx_file, device="cpu")
-    if name in HEAD_BASED:
-        assert item["error"].startswith("head cut by the frame") and not item["image"].any()
-        with pytest.raises(ValueError, match="head cut by the frame"):
-            classifier.prepare(cut.astype(np.float32))
-    else:
-        assert item["error"] == "" and classifier.prepare(cut.astype(np.float32)).shape == (1, TINY_SIZE, TINY_SIZE)
-    assert PREPROCESSING[name](cut.astype(np.float32), TINY_SIZE).shape == (TINY_SIZE, TINY_SIZE)  # training's

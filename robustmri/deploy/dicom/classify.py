@@ -47,8 +47,8 @@ def classify_series(series: DicomSeries, classifier, batch_size: int = 32, on_sl
     ``allow_incomplete``; then the record has ``"complete": False`` and ``incomplete_reason``.
     A slice that cannot be decoded fails the series (``on_slice_error="fail"``, default: no
     result from an incomplete series) or is left out and counted (``"skip"``). A slice the model's preprocessing
-    refuses (constant, e.g. blank padding; no head found; a head cut by the frame) is always left out, listed as
-    excluded with its reason, and does not vote.
+    refuses (constant, e.g. blank padding, or no head found) is always left out, listed as excluded with its
+    reason, and does not vote.
 
     Every slice run through the model gets ``ood_score`` and ``assessable``; a not-assessable slice
     has status ``"not_assessable"`` (its probabilities kept for audit, no class) and does not vote.
@@ -114,7 +114,7 @@ def _prepare_slices(series: DicomSeries, classifier) -> tuple[list[dict], list[n
         except ImageReadError as err:
             row.update(status="error", reason=err.reason)
             continue
-        except ValueError as err:  # constant image, no head found, or a head cut by the frame
+        except ValueError as err:  # constant image, or no head found
             row.update(status="excluded", reason=str(err))
             continue
         used.append(row)

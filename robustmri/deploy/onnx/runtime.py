@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from robustmri.data.preprocessing import check_preprocess, deployed_preprocessing, preprocess_for_description
+from robustmri.data.preprocessing import check_preprocess, preprocess_for_description, preprocessing_by_name
 from robustmri.deploy.onnx.trust import (
     DEMO_MODEL_NOTICE,
     ModelIntegrityError,  # noqa: F401  (raised by OnnxClassifier; importable from here)
@@ -187,7 +187,7 @@ class OnnxClassifier:
         self.class_names: list[str] = self.metadata["class_names"]
         self.spatial_size: int = self.metadata["spatial_size"]
         self.preprocess: str = self.metadata["preprocess"]
-        self._prepare = deployed_preprocessing(self.preprocess)
+        self._prepare = preprocessing_by_name(self.preprocess)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
             raise ModelMetadataError(f"{self.model_file}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
@@ -216,7 +216,7 @@ class OnnxClassifier:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One raw 2-D slice to the model's input [1, S, S], by the preprocessing the model was trained with.
 
-        ``ValueError`` for a slice it cannot prepare (constant, no head found, or a head cut by the frame).
+        ``ValueError`` for a slice it cannot prepare (constant, or no head found).
         """
         return self._prepare(image, self.spatial_size)[None]
 
