@@ -27,9 +27,10 @@ from robustmri.abstention.fit import ensure_state
 from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
 from robustmri.bench.machine import write_measurement
 from robustmri.bench.runs import as_list
+from robustmri.bench.shift_measures import _mde
 from robustmri.bench.shifts import REFERENCE, _cell, shifted_test_sets, synthetic_raw_images
 from robustmri.bench.site_threshold import site_threshold_checks, summary
-from robustmri.bench.stats import _table, minimum_detectable_effect, paired_difference
+from robustmri.bench.stats import _table, paired_difference
 from robustmri.bench.tumour_free import NIBABEL_VOLUMES, nibabel_volume_slices, prepare_set
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.shift_families import SEVERITIES, family_shifts
@@ -105,7 +106,8 @@ def main(checkpoints: str, out: str, selection_seeds: str = "0,1,2,3,4", confirm
     shifted = [name for name in catalog if name != REFERENCE and name in runs[0]["shifts"]]
     groups = [(f"`{REFERENCE}` (home)", [REFERENCE])] + [
         (f"{severity} ({len(names)})", names) for severity in SEVERITIES
-        if (names := [n for n in shifted if catalog[n].severity == severity])] + [(f"all shifted ({len(shifted)})", shifted)]
+        if (names := [n for n in shifted if catalog[n].severity == severity])] + [
+        (f"all shifted ({len(shifted)})", shifted)]
     header = ["refit", "shifts", "accepted %", "mean |accepted − target|, points", "error among accepted %",
               "right and accepted %", "other contrast accepted %"]
     parts = [f"Site calibration under each refit (target acceptance {100 * target_acceptance:g} %); means over "
@@ -120,13 +122,11 @@ def main(checkpoints: str, out: str, selection_seeds: str = "0,1,2,3,4", confirm
                      + _table(header, _rows(subset, groups, checks, refits, target_acceptance)))
         if "full" in refits and len(subset) > 1:
             rows = []
+            full = {run["seed"]: _deviation(run, shifted, checks, "full", target_acceptance) for run in subset}
             for refit in [r for r in refits if r != "full"]:
-                full = {run["seed"]: _deviation(run, shifted, checks, "full", target_acceptance) for run in subset}
                 other = {run["seed"]: _deviation(run, shifted, checks, refit, target_acceptance) for run in subset}
-                difference = paired_difference({s: -v for s, v in other.items()}, {s: -v for s, v in full.items()})
-                mde = (f"{minimum_detectable_effect(difference['std'], difference['n']):.1f}"
-                       if difference["std"] is not None else "–")
-                rows.append([f"`{refit}`", _cell(difference), mde])
+                difference = paired_difference(full, other)  # full − refit: positive where the refit is closer
+                rows.append([f"`{refit}`", _cell(difference), _mde(difference)])
             parts.append("Mean |accepted − target| over the shifted renderings, `full` − refit (points; positive: "
                          "the refit is closer to the target): mean [95 % CI] k/n seeds where the refit was closer; "
                          "MDE at 80 % power.\n\n" + _table(["refit", "full − refit, points", "MDE"], rows))

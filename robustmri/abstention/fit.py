@@ -131,12 +131,13 @@ def fit_state(network: nn.Module, train_images: np.ndarray, train_labels: np.nda
 
 
 def detector_of(state: AbstentionState) -> MahalanobisDetector:
-    """The :class:`MahalanobisDetector` a Mahalanobis state holds (float64, as fitted)."""
-    if state.score != MAHALANOBIS:
-        raise ValueError(f"abstention score {state.score!r} is not {MAHALANOBIS!r}: this path applies the "
-                         "Mahalanobis state only")
-    return MahalanobisDetector(means=np.asarray(state.arrays["means"], dtype=np.float64),
-                               precision_factor=np.asarray(state.arrays["precision_factor"], dtype=np.float64),
+    """The :class:`MahalanobisDetector` a state holds (float64, as fitted): the whole state of the Mahalanobis score,
+    or the Mahalanobis part of a combination (:class:`~robustmri.abstention.scores.CdfMean`)."""
+    prefix = "" if state.score == MAHALANOBIS else f"{MAHALANOBIS}."
+    if f"{prefix}means" not in state.arrays:
+        raise ValueError(f"the abstention score {state.score!r} has no Mahalanobis part")
+    return MahalanobisDetector(means=np.asarray(state.arrays[f"{prefix}means"], dtype=np.float64),
+                               precision_factor=np.asarray(state.arrays[f"{prefix}precision_factor"], dtype=np.float64),
                                ridge=float(state.settings.get("ridge", RIDGE)),
                                n_train=int(state.fitted_on.get("n", 0)))
 

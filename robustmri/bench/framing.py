@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from robustmri.bench.shifts import _raw, _render
 from robustmri.data.preprocessing import head_mask, preprocessing_by_name, resize
-from robustmri.data.readers import ImageReadError, read_image
+from robustmri.data.readers import ImageReadError
 from robustmri.data.shift_families import family_shifts, render_family_shift
 from robustmri.engine.predictions import predict_items
 from robustmri.progress import map_in_processes
@@ -76,8 +77,7 @@ def framing_variants(items: list[dict], size: int, preprocess: str, progress: bo
     skipped = []
     for item in tqdm(items, desc="framing variants", unit="img", disable=not progress, leave=False):
         try:
-            raw = (np.asarray(raw_images[int(item["id"])], dtype=np.float32) if raw_images is not None
-                   else read_image(item["file"]))
+            raw = _raw(item, None if raw_images is None else raw_images[int(item["id"])])
             prepared = prepare(raw, size)
             cut = prepare(render_family_shift(raw, SKULL_CUT, size, [int(item["id"]), stream], preprocess), size)
         except (ImageReadError, ValueError, KeyError) as err:
@@ -124,11 +124,9 @@ def border_share(mask: np.ndarray) -> float:
 
 def _guard_item(args) -> tuple[int, dict | None, str | None]:
     """One slice under every shift: ``{shift: (border share or None, prepared [S, S] or None)}``."""
-    from robustmri.bench.shifts import _render
-
     index, item, size, preprocess, shifts, raw_image = args
     try:
-        raw = (np.asarray(raw_image, dtype=np.float32) if raw_image is not None else read_image(item["file"]))
+        raw = _raw(item, raw_image)
     except ImageReadError as err:
         return index, None, err.reason
     prepare, out = preprocessing_by_name(preprocess), {}
@@ -180,8 +178,7 @@ def guard_by_shift(network: torch.nn.Module, items: list[dict], size: int, prepr
 def _border_share_of(args) -> float | None:
     item, raw_image = args
     try:
-        raw = np.asarray(raw_image, dtype=np.float32) if raw_image is not None else read_image(item["file"])
-        return border_share(head_mask(raw))
+        return border_share(head_mask(_raw(item, raw_image)))
     except (ImageReadError, ValueError):  # unreadable or no head: no share
         return None
 

@@ -13,9 +13,8 @@ re-estimated on that site's own slices (the bundle's ``calibrating`` run id, ``c
    The product's ``threshold`` keeps the model's own Mahalanobis class means and tied covariance
    (:mod:`robustmri.abstention.mahalanobis`, fitted on its training split) and sets only the threshold: the
    score that accepts ``target_acceptance`` of the site images on the *adapted* network. Nothing is fitted
-   on the site images, so the share holds for the site's new patients (a pre-registered choice on the
-   honest shift bench, where refitting the whole state on 187 slices accepted 79 % of new patients'
-   renderings against 92 % for this). ``means`` refits the class means on the adapted network's features
+   on the site images, so the share holds best for the site's new patients (a pre-registered choice on the
+   honest shift bench, ``docs/results.md``). ``means`` refits the class means on the adapted network's features
    with the adapted model's predicted classes as pseudo-labels and keeps the covariance; ``full`` refits
    means and covariance. A class predicted for fewer than ``min_class_images`` site images gets no centre
    (its few images still count in the threshold): a mean of a handful of slices is noise. These two set
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 from robustmri.abstention import AbstentionState, load_state, save_state
+from robustmri.abstention.fit import detector_of
 from robustmri.abstention.state import abstention_path
 from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score
 from robustmri.abstention.mahalanobis import (
@@ -191,6 +191,12 @@ def _fit(features: np.ndarray, labels: np.ndarray, num_classes: int, min_class_i
     return MahalanobisDetector.fit(features[rows], remapped, len(kept), ridge), kept
 
 
+def check_site_refit(refit: str) -> None:
+    """Refuse, before any work, a refit that is not one of :data:`SITE_REFITS`."""
+    if refit not in SITE_REFITS:
+        raise ValueError(f"unknown site_refit {refit!r}; valid: {', '.join(SITE_REFITS)}")
+
+
 def fold_assignment(groups: list[str], folds: int = CROSS_FIT_FOLDS, seed: int = 0) -> np.ndarray:
     """Fold [N] of each image: by group when there are at least ``folds`` distinct groups, else image by image;
     groups (or images) are dealt round-robin in a seeded random order."""
@@ -212,8 +218,7 @@ def fit_site_abstention(features: np.ndarray, pseudo_labels: np.ndarray, num_cla
     its threshold (module docstring, 2): ``{"detector", "classes", "threshold", "acceptance", "out_of_fold_scores",
     "folds", "fold_groups", "rule"}``; ``acceptance`` is the share of the held-out scores accepted (``threshold``:
     of every site image's score, nothing being fitted)."""
-    if refit not in SITE_REFITS:
-        raise ValueError(f"unknown site_refit {refit!r}; valid: {', '.join(SITE_REFITS)}")
+    check_site_refit(refit)
     if refit != "full" and home is None:
         raise ValueError(f"site_refit {refit!r} keeps parts of the model's own Mahalanobis state: none was given")
     features = np.asarray(features, dtype=np.float64)
@@ -269,7 +274,8 @@ def fit_site_combination(strategy: CdfMean, features: np.ndarray, logits: np.nda
     threshold, acceptance = calibrate_threshold(combined, target_acceptance)
     return {**fit, "threshold": threshold, "acceptance": acceptance, "out_of_fold_scores": combined,
             "arrays": arrays, "settings": {"ridge": float(home.ridge if home is not None else ridge)},
-            "rule": COMBINATION_RULE if refit == "full" else f"{COMBINATION_RULE}; its Mahalanobis part: {SITE_REFITS[refit]}"}
+            "rule": (COMBINATION_RULE if refit == "full"
+                     else f"{COMBINATION_RULE}; its Mahalanobis part: {SITE_REFITS[refit]}")}
 
 
 def inputs_digest(files: list[str]) -> str:
@@ -350,17 +356,6 @@ def check_calibrated_score(score: str, checkpoint_name: str = "the checkpoint") 
                          f"({', '.join(CALIBRATED_SCORES)})")
 
 
-def home_detector(state: AbstentionState) -> MahalanobisDetector:
-    """The Mahalanobis detector a model's own abstention state holds: the whole state for ``mahalanobis``, the
-    Mahalanobis part of a combination (:class:`~robustmri.abstention.scores.CdfMean`)."""
-    prefix = "" if state.score == "mahalanobis" else "mahalanobis."
-    if f"{prefix}means" not in state.arrays:
-        raise ValueError(f"the abstention score {state.score!r} has no Mahalanobis part to keep")
-    return MahalanobisDetector(means=np.asarray(state.arrays[f"{prefix}means"], dtype=np.float64),
-                               precision_factor=np.asarray(state.arrays[f"{prefix}precision_factor"], dtype=np.float64),
-                               ridge=float(state.settings.get("ridge", RIDGE)), n_train=int(state.fitted_on.get("n", 0)))
-
-
 def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int, groups: list[str] | None = None,
                       target_acceptance: float = TARGET_ACCEPTANCE, min_class_images: int = MIN_CLASS_IMAGES,
                       batch_size: int = 64, seed: int = 0, score: str = "mahalanobis", refit: str = DEFAULT_SITE_REFIT,
@@ -378,8 +373,7 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
     hold the images (a benchmark's renderings).
     """
     check_calibrated_score(score)
-    if refit not in SITE_REFITS:
-        raise ValueError(f"unknown site_refit {refit!r}; valid: {', '.join(SITE_REFITS)}")
+    check_site_refit(refit)
     strategy = build_score(score)
     has_mahalanobis = isinstance(strategy, Mahalanobis) or (
         isinstance(strategy, CdfMean) and any(isinstance(c, Mahalanobis) for c in strategy.components))
@@ -389,7 +383,7 @@ def calibrate_network(network: nn.Module, images: torch.Tensor, num_classes: int
             raise ValueError(f"site_refit {refit!r} keeps parts of the model's own {score!r} abstention state, and "
                              f"{'none was found' if home is None else 'it holds ' + repr(home.score)}: fit it first "
                              "(evaluation or export fits it), or choose site_refit 'full'")
-        kept = home_detector(home)
+        kept = detector_of(home)
     images = torch.as_tensor(images).float()
     # files come sorted by path, often one patient's slices after another: batches in path order would each hold
     # one patient, and the average of their variances would miss the variation between patients
@@ -448,8 +442,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     state when the caller has it (the bundle's ``@abstention``, which loads it from beside the checkpoint or fits
     it on the training data), else the one beside ``checkpoint`` is read.
     """
-    if site_refit not in SITE_REFITS:
-        raise ValueError(f"unknown site_refit {site_refit!r}; valid: {', '.join(SITE_REFITS)}")
+    check_site_refit(site_refit)
     checkpoint = os.fspath(checkpoint)
     site = site_checkpoint_path(checkpoint, output_dir)
     if os.path.isfile(checkpoint) and os.path.exists(site) and os.path.samefile(site, checkpoint):
@@ -462,14 +455,15 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
         raise FileNotFoundError(f"no {METADATA_FILE} beside {checkpoint}: calibration needs the record of how it was "
                                 "trained (input size, preprocessing)")
     check_output_folder(checkpoint, site)  # before anything is written there
-    source_state = abstention if abstention is not None else load_state(checkpoint,
-                                                                        checkpoint_sha256=file_sha256(checkpoint))
-    if source_state is not None and source_state.checkpoint_sha256 != file_sha256(checkpoint):
+    source_sha = file_sha256(checkpoint)
+    source_state = abstention if abstention is not None else load_state(checkpoint, checkpoint_sha256=source_sha)
+    if source_state is not None and source_state.checkpoint_sha256 != source_sha:
         raise ValueError(f"the abstention state given was fitted for other weights than {os.path.basename(checkpoint)}")
     score = source_state.score if source_state is not None else "mahalanobis"  # the site keeps the model's score
     if source_state is None and site_refit != "full":
         raise FileNotFoundError(
-            f"{os.path.basename(checkpoint)} has no abstention state ({os.path.basename(abstention_path(checkpoint))}), "
+            f"{os.path.basename(checkpoint)} has no abstention state "
+            f"({os.path.basename(abstention_path(checkpoint))}), "
             f"which site_refit {site_refit!r} keeps parts of: copy it from where the model was trained, let evaluation "
             "or export fit it, or choose site_refit 'full'")
     check_calibrated_score(score, os.path.basename(checkpoint))
@@ -501,7 +495,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     record = {
         "file": os.path.basename(site), "sha256": site_sha, "date": today,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_checkpoint": {"file": os.path.basename(checkpoint), "sha256": file_sha256(checkpoint)},
+        "source_checkpoint": {"file": os.path.basename(checkpoint), "sha256": source_sha},
         "images": {"n": len(files), "n_unreadable": len(unreadable), "sha256": digest,
                    "digest_rule": INPUT_DIGEST_RULE},
         "adapted": ["BatchNorm running statistics", _adapted_abstention(score, fit["refit"] or "full")],
@@ -527,7 +521,7 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
 
 __all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "COMBINATION_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
            "MIN_SITE_IMAGES", "QUANTILE_RULE", "REFITTED", "SITE_CHECKPOINT", "SITE_IMAGES", "SITE_REFITS",
-           "DEFAULT_SITE_REFIT", "home_detector", "adapt_batchnorm", "batchnorm_layers",
-           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "fit_site_abstention", "fit_site_combination",
+           "DEFAULT_SITE_REFIT", "adapt_batchnorm", "batchnorm_layers",
+           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_site_refit", "check_output_folder", "fit_site_abstention", "fit_site_combination",
            "fold_assignment",
            "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]

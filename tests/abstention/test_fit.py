@@ -183,3 +183,23 @@ def test_ensure_state_refuses_in_one_line_when_the_training_data_are_not_here(tm
     (train_images, train_labels), validation = synthetic_detector_data()
     save_state(fit_state(network, train_images, train_labels, validation, checkpoint), checkpoint)
     assert ensure_state(checkpoint, bundle_dir=BUNDLE).fitted_on["n"] == len(train_images)
+
+
+def test_detector_of_reads_the_mahalanobis_state_or_the_mahalanobis_part_of_a_combination():
+    from robustmri.abstention.fit import detector_of
+    from robustmri.abstention.state import AbstentionState
+
+    means, factor = np.arange(6.0).reshape(2, 3), np.eye(3) * 2.0
+    common = dict(threshold=1.0, target_acceptance=0.95, acceptance=0.95, checkpoint_sha256="",
+                  fitted_on={"n": 40}, settings={"ridge": 0.01})
+    plain = detector_of(AbstentionState(score="mahalanobis", arrays={"means": means, "precision_factor": factor},
+                                        **common))
+    part = detector_of(AbstentionState(score="mahalanobis+max_softmax", arrays={
+        "mahalanobis.means": means, "mahalanobis.precision_factor": factor,
+        "mahalanobis.cdf_reference": np.zeros(3), "max_softmax.cdf_reference": np.zeros(3)}, **common))
+    for detector in (plain, part):
+        np.testing.assert_array_equal(detector.means, means)
+        np.testing.assert_array_equal(detector.precision_factor, factor)
+        assert detector.ridge == 0.01 and detector.n_train == 40
+    with pytest.raises(ValueError, match="'energy' has no Mahalanobis part"):
+        detector_of(AbstentionState(score="energy", arrays={}, **common))
