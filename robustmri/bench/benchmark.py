@@ -120,6 +120,8 @@ class Benchmark:
         protocol = {"profile": profile, "recipe": recipe, "eval_p": eval_p, **config, "dataset": _dataset_name(dataset_dir),
                     **({"eval_shifts": settings["eval_shifts"]} if settings.get("eval_shifts") else {}),
                     **({"shift_catalog": settings["shift_catalog"]} if settings.get("shift_catalog") else {}),
+                    **({"shift_render_size": int(settings["shift_render_size"])}
+                       if settings.get("shift_render_size") else {}),
                     "recipe_settings": recipe_settings(self.bundle_dir, recipe, config)}
         self._check_same_protocol(out, protocol)
         runs_path = os.path.join(out, "runs.jsonl")
@@ -139,6 +141,7 @@ class Benchmark:
         context = {"recipe": RECIPES[recipe], "eval_p": eval_p, "branch": bool(settings.get("branch")),
                    "data": {}, "prefix": {}, "eval_shifts": list(settings.get("eval_shifts", [])), "shift_sets": {},
                    "shift_catalog": settings.get("shift_catalog", "site"),
+                   "shift_render_size": settings.get("shift_render_size"),
                    "shift_measures": list(settings.get("shift_measures", []))}
         started = time.perf_counter()
         progress = tqdm(todo, desc=f"benchmark ({profile})", unit="run", dynamic_ncols=True)
@@ -197,7 +200,8 @@ class Benchmark:
             markdown = f"{markdown}\n\n{paired}\n"
         catalog = info.get("protocol", {}).get("shift_catalog", "site")
         if catalog == "families" and any("test_by_shift" in run for run in runs):
-            shifts = family_shifts(int(info["protocol"]["spatial_size"]))
+            # the shifts' tags (in range, out of range) are those of the size that rendered them
+            shifts = family_shifts(int(info["protocol"].get("shift_render_size") or info["protocol"]["spatial_size"]))
             markdown += ("\n\n#### Site shifts by family and severity\n\n"
                          "Severity against the product's augmentation ranges (robustmri.data.shift_families); "
                          "a family left out of a configuration's training is a new family to it.\n\n"
@@ -487,11 +491,14 @@ class Benchmark:
                     context["shift_sets"].clear()
                 start = time.perf_counter()
                 catalog = context["shift_catalog"]
+                render_size = int(context.get("shift_render_size") or size)
                 # the first bench's cache folder stays where its records expect it
-                cache = os.path.join(out, "shifted", *([] if catalog == "site" else [catalog]), f"{size}px")
+                folder = f"{size}px" if render_size == size else f"{size}px_rendered_{render_size}px"
+                cache = os.path.join(out, "shifted", *([] if catalog == "site" else [catalog]), folder)
                 context["shift_sets"][key] = shifted_test_sets(items, size, context["eval_shifts"], workers=2,
                                                                cache_dir=cache, catalog=catalog,
-                                                               raw_images=_synthetic_raw(workflow, data))
+                                                               raw_images=_synthetic_raw(workflow, data),
+                                                               render_size=render_size)
                 logger.info("site-shift %s sets for seed %s: %d slices, %d left out, %.0f s", split, run["seed"],
                             len(items), len(context["shift_sets"][key][1]), time.perf_counter() - start)
             sets, excluded = context["shift_sets"][key]

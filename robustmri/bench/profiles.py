@@ -71,6 +71,7 @@ VARIANTS = {
     # and the product's configuration at 128 px (run on its own: about 7 times the pixels of the bench's 48 px)
     "naive_head_landmarks_aug": ("naive", SITE["head_landmarks_aug"]),
     "naive_head_aug_128": ("naive", {**SITE["head_aug"], "spatial_size": 128}),
+    "naive_head_aug_64": ("naive", {**SITE["head_aug"], "spatial_size": 64}),
     # ... and broader MR-realistic augmentation: the MR acquisition components on half of the samples as well
     # (the bench's artefact, tissue-contrast and noise shifts are then families this configuration trains on)
     "naive_head_mr_aug": ("naive", {**SITE["head_aug"], "augment_mr_prob": 0.5}),
@@ -90,7 +91,7 @@ LEAVE_OUT = {f"naive_head_aug_minus_{family}": ("naive_head_aug", family) for fa
 #: site augmentation, is the augmentation's own contribution, with the sign turned).
 SHIFT_LEVERS = {"naive_head": "naive_head_aug", "naive_head_landmarks_aug": "naive_head_aug",
                 "naive_head_mr_aug": "naive_head_aug", "naive_head_framing_aug": "naive_head_aug",
-                "naive_head_aug_128": "naive_head_aug"}
+                "naive_head_aug_64": "naive_head_aug", "naive_head_aug_128": "naive_head_aug_64"}
 VARIANTS.update({variant: ("naive", {**SITE["head_aug"], "augment_exclude": [family]})
                  for variant, (_, family) in LEAVE_OUT.items()})
 #: name -> (bundle config, overrides): every registered method (robustmri.methods), then the variants.
@@ -162,6 +163,13 @@ PROFILES = {
                    "shift_measures": ["naive_head_aug", "naive_head", "naive_head_landmarks_aug", "naive_head_mr_aug"],
                    # influence_epoch: shift_cpu's, for a method with an influence step added with --methods
                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
+    # the input-size lever: the product's configuration at its own 64 px and at 128 px, each preparing the same
+    # renderings (the shifts' sizes and noise levels stated at the bench's 48 px training pixel, so a blur or a
+    # noise is the same physical one for both sizes)
+    "shift2_size": {"seeds": 5, "recipe": "product", "eval_p": [0.0, 1.0], "noises": ["gaussian"],
+                    "eval_shifts": ["head"], "shift_catalog": "families", "shift_render_size": 48,
+                    "methods": ["naive_head_aug_64", "naive_head_aug_128"],
+                    "config": {"spatial_size": 48, "network_padding": 2, "epochs": 12, "influence_epoch": 9}},
     "smoke": {"seeds": 1, "recipe": "product", "branch": True, "eval_p": [0.0, 1.0],
               "methods": ["naive", "isp", "isp_linf_control"],
               "config": {"spatial_size": 32, "network_padding": 2, "epochs": 2, "influence_epoch": 1, "n2v_steps": 5,

@@ -80,7 +80,7 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
 
     With a cache folder, an item's renderings are kept there (one ``.npz`` per slice, named by its id
     and a digest of its raw pixels) and read back by later seeds whose splits hold the same slice."""
-    index, item, size, preprocesses, shifts, cache_dir, raw_image, catalog = args
+    index, item, size, preprocesses, shifts, cache_dir, raw_image, catalog, render_size = args
     try:
         raw = _raw(item, raw_image)
     except ImageReadError as err:
@@ -107,7 +107,7 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
             for name in preprocesses:
                 if shifted is None or catalog != "site":
                     stage = shift
-                    shifted = _render(raw, shift, item["id"], catalog, size, name)
+                    shifted = _render(raw, shift, item["id"], catalog, render_size, name)
                 stage = f"{shift}, then {name}"
                 out[(name, shift)] = preprocessing_by_name(name)(shifted, size)
         result = (index, out, None)
@@ -124,8 +124,8 @@ def _render_item(args) -> tuple[int, dict | None, str | None]:
 
 
 def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=None, workers: int = 1,
-                      progress: bool = True, cache_dir: str | None = None, raw_images=None, catalog: str = "site"
-                      ) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
+                      progress: bool = True, cache_dir: str | None = None, raw_images=None, catalog: str = "site",
+                      render_size: int | None = None) -> tuple[dict[str, dict[str, list[dict]]], list[tuple[int, str]]]:
     """``({preprocess: {shift: items}}, excluded)``: ``items`` (protocol test items) re-rendered.
 
     Each returned item is the original with its ``image`` ([1, S, S], clean) replaced and
@@ -134,8 +134,12 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=None, w
     ``raw_images``: the raw slice of each item id (a mapping or an array indexed by id), for items
     without a file; by default each item's ``file`` is read. ``catalog``: where the ``shifts`` (default:
     all of it) come from, one of :data:`CATALOGS` (a cache folder holds one catalogue's renderings).
+    ``render_size``: the training size whose pixel states the ``families`` shifts' sizes and noise levels
+    (default ``size``); a fixed one renders the same physical shift for models of every input size, which
+    then prepare it to their own ``size`` (the input-size lever compares models on identical renderings).
     """
-    known = catalog_shifts(catalog, size)
+    render_size = int(size if render_size is None else render_size)
+    known = catalog_shifts(catalog, render_size)
     shifts = known if shifts is None else list(shifts)
     unknown = [shift for shift in shifts if shift not in known]
     if unknown:
@@ -146,7 +150,8 @@ def shifted_test_sets(items: list[dict], size: int, preprocesses, shifts=None, w
     if REFERENCE not in shifts:
         shifts = [REFERENCE] + shifts
     jobs = [(i, item, int(size), preprocesses, shifts, cache_dir,
-             None if raw_images is None else raw_images[int(item["id"])], catalog) for i, item in enumerate(items)]
+             None if raw_images is None else raw_images[int(item["id"])], catalog, render_size)
+            for i, item in enumerate(items)]
     results = map_in_processes(_render_item, jobs, workers, desc="site shifts", show=progress)
     sets = {name: {shift: [] for shift in shifts} for name in preprocesses}
     excluded = []
