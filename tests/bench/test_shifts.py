@@ -127,6 +127,25 @@ def test_the_families_catalogue_renders_each_shift_with_its_own_stream(protocol)
         shifted_test_sets(items, 24, ["minmax"], progress=False, catalog="other")
 
 
+def test_a_fixed_render_size_renders_one_physical_shift_for_every_input_size(protocol):
+    # the input-size lever: a 2 px blur stated at a 12 px training pixel, prepared to 24 px, is the rendering of
+    # the 12 px bench resized, not the milder blur a 24 px model's own training pixel would state
+    items = protocol.test[:3]
+    sets, excluded = shifted_test_sets(items, 24, ["head"], shifts=["blur_2px", "rician_0.2"], progress=False,
+                                       catalog="families", render_size=12)
+    own, _ = shifted_test_sets(items, 24, ["head"], shifts=["blur_2px"], progress=False, catalog="families")
+    assert not excluded
+    for k, item in enumerate(items):
+        raw = read_image(item["file"])
+        for shift in ("blur_2px", "rician_0.2"):
+            rendered = render_family_shift(raw, shift, 12, [item["id"], family_shifts(12)[shift].stream],
+                                           preprocess="head")
+            np.testing.assert_array_equal(sets["head"][shift][k]["image"][0], preprocess_head(rendered, 24))
+        # a different physical blur from the one stated at the 24 px training pixel
+        assert not np.array_equal(sets["head"]["blur_2px"][k]["image"], own["head"]["blur_2px"][k]["image"])
+        np.testing.assert_array_equal(sets["head"][REFERENCE][k]["image"], own["head"][REFERENCE][k]["image"])
+
+
 def test_family_tables_against_a_hand_computation():
     accuracies = {  # seed: (none, rotate_10, rotate_20, tissue_contrast)
         "naive_head_aug": {0: (0.80, 0.79, 0.70, 0.70), 1: (0.84, 0.83, 0.80, 0.74), 2: (0.82, 0.81, 0.78, 0.72)},
