@@ -408,7 +408,7 @@ def lever_table(runs: list[dict], shifts: dict, levers: dict[str, str], key: str
 
     ``levers``: ``{configuration: the configuration it is compared with}`` (e.g. a preprocessing or a broader
     augmentation against the product's). Columns: the unshifted rendering (clean), the noisy home test split
-    (p = 1; test records only), and the mean over the shifts of each severity; each cell the paired difference
+    (p = 1; test records only), the mean over the shifts of each severity and over every shift; each cell the paired difference
     lever − base in points, mean [95 % t interval over seeds] k/n seeds where the lever scored higher, and below
     each column the design's minimum detectable effect (80 % power, two-sided 5 %) from the root mean square of
     its paired standard deviations."""
@@ -425,6 +425,11 @@ def lever_table(runs: list[dict], shifts: dict, levers: dict[str, str], key: str
         if names:
             groups.append((f"{severity} (mean of {len(names)})",
                            lambda m, n, mine, names=names: _mean_accuracy_by_seed(mine, m, n, names, key)))
+    # every shift together: what a choice over the whole catalogue reads (each shift weighs the same)
+    every = [name for name in shifts if name != REFERENCE and name in rendered]
+    if every:
+        groups.append((f"every shift (mean of {len(every)})",
+                       lambda m, n, mine: _mean_accuracy_by_seed(mine, m, n, every, key)))
     parts = []
     for noise in dict.fromkeys(r["noise"] for r in runs):
         mine = [r for r in runs if r["noise"] == noise]

@@ -195,14 +195,15 @@ def test_lever_table_against_a_hand_computation():
     text = lever_table(runs, family_shifts(48), levers)
     assert text.startswith("**Levers**, test split (training noise gaussian)")
     assert ("| lever | `none` (clean) | home, noisy (p = 1) | in-range (mean of 1) | out-of-range (mean of 1) "
-            "| new family (mean of 1) |") in text
+            "| new family (mean of 1) | every shift (mean of 3) |") in text
     # none: +1, +1, 0 -> +0.67, std 0.577, t(0.975, 2) = 4.303: half 1.43; p = 1: 0, +1, +2 -> +1.0, std 1, half 2.5;
     # rotate_10: +1, -1, +1 -> +0.33, std 1.155, half 2.87; rotate_20: +4, +2, +2 -> +2.67, std 1.155;
-    # tissue_contrast: +2, 0, +4 -> +2.0, std 2, half 4.97
+    # tissue_contrast: +2, 0, +4 -> +2.0, std 2, half 4.97; every shift, the three averaged per seed:
+    # +7/3, +1/3, +7/3 -> +1.67, std 1.155, half 2.87
     assert ("| `naive_head_landmarks_aug` − `naive_head_aug` | +0.7 [−0.8, +2.1] 2/3 | +1.0 [−1.5, +3.5] 2/3 "
-            "| +0.3 [−2.5, +3.2] 2/3 | +2.7 [−0.2, +5.5] 3/3 | +2.0 [−3.0, +7.0] 2/3 |") in text
+            "| +0.3 [−2.5, +3.2] 2/3 | +2.7 [−0.2, +5.5] 3/3 | +2.0 [−3.0, +7.0] 2/3 | +1.7 [−1.2, +4.5] 3/3 |") in text
     # MDE, one lever per column: (t(0.975, 2) + t(0.8, 2)) * std / sqrt(3) = (4.303 + 1.061) * std / 1.732
-    assert "| minimum detectable effect | 1.8 | 3.1 | 3.6 | 3.6 | 6.2 |" in text
+    assert "| minimum detectable effect | 1.8 | 3.1 | 3.6 | 3.6 | 6.2 | 3.6 |" in text
     assert "naive_head_mr_aug" not in text
     validation = lever_table([{**r, "val_by_shift": r["test_by_shift"]} for r in runs], family_shifts(48), levers,
                              key="val_by_shift")
