@@ -62,19 +62,21 @@ def _measure(checkpoint: str, bundle_dir: str, dataset_dir: str | None, guard: b
     return measured
 
 
+def _guard_mean(runs: list[dict], names: list[str], field: str) -> str:
+    """``field`` of the framing check in %, each run's mean over the shifts ``names`` (where measured), then over runs."""
+    per_run = [np.mean(values) for run in runs
+               if (values := [run["guard"][n][field] for n in names if run["guard"][n][field] is not None])]
+    return f"{100 * np.mean(per_run):.1f}" if per_run else "–"
+
+
 def _guard_table(runs: list[dict], size: int) -> str:
     """Markdown: what the framing check refuses, by group of shifts (mean over checkpoints of each group's mean)."""
     catalog = family_shifts(size)
     groups = [(f"`{REFERENCE}` (home)", [REFERENCE]), (f"`{SKULL_CUT}`", [SKULL_CUT])] + [
         (f"{severity}, without `{SKULL_CUT}` ({len(names)})", names) for severity in SEVERITIES
         if (names := [n for n, shift in catalog.items() if shift.severity == severity and n != SKULL_CUT])]
-    rows = []
-    for label, names in groups:
-        def mean(field):
-            per_run = [np.mean(values) for run in runs
-                       if (values := [run["guard"][n][field] for n in names if run["guard"][n][field] is not None])]
-            return f"{100 * np.mean(per_run):.1f}" if per_run else "–"
-        rows.append([label, mean("refused"), mean("accuracy"), mean("kept_accuracy"), mean("refused_accuracy")])
+    fields = ("refused", "accuracy", "kept_accuracy", "refused_accuracy")
+    rows = [[label, *(_guard_mean(runs, names, field) for field in fields)] for label, names in groups]
     shares = [run["training_border_shares"] for run in runs]
     training = ("Training splits (as read, before augmentation): the head's largest share of the border "
                 + ", ".join(f"{share['max']:.2f}" for share in shares) + "; slices above the limit: "
@@ -87,9 +89,9 @@ def _guard_table(runs: list[dict], size: int) -> str:
 
 
 def _figure(report: dict, path: str) -> None:
-    from robustmri.outputs import save_figure
-
     import matplotlib.pyplot as plt
+
+    from robustmri.outputs import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for name, runs in report["configurations"].items():

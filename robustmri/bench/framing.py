@@ -191,6 +191,6 @@ def border_shares(items: list[dict], raw_images=None, workers: int = 2, progress
     found = np.asarray([share for share in shares if share is not None])
     if not len(found):
         return {"n": 0, "no_head": len(shares), "max": None, "p99": None, "median": None, "above_limit": 0}
-    return {"n": int(len(found)), "no_head": int(len(shares) - len(found)), "max": float(found.max()),
+    return {"n": len(found), "no_head": len(shares) - len(found), "max": float(found.max()),
             "p99": float(np.percentile(found, 99)), "median": float(np.median(found)),
             "above_limit": int((found > MAX_HEAD_BORDER_SHARE).sum())}

@@ -27,11 +27,11 @@ import torch
 from scipy.special import softmax
 
 from robustmri.abstention.fit import item_arrays
-from robustmri.abstention.state import load_state
 from robustmri.abstention.mahalanobis import network_outputs
 from robustmri.abstention.scores import SCORES
+from robustmri.abstention.state import load_state
 from robustmri.bench.abstention import score_sets, summarise
-from robustmri.bench.shifts import REFERENCE, _accuracy_by_seed, _cell, _mean_accuracy_by_seed
+from robustmri.bench.shifts import REFERENCE, _cell, _mean_accuracy_by_seed
 from robustmri.bench.stats import _table, minimum_detectable_effect, paired_difference
 from robustmri.data.shift_families import SEVERITIES
 from robustmri.deploy.calibration import calibrate_network

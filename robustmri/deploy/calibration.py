@@ -55,8 +55,6 @@ from torch import nn
 
 from robustmri.abstention import AbstentionState, load_state, save_state
 from robustmri.abstention.fit import detector_of
-from robustmri.abstention.state import abstention_path
-from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score
 from robustmri.abstention.mahalanobis import (
     RIDGE,
     TARGET_ACCEPTANCE,
@@ -64,7 +62,10 @@ from robustmri.abstention.mahalanobis import (
     calibrate_threshold,
     network_outputs,
 )
+from robustmri.abstention.scores import SCORES, CdfMean, Mahalanobis, build_score
+from robustmri.abstention.state import abstention_path
 from robustmri.data.transforms import ERROR_KEY
+from robustmri.engine.checkpoint import load_weights
 from robustmri.engine.model_metadata import (
     CALIBRATION_KEY,
     CALIBRATIONS_KEY,
@@ -74,7 +75,6 @@ from robustmri.engine.model_metadata import (
     file_sha256,
     metadata_path,
 )
-from robustmri.engine.checkpoint import load_weights
 from robustmri.influence.adapter import unwrap
 from robustmri.outputs import read_json, write_bytes, write_json
 
@@ -519,9 +519,9 @@ def calibrate_site(network: nn.Module, checkpoint: str, dataloader, class_names,
     return record
 
 
-__all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "COMBINATION_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES",
-           "MIN_SITE_IMAGES", "QUANTILE_RULE", "REFITTED", "SITE_CHECKPOINT", "SITE_IMAGES", "SITE_REFITS",
-           "DEFAULT_SITE_REFIT", "adapt_batchnorm", "batchnorm_layers",
-           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_site_refit", "check_output_folder", "fit_site_abstention", "fit_site_combination",
-           "fold_assignment",
-           "inputs_digest", "read_site_images", "site_checkpoint_path", "write_site_metadata"]
+__all__ = ["BATCHNORM_RULE", "CALIBRATED_SCORES", "COMBINATION_RULE", "CROSS_FIT_FOLDS", "CROSS_FIT_RULE",
+           "DEFAULT_SITE_REFIT", "INPUT_DIGEST_RULE", "MIN_CLASS_IMAGES", "MIN_SITE_IMAGES", "QUANTILE_RULE",
+           "REFITTED", "SITE_CHECKPOINT", "SITE_IMAGES", "SITE_REFITS", "adapt_batchnorm", "batchnorm_layers",
+           "calibrate_network", "calibrate_site", "check_calibrated_score", "check_output_folder", "check_site_refit",
+           "fit_site_abstention", "fit_site_combination", "fold_assignment", "inputs_digest", "read_site_images",
+           "site_checkpoint_path", "write_site_metadata"]
