@@ -27,10 +27,9 @@ from robustmri.abstention.fit import ensure_state
 from robustmri.abstention.mahalanobis import TARGET_ACCEPTANCE
 from robustmri.bench.machine import write_measurement
 from robustmri.bench.runs import as_list
-from robustmri.bench.shift_measures import _mde
 from robustmri.bench.shifts import REFERENCE, _cell, shifted_test_sets, synthetic_raw_images
 from robustmri.bench.site_threshold import site_threshold_checks, summary
-from robustmri.bench.stats import _table, paired_difference
+from robustmri.bench.stats import _table, mde_cell, paired_difference
 from robustmri.bench.tumour_free import NIBABEL_VOLUMES, nibabel_volume_slices, prepare_set
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.shift_families import SEVERITIES, family_shifts
@@ -126,7 +125,7 @@ def main(checkpoints: str, out: str, selection_seeds: str = "0,1,2,3,4", confirm
             for refit in [r for r in refits if r != "full"]:
                 other = {run["seed"]: _deviation(run, shifted, checks, refit, target_acceptance) for run in subset}
                 difference = paired_difference(full, other)  # full − refit: positive where the refit is closer
-                rows.append([f"`{refit}`", _cell(difference), _mde(difference)])
+                rows.append([f"`{refit}`", _cell(difference), mde_cell(difference)])
             parts.append("Mean |accepted − target| over the shifted renderings, `full` − refit (points; positive: "
                          "the refit is closer to the target): mean [95 % CI] k/n seeds where the refit was closer; "
                          "MDE at 80 % power.\n\n" + _table(["refit", "full − refit, points", "MDE"], rows))

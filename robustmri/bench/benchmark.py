@@ -210,7 +210,8 @@ class Benchmark:
                          + "\n\n##### Validation split\n\n"
                          + family_tables(runs, shifts, LEAVE_OUT, key="val_by_shift")
                          + "\n\n" + lever_table(runs, shifts, SHIFT_LEVERS, key="val_by_shift")
-                         + "\n\n##### Every shift, test split\n\n" + shift_tables(runs) + "\n")
+                         + "\n\n##### Every shift, test split\n\n" + shift_tables(runs, list(SHIFT_LEVERS.items()))
+                         + "\n")
             if any(run.get("calibrated_by_shift") or run.get("abstention_by_shift") for run in runs):
                 markdown += ("\n\n#### Site calibration under the shifts\n\n" + calibration_tables(runs, shifts)
                              + "\n\n#### Abstention under the shifts\n\n" + abstention_tables(runs) + "\n")

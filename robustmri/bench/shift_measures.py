@@ -32,7 +32,7 @@ from robustmri.abstention.scores import SCORES
 from robustmri.abstention.state import load_state
 from robustmri.bench.abstention import score_sets, summarise
 from robustmri.bench.shifts import REFERENCE, _cell, _mean_accuracy_by_seed
-from robustmri.bench.stats import _table, minimum_detectable_effect, paired_difference
+from robustmri.bench.stats import _table, mde_cell, paired_difference
 from robustmri.data.shift_families import SEVERITIES
 from robustmri.deploy.calibration import calibrate_network
 from robustmri.engine.checkpoint import load_weights
@@ -107,12 +107,6 @@ CALIBRATED = "calibrated_by_shift"
 ABSTENTION = "abstention_by_shift"
 
 
-def _mde(difference: dict) -> str:
-    if difference["std"] is None:
-        return "–"
-    return f"{minimum_detectable_effect(difference['std'], difference['n']):.1f}"
-
-
 def _groups(shifts: dict, rendered: set) -> list[tuple[str, list[str]]]:
     groups = [(f"`{REFERENCE}` (home)", [REFERENCE])] if REFERENCE in rendered else []
     for severity in SEVERITIES:
@@ -157,7 +151,7 @@ def calibration_tables(runs: list[dict], shifts: dict) -> str:
                 rows.append([f"`{method}`", noise, label,
                              f"{np.mean(list(before.values())):.1f}" if before else "–",
                              f"{np.mean(list(after.values())):.1f}" if after else "–",
-                             _cell(difference), _mde(difference),
+                             _cell(difference), mde_cell(difference),
                              f"{np.mean(list(accepted.values())):.1f}" if accepted else "–",
                              f"{np.mean(list(accepted_accuracy.values())):.1f}" if accepted_accuracy else "–"])
     return ("Site calibration (BatchNorm statistics and the abstention threshold from each shift's validation "
@@ -212,7 +206,7 @@ def abstention_tables(runs: list[dict], baseline: str = "mahalanobis") -> str:
                              f"{np.mean(list(home.values())):.2f}" if home else "–",
                              f"{np.mean(list(shifted.values())):.2f}" if shifted else "–",
                              "" if score == baseline else _cell(difference),
-                             "" if score == baseline else _mde(difference), f"{chosen}/{len(mine)}"])
+                             "" if score == baseline else mde_cell(difference), f"{chosen}/{len(mine)}"])
     return (f"Abstention scores by risk-coverage (AURC %, lower is better; mean over seeds) on the home test split "
             f"and averaged over the shifted test renderings; {baseline} − score on the shifted test renderings, "
             "points: mean [95 % CI] k/n seeds where the score's AURC was lower, and the design's minimum detectable "

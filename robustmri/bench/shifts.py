@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from robustmri.bench.stats import _detectable, _signed, _table, paired_difference, reports_by_p
+from robustmri.bench.stats import _detectable, _signed, _table, mde_cell, paired_difference, reports_by_p
 from robustmri.data.preprocessing import preprocessing_by_name
 from robustmri.data.readers import ImageReadError, read_image
 from robustmri.data.shift_families import SEVERITIES, family_shifts, render_family_shift
@@ -198,7 +198,7 @@ def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = (), key:
        test split of the same runs (shift − none, 95 % t interval over seeds, k/n seeds where the
        shift scored higher).
     2. For each ``(method, baseline)`` in ``comparisons``: per shift, the paired difference
-       method − baseline over seeds.
+       method − baseline over seeds and the design's minimum detectable effect.
 
     ``key``: the records' field to tabulate (``test_by_shift``, or ``val_by_shift`` for the validation split).
     """
@@ -234,12 +234,13 @@ def shift_tables(runs: list[dict], comparisons: list[tuple[str, str]] = (), key:
         for method, baseline in comparisons:
             if method not in methods or baseline not in methods:
                 continue
-            rows = [[shift, _cell(paired_difference(_accuracy_by_seed(runs, method, noise, shift, key),
-                                                    _accuracy_by_seed(runs, baseline, noise, shift, key)))]
-                    for shift in shifts]
+            differences = [(shift, paired_difference(_accuracy_by_seed(runs, method, noise, shift, key),
+                                                     _accuracy_by_seed(runs, baseline, noise, shift, key)))
+                           for shift in shifts]
+            rows = [[shift, _cell(difference), mde_cell(difference)] for shift, difference in differences]
             parts.append(f"`{method}` − `{baseline}` on the {split} split (training noise {noise}), points: mean "
-                         f"[95 % CI] k/n seeds "
-                         f"where {method} scored higher.\n\n" + _table(["shift", f"{method} − {baseline}"], rows))
+                         f"[95 % CI] k/n seeds where {method} scored higher, and the design's minimum detectable "
+                         "effect (80 % power).\n\n" + _table(["shift", f"{method} − {baseline}", "MDE"], rows))
     return "\n\n".join(parts)
 
 

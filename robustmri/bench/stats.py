@@ -197,6 +197,14 @@ def paired_table(runs: list[dict], baseline: str = "naive", checkpoint: str = "l
     return legend + "\n\n" + _table(header, rows)
 
 
+def mde_cell(difference: dict) -> str:
+    """The minimum detectable effect of one paired difference (:func:`paired_difference`, in its own unit), for a
+    table cell; ``–`` where the difference has no spread (fewer than 2 seeds)."""
+    if difference["std"] is None:
+        return MISSING
+    return f"{minimum_detectable_effect(difference['std'], difference['n']):.1f}"
+
+
 def _detectable(spreads: list[tuple[float, int]], scale: float = 100.0) -> str:
     """The minimum detectable effect of one column from its methods' (paired SD, seeds), times ``scale`` (100: SDs
     of fractions shown in points; 1: SDs already in points)."""

@@ -87,8 +87,9 @@ def test_tables_against_a_hand_computation():
     # naive under blur: 70, 80, 78 -> mean 76.0, std 5.3; drops -10, -4, -4: mean -6.0, std 3.464,
     # t(0.975, 2) = 4.303 -> half width 8.6: [-14.6, +2.6], 0 of 3 seeds higher
     assert "| blur | 76.0 ± 5.3 (−6.0 [−14.6, +2.6] 0/3) |" in text
-    # naive_head - naive under blur: +10, +3, +1 -> mean +4.7, std 4.726, half width 11.7: [−7.1, +16.4]
-    assert "| blur | +4.7 [−7.1, +16.4] 3/3 |" in text
+    # naive_head - naive under blur: +10, +3, +1 -> mean +4.7, std 4.726, half width 11.7: [−7.1, +16.4];
+    # MDE (t(0.975, 2) + t(0.8, 2)) * std / sqrt(3) = (4.303 + 1.061) * 4.726 / 1.732 = 14.6
+    assert "| blur | +4.7 [−7.1, +16.4] 3/3 | 14.6 |" in text
     assert worst_drop(runs, "naive", "gaussian") == ("blur", pytest.approx(-6.0))
     summary = summary_table(runs)
     # naive: unshifted 80, 84, 82 -> 82.0 ± 2.0; mean over the two renderings per seed: 75, 82, 80 -> 79.0
